@@ -1,0 +1,102 @@
+//! Engine configuration: plain, validated data with durable defaults.
+//!
+//! Every bound the engine enforces is a field here (or a named constant in the
+//! module that enforces it), documented with what happens when it is reached.
+
+use crate::error::Error;
+
+/// When a commit is acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// Acknowledge only after the commit's WriteBatch is in a synced (fsynced)
+    /// RocksDB WAL. Concurrent committers share one fsync (group commit). The
+    /// default, and the only mode in which "acknowledged" means "survives power
+    /// loss".
+    #[default]
+    Sync,
+    /// Acknowledge once the WriteBatch is in the WAL's OS buffers, without
+    /// fsync. Survives a crash of the process, not of the machine. Must be
+    /// asked for by name.
+    Buffered,
+}
+
+/// When a document's change log is folded into a snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CompactionPolicy {
+    /// Fold once the log holds this many changes.
+    pub max_log_changes: u64,
+    /// Fold once the log holds this many bytes of change data.
+    pub max_log_bytes: u64,
+}
+
+impl Default for CompactionPolicy {
+    fn default() -> Self {
+        CompactionPolicy {
+            max_log_changes: 1_000,
+            max_log_bytes: 1 << 20,
+        }
+    }
+}
+
+/// Configuration of an [`Engine`](crate::Engine).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineConfig {
+    /// When commits are acknowledged. Default: [`Durability::Sync`].
+    pub durability: Durability,
+    /// When a document's change log is folded into a snapshot.
+    pub compaction: CompactionPolicy,
+    /// Memory budget for documents held in memory, in bytes (estimated, see
+    /// `ARCHITECTURE.md`). Idle documents beyond it are evicted, least recently
+    /// used first, and reloaded from disk on next use. Default 256 MiB.
+    pub cache_budget_bytes: usize,
+    /// Largest single Automerge change accepted from elsewhere, in bytes.
+    /// Larger changes are rejected with [`Error::ChangeTooLarge`]. Default 8 MiB.
+    pub max_change_bytes: usize,
+    /// Changes with missing dependencies held per document, waiting for those
+    /// dependencies. When full, the oldest held change is dropped (counted in
+    /// [`EngineStats::held_dropped`](crate::EngineStats)); anti-entropy
+    /// re-delivers it later. Default 1024.
+    pub max_held_changes_per_doc: usize,
+    /// Bytes of held changes per document; same overflow rule. Default 16 MiB.
+    pub max_held_bytes_per_doc: usize,
+    /// Events buffered per subscriber. When a subscriber falls this far behind,
+    /// further events for it are dropped and counted
+    /// ([`Subscription::dropped`](crate::Subscription::dropped)). Default 4096.
+    pub subscriber_capacity: usize,
+    /// Create the store if the directory is missing or empty. Default `true`.
+    pub create_if_missing: bool,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            durability: Durability::Sync,
+            compaction: CompactionPolicy::default(),
+            cache_budget_bytes: 256 << 20,
+            max_change_bytes: 8 << 20,
+            max_held_changes_per_doc: 1024,
+            max_held_bytes_per_doc: 16 << 20,
+            subscriber_capacity: 4096,
+            create_if_missing: true,
+        }
+    }
+}
+
+impl EngineConfig {
+    /// Checks that every bound is usable. [`Engine::open`](crate::Engine::open)
+    /// calls this first.
+    pub fn validate(&self) -> Result<(), Error> {
+        let checks: [(bool, &str); 6] = [
+            (self.compaction.max_log_changes > 0, "compaction.max_log_changes must be at least 1"),
+            (self.compaction.max_log_bytes > 0, "compaction.max_log_bytes must be at least 1"),
+            (self.max_change_bytes >= 64, "max_change_bytes must be at least 64"),
+            (self.max_held_changes_per_doc > 0, "max_held_changes_per_doc must be at least 1"),
+            (self.max_held_bytes_per_doc > 0, "max_held_bytes_per_doc must be at least 1"),
+            (self.subscriber_capacity > 0, "subscriber_capacity must be at least 1"),
+        ];
+        match checks.iter().find(|(ok, _)| !ok) {
+            Some((_, msg)) => Err(Error::Config((*msg).to_string())),
+            None => Ok(()),
+        }
+    }
+}

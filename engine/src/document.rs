@@ -1,0 +1,252 @@
+//! One document in memory: its Automerge state, its stored metadata, and the
+//! changes held back until their dependencies arrive.
+//!
+//! `DocState` knows how to load itself from the [`Store`] and how to turn new
+//! changes into exactly one WriteBatch (log entries or a fresh snapshot, plus
+//! metadata). It never writes anything else.
+
+use std::collections::{HashSet, VecDeque};
+
+use automerge::{ActorId, Automerge, Change, ChangeHash, ReadDoc};
+use rocksdb::WriteBatch;
+
+use crate::config::{CompactionPolicy, EngineConfig};
+use crate::doc_id::DocId;
+use crate::error::{Error, Result};
+use crate::layout::{self, DocMeta};
+use crate::lineage;
+use crate::store::Store;
+
+/// Estimated heap bytes per Automerge operation held in memory (see
+/// `docs/ARCHITECTURE.md`, "Memory budget").
+const BYTES_PER_OP: usize = 48;
+/// Estimated heap bytes per change in the change graph.
+const BYTES_PER_CHANGE: usize = 160;
+/// Estimated fixed cost of an Automerge document.
+const BYTES_PER_DOC: usize = 2048;
+
+/// In-memory state of one document.
+pub(crate) struct DocState {
+    pub(crate) doc: Automerge,
+    pub(crate) meta: DocMeta,
+    /// Whether the document has metadata on disk.
+    pub(crate) stored: bool,
+    held: Held,
+}
+
+/// Changes waiting for missing dependencies, oldest first, bounded.
+#[derive(Default)]
+struct Held {
+    changes: VecDeque<Change>,
+    bytes: usize,
+}
+
+/// What happened to changes handed to [`DocState::integrate`].
+#[derive(Debug, Default)]
+pub(crate) struct Integration {
+    /// Changes that became part of the document, in application order.
+    pub(crate) ready: Vec<Change>,
+    /// Changes that were already present (or repeated in the input).
+    pub(crate) duplicates: usize,
+    /// Changes now held for missing dependencies.
+    pub(crate) held: usize,
+    /// Held changes dropped because the held buffer was full.
+    pub(crate) dropped: usize,
+    /// Dependencies that neither the document nor the input provide.
+    pub(crate) missing: Vec<ChangeHash>,
+}
+
+impl DocState {
+    /// A document with no history, not yet stored.
+    pub(crate) fn new_empty(actor: ActorId) -> Self {
+        DocState { doc: Automerge::new().with_actor(actor), meta: DocMeta::empty(), stored: false, held: Held::default() }
+    }
+
+    /// Loads `id` from the store: snapshot, then log entries, then checks the
+    /// result against the stored heads.
+    pub(crate) fn load(store: &Store, id: &DocId, actor: ActorId) -> Result<Self> {
+        let Some(meta) = store.meta(id)? else {
+            return Ok(DocState::new_empty(actor));
+        };
+        let corrupt = |key: String, reason: String| Error::Corrupt { doc: id.to_string(), key, reason };
+        let snapshot_key = || layout::describe_key(layout::CF_SNAPSHOT, id.as_bytes());
+        let mut doc = match store.snapshot(id)? {
+            Some(bytes) => Automerge::load(&bytes).map_err(|e| corrupt(snapshot_key(), format!("undecodable snapshot: {e}")))?,
+            None if meta.snapshot_bytes > 0 => return Err(corrupt(snapshot_key(), "snapshot missing".into())),
+            None => Automerge::new(),
+        };
+        let entries = store.log_entries(id, meta.log_start, meta.next_seq)?;
+        if entries.len() as u64 != meta.log_len() {
+            let key = layout::describe_key(layout::CF_CHANGE_LOG, &layout::log_key(id, meta.log_start));
+            let reason = format!("expected {} log entries, found {}", meta.log_len(), entries.len());
+            return Err(corrupt(key, reason));
+        }
+        let mut changes = Vec::with_capacity(entries.len());
+        for (key, bytes) in entries {
+            let change = Change::from_bytes(bytes).map_err(|e| {
+                corrupt(layout::describe_key(layout::CF_CHANGE_LOG, &key), format!("undecodable change: {e}"))
+            })?;
+            changes.push(change);
+        }
+        doc.apply_changes(changes).map_err(|e| corrupt(snapshot_key(), format!("log does not apply: {e}")))?;
+        if doc.get_heads() != sorted(meta.heads()) {
+            let key = layout::describe_key(layout::CF_DOC_META, id.as_bytes());
+            return Err(corrupt(key, "stored heads do not match the stored history".into()));
+        }
+        doc.set_actor(actor);
+        Ok(DocState { doc, meta, stored: true, held: Held::default() })
+    }
+
+    /// Whether the document exists and is not deleted.
+    pub(crate) fn is_live(&self) -> bool {
+        self.stored && !self.meta.tombstone
+    }
+
+    /// Whether `hash` is part of the document's history.
+    pub(crate) fn has_change(&self, hash: &ChangeHash) -> bool {
+        self.doc.get_missing_deps(std::slice::from_ref(hash)).is_empty()
+    }
+
+    /// Heads among `heads` that this document does not hold.
+    pub(crate) fn missing_heads(&self, heads: &[ChangeHash]) -> Vec<ChangeHash> {
+        heads.iter().filter(|h| !self.has_change(h)).copied().collect()
+    }
+
+    /// Estimated memory held by this document, in bytes.
+    pub(crate) fn estimated_bytes(&self) -> usize {
+        let stats = self.doc.stats();
+        BYTES_PER_DOC
+            + stats.num_ops as usize * BYTES_PER_OP
+            + stats.num_changes as usize * BYTES_PER_CHANGE
+            + self.held.bytes
+    }
+
+    /// Sorts `incoming` (already validated and decoded) into changes that can
+    /// be applied now (with any held changes they unblock), duplicates, and
+    /// changes to hold. Refuses, changing nothing, a root change that is not
+    /// this document's genesis.
+    pub(crate) fn integrate(&mut self, id: &DocId, incoming: Vec<Change>, config: &EngineConfig) -> Result<Integration> {
+        let mut out = Integration::default();
+        let mut seen = HashSet::new();
+        let mut fresh = Vec::with_capacity(incoming.len());
+        let mut genesis = None;
+        for change in incoming {
+            let hash = change.hash();
+            if self.has_change(&hash) || !seen.insert(hash) || self.held.contains(&hash) {
+                out.duplicates += 1;
+                continue;
+            }
+            if change.deps().is_empty() && *genesis.get_or_insert_with(|| lineage::genesis_change(id).hash()) != hash {
+                return Err(Error::WrongDocument { doc: id.clone(), hash });
+            }
+            fresh.push(change);
+        }
+        let mut pending: Vec<Change> = self.held.take();
+        pending.extend(fresh);
+        let mut known: HashSet<ChangeHash> = HashSet::new();
+        loop {
+            let before = pending.len();
+            let (ready, waiting): (Vec<Change>, Vec<Change>) = pending
+                .into_iter()
+                .partition(|c| c.deps().iter().all(|d| known.contains(d) || self.has_change(d)));
+            known.extend(ready.iter().map(Change::hash));
+            out.ready.extend(ready);
+            pending = waiting;
+            if pending.len() == before {
+                break;
+            }
+        }
+        let pending_hashes: HashSet<ChangeHash> = pending.iter().map(Change::hash).collect();
+        let mut missing: Vec<ChangeHash> = pending
+            .iter()
+            .flat_map(|c| c.deps().iter().copied())
+            .filter(|d| !pending_hashes.contains(d) && !known.contains(d) && !self.has_change(d))
+            .collect();
+        missing.sort_unstable();
+        missing.dedup();
+        out.missing = missing;
+        out.held = pending.len();
+        out.dropped = self.held.extend(pending, config);
+        Ok(out)
+    }
+
+    /// Number of changes currently held for missing dependencies.
+    pub(crate) fn held_len(&self) -> usize {
+        self.held.changes.len()
+    }
+
+    /// Persists `new_changes`, which are already applied to `self.doc`, in one
+    /// WriteBatch: as log entries, or folded with the existing log into a new
+    /// snapshot when the compaction policy says so. Updates `self.meta` only
+    /// once the batch is durable.
+    pub(crate) fn persist(&mut self, store: &Store, id: &DocId, new_changes: &[Change], policy: &CompactionPolicy) -> Result<()> {
+        let heads = self.doc.get_heads();
+        let mut meta = self.meta.clone();
+        meta.set_heads(&heads);
+        meta.change_count += new_changes.len() as u64;
+        meta.tombstone = lineage::is_tombstoned(&self.doc, &heads);
+        let new_bytes: u64 = new_changes.iter().map(|c| c.raw_bytes().len() as u64).sum();
+        let mut batch = WriteBatch::default();
+        let compact = meta.log_len() + new_changes.len() as u64 >= policy.max_log_changes
+            || meta.log_bytes + new_bytes >= policy.max_log_bytes;
+        if compact {
+            let snapshot = self.doc.save();
+            batch.put_cf(store.cf(layout::CF_SNAPSHOT), id.as_bytes(), &snapshot);
+            let log_cf = store.cf(layout::CF_CHANGE_LOG);
+            for seq in meta.log_start..meta.next_seq {
+                batch.delete_cf(log_cf, layout::log_key(id, seq));
+            }
+            meta.log_start = meta.next_seq;
+            meta.log_bytes = 0;
+            meta.snapshot_bytes = snapshot.len() as u64;
+        } else {
+            let log_cf = store.cf(layout::CF_CHANGE_LOG);
+            for change in new_changes {
+                batch.put_cf(log_cf, layout::log_key(id, meta.next_seq), change.raw_bytes());
+                meta.next_seq += 1;
+            }
+            meta.log_bytes += new_bytes;
+        }
+        batch.put_cf(store.cf(layout::CF_DOC_META), id.as_bytes(), meta.encode());
+        store.commit(batch)?;
+        self.meta = meta;
+        self.stored = true;
+        Ok(())
+    }
+}
+
+impl Held {
+    fn contains(&self, hash: &ChangeHash) -> bool {
+        self.changes.iter().any(|c| c.hash() == *hash)
+    }
+
+    fn take(&mut self) -> Vec<Change> {
+        self.bytes = 0;
+        self.changes.drain(..).collect()
+    }
+
+    /// Adds changes, dropping the oldest while over either bound. Returns how
+    /// many were dropped.
+    fn extend(&mut self, changes: Vec<Change>, config: &EngineConfig) -> usize {
+        for change in changes {
+            self.bytes += change.raw_bytes().len();
+            self.changes.push_back(change);
+        }
+        let mut dropped = 0;
+        while self.changes.len() > config.max_held_changes_per_doc || self.bytes > config.max_held_bytes_per_doc {
+            match self.changes.pop_front() {
+                Some(c) => {
+                    self.bytes -= c.raw_bytes().len();
+                    dropped += 1;
+                }
+                None => break,
+            }
+        }
+        dropped
+    }
+}
+
+fn sorted(mut heads: Vec<ChangeHash>) -> Vec<ChangeHash> {
+    heads.sort_unstable();
+    heads
+}

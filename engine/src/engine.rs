@@ -1,0 +1,467 @@
+//! The embedded API: [`Engine`] and the values its operations return.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use automerge::transaction::{CommitOptions, Transactable, Transaction};
+use automerge::{ActorId, Automerge, AutomergeError, Change, ChangeHash, ReadDoc};
+use serde_json::Value as Json;
+
+use crate::cache::{lock_slot, DocCache, Slot};
+use crate::config::EngineConfig;
+use crate::doc_id::{self, DocId};
+use crate::document::DocState;
+use crate::error::{Error, Result};
+use crate::events::{DocEvent, EventHub, Origin, Subscription};
+use crate::json;
+use crate::lineage;
+use crate::store::Store;
+
+/// Largest page [`Engine::list`] returns.
+pub const MAX_LIST_LIMIT: usize = 1000;
+
+/// The result of a committed local write.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Committed<O> {
+    /// What the transaction function returned.
+    pub value: O,
+    /// The document's heads after the write.
+    pub heads: Vec<ChangeHash>,
+    /// Number of new Automerge changes made durable (0 if the write changed
+    /// nothing; then nothing was written).
+    pub new_changes: usize,
+}
+
+/// What [`Engine::apply_changes`] did with the changes it was given.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ApplyOutcome {
+    /// Changes applied and made durable, including earlier held changes that
+    /// the input unblocked.
+    pub applied: usize,
+    /// Changes the document already had (harmless; sync is idempotent).
+    pub duplicates: usize,
+    /// Changes now held because their dependencies are missing.
+    pub held: usize,
+    /// Held changes dropped because the held buffer was full.
+    pub dropped: usize,
+    /// Dependencies nobody has supplied yet: ask the sender for them.
+    pub missing_deps: Vec<ChangeHash>,
+    /// The document's heads afterwards.
+    pub heads: Vec<ChangeHash>,
+}
+
+/// One page of [`Engine::list`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListPage {
+    /// Live documents, in id order.
+    pub ids: Vec<DocId>,
+    /// Pass as `after` to get the next page; `None` on the last page.
+    pub next: Option<DocId>,
+}
+
+/// Stored facts about a document (also for deleted documents).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DocInfo {
+    /// Current heads.
+    pub heads: Vec<ChangeHash>,
+    /// Number of changes in its history.
+    pub change_count: u64,
+    /// SHA-256 over the sorted heads.
+    pub digest: [u8; 32],
+    /// Whether it is deleted.
+    pub deleted: bool,
+    /// Changes held for missing dependencies.
+    pub held_changes: usize,
+}
+
+/// Engine-wide figures.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineStats {
+    /// Documents with a cache entry.
+    pub cached_documents: usize,
+    /// Estimated bytes of cached documents.
+    pub cache_bytes: usize,
+    /// The configured cache budget.
+    pub cache_budget_bytes: usize,
+    /// Documents evicted from the cache so far.
+    pub cache_evictions: u64,
+    /// WAL fsyncs performed by group commit so far.
+    pub wal_syncs: u64,
+    /// Held changes dropped because a held buffer was full.
+    pub held_dropped: u64,
+}
+
+/// Which documents a local write may touch.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum WriteMode {
+    /// Only a document that does not exist or is deleted.
+    Create,
+    /// Only a live document.
+    Update,
+    /// Any: creates, recreates or updates.
+    Upsert,
+}
+
+/// An embedded Causeway engine: durable Automerge documents in one RocksDB
+/// directory. Cheap to clone; all clones share the same store. `Send + Sync`.
+///
+/// ```
+/// use causeway_engine::{DocId, Engine, EngineConfig};
+/// use serde_json::json;
+///
+/// let dir = tempfile::tempdir()?;
+/// let engine = Engine::open(dir.path(), EngineConfig::default())?;
+/// let id = DocId::new("carts/42")?;
+/// engine.put_json(&id, &json!({"items": ["apple"], "total": 3}))?;
+/// engine.merge_json(&id, &json!({"total": 5}))?;
+/// assert_eq!(engine.get_json(&id)?, json!({"items": ["apple"], "total": 5}));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Store,
+    cache: DocCache,
+    events: EventHub,
+    config: EngineConfig,
+    /// Actor for this engine's local changes: fresh on every open, so a change
+    /// lost in a crash can never have its (actor, seq) reused by another.
+    actor: ActorId,
+    held_dropped: AtomicU64,
+}
+
+impl Engine {
+    /// Opens the store in `path`, creating it if the directory is missing or
+    /// empty (and `config.create_if_missing`).
+    pub fn open(path: impl AsRef<Path>, config: EngineConfig) -> Result<Engine> {
+        config.validate()?;
+        let store = Store::open(path.as_ref(), &config)?;
+        let cache = DocCache::new(config.cache_budget_bytes);
+        tracing::info!(path = %path.as_ref().display(), durability = ?config.durability, "engine opened");
+        Ok(Engine {
+            inner: Arc::new(Inner {
+                store,
+                cache,
+                events: EventHub::default(),
+                config,
+                actor: ActorId::random(),
+                held_dropped: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    /// The store directory.
+    pub fn path(&self) -> &Path {
+        self.inner.store.path()
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &EngineConfig {
+        &self.inner.config
+    }
+
+    /// The actor id of this engine's local changes (new on every open).
+    pub fn actor(&self) -> &ActorId {
+        &self.inner.actor
+    }
+
+    /// Creates `id` with a transaction. Fails with [`Error::AlreadyExists`] if
+    /// the document exists and is not deleted.
+    pub fn create<O>(&self, id: &DocId, f: impl FnOnce(&mut Transaction<'_>) -> Result<O, AutomergeError>) -> Result<Committed<O>> {
+        self.commit_local(id, WriteMode::Create, None, f)
+    }
+
+    /// Runs a transaction on an existing document with the full Automerge
+    /// transaction API. Fails with [`Error::NotFound`] or [`Error::Deleted`].
+    /// If `f` returns an error the transaction is rolled back.
+    pub fn update<O>(&self, id: &DocId, f: impl FnOnce(&mut Transaction<'_>) -> Result<O, AutomergeError>) -> Result<Committed<O>> {
+        self.commit_local(id, WriteMode::Update, None, f)
+    }
+
+    /// Runs a transaction, creating the document if needed.
+    pub fn upsert<O>(&self, id: &DocId, f: impl FnOnce(&mut Transaction<'_>) -> Result<O, AutomergeError>) -> Result<Committed<O>> {
+        self.commit_local(id, WriteMode::Upsert, None, f)
+    }
+
+    /// Makes the document equal to `value` (a JSON object), creating it if
+    /// needed. Only the differences are written; see [`json`](crate::json).
+    pub fn put_json(&self, id: &DocId, value: &Json) -> Result<Committed<()>> {
+        let object = as_object(id, value)?;
+        self.commit_local(id, WriteMode::Upsert, None, |tx| json::replace(tx, object))
+    }
+
+    /// Applies `patch` as an RFC 7386 JSON Merge Patch, creating the document
+    /// if needed.
+    pub fn merge_json(&self, id: &DocId, patch: &Json) -> Result<Committed<()>> {
+        let object = as_object(id, patch)?;
+        self.commit_local(id, WriteMode::Upsert, None, |tx| json::merge_patch(tx, object))
+    }
+
+    /// Deletes the document: commits a tombstone change that replicates like
+    /// any other change (see [`lineage`](crate::lineage)).
+    pub fn delete(&self, id: &DocId) -> Result<Committed<()>> {
+        self.commit_local(id, WriteMode::Update, Some(lineage::TOMBSTONE_MESSAGE), |tx| {
+            let keys: Vec<String> = tx.keys(automerge::ROOT).collect();
+            keys.into_iter().try_for_each(|k| tx.delete(automerge::ROOT, k))
+        })
+    }
+
+    /// The document as JSON. Fails with [`Error::Deleted`] for deleted documents.
+    pub fn get_json(&self, id: &DocId) -> Result<Json> {
+        self.read(id, |doc| json::to_json(&doc.hydrate(None)))
+    }
+
+    /// The document as JSON as it was at `heads` (also for deleted documents).
+    pub fn get_json_at(&self, id: &DocId, heads: &[ChangeHash]) -> Result<Json> {
+        self.with_existing(id, |state| {
+            require_heads(state, id, heads)?;
+            Ok(json::to_json(&state.doc.hydrate(Some(heads))))
+        })
+    }
+
+    /// Runs `f` on the live document with Automerge's full read API.
+    pub fn read<R>(&self, id: &DocId, f: impl FnOnce(&Automerge) -> R) -> Result<R> {
+        self.with_existing(id, |state| {
+            if state.meta.tombstone {
+                return Err(Error::Deleted(id.clone()));
+            }
+            Ok(f(&state.doc))
+        })
+    }
+
+    /// The document's current heads (also for deleted documents).
+    pub fn heads(&self, id: &DocId) -> Result<Vec<ChangeHash>> {
+        self.with_existing(id, |state| Ok(state.doc.get_heads()))
+    }
+
+    /// Stored facts about the document (also for deleted documents).
+    pub fn info(&self, id: &DocId) -> Result<DocInfo> {
+        self.with_existing(id, |state| {
+            let mut digest = [0u8; 32];
+            digest.copy_from_slice(&state.meta.digest);
+            Ok(DocInfo {
+                heads: state.meta.heads(),
+                change_count: state.meta.change_count,
+                digest,
+                deleted: state.meta.tombstone,
+                held_changes: state.held_len(),
+            })
+        })
+    }
+
+    /// The raw bytes of every change not covered by `heads`, in causal order.
+    /// With empty `heads`, the whole history. Fails with
+    /// [`Error::UnknownHeads`] if this node does not hold all of `heads`.
+    pub fn changes_since(&self, id: &DocId, heads: &[ChangeHash]) -> Result<Vec<Vec<u8>>> {
+        self.with_existing(id, |state| {
+            require_heads(state, id, heads)?;
+            Ok(state.doc.get_changes(heads).iter().map(|c| c.raw_bytes().to_vec()).collect())
+        })
+    }
+
+    /// Applies changes received from elsewhere: validated (size, decoding,
+    /// checksum, lineage) all before any is applied, idempotent, and durable
+    /// on return. Changes whose dependencies are missing are held and applied
+    /// when a later call supplies the dependencies.
+    pub fn apply_changes<B: AsRef<[u8]>>(&self, id: &DocId, changes: &[B]) -> Result<ApplyOutcome> {
+        let decoded = self.decode_changes(id, changes)?;
+        self.with_doc(id, |state| {
+            let integration = state.integrate(id, decoded, &self.inner.config)?;
+            if integration.dropped > 0 {
+                self.inner.held_dropped.fetch_add(integration.dropped as u64, Ordering::Relaxed);
+                tracing::warn!(doc = %id, dropped = integration.dropped, "held-change buffer full; dropped oldest");
+            }
+            let mut outcome = ApplyOutcome {
+                applied: integration.ready.len(),
+                duplicates: integration.duplicates,
+                held: integration.held,
+                dropped: integration.dropped,
+                missing_deps: integration.missing,
+                heads: Vec::new(),
+            };
+            if !integration.ready.is_empty() {
+                state
+                    .doc
+                    .apply_changes(integration.ready.iter().cloned())
+                    .map_err(|e| Error::ChangeRejected { doc: id.clone(), reason: e.to_string() })?;
+                if let Some(c) = integration.ready.iter().find(|c| !state.has_change(&c.hash())) {
+                    let reason = format!("change {} was not applied", c.hash());
+                    return Err(Error::ChangeRejected { doc: id.clone(), reason });
+                }
+                state.persist(&self.inner.store, id, &integration.ready, &self.inner.config.compaction)?;
+                self.publish(id, state, Origin::Remote);
+            }
+            outcome.heads = state.doc.get_heads();
+            Ok(outcome)
+        })
+    }
+
+    /// Lists live documents whose id starts with `prefix`, after the id
+    /// `after` (exclusive), at most `limit` (capped at [`MAX_LIST_LIMIT`]).
+    pub fn list(&self, prefix: &str, after: Option<&DocId>, limit: usize) -> Result<ListPage> {
+        doc_id::validate_prefix(prefix)?;
+        let limit = limit.clamp(1, MAX_LIST_LIMIT);
+        let (ids, more) = self.inner.store.list(prefix, after, limit)?;
+        let next = if more { ids.last().cloned() } else { None };
+        Ok(ListPage { ids, next })
+    }
+
+    /// Subscribes to events for documents whose id starts with `prefix`
+    /// (`""` for all).
+    pub fn subscribe(&self, prefix: &str) -> Result<Subscription> {
+        doc_id::validate_prefix(prefix)?;
+        Ok(self.inner.events.subscribe(prefix, self.inner.config.subscriber_capacity))
+    }
+
+    /// Engine-wide figures.
+    pub fn stats(&self) -> EngineStats {
+        let cache = self.inner.cache.stats();
+        EngineStats {
+            cached_documents: cache.documents,
+            cache_bytes: cache.bytes,
+            cache_budget_bytes: self.inner.config.cache_budget_bytes,
+            cache_evictions: cache.evictions,
+            wal_syncs: self.inner.store.wal_syncs(),
+            held_dropped: self.inner.held_dropped.load(Ordering::Relaxed),
+        }
+    }
+
+    fn decode_changes<B: AsRef<[u8]>>(&self, id: &DocId, changes: &[B]) -> Result<Vec<Change>> {
+        let limit = self.inner.config.max_change_bytes;
+        changes
+            .iter()
+            .enumerate()
+            .map(|(index, bytes)| {
+                let bytes = bytes.as_ref();
+                if bytes.len() > limit {
+                    return Err(Error::ChangeTooLarge { doc: id.clone(), index, size: bytes.len(), limit });
+                }
+                Change::from_bytes(bytes.to_vec()).map_err(|e| Error::InvalidChange {
+                    doc: id.clone(),
+                    index,
+                    reason: e.to_string(),
+                })
+            })
+            .collect()
+    }
+
+    fn commit_local<O>(
+        &self,
+        id: &DocId,
+        mode: WriteMode,
+        message: Option<&'static str>,
+        f: impl FnOnce(&mut Transaction<'_>) -> Result<O, AutomergeError>,
+    ) -> Result<Committed<O>> {
+        self.with_doc(id, |state| {
+            match mode {
+                WriteMode::Create if state.is_live() => return Err(Error::AlreadyExists(id.clone())),
+                WriteMode::Update if !state.stored => return Err(Error::NotFound(id.clone())),
+                WriteMode::Update if state.meta.tombstone => return Err(Error::Deleted(id.clone())),
+                _ => {}
+            }
+            // Writing to a deleted document recreates it, even when the write
+            // itself changes nothing: an empty change then supersedes the
+            // tombstone heads.
+            let recreate = mode != WriteMode::Update && state.meta.tombstone;
+            let mut new_changes = Vec::with_capacity(2);
+            if state.doc.get_heads().is_empty() {
+                let genesis = lineage::genesis_change(id);
+                state
+                    .doc
+                    .apply_changes([genesis.clone()])
+                    .map_err(|e| Error::ChangeRejected { doc: id.clone(), reason: e.to_string() })?;
+                new_changes.push(genesis);
+            }
+            let commit_opts = || match message {
+                Some(m) => CommitOptions::default().with_message(m),
+                None => CommitOptions::default(),
+            };
+            let success = state
+                .doc
+                .transact_with(|_| commit_opts(), f)
+                .map_err(|failure| Error::Transaction { doc: id.clone(), source: failure.error })?;
+            let hash = match (success.hash, message) {
+                (Some(hash), _) => Some(hash),
+                (None, Some(_)) => Some(state.doc.empty_commit(commit_opts())),
+                (None, None) if recreate => Some(state.doc.empty_commit(commit_opts())),
+                (None, None) => None,
+            };
+            if let Some(hash) = hash {
+                // The change was committed to this document just above.
+                #[allow(clippy::expect_used)]
+                new_changes.push(state.doc.get_change_by_hash(&hash).expect("committed change is in the document"));
+            }
+            if !new_changes.is_empty() {
+                state.persist(&self.inner.store, id, &new_changes, &self.inner.config.compaction)?;
+                self.publish(id, state, Origin::Local);
+            }
+            Ok(Committed { value: success.result, heads: state.doc.get_heads(), new_changes: new_changes.len() })
+        })
+    }
+
+    fn publish(&self, id: &DocId, state: &DocState, origin: Origin) {
+        self.inner.events.publish(&DocEvent {
+            doc: id.clone(),
+            heads: state.doc.get_heads(),
+            origin,
+            deleted: state.meta.tombstone,
+        });
+    }
+
+    /// Runs `f` on a document that exists (possibly deleted).
+    fn with_existing<R>(&self, id: &DocId, f: impl FnOnce(&mut DocState) -> Result<R>) -> Result<R> {
+        self.with_doc(id, |state| {
+            if !state.stored {
+                return Err(Error::NotFound(id.clone()));
+            }
+            f(state)
+        })
+    }
+
+    /// Runs `f` on the document's in-memory state, loading it if needed. If `f`
+    /// fails after the in-memory state diverged from what is stored, the state
+    /// is discarded so the next use reloads it from disk.
+    fn with_doc<R>(&self, id: &DocId, f: impl FnOnce(&mut DocState) -> Result<R>) -> Result<R> {
+        let inner = &self.inner;
+        inner.store.check_alive()?;
+        let slot = inner.cache.slot(id);
+        let mut guard = lock_slot(&slot);
+        if matches!(*guard, Slot::Unloaded) {
+            *guard = Slot::Loaded(Box::new(DocState::load(&inner.store, id, inner.actor.clone())?));
+        }
+        let Slot::Loaded(state) = &mut *guard else {
+            unreachable!("slot was loaded above");
+        };
+        let result = f(state);
+        if let Err(e) = &result {
+            let diverged = state.doc.get_heads() != state.meta.heads();
+            if diverged || matches!(e, Error::ChangeRejected { .. } | Error::Storage(_)) {
+                DocCache::invalidate(&mut guard);
+            }
+        }
+        let bytes = match &*guard {
+            Slot::Loaded(state) => state.estimated_bytes(),
+            Slot::Unloaded => 0,
+        };
+        drop(guard);
+        inner.cache.resize(id, bytes);
+        result
+    }
+}
+
+fn as_object<'a>(id: &DocId, value: &'a Json) -> Result<&'a serde_json::Map<String, Json>> {
+    value.as_object().ok_or_else(|| Error::NotAnObject { doc: id.clone(), found: json::type_name(value) })
+}
+
+fn require_heads(state: &DocState, id: &DocId, heads: &[ChangeHash]) -> Result<()> {
+    let missing = state.missing_heads(heads);
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::UnknownHeads { doc: id.clone(), missing })
+    }
+}

@@ -1,0 +1,171 @@
+//! Typed errors of the engine.
+//!
+//! Each variant says what it means for the caller and for the store. Unless a
+//! variant says otherwise, the operation that returned it changed nothing: no
+//! document, no on-disk byte, no in-memory state.
+
+use std::path::PathBuf;
+
+use automerge::ChangeHash;
+
+use crate::doc_id::{DocId, DocIdError};
+
+/// Result alias for engine operations.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything an engine operation can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A document id or prefix broke the id rules. Caller error; fix the id.
+    #[error("invalid document id: {0}")]
+    InvalidDocId(#[from] DocIdError),
+
+    /// The document has never existed here. Harmless; create it first.
+    #[error("document {0} does not exist")]
+    NotFound(DocId),
+
+    /// The document exists but its latest state is a tombstone. Reads refuse
+    /// it; writes that create it (put, create) bring it back.
+    #[error("document {0} has been deleted")]
+    Deleted(DocId),
+
+    /// `create` on a document that already exists (and is not deleted).
+    #[error("document {0} already exists")]
+    AlreadyExists(DocId),
+
+    /// A JSON value that cannot become a document: the root must be an object.
+    #[error("document {doc} must be a JSON object at the root, got {found}")]
+    NotAnObject {
+        /// The document being written.
+        doc: DocId,
+        /// The JSON type that was given instead.
+        found: &'static str,
+    },
+
+    /// Bytes given as an Automerge change did not decode, or their checksum
+    /// did not match. Caller error or misbehaving peer; nothing was applied.
+    #[error("change {index} for document {doc} does not decode: {reason}")]
+    InvalidChange {
+        /// The document the changes were for.
+        doc: DocId,
+        /// Position of the bad change in the input.
+        index: usize,
+        /// What the decoder said.
+        reason: String,
+    },
+
+    /// A change is larger than `EngineConfig::max_change_bytes`. Nothing was
+    /// applied.
+    #[error("change {index} for document {doc} is {size} bytes; the limit is {limit}")]
+    ChangeTooLarge {
+        /// The document the changes were for.
+        doc: DocId,
+        /// Position of the change in the input.
+        index: usize,
+        /// Its size in bytes.
+        size: usize,
+        /// The configured limit.
+        limit: usize,
+    },
+
+    /// A change starts a history that is not this document's: its root is not
+    /// the document's genesis change, so it was made for another document.
+    /// Caller error or misbehaving peer; nothing was applied.
+    #[error("change {hash} is not part of document {doc}: it starts another document's history")]
+    WrongDocument {
+        /// The document the changes were sent to.
+        doc: DocId,
+        /// The offending change.
+        hash: ChangeHash,
+    },
+
+    /// Automerge refused well-formed changes (for example a reused actor
+    /// sequence number). Misbehaving peer; nothing was applied and the
+    /// document was reloaded from disk.
+    #[error("document {doc} rejected the changes: {reason}")]
+    ChangeRejected {
+        /// The document.
+        doc: DocId,
+        /// What Automerge said.
+        reason: String,
+    },
+
+    /// Heads given for a read or a diff are not in this document (yet).
+    /// Harmless; retry once replication has delivered them.
+    #[error("document {doc} does not hold heads {}", fmt_hashes(missing))]
+    UnknownHeads {
+        /// The document.
+        doc: DocId,
+        /// The heads this node does not hold.
+        missing: Vec<ChangeHash>,
+    },
+
+    /// The caller's transaction function returned an error; the transaction
+    /// was rolled back and nothing was written.
+    #[error("transaction on document {doc} failed and was rolled back: {source}")]
+    Transaction {
+        /// The document.
+        doc: DocId,
+        /// The error from the transaction function.
+        source: automerge::AutomergeError,
+    },
+
+    /// The directory exists but does not hold a Causeway store. Nothing was
+    /// written to it.
+    #[error("{} is not a Causeway store: {reason}", path.display())]
+    NotAStore {
+        /// The directory.
+        path: PathBuf,
+        /// What was found instead.
+        reason: String,
+    },
+
+    /// The store was written by a newer Causeway with a storage format this
+    /// build cannot read. Nothing was written; upgrade Causeway.
+    #[error(
+        "store at {} has storage format {found}; this build reads formats up to {supported}; upgrade Causeway to open it",
+        path.display()
+    )]
+    FormatTooNew {
+        /// The directory.
+        path: PathBuf,
+        /// Format found on disk.
+        found: u32,
+        /// Newest format this build understands.
+        supported: u32,
+    },
+
+    /// Another engine (in this or another process) has the store open.
+    #[error("store at {} is already open by another engine or process", path.display())]
+    Locked {
+        /// The directory.
+        path: PathBuf,
+    },
+
+    /// Data on disk for one document does not decode. Other documents are
+    /// unaffected; this one needs repair from a replica or a backup.
+    #[error("corrupt data for document {doc} at key {key}: {reason}")]
+    Corrupt {
+        /// The document the data belongs to.
+        doc: String,
+        /// The RocksDB column family and key, printable.
+        key: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// A RocksDB read, write or fsync failed. Fatal: the engine refuses all
+    /// further work, because state on disk can no longer be trusted to match
+    /// what was acknowledged. Stop the process, fix the disk, reopen.
+    #[error("storage failure, the engine has stopped: {0}")]
+    Storage(String),
+
+    /// The configuration breaks a rule; see the message.
+    #[error("invalid engine configuration: {0}")]
+    Config(String),
+}
+
+fn fmt_hashes(hashes: &[ChangeHash]) -> String {
+    let parts: Vec<String> = hashes.iter().map(|h| h.to_string()).collect();
+    parts.join(",")
+}

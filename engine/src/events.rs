@@ -1,0 +1,118 @@
+//! "Document changed" events for subscribers.
+//!
+//! Events are published after the change is durable (never before), while the
+//! document is still locked, so one document's events arrive in commit order.
+//! Each subscriber has a bounded queue
+//! ([`EngineConfig::subscriber_capacity`](crate::EngineConfig)); a subscriber
+//! that falls behind loses events, which it can detect with
+//! [`Subscription::dropped`] and repair by reading the documents it cares about.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use automerge::ChangeHash;
+
+use crate::doc_id::DocId;
+
+/// Where a change came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// Committed through this engine's write API.
+    Local,
+    /// Applied from changes received from elsewhere.
+    Remote,
+}
+
+/// A document changed and the change is durable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DocEvent {
+    /// The document.
+    pub doc: DocId,
+    /// Its heads after the change.
+    pub heads: Vec<ChangeHash>,
+    /// Whether the change was local or remote.
+    pub origin: Origin,
+    /// Whether the document is now deleted.
+    pub deleted: bool,
+}
+
+/// A stream of [`DocEvent`]s for documents whose id starts with a prefix.
+/// Dropping it unsubscribes.
+#[derive(Debug)]
+pub struct Subscription {
+    rx: Receiver<DocEvent>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl Subscription {
+    /// Waits for the next event; `None` once the engine is gone.
+    pub fn recv(&self) -> Option<DocEvent> {
+        self.rx.recv().ok()
+    }
+
+    /// Waits up to `timeout` for the next event; `None` on timeout or when
+    /// the engine is gone.
+    pub fn recv_timeout(&self, timeout: Duration) -> Option<DocEvent> {
+        match self.rx.recv_timeout(timeout) {
+            Ok(ev) => Some(ev),
+            Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => None,
+        }
+    }
+
+    /// The next event if one is queued.
+    pub fn try_recv(&self) -> Option<DocEvent> {
+        self.rx.try_recv().ok()
+    }
+
+    /// Events this subscription lost because its queue was full.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+}
+
+struct Subscriber {
+    prefix: String,
+    tx: SyncSender<DocEvent>,
+    dropped: Arc<AtomicU64>,
+}
+
+/// The set of subscribers.
+#[derive(Default)]
+pub(crate) struct EventHub {
+    subscribers: Mutex<Vec<Subscriber>>,
+}
+
+impl EventHub {
+    /// Adds a subscriber for ids starting with `prefix`.
+    pub(crate) fn subscribe(&self, prefix: &str, capacity: usize) -> Subscription {
+        let (tx, rx) = mpsc::sync_channel(capacity);
+        let dropped = Arc::new(AtomicU64::new(0));
+        let sub = Subscriber { prefix: prefix.to_string(), tx, dropped: Arc::clone(&dropped) };
+        self.subscribers.lock().unwrap_or_else(PoisonError::into_inner).push(sub);
+        Subscription { rx, dropped }
+    }
+
+    /// Delivers `event` to every matching subscriber without blocking;
+    /// forgets subscribers that went away.
+    pub(crate) fn publish(&self, event: &DocEvent) {
+        let mut subs = self.subscribers.lock().unwrap_or_else(PoisonError::into_inner);
+        if subs.is_empty() {
+            return;
+        }
+        subs.retain(|sub| {
+            if !event.doc.as_str().starts_with(&sub.prefix) {
+                return true;
+            }
+            match sub.tx.try_send(event.clone()) {
+                Ok(()) => true,
+                Err(TrySendError::Full(_)) => {
+                    sub.dropped.fetch_add(1, Ordering::Relaxed);
+                    true
+                }
+                Err(TrySendError::Disconnected(_)) => false,
+            }
+        });
+    }
+}

@@ -1,0 +1,211 @@
+//! The on-disk layout: column families, key encodings and per-document metadata.
+//!
+//! | column family | key | value |
+//! |---|---|---|
+//! | `node` | `format_version` | storage format, `u32` big-endian |
+//! | `doc_meta` | doc id | [`DocMeta`] as CBOR |
+//! | `change_log` | doc id, `0x00`, sequence `u64` big-endian | one Automerge change, raw bytes |
+//! | `snapshot` | doc id | `Automerge::save()` output |
+//!
+//! A document's state is its snapshot (if any) plus its log entries with
+//! sequence numbers in `[log_start, next_seq)`. Doc ids never contain `0x00`,
+//! so one document's log entries are contiguous and sort by sequence.
+
+use automerge::ChangeHash;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::doc_id::DocId;
+use crate::error::Error;
+
+/// Storage format written by this build. Bump on any incompatible change.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Name of the marker file that identifies a Causeway store directory.
+pub const MARKER_FILE: &str = "CAUSEWAY";
+
+/// First line of the marker file.
+pub const MARKER_MAGIC: &str = "causeway-store";
+
+/// Column family holding node metadata.
+pub const CF_NODE: &str = "node";
+/// Column family holding [`DocMeta`] per document.
+pub const CF_DOC_META: &str = "doc_meta";
+/// Column family holding the incremental change log.
+pub const CF_CHANGE_LOG: &str = "change_log";
+/// Column family holding compacted snapshots.
+pub const CF_SNAPSHOT: &str = "snapshot";
+
+/// All column families Causeway creates, beside RocksDB's `default`.
+pub const COLUMN_FAMILIES: [&str; 4] = [CF_NODE, CF_DOC_META, CF_CHANGE_LOG, CF_SNAPSHOT];
+
+/// Key of the format version in [`CF_NODE`].
+pub const KEY_FORMAT_VERSION: &[u8] = b"format_version";
+
+/// Version tag of [`DocMeta`] records.
+const DOC_META_VERSION: u8 = 1;
+
+/// Per-document metadata, rewritten in the same WriteBatch as every change to
+/// the document's log or snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DocMeta {
+    /// Record version, [`DOC_META_VERSION`].
+    pub v: u8,
+    /// Current heads, sorted, 32 bytes each, concatenated.
+    #[serde(with = "serde_bytes")]
+    pub heads: Vec<u8>,
+    /// Number of changes in the document's history.
+    pub change_count: u64,
+    /// SHA-256 over the sorted heads; what anti-entropy compares.
+    #[serde(with = "serde_bytes")]
+    pub digest: Vec<u8>,
+    /// Whether every head is a deletion (see `lineage`).
+    pub tombstone: bool,
+    /// First log sequence number not folded into the snapshot.
+    pub log_start: u64,
+    /// Sequence number the next log entry gets.
+    pub next_seq: u64,
+    /// Bytes of change data in the log since the last snapshot.
+    pub log_bytes: u64,
+    /// Size of the snapshot in bytes (0 if none).
+    pub snapshot_bytes: u64,
+}
+
+impl DocMeta {
+    /// Metadata of a document with no history yet.
+    pub fn empty() -> Self {
+        DocMeta {
+            v: DOC_META_VERSION,
+            heads: Vec::new(),
+            change_count: 0,
+            digest: heads_digest(&[]).to_vec(),
+            tombstone: false,
+            log_start: 0,
+            next_seq: 0,
+            log_bytes: 0,
+            snapshot_bytes: 0,
+        }
+    }
+
+    /// Number of entries in the log.
+    pub fn log_len(&self) -> u64 {
+        self.next_seq - self.log_start
+    }
+
+    /// Sets the heads and the digest derived from them.
+    pub fn set_heads(&mut self, heads: &[ChangeHash]) {
+        self.heads = heads.iter().flat_map(|h| h.0).collect();
+        self.digest = heads_digest(heads).to_vec();
+    }
+
+    /// The stored heads.
+    pub fn heads(&self) -> Vec<ChangeHash> {
+        self.heads
+            .chunks_exact(32)
+            .map(|c| {
+                let mut h = [0u8; 32];
+                h.copy_from_slice(c);
+                ChangeHash(h)
+            })
+            .collect()
+    }
+
+    /// Encodes as CBOR.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(96 + self.heads.len());
+        // Serialising a struct of plain fields into a Vec cannot fail.
+        #[allow(clippy::expect_used)]
+        ciborium::into_writer(self, &mut out).expect("DocMeta encodes to CBOR");
+        out
+    }
+
+    /// Decodes and checks a stored record.
+    pub fn decode(doc: &str, bytes: &[u8]) -> Result<Self, Error> {
+        let corrupt = |reason: String| Error::Corrupt {
+            doc: doc.to_string(),
+            key: format!("{CF_DOC_META}/{doc}"),
+            reason,
+        };
+        let meta: DocMeta = ciborium::from_reader(bytes).map_err(|e| corrupt(format!("undecodable metadata: {e}")))?;
+        if meta.v != DOC_META_VERSION {
+            return Err(corrupt(format!("unknown metadata version {}", meta.v)));
+        }
+        if meta.heads.len() % 32 != 0 || meta.log_start > meta.next_seq || meta.digest.len() != 32 {
+            return Err(corrupt("inconsistent metadata fields".to_string()));
+        }
+        Ok(meta)
+    }
+}
+
+/// SHA-256 over the sorted heads. Two replicas with the same heads have the same
+/// digest; anti-entropy compares digests instead of head sets.
+pub fn heads_digest(heads: &[ChangeHash]) -> [u8; 32] {
+    let mut sorted = heads.to_vec();
+    sorted.sort_unstable();
+    let mut hasher = Sha256::new();
+    for h in &sorted {
+        hasher.update(h.0);
+    }
+    hasher.finalize().into()
+}
+
+/// Key of log entry `seq` of `doc` in [`CF_CHANGE_LOG`].
+pub fn log_key(doc: &DocId, seq: u64) -> Vec<u8> {
+    let mut key = log_prefix(doc);
+    key.extend_from_slice(&seq.to_be_bytes());
+    key
+}
+
+/// Prefix shared by every log key of `doc`: the id and a `0x00` separator.
+pub fn log_prefix(doc: &DocId) -> Vec<u8> {
+    let mut key = Vec::with_capacity(doc.as_bytes().len() + 9);
+    key.extend_from_slice(doc.as_bytes());
+    key.push(0);
+    key
+}
+
+/// Printable form of a storage key, for error messages.
+pub fn describe_key(cf: &str, key: &[u8]) -> String {
+    match key.iter().position(|b| *b == 0) {
+        Some(pos) if key.len() == pos + 9 => {
+            let mut seq = [0u8; 8];
+            seq.copy_from_slice(&key[pos + 1..]);
+            format!("{cf}/{}#{}", String::from_utf8_lossy(&key[..pos]), u64::from_be_bytes(seq))
+        }
+        _ => format!("{cf}/{}", String::from_utf8_lossy(key)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn meta_round_trips_and_rejects_garbage() {
+        let mut meta = DocMeta::empty();
+        meta.set_heads(&[ChangeHash([7; 32]), ChangeHash([1; 32])]);
+        meta.next_seq = 5;
+        let decoded = DocMeta::decode("d", &meta.encode()).expect("decodes");
+        assert_eq!(decoded, meta);
+        assert_eq!(decoded.heads(), vec![ChangeHash([7; 32]), ChangeHash([1; 32])]);
+        let err = DocMeta::decode("d", b"\xff\x00garbage").expect_err("garbage");
+        assert!(err.to_string().contains("doc_meta/d"), "{err}");
+    }
+
+    #[test]
+    fn digest_ignores_head_order() {
+        let a = ChangeHash([1; 32]);
+        let b = ChangeHash([2; 32]);
+        assert_eq!(heads_digest(&[a, b]), heads_digest(&[b, a]));
+        assert_ne!(heads_digest(&[a]), heads_digest(&[b]));
+    }
+
+    #[test]
+    fn log_keys_sort_by_sequence_and_stay_within_their_document() {
+        let a = DocId::new("a").expect("id");
+        let ab = DocId::new("a/b").expect("id");
+        assert!(log_key(&a, 1) < log_key(&a, 256));
+        assert!(log_key(&a, u64::MAX) < log_key(&ab, 0));
+        assert_eq!(describe_key(CF_CHANGE_LOG, &log_key(&a, 3)), "change_log/a#3");
+    }
+}

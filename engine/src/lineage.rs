@@ -1,0 +1,78 @@
+//! Document lineage: the genesis change that roots every document's history,
+//! and the tombstone changes that mark deletion.
+//!
+//! **Genesis.** Automerge changes carry no document id, so nothing in a change
+//! says which document it belongs to. Causeway roots every document in a
+//! *genesis change* computed from the document id alone: an empty change by an
+//! actor derived from the id, with timestamp 0 and a fixed message. Every replica
+//! computes the byte-identical change, so documents created independently on
+//! two partitioned nodes share their root and merge as one document. A change
+//! without dependencies that is not this document's genesis starts some other
+//! history and is refused as [`Error::WrongDocument`](crate::Error).
+//!
+//! **Tombstones.** Deleting a document commits a change that removes every root
+//! key, with the message [`TOMBSTONE_MESSAGE`]. The change replicates like any
+//! other. A document is deleted when *every* head of its history is a tombstone:
+//! a write concurrent with a delete survives it (add wins, like Automerge's own
+//! map semantics), and a write made after seeing the delete recreates it.
+
+use automerge::transaction::CommitOptions;
+use automerge::{ActorId, Automerge, Change, ChangeHash};
+use sha2::{Digest, Sha256};
+
+use crate::doc_id::DocId;
+
+/// Commit message of tombstone changes.
+pub const TOMBSTONE_MESSAGE: &str = "causeway:tombstone";
+
+/// Prefix of the genesis change's message; the document id follows.
+const GENESIS_MESSAGE_PREFIX: &str = "causeway:genesis:";
+
+/// The actor that authors `doc`'s genesis change: 16 bytes of
+/// SHA-256("causeway/genesis/v1\0" ++ id).
+pub fn genesis_actor(doc: &DocId) -> ActorId {
+    let mut hasher = Sha256::new();
+    hasher.update(b"causeway/genesis/v1\0");
+    hasher.update(doc.as_bytes());
+    let digest = hasher.finalize();
+    ActorId::from(&digest[..16])
+}
+
+/// The genesis change of `doc`: the same bytes on every replica.
+pub fn genesis_change(doc: &DocId) -> Change {
+    let mut am = Automerge::new().with_actor(genesis_actor(doc));
+    let opts = CommitOptions::default()
+        .with_message(format!("{GENESIS_MESSAGE_PREFIX}{doc}"))
+        .with_time(0);
+    let hash = am.empty_commit(opts);
+    // The change was committed to `am` on the line above.
+    #[allow(clippy::expect_used)]
+    automerge::ReadDoc::get_change_by_hash(&am, &hash).expect("genesis change is in its document")
+}
+
+/// Whether every head of `doc` is a tombstone change. A document with no heads
+/// is not deleted; it does not exist.
+pub fn is_tombstoned(doc: &Automerge, heads: &[ChangeHash]) -> bool {
+    !heads.is_empty()
+        && heads.iter().all(|h| {
+            doc.get_change_meta_by_hash(h)
+                .is_some_and(|m| m.message.as_deref() == Some(TOMBSTONE_MESSAGE))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn genesis_is_deterministic_and_per_document() {
+        let a = DocId::new("orders/1").expect("id");
+        let b = DocId::new("orders/2").expect("id");
+        let g1 = genesis_change(&a);
+        let g2 = genesis_change(&a);
+        assert_eq!(g1.hash(), g2.hash());
+        assert_eq!(g1.raw_bytes(), g2.raw_bytes());
+        assert!(g1.deps().is_empty());
+        assert_ne!(g1.hash(), genesis_change(&b).hash());
+    }
+}

@@ -1,0 +1,325 @@
+//! The RocksDB store: opening and validating a directory, reading the layout in
+//! [`layout`](crate::layout), and committing WriteBatches with the configured
+//! durability.
+//!
+//! Any RocksDB error other than detected corruption is fatal: the store records
+//! it and every later call returns [`Error::Storage`] (invariant 7). Corruption
+//! of one record is reported as [`Error::Corrupt`] with its key and leaves the
+//! rest of the store usable.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use rocksdb::{
+    BlockBasedOptions, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType, Direction, ErrorKind,
+    IteratorMode, Options, ReadOptions, WriteBatch, WriteOptions, DB,
+};
+
+use crate::config::{Durability, EngineConfig};
+use crate::doc_id::DocId;
+use crate::error::{Error, Result};
+use crate::group_commit::GroupCommit;
+use crate::layout::{self, DocMeta};
+
+/// An open store directory.
+pub(crate) struct Store {
+    db: DB,
+    path: PathBuf,
+    durability: Durability,
+    group: GroupCommit,
+    failed: OnceLock<String>,
+}
+
+/// What `open` found in the directory.
+enum DirState {
+    /// Missing or empty: a new store may be created.
+    Fresh,
+    /// Carries a Causeway marker with this format version.
+    Marked(u32),
+}
+
+impl Store {
+    /// Opens (or creates) the store at `path`. Refuses directories that are not
+    /// Causeway stores and stores of a newer format without writing to them.
+    pub(crate) fn open(path: &Path, config: &EngineConfig) -> Result<Store> {
+        let path = path.to_path_buf();
+        let fresh = match inspect(&path)? {
+            DirState::Fresh if !config.create_if_missing => {
+                return Err(Error::NotAStore {
+                    path,
+                    reason: "the directory is missing or empty and create_if_missing is off".into(),
+                })
+            }
+            DirState::Fresh => {
+                fs::create_dir_all(&path).map_err(|e| io_fatal(&path, "create the store directory", e))?;
+                write_marker(&path)?;
+                true
+            }
+            DirState::Marked(found) if found > layout::FORMAT_VERSION => {
+                return Err(Error::FormatTooNew { path, found, supported: layout::FORMAT_VERSION })
+            }
+            DirState::Marked(_) => false,
+        };
+        let db = open_db(&path, !path.join("CURRENT").exists())?;
+        let store = Store { db, path, durability: config.durability, group: GroupCommit::default(), failed: OnceLock::new() };
+        store.check_format(fresh)?;
+        Ok(store)
+    }
+
+    /// Confirms the format version recorded inside the database, writing it
+    /// on first open. The marker file and this record must agree.
+    fn check_format(&self, fresh: bool) -> Result<()> {
+        let cf = self.cf(layout::CF_NODE);
+        let stored = self.db.get_cf(cf, layout::KEY_FORMAT_VERSION).map_err(|e| self.fatal(e))?;
+        match stored {
+            None => {
+                let mut batch = WriteBatch::default();
+                batch.put_cf(cf, layout::KEY_FORMAT_VERSION, layout::FORMAT_VERSION.to_be_bytes());
+                let mut opts = WriteOptions::default();
+                opts.set_sync(true);
+                self.db.write_opt(batch, &opts).map_err(|e| self.fatal(e))
+            }
+            Some(bytes) if bytes.as_slice() == layout::FORMAT_VERSION.to_be_bytes() => Ok(()),
+            Some(bytes) => Err(Error::Corrupt {
+                doc: String::new(),
+                key: layout::describe_key(layout::CF_NODE, layout::KEY_FORMAT_VERSION),
+                reason: format!(
+                    "format version record {bytes:?} disagrees with the marker file (fresh store: {fresh})"
+                ),
+            }),
+        }
+    }
+
+    /// The directory of this store.
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Number of WAL fsyncs performed by group commit.
+    pub(crate) fn wal_syncs(&self) -> u64 {
+        self.group.syncs()
+    }
+
+    /// Fails if an earlier storage error stopped the store.
+    pub(crate) fn check_alive(&self) -> Result<()> {
+        match self.failed.get() {
+            Some(msg) => Err(Error::Storage(msg.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Handle of one of Causeway's column families.
+    pub(crate) fn cf(&self, name: &str) -> &ColumnFamily {
+        // Every name in layout::COLUMN_FAMILIES is created or opened by open_db.
+        #[allow(clippy::expect_used)]
+        self.db.cf_handle(name).expect("column family opened at startup")
+    }
+
+    /// Writes `batch` atomically and returns once it is as durable as the
+    /// configured [`Durability`] requires.
+    pub(crate) fn commit(&self, batch: WriteBatch) -> Result<()> {
+        self.check_alive()?;
+        self.db.write_opt(batch, &WriteOptions::default()).map_err(|e| self.fatal(e))?;
+        if self.durability == Durability::Buffered {
+            return Ok(());
+        }
+        let ticket = self.group.ticket();
+        self.group
+            .wait_durable(ticket, || self.db.flush_wal(true).map_err(|e| e.to_string()))
+            .map_err(|msg| self.fatal_msg(format!("WAL fsync failed: {msg}")))
+    }
+
+    /// Reads a document's metadata; `None` if the document never existed.
+    pub(crate) fn meta(&self, doc: &DocId) -> Result<Option<DocMeta>> {
+        self.check_alive()?;
+        let cf = self.cf(layout::CF_DOC_META);
+        match self.db.get_pinned_cf(cf, doc.as_bytes()) {
+            Ok(Some(bytes)) => DocMeta::decode(doc.as_str(), &bytes).map(Some),
+            Ok(None) => Ok(None),
+            Err(e) => Err(self.read_error(e, doc, layout::CF_DOC_META, doc.as_bytes())),
+        }
+    }
+
+    /// Reads a document's snapshot, if it has one.
+    pub(crate) fn snapshot(&self, doc: &DocId) -> Result<Option<Vec<u8>>> {
+        self.check_alive()?;
+        let cf = self.cf(layout::CF_SNAPSHOT);
+        self.db
+            .get_cf(cf, doc.as_bytes())
+            .map_err(|e| self.read_error(e, doc, layout::CF_SNAPSHOT, doc.as_bytes()))
+    }
+
+    /// Reads a document's log entries with sequence numbers in `[start, end)`,
+    /// in order, as `(key, bytes)`.
+    pub(crate) fn log_entries(&self, doc: &DocId, start: u64, end: u64) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        self.check_alive()?;
+        let cf = self.cf(layout::CF_CHANGE_LOG);
+        let from = layout::log_key(doc, start);
+        let mut opts = ReadOptions::default();
+        opts.set_iterate_upper_bound(layout::log_key(doc, end));
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf_opt(cf, opts, IteratorMode::From(&from, Direction::Forward)) {
+            let (k, v) = item.map_err(|e| self.read_error(e, doc, layout::CF_CHANGE_LOG, &from))?;
+            out.push((k.into_vec(), v.into_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Lists live (not deleted) documents whose id starts with `prefix`,
+    /// strictly after `after`, at most `limit` of them. Also returns whether
+    /// more remain.
+    pub(crate) fn list(&self, prefix: &str, after: Option<&DocId>, limit: usize) -> Result<(Vec<DocId>, bool)> {
+        self.check_alive()?;
+        let cf = self.cf(layout::CF_DOC_META);
+        let mut start = prefix.as_bytes().to_vec();
+        if let Some(after) = after {
+            let mut past = after.as_bytes().to_vec();
+            past.push(0);
+            start = start.max(past);
+        }
+        let mut ids = Vec::new();
+        for item in self.db.iterator_cf(cf, IteratorMode::From(&start, Direction::Forward)) {
+            let (k, v) = item.map_err(|e| self.fatal(e))?;
+            if !k.starts_with(prefix.as_bytes()) {
+                break;
+            }
+            let key_str = String::from_utf8_lossy(&k).into_owned();
+            let id = DocId::new(key_str.clone()).map_err(|e| Error::Corrupt {
+                doc: key_str.clone(),
+                key: layout::describe_key(layout::CF_DOC_META, &k),
+                reason: format!("stored key is not a valid document id: {e}"),
+            })?;
+            if DocMeta::decode(&key_str, &v)?.tombstone {
+                continue;
+            }
+            if ids.len() == limit {
+                return Ok((ids, true));
+            }
+            ids.push(id);
+        }
+        Ok((ids, false))
+    }
+
+    fn read_error(&self, e: rocksdb::Error, doc: &DocId, cf: &str, key: &[u8]) -> Error {
+        if e.kind() == ErrorKind::Corruption {
+            return Error::Corrupt {
+                doc: doc.to_string(),
+                key: layout::describe_key(cf, key),
+                reason: e.to_string(),
+            };
+        }
+        self.fatal(e)
+    }
+
+    /// Records a fatal storage error and returns it.
+    fn fatal(&self, e: rocksdb::Error) -> Error {
+        self.fatal_msg(e.to_string())
+    }
+
+    fn fatal_msg(&self, msg: String) -> Error {
+        let msg = self.failed.get_or_init(|| msg).clone();
+        tracing::error!(path = %self.path.display(), error = %msg, "storage failure; engine stopped");
+        Error::Storage(msg)
+    }
+}
+
+/// Classifies the directory without writing to it.
+fn inspect(path: &Path) -> Result<DirState> {
+    let not_a_store = |reason: String| Error::NotAStore { path: path.to_path_buf(), reason };
+    if !path.exists() {
+        return Ok(DirState::Fresh);
+    }
+    if !path.is_dir() {
+        return Err(not_a_store("it is not a directory".into()));
+    }
+    let marker = path.join(layout::MARKER_FILE);
+    if marker.exists() {
+        let text = fs::read_to_string(&marker).map_err(|e| not_a_store(format!("unreadable marker file: {e}")))?;
+        return parse_marker(&text).map(DirState::Marked).map_err(not_a_store);
+    }
+    let mut entries = fs::read_dir(path).map_err(|e| not_a_store(format!("unreadable directory: {e}")))?;
+    if entries.next().is_none() {
+        return Ok(DirState::Fresh);
+    }
+    let reason = if path.join("CURRENT").exists() {
+        "it holds a RocksDB database that Causeway did not create (no CAUSEWAY marker file)"
+    } else {
+        "the directory is not empty and has no CAUSEWAY marker file"
+    };
+    Err(not_a_store(reason.into()))
+}
+
+fn parse_marker(text: &str) -> std::result::Result<u32, String> {
+    let mut lines = text.lines();
+    if lines.next() != Some(layout::MARKER_MAGIC) {
+        return Err("the CAUSEWAY marker file does not start with the expected magic line".into());
+    }
+    lines
+        .next()
+        .and_then(|l| l.strip_prefix("format "))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| "the CAUSEWAY marker file has no valid format line".to_string())
+}
+
+/// Writes the marker file durably: temp file, fsync, rename, fsync directory.
+fn write_marker(path: &Path) -> Result<()> {
+    let tmp = path.join(format!("{}.tmp", layout::MARKER_FILE));
+    let body = format!("{}\nformat {}\n", layout::MARKER_MAGIC, layout::FORMAT_VERSION);
+    let write = || -> std::io::Result<()> {
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(body.as_bytes())?;
+        f.sync_all()?;
+        fs::rename(&tmp, path.join(layout::MARKER_FILE))?;
+        fs::File::open(path)?.sync_all()
+    };
+    write().map_err(|e| io_fatal(path, "write the marker file", e))
+}
+
+fn io_fatal(path: &Path, what: &str, e: std::io::Error) -> Error {
+    Error::Storage(format!("cannot {what} in {}: {e}", path.display()))
+}
+
+fn open_db(path: &Path, create: bool) -> Result<DB> {
+    let mut opts = Options::default();
+    opts.create_if_missing(create);
+    opts.create_missing_column_families(true);
+    opts.set_max_background_jobs(2);
+    opts.set_keep_log_file_num(4);
+    let cfs = layout::COLUMN_FAMILIES.iter().map(|name| ColumnFamilyDescriptor::new(*name, cf_options(name)));
+    DB::open_cf_descriptors(&opts, path, cfs).map_err(|e| {
+        let msg = e.to_string();
+        if msg.contains("lock") || msg.contains("LOCK") {
+            Error::Locked { path: path.to_path_buf() }
+        } else if e.kind() == ErrorKind::Corruption {
+            Error::Corrupt { doc: String::new(), key: "(database manifest)".into(), reason: msg }
+        } else {
+            Error::Storage(format!("cannot open RocksDB in {}: {msg}", path.display()))
+        }
+    })
+}
+
+fn cf_options(name: &str) -> Options {
+    let mut opts = Options::default();
+    opts.set_compression_type(DBCompressionType::Lz4);
+    if name == layout::CF_DOC_META || name == layout::CF_SNAPSHOT {
+        let mut table = BlockBasedOptions::default();
+        table.set_bloom_filter(10.0, false);
+        opts.set_block_based_table_factory(&table);
+    }
+    opts
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn marker_parsing() {
+        assert_eq!(parse_marker("causeway-store\nformat 1\n"), Ok(1));
+        assert_eq!(parse_marker("causeway-store\nformat 7"), Ok(7));
+        assert!(parse_marker("something else\nformat 1\n").is_err());
+        assert!(parse_marker("causeway-store\n").is_err());
+    }
+}

@@ -1,0 +1,165 @@
+//! `causeway bench durable-writes`: small independent writes to many documents
+//! from N concurrent writers with the default `Sync` durability, against a raw
+//! RocksDB loop doing synced WriteBatches of the same sizes with the same N, in
+//! the same run and on the same disk. Reports writes/s of each and the ratio.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use causeway_engine::layout::DocMeta;
+use causeway_engine::{DocId, Engine, EngineConfig};
+use serde_json::json;
+
+use super::ingest::tempdir_in;
+use super::{build_profile, Report};
+
+/// Arguments of `causeway bench durable-writes`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Numbers of concurrent writers to measure, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
+    pub writers: Vec<usize>,
+    /// Seconds each measurement runs.
+    #[arg(long, default_value_t = 5.0)]
+    pub seconds: f64,
+    /// Documents each writer spreads its writes over.
+    #[arg(long, default_value_t = 64)]
+    pub docs_per_writer: usize,
+    /// Directory in which to create the stores (default: the system
+    /// temporary directory). Both sides use it, so they share a disk.
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+}
+
+/// Runs the benchmark.
+pub fn run(args: &Args) -> Result<()> {
+    let run_for = Duration::from_secs_f64(args.seconds);
+    eprintln!("durable-writes: {}s per measurement, {} build", args.seconds, build_profile());
+    let mut report = Report::default();
+    for &n in &args.writers {
+        let engine = engine_run(args, n, run_for)?;
+        let raw = raw_run(args, n, run_for, engine.change_bytes, engine.meta_bytes)?;
+        let ratio = engine.per_sec() / raw.per_sec();
+        report.record(
+            json!({"bench": "durable-writes", "writers": n, "engine_writes_per_s": engine.per_sec(),
+                   "raw_rocksdb_writes_per_s": raw.per_sec(), "ratio": ratio, "engine_wal_syncs": engine.syncs,
+                   "change_bytes": engine.change_bytes, "meta_bytes": engine.meta_bytes,
+                   "seconds": args.seconds, "build": build_profile()}),
+            vec![
+                n.to_string(),
+                format!("{:.0}", engine.per_sec()),
+                format!("{:.0}", raw.per_sec()),
+                format!("{ratio:.2}"),
+                format!("{:.1}", engine.writes as f64 / engine.syncs.max(1) as f64),
+            ],
+        );
+    }
+    report.print_table(&["writers", "engine writes/s", "raw RocksDB synced writes/s", "ratio", "writes per fsync"]);
+    Ok(())
+}
+
+struct Measured {
+    writes: u64,
+    elapsed: Duration,
+    syncs: u64,
+    change_bytes: usize,
+    meta_bytes: usize,
+}
+
+impl Measured {
+    fn per_sec(&self) -> f64 {
+        self.writes as f64 / self.elapsed.as_secs_f64()
+    }
+}
+
+fn doc_id(writer: usize, i: usize) -> DocId {
+    // Writer and document numbers only produce valid ids.
+    #[allow(clippy::expect_used)]
+    DocId::new(format!("bench/w{writer}/d{i}")).expect("valid id")
+}
+
+fn engine_run(args: &Args, n: usize, run_for: Duration) -> Result<Measured> {
+    let dir = tempdir_in(args.dir.as_deref())?;
+    let engine = Engine::open(dir.path(), EngineConfig::default()).context("cannot open the benchmark store")?;
+    for w in 0..n {
+        for d in 0..args.docs_per_writer {
+            engine.put_json(&doc_id(w, d), &json!({"n": 0}))?;
+        }
+    }
+    let syncs_before = engine.stats().wal_syncs;
+    let docs = args.docs_per_writer;
+    let (writes, elapsed) = in_parallel(n, run_for, |w, i| {
+        engine.put_json(&doc_id(w, i % docs), &json!({ "n": i + 1 })).map(|_| ()).map_err(anyhow::Error::from)
+    })?;
+    let sample = doc_id(0, 0);
+    let heads = engine.heads(&sample)?;
+    let change_bytes = engine.changes_since(&sample, &[])?.last().map_or(0, Vec::len);
+    let mut meta = DocMeta::empty();
+    meta.set_heads(&heads);
+    meta.change_count = 1000;
+    Ok(Measured {
+        writes,
+        elapsed,
+        syncs: engine.stats().wal_syncs - syncs_before,
+        change_bytes,
+        meta_bytes: meta.encode().len(),
+    })
+}
+
+fn raw_run(args: &Args, n: usize, run_for: Duration, change_bytes: usize, meta_bytes: usize) -> Result<Measured> {
+    let dir = tempdir_in(args.dir.as_deref())?;
+    let mut opts = rocksdb::Options::default();
+    opts.create_if_missing(true);
+    let db = rocksdb::DB::open(&opts, dir.path()).context("cannot open the raw RocksDB store")?;
+    let mut sync = rocksdb::WriteOptions::default();
+    sync.set_sync(true);
+    let change = vec![0x5a_u8; change_bytes];
+    let meta = vec![0xa5_u8; meta_bytes];
+    let docs = args.docs_per_writer;
+    let (writes, elapsed) = in_parallel(n, run_for, |w, i| {
+        let id = doc_id(w, i % docs);
+        let mut log_key = id.as_bytes().to_vec();
+        log_key.push(0);
+        log_key.extend_from_slice(&(i as u64).to_be_bytes());
+        let mut batch = rocksdb::WriteBatch::default();
+        batch.put(&log_key, &change);
+        batch.put(id.as_bytes(), &meta);
+        db.write_opt(batch, &sync).map_err(anyhow::Error::from)
+    })?;
+    Ok(Measured { writes, elapsed, syncs: 0, change_bytes, meta_bytes })
+}
+
+/// Runs `write(writer, i)` in `n` threads until `run_for` has passed; returns
+/// the number of writes and the elapsed time.
+fn in_parallel<F>(n: usize, run_for: Duration, write: F) -> Result<(u64, Duration)>
+where
+    F: Fn(usize, usize) -> Result<()> + Sync,
+{
+    let count = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let deadline = start + run_for;
+    std::thread::scope(|s| -> Result<()> {
+        let handles: Vec<_> = (0..n)
+            .map(|w| {
+                let (count, write) = (Arc::clone(&count), &write);
+                s.spawn(move || -> Result<()> {
+                    let mut i = 0;
+                    while Instant::now() < deadline {
+                        write(w, i)?;
+                        count.fetch_add(1, Ordering::Relaxed);
+                        i += 1;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().map_err(|_| anyhow::anyhow!("writer thread panicked"))??;
+        }
+        Ok(())
+    })?;
+    Ok((count.load(Ordering::Relaxed), start.elapsed()))
+}

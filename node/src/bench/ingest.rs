@@ -1,0 +1,130 @@
+//! `causeway bench ingest`: replay an editing trace into one document, one
+//! transaction per trace transaction, through the engine (with `Sync` and with
+//! `Buffered` durability) and, in the same run, into a bare in-memory
+//! `automerge::Automerge`. Reports wall time of each and engine/bare ratios,
+//! and fails if any run's final text differs from the trace's `endContent`.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use causeway_engine::automerge::transaction::Transactable;
+use causeway_engine::automerge::{Automerge, ObjId, ObjType, ReadDoc, ROOT};
+use causeway_engine::{DocId, Durability, Engine, EngineConfig};
+use serde_json::json;
+
+use super::trace::{Trace, DEFAULT_TRACE};
+use super::{build_profile, Report};
+
+/// Arguments of `causeway bench ingest`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Editing trace to replay (gzipped JSON).
+    #[arg(long, default_value = DEFAULT_TRACE)]
+    pub trace: PathBuf,
+    /// Directory in which to create the benchmark stores (default: the
+    /// system temporary directory). Use a directory on the disk you care about.
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+}
+
+/// Runs the benchmark.
+pub fn run(args: &Args) -> Result<()> {
+    let trace = Trace::load(&args.trace)?;
+    let name = args.trace.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+    eprintln!(
+        "ingest: {name}: {} transactions, {} patches, {} build",
+        trace.txns.len(),
+        trace.patch_count(),
+        build_profile()
+    );
+    let mut report = Report::default();
+    let bare = time(|| replay_bare(&trace))?;
+    report.record(
+        json!({"bench": "ingest", "trace": name, "variant": "bare-automerge", "txns": trace.txns.len(), "wall_s": bare, "build": build_profile()}),
+        vec!["bare automerge (in memory)".into(), format!("{bare:.2}"), "1.00".into()],
+    );
+    for (label, durability) in [("engine-buffered", Durability::Buffered), ("engine-sync", Durability::Sync)] {
+        let dir = tempdir_in(args.dir.as_deref())?;
+        let config = EngineConfig { durability, ..EngineConfig::default() };
+        let engine = Engine::open(dir.path(), config).context("cannot open the benchmark store")?;
+        let wall = time(|| replay_engine(&engine, &trace))?;
+        let ratio = wall / bare;
+        let syncs = engine.stats().wal_syncs;
+        report.record(
+            json!({"bench": "ingest", "trace": name, "variant": label, "durability": format!("{durability:?}"),
+                   "txns": trace.txns.len(), "wall_s": wall, "ratio_vs_bare": ratio, "wal_syncs": syncs, "build": build_profile()}),
+            vec![format!("engine, {durability:?}"), format!("{wall:.2}"), format!("{ratio:.2}")],
+        );
+    }
+    report.print_table(&["variant", "wall s", "x bare"]);
+    Ok(())
+}
+
+fn time(f: impl FnOnce() -> Result<()>) -> Result<f64> {
+    let start = Instant::now();
+    f()?;
+    Ok(start.elapsed().as_secs_f64())
+}
+
+fn replay_bare(trace: &Trace) -> Result<()> {
+    let mut doc = Automerge::new();
+    let text = doc
+        .transact(|tx| start_text(tx, &trace.start_content))
+        .map_err(|f| anyhow::anyhow!("{}", f.error))?
+        .result;
+    for txn in &trace.txns {
+        doc.transact(|tx| apply_txn(tx, &text, txn)).map_err(|f| anyhow::anyhow!("{}", f.error))?;
+    }
+    check_text(&doc.text(&text)?, trace, "bare automerge")
+}
+
+fn replay_engine(engine: &Engine, trace: &Trace) -> Result<()> {
+    let id = DocId::new("bench/ingest")?;
+    let text = engine.create(&id, |tx| start_text(tx, &trace.start_content))?.value;
+    for txn in &trace.txns {
+        engine.update(&id, |tx| apply_txn(tx, &text, txn))?;
+    }
+    let final_text = engine.read(&id, |doc| doc.text(&text))??;
+    check_text(&final_text, trace, "engine")
+}
+
+fn start_text(
+    tx: &mut causeway_engine::automerge::transaction::Transaction<'_>,
+    content: &str,
+) -> Result<ObjId, causeway_engine::automerge::AutomergeError> {
+    let text = tx.put_object(ROOT, "text", ObjType::Text)?;
+    tx.splice_text(&text, 0, 0, content)?;
+    Ok(text)
+}
+
+fn apply_txn(
+    tx: &mut causeway_engine::automerge::transaction::Transaction<'_>,
+    text: &ObjId,
+    txn: &super::trace::Txn,
+) -> Result<(), causeway_engine::automerge::AutomergeError> {
+    for patch in &txn.patches {
+        tx.splice_text(text, patch.0, patch.1 as isize, &patch.2)?;
+    }
+    Ok(())
+}
+
+fn check_text(actual: &str, trace: &Trace, who: &str) -> Result<()> {
+    if actual != trace.end_content {
+        bail!(
+            "{who}: final text differs from the trace's endContent ({} vs {} chars)",
+            actual.chars().count(),
+            trace.end_content.chars().count()
+        );
+    }
+    Ok(())
+}
+
+/// A temporary directory in `parent`, or in the system temp dir.
+pub fn tempdir_in(parent: Option<&Path>) -> Result<tempfile::TempDir> {
+    let dir = match parent {
+        Some(p) => tempfile::tempdir_in(p),
+        None => tempfile::tempdir(),
+    };
+    dir.context("cannot create a temporary directory for the benchmark store")
+}

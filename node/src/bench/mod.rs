@@ -1,0 +1,51 @@
+//! Benchmarks: each measures Causeway against a reference run in the same
+//! process, and prints one JSON object per result on stdout and a table on
+//! stderr. Build with `--release`; figures from debug builds are meaningless.
+
+pub mod durable_writes;
+pub mod ingest;
+pub mod trace;
+
+use serde_json::Value;
+
+/// Collects results, printing each as a JSON line on stdout as it arrives.
+#[derive(Default)]
+pub struct Report {
+    rows: Vec<Vec<String>>,
+}
+
+impl Report {
+    /// Prints `result` as one JSON line on stdout and keeps `row` for the table.
+    pub fn record(&mut self, result: Value, row: Vec<String>) {
+        println!("{result}");
+        self.rows.push(row);
+    }
+
+    /// Prints the table of recorded rows on stderr under `header`.
+    pub fn print_table(&self, header: &[&str]) {
+        let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+        for row in &self.rows {
+            for (w, cell) in widths.iter_mut().zip(row) {
+                *w = (*w).max(cell.len());
+            }
+        }
+        let line = |cells: Vec<String>| {
+            let padded: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+            eprintln!("| {} |", padded.join(" | "));
+        };
+        line(header.iter().map(|h| h.to_string()).collect());
+        line(widths.iter().map(|w| "-".repeat(*w)).collect());
+        for row in &self.rows {
+            line(row.clone());
+        }
+    }
+}
+
+/// Release or debug, for the results.
+pub fn build_profile() -> &'static str {
+    if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    }
+}
