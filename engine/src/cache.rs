@@ -74,7 +74,10 @@ pub(crate) struct CacheStats {
 impl DocCache {
     /// A cache holding about `budget` bytes of documents.
     pub(crate) fn new(budget: usize) -> Self {
-        DocCache { budget, inner: Mutex::new(Inner::default()) }
+        DocCache {
+            budget,
+            inner: Mutex::new(Inner::default()),
+        }
     }
 
     /// The slot for `id`, created `Unloaded` if absent, marked most recently used.
@@ -90,7 +93,14 @@ impl DocCache {
             }
             None => {
                 let slot = Arc::new(Mutex::new(Slot::Unloaded));
-                inner.entries.insert(id.clone(), Entry { slot: Arc::clone(&slot), tick, bytes: ENTRY_OVERHEAD });
+                inner.entries.insert(
+                    id.clone(),
+                    Entry {
+                        slot: Arc::clone(&slot),
+                        tick,
+                        bytes: ENTRY_OVERHEAD,
+                    },
+                );
                 inner.total_bytes += ENTRY_OVERHEAD;
                 (slot, None)
             }
@@ -107,7 +117,9 @@ impl DocCache {
     /// idle documents while over budget.
     pub(crate) fn resize(&self, id: &DocId, bytes: usize) {
         let mut inner = self.lock();
-        let Some(entry) = inner.entries.get_mut(id) else { return };
+        let Some(entry) = inner.entries.get_mut(id) else {
+            return;
+        };
         let old = std::mem::replace(&mut entry.bytes, bytes + ENTRY_OVERHEAD);
         inner.total_bytes = inner.total_bytes - old + bytes + ENTRY_OVERHEAD;
         self.evict(&mut inner);
@@ -117,11 +129,16 @@ impl DocCache {
         let mut scanned = 0;
         let mut cursor = 0u64;
         while inner.total_bytes > self.budget && scanned < MAX_EVICTION_SCAN {
-            let Some((&tick, id)) = inner.lru.range(cursor..).next() else { break };
+            let Some((&tick, id)) = inner.lru.range(cursor..).next() else {
+                break;
+            };
             let id = id.clone();
             cursor = tick + 1;
             scanned += 1;
-            let idle = inner.entries.get(&id).is_some_and(|e| Arc::strong_count(&e.slot) == 1);
+            let idle = inner
+                .entries
+                .get(&id)
+                .is_some_and(|e| Arc::strong_count(&e.slot) == 1);
             if !idle {
                 continue;
             }
@@ -142,7 +159,11 @@ impl DocCache {
     /// Current figures.
     pub(crate) fn stats(&self) -> CacheStats {
         let inner = self.lock();
-        CacheStats { documents: inner.entries.len(), bytes: inner.total_bytes, evictions: inner.evictions }
+        CacheStats {
+            documents: inner.entries.len(),
+            bytes: inner.total_bytes,
+            evictions: inner.evictions,
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {

@@ -21,6 +21,11 @@ pub enum Durability {
 }
 
 /// When a document's change log is folded into a snapshot.
+///
+/// Folding costs one `Automerge::save()` of the whole document; replaying the
+/// log costs applying each logged change on load. The defaults (10,000 changes
+/// or 4 MiB) keep saves rare for documents edited keystroke by keystroke (see
+/// `docs/benchmarks.md`) while bounding what a load must replay.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CompactionPolicy {
     /// Fold once the log holds this many changes.
@@ -32,8 +37,8 @@ pub struct CompactionPolicy {
 impl Default for CompactionPolicy {
     fn default() -> Self {
         CompactionPolicy {
-            max_log_changes: 1_000,
-            max_log_bytes: 1 << 20,
+            max_log_changes: 10_000,
+            max_log_bytes: 4 << 20,
         }
     }
 }
@@ -87,12 +92,30 @@ impl EngineConfig {
     /// calls this first.
     pub fn validate(&self) -> Result<(), Error> {
         let checks: [(bool, &str); 6] = [
-            (self.compaction.max_log_changes > 0, "compaction.max_log_changes must be at least 1"),
-            (self.compaction.max_log_bytes > 0, "compaction.max_log_bytes must be at least 1"),
-            (self.max_change_bytes >= 64, "max_change_bytes must be at least 64"),
-            (self.max_held_changes_per_doc > 0, "max_held_changes_per_doc must be at least 1"),
-            (self.max_held_bytes_per_doc > 0, "max_held_bytes_per_doc must be at least 1"),
-            (self.subscriber_capacity > 0, "subscriber_capacity must be at least 1"),
+            (
+                self.compaction.max_log_changes > 0,
+                "compaction.max_log_changes must be at least 1",
+            ),
+            (
+                self.compaction.max_log_bytes > 0,
+                "compaction.max_log_bytes must be at least 1",
+            ),
+            (
+                self.max_change_bytes >= 64,
+                "max_change_bytes must be at least 64",
+            ),
+            (
+                self.max_held_changes_per_doc > 0,
+                "max_held_changes_per_doc must be at least 1",
+            ),
+            (
+                self.max_held_bytes_per_doc > 0,
+                "max_held_bytes_per_doc must be at least 1",
+            ),
+            (
+                self.subscriber_capacity > 0,
+                "subscriber_capacity must be at least 1",
+            ),
         ];
         match checks.iter().find(|(ok, _)| !ok) {
             Some((_, msg)) => Err(Error::Config((*msg).to_string())),

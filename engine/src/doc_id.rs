@@ -83,10 +83,9 @@ fn validate(id: &str, allow_empty: bool) -> Result<(), DocIdError> {
     if id.len() > MAX_DOC_ID_LEN {
         return Err(DocIdError::TooLong { len: id.len() });
     }
-    match id
-        .char_indices()
-        .find(|(_, c)| !(c.is_ascii_alphanumeric() || (c.is_ascii() && DOC_ID_PUNCTUATION.contains(&(*c as u8)))))
-    {
+    match id.char_indices().find(|(_, c)| {
+        !(c.is_ascii_alphanumeric() || (c.is_ascii() && DOC_ID_PUNCTUATION.contains(&(*c as u8))))
+    }) {
         Some((index, found)) => Err(DocIdError::InvalidChar { found, index }),
         None => Ok(()),
     }
@@ -165,15 +164,24 @@ mod tests {
         );
         assert_eq!(
             DocId::new("has space"),
-            Err(DocIdError::InvalidChar { found: ' ', index: 3 })
+            Err(DocIdError::InvalidChar {
+                found: ' ',
+                index: 3
+            })
         );
         assert_eq!(
             DocId::new("nul\0byte"),
-            Err(DocIdError::InvalidChar { found: '\0', index: 3 })
+            Err(DocIdError::InvalidChar {
+                found: '\0',
+                index: 3
+            })
         );
         assert_eq!(
             DocId::new("café"),
-            Err(DocIdError::InvalidChar { found: 'é', index: 3 })
+            Err(DocIdError::InvalidChar {
+                found: 'é',
+                index: 3
+            })
         );
         assert!(validate_prefix("").is_ok());
         assert!(validate_prefix("x?").is_err());

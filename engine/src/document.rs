@@ -59,7 +59,12 @@ pub(crate) struct Integration {
 impl DocState {
     /// A document with no history, not yet stored.
     pub(crate) fn new_empty(actor: ActorId) -> Self {
-        DocState { doc: Automerge::new().with_actor(actor), meta: DocMeta::empty(), stored: false, held: Held::default() }
+        DocState {
+            doc: Automerge::new().with_actor(actor),
+            meta: DocMeta::empty(),
+            stored: false,
+            held: Held::default(),
+        }
     }
 
     /// Loads `id` from the store: snapshot, then log entries, then checks the
@@ -68,33 +73,57 @@ impl DocState {
         let Some(meta) = store.meta(id)? else {
             return Ok(DocState::new_empty(actor));
         };
-        let corrupt = |key: String, reason: String| Error::Corrupt { doc: id.to_string(), key, reason };
+        let corrupt = |key: String, reason: String| Error::Corrupt {
+            doc: id.to_string(),
+            key,
+            reason,
+        };
         let snapshot_key = || layout::describe_key(layout::CF_SNAPSHOT, id.as_bytes());
         let mut doc = match store.snapshot(id)? {
-            Some(bytes) => Automerge::load(&bytes).map_err(|e| corrupt(snapshot_key(), format!("undecodable snapshot: {e}")))?,
-            None if meta.snapshot_bytes > 0 => return Err(corrupt(snapshot_key(), "snapshot missing".into())),
+            Some(bytes) => Automerge::load(&bytes)
+                .map_err(|e| corrupt(snapshot_key(), format!("undecodable snapshot: {e}")))?,
+            None if meta.snapshot_bytes > 0 => {
+                return Err(corrupt(snapshot_key(), "snapshot missing".into()))
+            }
             None => Automerge::new(),
         };
         let entries = store.log_entries(id, meta.log_start, meta.next_seq)?;
         if entries.len() as u64 != meta.log_len() {
-            let key = layout::describe_key(layout::CF_CHANGE_LOG, &layout::log_key(id, meta.log_start));
-            let reason = format!("expected {} log entries, found {}", meta.log_len(), entries.len());
+            let key =
+                layout::describe_key(layout::CF_CHANGE_LOG, &layout::log_key(id, meta.log_start));
+            let reason = format!(
+                "expected {} log entries, found {}",
+                meta.log_len(),
+                entries.len()
+            );
             return Err(corrupt(key, reason));
         }
         let mut changes = Vec::with_capacity(entries.len());
         for (key, bytes) in entries {
             let change = Change::from_bytes(bytes).map_err(|e| {
-                corrupt(layout::describe_key(layout::CF_CHANGE_LOG, &key), format!("undecodable change: {e}"))
+                corrupt(
+                    layout::describe_key(layout::CF_CHANGE_LOG, &key),
+                    format!("undecodable change: {e}"),
+                )
             })?;
             changes.push(change);
         }
-        doc.apply_changes(changes).map_err(|e| corrupt(snapshot_key(), format!("log does not apply: {e}")))?;
+        doc.apply_changes(changes)
+            .map_err(|e| corrupt(snapshot_key(), format!("log does not apply: {e}")))?;
         if doc.get_heads() != sorted(meta.heads()) {
             let key = layout::describe_key(layout::CF_DOC_META, id.as_bytes());
-            return Err(corrupt(key, "stored heads do not match the stored history".into()));
+            return Err(corrupt(
+                key,
+                "stored heads do not match the stored history".into(),
+            ));
         }
         doc.set_actor(actor);
-        Ok(DocState { doc, meta, stored: true, held: Held::default() })
+        Ok(DocState {
+            doc,
+            meta,
+            stored: true,
+            held: Held::default(),
+        })
     }
 
     /// Whether the document exists and is not deleted.
@@ -104,12 +133,18 @@ impl DocState {
 
     /// Whether `hash` is part of the document's history.
     pub(crate) fn has_change(&self, hash: &ChangeHash) -> bool {
-        self.doc.get_missing_deps(std::slice::from_ref(hash)).is_empty()
+        self.doc
+            .get_missing_deps(std::slice::from_ref(hash))
+            .is_empty()
     }
 
     /// Heads among `heads` that this document does not hold.
     pub(crate) fn missing_heads(&self, heads: &[ChangeHash]) -> Vec<ChangeHash> {
-        heads.iter().filter(|h| !self.has_change(h)).copied().collect()
+        heads
+            .iter()
+            .filter(|h| !self.has_change(h))
+            .copied()
+            .collect()
     }
 
     /// Estimated memory held by this document, in bytes.
@@ -125,7 +160,12 @@ impl DocState {
     /// be applied now (with any held changes they unblock), duplicates, and
     /// changes to hold. Refuses, changing nothing, a root change that is not
     /// this document's genesis.
-    pub(crate) fn integrate(&mut self, id: &DocId, incoming: Vec<Change>, config: &EngineConfig) -> Result<Integration> {
+    pub(crate) fn integrate(
+        &mut self,
+        id: &DocId,
+        incoming: Vec<Change>,
+        config: &EngineConfig,
+    ) -> Result<Integration> {
         let mut out = Integration::default();
         let mut seen = HashSet::new();
         let mut fresh = Vec::with_capacity(incoming.len());
@@ -136,8 +176,13 @@ impl DocState {
                 out.duplicates += 1;
                 continue;
             }
-            if change.deps().is_empty() && *genesis.get_or_insert_with(|| lineage::genesis_change(id).hash()) != hash {
-                return Err(Error::WrongDocument { doc: id.clone(), hash });
+            if change.deps().is_empty()
+                && *genesis.get_or_insert_with(|| lineage::genesis_change(id).hash()) != hash
+            {
+                return Err(Error::WrongDocument {
+                    doc: id.clone(),
+                    hash,
+                });
             }
             fresh.push(change);
         }
@@ -146,9 +191,11 @@ impl DocState {
         let mut known: HashSet<ChangeHash> = HashSet::new();
         loop {
             let before = pending.len();
-            let (ready, waiting): (Vec<Change>, Vec<Change>) = pending
-                .into_iter()
-                .partition(|c| c.deps().iter().all(|d| known.contains(d) || self.has_change(d)));
+            let (ready, waiting): (Vec<Change>, Vec<Change>) = pending.into_iter().partition(|c| {
+                c.deps()
+                    .iter()
+                    .all(|d| known.contains(d) || self.has_change(d))
+            });
             known.extend(ready.iter().map(Change::hash));
             out.ready.extend(ready);
             pending = waiting;
@@ -179,12 +226,23 @@ impl DocState {
     /// WriteBatch: as log entries, or folded with the existing log into a new
     /// snapshot when the compaction policy says so. Updates `self.meta` only
     /// once the batch is durable.
-    pub(crate) fn persist(&mut self, store: &Store, id: &DocId, new_changes: &[Change], policy: &CompactionPolicy) -> Result<()> {
+    pub(crate) fn persist(
+        &mut self,
+        store: &Store,
+        id: &DocId,
+        new_changes: &[Change],
+        policy: &CompactionPolicy,
+    ) -> Result<()> {
         let heads = self.doc.get_heads();
         let mut meta = self.meta.clone();
         meta.set_heads(&heads);
         meta.change_count += new_changes.len() as u64;
-        meta.tombstone = lineage::is_tombstoned(&self.doc, &heads);
+        // At least one new change is a head, so unless a new change is a
+        // tombstone the document is not deleted; skip the head lookups then.
+        let any_tombstone = new_changes
+            .iter()
+            .any(|c| c.message().is_some_and(|m| m == lineage::TOMBSTONE_MESSAGE));
+        meta.tombstone = any_tombstone && lineage::is_tombstoned(&self.doc, &heads);
         let new_bytes: u64 = new_changes.iter().map(|c| c.raw_bytes().len() as u64).sum();
         let mut batch = WriteBatch::default();
         let compact = meta.log_len() + new_changes.len() as u64 >= policy.max_log_changes
@@ -202,7 +260,11 @@ impl DocState {
         } else {
             let log_cf = store.cf(layout::CF_CHANGE_LOG);
             for change in new_changes {
-                batch.put_cf(log_cf, layout::log_key(id, meta.next_seq), change.raw_bytes());
+                batch.put_cf(
+                    log_cf,
+                    layout::log_key(id, meta.next_seq),
+                    change.raw_bytes(),
+                );
                 meta.next_seq += 1;
             }
             meta.log_bytes += new_bytes;
@@ -233,7 +295,9 @@ impl Held {
             self.changes.push_back(change);
         }
         let mut dropped = 0;
-        while self.changes.len() > config.max_held_changes_per_doc || self.bytes > config.max_held_bytes_per_doc {
+        while self.changes.len() > config.max_held_changes_per_doc
+            || self.bytes > config.max_held_bytes_per_doc
+        {
             match self.changes.pop_front() {
                 Some(c) => {
                     self.bytes -= c.raw_bytes().len();

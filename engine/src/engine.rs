@@ -171,19 +171,31 @@ impl Engine {
 
     /// Creates `id` with a transaction. Fails with [`Error::AlreadyExists`] if
     /// the document exists and is not deleted.
-    pub fn create<O>(&self, id: &DocId, f: impl FnOnce(&mut Transaction<'_>) -> Result<O, AutomergeError>) -> Result<Committed<O>> {
+    pub fn create<O>(
+        &self,
+        id: &DocId,
+        f: impl FnOnce(&mut Transaction<'_>) -> Result<O, AutomergeError>,
+    ) -> Result<Committed<O>> {
         self.commit_local(id, WriteMode::Create, None, f)
     }
 
     /// Runs a transaction on an existing document with the full Automerge
     /// transaction API. Fails with [`Error::NotFound`] or [`Error::Deleted`].
     /// If `f` returns an error the transaction is rolled back.
-    pub fn update<O>(&self, id: &DocId, f: impl FnOnce(&mut Transaction<'_>) -> Result<O, AutomergeError>) -> Result<Committed<O>> {
+    pub fn update<O>(
+        &self,
+        id: &DocId,
+        f: impl FnOnce(&mut Transaction<'_>) -> Result<O, AutomergeError>,
+    ) -> Result<Committed<O>> {
         self.commit_local(id, WriteMode::Update, None, f)
     }
 
     /// Runs a transaction, creating the document if needed.
-    pub fn upsert<O>(&self, id: &DocId, f: impl FnOnce(&mut Transaction<'_>) -> Result<O, AutomergeError>) -> Result<Committed<O>> {
+    pub fn upsert<O>(
+        &self,
+        id: &DocId,
+        f: impl FnOnce(&mut Transaction<'_>) -> Result<O, AutomergeError>,
+    ) -> Result<Committed<O>> {
         self.commit_local(id, WriteMode::Upsert, None, f)
     }
 
@@ -198,16 +210,24 @@ impl Engine {
     /// if needed.
     pub fn merge_json(&self, id: &DocId, patch: &Json) -> Result<Committed<()>> {
         let object = as_object(id, patch)?;
-        self.commit_local(id, WriteMode::Upsert, None, |tx| json::merge_patch(tx, object))
+        self.commit_local(id, WriteMode::Upsert, None, |tx| {
+            json::merge_patch(tx, object)
+        })
     }
 
     /// Deletes the document: commits a tombstone change that replicates like
     /// any other change (see [`lineage`](crate::lineage)).
     pub fn delete(&self, id: &DocId) -> Result<Committed<()>> {
-        self.commit_local(id, WriteMode::Update, Some(lineage::TOMBSTONE_MESSAGE), |tx| {
-            let keys: Vec<String> = tx.keys(automerge::ROOT).collect();
-            keys.into_iter().try_for_each(|k| tx.delete(automerge::ROOT, k))
-        })
+        self.commit_local(
+            id,
+            WriteMode::Update,
+            Some(lineage::TOMBSTONE_MESSAGE),
+            |tx| {
+                let keys: Vec<String> = tx.keys(automerge::ROOT).collect();
+                keys.into_iter()
+                    .try_for_each(|k| tx.delete(automerge::ROOT, k))
+            },
+        )
     }
 
     /// The document as JSON. Fails with [`Error::Deleted`] for deleted documents.
@@ -259,7 +279,12 @@ impl Engine {
     pub fn changes_since(&self, id: &DocId, heads: &[ChangeHash]) -> Result<Vec<Vec<u8>>> {
         self.with_existing(id, |state| {
             require_heads(state, id, heads)?;
-            Ok(state.doc.get_changes(heads).iter().map(|c| c.raw_bytes().to_vec()).collect())
+            Ok(state
+                .doc
+                .get_changes(heads)
+                .iter()
+                .map(|c| c.raw_bytes().to_vec())
+                .collect())
         })
     }
 
@@ -314,7 +339,10 @@ impl Engine {
     /// (`""` for all).
     pub fn subscribe(&self, prefix: &str) -> Result<Subscription> {
         doc_id::validate_prefix(prefix)?;
-        Ok(self.inner.events.subscribe(prefix, self.inner.config.subscriber_capacity))
+        Ok(self
+            .inner
+            .events
+            .subscribe(prefix, self.inner.config.subscriber_capacity))
     }
 
     /// Engine-wide figures.
@@ -338,7 +366,12 @@ impl Engine {
             .map(|(index, bytes)| {
                 let bytes = bytes.as_ref();
                 if bytes.len() > limit {
-                    return Err(Error::ChangeTooLarge { doc: id.clone(), index, size: bytes.len(), limit });
+                    return Err(Error::ChangeTooLarge {
+                        doc: id.clone(),
+                        index,
+                        size: bytes.len(),
+                        limit,
+                    });
                 }
                 Change::from_bytes(bytes.to_vec()).map_err(|e| Error::InvalidChange {
                     doc: id.clone(),
@@ -358,9 +391,13 @@ impl Engine {
     ) -> Result<Committed<O>> {
         self.with_doc(id, |state| {
             match mode {
-                WriteMode::Create if state.is_live() => return Err(Error::AlreadyExists(id.clone())),
+                WriteMode::Create if state.is_live() => {
+                    return Err(Error::AlreadyExists(id.clone()))
+                }
                 WriteMode::Update if !state.stored => return Err(Error::NotFound(id.clone())),
-                WriteMode::Update if state.meta.tombstone => return Err(Error::Deleted(id.clone())),
+                WriteMode::Update if state.meta.tombstone => {
+                    return Err(Error::Deleted(id.clone()))
+                }
                 _ => {}
             }
             // Writing to a deleted document recreates it, even when the write
@@ -373,7 +410,10 @@ impl Engine {
                 state
                     .doc
                     .apply_changes([genesis.clone()])
-                    .map_err(|e| Error::ChangeRejected { doc: id.clone(), reason: e.to_string() })?;
+                    .map_err(|e| Error::ChangeRejected {
+                        doc: id.clone(),
+                        reason: e.to_string(),
+                    })?;
                 new_changes.push(genesis);
             }
             let commit_opts = || match message {
@@ -383,7 +423,10 @@ impl Engine {
             let success = state
                 .doc
                 .transact_with(|_| commit_opts(), f)
-                .map_err(|failure| Error::Transaction { doc: id.clone(), source: failure.error })?;
+                .map_err(|failure| Error::Transaction {
+                    doc: id.clone(),
+                    source: Box::new(failure.error),
+                })?;
             let hash = match (success.hash, message) {
                 (Some(hash), _) => Some(hash),
                 (None, Some(_)) => Some(state.doc.empty_commit(commit_opts())),
@@ -393,13 +436,27 @@ impl Engine {
             if let Some(hash) = hash {
                 // The change was committed to this document just above.
                 #[allow(clippy::expect_used)]
-                new_changes.push(state.doc.get_change_by_hash(&hash).expect("committed change is in the document"));
+                new_changes.push(
+                    state
+                        .doc
+                        .get_change_by_hash(&hash)
+                        .expect("committed change is in the document"),
+                );
             }
             if !new_changes.is_empty() {
-                state.persist(&self.inner.store, id, &new_changes, &self.inner.config.compaction)?;
+                state.persist(
+                    &self.inner.store,
+                    id,
+                    &new_changes,
+                    &self.inner.config.compaction,
+                )?;
                 self.publish(id, state, Origin::Local);
             }
-            Ok(Committed { value: success.result, heads: state.doc.get_heads(), new_changes: new_changes.len() })
+            Ok(Committed {
+                value: success.result,
+                heads: state.doc.get_heads(),
+                new_changes: new_changes.len(),
+            })
         })
     }
 
@@ -413,7 +470,11 @@ impl Engine {
     }
 
     /// Runs `f` on a document that exists (possibly deleted).
-    fn with_existing<R>(&self, id: &DocId, f: impl FnOnce(&mut DocState) -> Result<R>) -> Result<R> {
+    fn with_existing<R>(
+        &self,
+        id: &DocId,
+        f: impl FnOnce(&mut DocState) -> Result<R>,
+    ) -> Result<R> {
         self.with_doc(id, |state| {
             if !state.stored {
                 return Err(Error::NotFound(id.clone()));
@@ -431,7 +492,11 @@ impl Engine {
         let slot = inner.cache.slot(id);
         let mut guard = lock_slot(&slot);
         if matches!(*guard, Slot::Unloaded) {
-            *guard = Slot::Loaded(Box::new(DocState::load(&inner.store, id, inner.actor.clone())?));
+            *guard = Slot::Loaded(Box::new(DocState::load(
+                &inner.store,
+                id,
+                inner.actor.clone(),
+            )?));
         }
         let Slot::Loaded(state) = &mut *guard else {
             unreachable!("slot was loaded above");
@@ -454,7 +519,10 @@ impl Engine {
 }
 
 fn as_object<'a>(id: &DocId, value: &'a Json) -> Result<&'a serde_json::Map<String, Json>> {
-    value.as_object().ok_or_else(|| Error::NotAnObject { doc: id.clone(), found: json::type_name(value) })
+    value.as_object().ok_or_else(|| Error::NotAnObject {
+        doc: id.clone(),
+        found: json::type_name(value),
+    })
 }
 
 fn require_heads(state: &DocState, id: &DocId, heads: &[ChangeHash]) -> Result<()> {
@@ -462,6 +530,9 @@ fn require_heads(state: &DocState, id: &DocId, heads: &[ChangeHash]) -> Result<(
     if missing.is_empty() {
         Ok(())
     } else {
-        Err(Error::UnknownHeads { doc: id.clone(), missing })
+        Err(Error::UnknownHeads {
+            doc: id.clone(),
+            missing,
+        })
     }
 }

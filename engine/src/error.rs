@@ -107,7 +107,7 @@ pub enum Error {
         /// The document.
         doc: DocId,
         /// The error from the transaction function.
-        source: automerge::AutomergeError,
+        source: Box<automerge::AutomergeError>,
     },
 
     /// The directory exists but does not hold a Causeway store. Nothing was

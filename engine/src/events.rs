@@ -8,7 +8,7 @@
 //! [`Subscription::dropped`] and repair by reading the documents it cares about.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -55,10 +55,7 @@ impl Subscription {
     /// Waits up to `timeout` for the next event; `None` on timeout or when
     /// the engine is gone.
     pub fn recv_timeout(&self, timeout: Duration) -> Option<DocEvent> {
-        match self.rx.recv_timeout(timeout) {
-            Ok(ev) => Some(ev),
-            Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => None,
-        }
+        self.rx.recv_timeout(timeout).ok()
     }
 
     /// The next event if one is queued.
@@ -89,15 +86,25 @@ impl EventHub {
     pub(crate) fn subscribe(&self, prefix: &str, capacity: usize) -> Subscription {
         let (tx, rx) = mpsc::sync_channel(capacity);
         let dropped = Arc::new(AtomicU64::new(0));
-        let sub = Subscriber { prefix: prefix.to_string(), tx, dropped: Arc::clone(&dropped) };
-        self.subscribers.lock().unwrap_or_else(PoisonError::into_inner).push(sub);
+        let sub = Subscriber {
+            prefix: prefix.to_string(),
+            tx,
+            dropped: Arc::clone(&dropped),
+        };
+        self.subscribers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(sub);
         Subscription { rx, dropped }
     }
 
     /// Delivers `event` to every matching subscriber without blocking;
     /// forgets subscribers that went away.
     pub(crate) fn publish(&self, event: &DocEvent) {
-        let mut subs = self.subscribers.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut subs = self
+            .subscribers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         if subs.is_empty() {
             return;
         }

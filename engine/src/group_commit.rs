@@ -63,7 +63,10 @@ impl GroupCommit {
                 return Ok(());
             }
             if state.leader_active {
-                state = self.synced_cv.wait(state).unwrap_or_else(PoisonError::into_inner);
+                state = self
+                    .synced_cv
+                    .wait(state)
+                    .unwrap_or_else(PoisonError::into_inner);
                 continue;
             }
             state.leader_active = true;
@@ -122,8 +125,14 @@ mod tests {
     fn a_failed_sync_fails_every_later_waiter() {
         let group = GroupCommit::default();
         let t = group.ticket();
-        assert_eq!(group.wait_durable(t, || Err("disk gone".into())), Err("disk gone".to_string()));
+        assert_eq!(
+            group.wait_durable(t, || Err("disk gone".into())),
+            Err("disk gone".to_string())
+        );
         let t2 = group.ticket();
-        assert_eq!(group.wait_durable(t2, || Ok(())), Err("disk gone".to_string()));
+        assert_eq!(
+            group.wait_durable(t2, || Ok(())),
+            Err("disk gone".to_string())
+        );
     }
 }

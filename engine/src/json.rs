@@ -28,7 +28,11 @@ use serde_json::{Map as JsonMap, Number, Value as Json};
 pub fn to_json(value: &Hydrated) -> Json {
     match value {
         Hydrated::Scalar(s) => scalar_to_json(s),
-        Hydrated::Map(map) => Json::Object(map.iter().map(|(k, v)| (k.clone(), to_json(&v.value))).collect()),
+        Hydrated::Map(map) => Json::Object(
+            map.iter()
+                .map(|(k, v)| (k.clone(), to_json(&v.value)))
+                .collect(),
+        ),
         Hydrated::List(list) => Json::Array(list.iter().map(|v| to_json(&v.value)).collect()),
         Hydrated::Text(text) => Json::String(String::from(text)),
     }
@@ -49,12 +53,18 @@ fn scalar_to_json(s: &ScalarValue) -> Json {
 }
 
 /// Makes the root map equal to `object`.
-pub fn replace(tx: &mut Transaction<'_>, object: &JsonMap<String, Json>) -> Result<(), AutomergeError> {
+pub fn replace(
+    tx: &mut Transaction<'_>,
+    object: &JsonMap<String, Json>,
+) -> Result<(), AutomergeError> {
     write_map(tx, &automerge::ROOT, object, Mode::Replace)
 }
 
 /// Applies `patch` to the root map as an RFC 7386 merge patch.
-pub fn merge_patch(tx: &mut Transaction<'_>, patch: &JsonMap<String, Json>) -> Result<(), AutomergeError> {
+pub fn merge_patch(
+    tx: &mut Transaction<'_>,
+    patch: &JsonMap<String, Json>,
+) -> Result<(), AutomergeError> {
     write_map(tx, &automerge::ROOT, patch, Mode::MergePatch)
 }
 
@@ -64,7 +74,12 @@ enum Mode {
     MergePatch,
 }
 
-fn write_map(tx: &mut Transaction<'_>, obj: &ObjId, new: &JsonMap<String, Json>, mode: Mode) -> Result<(), AutomergeError> {
+fn write_map(
+    tx: &mut Transaction<'_>,
+    obj: &ObjId,
+    new: &JsonMap<String, Json>,
+    mode: Mode,
+) -> Result<(), AutomergeError> {
     if mode == Mode::Replace {
         let stale: Vec<String> = tx.keys(obj).filter(|k| !new.contains_key(k)).collect();
         for key in stale {
@@ -93,7 +108,12 @@ fn write_map(tx: &mut Transaction<'_>, obj: &ObjId, new: &JsonMap<String, Json>,
 
 /// Writes `value` at `prop` of `obj`, reusing the object already there when its
 /// type matches.
-fn put_value(tx: &mut Transaction<'_>, obj: &ObjId, prop: Prop, value: &Json) -> Result<(), AutomergeError> {
+fn put_value(
+    tx: &mut Transaction<'_>,
+    obj: &ObjId,
+    prop: Prop,
+    value: &Json,
+) -> Result<(), AutomergeError> {
     let existing = tx.get(obj, prop.clone())?;
     match value {
         Json::Object(map) => {
@@ -127,7 +147,11 @@ fn put_value(tx: &mut Transaction<'_>, obj: &ObjId, prop: Prop, value: &Json) ->
     }
 }
 
-fn write_list(tx: &mut Transaction<'_>, list: &ObjId, items: &[Json]) -> Result<(), AutomergeError> {
+fn write_list(
+    tx: &mut Transaction<'_>,
+    list: &ObjId,
+    items: &[Json],
+) -> Result<(), AutomergeError> {
     let old_len = tx.length(list);
     for (i, item) in items.iter().enumerate() {
         if i < old_len {
@@ -142,7 +166,12 @@ fn write_list(tx: &mut Transaction<'_>, list: &ObjId, items: &[Json]) -> Result<
     Ok(())
 }
 
-fn insert_value(tx: &mut Transaction<'_>, list: &ObjId, index: usize, value: &Json) -> Result<(), AutomergeError> {
+fn insert_value(
+    tx: &mut Transaction<'_>,
+    list: &ObjId,
+    index: usize,
+    value: &Json,
+) -> Result<(), AutomergeError> {
     let kind = match value {
         Json::Object(_) => ObjType::Map,
         Json::Array(_) => ObjType::List,

@@ -126,11 +126,15 @@ impl DocMeta {
             key: format!("{CF_DOC_META}/{doc}"),
             reason,
         };
-        let meta: DocMeta = ciborium::from_reader(bytes).map_err(|e| corrupt(format!("undecodable metadata: {e}")))?;
+        let meta: DocMeta = ciborium::from_reader(bytes)
+            .map_err(|e| corrupt(format!("undecodable metadata: {e}")))?;
         if meta.v != DOC_META_VERSION {
             return Err(corrupt(format!("unknown metadata version {}", meta.v)));
         }
-        if meta.heads.len() % 32 != 0 || meta.log_start > meta.next_seq || meta.digest.len() != 32 {
+        if !meta.heads.len().is_multiple_of(32)
+            || meta.log_start > meta.next_seq
+            || meta.digest.len() != 32
+        {
             return Err(corrupt("inconsistent metadata fields".to_string()));
         }
         Ok(meta)
@@ -170,7 +174,11 @@ pub fn describe_key(cf: &str, key: &[u8]) -> String {
         Some(pos) if key.len() == pos + 9 => {
             let mut seq = [0u8; 8];
             seq.copy_from_slice(&key[pos + 1..]);
-            format!("{cf}/{}#{}", String::from_utf8_lossy(&key[..pos]), u64::from_be_bytes(seq))
+            format!(
+                "{cf}/{}#{}",
+                String::from_utf8_lossy(&key[..pos]),
+                u64::from_be_bytes(seq)
+            )
         }
         _ => format!("{cf}/{}", String::from_utf8_lossy(key)),
     }
@@ -187,7 +195,10 @@ mod tests {
         meta.next_seq = 5;
         let decoded = DocMeta::decode("d", &meta.encode()).expect("decodes");
         assert_eq!(decoded, meta);
-        assert_eq!(decoded.heads(), vec![ChangeHash([7; 32]), ChangeHash([1; 32])]);
+        assert_eq!(
+            decoded.heads(),
+            vec![ChangeHash([7; 32]), ChangeHash([1; 32])]
+        );
         let err = DocMeta::decode("d", b"\xff\x00garbage").expect_err("garbage");
         assert!(err.to_string().contains("doc_meta/d"), "{err}");
     }
@@ -206,6 +217,9 @@ mod tests {
         let ab = DocId::new("a/b").expect("id");
         assert!(log_key(&a, 1) < log_key(&a, 256));
         assert!(log_key(&a, u64::MAX) < log_key(&ab, 0));
-        assert_eq!(describe_key(CF_CHANGE_LOG, &log_key(&a, 3)), "change_log/a#3");
+        assert_eq!(
+            describe_key(CF_CHANGE_LOG, &log_key(&a, 3)),
+            "change_log/a#3"
+        );
     }
 }

@@ -13,8 +13,8 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use rocksdb::{
-    BlockBasedOptions, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType, Direction, ErrorKind,
-    IteratorMode, Options, ReadOptions, WriteBatch, WriteOptions, DB,
+    BlockBasedOptions, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType, Direction,
+    ErrorKind, IteratorMode, Options, ReadOptions, WriteBatch, WriteOptions, DB,
 };
 
 use crate::config::{Durability, EngineConfig};
@@ -53,17 +53,28 @@ impl Store {
                 })
             }
             DirState::Fresh => {
-                fs::create_dir_all(&path).map_err(|e| io_fatal(&path, "create the store directory", e))?;
+                fs::create_dir_all(&path)
+                    .map_err(|e| io_fatal(&path, "create the store directory", e))?;
                 write_marker(&path)?;
                 true
             }
             DirState::Marked(found) if found > layout::FORMAT_VERSION => {
-                return Err(Error::FormatTooNew { path, found, supported: layout::FORMAT_VERSION })
+                return Err(Error::FormatTooNew {
+                    path,
+                    found,
+                    supported: layout::FORMAT_VERSION,
+                })
             }
             DirState::Marked(_) => false,
         };
         let db = open_db(&path, !path.join("CURRENT").exists())?;
-        let store = Store { db, path, durability: config.durability, group: GroupCommit::default(), failed: OnceLock::new() };
+        let store = Store {
+            db,
+            path,
+            durability: config.durability,
+            group: GroupCommit::default(),
+            failed: OnceLock::new(),
+        };
         store.check_format(fresh)?;
         Ok(store)
     }
@@ -72,7 +83,10 @@ impl Store {
     /// on first open. The marker file and this record must agree.
     fn check_format(&self, fresh: bool) -> Result<()> {
         let cf = self.cf(layout::CF_NODE);
-        let stored = self.db.get_cf(cf, layout::KEY_FORMAT_VERSION).map_err(|e| self.fatal(e))?;
+        let stored = self
+            .db
+            .get_cf(cf, layout::KEY_FORMAT_VERSION)
+            .map_err(|e| self.fatal(e))?;
         match stored {
             None => {
                 let mut batch = WriteBatch::default();
@@ -114,20 +128,26 @@ impl Store {
     pub(crate) fn cf(&self, name: &str) -> &ColumnFamily {
         // Every name in layout::COLUMN_FAMILIES is created or opened by open_db.
         #[allow(clippy::expect_used)]
-        self.db.cf_handle(name).expect("column family opened at startup")
+        self.db
+            .cf_handle(name)
+            .expect("column family opened at startup")
     }
 
     /// Writes `batch` atomically and returns once it is as durable as the
     /// configured [`Durability`] requires.
     pub(crate) fn commit(&self, batch: WriteBatch) -> Result<()> {
         self.check_alive()?;
-        self.db.write_opt(batch, &WriteOptions::default()).map_err(|e| self.fatal(e))?;
+        self.db
+            .write_opt(batch, &WriteOptions::default())
+            .map_err(|e| self.fatal(e))?;
         if self.durability == Durability::Buffered {
             return Ok(());
         }
         let ticket = self.group.ticket();
         self.group
-            .wait_durable(ticket, || self.db.flush_wal(true).map_err(|e| e.to_string()))
+            .wait_durable(ticket, || {
+                self.db.flush_wal(true).map_err(|e| e.to_string())
+            })
             .map_err(|msg| self.fatal_msg(format!("WAL fsync failed: {msg}")))
     }
 
@@ -153,14 +173,22 @@ impl Store {
 
     /// Reads a document's log entries with sequence numbers in `[start, end)`,
     /// in order, as `(key, bytes)`.
-    pub(crate) fn log_entries(&self, doc: &DocId, start: u64, end: u64) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    pub(crate) fn log_entries(
+        &self,
+        doc: &DocId,
+        start: u64,
+        end: u64,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
         self.check_alive()?;
         let cf = self.cf(layout::CF_CHANGE_LOG);
         let from = layout::log_key(doc, start);
         let mut opts = ReadOptions::default();
         opts.set_iterate_upper_bound(layout::log_key(doc, end));
         let mut out = Vec::new();
-        for item in self.db.iterator_cf_opt(cf, opts, IteratorMode::From(&from, Direction::Forward)) {
+        for item in self
+            .db
+            .iterator_cf_opt(cf, opts, IteratorMode::From(&from, Direction::Forward))
+        {
             let (k, v) = item.map_err(|e| self.read_error(e, doc, layout::CF_CHANGE_LOG, &from))?;
             out.push((k.into_vec(), v.into_vec()));
         }
@@ -170,7 +198,12 @@ impl Store {
     /// Lists live (not deleted) documents whose id starts with `prefix`,
     /// strictly after `after`, at most `limit` of them. Also returns whether
     /// more remain.
-    pub(crate) fn list(&self, prefix: &str, after: Option<&DocId>, limit: usize) -> Result<(Vec<DocId>, bool)> {
+    pub(crate) fn list(
+        &self,
+        prefix: &str,
+        after: Option<&DocId>,
+        limit: usize,
+    ) -> Result<(Vec<DocId>, bool)> {
         self.check_alive()?;
         let cf = self.cf(layout::CF_DOC_META);
         let mut start = prefix.as_bytes().to_vec();
@@ -180,7 +213,10 @@ impl Store {
             start = start.max(past);
         }
         let mut ids = Vec::new();
-        for item in self.db.iterator_cf(cf, IteratorMode::From(&start, Direction::Forward)) {
+        for item in self
+            .db
+            .iterator_cf(cf, IteratorMode::From(&start, Direction::Forward))
+        {
             let (k, v) = item.map_err(|e| self.fatal(e))?;
             if !k.starts_with(prefix.as_bytes()) {
                 break;
@@ -227,7 +263,10 @@ impl Store {
 
 /// Classifies the directory without writing to it.
 fn inspect(path: &Path) -> Result<DirState> {
-    let not_a_store = |reason: String| Error::NotAStore { path: path.to_path_buf(), reason };
+    let not_a_store = |reason: String| Error::NotAStore {
+        path: path.to_path_buf(),
+        reason,
+    };
     if !path.exists() {
         return Ok(DirState::Fresh);
     }
@@ -236,10 +275,14 @@ fn inspect(path: &Path) -> Result<DirState> {
     }
     let marker = path.join(layout::MARKER_FILE);
     if marker.exists() {
-        let text = fs::read_to_string(&marker).map_err(|e| not_a_store(format!("unreadable marker file: {e}")))?;
-        return parse_marker(&text).map(DirState::Marked).map_err(not_a_store);
+        let text = fs::read_to_string(&marker)
+            .map_err(|e| not_a_store(format!("unreadable marker file: {e}")))?;
+        return parse_marker(&text)
+            .map(DirState::Marked)
+            .map_err(not_a_store);
     }
-    let mut entries = fs::read_dir(path).map_err(|e| not_a_store(format!("unreadable directory: {e}")))?;
+    let mut entries =
+        fs::read_dir(path).map_err(|e| not_a_store(format!("unreadable directory: {e}")))?;
     if entries.next().is_none() {
         return Ok(DirState::Fresh);
     }
@@ -266,7 +309,11 @@ fn parse_marker(text: &str) -> std::result::Result<u32, String> {
 /// Writes the marker file durably: temp file, fsync, rename, fsync directory.
 fn write_marker(path: &Path) -> Result<()> {
     let tmp = path.join(format!("{}.tmp", layout::MARKER_FILE));
-    let body = format!("{}\nformat {}\n", layout::MARKER_MAGIC, layout::FORMAT_VERSION);
+    let body = format!(
+        "{}\nformat {}\n",
+        layout::MARKER_MAGIC,
+        layout::FORMAT_VERSION
+    );
     let write = || -> std::io::Result<()> {
         let mut f = fs::File::create(&tmp)?;
         f.write_all(body.as_bytes())?;
@@ -287,13 +334,21 @@ fn open_db(path: &Path, create: bool) -> Result<DB> {
     opts.create_missing_column_families(true);
     opts.set_max_background_jobs(2);
     opts.set_keep_log_file_num(4);
-    let cfs = layout::COLUMN_FAMILIES.iter().map(|name| ColumnFamilyDescriptor::new(*name, cf_options(name)));
+    let cfs = layout::COLUMN_FAMILIES
+        .iter()
+        .map(|name| ColumnFamilyDescriptor::new(*name, cf_options(name)));
     DB::open_cf_descriptors(&opts, path, cfs).map_err(|e| {
         let msg = e.to_string();
         if msg.contains("lock") || msg.contains("LOCK") {
-            Error::Locked { path: path.to_path_buf() }
+            Error::Locked {
+                path: path.to_path_buf(),
+            }
         } else if e.kind() == ErrorKind::Corruption {
-            Error::Corrupt { doc: String::new(), key: "(database manifest)".into(), reason: msg }
+            Error::Corrupt {
+                doc: String::new(),
+                key: "(database manifest)".into(),
+                reason: msg,
+            }
         } else {
             Error::Storage(format!("cannot open RocksDB in {}: {msg}", path.display()))
         }

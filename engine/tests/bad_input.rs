@@ -14,10 +14,22 @@ use serde_json::json;
 #[test]
 fn invalid_document_ids_are_typed_errors() {
     assert!(matches!(DocId::new(""), Err(DocIdError::Empty)));
-    assert!(matches!(DocId::new("a b"), Err(DocIdError::InvalidChar { found: ' ', index: 1 })));
-    assert!(matches!(DocId::new("x".repeat(300)), Err(DocIdError::TooLong { len: 300 })));
+    assert!(matches!(
+        DocId::new("a b"),
+        Err(DocIdError::InvalidChar {
+            found: ' ',
+            index: 1
+        })
+    ));
+    assert!(matches!(
+        DocId::new("x".repeat(300)),
+        Err(DocIdError::TooLong { len: 300 })
+    ));
     let (_dir, engine) = fresh();
-    assert!(matches!(engine.subscribe("no spaces"), Err(Error::InvalidDocId(_))));
+    assert!(matches!(
+        engine.subscribe("no spaces"),
+        Err(Error::InvalidDocId(_))
+    ));
 }
 
 #[test]
@@ -28,12 +40,18 @@ fn json_that_is_not_an_object_is_refused() {
     for bad in [json!([1, 2]), json!("s"), json!(3), json!(null)] {
         let err = engine.put_json(&doc, &bad).unwrap_err();
         assert!(matches!(err, Error::NotAnObject { .. }), "{err}");
-        assert!(matches!(engine.merge_json(&doc, &bad), Err(Error::NotAnObject { .. })));
+        assert!(matches!(
+            engine.merge_json(&doc, &bad),
+            Err(Error::NotAnObject { .. })
+        ));
     }
     assert_eq!(engine.get_json(&doc).unwrap(), json!({"keep": 1}));
     let fresh_doc = id("never");
     assert!(engine.put_json(&fresh_doc, &json!([])).is_err());
-    assert!(matches!(engine.get_json(&fresh_doc), Err(Error::NotFound(_))));
+    assert!(matches!(
+        engine.get_json(&fresh_doc),
+        Err(Error::NotFound(_))
+    ));
 }
 
 #[test]
@@ -57,19 +75,41 @@ fn undecodable_and_oversized_changes_apply_nothing() {
     for input in &inputs {
         let err = b.apply_changes(&doc, input).unwrap_err();
         assert!(matches!(err, Error::InvalidChange { .. }), "{err}");
-        assert!(matches!(b.heads(&doc), Err(Error::NotFound(_))), "nothing applied");
+        assert!(
+            matches!(b.heads(&doc), Err(Error::NotFound(_))),
+            "nothing applied"
+        );
         let err = a.apply_changes(&doc, input).unwrap_err();
         assert!(matches!(err, Error::InvalidChange { .. }), "{err}");
         assert_eq!(a.heads(&doc).unwrap(), before);
     }
 
     let dir = tempfile::tempdir().unwrap();
-    let small = Engine::open(dir.path(), EngineConfig { max_change_bytes: 64, ..buffered() }).unwrap();
-    let big = a.merge_json(&doc, &json!({"blob": "x".repeat(500)})).unwrap();
+    let small = Engine::open(
+        dir.path(),
+        EngineConfig {
+            max_change_bytes: 64,
+            ..buffered()
+        },
+    )
+    .unwrap();
+    let big = a
+        .merge_json(&doc, &json!({"blob": "x".repeat(500)}))
+        .unwrap();
     let changes = a.changes_since(&doc, &before).unwrap();
     assert_eq!(changes.len(), big.new_changes);
     let err = small.apply_changes(&doc, &changes).unwrap_err();
-    assert!(matches!(err, Error::ChangeTooLarge { index: 0, limit: 64, .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            Error::ChangeTooLarge {
+                index: 0,
+                limit: 64,
+                ..
+            }
+        ),
+        "{err}"
+    );
 }
 
 #[test]
@@ -79,11 +119,15 @@ fn changes_from_another_document_are_refused() {
     engine.put_json(&a, &json!({"a": 1})).unwrap();
     engine.put_json(&b, &json!({"b": 1})).unwrap();
     let before = engine.heads(&b).unwrap();
-    let err = engine.apply_changes(&b, &engine.changes_since(&a, &[]).unwrap()).unwrap_err();
+    let err = engine
+        .apply_changes(&b, &engine.changes_since(&a, &[]).unwrap())
+        .unwrap_err();
     assert!(matches!(err, Error::WrongDocument { .. }), "{err}");
     assert_eq!(engine.heads(&b).unwrap(), before);
     assert_eq!(engine.get_json(&b).unwrap(), json!({"b": 1}));
-    let err = engine.apply_changes(&id("c"), &engine.changes_since(&a, &[]).unwrap()).unwrap_err();
+    let err = engine
+        .apply_changes(&id("c"), &engine.changes_since(&a, &[]).unwrap())
+        .unwrap_err();
     assert!(matches!(err, Error::WrongDocument { .. }), "{err}");
     assert!(matches!(engine.heads(&id("c")), Err(Error::NotFound(_))));
 }
@@ -97,7 +141,17 @@ fn a_store_from_a_newer_format_is_refused_untouched() {
     fs::write(&marker, "causeway-store\nformat 99\n").unwrap();
     let listing_before = dir_listing(dir.path());
     let err = Engine::open(dir.path(), buffered()).err().expect("refused");
-    assert!(matches!(err, Error::FormatTooNew { found: 99, supported: layout::FORMAT_VERSION, .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            Error::FormatTooNew {
+                found: 99,
+                supported: layout::FORMAT_VERSION,
+                ..
+            }
+        ),
+        "{err}"
+    );
     assert!(err.to_string().contains("upgrade Causeway"), "{err}");
     assert_eq!(dir_listing(dir.path()), listing_before);
 }
@@ -111,7 +165,10 @@ fn directories_that_are_not_stores_are_refused_untouched() {
     assert_eq!(dir_listing(dir.path()), vec!["notes.txt".to_string()]);
 
     let file = dir.path().join("notes.txt");
-    assert!(matches!(Engine::open(&file, buffered()), Err(Error::NotAStore { .. })));
+    assert!(matches!(
+        Engine::open(&file, buffered()),
+        Err(Error::NotAStore { .. })
+    ));
 
     let foreign = tempfile::tempdir().unwrap();
     {
@@ -120,26 +177,50 @@ fn directories_that_are_not_stores_are_refused_untouched() {
         let db = rocksdb::DB::open(&opts, foreign.path()).unwrap();
         db.put(b"k", b"v").unwrap();
     }
-    let err = Engine::open(foreign.path(), buffered()).err().expect("refused");
-    assert!(err.to_string().contains("RocksDB database that Causeway did not create"), "{err}");
+    let err = Engine::open(foreign.path(), buffered())
+        .err()
+        .expect("refused");
+    assert!(
+        err.to_string()
+            .contains("RocksDB database that Causeway did not create"),
+        "{err}"
+    );
 
     let missing = dir.path().join("absent");
-    let config = EngineConfig { create_if_missing: false, ..buffered() };
-    assert!(matches!(Engine::open(&missing, config), Err(Error::NotAStore { .. })));
+    let config = EngineConfig {
+        create_if_missing: false,
+        ..buffered()
+    };
+    assert!(matches!(
+        Engine::open(&missing, config),
+        Err(Error::NotAStore { .. })
+    ));
     assert!(!missing.exists());
 }
 
 #[test]
 fn a_store_opened_twice_is_locked() {
     let (dir, _engine) = fresh();
-    assert!(matches!(Engine::open(dir.path(), buffered()), Err(Error::Locked { .. })));
+    assert!(matches!(
+        Engine::open(dir.path(), buffered()),
+        Err(Error::Locked { .. })
+    ));
 }
 
 #[test]
 fn invalid_configuration_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let config = EngineConfig { compaction: CompactionPolicy { max_log_changes: 0, max_log_bytes: 1 }, ..buffered() };
-    assert!(matches!(Engine::open(dir.path(), config), Err(Error::Config(_))));
+    let config = EngineConfig {
+        compaction: CompactionPolicy {
+            max_log_changes: 0,
+            max_log_bytes: 1,
+        },
+        ..buffered()
+    };
+    assert!(matches!(
+        Engine::open(dir.path(), config),
+        Err(Error::Config(_))
+    ));
 }
 
 #[test]
@@ -148,7 +229,13 @@ fn corrupt_records_are_reported_with_document_and_key_and_spare_other_documents(
     let (bad_log, bad_snap, good) = (id("bad-log"), id("bad-snap"), id("good"));
     engine.put_json(&bad_log, &json!({"v": 1})).unwrap();
     engine.put_json(&good, &json!({"v": 2})).unwrap();
-    let compacting = EngineConfig { compaction: CompactionPolicy { max_log_changes: 1, max_log_bytes: 1 << 20 }, ..buffered() };
+    let compacting = EngineConfig {
+        compaction: CompactionPolicy {
+            max_log_changes: 1,
+            max_log_bytes: 1 << 20,
+        },
+        ..buffered()
+    };
     drop(engine);
     let engine = Engine::open(dir.path(), compacting.clone()).unwrap();
     engine.put_json(&bad_snap, &json!({"v": 3})).unwrap();
@@ -156,17 +243,29 @@ fn corrupt_records_are_reported_with_document_and_key_and_spare_other_documents(
     {
         let db = open_raw(dir.path());
         let log = db.cf_handle(CF_CHANGE_LOG).unwrap();
-        db.put_cf(log, layout::log_key(&bad_log, 1), b"garbage").unwrap();
+        db.put_cf(log, layout::log_key(&bad_log, 1), b"garbage")
+            .unwrap();
         let snap = db.cf_handle(CF_SNAPSHOT).unwrap();
-        assert!(db.get_cf(snap, bad_snap.as_bytes()).unwrap().is_some(), "compaction wrote a snapshot");
+        assert!(
+            db.get_cf(snap, bad_snap.as_bytes()).unwrap().is_some(),
+            "compaction wrote a snapshot"
+        );
         db.put_cf(snap, bad_snap.as_bytes(), b"garbage").unwrap();
     }
     let engine = Engine::open(dir.path(), buffered()).unwrap();
     let err = engine.get_json(&bad_log).unwrap_err();
     assert!(matches!(err, Error::Corrupt { .. }), "{err}");
-    assert!(err.to_string().contains("document bad-log at key change_log/bad-log#1"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("document bad-log at key change_log/bad-log#1"),
+        "{err}"
+    );
     let err = engine.get_json(&bad_snap).unwrap_err();
-    assert!(err.to_string().contains("document bad-snap at key snapshot/bad-snap"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("document bad-snap at key snapshot/bad-snap"),
+        "{err}"
+    );
     assert_eq!(engine.get_json(&good).unwrap(), json!({"v": 2}));
     engine.put_json(&id("new"), &json!({"ok": true})).unwrap();
     let engine = reopen(&dir, engine, buffered());

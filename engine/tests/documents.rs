@@ -42,9 +42,19 @@ fn writing_the_same_json_twice_changes_nothing() {
 fn merge_patch_follows_rfc_7386() {
     let (_dir, engine) = fresh();
     let doc = id("patch");
-    engine.put_json(&doc, &json!({"a": "b", "c": {"d": "e", "f": "g"}, "keep": 1})).unwrap();
-    engine.merge_json(&doc, &json!({"a": "z", "c": {"f": null}, "new": [1]})).unwrap();
-    assert_eq!(engine.get_json(&doc).unwrap(), json!({"a": "z", "c": {"d": "e"}, "keep": 1, "new": [1]}));
+    engine
+        .put_json(
+            &doc,
+            &json!({"a": "b", "c": {"d": "e", "f": "g"}, "keep": 1}),
+        )
+        .unwrap();
+    engine
+        .merge_json(&doc, &json!({"a": "z", "c": {"f": null}, "new": [1]}))
+        .unwrap();
+    assert_eq!(
+        engine.get_json(&doc).unwrap(),
+        json!({"a": "z", "c": {"d": "e"}, "keep": 1, "new": [1]})
+    );
 }
 
 #[test]
@@ -55,11 +65,17 @@ fn transactions_get_the_full_automerge_api_and_roll_back_on_error() {
         .create(&doc, |tx| {
             let text = tx.put_object(ROOT, "text", ObjType::Text)?;
             tx.splice_text(&text, 0, 0, "hello")?;
-            tx.put(ROOT, "n", causeway_engine::automerge::ScalarValue::counter(1))?;
+            tx.put(
+                ROOT,
+                "n",
+                causeway_engine::automerge::ScalarValue::counter(1),
+            )?;
             Ok(())
         })
         .unwrap();
-    engine.update(&doc, |tx| tx.increment(ROOT, "n", 41)).unwrap();
+    engine
+        .update(&doc, |tx| tx.increment(ROOT, "n", 41))
+        .unwrap();
     let before = engine.heads(&doc).unwrap();
     let err = engine
         .update(&doc, |tx| {
@@ -76,17 +92,26 @@ fn transactions_get_the_full_automerge_api_and_roll_back_on_error() {
         })
         .unwrap();
     assert_eq!(text, "hello");
-    assert_eq!(engine.get_json(&doc).unwrap(), json!({"text": "hello", "n": 42}));
+    assert_eq!(
+        engine.get_json(&doc).unwrap(),
+        json!({"text": "hello", "n": 42})
+    );
 }
 
 #[test]
 fn create_update_and_missing_documents() {
     let (_dir, engine) = fresh();
     let doc = id("c");
-    assert!(matches!(engine.update(&doc, |_| Ok(())), Err(Error::NotFound(_))));
+    assert!(matches!(
+        engine.update(&doc, |_| Ok(())),
+        Err(Error::NotFound(_))
+    ));
     assert!(matches!(engine.get_json(&doc), Err(Error::NotFound(_))));
     engine.create(&doc, |_| Ok(())).unwrap();
-    assert!(matches!(engine.create(&doc, |_| Ok(())), Err(Error::AlreadyExists(_))));
+    assert!(matches!(
+        engine.create(&doc, |_| Ok(())),
+        Err(Error::AlreadyExists(_))
+    ));
     assert_eq!(engine.get_json(&doc).unwrap(), json!({}));
 }
 
@@ -96,11 +121,20 @@ fn reads_at_old_heads_and_unknown_heads() {
     let doc = id("history");
     let v1 = engine.put_json(&doc, &json!({"v": 1})).unwrap();
     engine.put_json(&doc, &json!({"v": 2})).unwrap();
-    assert_eq!(engine.get_json_at(&doc, &v1.heads).unwrap(), json!({"v": 1}));
+    assert_eq!(
+        engine.get_json_at(&doc, &v1.heads).unwrap(),
+        json!({"v": 1})
+    );
     let other = fresh().1;
     let foreign = other.put_json(&id("x"), &json!({"z": 0})).unwrap().heads;
-    assert!(matches!(engine.get_json_at(&doc, &foreign), Err(Error::UnknownHeads { .. })));
-    assert!(matches!(engine.changes_since(&doc, &foreign), Err(Error::UnknownHeads { .. })));
+    assert!(matches!(
+        engine.get_json_at(&doc, &foreign),
+        Err(Error::UnknownHeads { .. })
+    ));
+    assert!(matches!(
+        engine.changes_since(&doc, &foreign),
+        Err(Error::UnknownHeads { .. })
+    ));
 }
 
 #[test]
@@ -110,7 +144,8 @@ fn replicas_converge_whatever_the_delivery_order() {
     let doc = id("shared");
     a.put_json(&doc, &json!({"from_a": 1})).unwrap();
     let base = a.heads(&doc).unwrap();
-    b.apply_changes(&doc, &a.changes_since(&doc, &[]).unwrap()).unwrap();
+    b.apply_changes(&doc, &a.changes_since(&doc, &[]).unwrap())
+        .unwrap();
     for i in 0..5 {
         a.merge_json(&doc, &json!({ format!("a{i}"): i })).unwrap();
         b.merge_json(&doc, &json!({ format!("b{i}"): i })).unwrap();
@@ -119,11 +154,18 @@ fn replicas_converge_whatever_the_delivery_order() {
     from_a.reverse();
     let outcome = b.apply_changes(&doc, &from_a).unwrap();
     assert_eq!(outcome.applied, 5);
-    a.apply_changes(&doc, &b.changes_since(&doc, &base).unwrap()).unwrap();
+    a.apply_changes(&doc, &b.changes_since(&doc, &base).unwrap())
+        .unwrap();
     assert_eq!(a.heads(&doc).unwrap(), b.heads(&doc).unwrap());
     assert_eq!(a.get_json(&doc).unwrap(), b.get_json(&doc).unwrap());
-    let again = a.apply_changes(&doc, &b.changes_since(&doc, &[]).unwrap()).unwrap();
-    assert_eq!((again.applied, again.held), (0, 0), "re-delivery is a no-op");
+    let again = a
+        .apply_changes(&doc, &b.changes_since(&doc, &[]).unwrap())
+        .unwrap();
+    assert_eq!(
+        (again.applied, again.held),
+        (0, 0),
+        "re-delivery is a no-op"
+    );
     assert!(again.duplicates > 0);
 }
 
@@ -140,7 +182,10 @@ fn changes_with_missing_dependencies_are_held_until_they_arrive() {
     let outcome = b.apply_changes(&doc, late).unwrap();
     assert_eq!((outcome.applied, outcome.held), (0, late.len()));
     assert_eq!(outcome.missing_deps.len(), 1);
-    assert_eq!(b.info(&doc).unwrap_err().to_string(), "document held does not exist");
+    assert_eq!(
+        b.info(&doc).unwrap_err().to_string(),
+        "document held does not exist"
+    );
     let outcome = b.apply_changes(&doc, early).unwrap();
     assert_eq!(outcome.applied, all.len());
     assert_eq!(b.get_json(&doc).unwrap(), json!({"k": 3}));
@@ -154,7 +199,8 @@ fn independently_created_documents_with_the_same_id_merge() {
     let doc = id("cart/7");
     a.put_json(&doc, &json!({"a": 1})).unwrap();
     b.put_json(&doc, &json!({"b": 2})).unwrap();
-    a.apply_changes(&doc, &b.changes_since(&doc, &[]).unwrap()).unwrap();
+    a.apply_changes(&doc, &b.changes_since(&doc, &[]).unwrap())
+        .unwrap();
     assert_eq!(a.get_json(&doc).unwrap(), json!({"a": 1, "b": 2}));
 }
 
@@ -164,18 +210,21 @@ fn deletion_is_a_replicated_tombstone() {
     let (_b_dir, b) = fresh();
     let doc = id("gone");
     a.put_json(&doc, &json!({"x": 1})).unwrap();
-    b.apply_changes(&doc, &a.changes_since(&doc, &[]).unwrap()).unwrap();
+    b.apply_changes(&doc, &a.changes_since(&doc, &[]).unwrap())
+        .unwrap();
     let base = a.heads(&doc).unwrap();
     a.delete(&doc).unwrap();
     assert!(matches!(a.get_json(&doc), Err(Error::Deleted(_))));
     assert!(matches!(a.delete(&doc), Err(Error::Deleted(_))));
     assert!(a.list("", None, 10).unwrap().ids.is_empty());
-    b.apply_changes(&doc, &a.changes_since(&doc, &base).unwrap()).unwrap();
+    b.apply_changes(&doc, &a.changes_since(&doc, &base).unwrap())
+        .unwrap();
     assert!(matches!(b.get_json(&doc), Err(Error::Deleted(_))));
     assert!(b.info(&doc).unwrap().deleted);
     // Writing after the delete recreates it, everywhere.
     b.put_json(&doc, &json!({"back": true})).unwrap();
-    a.apply_changes(&doc, &b.changes_since(&doc, &[]).unwrap()).unwrap();
+    a.apply_changes(&doc, &b.changes_since(&doc, &[]).unwrap())
+        .unwrap();
     assert_eq!(a.get_json(&doc).unwrap(), json!({"back": true}));
 }
 
@@ -186,11 +235,14 @@ fn a_write_concurrent_with_a_delete_survives_it() {
     let doc = id("race");
     a.put_json(&doc, &json!({"x": 1})).unwrap();
     let base = a.heads(&doc).unwrap();
-    b.apply_changes(&doc, &a.changes_since(&doc, &[]).unwrap()).unwrap();
+    b.apply_changes(&doc, &a.changes_since(&doc, &[]).unwrap())
+        .unwrap();
     a.delete(&doc).unwrap();
     b.merge_json(&doc, &json!({"y": 2})).unwrap();
-    a.apply_changes(&doc, &b.changes_since(&doc, &base).unwrap()).unwrap();
-    b.apply_changes(&doc, &a.changes_since(&doc, &base).unwrap()).unwrap();
+    a.apply_changes(&doc, &b.changes_since(&doc, &base).unwrap())
+        .unwrap();
+    b.apply_changes(&doc, &a.changes_since(&doc, &base).unwrap())
+        .unwrap();
     assert_eq!(a.get_json(&doc).unwrap(), json!({"y": 2}));
     assert_eq!(a.get_json(&doc).unwrap(), b.get_json(&doc).unwrap());
 }
@@ -199,7 +251,9 @@ fn a_write_concurrent_with_a_delete_survives_it() {
 fn listing_pages_through_a_prefix() {
     let (_dir, engine) = fresh();
     for i in 0..25 {
-        engine.put_json(&id(&format!("t/a/{i:02}")), &json!({"i": i})).unwrap();
+        engine
+            .put_json(&id(&format!("t/a/{i:02}")), &json!({"i": i}))
+            .unwrap();
     }
     engine.put_json(&id("t/b/0"), &json!({})).unwrap();
     engine.put_json(&id("t/a"), &json!({})).unwrap();
@@ -215,7 +269,10 @@ fn listing_pages_through_a_prefix() {
     }
     let expected: Vec<String> = (0..25).map(|i| format!("t/a/{i:02}")).collect();
     assert_eq!(seen, expected);
-    assert!(matches!(engine.list("bad prefix", None, 10), Err(Error::InvalidDocId(_))));
+    assert!(matches!(
+        engine.list("bad prefix", None, 10),
+        Err(Error::InvalidDocId(_))
+    ));
 }
 
 #[test]
@@ -227,10 +284,15 @@ fn subscribers_see_local_and_remote_changes_after_they_are_durable() {
     let doc = id("inbox/1");
     let local = b.put_json(&doc, &json!({"n": 1})).unwrap();
     let ev = sub.recv_timeout(Duration::from_secs(5)).unwrap();
-    assert_eq!((ev.origin, ev.heads.clone(), ev.deleted), (Origin::Local, local.heads, false));
-    a.apply_changes(&doc, &b.changes_since(&doc, &[]).unwrap()).unwrap();
+    assert_eq!(
+        (ev.origin, ev.heads.clone(), ev.deleted),
+        (Origin::Local, local.heads, false)
+    );
+    a.apply_changes(&doc, &b.changes_since(&doc, &[]).unwrap())
+        .unwrap();
     a.merge_json(&doc, &json!({"n": 2})).unwrap();
-    b.apply_changes(&doc, &a.changes_since(&doc, &[]).unwrap()).unwrap();
+    b.apply_changes(&doc, &a.changes_since(&doc, &[]).unwrap())
+        .unwrap();
     let ev = sub.recv_timeout(Duration::from_secs(5)).unwrap();
     assert_eq!(ev.origin, Origin::Remote);
     assert_eq!(ev.heads, b.heads(&doc).unwrap());
@@ -240,7 +302,10 @@ fn subscribers_see_local_and_remote_changes_after_they_are_durable() {
 #[test]
 fn slow_subscribers_lose_events_and_are_told() {
     let dir = tempfile::tempdir().unwrap();
-    let config = causeway_engine::EngineConfig { subscriber_capacity: 2, ..buffered() };
+    let config = causeway_engine::EngineConfig {
+        subscriber_capacity: 2,
+        ..buffered()
+    };
     let engine = Engine::open(dir.path(), config).unwrap();
     let sub = engine.subscribe("").unwrap();
     for i in 0..5 {
@@ -259,8 +324,12 @@ fn many_threads_write_concurrently() {
             let engine = engine.clone();
             std::thread::spawn(move || {
                 for i in 0..20 {
-                    engine.merge_json(&id("shared"), &json!({ format!("t{t}-{i}"): i })).unwrap();
-                    engine.put_json(&id(&format!("own/{t}")), &json!({ "i": i })).unwrap();
+                    engine
+                        .merge_json(&id("shared"), &json!({ format!("t{t}-{i}"): i }))
+                        .unwrap();
+                    engine
+                        .put_json(&id(&format!("own/{t}")), &json!({ "i": i }))
+                        .unwrap();
                 }
             })
         })
@@ -271,7 +340,10 @@ fn many_threads_write_concurrently() {
     let shared = engine.get_json(&id("shared")).unwrap();
     assert_eq!(shared.as_object().unwrap().len(), 160);
     let syncs = engine.stats().wal_syncs;
-    assert!(syncs > 0 && syncs <= 320, "320 durable commits used {syncs} fsyncs");
+    assert!(
+        syncs > 0 && syncs <= 320,
+        "320 durable commits used {syncs} fsyncs"
+    );
     let engine = reopen(&dir, engine, causeway_engine::EngineConfig::default());
     assert_eq!(engine.get_json(&id("shared")).unwrap(), shared);
     assert_eq!(engine.list("own/", None, 100).unwrap().ids.len(), 8);
@@ -281,4 +353,36 @@ fn many_threads_write_concurrently() {
 fn the_engine_is_send_and_sync() {
     fn assert_send_sync<T: Send + Sync>() {}
     assert_send_sync::<Engine>();
+}
+
+#[test]
+fn the_document_cache_stays_within_its_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let budget = 256 * 1024;
+    let config = causeway_engine::EngineConfig {
+        cache_budget_bytes: budget,
+        ..buffered()
+    };
+    let engine = Engine::open(dir.path(), config).unwrap();
+    let body: Vec<i64> = (0..50).collect();
+    for i in 0..300 {
+        engine
+            .put_json(&id(&format!("many/{i}")), &json!({ "i": i, "body": body }))
+            .unwrap();
+        assert!(
+            engine.stats().cache_bytes <= budget,
+            "over budget after {i} writes: {:?}",
+            engine.stats()
+        );
+    }
+    let stats = engine.stats();
+    assert!(stats.cache_evictions > 0, "{stats:?}");
+    assert!(stats.cached_documents < 300, "{stats:?}");
+    for i in 0..300 {
+        assert_eq!(
+            engine.get_json(&id(&format!("many/{i}"))).unwrap()["i"],
+            json!(i)
+        );
+    }
+    assert!(engine.stats().cache_bytes <= budget);
 }

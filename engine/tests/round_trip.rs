@@ -33,7 +33,8 @@ fn value() -> impl Strategy<Value = Json> {
     leaf().prop_recursive(3, 24, 4, |inner| {
         prop_oneof![
             prop::collection::vec(inner.clone(), 0..4).prop_map(Json::Array),
-            prop::collection::btree_map("[a-c]{1,2}", inner, 0..4).prop_map(|m| Json::Object(m.into_iter().collect())),
+            prop::collection::btree_map("[a-c]{1,2}", inner, 0..4)
+                .prop_map(|m| Json::Object(m.into_iter().collect())),
         ]
     })
 }
@@ -60,7 +61,9 @@ fn merge_patch(target: &mut Json, patch: &Json) {
     if !target.is_object() {
         *target = Json::Object(Map::new());
     }
-    let Json::Object(map) = target else { unreachable!() };
+    let Json::Object(map) = target else {
+        unreachable!()
+    };
     for (k, v) in patch {
         if v.is_null() {
             map.remove(k);
@@ -71,7 +74,13 @@ fn merge_patch(target: &mut Json, patch: &Json) {
 }
 
 fn config() -> EngineConfig {
-    EngineConfig { compaction: CompactionPolicy { max_log_changes: 3, max_log_bytes: 4096 }, ..buffered() }
+    EngineConfig {
+        compaction: CompactionPolicy {
+            max_log_changes: 3,
+            max_log_bytes: 4096,
+        },
+        ..buffered()
+    }
 }
 
 proptest! {

@@ -17,16 +17,31 @@ pub fn run(dir: Option<PathBuf>) -> Result<()> {
     let region_dir = temp.path().join("region");
     let day = DocId::new("store-12/sales/2026-11-24")?;
 
-    say(format!("opening the till's store in {}", till_dir.display()));
+    say(format!(
+        "opening the till's store in {}",
+        till_dir.display()
+    ));
     let till = Engine::open(&till_dir, EngineConfig::default())?;
-    let first = till.merge_json(&day, &json!({"sales": [{"sku": "coffee", "cents": 350}], "till": "t1"}))?;
-    say(format!("till: recorded a sale offline; durable (fsynced) at heads {}", short(&first.heads)));
-    till.merge_json(&day, &json!({"sales": [{"sku": "coffee", "cents": 350}, {"sku": "bagel", "cents": 275}]}))?;
+    let first = till.merge_json(
+        &day,
+        &json!({"sales": [{"sku": "coffee", "cents": 350}], "till": "t1"}),
+    )?;
+    say(format!(
+        "till: recorded a sale offline; durable (fsynced) at heads {}",
+        short(&first.heads)
+    ));
+    till.merge_json(
+        &day,
+        &json!({"sales": [{"sku": "coffee", "cents": 350}, {"sku": "bagel", "cents": 275}]}),
+    )?;
     say("till: recorded a second sale; the terminal now restarts".to_string());
     drop(till);
 
     let till = Engine::open(&till_dir, EngineConfig::default())?;
-    say(format!("till after restart reads: {}", till.get_json(&day)?));
+    say(format!(
+        "till after restart reads: {}",
+        till.get_json(&day)?
+    ));
 
     let region = Engine::open(&region_dir, EngineConfig::default())?;
     region.merge_json(&day, &json!({"price_list": "winter", "till": "t1"}))?;
@@ -41,8 +56,14 @@ pub fn run(dir: Option<PathBuf>) -> Result<()> {
     let (a, b) = (till.get_json(&day)?, region.get_json(&day)?);
     say(format!("till reads:   {a}"));
     say(format!("region reads: {b}"));
-    anyhow::ensure!(a == b && till.heads(&day)? == region.heads(&day)?, "replicas did not converge");
-    say(format!("converged: both replicas hold heads {}", short(&till.heads(&day)?)));
+    anyhow::ensure!(
+        a == b && till.heads(&day)? == region.heads(&day)?,
+        "replicas did not converge"
+    );
+    say(format!(
+        "converged: both replicas hold heads {}",
+        short(&till.heads(&day)?)
+    ));
     Ok(())
 }
 
@@ -51,6 +72,9 @@ fn say(line: String) {
 }
 
 fn short(heads: &[causeway_engine::automerge::ChangeHash]) -> String {
-    let parts: Vec<String> = heads.iter().map(|h| h.to_string()[..12].to_string()).collect();
+    let parts: Vec<String> = heads
+        .iter()
+        .map(|h| h.to_string()[..12].to_string())
+        .collect();
     format!("[{}]", parts.join(", "))
 }

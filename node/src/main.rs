@@ -12,7 +12,11 @@ use causeway_node::bench::{durable_writes, ingest};
 use causeway_node::demo;
 
 #[derive(Parser)]
-#[command(name = "causeway", version, about = "Causeway: multi-datacenter CRDT replication on Automerge and RocksDB")]
+#[command(
+    name = "causeway",
+    version,
+    about = "Causeway: multi-datacenter CRDT replication on Automerge and RocksDB"
+)]
 struct Cli {
     /// Log output format (logs go to stderr).
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
@@ -67,7 +71,9 @@ fn main() -> Result<()> {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),

@@ -22,10 +22,17 @@ fn main() {
         eprintln!("usage: causeway-crash-writer <store-dir> <first-key> <writers>");
         std::process::exit(2);
     }
-    let first: u64 = args[2].parse().unwrap_or_else(|_| fail("first-key must be a number"));
-    let writers: u64 = args[3].parse().unwrap_or_else(|_| fail("writers must be a number"));
+    let first: u64 = args[2]
+        .parse()
+        .unwrap_or_else(|_| fail("first-key must be a number"));
+    let writers: u64 = args[3]
+        .parse()
+        .unwrap_or_else(|_| fail("writers must be a number"));
     let config = EngineConfig {
-        compaction: CompactionPolicy { max_log_changes: 7, max_log_bytes: 4096 },
+        compaction: CompactionPolicy {
+            max_log_changes: 7,
+            max_log_bytes: 4096,
+        },
         ..EngineConfig::default()
     };
     let engine = Engine::open(&args[1], config).unwrap_or_else(|e| fail(&e.to_string()));
@@ -45,10 +52,15 @@ fn main() {
 fn write_forever(engine: &Engine, stdout: &Mutex<std::io::Stdout>, writer: u64, first: u64) {
     for n in 0.. {
         let key = first + n;
-        let doc = DocId::new(format!("w{writer}/d{}", key % DOCS_PER_WRITER)).unwrap_or_else(|e| fail(&e.to_string()));
+        let doc = DocId::new(format!("w{writer}/d{}", key % DOCS_PER_WRITER))
+            .unwrap_or_else(|e| fail(&e.to_string()));
         let patch = serde_json::json!({ format!("k{key}"): key });
-        engine.merge_json(&doc, &patch).unwrap_or_else(|e| fail(&e.to_string()));
-        let mut out = stdout.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        engine
+            .merge_json(&doc, &patch)
+            .unwrap_or_else(|e| fail(&e.to_string()));
+        let mut out = stdout
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let _ = writeln!(out, "ack {doc} k{key}");
         let _ = out.flush();
     }

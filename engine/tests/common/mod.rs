@@ -14,7 +14,10 @@ pub fn fresh() -> (TempDir, Engine) {
 /// Default configuration with `Buffered` durability, to keep tests fast where
 /// durability is not what they check.
 pub fn buffered() -> EngineConfig {
-    EngineConfig { durability: Durability::Buffered, ..EngineConfig::default() }
+    EngineConfig {
+        durability: Durability::Buffered,
+        ..EngineConfig::default()
+    }
 }
 
 /// Reopens the store in `dir` after dropping `engine`.

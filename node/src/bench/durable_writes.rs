@@ -37,7 +37,11 @@ pub struct Args {
 /// Runs the benchmark.
 pub fn run(args: &Args) -> Result<()> {
     let run_for = Duration::from_secs_f64(args.seconds);
-    eprintln!("durable-writes: {}s per measurement, {} build", args.seconds, build_profile());
+    eprintln!(
+        "durable-writes: {}s per measurement, {} build",
+        args.seconds,
+        build_profile()
+    );
     let mut report = Report::default();
     for &n in &args.writers {
         let engine = engine_run(args, n, run_for)?;
@@ -57,7 +61,13 @@ pub fn run(args: &Args) -> Result<()> {
             ],
         );
     }
-    report.print_table(&["writers", "engine writes/s", "raw RocksDB synced writes/s", "ratio", "writes per fsync"]);
+    report.print_table(&[
+        "writers",
+        "engine writes/s",
+        "raw RocksDB synced writes/s",
+        "ratio",
+        "writes per fsync",
+    ]);
     Ok(())
 }
 
@@ -83,7 +93,8 @@ fn doc_id(writer: usize, i: usize) -> DocId {
 
 fn engine_run(args: &Args, n: usize, run_for: Duration) -> Result<Measured> {
     let dir = tempdir_in(args.dir.as_deref())?;
-    let engine = Engine::open(dir.path(), EngineConfig::default()).context("cannot open the benchmark store")?;
+    let engine = Engine::open(dir.path(), EngineConfig::default())
+        .context("cannot open the benchmark store")?;
     for w in 0..n {
         for d in 0..args.docs_per_writer {
             engine.put_json(&doc_id(w, d), &json!({"n": 0}))?;
@@ -92,11 +103,17 @@ fn engine_run(args: &Args, n: usize, run_for: Duration) -> Result<Measured> {
     let syncs_before = engine.stats().wal_syncs;
     let docs = args.docs_per_writer;
     let (writes, elapsed) = in_parallel(n, run_for, |w, i| {
-        engine.put_json(&doc_id(w, i % docs), &json!({ "n": i + 1 })).map(|_| ()).map_err(anyhow::Error::from)
+        engine
+            .put_json(&doc_id(w, i % docs), &json!({ "n": i + 1 }))
+            .map(|_| ())
+            .map_err(anyhow::Error::from)
     })?;
     let sample = doc_id(0, 0);
     let heads = engine.heads(&sample)?;
-    let change_bytes = engine.changes_since(&sample, &[])?.last().map_or(0, Vec::len);
+    let change_bytes = engine
+        .changes_since(&sample, &[])?
+        .last()
+        .map_or(0, Vec::len);
     let mut meta = DocMeta::empty();
     meta.set_heads(&heads);
     meta.change_count = 1000;
@@ -109,7 +126,13 @@ fn engine_run(args: &Args, n: usize, run_for: Duration) -> Result<Measured> {
     })
 }
 
-fn raw_run(args: &Args, n: usize, run_for: Duration, change_bytes: usize, meta_bytes: usize) -> Result<Measured> {
+fn raw_run(
+    args: &Args,
+    n: usize,
+    run_for: Duration,
+    change_bytes: usize,
+    meta_bytes: usize,
+) -> Result<Measured> {
     let dir = tempdir_in(args.dir.as_deref())?;
     let mut opts = rocksdb::Options::default();
     opts.create_if_missing(true);
@@ -129,7 +152,13 @@ fn raw_run(args: &Args, n: usize, run_for: Duration, change_bytes: usize, meta_b
         batch.put(id.as_bytes(), &meta);
         db.write_opt(batch, &sync).map_err(anyhow::Error::from)
     })?;
-    Ok(Measured { writes, elapsed, syncs: 0, change_bytes, meta_bytes })
+    Ok(Measured {
+        writes,
+        elapsed,
+        syncs: 0,
+        change_bytes,
+        meta_bytes,
+    })
 }
 
 /// Runs `write(writer, i)` in `n` threads until `run_for` has passed; returns
@@ -157,7 +186,8 @@ where
             })
             .collect();
         for h in handles {
-            h.join().map_err(|_| anyhow::anyhow!("writer thread panicked"))??;
+            h.join()
+                .map_err(|_| anyhow::anyhow!("writer thread panicked"))??;
         }
         Ok(())
     })?;

@@ -26,12 +26,33 @@ pub struct Args {
     /// system temporary directory). Use a directory on the disk you care about.
     #[arg(long)]
     pub dir: Option<PathBuf>,
+    /// Engine durabilities to measure (bare Automerge always runs, as the
+    /// reference).
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "buffered,sync"
+    )]
+    pub durability: Vec<DurabilityArg>,
+}
+
+/// A durability to benchmark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DurabilityArg {
+    /// `Durability::Buffered`: no fsync.
+    Buffered,
+    /// `Durability::Sync`: fsynced WAL, the default.
+    Sync,
 }
 
 /// Runs the benchmark.
 pub fn run(args: &Args) -> Result<()> {
     let trace = Trace::load(&args.trace)?;
-    let name = args.trace.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+    let name = args
+        .trace
+        .file_name()
+        .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
     eprintln!(
         "ingest: {name}: {} transactions, {} patches, {} build",
         trace.txns.len(),
@@ -44,9 +65,16 @@ pub fn run(args: &Args) -> Result<()> {
         json!({"bench": "ingest", "trace": name, "variant": "bare-automerge", "txns": trace.txns.len(), "wall_s": bare, "build": build_profile()}),
         vec!["bare automerge (in memory)".into(), format!("{bare:.2}"), "1.00".into()],
     );
-    for (label, durability) in [("engine-buffered", Durability::Buffered), ("engine-sync", Durability::Sync)] {
+    for arg in &args.durability {
+        let (label, durability) = match arg {
+            DurabilityArg::Buffered => ("engine-buffered", Durability::Buffered),
+            DurabilityArg::Sync => ("engine-sync", Durability::Sync),
+        };
         let dir = tempdir_in(args.dir.as_deref())?;
-        let config = EngineConfig { durability, ..EngineConfig::default() };
+        let config = EngineConfig {
+            durability,
+            ..EngineConfig::default()
+        };
         let engine = Engine::open(dir.path(), config).context("cannot open the benchmark store")?;
         let wall = time(|| replay_engine(&engine, &trace))?;
         let ratio = wall / bare;
@@ -74,14 +102,17 @@ fn replay_bare(trace: &Trace) -> Result<()> {
         .map_err(|f| anyhow::anyhow!("{}", f.error))?
         .result;
     for txn in &trace.txns {
-        doc.transact(|tx| apply_txn(tx, &text, txn)).map_err(|f| anyhow::anyhow!("{}", f.error))?;
+        doc.transact(|tx| apply_txn(tx, &text, txn))
+            .map_err(|f| anyhow::anyhow!("{}", f.error))?;
     }
     check_text(&doc.text(&text)?, trace, "bare automerge")
 }
 
 fn replay_engine(engine: &Engine, trace: &Trace) -> Result<()> {
     let id = DocId::new("bench/ingest")?;
-    let text = engine.create(&id, |tx| start_text(tx, &trace.start_content))?.value;
+    let text = engine
+        .create(&id, |tx| start_text(tx, &trace.start_content))?
+        .value;
     for txn in &trace.txns {
         engine.update(&id, |tx| apply_txn(tx, &text, txn))?;
     }

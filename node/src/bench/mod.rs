@@ -30,7 +30,11 @@ impl Report {
             }
         }
         let line = |cells: Vec<String>| {
-            let padded: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+            let padded: Vec<String> = cells
+                .iter()
+                .zip(&widths)
+                .map(|(c, w)| format!("{c:<w$}"))
+                .collect();
             eprintln!("| {} |", padded.join(" | "));
         };
         line(header.iter().map(|h| h.to_string()).collect());

@@ -39,13 +39,14 @@ pub struct Trace {
 impl Trace {
     /// Loads a gzipped JSON trace.
     pub fn load(path: &Path) -> Result<Trace> {
-        let file = std::fs::File::open(path).with_context(|| format!("cannot open trace {}", path.display()))?;
+        let file = std::fs::File::open(path)
+            .with_context(|| format!("cannot open trace {}", path.display()))?;
         let mut json = String::new();
         flate2::read::GzDecoder::new(file)
             .read_to_string(&mut json)
             .with_context(|| format!("{} is not a gzipped text file", path.display()))?;
-        let trace: Trace =
-            serde_json::from_str(&json).with_context(|| format!("{} is not an editing trace", path.display()))?;
+        let trace: Trace = serde_json::from_str(&json)
+            .with_context(|| format!("{} is not an editing trace", path.display()))?;
         if trace.txns.is_empty() {
             bail!("trace {} has no transactions", path.display());
         }

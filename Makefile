@@ -1,0 +1,41 @@
+# Causeway: the commands a newcomer and CI use. See README.md.
+CARGO ?= cargo
+RELEASE_BIN := target/release/causeway
+
+.PHONY: demo test lint fmt bench bench-ingest bench-durable-writes deps crash
+
+## Install missing system packages (as root) and cargo-nextest.
+deps:
+	@bash scripts/deps.sh
+
+## Run the embedded demo: an edge app writing offline, restarting, merging.
+demo: deps
+	$(CARGO) run -p causeway-node -- demo
+
+## The full test suite: unit, property, integration, crash test and doc tests.
+test: deps
+	$(CARGO) nextest run --workspace --no-fail-fast
+	$(CARGO) test --workspace --doc
+
+## Formatting and clippy with warnings as errors.
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+## Only the SIGKILL crash test, with its figures. CRASH_CYCLES=100 for a longer run.
+crash: deps
+	$(CARGO) nextest run -p causeway-tests --no-capture
+
+## Benchmarks (release build); figures go to stdout (JSON) and stderr (table).
+bench: bench-ingest bench-durable-writes
+
+bench-ingest: deps
+	$(CARGO) build --release -p causeway-node
+	$(RELEASE_BIN) bench ingest
+
+bench-durable-writes: deps
+	$(CARGO) build --release -p causeway-node
+	$(RELEASE_BIN) bench durable-writes

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Installs what building and testing Causeway needs beyond the Rust toolchain:
+# libclang (bindgen for librocksdb-sys), a C++ compiler, and cargo-nextest.
+# As root it installs missing Debian packages with apt-get; otherwise it says
+# what to install and stops.
+set -euo pipefail
+
+missing=()
+compgen -G "/usr/lib/llvm-*/lib/libclang.so*" >/dev/null || compgen -G "/usr/lib/x86_64-linux-gnu/libclang*.so*" >/dev/null || missing+=(libclang-dev)
+command -v g++ >/dev/null || missing+=(g++)
+command -v make >/dev/null || missing+=(make)
+
+if ((${#missing[@]})); then
+    if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
+        echo "deps: installing ${missing[*]} with apt-get" >&2
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    else
+        echo "deps: missing system packages: ${missing[*]}" >&2
+        echo "deps: install them with: sudo apt-get install ${missing[*]}" >&2
+        exit 1
+    fi
+fi
+
+if ! cargo nextest --version >/dev/null 2>&1; then
+    echo "deps: installing cargo-nextest with cargo" >&2
+    cargo install cargo-nextest --locked
+fi
