@@ -127,13 +127,19 @@ fn replay_bare_extracting(trace: &Trace) -> Result<()> {
         .result;
     let mut bytes = 0usize;
     for txn in &trace.txns {
-        let done = doc.transact(|tx| apply_txn(tx, &text, txn)).map_err(|f| anyhow::anyhow!("{}", f.error))?;
+        let done = doc
+            .transact(|tx| apply_txn(tx, &text, txn))
+            .map_err(|f| anyhow::anyhow!("{}", f.error))?;
         if let Some(change) = done.hash.and_then(|h| doc.get_change_by_hash(&h)) {
             bytes += std::hint::black_box(change.raw_bytes().len());
         }
     }
     anyhow::ensure!(bytes > 0, "no change bytes extracted");
-    check_text(&doc.text(&text)?, trace, "bare automerge extracting changes")
+    check_text(
+        &doc.text(&text)?,
+        trace,
+        "bare automerge extracting changes",
+    )
 }
 
 fn replay_engine(engine: &Engine, trace: &Trace) -> Result<()> {
