@@ -75,4 +75,16 @@ mod tests {
         assert!(g1.deps().is_empty());
         assert_ne!(g1.hash(), genesis_change(&b).hash());
     }
+
+    /// Replicas running different Causeway or Automerge versions must compute
+    /// the same genesis, or their copies of a document would never merge. A
+    /// change here breaks convergence with every existing store.
+    #[test]
+    fn genesis_hash_is_stable_across_versions() {
+        let doc = DocId::new("orders/1").expect("id");
+        assert_eq!(
+            genesis_change(&doc).hash().to_string(),
+            "52d78e5e4ed5e90bf98de924c71df79a751209b3c8cb5e12fc0fc401a82bd2bf"
+        );
+    }
 }
