@@ -153,6 +153,10 @@ impl DocState {
     /// Estimated memory held by this document, in bytes.
     pub(crate) fn estimated_bytes(&self) -> usize {
         let stats = self.doc.stats();
+        if stats.num_changes == 0 {
+            // A document that does not exist (yet): only its held changes.
+            return self.held.bytes;
+        }
         BYTES_PER_DOC
             + stats.num_ops as usize * BYTES_PER_OP
             + stats.num_changes as usize * BYTES_PER_CHANGE
