@@ -390,32 +390,12 @@ impl Engine {
         f: impl FnOnce(&mut Transaction<'_>) -> Result<O, AutomergeError>,
     ) -> Result<Committed<O>> {
         self.with_doc(id, |state| {
-            match mode {
-                WriteMode::Create if state.is_live() => {
-                    return Err(Error::AlreadyExists(id.clone()))
-                }
-                WriteMode::Update if !state.stored => return Err(Error::NotFound(id.clone())),
-                WriteMode::Update if state.meta.tombstone => {
-                    return Err(Error::Deleted(id.clone()))
-                }
-                _ => {}
-            }
+            check_mode(state, id, mode)?;
             // Writing to a deleted document recreates it, even when the write
             // itself changes nothing: an empty change then supersedes the
             // tombstone heads.
             let recreate = mode != WriteMode::Update && state.meta.tombstone;
-            let mut new_changes = Vec::with_capacity(2);
-            if state.doc.get_heads().is_empty() {
-                let genesis = lineage::genesis_change(id);
-                state
-                    .doc
-                    .apply_changes([genesis.clone()])
-                    .map_err(|e| Error::ChangeRejected {
-                        doc: id.clone(),
-                        reason: e.to_string(),
-                    })?;
-                new_changes.push(genesis);
-            }
+            let mut new_changes = root_in_genesis(state, id)?;
             let commit_opts = || match message {
                 Some(m) => CommitOptions::default().with_message(m),
                 None => CommitOptions::default(),
@@ -516,6 +496,34 @@ impl Engine {
         inner.cache.resize(id, bytes);
         result
     }
+}
+
+/// Refuses a write that `mode` does not allow on this document.
+fn check_mode(state: &DocState, id: &DocId, mode: WriteMode) -> Result<()> {
+    match mode {
+        WriteMode::Create if state.is_live() => Err(Error::AlreadyExists(id.clone())),
+        WriteMode::Update if !state.stored => Err(Error::NotFound(id.clone())),
+        WriteMode::Update if state.meta.tombstone => Err(Error::Deleted(id.clone())),
+        _ => Ok(()),
+    }
+}
+
+/// Applies the genesis change to a document with no history yet; returns it
+/// (to be persisted with the write), or nothing if the document has history.
+fn root_in_genesis(state: &mut DocState, id: &DocId) -> Result<Vec<Change>> {
+    let mut changes = Vec::with_capacity(2);
+    if state.doc.get_heads().is_empty() {
+        let genesis = lineage::genesis_change(id);
+        state
+            .doc
+            .apply_changes([genesis.clone()])
+            .map_err(|e| Error::ChangeRejected {
+                doc: id.clone(),
+                reason: e.to_string(),
+            })?;
+        changes.push(genesis);
+    }
+    Ok(changes)
 }
 
 fn as_object<'a>(id: &DocId, value: &'a Json) -> Result<&'a serde_json::Map<String, Json>> {
