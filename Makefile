@@ -17,12 +17,10 @@ test: deps
 	$(CARGO) nextest run --workspace --no-fail-fast
 	$(CARGO) test --workspace --doc
 
-## Formatting and clippy with warnings as errors. Clippy runs under the test
-## profile so that it shares librocksdb-sys's C++ build (about ten minutes on two
-## cores) with `make test` instead of compiling RocksDB a second time.
+## Formatting and clippy with warnings as errors.
 lint:
 	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy --profile test --workspace --all-targets -- -D warnings
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 fmt:
 	$(CARGO) fmt --all
