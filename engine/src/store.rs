@@ -67,7 +67,11 @@ impl Store {
             }
             DirState::Marked(_) => false,
         };
-        let db = open_db(&path, !path.join("CURRENT").exists())?;
+        let create = !path.join("CURRENT").exists();
+        if create && !fresh {
+            check_only_marker(&path)?;
+        }
+        let db = open_db(&path, create)?;
         let store = Store {
             db,
             path,
@@ -292,6 +296,29 @@ fn inspect(path: &Path) -> Result<DirState> {
         "the directory is not empty and has no CAUSEWAY marker file"
     };
     Err(not_a_store(reason.into()))
+}
+
+/// A marked directory without RocksDB's `CURRENT` file may only be a store
+/// whose creation stopped right after the marker was written. Anything else
+/// there means a damaged database, which must not be silently replaced by a
+/// new empty one.
+fn check_only_marker(path: &Path) -> Result<()> {
+    let entries = fs::read_dir(path).map_err(|e| io_fatal(path, "list the store directory", e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| io_fatal(path, "list the store directory", e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.starts_with(layout::MARKER_FILE) {
+            return Err(Error::Corrupt {
+                doc: String::new(),
+                key: format!("{}/CURRENT", path.display()),
+                reason: format!(
+                    "RocksDB's CURRENT file is missing but {name} exists; refusing to create a new database over it \
+                     (if this store never held data, remove the directory)"
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 fn parse_marker(text: &str) -> std::result::Result<u32, String> {

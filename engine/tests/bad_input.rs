@@ -286,3 +286,17 @@ fn dir_listing(path: &std::path::Path) -> Vec<String> {
     names.sort();
     names
 }
+
+#[test]
+fn a_store_missing_its_current_file_is_not_replaced_by_an_empty_one() {
+    let (dir, engine) = fresh();
+    engine.put_json(&id("kept"), &json!({"v": 1})).unwrap();
+    drop(engine);
+    fs::rename(dir.path().join("CURRENT"), dir.path().join("CURRENT.moved")).unwrap();
+    let err = Engine::open(dir.path(), buffered()).err().expect("refused");
+    assert!(matches!(err, Error::Corrupt { .. }), "{err}");
+    assert!(err.to_string().contains("CURRENT file is missing"), "{err}");
+    fs::rename(dir.path().join("CURRENT.moved"), dir.path().join("CURRENT")).unwrap();
+    let engine = Engine::open(dir.path(), buffered()).unwrap();
+    assert_eq!(engine.get_json(&id("kept")).unwrap(), json!({"v": 1}));
+}
