@@ -79,13 +79,13 @@ impl Store {
             group: GroupCommit::default(),
             failed: OnceLock::new(),
         };
-        store.check_format(fresh)?;
+        store.check_format()?;
         Ok(store)
     }
 
     /// Confirms the format version recorded inside the database, writing it
     /// on first open. The marker file and this record must agree.
-    fn check_format(&self, fresh: bool) -> Result<()> {
+    fn check_format(&self) -> Result<()> {
         let cf = self.cf(layout::CF_NODE);
         let stored = self
             .db
@@ -94,7 +94,11 @@ impl Store {
         match stored {
             None => {
                 let mut batch = WriteBatch::default();
-                batch.put_cf(cf, layout::KEY_FORMAT_VERSION, layout::FORMAT_VERSION.to_be_bytes());
+                batch.put_cf(
+                    cf,
+                    layout::KEY_FORMAT_VERSION,
+                    layout::FORMAT_VERSION.to_be_bytes(),
+                );
                 let mut opts = WriteOptions::default();
                 opts.set_sync(true);
                 self.db.write_opt(batch, &opts).map_err(|e| self.fatal(e))
@@ -104,7 +108,8 @@ impl Store {
                 doc: String::new(),
                 key: layout::describe_key(layout::CF_NODE, layout::KEY_FORMAT_VERSION),
                 reason: format!(
-                    "format version record {bytes:?} disagrees with the marker file (fresh store: {fresh})"
+                    "format version record {bytes:?} is not format {} as the marker file says",
+                    layout::FORMAT_VERSION
                 ),
             }),
         }
