@@ -3,6 +3,8 @@
 //! Every bound the engine enforces is a field here (or a named constant in the
 //! module that enforces it), documented with what happens when it is reached.
 
+use automerge::ActorId;
+
 use crate::error::Error;
 
 /// When a commit is acknowledged.
@@ -70,6 +72,12 @@ pub struct EngineConfig {
     pub subscriber_capacity: usize,
     /// Create the store if the directory is missing or empty. Default `true`.
     pub create_if_missing: bool,
+    /// Actor id for this open's local changes. `None` (the default) draws a
+    /// fresh random actor on every open, so a change lost in a crash can never
+    /// have its (actor, sequence) reused. Set it only when the caller derives a
+    /// value that is unique per open, as the deterministic simulator does from
+    /// its seed, the node and the node's incarnation.
+    pub actor: Option<ActorId>,
 }
 
 impl Default for EngineConfig {
@@ -83,6 +91,7 @@ impl Default for EngineConfig {
             max_held_bytes_per_doc: 16 << 20,
             subscriber_capacity: 4096,
             create_if_missing: true,
+            actor: None,
         }
     }
 }

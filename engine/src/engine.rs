@@ -120,14 +120,14 @@ enum WriteMode {
 /// ```
 #[derive(Clone)]
 pub struct Engine {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
-struct Inner {
-    store: Store,
+pub(crate) struct Inner {
+    pub(crate) store: Store,
     cache: DocCache,
     events: EventHub,
-    config: EngineConfig,
+    pub(crate) config: EngineConfig,
     /// Actor for this engine's local changes: fresh on every open, so a change
     /// lost in a crash can never have its (actor, seq) reused by another.
     actor: ActorId,
@@ -142,13 +142,14 @@ impl Engine {
         let store = Store::open(path.as_ref(), &config)?;
         let cache = DocCache::new(config.cache_budget_bytes);
         tracing::info!(path = %path.as_ref().display(), durability = ?config.durability, "engine opened");
+        let actor = config.actor.clone().unwrap_or_else(ActorId::random);
         Ok(Engine {
             inner: Arc::new(Inner {
                 store,
                 cache,
                 events: EventHub::default(),
                 config,
-                actor: ActorId::random(),
+                actor,
                 held_dropped: AtomicU64::new(0),
             }),
         })
@@ -164,7 +165,8 @@ impl Engine {
         &self.inner.config
     }
 
-    /// The actor id of this engine's local changes (new on every open).
+    /// The actor id of this engine's local changes (new on every open unless
+    /// [`EngineConfig::actor`] names one).
     pub fn actor(&self) -> &ActorId {
         &self.inner.actor
     }
@@ -294,35 +296,61 @@ impl Engine {
     /// when a later call supplies the dependencies.
     pub fn apply_changes<B: AsRef<[u8]>>(&self, id: &DocId, changes: &[B]) -> Result<ApplyOutcome> {
         let decoded = self.decode_changes(id, changes)?;
-        self.with_doc(id, |state| {
-            let integration = state.integrate(id, decoded, &self.inner.config)?;
-            if integration.dropped > 0 {
-                self.inner.held_dropped.fetch_add(integration.dropped as u64, Ordering::Relaxed);
-                tracing::warn!(doc = %id, dropped = integration.dropped, "held-change buffer full; dropped oldest");
+        self.with_doc(id, |state| self.apply_decoded(id, state, decoded))
+    }
+
+    /// Integrates validated, decoded changes into a loaded document: applies
+    /// what is ready, holds the rest, persists, and tells subscribers.
+    pub(crate) fn apply_decoded(
+        &self,
+        id: &DocId,
+        state: &mut DocState,
+        decoded: Vec<Change>,
+    ) -> Result<ApplyOutcome> {
+        let integration = state.integrate(id, decoded, &self.inner.config)?;
+        if integration.dropped > 0 {
+            self.inner
+                .held_dropped
+                .fetch_add(integration.dropped as u64, Ordering::Relaxed);
+            tracing::warn!(doc = %id, dropped = integration.dropped, "held-change buffer full; dropped oldest");
+        }
+        let mut outcome = ApplyOutcome {
+            applied: integration.ready.len(),
+            duplicates: integration.duplicates,
+            held: integration.held,
+            dropped: integration.dropped,
+            missing_deps: integration.missing,
+            heads: Vec::new(),
+        };
+        if !integration.ready.is_empty() {
+            state
+                .doc
+                .apply_changes(integration.ready.iter().cloned())
+                .map_err(|e| Error::ChangeRejected {
+                    doc: id.clone(),
+                    reason: e.to_string(),
+                })?;
+            if let Some(c) = integration
+                .ready
+                .iter()
+                .find(|c| !state.has_change(&c.hash()))
+            {
+                let reason = format!("change {} was not applied", c.hash());
+                return Err(Error::ChangeRejected {
+                    doc: id.clone(),
+                    reason,
+                });
             }
-            let mut outcome = ApplyOutcome {
-                applied: integration.ready.len(),
-                duplicates: integration.duplicates,
-                held: integration.held,
-                dropped: integration.dropped,
-                missing_deps: integration.missing,
-                heads: Vec::new(),
-            };
-            if !integration.ready.is_empty() {
-                state
-                    .doc
-                    .apply_changes(integration.ready.iter().cloned())
-                    .map_err(|e| Error::ChangeRejected { doc: id.clone(), reason: e.to_string() })?;
-                if let Some(c) = integration.ready.iter().find(|c| !state.has_change(&c.hash())) {
-                    let reason = format!("change {} was not applied", c.hash());
-                    return Err(Error::ChangeRejected { doc: id.clone(), reason });
-                }
-                state.persist(&self.inner.store, id, &integration.ready, &self.inner.config.compaction)?;
-                self.publish(id, state, Origin::Remote);
-            }
-            outcome.heads = state.doc.get_heads();
-            Ok(outcome)
-        })
+            state.persist(
+                &self.inner.store,
+                id,
+                &integration.ready,
+                &self.inner.config.compaction,
+            )?;
+            self.publish(id, state, Origin::Remote);
+        }
+        outcome.heads = state.doc.get_heads();
+        Ok(outcome)
     }
 
     /// Lists live documents whose id starts with `prefix`, after the id
@@ -358,7 +386,11 @@ impl Engine {
         }
     }
 
-    fn decode_changes<B: AsRef<[u8]>>(&self, id: &DocId, changes: &[B]) -> Result<Vec<Change>> {
+    pub(crate) fn decode_changes<B: AsRef<[u8]>>(
+        &self,
+        id: &DocId,
+        changes: &[B],
+    ) -> Result<Vec<Change>> {
         let limit = self.inner.config.max_change_bytes;
         changes
             .iter()
@@ -466,7 +498,11 @@ impl Engine {
     /// Runs `f` on the document's in-memory state, loading it if needed. If `f`
     /// fails after the in-memory state diverged from what is stored, the state
     /// is discarded so the next use reloads it from disk.
-    fn with_doc<R>(&self, id: &DocId, f: impl FnOnce(&mut DocState) -> Result<R>) -> Result<R> {
+    pub(crate) fn with_doc<R>(
+        &self,
+        id: &DocId,
+        f: impl FnOnce(&mut DocState) -> Result<R>,
+    ) -> Result<R> {
         let inner = &self.inner;
         inner.store.check_alive()?;
         let slot = inner.cache.slot(id);

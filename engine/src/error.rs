@@ -20,6 +20,12 @@ pub enum Error {
     #[error("invalid document id: {0}")]
     InvalidDocId(#[from] DocIdError),
 
+    /// A peer id that cannot key persisted sync state (empty, longer than
+    /// [`MAX_PEER_ID_LEN`](crate::MAX_PEER_ID_LEN) bytes, or containing NUL).
+    /// Caller error; nothing was read or written.
+    #[error("invalid peer id {0:?}")]
+    InvalidPeer(String),
+
     /// The document has never existed here. Harmless; create it first.
     #[error("document {0} does not exist")]
     NotFound(DocId),

@@ -6,6 +6,7 @@
 //! | `doc_meta` | doc id | [`DocMeta`] as CBOR |
 //! | `change_log` | doc id, `0x00`, sequence `u64` big-endian | one Automerge change, raw bytes |
 //! | `snapshot` | doc id | `Automerge::save()` output |
+//! | `peer_sync` | peer id, `0x00`, doc id | durable part of the Automerge sync state with that peer (`sync::State::encode`) |
 //!
 //! A document's state is its snapshot (if any) plus its log entries with
 //! sequence numbers in `[log_start, next_seq)`. Doc ids never contain `0x00`,
@@ -36,8 +37,18 @@ pub const CF_CHANGE_LOG: &str = "change_log";
 /// Column family holding compacted snapshots.
 pub const CF_SNAPSHOT: &str = "snapshot";
 
+/// Column family holding the persisted Automerge sync state per peer and
+/// document, so a restarted node does not resend history a peer already has.
+pub const CF_PEER_SYNC: &str = "peer_sync";
+
 /// All column families Causeway creates, beside RocksDB's `default`.
-pub const COLUMN_FAMILIES: [&str; 4] = [CF_NODE, CF_DOC_META, CF_CHANGE_LOG, CF_SNAPSHOT];
+pub const COLUMN_FAMILIES: [&str; 5] = [
+    CF_NODE,
+    CF_DOC_META,
+    CF_CHANGE_LOG,
+    CF_SNAPSHOT,
+    CF_PEER_SYNC,
+];
 
 /// Key of the format version in [`CF_NODE`].
 pub const KEY_FORMAT_VERSION: &[u8] = b"format_version";
@@ -151,6 +162,16 @@ pub fn heads_digest(heads: &[ChangeHash]) -> [u8; 32] {
         hasher.update(h.0);
     }
     hasher.finalize().into()
+}
+
+/// Key of the sync state with `peer` for `doc` in [`CF_PEER_SYNC`]. Peer ids
+/// must not contain `0x00` (the caller validates them).
+pub fn peer_sync_key(peer: &str, doc: &DocId) -> Vec<u8> {
+    let mut key = Vec::with_capacity(peer.len() + 1 + doc.as_str().len());
+    key.extend_from_slice(peer.as_bytes());
+    key.push(0);
+    key.extend_from_slice(doc.as_bytes());
+    key
 }
 
 /// Key of log entry `seq` of `doc` in [`CF_CHANGE_LOG`].

@@ -60,6 +60,7 @@
 mod cache;
 mod config;
 mod doc_id;
+mod doc_sync;
 mod document;
 mod engine;
 mod error;
@@ -73,6 +74,7 @@ mod store;
 pub use automerge;
 pub use config::{CompactionPolicy, Durability, EngineConfig};
 pub use doc_id::{validate_prefix, DocId, DocIdError, DOC_ID_PUNCTUATION, MAX_DOC_ID_LEN};
+pub use doc_sync::{SyncMessage, SyncState, MAX_PEER_ID_LEN};
 pub use engine::{ApplyOutcome, Committed, DocInfo, Engine, EngineStats, ListPage, MAX_LIST_LIMIT};
 pub use error::{Error, Result};
 pub use events::{DocEvent, Origin, Subscription};

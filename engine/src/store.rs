@@ -180,6 +180,28 @@ impl Store {
             .map_err(|e| self.read_error(e, doc, layout::CF_SNAPSHOT, doc.as_bytes()))
     }
 
+    /// Reads the stored sync state with `peer` for `doc`, if any.
+    pub(crate) fn peer_sync(&self, peer: &str, doc: &DocId) -> Result<Option<Vec<u8>>> {
+        self.check_alive()?;
+        let key = layout::peer_sync_key(peer, doc);
+        self.db
+            .get_cf(self.cf(layout::CF_PEER_SYNC), &key)
+            .map_err(|e| self.read_error(e, doc, layout::CF_PEER_SYNC, &key))
+    }
+
+    /// Calls `f` with every document's id and metadata, in id order, deleted
+    /// documents included.
+    pub(crate) fn for_each_meta(&self, mut f: impl FnMut(DocId, DocMeta)) -> Result<()> {
+        self.check_alive()?;
+        let cf = self.cf(layout::CF_DOC_META);
+        for item in self.db.iterator_cf(cf, IteratorMode::Start) {
+            let (k, v) = item.map_err(|e| self.fatal(e))?;
+            let (id, meta) = decode_meta_entry(&k, &v)?;
+            f(id, meta);
+        }
+        Ok(())
+    }
+
     /// Reads a document's log entries with sequence numbers in `[start, end)`,
     /// in order, as `(key, bytes)`.
     pub(crate) fn log_entries(
@@ -230,13 +252,8 @@ impl Store {
             if !k.starts_with(prefix.as_bytes()) {
                 break;
             }
-            let key_str = String::from_utf8_lossy(&k).into_owned();
-            let id = DocId::new(key_str.clone()).map_err(|e| Error::Corrupt {
-                doc: key_str.clone(),
-                key: layout::describe_key(layout::CF_DOC_META, &k),
-                reason: format!("stored key is not a valid document id: {e}"),
-            })?;
-            if DocMeta::decode(&key_str, &v)?.tombstone {
+            let (id, meta) = decode_meta_entry(&k, &v)?;
+            if meta.tombstone {
                 continue;
             }
             if ids.len() == limit {
@@ -307,6 +324,18 @@ fn inspect(path: &Path) -> Result<DirState> {
 /// whose creation stopped right after the marker was written. Anything else
 /// there means a damaged database, which must not be silently replaced by a
 /// new empty one.
+/// Decodes one `doc_meta` entry, reporting a bad key or value as corrupt.
+fn decode_meta_entry(key: &[u8], value: &[u8]) -> Result<(DocId, DocMeta)> {
+    let key_str = String::from_utf8_lossy(key).into_owned();
+    let id = DocId::new(key_str.clone()).map_err(|e| Error::Corrupt {
+        doc: key_str.clone(),
+        key: layout::describe_key(layout::CF_DOC_META, key),
+        reason: format!("stored key is not a valid document id: {e}"),
+    })?;
+    let meta = DocMeta::decode(&key_str, value)?;
+    Ok((id, meta))
+}
+
 fn check_only_marker(path: &Path) -> Result<()> {
     let entries = fs::read_dir(path).map_err(|e| io_fatal(path, "list the store directory", e))?;
     for entry in entries {

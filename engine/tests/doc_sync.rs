@@ -1,0 +1,154 @@
+//! Automerge sync between two engines: convergence, message budgets, persisted
+//! sync state, and refusal of bad peer ids.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod common;
+
+use causeway_engine::{Engine, Error, SyncMessage, SyncState};
+use common::{fresh, id, reopen};
+use serde_json::json;
+
+/// Runs the sync protocol between `a` and `b` for `doc` until neither has
+/// anything to say; returns the number of messages exchanged.
+fn sync_to_quiescence(
+    a: &Engine,
+    sa: &mut SyncState,
+    b: &Engine,
+    sb: &mut SyncState,
+    doc: &causeway_engine::DocId,
+    budget: usize,
+) -> usize {
+    let mut messages = 0;
+    for _ in 0..10_000 {
+        let mut progressed = false;
+        if let Some(m) = a.generate_sync_message(doc, sa, budget).unwrap() {
+            let m = SyncMessage::decode(&m.encode()).unwrap();
+            b.receive_sync_message(doc, sb, m).unwrap();
+            messages += 1;
+            progressed = true;
+        }
+        if let Some(m) = b.generate_sync_message(doc, sb, budget).unwrap() {
+            let m = SyncMessage::decode(&m.encode()).unwrap();
+            a.receive_sync_message(doc, sa, m).unwrap();
+            messages += 1;
+            progressed = true;
+        }
+        if !progressed {
+            return messages;
+        }
+    }
+    panic!("sync did not quiesce");
+}
+
+#[test]
+fn two_engines_converge_through_sync_messages_within_a_byte_budget() {
+    let (_da, a) = fresh();
+    let (_db, b) = fresh();
+    let doc = id("sync/1");
+    for i in 0..50 {
+        a.merge_json(&doc, &json!({ format!("a{i}"): i })).unwrap();
+    }
+    b.merge_json(&doc, &json!({"b": true})).unwrap();
+    let (mut sa, mut sb) = (SyncState::new(), SyncState::new());
+    // A budget smaller than two changes forces one change per message.
+    let messages = sync_to_quiescence(&a, &mut sa, &b, &mut sb, &doc, 64);
+    assert_eq!(a.heads(&doc).unwrap(), b.heads(&doc).unwrap());
+    assert_eq!(a.get_json(&doc).unwrap(), b.get_json(&doc).unwrap());
+    assert!(messages > 50, "budget was not applied: {messages} messages");
+}
+
+#[test]
+fn a_document_missing_on_one_side_is_fetched_whole() {
+    let (_da, a) = fresh();
+    let (_db, b) = fresh();
+    let doc = id("only/on-a");
+    a.put_json(&doc, &json!({"x": [1, 2, 3]})).unwrap();
+    let (mut sa, mut sb) = (SyncState::new(), SyncState::new());
+    sync_to_quiescence(&b, &mut sb, &a, &mut sa, &doc, 1 << 20);
+    assert_eq!(b.get_json(&doc).unwrap(), json!({"x": [1, 2, 3]}));
+    assert_eq!(b.info(&doc).unwrap().digest, a.info(&doc).unwrap().digest);
+}
+
+#[test]
+fn persisted_sync_state_avoids_resending_history_after_restart() {
+    let (dir_a, a) = fresh();
+    let (_db, b) = fresh();
+    let doc = id("resume/1");
+    for i in 0..200 {
+        a.merge_json(&doc, &json!({ format!("k{i}"): i })).unwrap();
+    }
+    let (mut sa, mut sb) = (SyncState::new(), SyncState::new());
+    sync_to_quiescence(&a, &mut sa, &b, &mut sb, &doc, 1 << 20);
+    a.save_sync_states("peer-b", &[(&doc, &sa)]).unwrap();
+
+    let a = reopen(&dir_a, a, common::buffered());
+    a.merge_json(&doc, &json!({"after": "restart"})).unwrap();
+    let mut sa = a.load_sync_state("peer-b", &doc).unwrap();
+    assert!(!sa.shared_heads.is_empty());
+    let mut sb = SyncState::new();
+    let first = a
+        .generate_sync_message(&doc, &mut sa, 1 << 20)
+        .unwrap()
+        .unwrap();
+    // Only what b lacks may travel; without the saved state a would offer
+    // nothing until b's Bloom filter arrived, then everything b lacks.
+    assert!(
+        first.changes.len() <= 1,
+        "sent {} changes",
+        first.changes.len()
+    );
+    b.receive_sync_message(&doc, &mut sb, first).unwrap();
+    sync_to_quiescence(&a, &mut sa, &b, &mut sb, &doc, 1 << 20);
+    assert_eq!(a.get_json(&doc).unwrap(), b.get_json(&doc).unwrap());
+}
+
+#[test]
+fn bad_peer_ids_are_refused_and_unknown_states_start_fresh() {
+    let (_d, a) = fresh();
+    let doc = id("p/1");
+    for bad in ["", "a\0b", &"x".repeat(129)] {
+        assert!(matches!(
+            a.load_sync_state(bad, &doc),
+            Err(Error::InvalidPeer(_))
+        ));
+        assert!(matches!(
+            a.save_sync_states(bad, &[(&doc, &SyncState::new())]),
+            Err(Error::InvalidPeer(_))
+        ));
+    }
+    assert!(a
+        .load_sync_state("peer", &doc)
+        .unwrap()
+        .shared_heads
+        .is_empty());
+}
+
+#[test]
+fn a_sync_message_with_a_foreign_change_is_refused_and_changes_nothing() {
+    let (_da, a) = fresh();
+    let (_db, b) = fresh();
+    let (mine, other) = (id("doc/mine"), id("doc/other"));
+    a.put_json(&other, &json!({"v": 1})).unwrap();
+    b.put_json(&mine, &json!({"v": 2})).unwrap();
+    let before = b.heads(&mine).unwrap();
+    // a's message for `other` delivered as if it were about `mine`.
+    let mut sa = SyncState::new();
+    let mut probe = SyncState::new();
+    let hello = b
+        .generate_sync_message(&other, &mut probe, 1 << 20)
+        .unwrap()
+        .unwrap();
+    a.receive_sync_message(&other, &mut sa, hello).unwrap();
+    let carrying = a
+        .generate_sync_message(&other, &mut sa, 1 << 20)
+        .unwrap()
+        .unwrap();
+    assert!(!carrying.changes.is_empty());
+    let mut sb = SyncState::new();
+    let err = b
+        .receive_sync_message(&mine, &mut sb, carrying)
+        .unwrap_err();
+    assert!(matches!(err, Error::WrongDocument { .. }), "{err}");
+    assert_eq!(b.heads(&mine).unwrap(), before);
+    assert!(sb.their_heads.is_none());
+}
