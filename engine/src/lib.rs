@@ -69,6 +69,7 @@ mod group_commit;
 pub mod json;
 pub mod layout;
 pub mod lineage;
+pub mod replication;
 mod store;
 
 pub use automerge;

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::{Parser, Subcommand, ValueEnum};
 
-use causeway_node::bench::{durable_writes, ingest};
+use causeway_node::bench::{durable_writes, ingest, reconcile};
 use causeway_node::demo;
 
 #[derive(Parser)]
@@ -56,6 +56,9 @@ enum BenchCommand {
     /// Small durable writes from N concurrent writers, against a raw RocksDB
     /// synced-write loop of the same sizes.
     DurableWrites(durable_writes::Args),
+    /// Document-set reconciliation between two nodes of N documents with d
+    /// differences: bytes and round trips against the floor.
+    Reconcile(reconcile::Args),
 }
 
 fn main() -> Result<()> {
@@ -65,6 +68,7 @@ fn main() -> Result<()> {
         Command::Demo { dir } => demo::run(dir),
         Command::Bench(BenchCommand::Ingest(args)) => ingest::run(&args),
         Command::Bench(BenchCommand::DurableWrites(args)) => durable_writes::run(&args),
+        Command::Bench(BenchCommand::Reconcile(args)) => reconcile::run(&args),
     }
 }
 

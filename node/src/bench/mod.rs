@@ -4,6 +4,7 @@
 
 pub mod durable_writes;
 pub mod ingest;
+pub mod reconcile;
 pub mod trace;
 
 use serde_json::Value;

@@ -1,0 +1,681 @@
+//! Wire messages: a versioned CBOR envelope and the messages it carries.
+//!
+//! Every message travels as the CBOR array `[version, cluster, message]`
+//! (see `docs/protocol.md` for the full schema). The version is read first,
+//! from the raw bytes, so a message from a newer protocol gets
+//! [`WireError::UnsupportedVersion`] before anything else is decoded. Every
+//! size is bounded by a named constant; decoding refuses input over the
+//! channel's byte limit before parsing, and the decoder allocates in
+//! proportion to the bytes actually present (never to a declared length), so
+//! no message can make a node allocate more than its byte limit allows.
+
+use serde::{Deserialize, Serialize};
+
+use crate::doc_id::DocId;
+
+use super::ids::{ClusterId, NodeId, Region};
+
+/// The protocol version this build speaks.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Largest encoded message published by gossip (deltas and announcements).
+/// A delta that would be larger is replaced by an [`Announce`] and pulled.
+pub const MAX_GOSSIP_BYTES: usize = 256 << 10;
+/// Largest encoded message sent to one peer (hello, sync, reconcile, ack).
+pub const MAX_FRAME_BYTES: usize = 10 << 20;
+/// Budget for the changes in one sync message. At least one change is always
+/// sent, so a single change up to the engine's `max_change_bytes` (8 MiB by
+/// default) still fits in [`MAX_FRAME_BYTES`].
+pub const MAX_SYNC_CHANGE_BYTES: usize = 1 << 20;
+/// Most heads listed for one document.
+pub const MAX_HEADS: usize = 256;
+/// Most changes in one delta.
+pub const MAX_CHANGES_PER_DELTA: usize = 1024;
+/// Most ranges in one reconciliation message.
+pub const MAX_RANGES: usize = 4096;
+/// Most items, over all ranges, in one reconciliation message.
+pub const MAX_ITEMS: usize = 16_384;
+/// Most documents acknowledged in one [`Ack`].
+pub const MAX_ACK_ENTRIES: usize = 4096;
+/// Bytes of an item digest in reconciliation (a prefix of SHA-256 over the
+/// document's sorted heads).
+pub const ITEM_DIGEST_LEN: usize = 16;
+
+/// Why bytes off the wire were refused. Every variant means the sender is
+/// misbehaving (or runs an incompatible build); nothing was changed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    /// The message is larger than its channel allows.
+    #[error("message is {size} bytes; the limit is {limit}")]
+    TooLarge {
+        /// Size of the refused message.
+        size: usize,
+        /// The channel's limit.
+        limit: usize,
+    },
+    /// The sender speaks a protocol version this build does not.
+    #[error("protocol version {found} is not supported (this node speaks {supported})")]
+    UnsupportedVersion {
+        /// The version in the envelope.
+        found: u64,
+        /// The version this build speaks.
+        supported: u32,
+    },
+    /// The message names an invalid document id.
+    #[error("invalid document id: {0}")]
+    InvalidDocId(String),
+    /// The message names an invalid node id, region or cluster id.
+    #[error("{0}")]
+    InvalidName(String),
+    /// A count inside the message exceeds its named limit.
+    #[error("{what} has {count} entries; the limit is {limit}")]
+    LimitExceeded {
+        /// Which list.
+        what: &'static str,
+        /// Its length in the message.
+        count: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// The bytes are not a well-formed message.
+    #[error("malformed message: {0}")]
+    Malformed(String),
+}
+
+/// A message with its envelope fields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Envelope {
+    /// The sender's cluster; receivers refuse other clusters.
+    pub cluster: ClusterId,
+    /// The message itself.
+    pub message: Message,
+}
+
+/// Everything nodes say to each other.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Message {
+    /// First message on a new connection, both ways.
+    #[serde(rename = "hello")]
+    Hello(Hello),
+    /// New changes to one document, published by gossip.
+    #[serde(rename = "delta")]
+    Delta(Delta),
+    /// New changes too large to gossip: pull them with a sync.
+    #[serde(rename = "announce")]
+    Announce(Announce),
+    /// One Automerge sync message for one document.
+    #[serde(rename = "sync")]
+    Sync(SyncFrame),
+    /// One step of document-set reconciliation.
+    #[serde(rename = "rec")]
+    Reconcile(Reconcile),
+    /// Which heads the sender now holds, for progress tracking.
+    #[serde(rename = "ack")]
+    Ack(Ack),
+}
+
+/// Identifies a node to a peer it has just connected to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// The sender.
+    pub node: NodeId,
+    /// The sender's region.
+    pub region: Region,
+    /// The highest protocol version the sender speaks.
+    pub version: u32,
+}
+
+/// Changes to one document, as committed (durably) at their origin.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Delta {
+    /// The node where the changes were committed.
+    pub origin: NodeId,
+    /// The origin's region.
+    pub region: Region,
+    /// The document.
+    pub doc: DocId,
+    /// Raw Automerge changes, in causal order.
+    pub changes: Vec<Bytes>,
+    /// The document's heads at the origin after these changes.
+    pub heads: Heads,
+}
+
+/// Announces new heads of a document whose delta was too large to gossip.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Announce {
+    /// The node where the changes were committed.
+    pub origin: NodeId,
+    /// The origin's region.
+    pub region: Region,
+    /// The document.
+    pub doc: DocId,
+    /// The document's heads at the origin after the changes.
+    pub heads: Heads,
+}
+
+/// An Automerge sync message (`automerge::sync::Message::encode`) for one
+/// document.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncFrame {
+    /// The document.
+    pub doc: DocId,
+    /// The encoded Automerge sync message.
+    pub msg: Bytes,
+}
+
+/// One step of range-based set reconciliation over `(document id, digest)`
+/// items. The ranges partition the whole id space in order: each covers ids
+/// from the previous range's `upper` (the first: from the smallest id) up to,
+/// not including, its own `upper` (the last: to the end).
+///
+/// On the wire each upper bound is written relative to the previous one in
+/// the same message, as `[shared prefix length, rest]` (`null` for the end),
+/// since neighbouring bounds share long prefixes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "ReconcileRepr", into = "ReconcileRepr")]
+pub struct Reconcile {
+    /// Chosen by the node that started the reconciliation; echoed in replies.
+    pub session: u64,
+    /// The ranges, in id order.
+    pub ranges: Vec<RangePart>,
+}
+
+/// The compact wire form of [`Reconcile`].
+#[derive(Clone, Serialize, Deserialize)]
+struct ReconcileRepr(u64, Vec<(Option<(usize, String)>, RangeBody)>);
+
+impl From<Reconcile> for ReconcileRepr {
+    fn from(r: Reconcile) -> Self {
+        let mut previous = String::new();
+        let ranges = r
+            .ranges
+            .into_iter()
+            .map(|part| {
+                let bound = part.upper.map(|upper| {
+                    let shared = previous
+                        .bytes()
+                        .zip(upper.as_str().bytes())
+                        .take_while(|(a, b)| a == b)
+                        .count();
+                    let rest = upper.as_str()[shared..].to_string();
+                    previous = upper.as_str().to_string();
+                    (shared, rest)
+                });
+                (bound, part.body)
+            })
+            .collect();
+        ReconcileRepr(r.session, ranges)
+    }
+}
+
+impl TryFrom<ReconcileRepr> for Reconcile {
+    type Error = String;
+
+    fn try_from(r: ReconcileRepr) -> Result<Self, String> {
+        let mut previous = String::new();
+        let mut ranges = Vec::with_capacity(r.1.len());
+        for (bound, body) in r.1 {
+            let upper = match bound {
+                None => None,
+                Some((shared, rest)) => {
+                    let prefix = previous
+                        .get(..shared)
+                        .ok_or("range bound shares more than the previous bound holds")?;
+                    let id = DocId::new(format!("{prefix}{rest}")).map_err(|e| e.to_string())?;
+                    previous = id.as_str().to_string();
+                    Some(id)
+                }
+            };
+            ranges.push(RangePart { upper, body });
+        }
+        Ok(Reconcile {
+            session: r.0,
+            ranges,
+        })
+    }
+}
+
+/// One range of a [`Reconcile`] message. On the wire: `[upper, body]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(
+    from = "(Option<DocId>, RangeBody)",
+    into = "(Option<DocId>, RangeBody)"
+)]
+pub struct RangePart {
+    /// Exclusive upper bound; `None` for the end of the id space.
+    pub upper: Option<DocId>,
+    /// What the sender says about the range.
+    pub body: RangeBody,
+}
+
+impl From<(Option<DocId>, RangeBody)> for RangePart {
+    fn from((upper, body): (Option<DocId>, RangeBody)) -> Self {
+        RangePart { upper, body }
+    }
+}
+
+impl From<RangePart> for (Option<DocId>, RangeBody) {
+    fn from(p: RangePart) -> Self {
+        (p.upper, p.body)
+    }
+}
+
+/// What a [`RangePart`] says about its range. On the wire: `"s"`,
+/// `{"f": [fingerprint, count]}` or `{"i": [items, reply, lacking]}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "BodyRepr", into = "BodyRepr")]
+pub enum RangeBody {
+    /// Nothing to do here (already equal, or settled).
+    Skip,
+    /// The fingerprint of the sender's items in the range.
+    Fingerprint {
+        /// Sum of the items' hashes, see `reconcile`.
+        fingerprint: Bytes,
+        /// Number of items.
+        count: u64,
+    },
+    /// The sender's items in the range, listed.
+    Items {
+        /// The items.
+        items: Vec<Item>,
+        /// Whether the receiver should answer with its own items.
+        reply: bool,
+        /// In an answer: a bitmap over the items of the message answered
+        /// (bit `k` of byte `k / 8`, least significant first), set for items
+        /// the sender lacks or holds at a different digest.
+        lacking: Option<Bytes>,
+    },
+}
+
+/// The compact wire form of [`RangeBody`].
+#[derive(Clone, Serialize, Deserialize)]
+enum BodyRepr {
+    #[serde(rename = "s")]
+    Skip,
+    #[serde(rename = "f")]
+    Fingerprint(Bytes, u64),
+    #[serde(rename = "i")]
+    Items(Vec<Item>, bool, Option<Bytes>),
+}
+
+impl From<BodyRepr> for RangeBody {
+    fn from(r: BodyRepr) -> Self {
+        match r {
+            BodyRepr::Skip => RangeBody::Skip,
+            BodyRepr::Fingerprint(fingerprint, count) => {
+                RangeBody::Fingerprint { fingerprint, count }
+            }
+            BodyRepr::Items(items, reply, lacking) => RangeBody::Items {
+                items,
+                reply,
+                lacking,
+            },
+        }
+    }
+}
+
+impl From<RangeBody> for BodyRepr {
+    fn from(b: RangeBody) -> Self {
+        match b {
+            RangeBody::Skip => BodyRepr::Skip,
+            RangeBody::Fingerprint { fingerprint, count } => {
+                BodyRepr::Fingerprint(fingerprint, count)
+            }
+            RangeBody::Items {
+                items,
+                reply,
+                lacking,
+            } => BodyRepr::Items(items, reply, lacking),
+        }
+    }
+}
+
+/// One reconciliation item: a document and a digest of its heads. On the
+/// wire: `[doc, digest]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "(DocId, Bytes)", into = "(DocId, Bytes)")]
+pub struct Item {
+    /// The document.
+    pub doc: DocId,
+    /// The first [`ITEM_DIGEST_LEN`] bytes of the digest of its heads.
+    pub digest: Bytes,
+}
+
+impl From<(DocId, Bytes)> for Item {
+    fn from((doc, digest): (DocId, Bytes)) -> Self {
+        Item { doc, digest }
+    }
+}
+
+impl From<Item> for (DocId, Bytes) {
+    fn from(i: Item) -> Self {
+        (i.doc, i.digest)
+    }
+}
+
+/// Heads the sender holds, per document.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ack {
+    /// The documents and heads.
+    pub entries: Vec<AckEntry>,
+}
+
+/// One document in an [`Ack`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AckEntry {
+    /// The document.
+    pub doc: DocId,
+    /// Its heads at the sender.
+    pub heads: Heads,
+}
+
+/// A byte string (CBOR major type 2).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Bytes(#[serde(with = "serde_bytes")] pub Vec<u8>);
+
+impl std::fmt::Debug for Bytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Bytes({} bytes)", self.0.len())
+    }
+}
+
+/// Change hashes, sorted, as one byte string of 32-byte hashes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Heads(Bytes);
+
+impl Heads {
+    /// Encodes `heads` (sorted on the way).
+    pub fn new(heads: &[automerge::ChangeHash]) -> Heads {
+        let mut sorted = heads.to_vec();
+        sorted.sort_unstable();
+        Heads(Bytes(sorted.iter().flat_map(|h| h.0).collect()))
+    }
+
+    /// The hashes.
+    pub fn to_vec(&self) -> Vec<automerge::ChangeHash> {
+        self.0
+             .0
+            .chunks_exact(32)
+            .map(|c| {
+                let mut h = [0u8; 32];
+                h.copy_from_slice(c);
+                automerge::ChangeHash(h)
+            })
+            .collect()
+    }
+
+    /// Number of hashes.
+    pub fn len(&self) -> usize {
+        self.0 .0.len() / 32
+    }
+
+    /// Whether there are none (a document with no history).
+    pub fn is_empty(&self) -> bool {
+        self.0 .0.is_empty()
+    }
+
+    fn check(&self) -> Result<(), WireError> {
+        if !self.0 .0.len().is_multiple_of(32) {
+            return Err(WireError::Malformed(
+                "heads are not a whole number of 32-byte hashes".into(),
+            ));
+        }
+        limit("heads", self.len(), MAX_HEADS)
+    }
+}
+
+impl Envelope {
+    /// Encodes the envelope as CBOR.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        // Writing into a Vec cannot fail, and every type here serializes.
+        #[allow(clippy::expect_used)]
+        ciborium::into_writer(&(PROTOCOL_VERSION, &self.cluster, &self.message), &mut out)
+            .expect("wire messages serialize");
+        out
+    }
+
+    /// Decodes and validates an envelope received on a channel whose limit is
+    /// `max_bytes` ([`MAX_GOSSIP_BYTES`] or [`MAX_FRAME_BYTES`]).
+    pub fn decode(bytes: &[u8], max_bytes: usize) -> Result<Envelope, WireError> {
+        if bytes.len() > max_bytes {
+            return Err(WireError::TooLarge {
+                size: bytes.len(),
+                limit: max_bytes,
+            });
+        }
+        let version = probe_version(bytes)?;
+        if version != u64::from(PROTOCOL_VERSION) {
+            return Err(WireError::UnsupportedVersion {
+                found: version,
+                supported: PROTOCOL_VERSION,
+            });
+        }
+        let (_, cluster, message): (u32, ClusterId, Message) =
+            ciborium::from_reader(bytes).map_err(classify)?;
+        message.check()?;
+        Ok(Envelope { cluster, message })
+    }
+}
+
+impl Message {
+    /// Checks every count against its limit.
+    fn check(&self) -> Result<(), WireError> {
+        match self {
+            Message::Hello(_) | Message::Sync(_) => Ok(()),
+            Message::Delta(d) => {
+                limit("delta changes", d.changes.len(), MAX_CHANGES_PER_DELTA)?;
+                d.heads.check()
+            }
+            Message::Announce(a) => a.heads.check(),
+            Message::Reconcile(r) => {
+                limit("reconcile ranges", r.ranges.len(), MAX_RANGES)?;
+                let mut items = 0;
+                for part in &r.ranges {
+                    if let RangeBody::Items { items: list, .. } = &part.body {
+                        items += list.len();
+                        if list.iter().any(|i| i.digest.0.len() != ITEM_DIGEST_LEN) {
+                            return Err(WireError::Malformed("item digest length".into()));
+                        }
+                    }
+                }
+                limit("reconcile items", items, MAX_ITEMS)
+            }
+            Message::Ack(a) => {
+                limit("ack entries", a.entries.len(), MAX_ACK_ENTRIES)?;
+                a.entries.iter().try_for_each(|e| e.heads.check())
+            }
+        }
+    }
+}
+
+fn limit(what: &'static str, count: usize, limit: usize) -> Result<(), WireError> {
+    if count > limit {
+        return Err(WireError::LimitExceeded { what, count, limit });
+    }
+    Ok(())
+}
+
+/// Reads the version from the start of `[version, cluster, message]` without
+/// decoding the rest.
+fn probe_version(bytes: &[u8]) -> Result<u64, WireError> {
+    let malformed = || WireError::Malformed("not a Causeway envelope".into());
+    let (&first, rest) = bytes.split_first().ok_or_else(malformed)?;
+    if first != 0x83 {
+        return Err(malformed());
+    }
+    let (&head, rest) = rest.split_first().ok_or_else(malformed)?;
+    if head >> 5 != 0 {
+        return Err(malformed());
+    }
+    let width = match head & 0x1f {
+        small @ 0..=23 => return Ok(u64::from(small)),
+        24 => 1,
+        25 => 2,
+        26 => 4,
+        27 => 8,
+        _ => return Err(malformed()),
+    };
+    let digits = rest.get(..width).ok_or_else(malformed)?;
+    Ok(digits.iter().fold(0u64, |v, b| (v << 8) | u64::from(*b)))
+}
+
+/// Sorts a CBOR decoding error into a [`WireError`]. Invalid ids surface as
+/// serde custom errors carrying the validator's message.
+fn classify(e: ciborium::de::Error<std::io::Error>) -> WireError {
+    let text = e.to_string();
+    if text.contains("document id") {
+        WireError::InvalidDocId(text)
+    } else if text.contains("invalid node id")
+        || text.contains("invalid region")
+        || text.contains("invalid cluster id")
+    {
+        WireError::InvalidName(text)
+    } else {
+        WireError::Malformed(text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn cluster() -> ClusterId {
+        ClusterId::new("test").unwrap()
+    }
+
+    fn delta() -> Message {
+        Message::Delta(Delta {
+            origin: NodeId::new("n1").unwrap(),
+            region: Region::new("eu").unwrap(),
+            doc: DocId::new("a/b").unwrap(),
+            changes: vec![Bytes(vec![1, 2, 3])],
+            heads: Heads::new(&[automerge::ChangeHash([7; 32])]),
+        })
+    }
+
+    #[test]
+    fn messages_round_trip() {
+        let env = Envelope {
+            cluster: cluster(),
+            message: delta(),
+        };
+        let bytes = env.encode();
+        assert_eq!(Envelope::decode(&bytes, MAX_GOSSIP_BYTES).unwrap(), env);
+    }
+
+    #[test]
+    fn a_future_version_is_refused_before_decoding() {
+        let bytes = {
+            let mut out = Vec::new();
+            ciborium::into_writer(&(2u32, "test", "whatever comes in v2"), &mut out).unwrap();
+            out
+        };
+        assert_eq!(
+            Envelope::decode(&bytes, MAX_FRAME_BYTES),
+            Err(WireError::UnsupportedVersion {
+                found: 2,
+                supported: PROTOCOL_VERSION
+            })
+        );
+        let big = [0x83, 0x1b, 0, 0, 1, 0, 0, 0, 0, 0];
+        assert!(matches!(
+            Envelope::decode(&big, MAX_FRAME_BYTES),
+            Err(WireError::UnsupportedVersion { .. })
+        ));
+    }
+
+    #[test]
+    fn oversized_input_is_refused_before_parsing() {
+        let env = Envelope {
+            cluster: cluster(),
+            message: delta(),
+        };
+        let bytes = env.encode();
+        assert!(matches!(
+            Envelope::decode(&bytes, bytes.len() - 1),
+            Err(WireError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn a_declared_length_beyond_the_input_fails_without_allocating_it() {
+        // [1, "test", {"sync": {"doc": "a", "msg": <bytes claiming 2^40>}}]
+        let mut bytes = vec![0x83, 0x01, 0x64];
+        bytes.extend_from_slice(b"test");
+        bytes.extend_from_slice(&[0xa1, 0x64]);
+        bytes.extend_from_slice(b"sync");
+        bytes.extend_from_slice(&[0xa2, 0x63]);
+        bytes.extend_from_slice(b"doc");
+        bytes.extend_from_slice(&[0x61, b'a', 0x63]);
+        bytes.extend_from_slice(b"msg");
+        bytes.extend_from_slice(&[0x5b, 0, 0, 1, 0, 0, 0, 0, 0, 1, 2]);
+        assert!(matches!(
+            Envelope::decode(&bytes, MAX_FRAME_BYTES),
+            Err(WireError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn invalid_ids_and_counts_get_their_own_reasons() {
+        let mut bad_doc = Vec::new();
+        ciborium::into_writer(
+            &(
+                1u32,
+                "test",
+                Message::Sync(SyncFrame {
+                    doc: DocId::new("x").unwrap(),
+                    msg: Bytes(vec![]),
+                }),
+            ),
+            &mut bad_doc,
+        )
+        .unwrap();
+        // Replace the id "x" with the invalid "!" in place.
+        let pos = bad_doc.iter().rposition(|b| *b == b'x').unwrap();
+        bad_doc[pos] = b'!';
+        assert!(matches!(
+            Envelope::decode(&bad_doc, MAX_FRAME_BYTES),
+            Err(WireError::InvalidDocId(_))
+        ));
+
+        let mut bad_cluster = Vec::new();
+        ciborium::into_writer(&(1u32, "Bad Cluster", delta()), &mut bad_cluster).unwrap();
+        assert!(matches!(
+            Envelope::decode(&bad_cluster, MAX_FRAME_BYTES),
+            Err(WireError::InvalidName(_))
+        ));
+
+        let Message::Delta(mut d) = delta() else {
+            unreachable!()
+        };
+        d.changes = vec![Bytes(vec![0]); MAX_CHANGES_PER_DELTA + 1];
+        let env = Envelope {
+            cluster: cluster(),
+            message: Message::Delta(d),
+        };
+        assert!(matches!(
+            Envelope::decode(&env.encode(), MAX_FRAME_BYTES),
+            Err(WireError::LimitExceeded { .. })
+        ));
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        let seed = delta();
+        let bytes = Envelope {
+            cluster: cluster(),
+            message: seed,
+        }
+        .encode();
+        for cut in 0..bytes.len() {
+            let _ = Envelope::decode(&bytes[..cut], MAX_FRAME_BYTES);
+            let mut flipped = bytes.clone();
+            flipped[cut] ^= 0xff;
+            let _ = Envelope::decode(&flipped, MAX_FRAME_BYTES);
+        }
+    }
+}
