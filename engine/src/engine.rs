@@ -128,8 +128,9 @@ pub(crate) struct Inner {
     cache: DocCache,
     events: EventHub,
     pub(crate) config: EngineConfig,
-    /// Actor for this engine's local changes: fresh on every open, so a change
-    /// lost in a crash can never have its (actor, seq) reused by another.
+    /// Actor for this engine's local changes: fresh on every open (unless
+    /// `EngineConfig::actor` names one), so a change lost in a crash can never
+    /// have its (actor, seq) reused by another.
     actor: ActorId,
     held_dropped: AtomicU64,
 }
@@ -405,11 +406,23 @@ impl Engine {
                         limit,
                     });
                 }
-                Change::from_bytes(bytes.to_vec()).map_err(|e| Error::InvalidChange {
+                let invalid = |reason: String| Error::InvalidChange {
                     doc: id.clone(),
                     index,
-                    reason: e.to_string(),
-                })
+                    reason,
+                };
+                let change =
+                    Change::from_bytes(bytes.to_vec()).map_err(|e| invalid(e.to_string()))?;
+                // `Change::from_bytes` does not compare the header checksum
+                // (bytes 4..8, after the magic) with the hash of the content,
+                // so a change altered in transit would otherwise decode under
+                // a new hash.
+                if bytes.get(4..8) != Some(&change.hash().0[..4]) {
+                    return Err(invalid(
+                        "checksum does not match the change's contents".into(),
+                    ));
+                }
+                Ok(change)
             })
             .collect()
     }

@@ -65,10 +65,19 @@ fn undecodable_and_oversized_changes_apply_nothing() {
     let mut flipped = good[1].clone();
     let last = flipped.len() - 1;
     flipped[last] ^= 0xff;
+    // Altered contents that still decode, and a damaged checksum: both fail
+    // the checksum comparison.
+    let mut altered = good[1].clone();
+    let middle = altered.len() / 2;
+    altered[middle] ^= 0x01;
+    let mut bad_checksum = good[1].clone();
+    bad_checksum[4] ^= 0x01;
     let inputs: Vec<Vec<Vec<u8>>> = vec![
         vec![b"not a change".to_vec()],
         vec![Vec::new()],
         vec![good[0].clone(), flipped],
+        vec![good[0].clone(), altered],
+        vec![good[0].clone(), bad_checksum],
         vec![good[0].clone(), good[1][..good[1].len() / 2].to_vec()],
     ];
     let (_b_dir, b) = fresh();
