@@ -16,7 +16,8 @@
 //!
 //! The durable part of a [`SyncState`] is the set of heads both sides are known
 //! to share; [`Engine::save_sync_states`] stores it per peer and document so a
-//! restarted node resumes without resending history.
+//! restarted node resumes from those heads: its first message summarises only
+//! the changes made since them, not the whole history.
 
 use std::collections::BTreeSet;
 
@@ -58,8 +59,10 @@ impl Engine {
     /// Receives a sync message for `id` from the peer whose state is `sync`.
     /// The changes it carries are validated and applied like
     /// [`Engine::apply_changes`] (and are durable on return); then the sync
-    /// state learns the peer's heads, needs and Bloom filter. On error nothing
-    /// was applied and `sync` is unchanged.
+    /// state learns the peer's heads, needs and Bloom filter. If the changes
+    /// fail validation, nothing was applied and `sync` is unchanged. If
+    /// Automerge then refuses the rest of the message, the changes stay
+    /// applied (they are valid and durable) and `sync` is unchanged.
     pub fn receive_sync_message(
         &self,
         id: &DocId,

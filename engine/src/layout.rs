@@ -38,7 +38,8 @@ pub const CF_CHANGE_LOG: &str = "change_log";
 pub const CF_SNAPSHOT: &str = "snapshot";
 
 /// Column family holding the persisted Automerge sync state per peer and
-/// document, so a restarted node does not resend history a peer already has.
+/// document, so a restarted node resumes sync from the heads it shares with
+/// each peer.
 pub const CF_PEER_SYNC: &str = "peer_sync";
 
 /// All column families Causeway creates, beside RocksDB's `default`.
@@ -192,7 +193,12 @@ pub fn log_prefix(doc: &DocId) -> Vec<u8> {
 /// Printable form of a storage key, for error messages.
 pub fn describe_key(cf: &str, key: &[u8]) -> String {
     match key.iter().position(|b| *b == 0) {
-        Some(pos) if key.len() == pos + 9 => {
+        Some(pos) if cf == CF_PEER_SYNC => format!(
+            "{cf}/{} (peer {})",
+            String::from_utf8_lossy(&key[pos + 1..]),
+            String::from_utf8_lossy(&key[..pos])
+        ),
+        Some(pos) if cf == CF_CHANGE_LOG && key.len() == pos + 9 => {
             let mut seq = [0u8; 8];
             seq.copy_from_slice(&key[pos + 1..]);
             format!(
@@ -241,6 +247,13 @@ mod tests {
         assert_eq!(
             describe_key(CF_CHANGE_LOG, &log_key(&a, 3)),
             "change_log/a#3"
+        );
+        // A sync-state key whose document id happens to be 8 bytes long is
+        // not mistaken for a log entry.
+        let doc = DocId::new("abcdefgh").expect("id");
+        assert_eq!(
+            describe_key(CF_PEER_SYNC, &peer_sync_key("n1", &doc)),
+            "peer_sync/abcdefgh (peer n1)"
         );
     }
 }

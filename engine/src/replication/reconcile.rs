@@ -34,7 +34,7 @@ use sha2::{Digest, Sha256};
 
 use crate::doc_id::DocId;
 
-use super::wire::{Bytes, Item, RangeBody, RangePart, ITEM_DIGEST_LEN, MAX_ITEMS};
+use super::wire::{Bytes, Item, RangeBody, RangePart, FINGERPRINT_LEN, ITEM_DIGEST_LEN, MAX_ITEMS};
 
 /// Tuning of the reconciliation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,6 +79,15 @@ pub struct ItemSet {
 struct Fingerprint {
     sum: u128,
     count: u64,
+}
+
+impl Fingerprint {
+    fn add(self, e: &Entry) -> Fingerprint {
+        Fingerprint {
+            sum: self.sum.wrapping_add(e.hash),
+            count: self.count + 1,
+        }
+    }
 }
 
 impl ItemSet {
@@ -137,10 +146,7 @@ impl ItemSet {
 
     fn fingerprint(&self, lower: Option<&DocId>, upper: Option<&DocId>) -> Fingerprint {
         self.range(lower, upper)
-            .fold(Fingerprint { sum: 0, count: 0 }, |fp, (_, e)| Fingerprint {
-                sum: fp.sum.wrapping_add(e.hash),
-                count: fp.count + 1,
-            })
+            .fold(Fingerprint { sum: 0, count: 0 }, |fp, (_, e)| fp.add(e))
     }
 }
 
@@ -159,10 +165,13 @@ pub struct Processed {
 /// The first message of a reconciliation: the fingerprint of the whole set,
 /// or the whole set listed if it is small.
 pub fn initiate(set: &ItemSet, params: &Params) -> Vec<RangePart> {
-    vec![RangePart {
-        upper: None,
-        body: describe(set, None, None, params, &mut params.max_items.clone()),
-    }]
+    let fp = set.fingerprint(None, None);
+    let body = if fp.count as usize <= params.item_threshold.min(item_budget(params)) {
+        items_body(set, None, None)
+    } else {
+        fingerprint_body(fp)
+    };
+    vec![RangePart { upper: None, body }]
 }
 
 /// Answers one message. See the [module docs](self).
@@ -170,7 +179,7 @@ pub fn process(set: &ItemSet, incoming: &[RangePart], params: &Params) -> Proces
     let mut out = Processed::default();
     let mut reply = Vec::new();
     let mut needs_reply = false;
-    let mut budget = params.max_items.min(MAX_ITEMS);
+    let mut budget = item_budget(params);
     let mut lower: Option<&DocId> = None;
     for part in incoming {
         let upper = part.upper.as_ref();
@@ -206,29 +215,24 @@ pub fn process(set: &ItemSet, incoming: &[RangePart], params: &Params) -> Proces
     if needs_reply || open {
         out.reply = reply;
     }
-    out.to_sync.dedup();
-    out.learned.dedup();
+    for ids in [&mut out.to_sync, &mut out.learned] {
+        ids.sort_unstable();
+        ids.dedup();
+    }
     out
 }
 
-/// Fingerprint or item list for the range, whichever the threshold asks for.
-fn describe(
-    set: &ItemSet,
-    lower: Option<&DocId>,
-    upper: Option<&DocId>,
-    params: &Params,
-    budget: &mut usize,
-) -> RangeBody {
-    let fp = set.fingerprint(lower, upper);
-    if fp.count as usize <= params.item_threshold && fp.count as usize <= *budget {
-        *budget -= fp.count as usize;
-        RangeBody::Items {
-            items: set.range(lower, upper).map(to_item).collect(),
-            reply: true,
-            lacking: None,
-        }
-    } else {
-        fingerprint_body(fp)
+/// Items listed per message under `params`.
+fn item_budget(params: &Params) -> usize {
+    params.max_items.min(MAX_ITEMS)
+}
+
+/// The sender's items in the range, asking for an answer.
+fn items_body(set: &ItemSet, lower: Option<&DocId>, upper: Option<&DocId>) -> RangeBody {
+    RangeBody::Items {
+        items: set.range(lower, upper).map(to_item).collect(),
+        reply: true,
+        lacking: None,
     }
 }
 
@@ -248,34 +252,28 @@ fn split(
     budget: &mut usize,
     reply: &mut Vec<RangePart>,
 ) {
-    let ids: Vec<&DocId> = set.range(lower, upper).map(|(id, _)| id).collect();
-    if ids.len() <= params.item_threshold.max(1) && ids.len() <= *budget {
-        *budget -= ids.len();
-        let items = set.range(lower, upper).map(to_item).collect();
-        let body = RangeBody::Items {
-            items,
-            reply: true,
-            lacking: None,
-        };
-        push(reply, upper, body);
+    let entries: Vec<(&DocId, &Entry)> = set.range(lower, upper).collect();
+    if entries.len() <= params.item_threshold.max(1) && entries.len() <= *budget {
+        *budget -= entries.len();
+        push(reply, upper, items_body(set, lower, upper));
         return;
     }
     // Ranges shrink on every split (down to one item each), so the exchange
-    // always reaches item lists.
-    let per = ids.len().div_ceil(params.branching.max(2)).max(1);
-    let mut from = lower;
-    let bounds: Vec<DocId> = ids
-        .chunks(per)
-        .collect::<Vec<_>>()
-        .windows(2)
-        .filter_map(|w| separator(w[0].last()?, w[1].first()?))
-        .collect();
-    for bound in bounds.iter().map(Some).chain(std::iter::once(upper)) {
-        // Fingerprints only: listing the items of sub-ranges that turn out to
-        // be equal would cost far more than their fingerprints.
-        let fp = set.fingerprint(from, bound);
-        push(reply, bound, fingerprint_body(fp));
-        from = bound;
+    // always reaches item lists. Each sub-range gets a fingerprint only:
+    // listing the items of sub-ranges that turn out to be equal would cost
+    // far more. A separator sorts after its chunk's last id and no later than
+    // the next chunk's first, so each chunk is exactly its sub-range.
+    let per = entries.len().div_ceil(params.branching.max(2)).max(1);
+    let chunks: Vec<&[(&DocId, &Entry)]> = entries.chunks(per).collect();
+    for (k, chunk) in chunks.iter().enumerate() {
+        let bound = match chunks.get(k + 1) {
+            Some(next) => Some(separator(chunk[chunk.len() - 1].0, next[0].0)),
+            None => upper.cloned(),
+        };
+        let fp = chunk
+            .iter()
+            .fold(Fingerprint { sum: 0, count: 0 }, |fp, (_, e)| fp.add(e));
+        push(reply, bound.as_ref(), fingerprint_body(fp));
     }
 }
 
@@ -307,7 +305,6 @@ fn answer_items(
         .map(to_item)
         .collect();
     out.to_sync.extend(extras.iter().map(|i| i.doc.clone()));
-    out.to_sync.sort();
     let take = extras.len().min(*budget);
     *budget -= take;
     let lacking = Some(Bytes(lacking));
@@ -344,7 +341,10 @@ fn answer_items(
 }
 
 /// Records what an answer says differs: every item it lists, and every item
-/// this side holds in the range that the bitmap marks as lacking there.
+/// this side holds in the range that the bitmap marks as lacking there. The
+/// bitmap indexes the items this side listed earlier; if its set changed in
+/// between, the mapping may be off. That only affects what this side learns:
+/// the side that answered already started the syncs.
 fn learn_from_answer(
     set: &ItemSet,
     lower: Option<&DocId>,
@@ -361,7 +361,6 @@ fn learn_from_answer(
             }
         }
     }
-    out.learned.sort();
 }
 
 /// Appends a range, merging adjacent settled ranges into one.
@@ -381,10 +380,11 @@ fn push(reply: &mut Vec<RangePart>, upper: Option<&DocId>, body: RangeBody) {
 }
 
 /// The shortest prefix of `next` that sorts after `prev` (`prev < next`).
-fn separator(prev: &DocId, next: &DocId) -> Option<DocId> {
+/// A non-empty prefix of an id is a valid id; `next` itself is the fallback.
+fn separator(prev: &DocId, next: &DocId) -> DocId {
     let (p, n) = (prev.as_bytes(), next.as_bytes());
     let common = p.iter().zip(n).take_while(|(a, b)| a == b).count();
-    DocId::new(&next.as_str()[..(common + 1).min(n.len())]).ok()
+    DocId::new(&next.as_str()[..(common + 1).min(n.len())]).unwrap_or_else(|_| next.clone())
 }
 
 fn to_item((id, e): (&DocId, &Entry)) -> Item {
@@ -394,7 +394,7 @@ fn to_item((id, e): (&DocId, &Entry)) -> Item {
     }
 }
 
-fn to_bytes(sum: u128) -> [u8; 16] {
+fn to_bytes(sum: u128) -> [u8; FINGERPRINT_LEN] {
     sum.to_be_bytes()
 }
 

@@ -37,6 +37,8 @@ pub const MAX_RANGES: usize = 4096;
 pub const MAX_ITEMS: usize = 16_384;
 /// Most documents acknowledged in one [`Ack`].
 pub const MAX_ACK_ENTRIES: usize = 4096;
+/// Bytes of a range fingerprint in reconciliation.
+pub const FINGERPRINT_LEN: usize = 16;
 /// Bytes of an item digest in reconciliation (a prefix of SHA-256 over the
 /// document's sorted heads).
 pub const ITEM_DIGEST_LEN: usize = 16;
@@ -474,11 +476,19 @@ impl Message {
                 limit("reconcile ranges", r.ranges.len(), MAX_RANGES)?;
                 let mut items = 0;
                 for part in &r.ranges {
-                    if let RangeBody::Items { items: list, .. } = &part.body {
-                        items += list.len();
-                        if list.iter().any(|i| i.digest.0.len() != ITEM_DIGEST_LEN) {
-                            return Err(WireError::Malformed("item digest length".into()));
+                    match &part.body {
+                        RangeBody::Items { items: list, .. } => {
+                            items += list.len();
+                            if list.iter().any(|i| i.digest.0.len() != ITEM_DIGEST_LEN) {
+                                return Err(WireError::Malformed("item digest length".into()));
+                            }
                         }
+                        RangeBody::Fingerprint { fingerprint, .. }
+                            if fingerprint.0.len() != FINGERPRINT_LEN =>
+                        {
+                            return Err(WireError::Malformed("fingerprint length".into()));
+                        }
+                        _ => {}
                     }
                 }
                 limit("reconcile items", items, MAX_ITEMS)
@@ -660,6 +670,24 @@ mod tests {
         assert!(matches!(
             Envelope::decode(&env.encode(), MAX_FRAME_BYTES),
             Err(WireError::LimitExceeded { .. })
+        ));
+
+        let short_fingerprint = Envelope {
+            cluster: cluster(),
+            message: Message::Reconcile(Reconcile {
+                session: 1,
+                ranges: vec![RangePart {
+                    upper: None,
+                    body: RangeBody::Fingerprint {
+                        fingerprint: Bytes(vec![0; 3]),
+                        count: 1,
+                    },
+                }],
+            }),
+        };
+        assert!(matches!(
+            Envelope::decode(&short_fingerprint.encode(), MAX_FRAME_BYTES),
+            Err(WireError::Malformed(_))
         ));
     }
 
