@@ -63,7 +63,7 @@ pub fn run(args: &Args) -> Result<()> {
             session.a_knows == differing && session.b_knows == differing,
             "reconciliation missed differences (d = {d})"
         );
-        let floor: usize = differing.iter().map(|id| item_bytes(id)).sum();
+        let floor: usize = differing.iter().map(item_bytes).sum();
         let target = 2 * floor + 4096;
         report.record(
             json!({"bench": "reconcile", "docs": args.docs, "differences": d,
@@ -155,11 +155,7 @@ fn sets(docs: usize, d: usize) -> Result<(ItemSet, ItemSet, BTreeSet<DocId>)> {
     let (mut a, mut b) = (ItemSet::new(), ItemSet::new());
     let mut differing = BTreeSet::new();
     // Spread the differences evenly over the id space.
-    let stride = if d == 0 {
-        usize::MAX
-    } else {
-        (docs / d).max(1)
-    };
+    let stride = docs.checked_div(d).map_or(usize::MAX, |s| s.max(1));
     for i in 0..docs {
         let doc = id(i)?;
         let k = i / stride;
