@@ -1,11 +1,37 @@
 //! The replication protocol, free of I/O: what a node sends, to whom, and
 //! what it does with what it receives.
 //!
+//! The [`Replicator`] is driven by its caller, quinn-proto style:
+//!
+//! 1. The caller commits local writes through the [`Engine`](crate::Engine)
+//!    and then reports them with [`Replicator::handle_local_commit`] (so every
+//!    change is durable before it can leave the node).
+//! 2. Connections and disconnections go to [`Replicator::handle_connect`] and
+//!    [`Replicator::handle_disconnect`]; received bytes to
+//!    [`Replicator::handle_message`], whose [`Verdict`] tells a gossip layer
+//!    whether to forward the message.
+//! 3. The caller drains [`Replicator::poll_output`] (publish to all, send to
+//!    one peer, report a misbehaving peer) and calls
+//!    [`Replicator::handle_timeout`] once [`Replicator::poll_timeout`] is due.
+//!
+//! Time (`now`, a [`Duration`](std::time::Duration) since any fixed origin)
+//! and randomness ([`random::Random`]) are arguments; the core reads no clock
+//! and draws no random numbers of its own, so a simulator can replay it.
+//!
 //! * [`ids`]: validated names of nodes, regions and clusters.
 //! * [`wire`]: the versioned CBOR envelope and every message, with limits.
 //! * [`reconcile`]: range-based set reconciliation over `(document id,
 //!   digest of heads)`, which finds the documents two nodes disagree on.
+//! * [`progress`]: which heads each peer is known to hold.
+//! * [`random`]: randomness as an input.
 
 pub mod ids;
+pub mod progress;
+pub mod random;
 pub mod reconcile;
+mod replicator;
 pub mod wire;
+
+pub use self::replicator::{
+    reason_name, Channel, Output, Rejection, Replicator, ReplicatorConfig, Stats, Verdict,
+};

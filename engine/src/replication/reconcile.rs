@@ -222,6 +222,18 @@ pub fn process(set: &ItemSet, incoming: &[RangePart], params: &Params) -> Proces
     out
 }
 
+/// Whether a message asks for an answer: it holds a fingerprint or a list of
+/// items to compare. [`process`] always answers such a message, so a session
+/// whose last message asked for an answer and got none lost a message.
+pub fn expects_answer(parts: &[RangePart]) -> bool {
+    parts.iter().any(|p| {
+        matches!(
+            p.body,
+            RangeBody::Fingerprint { .. } | RangeBody::Items { reply: true, .. }
+        )
+    })
+}
+
 /// Items listed per message under `params`.
 fn item_budget(params: &Params) -> usize {
     params.max_items.min(MAX_ITEMS)

@@ -1,0 +1,747 @@
+//! The replication core: a state machine over one [`Engine`], driven by the
+//! caller (the node, or the simulator) with time and randomness as inputs.
+//!
+//! Inputs are `handle_*` calls; outputs are drained with
+//! [`Replicator::poll_output`], and [`Replicator::poll_timeout`] says when
+//! [`Replicator::handle_timeout`] is next due. Every change the core emits is
+//! already durable here: local changes are committed by the engine before
+//! [`Replicator::handle_local_commit`] is called, and received changes are
+//! applied (durably) before anything derived from them is sent.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::Duration;
+
+use automerge::{ChangeHash, ReadDoc};
+
+use crate::doc_id::DocId;
+use crate::doc_sync::{SyncMessage, SyncState};
+use crate::engine::Engine;
+use crate::error::{Error, Result};
+
+use super::ids::{ClusterId, NodeId, Region};
+use super::progress::Progress;
+use super::random::Random;
+use super::reconcile::{self, ItemSet, Params};
+use super::wire::{
+    Ack, AckEntry, Announce, Bytes, Delta, Envelope, Heads, Hello, Message, Reconcile, SyncFrame,
+    WireError, MAX_ACK_ENTRIES, MAX_FRAME_BYTES, MAX_GOSSIP_BYTES, MAX_SYNC_CHANGE_BYTES,
+    PROTOCOL_VERSION,
+};
+
+/// Configuration of a [`Replicator`]: plain data with defaults for a WAN.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicatorConfig {
+    /// This node.
+    pub node: NodeId,
+    /// This node's region.
+    pub region: Region,
+    /// The cluster; messages from other clusters are refused.
+    pub cluster: ClusterId,
+    /// Time between anti-entropy rounds with every connected peer (plus up to
+    /// 25% random jitter). Default 30 s.
+    pub anti_entropy_interval: Duration,
+    /// A sync or reconciliation message unanswered this long is sent again.
+    /// Default 5 s.
+    pub retry_after: Duration,
+    /// Document syncs running at once with one peer; more wait in a queue.
+    /// Default 32.
+    pub max_active_syncs_per_peer: usize,
+    /// Documents waiting for a sync with one peer. When full, further
+    /// documents are dropped (counted) and left to the next anti-entropy
+    /// round. Default 100,000.
+    pub max_queued_syncs_per_peer: usize,
+    /// Acknowledgements are batched and sent this often. Default 100 ms.
+    pub ack_interval: Duration,
+    /// Reconciliation tuning.
+    pub reconcile: Params,
+}
+
+impl ReplicatorConfig {
+    /// Defaults for a node named `node` in `region` of `cluster`.
+    pub fn new(node: NodeId, region: Region, cluster: ClusterId) -> Self {
+        ReplicatorConfig {
+            node,
+            region,
+            cluster,
+            anti_entropy_interval: Duration::from_secs(30),
+            retry_after: Duration::from_secs(5),
+            max_active_syncs_per_peer: 32,
+            max_queued_syncs_per_peer: 100_000,
+            ack_interval: Duration::from_millis(100),
+            reconcile: Params::default(),
+        }
+    }
+}
+
+/// Something the core wants done.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    /// Publish to every peer by gossip.
+    Publish(Vec<u8>),
+    /// Send to one peer.
+    Send {
+        /// The peer.
+        to: NodeId,
+        /// The encoded envelope.
+        bytes: Vec<u8>,
+    },
+    /// A peer sent something it should not have; the networking layer may
+    /// penalise or disconnect it.
+    Misbehaving {
+        /// The peer.
+        peer: NodeId,
+        /// Why.
+        reason: Rejection,
+    },
+}
+
+/// Why a received message was refused. The message changed nothing.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Rejection {
+    /// It did not decode, or broke a wire limit.
+    #[error("{0}")]
+    Wire(#[from] WireError),
+    /// It came from another cluster.
+    #[error("message for cluster {found}, this is {expected}")]
+    WrongCluster {
+        /// This node's cluster.
+        expected: ClusterId,
+        /// The cluster in the message.
+        found: ClusterId,
+    },
+    /// Its changes did not decode, failed their checksum, were too large, or
+    /// belong to another document.
+    #[error("bad change: {0}")]
+    BadChange(String),
+    /// A message type that does not belong on the channel it came on.
+    #[error("{0} is not accepted on this channel")]
+    WrongChannel(&'static str),
+}
+
+/// What the gossip layer should do with a received gossip message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Valid: forward it to other peers.
+    Accept,
+    /// Not forwarded, sender not penalised (for example, already seen).
+    Ignore,
+    /// Invalid: not forwarded, sender penalised.
+    Reject,
+}
+
+/// The channel a message arrived on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Channel {
+    /// Gossip (deltas and announcements).
+    Gossip,
+    /// A direct message from one peer.
+    Direct,
+}
+
+/// Counters, for metrics and the simulator's report.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Deltas published.
+    pub deltas_published: u64,
+    /// Announcements published instead of oversized deltas.
+    pub announces_published: u64,
+    /// Changes applied from deltas.
+    pub delta_changes_applied: u64,
+    /// Changes applied from sync messages.
+    pub sync_changes_applied: u64,
+    /// Sync messages sent.
+    pub sync_messages_sent: u64,
+    /// Reconciliation messages sent.
+    pub reconcile_messages_sent: u64,
+    /// Documents found to differ by reconciliation.
+    pub reconcile_differences: u64,
+    /// Documents not queued for sync because a queue was full.
+    pub syncs_dropped: u64,
+    /// Messages refused, by reason.
+    pub rejected: BTreeMap<&'static str, u64>,
+}
+
+/// One document's sync with one peer.
+struct DocSync {
+    state: SyncState,
+    /// When the last message was sent, while an answer is awaited.
+    sent_at: Option<Duration>,
+}
+
+/// What the core knows about one connected peer.
+struct Peer {
+    syncs: BTreeMap<DocId, DocSync>,
+    queued: BTreeSet<DocId>,
+    queue: VecDeque<DocId>,
+    reconcile_sent_at: Option<(u64, Duration)>,
+    acks: BTreeMap<DocId, Heads>,
+}
+
+/// The replication state machine of one node. See the [module docs](self).
+pub struct Replicator {
+    engine: Engine,
+    config: ReplicatorConfig,
+    items: ItemSet,
+    peers: BTreeMap<NodeId, Peer>,
+    progress: Progress,
+    outputs: VecDeque<Output>,
+    next_anti_entropy: Duration,
+    next_ack_flush: Duration,
+    stats: Stats,
+}
+
+impl Replicator {
+    /// A core over `engine`, reading every document's digest for
+    /// reconciliation.
+    pub fn new(engine: Engine, config: ReplicatorConfig, now: Duration) -> Result<Replicator> {
+        let mut items = ItemSet::new();
+        engine.for_each_digest(|id, digest| items.insert(id, &digest))?;
+        Ok(Replicator {
+            engine,
+            next_anti_entropy: now + config.anti_entropy_interval,
+            next_ack_flush: now + config.ack_interval,
+            config,
+            items,
+            peers: BTreeMap::new(),
+            progress: Progress::default(),
+            outputs: VecDeque::new(),
+            stats: Stats::default(),
+        })
+    }
+
+    /// The engine this core replicates.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// What every peer is known to hold.
+    pub fn progress(&self) -> &Progress {
+        &self.progress
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// Connected peers, in id order.
+    pub fn connected(&self) -> impl Iterator<Item = &NodeId> {
+        self.peers.keys()
+    }
+
+    /// Whether any sync or reconciliation is under way or waiting.
+    pub fn is_idle(&self) -> bool {
+        self.peers.values().all(|p| {
+            p.queue.is_empty()
+                && p.reconcile_sent_at.is_none()
+                && p.syncs.values().all(|s| s.sent_at.is_none())
+        })
+    }
+
+    /// The next output, if any.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.outputs.pop_front()
+    }
+
+    /// When [`handle_timeout`](Self::handle_timeout) is next due.
+    pub fn poll_timeout(&self) -> Duration {
+        let retry = self
+            .peers
+            .values()
+            .flat_map(|p| {
+                p.syncs
+                    .values()
+                    .filter_map(|s| s.sent_at)
+                    .chain(p.reconcile_sent_at.map(|(_, at)| at))
+            })
+            .map(|at| at + self.config.retry_after)
+            .min();
+        let mut next = self.next_anti_entropy.min(self.next_ack_flush);
+        if let Some(r) = retry {
+            next = next.min(r);
+        }
+        next
+    }
+
+    /// A local write committed (durably) `changes` to `doc`, leaving `heads`.
+    /// Publishes them as a delta, or announces them if too large to gossip.
+    pub fn handle_local_commit(
+        &mut self,
+        doc: &DocId,
+        changes: Vec<Vec<u8>>,
+        heads: &[ChangeHash],
+    ) {
+        self.items
+            .insert(doc.clone(), &crate::layout::heads_digest(heads));
+        let delta = Message::Delta(Delta {
+            origin: self.config.node.clone(),
+            region: self.config.region.clone(),
+            doc: doc.clone(),
+            changes: changes.into_iter().map(Bytes).collect(),
+            heads: Heads::new(heads),
+        });
+        let bytes = self.envelope(delta);
+        if bytes.len() <= MAX_GOSSIP_BYTES {
+            self.stats.deltas_published += 1;
+            self.outputs.push_back(Output::Publish(bytes));
+        } else {
+            self.stats.announces_published += 1;
+            let announce = Message::Announce(Announce {
+                origin: self.config.node.clone(),
+                region: self.config.region.clone(),
+                doc: doc.clone(),
+                heads: Heads::new(heads),
+            });
+            let bytes = self.envelope(announce);
+            self.outputs.push_back(Output::Publish(bytes));
+        }
+    }
+
+    /// A connection to `peer` opened: say hello and reconcile.
+    pub fn handle_connect(&mut self, now: Duration, peer: &NodeId, random: &mut dyn Random) {
+        self.peers.insert(
+            peer.clone(),
+            Peer {
+                syncs: BTreeMap::new(),
+                queued: BTreeSet::new(),
+                queue: VecDeque::new(),
+                reconcile_sent_at: None,
+                acks: BTreeMap::new(),
+            },
+        );
+        let hello = Message::Hello(Hello {
+            node: self.config.node.clone(),
+            region: self.config.region.clone(),
+            version: PROTOCOL_VERSION,
+        });
+        self.send(peer, hello);
+        self.start_reconcile(now, peer, random);
+    }
+
+    /// The connection to `peer` closed. In-flight work with it is dropped;
+    /// anti-entropy repairs whatever it would have done.
+    pub fn handle_disconnect(&mut self, peer: &NodeId) {
+        self.peers.remove(peer);
+    }
+
+    /// A message arrived from `from` on `channel`. For gossip, the verdict
+    /// says whether to forward it. Bad messages change nothing; their sender
+    /// is reported in an [`Output::Misbehaving`]. Storage errors are returned
+    /// (they are fatal to the node).
+    pub fn handle_message(
+        &mut self,
+        now: Duration,
+        from: &NodeId,
+        channel: Channel,
+        bytes: &[u8],
+    ) -> Result<Verdict> {
+        let limit = match channel {
+            Channel::Gossip => MAX_GOSSIP_BYTES,
+            Channel::Direct => MAX_FRAME_BYTES,
+        };
+        let envelope = match Envelope::decode(bytes, limit) {
+            Ok(env) => env,
+            Err(e) => return Ok(self.reject(from, Rejection::Wire(e))),
+        };
+        if envelope.cluster != self.config.cluster {
+            let reason = Rejection::WrongCluster {
+                expected: self.config.cluster.clone(),
+                found: envelope.cluster,
+            };
+            return Ok(self.reject(from, reason));
+        }
+        match (channel, envelope.message) {
+            (Channel::Gossip, Message::Delta(d)) => self.on_delta(now, from, d),
+            (Channel::Gossip, Message::Announce(a)) => self.on_announce(now, from, a),
+            (Channel::Direct, Message::Hello(h)) => {
+                self.progress.set_region(&h.node, &h.region);
+                Ok(Verdict::Accept)
+            }
+            (Channel::Direct, Message::Sync(s)) => self.on_sync(now, from, s),
+            (Channel::Direct, Message::Reconcile(r)) => self.on_reconcile(now, from, r),
+            (Channel::Direct, Message::Ack(a)) => {
+                for e in a.entries {
+                    self.progress.record(from, &e.doc, e.heads.to_vec());
+                }
+                Ok(Verdict::Accept)
+            }
+            (_, m) => Ok(self.reject(from, Rejection::WrongChannel(kind(&m)))),
+        }
+    }
+
+    /// Time passed: start due anti-entropy rounds, resend unanswered
+    /// messages, flush acknowledgements, and start queued syncs.
+    pub fn handle_timeout(&mut self, now: Duration, random: &mut dyn Random) -> Result<()> {
+        if now >= self.next_anti_entropy {
+            let peers: Vec<NodeId> = self.peers.keys().cloned().collect();
+            for peer in &peers {
+                self.start_reconcile(now, peer, random);
+            }
+            let interval = self.config.anti_entropy_interval;
+            let jitter = random.below(interval.as_millis() as u64 / 4 + 1);
+            self.next_anti_entropy = now + interval + Duration::from_millis(jitter);
+        }
+        if now >= self.next_ack_flush {
+            self.flush_acks();
+            self.next_ack_flush = now + self.config.ack_interval;
+        }
+        let retry_after = self.config.retry_after;
+        let peers: Vec<NodeId> = self.peers.keys().cloned().collect();
+        for peer in &peers {
+            let Some(p) = self.peers.get_mut(peer) else {
+                continue;
+            };
+            if p.reconcile_sent_at
+                .is_some_and(|(_, at)| now >= at + retry_after)
+            {
+                p.reconcile_sent_at = None;
+                self.start_reconcile(now, peer, random);
+            }
+            let stale: Vec<DocId> = self.peers[peer]
+                .syncs
+                .iter()
+                .filter(|(_, s)| s.sent_at.is_some_and(|at| now >= at + retry_after))
+                .map(|(d, _)| d.clone())
+                .collect();
+            for doc in stale {
+                if let Some(s) = self.peer_mut(peer).and_then(|p| p.syncs.get_mut(&doc)) {
+                    // The answer was lost: forget what was in flight and
+                    // start over from the persisted shared heads.
+                    let shared = s.state.shared_heads.clone();
+                    s.state = SyncState::new();
+                    s.state.shared_heads = shared;
+                    s.sent_at = None;
+                }
+                self.pump_sync(now, peer, &doc)?;
+            }
+            self.start_queued(now, peer)?;
+        }
+        Ok(())
+    }
+
+    fn on_delta(&mut self, now: Duration, from: &NodeId, d: Delta) -> Result<Verdict> {
+        if d.origin == self.config.node {
+            return Ok(Verdict::Ignore);
+        }
+        self.progress.set_region(&d.origin, &d.region);
+        self.progress.record(&d.origin, &d.doc, d.heads.to_vec());
+        let changes: Vec<Vec<u8>> = d.changes.into_iter().map(|b| b.0).collect();
+        let outcome = match self.engine.apply_changes(&d.doc, &changes) {
+            Ok(o) => o,
+            Err(e) if is_bad_change(&e) => {
+                return Ok(self.reject(from, Rejection::BadChange(e.to_string())))
+            }
+            Err(e) => return Err(e),
+        };
+        self.stats.delta_changes_applied += outcome.applied as u64;
+        self.items
+            .insert(d.doc.clone(), &crate::layout::heads_digest(&outcome.heads));
+        if !outcome.missing_deps.is_empty() {
+            self.enqueue_sync(from, &d.doc);
+            self.start_queued(now, from)?;
+        }
+        if outcome.applied > 0 || outcome.duplicates > 0 {
+            self.queue_ack(&d.origin, &d.doc, &outcome.heads);
+        }
+        if outcome.applied == 0 && outcome.held == 0 {
+            return Ok(Verdict::Ignore);
+        }
+        Ok(Verdict::Accept)
+    }
+
+    fn on_announce(&mut self, now: Duration, from: &NodeId, a: Announce) -> Result<Verdict> {
+        if a.origin == self.config.node {
+            return Ok(Verdict::Ignore);
+        }
+        self.progress.set_region(&a.origin, &a.region);
+        self.progress.record(&a.origin, &a.doc, a.heads.to_vec());
+        let missing = match self.engine.heads(&a.doc) {
+            Ok(_) => !self.holds_all(&a.doc, &a.heads.to_vec())?,
+            Err(Error::NotFound(_)) => true,
+            Err(e) => return Err(e),
+        };
+        if missing {
+            self.enqueue_sync(from, &a.doc);
+            self.start_queued(now, from)?;
+        }
+        Ok(Verdict::Accept)
+    }
+
+    fn on_sync(&mut self, now: Duration, from: &NodeId, frame: SyncFrame) -> Result<Verdict> {
+        let message = match SyncMessage::decode(&frame.msg.0) {
+            Ok(m) => m,
+            Err(e) => {
+                let reason = Rejection::Wire(WireError::Malformed(format!("sync message: {e}")));
+                return Ok(self.reject(from, reason));
+            }
+        };
+        if !self.peers.contains_key(from) {
+            return Ok(Verdict::Ignore);
+        }
+        self.progress
+            .record(from, &frame.doc, message.heads.clone());
+        let mut state = self.sync_state(from, &frame.doc)?;
+        let outcome = match self
+            .engine
+            .receive_sync_message(&frame.doc, &mut state, message)
+        {
+            Ok(o) => o,
+            Err(e) if is_bad_change(&e) => {
+                return Ok(self.reject(from, Rejection::BadChange(e.to_string())))
+            }
+            Err(e) => return Err(e),
+        };
+        self.stats.sync_changes_applied += outcome.applied as u64;
+        if outcome.applied > 0 {
+            self.items.insert(
+                frame.doc.clone(),
+                &crate::layout::heads_digest(&outcome.heads),
+            );
+        }
+        if let Some(p) = self.peer_mut(from) {
+            p.syncs.insert(
+                frame.doc.clone(),
+                DocSync {
+                    state,
+                    sent_at: None,
+                },
+            );
+            p.queued.remove(&frame.doc);
+        }
+        self.pump_sync(now, from, &frame.doc)?;
+        Ok(Verdict::Accept)
+    }
+
+    fn on_reconcile(&mut self, now: Duration, from: &NodeId, r: Reconcile) -> Result<Verdict> {
+        let processed = reconcile::process(&self.items, &r.ranges, &self.config.reconcile);
+        self.stats.reconcile_differences += processed.to_sync.len() as u64;
+        for doc in &processed.to_sync {
+            self.enqueue_sync(from, doc);
+        }
+        let Some(p) = self.peer_mut(from) else {
+            return Ok(Verdict::Ignore);
+        };
+        if p.reconcile_sent_at.is_some_and(|(id, _)| id == r.session) {
+            // Our own session: wait for the answer to this reply, if it asks
+            // for one; otherwise the session is over.
+            p.reconcile_sent_at =
+                reconcile::expects_answer(&processed.reply).then_some((r.session, now));
+        }
+        if !processed.reply.is_empty() {
+            let msg = Message::Reconcile(Reconcile {
+                session: r.session,
+                ranges: processed.reply,
+            });
+            self.stats.reconcile_messages_sent += 1;
+            self.send(from, msg);
+        }
+        self.start_queued(now, from)?;
+        Ok(Verdict::Accept)
+    }
+
+    fn start_reconcile(&mut self, now: Duration, peer: &NodeId, random: &mut dyn Random) {
+        let session = random.next_u64();
+        let Some(p) = self.peer_mut(peer) else {
+            return;
+        };
+        if p.reconcile_sent_at.is_some() {
+            return;
+        }
+        p.reconcile_sent_at = Some((session, now));
+        let ranges = reconcile::initiate(&self.items, &self.config.reconcile);
+        self.stats.reconcile_messages_sent += 1;
+        self.send(peer, Message::Reconcile(Reconcile { session, ranges }));
+    }
+
+    /// Queues a per-document sync with `peer` (bounded; overflow is counted
+    /// and left to anti-entropy).
+    fn enqueue_sync(&mut self, peer: &NodeId, doc: &DocId) {
+        let max = self.config.max_queued_syncs_per_peer;
+        let Some(p) = self.peers.get_mut(peer) else {
+            return;
+        };
+        if p.syncs.contains_key(doc) || p.queued.contains(doc) {
+            return;
+        }
+        if p.queue.len() >= max {
+            self.stats.syncs_dropped += 1;
+            return;
+        }
+        p.queued.insert(doc.clone());
+        p.queue.push_back(doc.clone());
+    }
+
+    /// Starts queued syncs while fewer than the limit are active.
+    fn start_queued(&mut self, now: Duration, peer: &NodeId) -> Result<()> {
+        let max = self.config.max_active_syncs_per_peer;
+        loop {
+            let Some(p) = self.peers.get_mut(peer) else {
+                return Ok(());
+            };
+            let active = p.syncs.values().filter(|s| s.sent_at.is_some()).count();
+            if active >= max {
+                return Ok(());
+            }
+            let Some(doc) = p.queue.pop_front() else {
+                return Ok(());
+            };
+            p.queued.remove(&doc);
+            if !p.syncs.contains_key(&doc) {
+                let state = self.sync_state(peer, &doc)?;
+                if let Some(p) = self.peers.get_mut(peer) {
+                    p.syncs.insert(
+                        doc.clone(),
+                        DocSync {
+                            state,
+                            sent_at: None,
+                        },
+                    );
+                }
+            }
+            self.pump_sync(now, peer, &doc)?;
+        }
+    }
+
+    /// Sends the next sync message for `doc` to `peer`, if any is due.
+    ///
+    /// A sent message awaits an answer unless the peer already reported
+    /// exactly our heads: Automerge's sync protocol answers every message
+    /// except one that tells a peer nothing new (its heads unchanged since it
+    /// last spoke, ours equal to its own, nothing to send). A session that
+    /// awaits nothing is complete: its durable state is saved and it is
+    /// dropped from memory.
+    fn pump_sync(&mut self, now: Duration, peer: &NodeId, doc: &DocId) -> Result<()> {
+        let Some(mut sync) = self.peer_mut(peer).and_then(|p| p.syncs.remove(doc)) else {
+            return Ok(());
+        };
+        let message =
+            self.engine
+                .generate_sync_message(doc, &mut sync.state, MAX_SYNC_CHANGE_BYTES)?;
+        if let Some(m) = message {
+            let awaiting = sync.state.their_heads.as_ref() != Some(&sync.state.last_sent_heads);
+            sync.sent_at = awaiting.then_some(now);
+            self.stats.sync_messages_sent += 1;
+            let frame = Message::Sync(SyncFrame {
+                doc: doc.clone(),
+                msg: Bytes(m.encode()),
+            });
+            self.send(peer, frame);
+        }
+        if sync.sent_at.is_some() {
+            if let Some(p) = self.peer_mut(peer) {
+                p.syncs.insert(doc.clone(), sync);
+            }
+        } else {
+            self.engine
+                .save_sync_states(peer.as_str(), &[(doc, &sync.state)])?;
+        }
+        Ok(())
+    }
+
+    fn sync_state(&self, peer: &NodeId, doc: &DocId) -> Result<SyncState> {
+        if let Some(s) = self.peers.get(peer).and_then(|p| p.syncs.get(doc)) {
+            return Ok(s.state.clone());
+        }
+        self.engine.load_sync_state(peer.as_str(), doc)
+    }
+
+    fn queue_ack(&mut self, origin: &NodeId, doc: &DocId, heads: &[ChangeHash]) {
+        if let Some(p) = self.peers.get_mut(origin) {
+            if p.acks.len() < MAX_ACK_ENTRIES || p.acks.contains_key(doc) {
+                p.acks.insert(doc.clone(), Heads::new(heads));
+            }
+        }
+    }
+
+    fn flush_acks(&mut self) {
+        let pending: Vec<(NodeId, BTreeMap<DocId, Heads>)> = self
+            .peers
+            .iter_mut()
+            .filter(|(_, p)| !p.acks.is_empty())
+            .map(|(id, p)| (id.clone(), std::mem::take(&mut p.acks)))
+            .collect();
+        for (peer, acks) in pending {
+            let entries = acks
+                .into_iter()
+                .map(|(doc, heads)| AckEntry { doc, heads })
+                .collect();
+            self.send(&peer, Message::Ack(Ack { entries }));
+        }
+    }
+
+    fn holds_all(&self, doc: &DocId, heads: &[ChangeHash]) -> Result<bool> {
+        self.engine
+            .read(doc, |d| d.get_missing_deps(heads).is_empty())
+            .or_else(|e| match e {
+                Error::Deleted(_) => Ok(self.engine.heads(doc)?.iter().all(|h| heads.contains(h))),
+                e => Err(e),
+            })
+    }
+
+    fn peer_mut(&mut self, peer: &NodeId) -> Option<&mut Peer> {
+        self.peers.get_mut(peer)
+    }
+
+    fn envelope(&self, message: Message) -> Vec<u8> {
+        Envelope {
+            cluster: self.config.cluster.clone(),
+            message,
+        }
+        .encode()
+    }
+
+    fn send(&mut self, to: &NodeId, message: Message) {
+        let bytes = self.envelope(message);
+        self.outputs.push_back(Output::Send {
+            to: to.clone(),
+            bytes,
+        });
+    }
+
+    fn reject(&mut self, from: &NodeId, reason: Rejection) -> Verdict {
+        *self.stats.rejected.entry(reason_name(&reason)).or_default() += 1;
+        tracing::warn!(peer = %from, %reason, "refused a message");
+        self.outputs.push_back(Output::Misbehaving {
+            peer: from.clone(),
+            reason,
+        });
+        Verdict::Reject
+    }
+}
+
+/// Engine errors that mean the sender sent bad changes (not our failure).
+fn is_bad_change(e: &Error) -> bool {
+    matches!(
+        e,
+        Error::InvalidChange { .. }
+            | Error::ChangeTooLarge { .. }
+            | Error::WrongDocument { .. }
+            | Error::ChangeRejected { .. }
+    )
+}
+
+/// A stable name per rejection reason, for counters.
+pub fn reason_name(r: &Rejection) -> &'static str {
+    match r {
+        Rejection::Wire(WireError::TooLarge { .. }) => "too_large",
+        Rejection::Wire(WireError::UnsupportedVersion { .. }) => "unsupported_version",
+        Rejection::Wire(WireError::InvalidDocId(_)) => "invalid_doc_id",
+        Rejection::Wire(WireError::InvalidName(_)) => "invalid_name",
+        Rejection::Wire(WireError::LimitExceeded { .. }) => "limit_exceeded",
+        Rejection::Wire(WireError::Malformed(_)) => "malformed",
+        Rejection::WrongCluster { .. } => "wrong_cluster",
+        Rejection::BadChange(_) => "bad_change",
+        Rejection::WrongChannel(_) => "wrong_channel",
+    }
+}
+
+fn kind(m: &Message) -> &'static str {
+    match m {
+        Message::Hello(_) => "hello",
+        Message::Delta(_) => "delta",
+        Message::Announce(_) => "announce",
+        Message::Sync(_) => "sync",
+        Message::Reconcile(_) => "reconcile",
+        Message::Ack(_) => "ack",
+    }
+}
