@@ -40,6 +40,8 @@ impl Engine {
     /// it carries total at most `max_change_bytes` (but at least one change is
     /// sent if any is due); the rest follow in later messages. A document this
     /// node does not hold syncs as empty, which asks the peer for everything.
+    /// The message's needs include the missing dependencies of changes the
+    /// engine holds for this document.
     pub fn generate_sync_message(
         &self,
         id: &DocId,
@@ -51,6 +53,17 @@ impl Engine {
                 return Ok(None);
             };
             message.flags = None;
+            // Held changes live in the engine, not in Automerge's queue, so
+            // Automerge cannot ask for what they lack; ask for it here. (A
+            // Bloom filter false positive is one way to end up there: the
+            // peer then never sends a change it believes we have.)
+            let missing = state.held_missing_deps();
+            if !missing.is_empty() {
+                message.need.extend(missing);
+                // The encoding requires sorted hashes.
+                message.need.sort_unstable();
+                message.need.dedup();
+            }
             truncate_changes(&mut message, sync, max_change_bytes);
             Ok(Some(message))
         })

@@ -224,6 +224,22 @@ impl DocState {
         Ok(out)
     }
 
+    /// Dependencies of held changes that are neither in the document nor
+    /// held themselves: what must arrive before the held changes can apply.
+    pub(crate) fn held_missing_deps(&self) -> Vec<ChangeHash> {
+        let held: HashSet<ChangeHash> = self.held.changes.iter().map(Change::hash).collect();
+        let mut missing: Vec<ChangeHash> = self
+            .held
+            .changes
+            .iter()
+            .flat_map(|c| c.deps().iter().copied())
+            .filter(|d| !held.contains(d) && !self.has_change(d))
+            .collect();
+        missing.sort_unstable();
+        missing.dedup();
+        missing
+    }
+
     /// Number of changes currently held for missing dependencies.
     pub(crate) fn held_len(&self) -> usize {
         self.held.changes.len()

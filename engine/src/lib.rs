@@ -70,6 +70,8 @@ pub mod json;
 pub mod layout;
 pub mod lineage;
 pub mod replication;
+#[cfg(feature = "sim")]
+pub mod sim;
 mod store;
 
 pub use automerge;

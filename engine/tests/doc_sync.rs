@@ -157,3 +157,42 @@ fn a_sync_message_with_a_foreign_change_is_refused_and_changes_nothing() {
     assert_eq!(b.heads(&mine).unwrap(), before);
     assert!(sb.their_heads.is_none());
 }
+
+#[test]
+fn a_sync_message_asks_for_what_held_changes_lack() {
+    let (_da, a) = fresh();
+    let (_db, b) = fresh();
+    let doc = id("held/1");
+    a.put_json(&doc, &json!({"v": 1})).unwrap();
+    let first = a.heads(&doc).unwrap();
+    a.merge_json(&doc, &json!({"v": 2})).unwrap();
+    a.merge_json(&doc, &json!({"v": 3})).unwrap();
+    // B receives only the last change: held, its parent missing.
+    let all = a.changes_since(&doc, &[]).unwrap();
+    let outcome = b.apply_changes(&doc, &all[all.len() - 1..]).unwrap();
+    assert_eq!(outcome.held, 1);
+    let parent = outcome.missing_deps.clone();
+    assert_eq!(parent.len(), 1);
+    assert!(!first.contains(&parent[0]));
+    // Automerge alone would not ask for it (the held change is outside its
+    // queue); the engine adds it to the needs.
+    let mut state = SyncState::new();
+    let m = b
+        .generate_sync_message(&doc, &mut state, 1 << 20)
+        .unwrap()
+        .unwrap();
+    assert_eq!(m.need, parent);
+    // And the round trips that follow complete the document.
+    let mut sa = SyncState::new();
+    let a_answer = {
+        let m = SyncMessage::decode(&m.encode()).unwrap();
+        a.receive_sync_message(&doc, &mut sa, m).unwrap();
+        a.generate_sync_message(&doc, &mut sa, 1 << 20)
+            .unwrap()
+            .unwrap()
+    };
+    b.receive_sync_message(&doc, &mut state, a_answer).unwrap();
+    sync_to_quiescence(&a, &mut sa, &b, &mut state, &doc, 1 << 20);
+    assert_eq!(b.get_json(&doc).unwrap(), json!({"v": 3}));
+    assert_eq!(a.heads(&doc).unwrap(), b.heads(&doc).unwrap());
+}

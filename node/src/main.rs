@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::{Parser, Subcommand, ValueEnum};
 
-use causeway_node::bench::{durable_writes, ingest, reconcile};
-use causeway_node::demo;
+use causeway_node::bench::{delta_path, durable_writes, ingest, reconcile};
+use causeway_node::{demo, sim};
 
 #[derive(Parser)]
 #[command(
@@ -46,6 +46,9 @@ enum Command {
     /// result on stdout and a table on stderr.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Run the deterministic cluster simulator: replication cores over real
+    /// stores, a faulty simulated network, crashes, and convergence checks.
+    Sim(sim::Args),
 }
 
 #[derive(Subcommand)]
@@ -59,6 +62,9 @@ enum BenchCommand {
     /// Document-set reconciliation between two nodes of N documents with d
     /// differences: bytes and round trips against the floor.
     Reconcile(reconcile::Args),
+    /// Messages and bytes per change delivered to a replica, on a simulated
+    /// multi-region cluster, with and without message loss.
+    DeltaPath(delta_path::Args),
 }
 
 fn main() -> Result<()> {
@@ -66,9 +72,11 @@ fn main() -> Result<()> {
     init_logging(cli.log_format);
     match cli.command {
         Command::Demo { dir } => demo::run(dir),
+        Command::Sim(args) => sim::run(&args),
         Command::Bench(BenchCommand::Ingest(args)) => ingest::run(&args),
         Command::Bench(BenchCommand::DurableWrites(args)) => durable_writes::run(&args),
         Command::Bench(BenchCommand::Reconcile(args)) => reconcile::run(&args),
+        Command::Bench(BenchCommand::DeltaPath(args)) => delta_path::run(&args),
     }
 }
 

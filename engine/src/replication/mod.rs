@@ -33,5 +33,6 @@ mod replicator;
 pub mod wire;
 
 pub use self::replicator::{
-    reason_name, Channel, Output, Rejection, Replicator, ReplicatorConfig, Stats, Verdict,
+    reason_name, Channel, Output, QueueDepths, Rejection, Replicator, ReplicatorConfig, Stats,
+    Verdict,
 };

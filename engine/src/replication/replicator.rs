@@ -50,6 +50,11 @@ pub struct ReplicatorConfig {
     /// documents are dropped (counted) and left to the next anti-entropy
     /// round. Default 100,000.
     pub max_queued_syncs_per_peer: usize,
+    /// Finished syncs kept in memory per peer (a few hundred bytes each), so
+    /// that a message about a document in sync is not answered. Beyond it,
+    /// idle sessions are forgotten, which costs one extra round trip the next
+    /// time their document changes. Default 10,000.
+    pub max_idle_syncs_per_peer: usize,
     /// Acknowledgements are batched and sent this often. Default 100 ms.
     pub ack_interval: Duration,
     /// Reconciliation tuning.
@@ -67,6 +72,7 @@ impl ReplicatorConfig {
             retry_after: Duration::from_secs(5),
             max_active_syncs_per_peer: 32,
             max_queued_syncs_per_peer: 100_000,
+            max_idle_syncs_per_peer: 10_000,
             ack_interval: Duration::from_millis(100),
             reconcile: Params::default(),
         }
@@ -159,13 +165,67 @@ pub struct Stats {
     pub syncs_dropped: u64,
     /// Messages refused, by reason.
     pub rejected: BTreeMap<&'static str, u64>,
+    /// Messages handed to the network, by kind: `(messages, bytes)`. A
+    /// published message counts once, however many peers receive it.
+    pub sent: BTreeMap<&'static str, (u64, u64)>,
 }
 
-/// One document's sync with one peer.
+/// The sizes of the core's per-peer queues (largest over all peers), for
+/// metrics and the simulator's bounds check.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueDepths {
+    /// Documents waiting to start a sync with one peer. Bounded by
+    /// [`ReplicatorConfig::max_queued_syncs_per_peer`].
+    pub queued_syncs: usize,
+    /// Syncs with one peer held in memory (awaiting an answer, or answering
+    /// the peer). Syncs this node starts are limited by
+    /// [`ReplicatorConfig::max_active_syncs_per_peer`]; syncs the peer starts
+    /// are limited by the peer's own setting.
+    pub open_syncs: usize,
+    /// Acknowledgements waiting for the next flush to one peer. Bounded by
+    /// [`MAX_ACK_ENTRIES`].
+    pub pending_acks: usize,
+    /// Outputs not yet drained by the caller.
+    pub outputs: usize,
+}
+
+impl QueueDepths {
+    /// The larger of each depth.
+    pub fn max(self, other: QueueDepths) -> QueueDepths {
+        QueueDepths {
+            queued_syncs: self.queued_syncs.max(other.queued_syncs),
+            open_syncs: self.open_syncs.max(other.open_syncs),
+            pending_acks: self.pending_acks.max(other.pending_acks),
+            outputs: self.outputs.max(other.outputs),
+        }
+    }
+}
+
+/// One document's sync with one peer. A session that awaits nothing stays in
+/// memory (idle, trimmed to its heads) while the peer is connected: Automerge
+/// answers any message from a state that has not spoken yet, so two sides
+/// that forgot their sessions after every exchange would answer each other
+/// forever.
 struct DocSync {
     state: SyncState,
     /// When the last message was sent, while an answer is awaited.
     sent_at: Option<Duration>,
+    /// The shared heads last persisted, to skip rewriting them unchanged.
+    saved: Vec<ChangeHash>,
+}
+
+impl DocSync {
+    /// A session that starts over from `shared_heads`, as after a restart:
+    /// its first message is always sent and always answered.
+    fn restart(shared_heads: Vec<ChangeHash>) -> DocSync {
+        let mut state = SyncState::new();
+        state.shared_heads.clone_from(&shared_heads);
+        DocSync {
+            state,
+            sent_at: None,
+            saved: shared_heads,
+        }
+    }
 }
 
 /// What the core knows about one connected peer.
@@ -229,6 +289,21 @@ impl Replicator {
         self.peers.keys()
     }
 
+    /// Current queue sizes (largest over all peers).
+    pub fn queue_depths(&self) -> QueueDepths {
+        let per_peer = self.peers.values().map(|p| QueueDepths {
+            queued_syncs: p.queue.len(),
+            open_syncs: p.syncs.len(),
+            pending_acks: p.acks.len(),
+            outputs: 0,
+        });
+        let init = QueueDepths {
+            outputs: self.outputs.len(),
+            ..QueueDepths::default()
+        };
+        per_peer.fold(init, QueueDepths::max)
+    }
+
     /// Whether any sync or reconciliation is under way or waiting.
     pub fn is_idle(&self) -> bool {
         self.peers.values().all(|p| {
@@ -283,7 +358,7 @@ impl Replicator {
         let bytes = self.envelope(delta);
         if bytes.len() <= MAX_GOSSIP_BYTES {
             self.stats.deltas_published += 1;
-            self.outputs.push_back(Output::Publish(bytes));
+            self.output("delta", Output::Publish(bytes));
         } else {
             self.stats.announces_published += 1;
             let announce = Message::Announce(Announce {
@@ -293,7 +368,7 @@ impl Replicator {
                 heads: Heads::new(heads),
             });
             let bytes = self.envelope(announce);
-            self.outputs.push_back(Output::Publish(bytes));
+            self.output("announce", Output::Publish(bytes));
         }
     }
 
@@ -406,13 +481,12 @@ impl Replicator {
             for doc in stale {
                 if let Some(s) = self.peer_mut(peer).and_then(|p| p.syncs.get_mut(&doc)) {
                     // The answer was lost: forget what was in flight and
-                    // start over from the persisted shared heads.
-                    let shared = s.state.shared_heads.clone();
-                    s.state = SyncState::new();
-                    s.state.shared_heads = shared;
-                    s.sent_at = None;
+                    // start over from the shared heads.
+                    let saved = std::mem::take(&mut s.saved);
+                    *s = DocSync::restart(s.state.shared_heads.clone());
+                    s.saved = saved;
                 }
-                self.pump_sync(now, peer, &doc)?;
+                self.pump_sync(now, peer, &doc, false)?;
             }
             self.start_queued(now, peer)?;
         }
@@ -468,6 +542,17 @@ impl Replicator {
     }
 
     fn on_sync(&mut self, now: Duration, from: &NodeId, frame: SyncFrame) -> Result<Verdict> {
+        if frame.msg.0.is_empty() {
+            // "In sync": the answer to our last message. Nothing to send back.
+            let session = self
+                .peer_mut(from)
+                .and_then(|p| p.syncs.get_mut(&frame.doc));
+            if let Some(s) = session {
+                s.sent_at = None;
+            }
+            self.start_queued(now, from)?;
+            return Ok(Verdict::Accept);
+        }
         let message = match SyncMessage::decode(&frame.msg.0) {
             Ok(m) => m,
             Err(e) => {
@@ -480,7 +565,20 @@ impl Replicator {
         }
         self.progress
             .record(from, &frame.doc, message.heads.clone());
-        let mut state = self.sync_state(from, &frame.doc)?;
+        let (mut state, saved) = match self.peers.get(from).and_then(|p| p.syncs.get(&frame.doc)) {
+            Some(s) => (s.state.clone(), s.saved.clone()),
+            None => {
+                let state = self.engine.load_sync_state(from.as_str(), &frame.doc)?;
+                let saved = state.shared_heads.clone();
+                (state, saved)
+            }
+        };
+        // Automerge never resends a change it recorded as sent, trusting the
+        // transport to deliver it; ours may lose it. The peer's message says
+        // (by its Bloom filter and needs) what it still lacks, so answer all
+        // of that. Crossing messages may then carry a change twice, which
+        // applying ignores.
+        state.sent_hashes.clear();
         let outcome = match self
             .engine
             .receive_sync_message(&frame.doc, &mut state, message)
@@ -491,6 +589,14 @@ impl Replicator {
             }
             Err(e) => return Err(e),
         };
+        tracing::debug!(
+            peer = %from,
+            doc = %frame.doc,
+            applied = outcome.applied,
+            held = outcome.held,
+            missing = ?outcome.missing_deps,
+            "sync message received"
+        );
         self.stats.sync_changes_applied += outcome.applied as u64;
         if outcome.applied > 0 {
             self.items.insert(
@@ -499,16 +605,15 @@ impl Replicator {
             );
         }
         if let Some(p) = self.peer_mut(from) {
-            p.syncs.insert(
-                frame.doc.clone(),
-                DocSync {
-                    state,
-                    sent_at: None,
-                },
-            );
-            p.queued.remove(&frame.doc);
+            let sync = DocSync {
+                state,
+                sent_at: None,
+                saved,
+            };
+            p.syncs.insert(frame.doc.clone(), sync);
         }
-        self.pump_sync(now, from, &frame.doc)?;
+        self.pump_sync(now, from, &frame.doc, true)?;
+        self.start_queued(now, from)?;
         Ok(Verdict::Accept)
     }
 
@@ -521,6 +626,15 @@ impl Replicator {
         let Some(p) = self.peer_mut(from) else {
             return Ok(Verdict::Ignore);
         };
+        tracing::debug!(
+            peer = %from,
+            session = r.session,
+            received = r.ranges.len(),
+            reply = processed.reply.len(),
+            differing = processed.to_sync.len(),
+            ours = p.reconcile_sent_at.is_some_and(|(id, _)| id == r.session),
+            "reconciliation message"
+        );
         if p.reconcile_sent_at.is_some_and(|(id, _)| id == r.session) {
             // Our own session: wait for the answer to this reply, if it asks
             // for one; otherwise the session is over.
@@ -560,7 +674,8 @@ impl Replicator {
         let Some(p) = self.peers.get_mut(peer) else {
             return;
         };
-        if p.syncs.contains_key(doc) || p.queued.contains(doc) {
+        let awaiting = p.syncs.get(doc).is_some_and(|s| s.sent_at.is_some());
+        if awaiting || p.queued.contains(doc) {
             return;
         }
         if p.queue.len() >= max {
@@ -586,63 +701,90 @@ impl Replicator {
                 return Ok(());
             };
             p.queued.remove(&doc);
-            if !p.syncs.contains_key(&doc) {
-                let state = self.sync_state(peer, &doc)?;
-                if let Some(p) = self.peers.get_mut(peer) {
-                    p.syncs.insert(
-                        doc.clone(),
-                        DocSync {
-                            state,
-                            sent_at: None,
-                        },
-                    );
+            // Something says the peer's copy differs from what this session
+            // last heard (reconciliation, a delta with missing dependencies,
+            // an announcement): start over so a message is sure to go out.
+            let sync = match p.syncs.remove(&doc) {
+                Some(s) if s.sent_at.is_some() => s,
+                Some(s) => DocSync {
+                    saved: s.saved,
+                    ..DocSync::restart(s.state.shared_heads)
+                },
+                None => {
+                    let shared = self.engine.load_sync_state(peer.as_str(), &doc)?;
+                    DocSync::restart(shared.shared_heads)
                 }
+            };
+            if let Some(p) = self.peers.get_mut(peer) {
+                p.syncs.insert(doc.clone(), sync);
             }
-            self.pump_sync(now, peer, &doc)?;
+            self.pump_sync(now, peer, &doc, false)?;
         }
     }
 
-    /// Sends the next sync message for `doc` to `peer`, if any is due.
-    ///
-    /// A sent message awaits an answer unless the peer already reported
-    /// exactly our heads: Automerge's sync protocol answers every message
-    /// except one that tells a peer nothing new (its heads unchanged since it
-    /// last spoke, ours equal to its own, nothing to send). A session that
-    /// awaits nothing is complete: its durable state is saved and it is
-    /// dropped from memory.
-    fn pump_sync(&mut self, now: Duration, peer: &NodeId, doc: &DocId) -> Result<()> {
+    /// Sends the next sync message for `doc` to `peer`, if any is due, and
+    /// then awaits its answer. When none is due and `answering` a message from
+    /// the peer, sends the empty "in sync" answer instead. A session that
+    /// awaits nothing is idle: its shared heads are persisted if they moved,
+    /// and it stays in memory, trimmed, until the idle limit.
+    fn pump_sync(
+        &mut self,
+        now: Duration,
+        peer: &NodeId,
+        doc: &DocId,
+        answering: bool,
+    ) -> Result<()> {
         let Some(mut sync) = self.peer_mut(peer).and_then(|p| p.syncs.remove(doc)) else {
             return Ok(());
         };
         let message =
             self.engine
                 .generate_sync_message(doc, &mut sync.state, MAX_SYNC_CHANGE_BYTES)?;
-        if let Some(m) = message {
-            let awaiting = sync.state.their_heads.as_ref() != Some(&sync.state.last_sent_heads);
-            sync.sent_at = awaiting.then_some(now);
-            self.stats.sync_messages_sent += 1;
+        let msg = match message {
+            Some(m) => {
+                tracing::debug!(
+                    peer = %peer,
+                    %doc,
+                    heads = m.heads.len(),
+                    need = m.need.len(),
+                    have = m.have.len(),
+                    changes = m.changes.len(),
+                    "sync message"
+                );
+                sync.sent_at = Some(now);
+                self.stats.sync_messages_sent += 1;
+                m.encode()
+            }
+            // Nothing due: either we still await the peer's answer, or the
+            // peer's message left us in sync.
+            None => Vec::new(),
+        };
+        if !msg.is_empty() || answering {
             let frame = Message::Sync(SyncFrame {
                 doc: doc.clone(),
-                msg: Bytes(m.encode()),
+                msg: Bytes(msg),
             });
             self.send(peer, frame);
         }
-        if sync.sent_at.is_some() {
-            if let Some(p) = self.peer_mut(peer) {
-                p.syncs.insert(doc.clone(), sync);
+        if sync.sent_at.is_none() {
+            if sync.saved != sync.state.shared_heads {
+                self.engine
+                    .save_sync_states(peer.as_str(), &[(doc, &sync.state)])?;
+                sync.saved.clone_from(&sync.state.shared_heads);
             }
-        } else {
-            self.engine
-                .save_sync_states(peer.as_str(), &[(doc, &sync.state)])?;
+            // Idle: keep only what decides whether to answer the next message.
+            sync.state.sent_hashes.clear();
+            sync.state.their_have = None;
+            sync.state.their_need = None;
+        }
+        let max_idle = self.config.max_idle_syncs_per_peer;
+        if let Some(p) = self.peer_mut(peer) {
+            p.syncs.insert(doc.clone(), sync);
+            if p.syncs.len() > max_idle {
+                p.syncs.retain(|_, s| s.sent_at.is_some());
+            }
         }
         Ok(())
-    }
-
-    fn sync_state(&self, peer: &NodeId, doc: &DocId) -> Result<SyncState> {
-        if let Some(s) = self.peers.get(peer).and_then(|p| p.syncs.get(doc)) {
-            return Ok(s.state.clone());
-        }
-        self.engine.load_sync_state(peer.as_str(), doc)
     }
 
     fn queue_ack(&mut self, origin: &NodeId, doc: &DocId, heads: &[ChangeHash]) {
@@ -690,12 +832,23 @@ impl Replicator {
         .encode()
     }
 
+    /// Queues `bytes` (a `kind` message) for the network and counts it.
+    fn output(&mut self, kind: &'static str, out: Output) {
+        let len = match &out {
+            Output::Publish(bytes) | Output::Send { bytes, .. } => bytes.len() as u64,
+            Output::Misbehaving { .. } => 0,
+        };
+        let sent = self.stats.sent.entry(kind).or_default();
+        sent.0 += 1;
+        sent.1 += len;
+        self.outputs.push_back(out);
+    }
+
     fn send(&mut self, to: &NodeId, message: Message) {
+        let name = kind(&message);
         let bytes = self.envelope(message);
-        self.outputs.push_back(Output::Send {
-            to: to.clone(),
-            bytes,
-        });
+        let to = to.clone();
+        self.output(name, Output::Send { to, bytes });
     }
 
     fn reject(&mut self, from: &NodeId, reason: Rejection) -> Verdict {

@@ -156,12 +156,15 @@ pub struct Announce {
 }
 
 /// An Automerge sync message (`automerge::sync::Message::encode`) for one
-/// document.
+/// document, or, with an empty `msg`, the answer "nothing to send, in sync":
+/// Automerge stays silent when it has nothing to say, which a sender could
+/// not tell from a lost message. Every non-empty sync message is answered by
+/// one or the other; an empty one is never answered.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SyncFrame {
     /// The document.
     pub doc: DocId,
-    /// The encoded Automerge sync message.
+    /// The encoded Automerge sync message; empty for "in sync".
     pub msg: Bytes,
 }
 

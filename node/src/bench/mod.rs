@@ -2,6 +2,7 @@
 //! process, and prints one JSON object per result on stdout and a table on
 //! stderr. Build with `--release`; figures from debug builds are meaningless.
 
+pub mod delta_path;
 pub mod durable_writes;
 pub mod ingest;
 pub mod reconcile;

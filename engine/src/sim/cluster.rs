@@ -1,0 +1,724 @@
+//! One run: nodes (a real engine and core each), the network, the clients
+//! and the fault schedule, driven by the event queue in simulated time.
+
+use std::collections::{HashSet, VecDeque};
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::time::Duration;
+
+use automerge::ActorId;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use crate::config::{Durability, EngineConfig};
+use crate::doc_id::DocId;
+use crate::engine::Engine;
+use crate::error::Error;
+use crate::replication::ids::{ClusterId, NodeId, Region};
+use crate::replication::random::{Random, SplitMix64};
+use crate::replication::wire::MAX_ACK_ENTRIES;
+use crate::replication::{Channel, Output, Replicator, ReplicatorConfig, Verdict};
+
+use super::config::SimConfig;
+use super::network::{chance, Event, Network, Packet};
+use super::report::Report;
+use super::workload::{self, Write};
+use super::SimError;
+
+/// Gossip message ids a node remembers, as gossipsub's duplicate cache does.
+const SEEN_CAPACITY: usize = 65_536;
+
+/// Time allowed for the setup phase (text documents reaching every node).
+const SETUP_BOUND: Duration = Duration::from_secs(120);
+
+/// One node: its store, its core while it is up, and its gossip cache.
+struct SimNode {
+    id: NodeId,
+    region: Region,
+    dir: PathBuf,
+    incarnation: u32,
+    core: Option<Replicator>,
+    random: SplitMix64,
+    seen: HashSet<[u8; 16]>,
+    seen_order: VecDeque<[u8; 16]>,
+    timer_at: Option<Duration>,
+    /// Counters of earlier incarnations, folded into the report.
+    retired: Option<crate::replication::Stats>,
+}
+
+impl SimNode {
+    /// Remembers a gossip message id; false if it was already seen.
+    fn first_sight(&mut self, id: [u8; 16]) -> bool {
+        if !self.seen.insert(id) {
+            return false;
+        }
+        self.seen_order.push_back(id);
+        if self.seen_order.len() > SEEN_CAPACITY {
+            if let Some(old) = self.seen_order.pop_front() {
+                self.seen.remove(&old);
+            }
+        }
+        true
+    }
+}
+
+/// The whole simulated cluster.
+pub(crate) struct Cluster {
+    config: SimConfig,
+    rng: SplitMix64,
+    net: Network,
+    nodes: Vec<SimNode>,
+    docs: Vec<DocId>,
+    now: Duration,
+    ledger: Vec<Write>,
+    writes: u64,
+    trace: Sha256,
+    report: Report,
+    _dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    /// Opens every node's store in a fresh temporary directory.
+    pub(crate) fn new(config: &SimConfig) -> Result<Cluster, SimError> {
+        let base = match &config.dir {
+            Some(d) => d.clone(),
+            None if std::path::Path::new("/dev/shm").is_dir() => PathBuf::from("/dev/shm"),
+            None => std::env::temp_dir(),
+        };
+        let dir = tempfile::Builder::new()
+            .prefix("causeway-sim-")
+            .tempdir_in(&base)
+            .map_err(|source| SimError::Dir {
+                path: base.clone(),
+                source,
+            })?;
+        let mut rng = SplitMix64::new(config.seed);
+        let regions = config.regions.max(1);
+        let region_of: Vec<usize> = (0..config.nodes).map(|i| i % regions).collect();
+        let net = Network::new(&region_of, regions, &mut rng);
+        let mut nodes = Vec::with_capacity(config.nodes);
+        for (i, region) in region_of.iter().enumerate() {
+            nodes.push(SimNode {
+                id: NodeId::new(format!("n{i}"))?,
+                region: Region::new(format!("r{region}"))?,
+                dir: dir.path().join(format!("n{i}")),
+                incarnation: 0,
+                core: None,
+                random: SplitMix64::new(config.seed ^ (i as u64).wrapping_mul(0x9e37_79b9)),
+                seen: HashSet::new(),
+                seen_order: VecDeque::new(),
+                timer_at: None,
+                retired: None,
+            });
+        }
+        let docs = (0..config.docs())
+            .map(|d| {
+                let kind = if d < config.text_docs { "text" } else { "keys" };
+                DocId::new(format!("sim/{kind}-{d}"))
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(crate::Error::from)?;
+        let mut cluster = Cluster {
+            config: config.clone(),
+            rng,
+            net,
+            nodes,
+            docs,
+            now: Duration::ZERO,
+            ledger: Vec::new(),
+            writes: 0,
+            trace: Sha256::new(),
+            report: Report::for_config(config),
+            _dir: dir,
+        };
+        for i in 0..cluster.nodes.len() {
+            cluster.start(i)?;
+        }
+        Ok(cluster)
+    }
+
+    /// Runs the three phases and checks the outcome.
+    pub(crate) fn run(mut self) -> Result<Report, SimError> {
+        self.connect_all()?;
+        self.setup()?;
+        if self.report.passed() {
+            self.fault_phase()?;
+            self.heal_and_settle()?;
+            if self.report.passed() {
+                self.check_replicas()?;
+            }
+        }
+        self.finish()
+    }
+
+    /// Creates the text documents on node 0 and lets them reach everyone.
+    fn setup(&mut self) -> Result<(), SimError> {
+        for d in 0..self.config.text_docs {
+            let doc = self.docs[d].clone();
+            let before = self.heads(0, &doc)?;
+            let engine = self.engine(0)?;
+            let committed = workload::create_text(&engine, &doc)?;
+            let changes = engine.changes_since(&doc, &before)?;
+            self.commit(0, &doc, changes, &committed.heads)?;
+        }
+        let deadline = self.now + SETUP_BOUND;
+        if self.settle(deadline)?.is_none() {
+            self.violation("setup: the text documents did not reach every node".into());
+        }
+        Ok(())
+    }
+
+    /// Client writes and fault actions, with message faults switched on.
+    fn fault_phase(&mut self) -> Result<(), SimError> {
+        self.net.loss_permille = self.config.loss_permille;
+        self.net.duplicate_permille = self.config.duplicate_permille;
+        self.net.delay_permille = self.config.delay_permille;
+        for _ in 0..self.config.steps {
+            let gap = self
+                .rng
+                .below(self.config.max_step_gap.as_millis() as u64 + 1);
+            let until = self.now + Duration::from_millis(gap);
+            self.run_until(until)?;
+            if chance(&mut self.rng, self.config.fault_permille) {
+                self.fault()?;
+            } else {
+                self.client_write()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends every fault (unless the run keeps them) and runs until every
+    /// replica has converged and the cluster is quiet.
+    fn heal_and_settle(&mut self) -> Result<(), SimError> {
+        if self.config.heal {
+            self.net.loss_permille = 0;
+            self.net.duplicate_permille = 0;
+            self.net.delay_permille = 0;
+            self.net.unblock_all();
+            for i in 0..self.nodes.len() {
+                if self.nodes[i].core.is_none() {
+                    self.restart(i)?;
+                }
+            }
+            self.connect_all()?;
+        }
+        let healed = self.now;
+        let bound = self.config.convergence_bound();
+        match self.settle(healed + bound)? {
+            Some(converged) => {
+                self.report.converged_after_heal = Some(converged - healed);
+                self.report.quiet_after_heal = Some(self.now - healed);
+            }
+            None => self.violation(format!(
+                "replicas did not converge and go quiet within {} s of the heal",
+                bound.as_secs()
+            )),
+        }
+        Ok(())
+    }
+
+    /// Runs events until every replica holds the same heads for every
+    /// document, no message is in flight and every core is idle, or until
+    /// `deadline`. Returns when convergence was first seen.
+    fn settle(&mut self, deadline: Duration) -> Result<Option<Duration>, SimError> {
+        let mut converged = None;
+        loop {
+            if converged.is_none() && self.converged()? {
+                converged = Some(self.now);
+            }
+            if converged.is_some() && self.is_quiet() {
+                return Ok(converged);
+            }
+            let Some((at, event)) = self.net.next_until(deadline) else {
+                self.now = deadline;
+                return Ok(None);
+            };
+            self.now = at;
+            self.handle(event)?;
+        }
+    }
+
+    /// Runs every event due by `until`.
+    fn run_until(&mut self, until: Duration) -> Result<(), SimError> {
+        while let Some((at, event)) = self.net.next_until(until) {
+            self.now = at;
+            self.handle(event)?;
+        }
+        self.now = until;
+        Ok(())
+    }
+
+    fn handle(&mut self, event: Event) -> Result<(), SimError> {
+        match event {
+            Event::Deliver(packet) => self.deliver(packet),
+            Event::Timer { node, incarnation } => {
+                let n = &mut self.nodes[node];
+                if n.incarnation != incarnation || n.timer_at != Some(self.now) {
+                    return Ok(());
+                }
+                n.timer_at = None;
+                if let Some(core) = n.core.as_mut() {
+                    core.handle_timeout(self.now, &mut n.random)?;
+                }
+                self.drain(node)
+            }
+        }
+    }
+
+    fn deliver(&mut self, p: Packet) -> Result<(), SimError> {
+        if !self.net.is_current(&p) || self.nodes[p.to].core.is_none() {
+            return Ok(());
+        }
+        self.report.delivered.0 += 1;
+        self.report.delivered.1 += p.bytes.len() as u64;
+        let channel = match p.channel {
+            Channel::Gossip => "gossip",
+            Channel::Direct => "direct",
+        };
+        let by_channel = self.report.delivered_by_channel.entry(channel).or_default();
+        by_channel.0 += 1;
+        by_channel.1 += p.bytes.len() as u64;
+        self.trace.update(self.now.as_nanos().to_be_bytes());
+        self.trace
+            .update([p.from as u8, p.to as u8, p.channel as u8]);
+        self.trace.update(&p.bytes);
+        let from_id = self.nodes[p.from].id.clone();
+        let node = &mut self.nodes[p.to];
+        if p.channel == Channel::Gossip && !node.first_sight(message_id(&p.bytes)) {
+            return Ok(());
+        }
+        let Some(core) = node.core.as_mut() else {
+            return Ok(());
+        };
+        let verdict = core.handle_message(self.now, &from_id, p.channel, &p.bytes)?;
+        if p.channel == Channel::Gossip && verdict == Verdict::Accept {
+            for peer in self.net.peers_of(p.to) {
+                if peer != p.from {
+                    self.net.send(
+                        self.now,
+                        p.to,
+                        peer,
+                        Channel::Gossip,
+                        p.bytes.clone(),
+                        &mut self.rng,
+                        &mut self.report.faults,
+                    );
+                }
+            }
+        }
+        self.drain(p.to)
+    }
+
+    /// Hands node `i`'s outputs to the network and re-arms its timer.
+    fn drain(&mut self, i: usize) -> Result<(), SimError> {
+        let Some(core) = self.nodes[i].core.as_mut() else {
+            return Ok(());
+        };
+        let depths = core.queue_depths();
+        self.report.max_queues = self.report.max_queues.max(depths);
+        let mut outputs = Vec::new();
+        while let Some(out) = core.poll_output() {
+            outputs.push(out);
+        }
+        let due = core.poll_timeout().max(self.now + Duration::from_millis(1));
+        for out in outputs {
+            match out {
+                Output::Publish(bytes) => {
+                    self.nodes[i].first_sight(message_id(&bytes));
+                    let bytes: Rc<[u8]> = bytes.into();
+                    for peer in self.net.peers_of(i) {
+                        self.send(i, peer, Channel::Gossip, bytes.clone());
+                    }
+                }
+                Output::Send { to, bytes } => {
+                    if let Some(peer) = self.nodes.iter().position(|n| n.id == to) {
+                        self.send(i, peer, Channel::Direct, bytes.into());
+                    }
+                }
+                Output::Misbehaving { peer, reason } => {
+                    let at = self.now;
+                    let me = self.nodes[i].id.clone();
+                    self.violation(format!(
+                        "{me} reported honest peer {peer} as misbehaving at {at:?}: {reason}"
+                    ));
+                }
+            }
+        }
+        let node = &mut self.nodes[i];
+        if node.timer_at != Some(due) {
+            node.timer_at = Some(due);
+            self.net.timer(due, i, node.incarnation);
+        }
+        Ok(())
+    }
+
+    fn send(&mut self, from: usize, to: usize, channel: Channel, bytes: Rc<[u8]>) {
+        self.net.send(
+            self.now,
+            from,
+            to,
+            channel,
+            bytes,
+            &mut self.rng,
+            &mut self.report.faults,
+        );
+    }
+
+    /// One client write on a random live node.
+    fn client_write(&mut self) -> Result<(), SimError> {
+        let live: Vec<usize> = (0..self.nodes.len())
+            .filter(|&i| self.nodes[i].core.is_some())
+            .collect();
+        if live.is_empty() {
+            return Ok(());
+        }
+        let i = live[self.rng.below(live.len() as u64) as usize];
+        let d = self.rng.below(self.docs.len() as u64) as usize;
+        let doc = self.docs[d].clone();
+        let text = d < self.config.text_docs && self.rng.below(2) == 0;
+        let pick = self.rng.next_u64();
+        self.writes += 1;
+        let mark = format!("n{i}-{}", self.writes);
+        let before = self.heads(i, &doc)?;
+        let engine = self.engine(i)?;
+        let (write, heads) = if text {
+            let token = format!("<{mark}>");
+            let committed = workload::insert_text(&engine, &doc, &token, pick)?;
+            if !committed.value {
+                self.violation(format!("{doc} has no shared text on n{i} after setup"));
+                return Ok(());
+            }
+            (Write::Text { doc: d, token }, committed.heads)
+        } else {
+            let committed = workload::write_key(&engine, &doc, &mark, self.writes)?;
+            let write = Write::Key {
+                doc: d,
+                key: mark,
+                value: self.writes,
+            };
+            (write, committed.heads)
+        };
+        // The engine returned: the write is durable and acknowledged.
+        self.trace.update(format!("write {i} {write:?}").as_bytes());
+        self.ledger.push(write);
+        self.report.writes_acked += 1;
+        let changes = engine.changes_since(&doc, &before)?;
+        self.commit(i, &doc, changes, &heads)
+    }
+
+    /// Reports a local commit to node `i`'s core and sends what it publishes.
+    fn commit(
+        &mut self,
+        i: usize,
+        doc: &DocId,
+        changes: Vec<Vec<u8>>,
+        heads: &[automerge::ChangeHash],
+    ) -> Result<(), SimError> {
+        self.report.committed.0 += changes.len() as u64;
+        self.report.committed.1 += changes.iter().map(|c| c.len() as u64).sum::<u64>();
+        if let Some(core) = self.nodes[i].core.as_mut() {
+            core.handle_local_commit(doc, changes, heads);
+        }
+        self.drain(i)
+    }
+
+    /// One fault action.
+    fn fault(&mut self) -> Result<(), SimError> {
+        let n = self.nodes.len();
+        match self.rng.below(6) {
+            0 | 1 => {
+                // Full partition: a random split, or one region cut off.
+                let side: Vec<bool> = if self.rng.below(2) == 0 {
+                    let mask = 1 + self.rng.below((1u64 << n) - 2);
+                    (0..n).map(|i| mask >> i & 1 == 1).collect()
+                } else {
+                    let regions = self.config.regions.max(1);
+                    let cut = self.rng.below(regions as u64) as usize;
+                    (0..n).map(|i| i % regions == cut).collect()
+                };
+                self.report.faults.partitions += 1;
+                for a in 0..n {
+                    for b in 0..n {
+                        if side[a] != side[b] {
+                            self.net.set_blocked(a, b, true);
+                            self.disconnect(a, b);
+                        }
+                    }
+                }
+            }
+            2 => {
+                let a = self.rng.below(n as u64) as usize;
+                let b = (a + 1 + self.rng.below(n as u64 - 1) as usize) % n;
+                self.report.faults.one_way_partitions += 1;
+                self.net.set_blocked(a, b, true);
+            }
+            3 => {
+                self.report.faults.heals += 1;
+                self.net.unblock_all();
+                self.connect_all()?;
+            }
+            4 => {
+                let live: Vec<usize> = (0..n).filter(|&i| self.nodes[i].core.is_some()).collect();
+                if live.len() > 1 {
+                    let i = live[self.rng.below(live.len() as u64) as usize];
+                    self.report.faults.crashes += 1;
+                    self.crash(i);
+                }
+            }
+            _ => {
+                let down: Vec<usize> = (0..n).filter(|&i| self.nodes[i].core.is_none()).collect();
+                if !down.is_empty() {
+                    let i = down[self.rng.below(down.len() as u64) as usize];
+                    self.report.faults.restarts += 1;
+                    self.restart(i)?;
+                    self.connect_node(i)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Opens node `i`'s store and starts a core over it.
+    fn start(&mut self, i: usize) -> Result<(), SimError> {
+        let node = &mut self.nodes[i];
+        let mut actor = Sha256::new();
+        actor.update(self.config.seed.to_be_bytes());
+        actor.update((i as u64).to_be_bytes());
+        actor.update(node.incarnation.to_be_bytes());
+        let engine = Engine::open(
+            &node.dir,
+            EngineConfig {
+                durability: Durability::Sync,
+                actor: Some(ActorId::from(&actor.finalize()[..16])),
+                ..EngineConfig::default()
+            },
+        )?;
+        let mut config =
+            ReplicatorConfig::new(node.id.clone(), node.region.clone(), ClusterId::new("sim")?);
+        config.anti_entropy_interval = self.config.anti_entropy_interval;
+        config.retry_after = self.config.retry_after;
+        config.max_active_syncs_per_peer = self.config.max_active_syncs_per_peer;
+        config.max_queued_syncs_per_peer = self.config.max_queued_syncs_per_peer;
+        node.core = Some(Replicator::new(engine, config, self.now)?);
+        node.timer_at = None;
+        self.drain(i)
+    }
+
+    /// Node `i` crashes: its core, its unsent outputs, its gossip cache and
+    /// every connection go; its store stays on disk.
+    fn crash(&mut self, i: usize) {
+        for peer in 0..self.nodes.len() {
+            self.disconnect(i, peer);
+        }
+        let node = &mut self.nodes[i];
+        if let Some(core) = node.core.take() {
+            let stats = core.stats().clone();
+            node.retired = Some(merge_stats(node.retired.take(), &stats));
+        }
+        node.seen.clear();
+        node.seen_order.clear();
+        node.timer_at = None;
+    }
+
+    /// Node `i` comes back with a new incarnation (and actor).
+    fn restart(&mut self, i: usize) -> Result<(), SimError> {
+        self.nodes[i].incarnation += 1;
+        self.start(i)
+    }
+
+    fn connect_all(&mut self) -> Result<(), SimError> {
+        for i in 0..self.nodes.len() {
+            self.connect_node(i)?;
+        }
+        Ok(())
+    }
+
+    /// Opens connections from node `i` to every reachable live node.
+    fn connect_node(&mut self, i: usize) -> Result<(), SimError> {
+        for peer in 0..self.nodes.len() {
+            let up = self.nodes[i].core.is_some() && self.nodes[peer].core.is_some();
+            if peer != i && up && !self.net.is_connected(i, peer) && self.net.can_connect(i, peer) {
+                self.net.set_connected(i, peer, true);
+                for (a, b) in [(i, peer), (peer, i)] {
+                    let b_id = self.nodes[b].id.clone();
+                    let node = &mut self.nodes[a];
+                    if let Some(core) = node.core.as_mut() {
+                        core.handle_connect(self.now, &b_id, &mut node.random);
+                    }
+                }
+                self.drain(i)?;
+                self.drain(peer)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn disconnect(&mut self, a: usize, b: usize) {
+        if a == b || !self.net.is_connected(a, b) {
+            return;
+        }
+        self.net.set_connected(a, b, false);
+        for (x, y) in [(a, b), (b, a)] {
+            let y_id = self.nodes[y].id.clone();
+            if let Some(core) = self.nodes[x].core.as_mut() {
+                core.handle_disconnect(&y_id);
+            }
+        }
+    }
+
+    /// Whether every live replica holds the same heads for every document.
+    fn converged(&self) -> Result<bool, SimError> {
+        for doc in &self.docs {
+            let mut first: Option<Option<Vec<automerge::ChangeHash>>> = None;
+            for node in &self.nodes {
+                let Some(core) = &node.core else {
+                    continue;
+                };
+                let heads = match core.engine().heads(doc) {
+                    Ok(h) => Some(h),
+                    Err(Error::NotFound(_)) => None,
+                    Err(e) => return Err(e.into()),
+                };
+                match &first {
+                    None => first = Some(heads),
+                    Some(f) if *f != heads => return Ok(false),
+                    Some(_) => {}
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    fn is_quiet(&self) -> bool {
+        self.net.in_flight() == 0
+            && self
+                .nodes
+                .iter()
+                .filter_map(|n| n.core.as_ref())
+                .all(Replicator::is_idle)
+    }
+
+    /// The final checks: identical JSON everywhere, every acknowledged write
+    /// present everywhere, queues within their bounds.
+    fn check_replicas(&mut self) -> Result<(), SimError> {
+        let mut views: Vec<Vec<Option<Value>>> = Vec::new();
+        for node in &self.nodes {
+            let Some(core) = &node.core else {
+                self.report
+                    .violations
+                    .push(format!("{} is down at the end", node.id));
+                return Ok(());
+            };
+            let mut docs = Vec::new();
+            for doc in &self.docs {
+                docs.push(match core.engine().get_json(doc) {
+                    Ok(json) => Some(json),
+                    Err(Error::NotFound(_)) => None,
+                    Err(e) => return Err(e.into()),
+                });
+            }
+            views.push(docs);
+        }
+        let mut problems = Vec::new();
+        for (d, doc) in self.docs.iter().enumerate() {
+            if views.iter().any(|v| v[d] != views[0][d]) {
+                problems.push(format!("{doc}: replicas hold different JSON"));
+            }
+        }
+        let mut lost = 0;
+        for write in &self.ledger {
+            let missing: Vec<usize> = (0..views.len())
+                .filter(|&n| !write.is_in(views[n][write.doc()].as_ref()))
+                .collect();
+            if !missing.is_empty() {
+                lost += 1;
+                if lost <= 5 {
+                    problems.push(format!(
+                        "acknowledged {write:?} missing on nodes {missing:?}"
+                    ));
+                }
+            }
+        }
+        self.report.writes_lost = lost;
+        let q = self.report.max_queues;
+        if q.queued_syncs > self.config.max_queued_syncs_per_peer {
+            problems.push(format!("a sync queue reached {}", q.queued_syncs));
+        }
+        if q.pending_acks > MAX_ACK_ENTRIES {
+            problems.push(format!("an ack batch reached {}", q.pending_acks));
+        }
+        self.report.violations.extend(problems);
+        Ok(())
+    }
+
+    fn finish(mut self) -> Result<Report, SimError> {
+        self.report.simulated = self.now;
+        for node in &self.nodes {
+            let live = node.core.as_ref().map(|c| c.stats().clone());
+            let stats = match (live, node.retired.clone()) {
+                (Some(s), retired) => merge_stats(retired, &s),
+                (None, Some(r)) => r,
+                (None, None) => continue,
+            };
+            for (kind, (m, b)) in &stats.sent {
+                let e = self.report.sent.entry(kind).or_default();
+                e.0 += m;
+                e.1 += b;
+            }
+            self.report.changes_applied.0 += stats.delta_changes_applied;
+            self.report.changes_applied.1 += stats.sync_changes_applied;
+            self.report.syncs_dropped += stats.syncs_dropped;
+        }
+        self.report.trace = hex(&self.trace.finalize());
+        Ok(self.report)
+    }
+
+    fn violation(&mut self, what: String) {
+        self.report.violations.push(what);
+    }
+
+    fn engine(&self, i: usize) -> Result<Engine, SimError> {
+        match &self.nodes[i].core {
+            Some(core) => Ok(core.engine().clone()),
+            None => Err(SimError::NodeDown(i)),
+        }
+    }
+
+    fn heads(&self, i: usize, doc: &DocId) -> Result<Vec<automerge::ChangeHash>, SimError> {
+        match self.engine(i)?.heads(doc) {
+            Ok(h) => Ok(h),
+            Err(Error::NotFound(_)) => Ok(Vec::new()),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// Sums the counters the report uses.
+fn merge_stats(
+    a: Option<crate::replication::Stats>,
+    b: &crate::replication::Stats,
+) -> crate::replication::Stats {
+    let mut out = a.unwrap_or_default();
+    out.delta_changes_applied += b.delta_changes_applied;
+    out.sync_changes_applied += b.sync_changes_applied;
+    out.syncs_dropped += b.syncs_dropped;
+    for (kind, (m, by)) in &b.sent {
+        let e = out.sent.entry(kind).or_default();
+        e.0 += m;
+        e.1 += by;
+    }
+    out
+}
+
+/// A gossip message's id: the first 16 bytes of its SHA-256.
+fn message_id(bytes: &[u8]) -> [u8; 16] {
+    let digest = Sha256::digest(bytes);
+    let mut id = [0u8; 16];
+    id.copy_from_slice(&digest[..16]);
+    id
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -1,0 +1,132 @@
+//! What one simulation run does. Everything is derived from the seed by
+//! [`SimConfig::from_seed`]; the size fields may then be overridden, and the
+//! replay command names both.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::replication::random::{Random, SplitMix64};
+
+/// One simulation run. Chances are in parts per thousand.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SimConfig {
+    /// The seed every random choice of the run derives from.
+    pub seed: u64,
+    /// Nodes in the cluster (at least 2).
+    pub nodes: usize,
+    /// Regions; node `i` is in region `i % regions`.
+    pub regions: usize,
+    /// Steps of the fault phase; each is a client write or a fault action.
+    pub steps: usize,
+    /// Documents with a shared text, created before the fault phase; clients
+    /// insert text into them and write keys.
+    pub text_docs: usize,
+    /// Documents created by whichever client writes them first, during the
+    /// fault phase (so some exist on one side of a partition only).
+    pub key_docs: usize,
+    /// Simulated time between steps: uniform in `0..=max_step_gap`.
+    pub max_step_gap: Duration,
+    /// Chance that a message is lost, during the fault phase.
+    pub loss_permille: u32,
+    /// Chance that a message is delivered twice, during the fault phase.
+    pub duplicate_permille: u32,
+    /// Chance that a message is held back by up to a second (so it overtakes
+    /// or is overtaken by later ones), during the fault phase.
+    pub delay_permille: u32,
+    /// Chance that a step is a fault action (partition, one-way partition,
+    /// heal, crash, restart) rather than a client write.
+    pub fault_permille: u32,
+    /// Passed to every core.
+    pub max_active_syncs_per_peer: usize,
+    /// Passed to every core.
+    pub max_queued_syncs_per_peer: usize,
+    /// Passed to every core.
+    pub anti_entropy_interval: Duration,
+    /// Passed to every core.
+    pub retry_after: Duration,
+    /// Whether the network heals after the fault phase. `false` keeps the
+    /// partitions, crashes and loss in place, which must make the checks
+    /// fail; it exists to test the checks themselves.
+    pub heal: bool,
+    /// Where the nodes' stores go (a fresh temporary directory inside it).
+    /// `None`: `/dev/shm` if present, else the system temporary directory.
+    pub dir: Option<PathBuf>,
+}
+
+impl SimConfig {
+    /// The run for `seed`: 3 to 5 nodes in 2 or 3 regions, 200 to 400 steps,
+    /// fault rates and core limits drawn per seed.
+    pub fn from_seed(seed: u64) -> SimConfig {
+        let mut r = SplitMix64::new(seed ^ 0x005e_ed0f_ca05_eea7);
+        let mut between = |lo: u64, hi: u64| lo + r.below(hi - lo + 1);
+        let nodes = between(3, 5) as usize;
+        let regions = between(2, 3) as usize;
+        SimConfig {
+            seed,
+            nodes,
+            regions,
+            steps: between(200, 400) as usize,
+            text_docs: between(1, 3) as usize,
+            key_docs: between(2, 6) as usize,
+            max_step_gap: Duration::from_millis(between(20, 300)),
+            loss_permille: between(0, 100) as u32,
+            duplicate_permille: between(0, 50) as u32,
+            delay_permille: between(0, 100) as u32,
+            fault_permille: between(20, 80) as u32,
+            max_active_syncs_per_peer: between(1, 8) as usize,
+            max_queued_syncs_per_peer: between(2, 64) as usize,
+            anti_entropy_interval: Duration::from_secs(between(10, 30)),
+            retry_after: Duration::from_secs(between(2, 5)),
+            heal: true,
+            dir: None,
+        }
+    }
+
+    /// The command that replays this run.
+    pub fn replay_command(&self) -> String {
+        let mut cmd = format!(
+            "cargo run -p causeway-node -- sim --seed {} --nodes {} --regions {} --steps {}",
+            self.seed, self.nodes, self.regions, self.steps
+        );
+        if !self.heal {
+            cmd.push_str(" --no-heal");
+        }
+        cmd
+    }
+
+    /// Documents in the run's key space.
+    pub fn docs(&self) -> usize {
+        self.text_docs + self.key_docs
+    }
+
+    /// How long after the heal the replicas must have converged.
+    ///
+    /// After the heal every pair of nodes is connected. A pair that stayed
+    /// connected through the fault phase repairs what it lost at its next
+    /// anti-entropy round (at most 1.25 intervals away, with jitter); each
+    /// round queues at most `max_queued_syncs_per_peer` documents, so a
+    /// backlog takes `docs / max_queued` rounds. Unanswered messages are
+    /// retried after `retry_after`. Ten seconds cover the round trips.
+    pub fn convergence_bound(&self) -> Duration {
+        let rounds = self.docs().div_ceil(self.max_queued_syncs_per_peer.max(1)) as u32;
+        self.anti_entropy_interval * 5 / 4 * rounds + self.retry_after * 2 + Duration::from_secs(10)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn configs_are_drawn_within_their_ranges_and_replay() {
+        for seed in 0..200 {
+            let c = SimConfig::from_seed(seed);
+            assert_eq!(c, SimConfig::from_seed(seed));
+            assert!((3..=5).contains(&c.nodes) && (2..=3).contains(&c.regions));
+            assert!((200..=400).contains(&c.steps));
+            assert!(c.loss_permille <= 100 && c.max_active_syncs_per_peer >= 1);
+            assert!(c.replay_command().contains(&format!("--seed {seed} ")));
+        }
+        assert_ne!(SimConfig::from_seed(1), SimConfig::from_seed(2));
+    }
+}
