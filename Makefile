@@ -2,7 +2,7 @@
 CARGO ?= cargo
 RELEASE_BIN := target/release/causeway
 
-.PHONY: demo test lint fmt bench bench-ingest bench-durable-writes deps crash
+.PHONY: demo test lint fmt bench bench-ingest bench-durable-writes bench-reconcile bench-delta-path deps crash sim
 
 ## Install missing system packages (as root) and cargo-nextest.
 deps:
@@ -30,7 +30,7 @@ crash: deps
 	$(CARGO) nextest run -p causeway-tests --no-capture
 
 ## Benchmarks (release build); figures go to stdout (JSON) and stderr (table).
-bench: bench-ingest bench-durable-writes
+bench: bench-ingest bench-durable-writes bench-reconcile bench-delta-path
 
 bench-ingest: deps
 	$(CARGO) build --release -p causeway-node
@@ -39,3 +39,20 @@ bench-ingest: deps
 bench-durable-writes: deps
 	$(CARGO) build --release -p causeway-node
 	$(RELEASE_BIN) bench durable-writes
+
+## Long simulator run (release build): SEEDS seeds from FIRST. Prints one JSON
+## report per run and a summary; replay commands for any failure.
+SEEDS ?= 10000
+FIRST ?= 0
+sim: deps
+	$(CARGO) build --release -p causeway-node
+	$(RELEASE_BIN) sim --seed $(FIRST) --seeds $(SEEDS) > sim-report.jsonl
+	@echo "per-run reports in sim-report.jsonl"
+
+bench-reconcile: deps
+	$(CARGO) build --release -p causeway-node
+	$(RELEASE_BIN) bench reconcile
+
+bench-delta-path: deps
+	$(CARGO) build --release -p causeway-node
+	$(RELEASE_BIN) bench delta-path

@@ -9,8 +9,13 @@ use std::time::Duration;
 
 use causeway_engine::replication::ids::{ClusterId, NodeId, Region};
 use causeway_engine::replication::random::SplitMix64;
-use causeway_engine::replication::wire::{Envelope, Message, MAX_GOSSIP_BYTES};
-use causeway_engine::replication::{Channel, Output, Replicator, ReplicatorConfig, Verdict};
+use causeway_engine::replication::wire::{
+    Bytes, Delta, Envelope, Heads, Hello, Message, MAX_CHANGES_PER_DELTA, MAX_GOSSIP_BYTES,
+    PROTOCOL_VERSION,
+};
+use causeway_engine::replication::{
+    reason_name, Channel, Output, Replicator, ReplicatorConfig, Verdict,
+};
 use causeway_engine::Engine;
 use common::{fresh, id};
 use serde_json::json;
@@ -133,70 +138,145 @@ fn a_delta_with_missing_dependencies_triggers_a_sync_with_its_sender() {
     );
 }
 
+/// A delta for `doc` from node "c" in cluster `cluster`, with valid changes.
+fn delta_bytes(cluster: &str, doc: &str) -> (Envelope, Vec<Vec<u8>>) {
+    let (_dir, engine) = fresh();
+    let doc = id(doc);
+    let c = engine.put_json(&doc, &json!({"a": 1})).unwrap();
+    let changes = engine.changes_since(&doc, &[]).unwrap();
+    let env = Envelope {
+        cluster: ClusterId::new(cluster).unwrap(),
+        message: Message::Delta(Delta {
+            origin: NodeId::new("c").unwrap(),
+            region: Region::new("eu").unwrap(),
+            doc: doc.clone(),
+            changes: changes.iter().cloned().map(Bytes).collect(),
+            heads: Heads::new(&c.heads),
+        }),
+    };
+    (env, changes)
+}
+
+/// Replaces the first occurrence of `from` in `bytes` by `to` (same length).
+fn patch(mut bytes: Vec<u8>, from: &[u8], to: &[u8]) -> Vec<u8> {
+    let at = bytes
+        .windows(from.len())
+        .position(|w| w == from)
+        .expect("pattern present");
+    bytes[at..at + from.len()].copy_from_slice(to);
+    bytes
+}
+
 #[test]
-fn bad_messages_are_refused_with_a_reason_and_change_nothing() {
+fn every_kind_of_bad_message_is_refused_counted_and_changes_nothing() {
+    let (good, _) = delta_bytes("test", "bad/doc");
+    let good = good.encode();
+    let tampered = {
+        let (mut env, _) = delta_bytes("test", "bad/doc");
+        let Message::Delta(d) = &mut env.message else {
+            unreachable!()
+        };
+        let change = &mut d.changes.last_mut().unwrap().0;
+        let middle = change.len() / 2;
+        change[middle] ^= 0x01;
+        env.encode()
+    };
+    let too_many_changes = {
+        let (mut env, _) = delta_bytes("test", "bad/doc");
+        let Message::Delta(d) = &mut env.message else {
+            unreachable!()
+        };
+        d.changes = vec![Bytes(vec![0]); MAX_CHANGES_PER_DELTA + 1];
+        env.encode()
+    };
+    let future_version = {
+        let mut out = Vec::new();
+        let (env, _) = delta_bytes("test", "bad/doc");
+        ciborium::into_writer(&(PROTOCOL_VERSION + 1, "test", env.message), &mut out).unwrap();
+        out
+    };
+    let hello_on_gossip = Envelope {
+        cluster: ClusterId::new("test").unwrap(),
+        message: Message::Hello(Hello {
+            node: NodeId::new("c").unwrap(),
+            region: Region::new("eu").unwrap(),
+            version: PROTOCOL_VERSION,
+        }),
+    }
+    .encode();
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("malformed", b"\x83garbage".to_vec()),
+        ("too_large", vec![0u8; MAX_GOSSIP_BYTES + 1]),
+        ("unsupported_version", future_version),
+        (
+            "invalid_doc_id",
+            patch(good.clone(), b"bad/doc", b"bad/do\0"),
+        ),
+        ("invalid_name", patch(good.clone(), b"eu", b"EU")),
+        ("limit_exceeded", too_many_changes),
+        ("wrong_cluster", delta_bytes("other", "bad/doc").0.encode()),
+        ("bad_change", tampered),
+        ("wrong_channel", hello_on_gossip),
+    ];
     let mut a = node("a", "eu");
     let bn = NodeId::new("b").unwrap();
     let mut rng = SplitMix64::new(3);
     a.core.handle_connect(Duration::ZERO, &bn, &mut rng);
     while a.core.poll_output().is_some() {}
-    let now = Duration::ZERO;
+    for (reason, bytes) in &cases {
+        let verdict = a
+            .core
+            .handle_message(Duration::ZERO, &bn, Channel::Gossip, bytes)
+            .unwrap();
+        assert_eq!(verdict, Verdict::Reject, "{reason}");
+        assert_eq!(a.core.stats().rejected.get(reason), Some(&1), "{reason}");
+        match a.core.poll_output() {
+            Some(Output::Misbehaving { peer, reason: why }) => {
+                assert_eq!(peer, bn);
+                assert_eq!(reason_name(&why), *reason);
+            }
+            other => panic!("{reason}: expected a misbehaving report, got {other:?}"),
+        }
+        assert!(a.core.poll_output().is_none(), "{reason}: sent something");
+        // Nothing was stored.
+        assert!(
+            a.core.engine().list("", None, 10).unwrap().ids.is_empty(),
+            "{reason}"
+        );
+        assert!(a.core.engine().heads(&id("bad/doc")).is_err(), "{reason}");
+    }
+    let rejected = &a.core.stats().rejected;
+    assert_eq!(rejected.values().sum::<u64>(), cases.len() as u64);
+    // The untampered delta is accepted, so the refusals were about the faults.
     let verdict = a
         .core
-        .handle_message(now, &bn, Channel::Gossip, b"\x83garbage")
+        .handle_message(Duration::ZERO, &bn, Channel::Gossip, &good)
         .unwrap();
-    assert_eq!(verdict, Verdict::Reject);
-
-    // A delta from another cluster.
-    let mut other = node("c", "eu");
-    let mut other_cfg_engine = other.core.engine().clone();
-    let doc = id("x/1");
-    let c = other_cfg_engine.put_json(&doc, &json!({"a": 1})).unwrap();
-    let changes = other_cfg_engine.changes_since(&doc, &[]).unwrap();
-    let foreign = Replicator::new(
-        std::mem::replace(&mut other_cfg_engine, other.core.engine().clone()),
-        ReplicatorConfig::new(
-            NodeId::new("c").unwrap(),
-            Region::new("eu").unwrap(),
-            ClusterId::new("elsewhere").unwrap(),
-        ),
-        now,
-    );
-    let mut foreign = foreign.unwrap();
-    foreign.handle_local_commit(&doc, changes.clone(), &c.heads);
-    let Some(Output::Publish(bytes)) = foreign.poll_output() else {
-        panic!("no delta")
-    };
+    assert_eq!(verdict, Verdict::Accept);
     assert_eq!(
-        a.core
-            .handle_message(now, &bn, Channel::Gossip, &bytes)
-            .unwrap(),
-        Verdict::Reject
+        a.core.engine().get_json(&id("bad/doc")).unwrap(),
+        json!({"a": 1})
     );
+}
 
-    // A delta whose change bytes were tampered with.
-    other
-        .core
-        .handle_local_commit(&doc, changes.clone(), &c.heads);
-    let Some(Output::Publish(bytes)) = other.core.poll_output() else {
-        panic!("no delta")
-    };
-    let mut env = Envelope::decode(&bytes, MAX_GOSSIP_BYTES).unwrap();
-    let Message::Delta(delta) = &mut env.message else {
-        panic!("not a delta")
-    };
-    let change = &mut delta.changes.last_mut().unwrap().0;
-    let middle = change.len() / 2;
-    change[middle] ^= 0x01;
-    let bytes = env.encode();
-    let v = a
-        .core
-        .handle_message(now, &bn, Channel::Gossip, &bytes)
-        .unwrap();
-    assert_eq!(v, Verdict::Reject);
-    assert!(a.core.engine().heads(&doc).is_err());
-    let rejected = &a.core.stats().rejected;
-    assert_eq!(rejected.get("malformed"), Some(&1));
-    assert_eq!(rejected.get("wrong_cluster"), Some(&1));
-    assert_eq!(rejected.values().sum::<u64>(), 3, "{rejected:?}");
+#[test]
+fn an_oversized_delta_is_announced_and_pulled_by_sync() {
+    let mut a = node("a", "eu");
+    let mut b = node("b", "us");
+    let (an, bn) = (NodeId::new("a").unwrap(), NodeId::new("b").unwrap());
+    let mut rng = SplitMix64::new(4);
+    a.core.handle_connect(Duration::ZERO, &bn, &mut rng);
+    b.core.handle_connect(Duration::ZERO, &an, &mut rng);
+    pump(&mut a, &an, &mut b, &bn, Duration::ZERO);
+    // One change larger than a gossip message.
+    let big: String = "x".repeat(MAX_GOSSIP_BYTES + 1024);
+    commit(&mut a, "big/1", json!({ "blob": big }));
+    assert_eq!(a.core.stats().announces_published, 1);
+    assert_eq!(a.core.stats().deltas_published, 0);
+    pump(&mut a, &an, &mut b, &bn, Duration::ZERO);
+    assert_eq!(
+        b.core.engine().heads(&id("big/1")).unwrap(),
+        a.core.engine().heads(&id("big/1")).unwrap()
+    );
+    assert!(b.core.stats().sync_changes_applied > 0);
 }

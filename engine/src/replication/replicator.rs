@@ -331,7 +331,10 @@ impl Replicator {
             })
             .map(|at| at + self.config.retry_after)
             .min();
-        let mut next = self.next_anti_entropy.min(self.next_ack_flush);
+        let mut next = self.next_anti_entropy;
+        if self.peers.values().any(|p| !p.acks.is_empty()) {
+            next = next.min(self.next_ack_flush);
+        }
         if let Some(r) = retry {
             next = next.min(r);
         }

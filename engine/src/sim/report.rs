@@ -76,6 +76,9 @@ pub struct Report {
     pub writes_acked: u64,
     /// Acknowledged writes missing from some replica at the end.
     pub writes_lost: u64,
+    /// How long after the heal convergence may take
+    /// ([`SimConfig::convergence_bound`]).
+    pub bound: Duration,
     /// Simulated time from the heal until every replica held the same heads
     /// for every document (`None`: not within the bound).
     pub converged_after_heal: Option<Duration>,
@@ -124,6 +127,7 @@ impl Report {
             "writes_acked": self.writes_acked,
             "writes_lost": self.writes_lost,
             "converged_after_heal_ms": ms(self.converged_after_heal),
+            "bound_ms": self.bound.as_millis() as u64,
             "quiet_after_heal_ms": ms(self.quiet_after_heal),
             "simulated_ms": self.simulated.as_millis() as u64,
             "delivered": {"messages": self.delivered.0, "bytes": self.delivered.1},
@@ -148,6 +152,7 @@ impl Report {
         Report {
             seed: config.seed,
             replay: config.replay_command(),
+            bound: config.convergence_bound(),
             ..Report::default()
         }
     }
