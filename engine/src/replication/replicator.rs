@@ -511,8 +511,11 @@ impl Replicator {
             Err(e) => return Err(e),
         };
         self.stats.delta_changes_applied += outcome.applied as u64;
-        self.items
-            .insert(d.doc.clone(), &crate::layout::heads_digest(&outcome.heads));
+        if outcome.applied > 0 {
+            // Only documents the engine holds are items (not held changes).
+            self.items
+                .insert(d.doc.clone(), &crate::layout::heads_digest(&outcome.heads));
+        }
         if !outcome.missing_deps.is_empty() {
             self.enqueue_sync(from, &d.doc);
             self.start_queued(now, from)?;
@@ -553,6 +556,9 @@ impl Replicator {
             if let Some(s) = session {
                 s.sent_at = None;
             }
+            // Sends only if our heads moved since; otherwise the session goes
+            // idle and its shared heads are persisted.
+            self.pump_sync(now, from, &frame.doc, false)?;
             self.start_queued(now, from)?;
             return Ok(Verdict::Accept);
         }
