@@ -10,13 +10,13 @@ use std::time::Duration;
 use causeway_engine::replication::ids::{ClusterId, NodeId, Region};
 use causeway_engine::replication::random::SplitMix64;
 use causeway_engine::replication::wire::{
-    Bytes, Delta, Envelope, Heads, Hello, Message, MAX_CHANGES_PER_DELTA, MAX_GOSSIP_BYTES,
-    PROTOCOL_VERSION,
+    Bytes, Delta, Envelope, Heads, Hello, Message, SyncFrame, MAX_CHANGES_PER_DELTA,
+    MAX_GOSSIP_BYTES, PROTOCOL_VERSION,
 };
 use causeway_engine::replication::{
     reason_name, Channel, Output, Replicator, ReplicatorConfig, Verdict,
 };
-use causeway_engine::Engine;
+use causeway_engine::{Engine, SyncState};
 use common::{fresh, id};
 use serde_json::json;
 use tempfile::TempDir;
@@ -27,12 +27,17 @@ struct Node {
 }
 
 fn node(name: &str, region: &str) -> Node {
+    node_with(name, region, |_| {})
+}
+
+fn node_with(name: &str, region: &str, tune: impl FnOnce(&mut ReplicatorConfig)) -> Node {
     let (dir, engine) = fresh();
-    let config = ReplicatorConfig::new(
+    let mut config = ReplicatorConfig::new(
         NodeId::new(name).unwrap(),
         Region::new(region).unwrap(),
         ClusterId::new("test").unwrap(),
     );
+    tune(&mut config);
     Node {
         _dir: dir,
         core: Replicator::new(engine, config, Duration::ZERO).unwrap(),
@@ -279,4 +284,92 @@ fn an_oversized_delta_is_announced_and_pulled_by_sync() {
         a.core.engine().heads(&id("big/1")).unwrap()
     );
     assert!(b.core.stats().sync_changes_applied > 0);
+}
+
+/// The kinds of the messages `n` wants sent, draining them.
+fn drain_kinds(n: &mut Node) -> Vec<&'static str> {
+    let mut kinds = Vec::new();
+    while let Some(out) = n.core.poll_output() {
+        if let Output::Send { bytes, .. } | Output::Publish(bytes) = out {
+            let env = Envelope::decode(&bytes, usize::MAX).unwrap();
+            kinds.push(match env.message {
+                Message::Sync(_) => "sync",
+                Message::Reconcile(_) => "reconcile",
+                Message::Delta(_) => "delta",
+                _ => "other",
+            });
+        }
+    }
+    kinds
+}
+
+#[test]
+fn an_unanswered_sync_is_resent_then_given_up() {
+    let mut a = node_with("a", "eu", |c| c.max_sync_retries = 3);
+    let mut b = node("b", "us");
+    let (an, bn) = (NodeId::new("a").unwrap(), NodeId::new("b").unwrap());
+    let mut rng = SplitMix64::new(5);
+    a.core.handle_connect(Duration::ZERO, &bn, &mut rng);
+    b.core.handle_connect(Duration::ZERO, &an, &mut rng);
+    pump(&mut a, &an, &mut b, &bn, Duration::ZERO);
+    // B's first delta is lost; its second reaches A with a missing
+    // dependency, so A starts a sync with B, whose answers never arrive.
+    commit(&mut b, "doc/1", json!({"v": 1}));
+    while b.core.poll_output().is_some() {}
+    commit(&mut b, "doc/1", json!({"v": 2}));
+    deliver(&mut b, &bn, &mut a, Duration::ZERO);
+    assert_eq!(drain_kinds(&mut a), vec!["sync"]);
+    assert!(!a.core.is_idle());
+    let mut resends = 0;
+    for k in 1..=10u32 {
+        let now = Duration::from_secs(6) * k;
+        a.core.handle_timeout(now, &mut rng).unwrap();
+        resends += drain_kinds(&mut a).iter().filter(|k| **k == "sync").count();
+    }
+    assert_eq!(resends, 3);
+    assert_eq!(a.core.stats().syncs_abandoned, 1);
+    // Nothing of it is awaited any more; anti-entropy takes over.
+    assert_eq!(a.core.queue_depths().open_syncs, 0);
+}
+
+#[test]
+fn a_peer_cannot_open_more_sync_sessions_than_the_limit() {
+    let mut a = node_with("a", "eu", |c| c.max_sync_sessions_per_peer = 2);
+    let bn = NodeId::new("b").unwrap();
+    let mut rng = SplitMix64::new(6);
+    a.core.handle_connect(Duration::ZERO, &bn, &mut rng);
+    while a.core.poll_output().is_some() {}
+    let (_dir, b) = fresh();
+    for (k, doc) in ["s/1", "s/2", "s/3"].iter().enumerate() {
+        let doc = id(doc);
+        b.put_json(&doc, &json!({"k": k})).unwrap();
+        let m = b
+            .generate_sync_message(&doc, &mut SyncState::new(), 1 << 20)
+            .unwrap()
+            .unwrap();
+        let frame = Envelope {
+            cluster: ClusterId::new("test").unwrap(),
+            message: Message::Sync(SyncFrame {
+                doc: doc.clone(),
+                msg: Bytes(m.encode()),
+            }),
+        }
+        .encode();
+        let verdict = a
+            .core
+            .handle_message(Duration::ZERO, &bn, Channel::Direct, &frame)
+            .unwrap();
+        // A lacks each document, so it answers and awaits B's reply: the
+        // first two fill the limit, the third is ignored and changes nothing.
+        if k < 2 {
+            assert_eq!(verdict, Verdict::Accept);
+            assert_eq!(drain_kinds(&mut a), vec!["sync"]);
+        } else {
+            assert_eq!(verdict, Verdict::Ignore);
+            assert!(drain_kinds(&mut a).is_empty());
+            assert!(a.core.engine().heads(&doc).is_err());
+        }
+    }
+    assert_eq!(a.core.stats().syncs_refused, 1);
+    assert_eq!(a.core.queue_depths().open_syncs, 2);
 }

@@ -50,11 +50,18 @@ pub struct ReplicatorConfig {
     /// documents are dropped (counted) and left to the next anti-entropy
     /// round. Default 100,000.
     pub max_queued_syncs_per_peer: usize,
-    /// Finished syncs kept in memory per peer (a few hundred bytes each), so
-    /// that a message about a document in sync is not answered. Beyond it,
-    /// idle sessions are forgotten, which costs one extra round trip the next
-    /// time their document changes. Default 10,000.
-    pub max_idle_syncs_per_peer: usize,
+    /// Sync sessions held in memory per peer. Finished (idle) sessions are
+    /// kept, trimmed to their heads (a few hundred bytes), so that a message
+    /// about a document in sync is not answered. At the limit, idle sessions
+    /// are forgotten (one extra round trip the next time their document
+    /// changes); if every session awaits an answer, a peer's message that
+    /// would open one more is ignored and counted in
+    /// [`Stats::syncs_refused`], and the peer retries it. Default 10,000.
+    pub max_sync_sessions_per_peer: usize,
+    /// Resends of an unanswered sync message before the session is given up
+    /// (counted in [`Stats::syncs_abandoned`]); the next anti-entropy round
+    /// finds the document again if it still differs. Default 5.
+    pub max_sync_retries: u32,
     /// Acknowledgements are batched and sent this often. Default 100 ms.
     pub ack_interval: Duration,
     /// Reconciliation tuning.
@@ -72,7 +79,8 @@ impl ReplicatorConfig {
             retry_after: Duration::from_secs(5),
             max_active_syncs_per_peer: 32,
             max_queued_syncs_per_peer: 100_000,
-            max_idle_syncs_per_peer: 10_000,
+            max_sync_sessions_per_peer: 10_000,
+            max_sync_retries: 5,
             ack_interval: Duration::from_millis(100),
             reconcile: Params::default(),
         }
@@ -163,6 +171,12 @@ pub struct Stats {
     pub reconcile_differences: u64,
     /// Documents not queued for sync because a queue was full.
     pub syncs_dropped: u64,
+    /// Peer messages ignored because every sync session with the peer was
+    /// awaiting an answer ([`ReplicatorConfig::max_sync_sessions_per_peer`]).
+    pub syncs_refused: u64,
+    /// Sync sessions given up after [`ReplicatorConfig::max_sync_retries`]
+    /// unanswered resends.
+    pub syncs_abandoned: u64,
     /// Messages refused, by reason.
     pub rejected: BTreeMap<&'static str, u64>,
     /// Messages handed to the network, by kind: `(messages, bytes)`. A
@@ -212,6 +226,8 @@ struct DocSync {
     sent_at: Option<Duration>,
     /// The shared heads last persisted, to skip rewriting them unchanged.
     saved: Vec<ChangeHash>,
+    /// Resends of the message now awaiting an answer.
+    retries: u32,
 }
 
 impl DocSync {
@@ -224,6 +240,7 @@ impl DocSync {
             state,
             sent_at: None,
             saved: shared_heads,
+            retries: 0,
         }
     }
 }
@@ -481,14 +498,28 @@ impl Replicator {
                 .filter(|(_, s)| s.sent_at.is_some_and(|at| now >= at + retry_after))
                 .map(|(d, _)| d.clone())
                 .collect();
+            let max_retries = self.config.max_sync_retries;
             for doc in stale {
-                if let Some(s) = self.peer_mut(peer).and_then(|p| p.syncs.get_mut(&doc)) {
-                    // The answer was lost: forget what was in flight and
-                    // start over from the shared heads.
-                    let saved = std::mem::take(&mut s.saved);
-                    *s = DocSync::restart(s.state.shared_heads.clone());
-                    s.saved = saved;
+                let Some(p) = self.peer_mut(peer) else {
+                    continue;
+                };
+                let Some(s) = p.syncs.get_mut(&doc) else {
+                    continue;
+                };
+                if s.retries >= max_retries {
+                    p.syncs.remove(&doc);
+                    self.stats.syncs_abandoned += 1;
+                    continue;
                 }
+                // The answer was lost: forget what was in flight and start
+                // over from the shared heads.
+                let retries = s.retries + 1;
+                let saved = std::mem::take(&mut s.saved);
+                *s = DocSync {
+                    saved,
+                    retries,
+                    ..DocSync::restart(s.state.shared_heads.clone())
+                };
                 self.pump_sync(now, peer, &doc, false)?;
             }
             self.start_queued(now, peer)?;
@@ -555,6 +586,7 @@ impl Replicator {
                 .and_then(|p| p.syncs.get_mut(&frame.doc));
             if let Some(s) = session {
                 s.sent_at = None;
+                s.retries = 0;
             }
             // Sends only if our heads moved since; otherwise the session goes
             // idle and its shared heads are persisted.
@@ -569,7 +601,11 @@ impl Replicator {
                 return Ok(self.reject(from, reason));
             }
         };
-        if !self.peers.contains_key(from) {
+        let Some(p) = self.peers.get(from) else {
+            return Ok(Verdict::Ignore);
+        };
+        if !p.syncs.contains_key(&frame.doc) && !self.make_room(from) {
+            self.stats.syncs_refused += 1;
             return Ok(Verdict::Ignore);
         }
         self.progress
@@ -618,6 +654,7 @@ impl Replicator {
                 state,
                 sent_at: None,
                 saved,
+                retries: 0,
             };
             p.syncs.insert(frame.doc.clone(), sync);
         }
@@ -720,6 +757,9 @@ impl Replicator {
                     ..DocSync::restart(s.state.shared_heads)
                 },
                 None => {
+                    // Our own syncs are bounded by the active limit; this
+                    // only makes room among idle sessions.
+                    self.make_room(peer);
                     let shared = self.engine.load_sync_state(peer.as_str(), &doc)?;
                     DocSync::restart(shared.shared_heads)
                 }
@@ -786,14 +826,23 @@ impl Replicator {
             sync.state.their_have = None;
             sync.state.their_need = None;
         }
-        let max_idle = self.config.max_idle_syncs_per_peer;
         if let Some(p) = self.peer_mut(peer) {
             p.syncs.insert(doc.clone(), sync);
-            if p.syncs.len() > max_idle {
-                p.syncs.retain(|_, s| s.sent_at.is_some());
-            }
         }
         Ok(())
+    }
+
+    /// Whether `peer` has room for one more sync session, forgetting its idle
+    /// sessions if it is at the limit.
+    fn make_room(&mut self, peer: &NodeId) -> bool {
+        let max = self.config.max_sync_sessions_per_peer;
+        let Some(p) = self.peers.get_mut(peer) else {
+            return false;
+        };
+        if p.syncs.len() >= max {
+            p.syncs.retain(|_, s| s.sent_at.is_some());
+        }
+        p.syncs.len() < max
     }
 
     fn queue_ack(&mut self, origin: &NodeId, doc: &DocId, heads: &[ChangeHash]) {

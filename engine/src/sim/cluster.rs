@@ -669,6 +669,7 @@ impl Cluster {
             self.report.changes_applied.0 += stats.delta_changes_applied;
             self.report.changes_applied.1 += stats.sync_changes_applied;
             self.report.syncs_dropped += stats.syncs_dropped;
+            self.report.syncs_abandoned += stats.syncs_abandoned;
         }
         self.report.trace = hex(&self.trace.finalize());
         Ok(self.report)
@@ -703,6 +704,8 @@ fn merge_stats(
     out.delta_changes_applied += b.delta_changes_applied;
     out.sync_changes_applied += b.sync_changes_applied;
     out.syncs_dropped += b.syncs_dropped;
+    out.syncs_abandoned += b.syncs_abandoned;
+    out.syncs_refused += b.syncs_refused;
     for (kind, (m, by)) in &b.sent {
         let e = out.sent.entry(kind).or_default();
         e.0 += m;

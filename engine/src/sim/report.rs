@@ -103,6 +103,8 @@ pub struct Report {
     pub max_queues: QueueDepths,
     /// Documents not queued for sync because a queue was full.
     pub syncs_dropped: u64,
+    /// Sync sessions given up after unanswered resends.
+    pub syncs_abandoned: u64,
     /// SHA-256 over every delivered message and client write, in order: two
     /// runs of one seed must agree on it.
     pub trace: String,
@@ -141,6 +143,7 @@ impl Report {
                 "pending_acks": self.max_queues.pending_acks,
             },
             "syncs_dropped": self.syncs_dropped,
+            "syncs_abandoned": self.syncs_abandoned,
             "trace": self.trace,
             "violations": self.violations,
             "replay": self.replay,
