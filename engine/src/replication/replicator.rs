@@ -664,6 +664,9 @@ impl Replicator {
     }
 
     fn on_reconcile(&mut self, now: Duration, from: &NodeId, r: Reconcile) -> Result<Verdict> {
+        if !self.peers.contains_key(from) {
+            return Ok(Verdict::Ignore);
+        }
         let processed = reconcile::process(&self.items, &r.ranges, &self.config.reconcile);
         self.stats.reconcile_differences += processed.to_sync.len() as u64;
         for doc in &processed.to_sync {
