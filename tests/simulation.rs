@@ -179,6 +179,10 @@ fn the_checks_fail_when_the_network_never_heals() {
         report.violations
     );
     assert!(report.replay.contains("--no-heal"));
+    // Writes made on one node never reached the others: the ledger check
+    // sees them missing.
+    assert!(report.writes_lost > 0, "{:?}", report.to_json());
+    assert!(report.writes_lost <= report.writes_acked);
 }
 
 #[test]

@@ -144,9 +144,9 @@ impl Cluster {
         if self.report.passed() {
             self.fault_phase()?;
             self.heal_and_settle()?;
-            if self.report.passed() {
-                self.check_replicas()?;
-            }
+            // Checked even when convergence failed, so that a failing run
+            // still reports how many acknowledged writes are missing.
+            self.check_replicas()?;
         }
         self.finish()
     }
@@ -602,13 +602,13 @@ impl Cluster {
     /// The final checks: identical JSON everywhere, every acknowledged write
     /// present everywhere, queues within their bounds.
     fn check_replicas(&mut self) -> Result<(), SimError> {
-        let mut views: Vec<Vec<Option<Value>>> = Vec::new();
+        // Every live node's JSON of every document (`None`: absent).
+        let mut views: Vec<(&NodeId, Vec<Option<Value>>)> = Vec::new();
+        let mut problems = Vec::new();
         for node in &self.nodes {
             let Some(core) = &node.core else {
-                self.report
-                    .violations
-                    .push(format!("{} is down at the end", node.id));
-                return Ok(());
+                problems.push(format!("{} is down at the end", node.id));
+                continue;
             };
             let mut docs = Vec::new();
             for doc in &self.docs {
@@ -618,18 +618,19 @@ impl Cluster {
                     Err(e) => return Err(e.into()),
                 });
             }
-            views.push(docs);
+            views.push((&node.id, docs));
         }
-        let mut problems = Vec::new();
         for (d, doc) in self.docs.iter().enumerate() {
-            if views.iter().any(|v| v[d] != views[0][d]) {
+            if views.iter().any(|(_, v)| v[d] != views[0].1[d]) {
                 problems.push(format!("{doc}: replicas hold different JSON"));
             }
         }
         let mut lost = 0;
         for write in &self.ledger {
-            let missing: Vec<usize> = (0..views.len())
-                .filter(|&n| !write.is_in(views[n][write.doc()].as_ref()))
+            let missing: Vec<&str> = views
+                .iter()
+                .filter(|(_, v)| !write.is_in(v[write.doc()].as_ref()))
+                .map(|(id, _)| id.as_str())
                 .collect();
             if !missing.is_empty() {
                 lost += 1;
