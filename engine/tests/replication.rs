@@ -276,8 +276,8 @@ fn an_oversized_delta_is_announced_and_pulled_by_sync() {
     // One change larger than a gossip message.
     let big: String = "x".repeat(MAX_GOSSIP_BYTES + 1024);
     commit(&mut a, "big/1", json!({ "blob": big }));
-    assert_eq!(a.core.stats().announces_published, 1);
-    assert_eq!(a.core.stats().deltas_published, 0);
+    assert_eq!(a.core.stats().messages_sent("announce"), 1);
+    assert_eq!(a.core.stats().messages_sent("delta"), 0);
     pump(&mut a, &an, &mut b, &bn, Duration::ZERO);
     assert_eq!(
         b.core.engine().heads(&id("big/1")).unwrap(),

@@ -155,18 +155,10 @@ pub enum Channel {
 /// Counters, for metrics and the simulator's report.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Stats {
-    /// Deltas published.
-    pub deltas_published: u64,
-    /// Announcements published instead of oversized deltas.
-    pub announces_published: u64,
     /// Changes applied from deltas.
     pub delta_changes_applied: u64,
     /// Changes applied from sync messages.
     pub sync_changes_applied: u64,
-    /// Sync messages sent.
-    pub sync_messages_sent: u64,
-    /// Reconciliation messages sent.
-    pub reconcile_messages_sent: u64,
     /// Documents found to differ by reconciliation.
     pub reconcile_differences: u64,
     /// Documents not queued for sync because a queue was full.
@@ -184,6 +176,32 @@ pub struct Stats {
     pub sent: BTreeMap<&'static str, (u64, u64)>,
 }
 
+impl Stats {
+    /// Messages of `kind` (`hello`, `delta`, `announce`, `sync`, `reconcile`,
+    /// `ack`) sent.
+    pub fn messages_sent(&self, kind: &str) -> u64 {
+        self.sent.get(kind).map_or(0, |(messages, _)| *messages)
+    }
+
+    /// Adds `other`'s counts to these (for example, over restarts).
+    pub fn add(&mut self, other: &Stats) {
+        self.delta_changes_applied += other.delta_changes_applied;
+        self.sync_changes_applied += other.sync_changes_applied;
+        self.reconcile_differences += other.reconcile_differences;
+        self.syncs_dropped += other.syncs_dropped;
+        self.syncs_refused += other.syncs_refused;
+        self.syncs_abandoned += other.syncs_abandoned;
+        for (reason, n) in &other.rejected {
+            *self.rejected.entry(reason).or_default() += n;
+        }
+        for (kind, (m, b)) in &other.sent {
+            let e = self.sent.entry(kind).or_default();
+            e.0 += m;
+            e.1 += b;
+        }
+    }
+}
+
 /// The sizes of the core's per-peer queues (largest over all peers), for
 /// metrics and the simulator's bounds check.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -191,10 +209,10 @@ pub struct QueueDepths {
     /// Documents waiting to start a sync with one peer. Bounded by
     /// [`ReplicatorConfig::max_queued_syncs_per_peer`].
     pub queued_syncs: usize,
-    /// Syncs with one peer held in memory (awaiting an answer, or answering
-    /// the peer). Syncs this node starts are limited by
-    /// [`ReplicatorConfig::max_active_syncs_per_peer`]; syncs the peer starts
-    /// are limited by the peer's own setting.
+    /// Sync sessions with one peer held in memory (awaiting an answer, or
+    /// idle). Bounded by [`ReplicatorConfig::max_sync_sessions_per_peer`]
+    /// plus the [`ReplicatorConfig::max_active_syncs_per_peer`] this node
+    /// starts itself.
     pub open_syncs: usize,
     /// Acknowledgements waiting for the next flush to one peer. Bounded by
     /// [`MAX_ACK_ENTRIES`].
@@ -377,10 +395,8 @@ impl Replicator {
         });
         let bytes = self.envelope(delta);
         if bytes.len() <= MAX_GOSSIP_BYTES {
-            self.stats.deltas_published += 1;
             self.output("delta", Output::Publish(bytes));
         } else {
-            self.stats.announces_published += 1;
             let announce = Message::Announce(Announce {
                 origin: self.config.node.clone(),
                 region: self.config.region.clone(),
@@ -695,7 +711,6 @@ impl Replicator {
                 session: r.session,
                 ranges: processed.reply,
             });
-            self.stats.reconcile_messages_sent += 1;
             self.send(from, msg);
         }
         self.start_queued(now, from)?;
@@ -712,7 +727,6 @@ impl Replicator {
         }
         p.reconcile_sent_at = Some((session, now));
         let ranges = reconcile::initiate(&self.items, &self.config.reconcile);
-        self.stats.reconcile_messages_sent += 1;
         self.send(peer, Message::Reconcile(Reconcile { session, ranges }));
     }
 
@@ -804,7 +818,6 @@ impl Replicator {
                     "sync message"
                 );
                 sync.sent_at = Some(now);
-                self.stats.sync_messages_sent += 1;
                 m.encode()
             }
             // Nothing due: either we still await the peer's answer, or the

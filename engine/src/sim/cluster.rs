@@ -17,7 +17,7 @@ use crate::error::Error;
 use crate::replication::ids::{ClusterId, NodeId, Region};
 use crate::replication::random::{Random, SplitMix64};
 use crate::replication::wire::MAX_ACK_ENTRIES;
-use crate::replication::{Channel, Output, Replicator, ReplicatorConfig, Verdict};
+use crate::replication::{Channel, Output, Replicator, ReplicatorConfig, Stats, Verdict};
 
 use super::config::SimConfig;
 use super::network::{chance, Event, Network, Packet};
@@ -43,7 +43,7 @@ struct SimNode {
     seen_order: VecDeque<[u8; 16]>,
     timer_at: Option<Duration>,
     /// Counters of earlier incarnations, folded into the report.
-    retired: Option<crate::replication::Stats>,
+    retired: Stats,
 }
 
 impl SimNode {
@@ -108,7 +108,7 @@ impl Cluster {
                 seen: HashSet::new(),
                 seen_order: VecDeque::new(),
                 timer_at: None,
-                retired: None,
+                retired: Stats::default(),
             });
         }
         let docs = (0..config.docs())
@@ -513,8 +513,7 @@ impl Cluster {
         }
         let node = &mut self.nodes[i];
         if let Some(core) = node.core.take() {
-            let stats = core.stats().clone();
-            node.retired = Some(merge_stats(node.retired.take(), &stats));
+            node.retired.add(core.stats());
         }
         node.seen.clear();
         node.seen_order.clear();
@@ -655,23 +654,17 @@ impl Cluster {
 
     fn finish(mut self) -> Result<Report, SimError> {
         self.report.simulated = self.now;
+        let mut total = Stats::default();
         for node in &self.nodes {
-            let live = node.core.as_ref().map(|c| c.stats().clone());
-            let stats = match (live, node.retired.clone()) {
-                (Some(s), retired) => merge_stats(retired, &s),
-                (None, Some(r)) => r,
-                (None, None) => continue,
-            };
-            for (kind, (m, b)) in &stats.sent {
-                let e = self.report.sent.entry(kind).or_default();
-                e.0 += m;
-                e.1 += b;
+            total.add(&node.retired);
+            if let Some(core) = &node.core {
+                total.add(core.stats());
             }
-            self.report.changes_applied.0 += stats.delta_changes_applied;
-            self.report.changes_applied.1 += stats.sync_changes_applied;
-            self.report.syncs_dropped += stats.syncs_dropped;
-            self.report.syncs_abandoned += stats.syncs_abandoned;
         }
+        self.report.sent = total.sent;
+        self.report.changes_applied = (total.delta_changes_applied, total.sync_changes_applied);
+        self.report.syncs_dropped = total.syncs_dropped;
+        self.report.syncs_abandoned = total.syncs_abandoned;
         self.report.trace = hex(&self.trace.finalize());
         Ok(self.report)
     }
@@ -694,25 +687,6 @@ impl Cluster {
             Err(e) => Err(e.into()),
         }
     }
-}
-
-/// Sums the counters the report uses.
-fn merge_stats(
-    a: Option<crate::replication::Stats>,
-    b: &crate::replication::Stats,
-) -> crate::replication::Stats {
-    let mut out = a.unwrap_or_default();
-    out.delta_changes_applied += b.delta_changes_applied;
-    out.sync_changes_applied += b.sync_changes_applied;
-    out.syncs_dropped += b.syncs_dropped;
-    out.syncs_abandoned += b.syncs_abandoned;
-    out.syncs_refused += b.syncs_refused;
-    for (kind, (m, by)) in &b.sent {
-        let e = out.sent.entry(kind).or_default();
-        e.0 += m;
-        e.1 += by;
-    }
-    out
 }
 
 /// A gossip message's id: the first 16 bytes of its SHA-256.
