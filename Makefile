@@ -8,12 +8,14 @@ RELEASE_BIN := target/release/causeway
 deps:
 	@bash scripts/deps.sh
 
-## Run the embedded demo: an edge app writing offline, restarting, merging.
+## Run the multi-region demo: three nodes on loopback, a partition, a heal.
 demo: deps
 	$(CARGO) run -p causeway-node -- demo
 
-## The full test suite: unit, property, integration, crash test and doc tests.
+## The full test suite: unit, property, simulator, crash test, real-process
+## network and HTTP tests (they run the causeway binary), doc tests.
 test: deps
+	$(CARGO) build -p causeway-node
 	$(CARGO) nextest run --workspace --no-fail-fast
 	$(CARGO) test --workspace --doc
 

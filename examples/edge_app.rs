@@ -1,67 +1,90 @@
-//! An edge app embedding the Causeway engine, with no network.
+//! An edge app that is a Causeway peer itself: it embeds the engine and the
+//! networking layer, keeps writing while its regional node is unreachable,
+//! and converges with it when the region comes back.
 //!
-//! A field-inspection device records findings while offline, in its own store.
-//! It is restarted (everything acknowledged is still there), then hands its
-//! changes to the regional replica and takes the region's in return, the way
-//! the networking layer will do it automatically. Run with:
+//! The regional node runs in this process too (its own store, identity and
+//! libp2p swarm on 127.0.0.1); stopping it makes it unreachable exactly as a
+//! network outage would. Run with:
 //!
 //! ```text
 //! cargo run --example edge_app
 //! ```
 
-use causeway_engine::automerge::transaction::Transactable;
-use causeway_engine::automerge::{ObjType, ReadDoc, ROOT};
+use std::time::{Duration, Instant};
+
+use causeway_engine::replication::ids::{ClusterId, Region};
 use causeway_engine::{DocId, Engine, EngineConfig};
+use causeway_node::{identity, Node, NodeConfig, NodeHandle};
 use serde_json::json;
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dir = tempfile::tempdir()?;
-    let device_dir = dir.path().join("device");
-    let report = DocId::new("inspections/bridge-17")?;
+    let cluster = ClusterId::new("shop")?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let region_addr: libp2p::Multiaddr = format!("/ip4/127.0.0.1/tcp/{port}").parse()?;
 
-    // Offline: the device writes through the full Automerge transaction API.
-    let device = Engine::open(&device_dir, EngineConfig::default())?;
-    device.create(&report, |tx| {
-        let notes = tx.put_object(ROOT, "notes", ObjType::Text)?;
-        tx.splice_text(&notes, 0, 0, "Rust on girder 4.")?;
-        tx.put(ROOT, "severity", 2)?;
-        Ok(())
-    })?;
-    println!("device: wrote the report offline");
-    drop(device);
+    // The regional node, listening on a fixed port so it can come back there.
+    let region_engine = Engine::open(dir.path().join("region/store"), EngineConfig::default())?;
+    let start_region = |engine: Engine| -> Result<NodeHandle, Box<dyn std::error::Error>> {
+        let (key, _) = identity::load_or_create(&dir.path().join("region"))?;
+        let mut config = NodeConfig::loopback(Region::new("eu-west")?, cluster.clone());
+        config.listen = vec![region_addr.clone()];
+        Ok(Node::start(engine, key, config)?)
+    };
+    let region = start_region(region_engine.clone())?;
+    region.listen_addrs(Duration::from_secs(5)).await?;
 
-    // Restart: the acknowledged write is durable.
-    let device = Engine::open(&device_dir, EngineConfig::default())?;
-    println!("device after restart: {}", device.get_json(&report)?);
+    // The edge app: its own store and identity, the region as bootstrap peer.
+    let till = Engine::open(dir.path().join("till/store"), EngineConfig::default())?;
+    let (key, _) = identity::load_or_create(&dir.path().join("till"))?;
+    let mut config = NodeConfig::loopback(Region::new("store-12")?, cluster.clone());
+    config.bootstrap = vec![region_addr.clone()];
+    let edge = Node::start(till.clone(), key, config)?;
 
-    // The regional replica got its own edit to the same report meanwhile.
-    let region = Engine::open(dir.path().join("region"), EngineConfig::default())?;
-    region.merge_json(&report, &json!({"assigned_to": "crew-b"}))?;
-
-    // Reconnect: exchange changes in both directions.
-    region.apply_changes(&report, &device.changes_since(&report, &[])?)?;
-    device.apply_changes(&report, &region.changes_since(&report, &[])?)?;
-
-    // A concurrent text edit on each side merges character by character.
-    device.update(&report, |tx| {
-        let (_, notes) = tx
-            .get(ROOT, "notes")?
-            .ok_or(causeway_engine::automerge::AutomergeError::Fail)?;
-        tx.splice_text(&notes, 0, 0, "URGENT: ")
-    })?;
-    region.update(&report, |tx| tx.put(ROOT, "severity", 3))?;
-    let since = device.heads(&report)?;
-    region.apply_changes(&report, &device.changes_since(&report, &[])?)?;
-    device.apply_changes(&report, &region.changes_since(&report, &[])?)?;
-
-    let (a, b) = (device.get_json(&report)?, region.get_json(&report)?);
-    println!("device reads: {a}");
-    println!("region reads: {b}");
-    assert_eq!(a, b, "replicas converge");
-    assert_ne!(device.heads(&report)?, since);
+    let day = DocId::new("store-12/sales/2026-11-24")?;
+    till.merge_json(&day, &json!({"sales": {"s1": 350}}))?;
+    let t = converge(&till, &region_engine, &day).await?;
     println!(
-        "converged: {} changes in the shared history",
-        device.info(&report)?.change_count
+        "online: sale s1 reached the region in {:.0} ms",
+        t.as_secs_f64() * 1e3
     );
+
+    region.shutdown().await?;
+    println!("the regional node is unreachable");
+    for (sale, cents) in [("s2", 420), ("s3", 180)] {
+        till.merge_json(&day, &json!({"sales": {sale: cents}}))?;
+        println!("offline: recorded sale {sale} (durable on the till)");
+    }
+    region_engine.merge_json(&day, &json!({"prices_updated": true}))?;
+    println!("meanwhile the region updated prices");
+
+    let region = start_region(region_engine.clone())?;
+    let t = converge(&till, &region_engine, &day).await?;
+    println!(
+        "the region is back: converged {:.0} ms after it restarted",
+        t.as_secs_f64() * 1e3
+    );
+    println!("{}", serde_json::to_string_pretty(&till.get_json(&day)?)?);
+    edge.shutdown().await?;
+    region.shutdown().await?;
     Ok(())
+}
+
+/// Waits until both engines hold the same heads of `doc`.
+async fn converge(
+    a: &Engine,
+    b: &Engine,
+    doc: &DocId,
+) -> Result<Duration, Box<dyn std::error::Error>> {
+    let start = Instant::now();
+    while b.heads(doc).ok() != Some(a.heads(doc)?) {
+        if start.elapsed() > Duration::from_secs(30) {
+            return Err("no convergence within 30 s".into());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(start.elapsed())
 }

@@ -348,7 +348,7 @@ impl Engine {
                 &integration.ready,
                 &self.inner.config.compaction,
             )?;
-            self.publish(id, state, Origin::Remote);
+            self.publish(id, state, Origin::Remote, Arc::from([]));
         }
         outcome.heads = state.doc.get_heads();
         Ok(outcome)
@@ -475,7 +475,8 @@ impl Engine {
                     &new_changes,
                     &self.inner.config.compaction,
                 )?;
-                self.publish(id, state, Origin::Local);
+                let bytes = new_changes.iter().map(|c| c.raw_bytes().to_vec());
+                self.publish(id, state, Origin::Local, bytes.collect());
             }
             Ok(Committed {
                 value: success.result,
@@ -485,12 +486,13 @@ impl Engine {
         })
     }
 
-    fn publish(&self, id: &DocId, state: &DocState, origin: Origin) {
+    fn publish(&self, id: &DocId, state: &DocState, origin: Origin, changes: Arc<[Vec<u8>]>) {
         self.inner.events.publish(&DocEvent {
             doc: id.clone(),
             heads: state.doc.get_heads(),
             origin,
             deleted: state.meta.tombstone,
+            changes,
         });
     }
 

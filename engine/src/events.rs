@@ -36,6 +36,10 @@ pub struct DocEvent {
     pub origin: Origin,
     /// Whether the document is now deleted.
     pub deleted: bool,
+    /// For [`Origin::Local`], the encoded Automerge changes this write made
+    /// durable, in commit order (shared between subscribers). Empty for
+    /// [`Origin::Remote`]. The networking layer publishes these as a delta.
+    pub changes: Arc<[Vec<u8>]>,
 }
 
 /// A stream of [`DocEvent`]s for documents whose id starts with a prefix.

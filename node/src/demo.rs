@@ -1,80 +1,159 @@
-//! `causeway demo`: the embedded engine as an edge app uses it, with no network.
+//! `causeway demo`: three nodes in three regions on loopback, a partition,
+//! and convergence measured on both sides of it.
 //!
-//! A point-of-sale terminal records sales while offline, is restarted, finds
-//! its data intact, and later merges with the regional replica, which took its
-//! own writes to the same document meanwhile. Both end up identical.
+//! Each node is a full peer (its own RocksDB store, identity and libp2p
+//! swarm on 127.0.0.1), run in this process. Only the first node is given as
+//! bootstrap peer; the others find each other through discovery. The demo
+//! writes in every region, waits for convergence, cuts one region off by
+//! blocking its peers in each node's connection layer, keeps writing on
+//! both sides, heals, and waits again. It exits 0 only if every replica
+//! ends identical and holds every write.
 
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
-use causeway_engine::{DocId, Engine, EngineConfig};
-use serde_json::json;
+use anyhow::{bail, Context, Result};
+use causeway_engine::replication::ids::ClusterId;
+use causeway_engine::DocId;
+use serde_json::{json, Value};
 
-/// Runs the demo in `dir`, or in a fresh temporary directory.
-pub fn run(dir: Option<PathBuf>) -> Result<()> {
+use crate::local_cluster::{self, LocalNode as Replica};
+
+/// How long the demo waits for any one convergence before failing.
+pub const CONVERGENCE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The regions of the demo, in start order.
+pub const REGIONS: [&str; 3] = ["eu-west", "us-east", "ap-south"];
+
+/// Runs the demo with stores in `dir`, or in a fresh temporary directory.
+pub async fn run(dir: Option<PathBuf>) -> Result<()> {
     let temp = tempfile::tempdir().context("cannot create a temporary directory")?;
-    let till_dir = dir.unwrap_or_else(|| temp.path().join("till"));
-    let region_dir = temp.path().join("region");
-    let day = DocId::new("store-12/sales/2026-11-24")?;
-
+    let root = dir.unwrap_or_else(|| temp.path().to_path_buf());
+    let doc = DocId::new("demo/incident-42")?;
+    let replicas = local_cluster::start(&root, &ClusterId::new("demo")?, &REGIONS).await?;
+    say(format!("stores in {}", root.display()));
+    for r in &replicas {
+        say(format!(
+            "{}: node {} listening on {}",
+            r.region,
+            r.node.peer_id(),
+            r.addrs[0]
+        ));
+    }
+    let took = local_cluster::await_mesh(&replicas, CONVERGENCE_TIMEOUT).await?;
     say(format!(
-        "opening the till's store in {}",
-        till_dir.display()
+        "full mesh after {:.0} ms ({} and {} were given only {}'s address and found each other by discovery)",
+        ms(took), REGIONS[1], REGIONS[2], REGIONS[0]
     ));
-    let till = Engine::open(&till_dir, EngineConfig::default())?;
-    let first = till.merge_json(
-        &day,
-        &json!({"sales": [{"sku": "coffee", "cents": 350}], "till": "t1"}),
+
+    // Concurrently creating the same nested map in several places leaves one
+    // of them visible (Automerge's rule for conflicting puts of one key), so
+    // the document and its `notes` map are created once, then shared.
+    replicas[0].engine.put_json(
+        &doc,
+        &json!({"title": "disk latency in eu-west", "notes": {}}),
     )?;
+    let took = converge(&replicas, &doc, 0).await?;
     say(format!(
-        "till: recorded a sale offline; durable (fsynced) at heads {}",
-        short(&first.heads)
+        "{} created the document; every region had it {:.0} ms later",
+        replicas[0].region,
+        ms(took)
     ));
-    till.merge_json(
-        &day,
-        &json!({"sales": [{"sku": "coffee", "cents": 350}, {"sku": "bagel", "cents": 275}]}),
-    )?;
-    say("till: recorded a second sale; the terminal now restarts".to_string());
-    drop(till);
+    for r in &replicas {
+        write(r, &doc, &format!("{}-1", r.region))?;
+    }
+    say("wrote one note in each region at the same time");
+    let took = converge(&replicas, &doc, 3).await?;
+    say(format!(
+        "converged in {:.0} ms: every region holds all 3 notes",
+        ms(took)
+    ));
 
-    let till = Engine::open(&till_dir, EngineConfig::default())?;
+    let (cut, rest) = replicas.split_last().context("three replicas")?;
+    partition(cut, rest, true).await?;
+    say(format!("cut {} off from the other regions", cut.region));
+    for r in &replicas {
+        for n in 2..=3 {
+            write(r, &doc, &format!("{}-{n}", r.region))?;
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (seen_by_cut, seen_by_rest) = (notes(cut, &doc)?, notes(&rest[0], &doc)?);
     say(format!(
-        "till after restart reads: {}",
-        till.get_json(&day)?
+        "both sides kept writing: {} sees {} notes, {} sees {}",
+        cut.region, seen_by_cut, rest[0].region, seen_by_rest
     ));
+    if seen_by_cut == 9 {
+        bail!(
+            "the partition did not hold: {} received writes from across the cut",
+            cut.region
+        );
+    }
 
-    let region = Engine::open(&region_dir, EngineConfig::default())?;
-    region.merge_json(&day, &json!({"price_list": "winter", "till": "t1"}))?;
-    say("region: meanwhile set the price list on the same document".to_string());
-
-    let to_region = region.apply_changes(&day, &till.changes_since(&day, &[])?)?;
-    let to_till = till.apply_changes(&day, &region.changes_since(&day, &[])?)?;
+    partition(cut, rest, false).await?;
+    say("healed the partition");
+    let took = converge(&replicas, &doc, 9).await?;
     say(format!(
-        "sync: region applied {} changes from the till, the till applied {} from the region",
-        to_region.applied, to_till.applied
+        "converged in {:.0} ms after the heal: identical heads and content everywhere",
+        ms(took)
     ));
-    let (a, b) = (till.get_json(&day)?, region.get_json(&day)?);
-    say(format!("till reads:   {a}"));
-    say(format!("region reads: {b}"));
-    anyhow::ensure!(
-        a == b && till.heads(&day)? == region.heads(&day)?,
-        "replicas did not converge"
-    );
-    say(format!(
-        "converged: both replicas hold heads {}",
-        short(&till.heads(&day)?)
-    ));
+    let value = replicas[0].engine.get_json(&doc)?;
+    println!("{}", serde_json::to_string_pretty(&value)?);
+    local_cluster::shutdown(&replicas).await?;
+    say("all replicas converged; nodes shut down cleanly");
     Ok(())
 }
 
-fn say(line: String) {
-    println!("demo: {line}");
+fn write(r: &Replica, doc: &DocId, note: &str) -> Result<()> {
+    let patch = json!({"notes": {note: format!("written in {}", r.region)}});
+    r.engine.merge_json(doc, &patch)?;
+    Ok(())
 }
 
-fn short(heads: &[causeway_engine::automerge::ChangeHash]) -> String {
-    let parts: Vec<String> = heads
-        .iter()
-        .map(|h| h.to_string()[..12].to_string())
-        .collect();
-    format!("[{}]", parts.join(", "))
+fn notes(r: &Replica, doc: &DocId) -> Result<usize> {
+    let value = r.engine.get_json(doc)?;
+    Ok(value["notes"].as_object().map_or(0, serde_json::Map::len))
+}
+
+/// Waits until every replica has the same heads and content, with
+/// `expected` notes.
+async fn converge(replicas: &[Replica], doc: &DocId, expected: usize) -> Result<Duration> {
+    let start = Instant::now();
+    loop {
+        let heads: Vec<_> = replicas
+            .iter()
+            .map(|r| r.engine.heads(doc).unwrap_or_default())
+            .collect();
+        let values: Vec<Value> = replicas
+            .iter()
+            .map(|r| r.engine.get_json(doc).unwrap_or(Value::Null))
+            .collect();
+        let same =
+            heads.windows(2).all(|w| w[0] == w[1]) && values.windows(2).all(|w| w[0] == w[1]);
+        if same && notes(&replicas[0], doc)? == expected {
+            return Ok(start.elapsed());
+        }
+        if start.elapsed() > CONVERGENCE_TIMEOUT {
+            bail!("replicas did not converge within {CONVERGENCE_TIMEOUT:?}: {values:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Blocks (or unblocks) `cut`'s peers on `cut` and `cut` on the others.
+async fn partition(cut: &Replica, rest: &[Replica], blocked: bool) -> Result<()> {
+    let others: Vec<_> = rest.iter().map(|r| r.node.peer_id()).collect();
+    cut.node.block(others, blocked).await?;
+    for r in rest {
+        r.node.block(vec![cut.node.peer_id()], blocked).await?;
+    }
+    Ok(())
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn say(line: impl AsRef<str>) {
+    println!("demo: {}", line.as_ref());
 }

@@ -1,10 +1,43 @@
 //! # causeway-node
 //!
-//! The `causeway` binary and the code around the engine that is not the engine:
-//! today the embedded demo and the benchmarks; later the libp2p swarm, the HTTP
-//! API and the node configuration. All decisions about data stay in
-//! `causeway-engine`.
+//! Everything around the engine that is networked, asynchronous or
+//! configurable: the libp2p swarm that carries the replication core's
+//! messages between nodes ([`network`]), the embeddable [`Node`], the HTTP
+//! API ([`http`]), configuration ([`config`], [`settings`]), identity,
+//! metrics, and the `causeway` binary's subcommands (demo, benchmarks,
+//! simulator). All decisions about data stay in `causeway-engine`.
+//!
+//! ## Running a peer inside an app
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! use causeway_engine::replication::ids::{ClusterId, Region};
+//! use causeway_engine::{Engine, EngineConfig};
+//! use causeway_node::{identity, Node, NodeConfig};
+//!
+//! let engine = Engine::open("data/store", EngineConfig::default())?;
+//! let (key, _) = identity::load_or_create("data".as_ref())?;
+//! let mut config = NodeConfig::new(Region::new("edge")?, ClusterId::new("shop")?);
+//! config.bootstrap = vec!["/dns4/eu.example.net/tcp/7700".parse()?];
+//! let node = Node::start(engine.clone(), key, config)?;
+//! // ... write through `engine` as usual; every commit is replicated ...
+//! node.shutdown().await?;
+//! # Ok(()) }
+//! ```
 
 pub mod bench;
+pub mod client;
+pub mod config;
+pub mod daemon;
 pub mod demo;
+pub mod http;
+pub mod identity;
+pub mod local_cluster;
+pub mod metrics;
+pub mod network;
+mod node;
+pub mod settings;
 pub mod sim;
+
+pub use self::config::{ConfigError, NodeConfig};
+pub use self::node::{Node, NodeError, NodeHandle, COMMAND_QUEUE, LOCAL_EVENT_QUEUE};

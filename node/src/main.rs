@@ -1,15 +1,14 @@
-//! `causeway`: the Causeway command-line tool.
-//!
-//! For now it runs the embedded demo and the engine benchmarks; the node daemon
-//! and the client commands arrive with the networking layer.
+//! `causeway`: the Causeway command-line tool: the node daemon, a client of
+//! a node's HTTP API, the multi-region demo, benchmarks and the simulator.
 
 use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand, ValueEnum};
 
-use causeway_node::bench::{delta_path, durable_writes, ingest, reconcile};
-use causeway_node::{demo, sim};
+use causeway_node::bench::{delta_path, durable_writes, ingest, join, lag, reconcile};
+use causeway_node::client::{self, DocCommand, Target};
+use causeway_node::{daemon, demo, sim};
 
 #[derive(Parser)]
 #[command(
@@ -35,10 +34,35 @@ enum LogFormat {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the embedded demo: an edge app writing offline, reopening its
-    /// store, and merging with a second replica.
+    /// Run a node: the store, the libp2p networking layer and the HTTP API.
+    /// Settings come from --config (TOML), CAUSEWAY_* variables and flags
+    /// (flags win). Stops gracefully on SIGTERM or SIGINT.
+    Node(daemon::Args),
+    /// Print this node's peer id, creating its identity (DATA_DIR/node.key,
+    /// mode 0600) if there is none yet. Use it to build allowlists before
+    /// the first start.
+    Identity {
+        /// Data directory of the node.
+        #[arg(long, env = "CAUSEWAY_DATA_DIR")]
+        data_dir: PathBuf,
+    },
+    /// Read, write, list and watch documents through a node's HTTP API.
+    Doc {
+        #[command(flatten)]
+        target: Target,
+        #[command(subcommand)]
+        command: DocCommand,
+    },
+    /// Print a node's cluster status: peers, regions, connection state and
+    /// how far behind each peer is.
+    Status {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Run three nodes in three regions on loopback, cut one region off,
+    /// keep writing on both sides, heal, and show convergence.
     Demo {
-        /// Store directory to use (default: a fresh temporary directory).
+        /// Directory for the stores (default: a fresh temporary directory).
         #[arg(long)]
         dir: Option<PathBuf>,
     },
@@ -65,24 +89,63 @@ enum BenchCommand {
     /// Messages and bytes per change delivered to a replica, on a simulated
     /// multi-region cluster, with and without message loss.
     DeltaPath(delta_path::Args),
+    /// Time from a write on node A to its visibility on nodes B and C of a
+    /// three-region loopback cluster, next to loopback RTT plus fsync.
+    Lag(lag::Args),
+    /// Idle memory of a `causeway node` process, and the time for a new
+    /// node to receive N existing documents.
+    Join(join::Args),
 }
 
-fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
-    match cli.command {
-        Command::Demo { dir } => demo::run(dir),
+    let default_level = match cli.command {
+        Command::Node(_) => "info,yamux=error",
+        _ => "warn,yamux=error",
+    };
+    init_logging(cli.log_format, default_level);
+    match run(cli.command) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Command) -> Result<()> {
+    match command {
+        Command::Node(args) => {
+            let settings = args.settings()?;
+            runtime()?.block_on(daemon::run(settings))
+        }
+        Command::Identity { data_dir } => {
+            let (key, _) = causeway_node::identity::load_or_create(&data_dir)?;
+            println!("{}", key.public().to_peer_id());
+            Ok(())
+        }
+        Command::Doc { target, command } => runtime()?.block_on(client::doc(&target, command)),
+        Command::Status { target } => runtime()?.block_on(client::status(&target)),
+        Command::Demo { dir } => runtime()?.block_on(demo::run(dir)),
         Command::Sim(args) => sim::run(&args),
         Command::Bench(BenchCommand::Ingest(args)) => ingest::run(&args),
         Command::Bench(BenchCommand::DurableWrites(args)) => durable_writes::run(&args),
         Command::Bench(BenchCommand::Reconcile(args)) => reconcile::run(&args),
         Command::Bench(BenchCommand::DeltaPath(args)) => delta_path::run(&args),
+        Command::Bench(BenchCommand::Lag(args)) => runtime()?.block_on(lag::run(&args)),
+        Command::Bench(BenchCommand::Join(args)) => runtime()?.block_on(join::run(&args)),
     }
 }
 
-fn init_logging(format: LogFormat) {
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn init_logging(format: LogFormat, default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

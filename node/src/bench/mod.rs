@@ -5,6 +5,8 @@
 pub mod delta_path;
 pub mod durable_writes;
 pub mod ingest;
+pub mod join;
+pub mod lag;
 pub mod reconcile;
 pub mod trace;
 

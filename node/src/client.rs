@@ -1,0 +1,231 @@
+//! `causeway doc …` and `causeway status`: a small client of a node's HTTP
+//! API. Prints JSON on stdout; errors carry the node's error code.
+
+use std::io::Write;
+
+use anyhow::{bail, Context, Result};
+use futures::StreamExt;
+use reqwest::{Client, Method, RequestBuilder, Response};
+use serde_json::Value;
+
+/// Where the node is and how to authenticate.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Target {
+    /// The node's HTTP API.
+    #[arg(
+        long,
+        env = "CAUSEWAY_URL",
+        default_value = "http://127.0.0.1:7780",
+        global = true
+    )]
+    pub url: String,
+    /// Bearer token, if the node requires one.
+    #[arg(long, env = "CAUSEWAY_TOKEN", global = true, hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+/// `causeway doc` subcommands.
+#[derive(clap::Subcommand, Debug)]
+pub enum DocCommand {
+    /// Print a document as JSON (its heads go to stderr).
+    Get {
+        /// Document id.
+        id: String,
+    },
+    /// Replace a document with a JSON object (argument, or stdin if "-").
+    Put {
+        /// Document id.
+        id: String,
+        /// The JSON object, or "-" to read it from stdin.
+        json: String,
+    },
+    /// Apply a JSON merge patch (RFC 7386) to a document.
+    Patch {
+        /// Document id.
+        id: String,
+        /// The patch, or "-" to read it from stdin.
+        json: String,
+    },
+    /// Delete a document.
+    Delete {
+        /// Document id.
+        id: String,
+    },
+    /// List document ids under a prefix, following pages.
+    List {
+        /// Only ids starting with this.
+        #[arg(default_value = "")]
+        prefix: String,
+        /// Stop after this many ids.
+        #[arg(long)]
+        max: Option<usize>,
+    },
+    /// Print each change to a document (or, with --prefix, to every document
+    /// under a prefix) as one JSON line, until interrupted.
+    Watch {
+        /// Document id (omit with --prefix).
+        id: Option<String>,
+        /// Watch a prefix instead of one document.
+        #[arg(long)]
+        prefix: Option<String>,
+    },
+}
+
+impl Target {
+    fn request(&self, client: &Client, method: Method, path: &str) -> RequestBuilder {
+        let builder = client.request(method, format!("{}{path}", self.url.trim_end_matches('/')));
+        match &self.token {
+            Some(t) => builder.bearer_auth(t),
+            None => builder,
+        }
+    }
+}
+
+/// Runs a `causeway doc` subcommand.
+pub async fn doc(target: &Target, command: DocCommand) -> Result<()> {
+    let client = Client::new();
+    let path = |id: &str| format!("/v1/docs/{id}");
+    match command {
+        DocCommand::Get { id } => {
+            let resp = checked(
+                target
+                    .request(&client, Method::GET, &path(&id))
+                    .send()
+                    .await,
+            )
+            .await?;
+            if let Some(h) = resp.headers().get("causeway-heads") {
+                eprintln!("heads: {}", h.to_str().unwrap_or_default());
+            }
+            print_json(&resp.json::<Value>().await?)
+        }
+        DocCommand::Put { id, json } => {
+            write(target, &client, Method::PUT, &path(&id), &json).await
+        }
+        DocCommand::Patch { id, json } => {
+            write(target, &client, Method::PATCH, &path(&id), &json).await
+        }
+        DocCommand::Delete { id } => {
+            let resp = checked(
+                target
+                    .request(&client, Method::DELETE, &path(&id))
+                    .send()
+                    .await,
+            )
+            .await?;
+            print_json(&resp.json::<Value>().await?)
+        }
+        DocCommand::List { prefix, max } => list(target, &client, &prefix, max).await,
+        DocCommand::Watch { id, prefix } => watch(target, &client, id, prefix).await,
+    }
+}
+
+/// Runs `causeway status`.
+pub async fn status(target: &Target) -> Result<()> {
+    let client = Client::new();
+    let resp = checked(
+        target
+            .request(&client, Method::GET, "/v1/status")
+            .send()
+            .await,
+    )
+    .await?;
+    print_json(&resp.json::<Value>().await?)
+}
+
+async fn write(
+    target: &Target,
+    client: &Client,
+    method: Method,
+    path: &str,
+    json: &str,
+) -> Result<()> {
+    let body = if json == "-" {
+        std::io::read_to_string(std::io::stdin()).context("cannot read stdin")?
+    } else {
+        json.to_string()
+    };
+    let resp = target
+        .request(client, method, path)
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await;
+    print_json(&checked(resp).await?.json::<Value>().await?)
+}
+
+async fn list(target: &Target, client: &Client, prefix: &str, max: Option<usize>) -> Result<()> {
+    let mut after: Option<String> = None;
+    let mut printed = 0;
+    loop {
+        let mut query = vec![
+            ("prefix", prefix.to_string()),
+            ("limit", "1000".to_string()),
+        ];
+        if let Some(a) = &after {
+            query.push(("after", a.clone()));
+        }
+        let req = target
+            .request(client, Method::GET, "/v1/docs")
+            .query(&query);
+        let page: Value = checked(req.send().await).await?.json().await?;
+        for id in page["ids"].as_array().into_iter().flatten() {
+            if max.is_some_and(|m| printed >= m) {
+                return Ok(());
+            }
+            println!("{}", id.as_str().unwrap_or_default());
+            printed += 1;
+        }
+        match page["next"].as_str() {
+            Some(next) => after = Some(next.to_string()),
+            None => return Ok(()),
+        }
+    }
+}
+
+async fn watch(
+    target: &Target,
+    client: &Client,
+    id: Option<String>,
+    prefix: Option<String>,
+) -> Result<()> {
+    let req = match (id, prefix) {
+        (Some(id), None) => target.request(client, Method::GET, &format!("/v1/watch/{id}")),
+        (None, Some(p)) => target
+            .request(client, Method::GET, "/v1/watch")
+            .query(&[("prefix", p)]),
+        _ => bail!("give either a document id or --prefix"),
+    };
+    let resp = checked(req.send().await).await?;
+    let mut stream = resp.bytes_stream();
+    let mut buffer = String::new();
+    while let Some(chunk) = stream.next().await {
+        buffer.push_str(&String::from_utf8_lossy(&chunk?));
+        while let Some(end) = buffer.find("\n\n") {
+            let event: String = buffer.drain(..end + 2).collect();
+            for line in event.lines().filter_map(|l| l.strip_prefix("data:")) {
+                println!("{}", line.trim_start());
+                std::io::stdout().flush()?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The response if it succeeded; otherwise the node's error code and message.
+async fn checked(resp: reqwest::Result<Response>) -> Result<Response> {
+    let resp = resp.context("cannot reach the node (is `causeway node` running? see --url)")?;
+    if resp.status().is_success() {
+        return Ok(resp);
+    }
+    let status = resp.status();
+    let body: Value = resp.json().await.unwrap_or(Value::Null);
+    let code = body["error"]["code"].as_str().unwrap_or("unknown");
+    let message = body["error"]["message"].as_str().unwrap_or("");
+    bail!("{status}: {code}: {message}")
+}
+
+fn print_json(value: &Value) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}

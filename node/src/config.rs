@@ -1,0 +1,183 @@
+//! Configuration of a networked node: validated plain data with defaults.
+//!
+//! [`NodeConfig`] is what [`Node::start`](crate::Node::start) takes; the
+//! binary builds it from a TOML file, environment and flags
+//! ([`crate::settings`]). Every bound the networking layer keeps is a field
+//! here, with its default in the doc comment.
+
+use std::time::Duration;
+
+use causeway_engine::replication::ids::{ClusterId, Region};
+use libp2p::{Multiaddr, PeerId};
+
+/// Why a [`NodeConfig`] is not usable. A caller error: fix the named field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid node configuration: {field}: {reason}")]
+pub struct ConfigError {
+    /// The field, as named in the TOML file.
+    pub field: &'static str,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+/// How a node joins the network and what it bounds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeConfig {
+    /// This node's region (a label such as `eu-west`).
+    pub region: Region,
+    /// The cluster. Nodes of different clusters do not exchange anything:
+    /// the cluster is part of every protocol name and of every envelope.
+    pub cluster: ClusterId,
+    /// Addresses to listen on (TCP and QUIC). Default
+    /// `/ip4/0.0.0.0/tcp/7700` and `/ip4/0.0.0.0/udp/7700/quic-v1`.
+    pub listen: Vec<Multiaddr>,
+    /// Peers to dial at start and to keep redialling while unreachable
+    /// (with exponential backoff). Each may end in `/p2p/<peer id>`.
+    pub bootstrap: Vec<Multiaddr>,
+    /// When set, only these peers may connect or be connected to; an empty
+    /// list admits nobody (fails closed). `None`: any peer of the cluster.
+    pub allowlist: Option<Vec<PeerId>>,
+    /// Established connections in total. Default 256.
+    pub max_connections: u32,
+    /// Established connections per peer. Default 2.
+    pub max_connections_per_peer: u32,
+    /// Incoming connections still in their handshake. Default 64.
+    pub max_pending_incoming: u32,
+    /// First redial delay for an unreachable peer; doubles per failure.
+    /// Default 1 s.
+    pub reconnect_min: Duration,
+    /// Largest redial delay. Default 60 s.
+    pub reconnect_max: Duration,
+    /// How often to walk the Kademlia table for cluster members beyond the
+    /// bootstrap list. Default 30 s.
+    pub discovery_interval: Duration,
+    /// Time between anti-entropy rounds with every peer. Default 30 s.
+    pub anti_entropy_interval: Duration,
+    /// A direct message unanswered this long fails (and the replication core
+    /// retries the work). Default 30 s.
+    pub request_timeout: Duration,
+    /// Direct messages in flight on one connection. Default 64.
+    pub max_concurrent_streams: usize,
+    /// Close connections idle this long. Default 60 s.
+    pub idle_connection_timeout: Duration,
+}
+
+impl NodeConfig {
+    /// Defaults for a WAN node of `cluster` in `region`.
+    pub fn new(region: Region, cluster: ClusterId) -> Self {
+        NodeConfig {
+            region,
+            cluster,
+            listen: vec![
+                multiaddr("/ip4/0.0.0.0/tcp/7700"),
+                multiaddr("/ip4/0.0.0.0/udp/7700/quic-v1"),
+            ],
+            bootstrap: Vec::new(),
+            allowlist: None,
+            max_connections: 256,
+            max_connections_per_peer: 2,
+            max_pending_incoming: 64,
+            reconnect_min: Duration::from_secs(1),
+            reconnect_max: Duration::from_secs(60),
+            discovery_interval: Duration::from_secs(30),
+            anti_entropy_interval: Duration::from_secs(30),
+            request_timeout: Duration::from_secs(30),
+            max_concurrent_streams: 64,
+            idle_connection_timeout: Duration::from_secs(60),
+        }
+    }
+
+    /// A preset for nodes on one machine or LAN: listens on an ephemeral TCP
+    /// port of 127.0.0.1, redials after 100 ms (at most 2 s), and runs
+    /// anti-entropy every 5 s.
+    pub fn loopback(region: Region, cluster: ClusterId) -> Self {
+        NodeConfig {
+            listen: vec![multiaddr("/ip4/127.0.0.1/tcp/0")],
+            reconnect_min: Duration::from_millis(100),
+            reconnect_max: Duration::from_secs(2),
+            discovery_interval: Duration::from_secs(5),
+            anti_entropy_interval: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(10),
+            ..NodeConfig::new(region, cluster)
+        }
+    }
+
+    /// Checks the bounds; returns the first field that is wrong.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let fail = |field, reason: &str| {
+            Err(ConfigError {
+                field,
+                reason: reason.to_string(),
+            })
+        };
+        if self.listen.is_empty() {
+            return fail("listen", "at least one address is needed");
+        }
+        if self.max_connections == 0 {
+            return fail("max_connections", "must be at least 1");
+        }
+        if self.max_connections_per_peer == 0 {
+            return fail("max_connections_per_peer", "must be at least 1");
+        }
+        if self.max_concurrent_streams == 0 {
+            return fail("max_concurrent_streams", "must be at least 1");
+        }
+        if self.reconnect_min.is_zero() || self.reconnect_min > self.reconnect_max {
+            return fail(
+                "reconnect_min",
+                "must be above zero and at most reconnect_max",
+            );
+        }
+        for (field, value) in [
+            ("discovery_interval", self.discovery_interval),
+            ("anti_entropy_interval", self.anti_entropy_interval),
+            ("request_timeout", self.request_timeout),
+            ("idle_connection_timeout", self.idle_connection_timeout),
+        ] {
+            if value.is_zero() {
+                return fail(field, "must be above zero");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Parses a multiaddr written in this file; the literals are valid.
+fn multiaddr(s: &str) -> Multiaddr {
+    #[allow(clippy::expect_used)]
+    s.parse().expect("literal multiaddr is valid")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> NodeConfig {
+        let region = Region::new("eu").unwrap_or_else(|e| panic!("{e}"));
+        let cluster = ClusterId::new("test").unwrap_or_else(|e| panic!("{e}"));
+        NodeConfig::new(region, cluster)
+    }
+
+    #[test]
+    fn defaults_and_presets_are_valid() {
+        assert_eq!(config().validate(), Ok(()));
+        let c = config();
+        assert_eq!(NodeConfig::loopback(c.region, c.cluster).validate(), Ok(()));
+    }
+
+    #[test]
+    fn each_bad_bound_names_its_field() {
+        let mut c = config();
+        c.max_connections = 0;
+        assert_eq!(c.validate().map_err(|e| e.field), Err("max_connections"));
+        let mut c = config();
+        c.reconnect_min = Duration::from_secs(120);
+        assert_eq!(c.validate().map_err(|e| e.field), Err("reconnect_min"));
+        let mut c = config();
+        c.listen.clear();
+        assert_eq!(c.validate().map_err(|e| e.field), Err("listen"));
+        let mut c = config();
+        c.request_timeout = Duration::ZERO;
+        assert_eq!(c.validate().map_err(|e| e.field), Err("request_timeout"));
+    }
+}

@@ -1,0 +1,131 @@
+//! `causeway node`: the daemon an operator runs in each region.
+//!
+//! Opens the store and the identity in the data directory, starts the
+//! networking layer and the HTTP API, and runs until SIGTERM or SIGINT:
+//! then it stops accepting HTTP requests, finishes those in progress,
+//! flushes direct messages, closes connections and closes the store.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use causeway_engine::Engine;
+use tokio::net::TcpListener;
+use tokio::signal::unix::{signal, SignalKind};
+use tracing::{info, warn};
+
+use crate::settings::{FileSettings, Overrides, Settings};
+use crate::{http, identity, Node};
+
+/// Flags of `causeway node` (each also read from a `CAUSEWAY_*` variable).
+#[derive(clap::Args, Debug, Clone)]
+pub struct Args {
+    /// Settings file (TOML); see examples/node.toml.
+    #[arg(long, short, env = "CAUSEWAY_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Data directory (store and identity).
+    #[arg(long, env = "CAUSEWAY_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// This node's region.
+    #[arg(long, env = "CAUSEWAY_REGION")]
+    pub region: Option<String>,
+    /// Cluster id.
+    #[arg(long, env = "CAUSEWAY_CLUSTER")]
+    pub cluster: Option<String>,
+    /// Multiaddr to listen on (repeat for several; replaces the file's).
+    #[arg(long, env = "CAUSEWAY_LISTEN", value_delimiter = ',')]
+    pub listen: Vec<String>,
+    /// Multiaddr of a peer to dial (repeat for several; replaces the file's).
+    #[arg(long, env = "CAUSEWAY_BOOTSTRAP", value_delimiter = ',')]
+    pub bootstrap: Vec<String>,
+    /// Address of the HTTP API, such as 127.0.0.1:7780.
+    #[arg(long, env = "CAUSEWAY_HTTP_LISTEN")]
+    pub http_listen: Option<String>,
+}
+
+impl Args {
+    /// The settings these flags and the file (if any) describe.
+    pub fn settings(&self) -> Result<Settings> {
+        let (file, name) = match &self.config {
+            Some(path) => (FileSettings::load(path)?, path.display().to_string()),
+            None => (FileSettings::default(), "flags/environment".to_string()),
+        };
+        let overrides = Overrides {
+            data_dir: self.data_dir.clone(),
+            region: self.region.clone(),
+            cluster: self.cluster.clone(),
+            listen: self.listen.clone(),
+            bootstrap: self.bootstrap.clone(),
+            http_listen: self.http_listen.clone(),
+        };
+        Ok(file.resolve(overrides, &name)?)
+    }
+}
+
+/// Runs the daemon until a signal, or until the networking layer fails.
+pub async fn run(settings: Settings) -> Result<()> {
+    std::fs::create_dir_all(&settings.data_dir).with_context(|| {
+        format!(
+            "cannot create data directory {}",
+            settings.data_dir.display()
+        )
+    })?;
+    let (key, created) = identity::load_or_create(&settings.data_dir)?;
+    let peer_id = key.public().to_peer_id();
+    if created {
+        info!(%peer_id, "created a new node identity");
+    }
+    let store = settings.data_dir.join("store");
+    let engine = tokio::task::spawn_blocking({
+        let config = settings.engine.clone();
+        move || Engine::open(&store, config)
+    })
+    .await??;
+    let listener = TcpListener::bind(settings.http.listen)
+        .await
+        .with_context(|| format!("cannot listen for HTTP on {}", settings.http.listen))?;
+    let node = Node::start(engine.clone(), key, settings.node.clone())?;
+    let addrs = node
+        .listen_addrs(std::time::Duration::from_secs(10))
+        .await?;
+    info!(%peer_id, region = %settings.node.region, cluster = %settings.node.cluster,
+        http = %settings.http.listen, "node running");
+    for addr in &addrs {
+        info!(%addr, "peers can dial");
+    }
+    // The line operators and scripts look for, on stdout.
+    println!(
+        "{}",
+        serde_json::json!({
+            "peer_id": peer_id.to_string(),
+            "http": format!("http://{}", listener.local_addr()?),
+            "listen": addrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        })
+    );
+    let router = http::router(engine.clone(), Some(node.clone()), &settings.http);
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(http::serve(listener, router, async {
+        let _ = stop_rx.await;
+    }));
+    let reason = wait_for_stop(&node).await?;
+    info!(%reason, "stopping: no new HTTP requests");
+    let _ = stop_tx.send(());
+    server.await.context("the HTTP server task failed")??;
+    let network = node.shutdown().await;
+    drop(engine);
+    info!("stopped");
+    network.map_err(Into::into)
+}
+
+async fn wait_for_stop(node: &crate::NodeHandle) -> Result<String> {
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(tokio::select! {
+        _ = term.recv() => "SIGTERM".to_string(),
+        _ = int.recv() => "SIGINT".to_string(),
+        result = node.stopped_with() => {
+            let reason = result.err().unwrap_or_else(|| "the networking task ended".into());
+            warn!(%reason, "the networking layer stopped");
+            reason
+        }
+    })
+}

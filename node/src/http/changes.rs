@@ -1,0 +1,182 @@
+//! Binary Automerge changes, for clients that keep their own Automerge
+//! document and sync it with a node over HTTP.
+//!
+//! Bodies are concatenated Automerge change chunks (what
+//! `Automerge::save_after` produces and `Automerge::load_incremental`
+//! accepts). `GET` answers with the changes the document has beyond the
+//! `since` heads; `POST` applies a client's changes through the engine's
+//! validated apply path.
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::json;
+
+use super::docs::{doc_id, heads_string, parse_heads, HEADS_HEADER};
+use super::error::ApiError;
+use super::{blocking, AppState};
+
+/// Changes one request may carry.
+pub const MAX_CHANGES_PER_REQUEST: usize = 10_000;
+
+const MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
+/// Magic, checksum, chunk type.
+const HEADER_LEN: usize = 9;
+
+/// Splits concatenated change chunks. Only the framing is checked here; the
+/// engine decodes and verifies each change.
+pub fn split_chunks(mut bytes: &[u8]) -> Result<Vec<&[u8]>, String> {
+    let mut chunks = Vec::new();
+    while !bytes.is_empty() {
+        if bytes.len() < HEADER_LEN || bytes[..4] != MAGIC {
+            return Err(format!(
+                "chunk {} does not start with the Automerge magic bytes",
+                chunks.len()
+            ));
+        }
+        let (len, leb) = uleb(&bytes[HEADER_LEN..])
+            .ok_or_else(|| format!("chunk {} has a malformed length", chunks.len()))?;
+        let end = HEADER_LEN
+            .checked_add(leb)
+            .and_then(|n| n.checked_add(len))
+            .filter(|&end| end <= bytes.len())
+            .ok_or_else(|| format!("chunk {} is truncated", chunks.len()))?;
+        if chunks.len() == MAX_CHANGES_PER_REQUEST {
+            return Err(format!(
+                "more than {MAX_CHANGES_PER_REQUEST} changes in one request"
+            ));
+        }
+        chunks.push(&bytes[..end]);
+        bytes = &bytes[end..];
+    }
+    Ok(chunks)
+}
+
+/// An unsigned LEB128 number of at most 64 bits: (value, bytes used).
+fn uleb(bytes: &[u8]) -> Option<(usize, usize)> {
+    let mut value: u64 = 0;
+    for (i, b) in bytes.iter().enumerate().take(10) {
+        value |= u64::from(b & 0x7f).checked_shl(7 * i as u32)?;
+        if b & 0x80 == 0 {
+            return Some((usize::try_from(value).ok()?, i + 1));
+        }
+    }
+    None
+}
+
+/// Query of `GET /v1/changes/{id}`.
+#[derive(Debug, Deserialize)]
+pub struct SinceQuery {
+    /// Heads the client has, comma-separated hex (empty or absent: all).
+    #[serde(default)]
+    pub since: String,
+}
+
+/// `GET /v1/changes/{id}?since=h1,h2`: changes beyond the given heads.
+pub async fn since(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    query: Result<Query<SinceQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
+    let id = doc_id(&id)?;
+    let since = parse_heads(&q.since)?;
+    let engine = state.engine.clone();
+    let (changes, heads) = blocking(move || {
+        let heads = engine.heads(&id)?;
+        Ok((engine.changes_since(&id, &since)?, heads))
+    })
+    .await?;
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    if let Ok(v) = HeaderValue::from_str(&heads_string(&heads)) {
+        headers.insert(HEADS_HEADER, v);
+    }
+    Ok((headers, changes.concat()).into_response())
+}
+
+/// `POST /v1/changes/{id}`: apply a client's changes (validated; changes
+/// whose dependencies are missing are held).
+pub async fn apply(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let id = doc_id(&id)?;
+    let bytes = body.map_err(|e| {
+        ApiError::new(
+            e.status(),
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                "body_too_large"
+            } else {
+                "unreadable_body"
+            },
+            e.body_text(),
+        )
+    })?;
+    let chunks: Vec<Vec<u8>> = split_chunks(&bytes)
+        .map_err(|e| ApiError::bad_request("invalid_change", e))?
+        .into_iter()
+        .map(<[u8]>::to_vec)
+        .collect();
+    let engine = state.engine.clone();
+    let outcome = blocking(move || Ok(engine.apply_changes(&id, &chunks)?)).await?;
+    let missing: Vec<String> = outcome
+        .missing_deps
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    let body = json!({
+        "applied": outcome.applied,
+        "duplicates": outcome.duplicates,
+        "held": outcome.held,
+        "missing_deps": missing,
+        "heads": heads_string(&outcome.heads),
+    });
+    Ok(Json(body).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use automerge::transaction::Transactable;
+    use automerge::{AutoCommit, ROOT};
+
+    #[test]
+    fn saved_changes_split_into_the_documents_changes() -> Result<(), Box<dyn std::error::Error>> {
+        let mut doc = AutoCommit::new();
+        for i in 0..5 {
+            doc.put(ROOT, format!("k{i}"), i)?;
+            doc.commit();
+        }
+        let changes: Vec<Vec<u8>> = doc
+            .get_changes(&[])
+            .iter()
+            .map(|c| c.raw_bytes().to_vec())
+            .collect();
+        let joined = changes.concat();
+        let split = split_chunks(&joined)?;
+        assert_eq!(split.len(), 5);
+        assert!(split.iter().zip(&changes).all(|(a, b)| *a == b.as_slice()));
+        Ok(())
+    }
+
+    #[test]
+    fn bad_framing_is_refused() {
+        assert!(split_chunks(b"not automerge").is_err());
+        let mut truncated = MAGIC.to_vec();
+        truncated.extend([0, 0, 0, 0, 1, 100, 1, 2]);
+        assert_eq!(
+            split_chunks(&truncated).err().as_deref(),
+            Some("chunk 0 is truncated")
+        );
+        assert_eq!(split_chunks(&[]).map(|c| c.len()), Ok(0));
+    }
+}

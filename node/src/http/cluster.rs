@@ -1,0 +1,71 @@
+//! Cluster status, metrics and probes.
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::{json, Value};
+
+use super::error::ApiError;
+use super::AppState;
+
+/// `GET /health`: the process answers.
+pub async fn health() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+/// `GET /ready`: the networking task runs and listens (always ready for a
+/// node without networking).
+pub async fn ready(State(state): State<AppState>) -> Response {
+    let Some(node) = &state.node else {
+        return Json(json!({"status": "ready"})).into_response();
+    };
+    match node.status().await {
+        Ok(s) if !s.listen_addrs.is_empty() => Json(json!({"status": "ready"})).into_response(),
+        Ok(_) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            "not listening yet",
+        )
+        .into_response(),
+        Err(e) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", e.to_string())
+            .into_response(),
+    }
+}
+
+/// `GET /v1/status`: this node, its peers and how far behind each is, and
+/// the engine's figures.
+pub async fn status(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let stats = state.engine.stats();
+    let engine = json!({
+        "cached_documents": stats.cached_documents,
+        "cache_bytes": stats.cache_bytes,
+        "cache_budget_bytes": stats.cache_budget_bytes,
+        "wal_syncs": stats.wal_syncs,
+        "held_dropped": stats.held_dropped,
+    });
+    let network = match &state.node {
+        Some(node) => serde_json::to_value(node.status().await.map_err(|e| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "node_unavailable",
+                e.to_string(),
+            )
+        })?)
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?,
+        None => Value::Null,
+    };
+    Ok(Json(json!({"node": network, "engine": engine})))
+}
+
+/// `GET /metrics`: Prometheus text format (this node's metrics and libp2p's).
+pub async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let mut text = String::new();
+    if let Some(node) = &state.node {
+        prometheus_client::encoding::text::encode(&mut text, node.registry()).map_err(|e| {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+        })?;
+    }
+    let content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+    Ok(([(header::CONTENT_TYPE, content_type)], text).into_response())
+}

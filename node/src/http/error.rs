@@ -1,0 +1,75 @@
+//! Errors of the HTTP API: a status and a JSON body with a stable code.
+//!
+//! ```json
+//! {"error": {"code": "not_found", "message": "document notes/1 does not exist"}}
+//! ```
+//!
+//! The codes are part of the API (see `docs/api.md`); messages may change.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use causeway_engine::Error as EngineError;
+use serde_json::json;
+
+/// An API failure. Nothing was changed by the request that got it, except
+/// for `storage_failure`, after which the node stops.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    /// The HTTP status.
+    pub status: StatusCode,
+    /// The stable error code.
+    pub code: &'static str,
+    /// What went wrong, for people.
+    pub message: String,
+}
+
+impl ApiError {
+    /// An error with `status`, `code` and `message`.
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// 400 with `code`.
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, code, message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({"error": {"code": self.code, "message": self.message}});
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> ApiError {
+        use StatusCode as S;
+        let (status, code) = match &e {
+            EngineError::InvalidDocId(_) => (S::BAD_REQUEST, "invalid_doc_id"),
+            EngineError::InvalidPeer(_) => (S::BAD_REQUEST, "invalid_peer"),
+            EngineError::NotFound(_) => (S::NOT_FOUND, "not_found"),
+            EngineError::Deleted(_) => (S::GONE, "deleted"),
+            EngineError::AlreadyExists(_) => (S::CONFLICT, "already_exists"),
+            EngineError::NotAnObject { .. } => (S::UNPROCESSABLE_ENTITY, "not_an_object"),
+            EngineError::InvalidChange { .. } => (S::BAD_REQUEST, "invalid_change"),
+            EngineError::ChangeTooLarge { .. } => (S::PAYLOAD_TOO_LARGE, "change_too_large"),
+            EngineError::WrongDocument { .. } => (S::BAD_REQUEST, "wrong_document"),
+            EngineError::ChangeRejected { .. } => (S::BAD_REQUEST, "change_rejected"),
+            EngineError::UnknownHeads { .. } => (S::NOT_FOUND, "unknown_heads"),
+            EngineError::Transaction { .. } => (S::UNPROCESSABLE_ENTITY, "transaction_failed"),
+            EngineError::Corrupt { .. } => (S::INTERNAL_SERVER_ERROR, "corrupt_document"),
+            EngineError::Storage(_) => (S::INTERNAL_SERVER_ERROR, "storage_failure"),
+            EngineError::NotAStore { .. }
+            | EngineError::FormatTooNew { .. }
+            | EngineError::Locked { .. }
+            | EngineError::Config(_) => (S::INTERNAL_SERVER_ERROR, "engine_unavailable"),
+        };
+        ApiError::new(status, code, e.to_string())
+    }
+}

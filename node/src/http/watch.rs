@@ -1,0 +1,145 @@
+//! Server-Sent Events for a document or a prefix.
+//!
+//! Each durable change (local or replicated) produces one `change` event:
+//!
+//! ```text
+//! event: change
+//! data: {"doc":"notes/1","heads":"ab12…","deleted":false,"value":{"title":"draft"}}
+//! ```
+//!
+//! `value` is the document's JSON at those heads (`null` once deleted). A
+//! watcher that falls behind loses events and gets one `lagged` event with
+//! the count; it should re-read the documents it cares about.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use causeway_engine::{validate_prefix, Engine, Subscription};
+use futures::stream::Stream;
+use serde::Deserialize;
+use serde_json::json;
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
+
+use super::docs::{doc_id, heads_string};
+use super::error::ApiError;
+use super::AppState;
+
+/// Events buffered per watcher between the engine and the HTTP stream.
+pub const WATCH_QUEUE: usize = 256;
+
+/// Query of `GET /v1/watch`.
+#[derive(Debug, Deserialize)]
+pub struct PrefixQuery {
+    /// Watch documents whose id starts with this (empty: all).
+    #[serde(default)]
+    pub prefix: String,
+}
+
+/// `GET /v1/watch?prefix=`: changes to every document under a prefix.
+pub async fn prefix(
+    State(state): State<AppState>,
+    query: Result<Query<PrefixQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
+    validate_prefix(&q.prefix)
+        .map_err(|e| ApiError::bad_request("invalid_doc_id", e.to_string()))?;
+    open(state, q.prefix, None)
+}
+
+/// `GET /v1/watch/{id}`: changes to one document.
+pub async fn document(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let id = doc_id(&id)?;
+    open(
+        state,
+        id.as_str().to_string(),
+        Some(id.as_str().to_string()),
+    )
+}
+
+fn open(
+    state: AppState,
+    prefix: String,
+    exact: Option<String>,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let permit = state.watchers.clone().try_acquire_owned().map_err(|_| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too_many_watchers",
+            "the node's watch streams are all in use; retry later",
+        )
+    })?;
+    let subscription = state.engine.subscribe(&prefix)?;
+    let (tx, rx) = mpsc::channel(WATCH_QUEUE);
+    let engine = state.engine.clone();
+    std::thread::Builder::new()
+        .name("causeway-watch".into())
+        .spawn(move || forward(engine, subscription, exact, tx))
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too_many_watchers",
+                e.to_string(),
+            )
+        })?;
+    let stream = futures::stream::unfold(
+        (rx, permit),
+        |(mut rx, permit): (mpsc::Receiver<Event>, OwnedSemaphorePermit)| async move {
+            let event = rx.recv().await?;
+            Some((Ok(event), (rx, permit)))
+        },
+    );
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+/// Turns engine events into SSE events until the client goes away.
+fn forward(
+    engine: Engine,
+    subscription: Subscription,
+    exact: Option<String>,
+    tx: mpsc::Sender<Event>,
+) {
+    let mut reported_lag = 0;
+    while !tx.is_closed() {
+        let lagged = subscription.dropped();
+        if lagged > reported_lag {
+            let event = Event::default()
+                .event("lagged")
+                .data(json!({"lost": lagged - reported_lag}).to_string());
+            reported_lag = lagged;
+            if tx.blocking_send(event).is_err() {
+                return;
+            }
+        }
+        let Some(e) = subscription.recv_timeout(Duration::from_millis(500)) else {
+            continue;
+        };
+        if exact.as_deref().is_some_and(|id| id != e.doc.as_str()) {
+            continue;
+        }
+        let value = if e.deleted {
+            serde_json::Value::Null
+        } else {
+            engine
+                .get_json_at(&e.doc, &e.heads)
+                .unwrap_or(serde_json::Value::Null)
+        };
+        let data = json!({
+            "doc": e.doc.as_str(),
+            "heads": heads_string(&e.heads),
+            "deleted": e.deleted,
+            "value": value,
+        });
+        if tx
+            .blocking_send(Event::default().event("change").data(data.to_string()))
+            .is_err()
+        {
+            return;
+        }
+    }
+}

@@ -1,0 +1,233 @@
+//! The libp2p behaviours a node runs, and how the swarm is built.
+//!
+//! * gossipsub carries deltas and announcements on one topic per cluster.
+//!   Messages are content-addressed (their id is a hash of their bytes),
+//!   signed by their author, and validated explicitly: nothing is forwarded
+//!   before the replication core has validated and applied it.
+//! * request-response ([`FrameCodec`]) carries direct messages: hello,
+//!   per-document sync, reconciliation, acknowledgements.
+//! * identify and ping tell who a peer is and whether it is alive; Kademlia
+//!   finds cluster members beyond the bootstrap list.
+//! * connection limits, an optional allowlist (fails closed), and a
+//!   blocklist (operators and the demo cut peers off with it).
+//!
+//! Every protocol name carries the cluster id, so nodes of different clusters
+//! cannot even open a stream to each other.
+
+use std::time::Duration;
+
+use causeway_engine::replication::ids::ClusterId;
+use causeway_engine::replication::wire::MAX_GOSSIP_BYTES;
+use libp2p::identity::Keypair;
+use libp2p::kad::store::MemoryStore;
+use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::swarm::NetworkBehaviour;
+use libp2p::{
+    allow_block_list, connection_limits, gossipsub, identify, kad, noise, ping, request_response,
+    tcp, yamux, StreamProtocol, Swarm, SwarmBuilder,
+};
+use prometheus_client::registry::Registry;
+use sha2::{Digest, Sha256};
+
+use super::codec::FrameCodec;
+use crate::config::NodeConfig;
+
+/// Gossip messages one RPC may carry; more are dropped by gossipsub.
+pub const MAX_GOSSIP_MESSAGES_PER_RPC: usize = 256;
+
+/// Why the swarm could not be built. The node does not start.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// A transport could not be set up.
+    #[error("cannot set up the {what} transport: {reason}")]
+    Transport {
+        /// Which transport.
+        what: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// A behaviour's configuration was refused.
+    #[error("cannot set up {what}: {reason}")]
+    Behaviour {
+        /// Which behaviour.
+        what: &'static str,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// The names a cluster's nodes speak.
+#[derive(Debug, Clone)]
+pub struct Protocols {
+    /// Direct messages (request-response).
+    pub sync: StreamProtocol,
+    /// Kademlia.
+    pub kad: StreamProtocol,
+    /// identify's protocol version string.
+    pub identify: String,
+    /// The gossip topic for deltas.
+    pub topic: gossipsub::IdentTopic,
+}
+
+impl Protocols {
+    /// The protocol names of `cluster`.
+    pub fn new(cluster: &ClusterId) -> Result<Protocols, BuildError> {
+        let name = |suffix: &str| {
+            StreamProtocol::try_from_owned(format!("/causeway/{cluster}/{suffix}")).map_err(|e| {
+                BuildError::Behaviour {
+                    what: "protocol names",
+                    reason: e.to_string(),
+                }
+            })
+        };
+        Ok(Protocols {
+            sync: name("sync/1")?,
+            kad: name("kad/1")?,
+            identify: format!("/causeway/{cluster}/1"),
+            topic: gossipsub::IdentTopic::new(format!("causeway/{cluster}/deltas")),
+        })
+    }
+}
+
+pub use self::composed::{Behaviour, BehaviourEvent};
+
+/// The derived behaviour; its generated event enum (one variant per
+/// behaviour, named after the field) has no doc comments of its own.
+mod composed {
+    #![allow(missing_docs)]
+
+    use super::*;
+
+    /// Every behaviour of a node, in one swarm.
+    #[derive(NetworkBehaviour)]
+    pub struct Behaviour {
+        /// Refuses peers not on the allowlist (only when one is configured).
+        pub allowlist: Toggle<allow_block_list::Behaviour<allow_block_list::AllowedPeers>>,
+        /// Refuses blocked peers.
+        pub blocklist: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
+        /// Connection limits.
+        pub limits: connection_limits::Behaviour,
+        /// Deltas and announcements.
+        pub gossip: gossipsub::Behaviour,
+        /// Direct messages.
+        pub direct: request_response::Behaviour<FrameCodec>,
+        /// Who the peer is, which protocols and addresses it has.
+        pub identify: identify::Behaviour,
+        /// Liveness and round-trip time.
+        pub ping: ping::Behaviour,
+        /// Member discovery.
+        pub kad: kad::Behaviour<MemoryStore>,
+    }
+}
+
+/// Builds the swarm for `config` under `key`, recording libp2p's metrics in
+/// `registry`.
+pub fn build_swarm(
+    key: Keypair,
+    config: &NodeConfig,
+    protocols: &Protocols,
+    registry: &mut Registry,
+) -> Result<Swarm<Behaviour>, BuildError> {
+    let transport = |what| {
+        move |e: &dyn std::fmt::Display| BuildError::Transport {
+            what,
+            reason: e.to_string(),
+        }
+    };
+    let swarm = SwarmBuilder::with_existing_identity(key)
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .map_err(|e| transport("tcp")(&e))?
+        .with_quic()
+        .with_bandwidth_metrics(registry)
+        .with_behaviour(|key| behaviour(key, config, protocols, registry))
+        .map_err(|e| BuildError::Behaviour {
+            what: "behaviours",
+            reason: e.to_string(),
+        })?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(config.idle_connection_timeout))
+        .build();
+    Ok(swarm)
+}
+
+fn behaviour(
+    key: &Keypair,
+    config: &NodeConfig,
+    protocols: &Protocols,
+    registry: &mut Registry,
+) -> Result<Behaviour, Box<dyn std::error::Error + Send + Sync>> {
+    let peer_id = key.public().to_peer_id();
+    let allowlist = config.allowlist.as_ref().map(|peers| {
+        let mut list = allow_block_list::Behaviour::<allow_block_list::AllowedPeers>::default();
+        for peer in peers {
+            list.allow_peer(*peer);
+        }
+        list
+    });
+    let limits = connection_limits::ConnectionLimits::default()
+        .with_max_established(Some(config.max_connections))
+        .with_max_established_per_peer(Some(config.max_connections_per_peer))
+        .with_max_pending_incoming(Some(config.max_pending_incoming));
+    let direct = request_response::Behaviour::with_codec(
+        FrameCodec,
+        [(
+            protocols.sync.clone(),
+            request_response::ProtocolSupport::Full,
+        )],
+        request_response::Config::default()
+            .with_request_timeout(config.request_timeout)
+            .with_max_concurrent_streams(config.max_concurrent_streams),
+    );
+    let identify = identify::Behaviour::new(
+        identify::Config::new(protocols.identify.clone(), key.public()).with_agent_version(
+            format!(
+                "causeway/{} region={}",
+                env!("CARGO_PKG_VERSION"),
+                config.region
+            ),
+        ),
+    );
+    let mut kad = kad::Behaviour::with_config(
+        peer_id,
+        MemoryStore::new(peer_id),
+        kad::Config::new(protocols.kad.clone()),
+    );
+    kad.set_mode(Some(kad::Mode::Server));
+    let mut gossip = gossip(key, registry)?;
+    gossip.subscribe(&protocols.topic)?;
+    Ok(Behaviour {
+        allowlist: Toggle::from(allowlist),
+        blocklist: Default::default(),
+        limits: connection_limits::Behaviour::new(limits),
+        gossip,
+        direct,
+        identify,
+        ping: ping::Behaviour::new(ping::Config::new().with_interval(Duration::from_secs(15))),
+        kad,
+    })
+}
+
+fn gossip(
+    key: &Keypair,
+    registry: &mut Registry,
+) -> Result<gossipsub::Behaviour, Box<dyn std::error::Error + Send + Sync>> {
+    let config = gossipsub::ConfigBuilder::default()
+        .validation_mode(gossipsub::ValidationMode::Strict)
+        .validate_messages()
+        .message_id_fn(|m: &gossipsub::Message| {
+            gossipsub::MessageId::from(&Sha256::digest(&m.data)[..20])
+        })
+        // The envelope limit plus room for gossipsub's own framing.
+        .max_transmit_size(MAX_GOSSIP_BYTES + 4096)
+        .max_publish_messages(MAX_GOSSIP_MESSAGES_PER_RPC)
+        .heartbeat_interval(Duration::from_millis(500))
+        .build()?;
+    let behaviour =
+        gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Signed(key.clone()), config)?
+            .with_metrics(registry, gossipsub::MetricsConfig::default());
+    Ok(behaviour)
+}

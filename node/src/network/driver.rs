@@ -1,0 +1,782 @@
+//! The networking task: the one owner of the swarm and of the replication
+//! core, translating between them.
+//!
+//! Each turn of the loop takes one input (a swarm event, a local commit, a
+//! command from a handle, the core's timer or the redial tick), hands it to
+//! the replication core or the swarm, then drains every output the core
+//! produced. Engine calls block this task; that is the point: a received
+//! change is durable before anything derived from it leaves, and a slow
+//! disk slows replication instead of queueing unbounded work.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use causeway_engine::replication::ids::NodeId;
+use causeway_engine::replication::random::SplitMix64;
+use causeway_engine::replication::{reason_name, Channel, Output, Replicator, Verdict};
+use causeway_engine::DocEvent;
+use futures::StreamExt;
+use libp2p::core::transport::ListenerId;
+use libp2p::core::ConnectedPoint;
+use libp2p::metrics::{Metrics as Libp2pMetrics, Recorder};
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+use libp2p::swarm::{ConnectionId, SwarmEvent};
+use libp2p::{gossipsub, identify, kad, request_response, Multiaddr, PeerId, Swarm};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, info, warn};
+
+use super::backoff::Backoff;
+use super::behaviour::{Behaviour, BehaviourEvent, Protocols};
+use super::codec::Receipt;
+use super::status::{Behind, NetworkStatus, PeerState, PeerStatus};
+use crate::config::NodeConfig;
+use crate::metrics::NodeMetrics;
+
+/// Addresses remembered per peer.
+pub const MAX_ADDRS_PER_PEER: usize = 8;
+/// Peers remembered (connected or not); discoveries beyond this are ignored.
+pub const MAX_KNOWN_PEERS: usize = 1024;
+/// How long shutdown waits for direct messages already sent to be received.
+pub const SHUTDOWN_FLUSH: Duration = Duration::from_secs(2);
+
+/// A request from a [`NodeHandle`](crate::NodeHandle) to the task.
+#[derive(Debug)]
+pub enum Command {
+    /// Report the status.
+    Status(oneshot::Sender<NetworkStatus>),
+    /// Block (or unblock) peers: their connections close and new ones are
+    /// refused, in both directions.
+    Block {
+        /// The peers.
+        peers: Vec<PeerId>,
+        /// Block (true) or unblock (false).
+        blocked: bool,
+        /// Answered once done.
+        done: oneshot::Sender<()>,
+    },
+    /// Stop listening, flush, close connections and end the task.
+    Shutdown,
+}
+
+/// A dial target: a bootstrap address, or a peer learnt from discovery.
+#[derive(Debug)]
+struct Target {
+    addr: Option<Multiaddr>,
+    peer: Option<PeerId>,
+    backoff: Backoff,
+    next_dial: Instant,
+    pending: Option<ConnectionId>,
+    last_error: Option<String>,
+}
+
+impl Target {
+    /// A target due now.
+    fn new(addr: Option<Multiaddr>, peer: Option<PeerId>, config: &NodeConfig) -> Target {
+        Target {
+            addr,
+            peer,
+            backoff: Backoff::new(config.reconnect_min, config.reconnect_max),
+            next_dial: Instant::now(),
+            pending: None,
+            last_error: None,
+        }
+    }
+}
+
+/// What the task knows of one peer.
+#[derive(Debug, Default)]
+struct Peer {
+    addrs: BTreeSet<Multiaddr>,
+    connections: u32,
+    replicating: bool,
+    rtt: Option<Duration>,
+}
+
+/// The networking task's state.
+pub struct Driver {
+    swarm: Swarm<Behaviour>,
+    core: Replicator,
+    config: NodeConfig,
+    protocols: Protocols,
+    metrics: NodeMetrics,
+    libp2p_metrics: Libp2pMetrics,
+    start: Instant,
+    random: SplitMix64,
+    targets: Vec<Target>,
+    peers: BTreeMap<PeerId, Peer>,
+    blocked: BTreeSet<PeerId>,
+    listen_addrs: Vec<Multiaddr>,
+    listeners: Vec<ListenerId>,
+    in_flight: HashMap<request_response::OutboundRequestId, PeerId>,
+    local_events_dropped: u64,
+}
+
+/// What a [`Driver`] is made of.
+pub struct Parts {
+    /// The swarm.
+    pub swarm: Swarm<Behaviour>,
+    /// The replication core.
+    pub core: Replicator,
+    /// The configuration.
+    pub config: NodeConfig,
+    /// The cluster's protocol names.
+    pub protocols: Protocols,
+    /// The node's metrics.
+    pub metrics: NodeMetrics,
+    /// libp2p's metrics, in the same registry.
+    pub libp2p_metrics: Libp2pMetrics,
+    /// The origin of the core's time.
+    pub start: Instant,
+    /// Seed of the core's randomness (jitter only).
+    pub seed: u64,
+}
+
+/// The inputs of the task besides the swarm.
+pub struct Inputs {
+    /// Local commits (durable), from the engine's subscription.
+    pub local: mpsc::Receiver<DocEvent>,
+    /// Commands from handles.
+    pub commands: mpsc::Receiver<Command>,
+    /// How many local commits the subscription lost so far.
+    pub local_dropped: Box<dyn Fn() -> u64 + Send>,
+}
+
+/// Why the task ended with an error. The node is stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    /// The engine failed (storage errors are fatal).
+    #[error("the engine failed: {0}")]
+    Engine(#[from] causeway_engine::Error),
+    /// A listen address could not be bound.
+    #[error("cannot listen on {addr}: {reason}")]
+    Listen {
+        /// The address.
+        addr: Multiaddr,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl Driver {
+    /// A task over the swarm and core in `parts`.
+    pub fn new(parts: Parts) -> Driver {
+        let Parts {
+            swarm,
+            core,
+            config,
+            protocols,
+            metrics,
+            libp2p_metrics,
+            start,
+            seed,
+        } = parts;
+        let targets = config
+            .bootstrap
+            .iter()
+            .map(|addr| Target::new(Some(addr.clone()), peer_of(addr), &config))
+            .collect();
+        Driver {
+            swarm,
+            core,
+            config,
+            protocols,
+            metrics,
+            libp2p_metrics,
+            start,
+            random: SplitMix64::new(seed),
+            targets,
+            peers: BTreeMap::new(),
+            blocked: BTreeSet::new(),
+            listen_addrs: Vec::new(),
+            listeners: Vec::new(),
+            in_flight: HashMap::new(),
+            local_events_dropped: 0,
+        }
+    }
+
+    /// Starts listening on the configured addresses.
+    pub fn listen(&mut self) -> Result<(), DriverError> {
+        for addr in self.config.listen.clone() {
+            let id = self
+                .swarm
+                .listen_on(addr.clone())
+                .map_err(|e| DriverError::Listen {
+                    addr,
+                    reason: e.to_string(),
+                })?;
+            self.listeners.push(id);
+        }
+        Ok(())
+    }
+
+    /// Runs until a [`Command::Shutdown`] (or every handle is gone), or a
+    /// fatal engine error.
+    pub async fn run(mut self, mut inputs: Inputs) -> Result<(), DriverError> {
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        let mut discovery = tokio::time::interval(self.config.discovery_interval);
+        let mut metrics_tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            let deadline = self.start + self.core.poll_timeout();
+            tokio::select! {
+                event = self.swarm.select_next_some() => self.on_swarm_event(event)?,
+                Some(event) = inputs.local.recv() => {
+                    self.core.handle_local_commit(&event.doc, event.changes.to_vec(), &event.heads);
+                }
+                command = inputs.commands.recv() => match command {
+                    Some(Command::Shutdown) | None => break,
+                    Some(command) => self.on_command(command),
+                },
+                () = tokio::time::sleep_until(deadline.into()) => {
+                    let now = self.now();
+                    self.core.handle_timeout(now, &mut self.random)?;
+                }
+                _ = tick.tick() => self.redial(),
+                _ = discovery.tick() => self.discover(),
+                _ = metrics_tick.tick() => {
+                    self.local_events_dropped = (inputs.local_dropped)();
+                    self.observe();
+                }
+            }
+            self.drain();
+        }
+        self.shutdown().await;
+        Ok(())
+    }
+
+    fn now(&self) -> Duration {
+        self.start.elapsed()
+    }
+
+    /// Hands every output of the core to the swarm.
+    fn drain(&mut self) {
+        while let Some(output) = self.core.poll_output() {
+            match output {
+                Output::Publish(bytes) => {
+                    let topic = self.protocols.topic.clone();
+                    if let Err(e) = self.swarm.behaviour_mut().gossip.publish(topic, bytes) {
+                        debug!(error = %e, "gossip publication reached no peer");
+                        self.metrics.publish_failures.inc();
+                    }
+                }
+                Output::Send { to, bytes } => match PeerId::from_str(to.as_str()) {
+                    Ok(peer) => {
+                        let id = self.swarm.behaviour_mut().direct.send_request(&peer, bytes);
+                        self.in_flight.insert(id, peer);
+                    }
+                    Err(e) => {
+                        warn!(peer = %to, error = %e, "the core addressed a peer id that does not parse")
+                    }
+                },
+                Output::Misbehaving { peer, reason } => {
+                    warn!(%peer, reason = reason_name(&reason), detail = %reason, "refused a message from a peer");
+                }
+            }
+        }
+    }
+
+    fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) -> Result<(), DriverError> {
+        self.libp2p_metrics.record(&event);
+        match event {
+            SwarmEvent::Behaviour(event) => return self.on_behaviour_event(event),
+            SwarmEvent::NewListenAddr { address, .. } => {
+                info!(%address, "listening");
+                self.listen_addrs.push(address);
+            }
+            SwarmEvent::ExpiredListenAddr { address, .. } => {
+                self.listen_addrs.retain(|a| a != &address);
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                connection_id,
+                endpoint,
+                ..
+            } => {
+                self.on_connected(peer_id, connection_id, &endpoint);
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established,
+                cause,
+                ..
+            } => {
+                if let Some(p) = self.peers.get_mut(&peer_id) {
+                    p.connections = num_established;
+                }
+                if num_established == 0 {
+                    debug!(peer = %peer_id, cause = ?cause, "disconnected");
+                    self.on_disconnected(peer_id);
+                }
+            }
+            SwarmEvent::OutgoingConnectionError {
+                connection_id,
+                peer_id,
+                error,
+            } => {
+                self.on_dial_failure(connection_id, peer_id, error.to_string());
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn on_behaviour_event(&mut self, event: BehaviourEvent) -> Result<(), DriverError> {
+        match event {
+            BehaviourEvent::Gossip(event) => {
+                self.libp2p_metrics.record(&event);
+                self.on_gossip(event)?;
+            }
+            BehaviourEvent::Direct(event) => self.on_direct(event)?,
+            BehaviourEvent::Identify(event) => {
+                self.libp2p_metrics.record(&event);
+                if let identify::Event::Received { peer_id, info, .. } = event {
+                    self.on_identified(peer_id, info);
+                }
+            }
+            BehaviourEvent::Ping(event) => {
+                self.libp2p_metrics.record(&event);
+                if let (Ok(rtt), Some(p)) = (event.result, self.peers.get_mut(&event.peer)) {
+                    p.rtt = Some(rtt);
+                }
+            }
+            BehaviourEvent::Kad(event) => {
+                self.libp2p_metrics.record(&event);
+                if let kad::Event::RoutingUpdated {
+                    peer, addresses, ..
+                } = event
+                {
+                    self.learn(peer, addresses.into_vec());
+                }
+            }
+            BehaviourEvent::Allowlist(v) | BehaviourEvent::Blocklist(v) => match v {},
+            BehaviourEvent::Limits(v) => match v {},
+        }
+        Ok(())
+    }
+
+    fn on_gossip(&mut self, event: gossipsub::Event) -> Result<(), DriverError> {
+        let gossipsub::Event::Message {
+            propagation_source,
+            message_id,
+            message,
+        } = event
+        else {
+            return Ok(());
+        };
+        let verdict = if message.topic == self.protocols.topic.hash() {
+            let from = node_id(&propagation_source);
+            self.core
+                .handle_message(self.now(), &from, Channel::Gossip, &message.data)?
+        } else {
+            Verdict::Reject
+        };
+        let acceptance = match verdict {
+            Verdict::Accept => gossipsub::MessageAcceptance::Accept,
+            Verdict::Ignore => gossipsub::MessageAcceptance::Ignore,
+            Verdict::Reject => gossipsub::MessageAcceptance::Reject,
+        };
+        self.swarm
+            .behaviour_mut()
+            .gossip
+            .report_message_validation_result(&message_id, &propagation_source, acceptance);
+        Ok(())
+    }
+
+    fn on_direct(
+        &mut self,
+        event: request_response::Event<Vec<u8>, Receipt>,
+    ) -> Result<(), DriverError> {
+        match event {
+            request_response::Event::Message { peer, message, .. } => match message {
+                request_response::Message::Request {
+                    request, channel, ..
+                } => {
+                    // A request on this cluster's protocol proves the peer is
+                    // a member, even before identify says so.
+                    self.start_replicating(peer);
+                    let verdict = self.core.handle_message(
+                        self.now(),
+                        &node_id(&peer),
+                        Channel::Direct,
+                        &request,
+                    )?;
+                    let receipt = match verdict {
+                        Verdict::Reject => Receipt::Refused,
+                        Verdict::Accept | Verdict::Ignore => Receipt::Accepted,
+                    };
+                    // The peer may be gone already; nothing to do then.
+                    let _ = self
+                        .swarm
+                        .behaviour_mut()
+                        .direct
+                        .send_response(channel, receipt);
+                }
+                request_response::Message::Response { request_id, .. } => {
+                    self.in_flight.remove(&request_id);
+                }
+            },
+            request_response::Event::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
+                self.in_flight.remove(&request_id);
+                self.metrics.send_failures.inc();
+                debug!(%peer, %error, "direct message failed; the core retries the work");
+            }
+            request_response::Event::InboundFailure { peer, error, .. } => {
+                debug!(%peer, %error, "inbound direct message failed");
+            }
+            request_response::Event::ResponseSent { .. } => {}
+        }
+        Ok(())
+    }
+
+    fn on_connected(&mut self, peer: PeerId, id: ConnectionId, endpoint: &ConnectedPoint) {
+        let now = Instant::now();
+        for t in &mut self.targets {
+            if t.pending == Some(id) || t.peer == Some(peer) {
+                t.pending = t.pending.filter(|p| *p != id);
+                t.peer = Some(peer);
+                t.backoff.reset();
+                t.last_error = None;
+                t.next_dial = now;
+            }
+        }
+        if let Some(p) = self.peer_entry(peer) {
+            p.connections += 1;
+            if let ConnectedPoint::Dialer { address, .. } = endpoint {
+                remember(p, address.clone());
+            }
+        }
+        debug!(%peer, "connected");
+    }
+
+    fn on_disconnected(&mut self, peer: PeerId) {
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.connections = 0;
+            if p.replicating {
+                p.replicating = false;
+                self.core.handle_disconnect(&node_id(&peer));
+                info!(%peer, "stopped replicating with peer");
+            }
+        }
+        if !self.blocked.contains(&peer)
+            && self.peers.contains_key(&peer)
+            && !self.targets.iter().any(|t| t.peer == Some(peer))
+        {
+            self.targets.push(self.target_for(peer));
+        }
+    }
+
+    fn on_dial_failure(&mut self, id: ConnectionId, peer: Option<PeerId>, error: String) {
+        let now = Instant::now();
+        for t in &mut self.targets {
+            if t.pending == Some(id) {
+                t.pending = None;
+                let wait = t.backoff.fail();
+                t.next_dial = now + wait;
+                let name = t
+                    .addr
+                    .as_ref()
+                    .map_or_else(|| format!("{peer:?}"), ToString::to_string);
+                warn!(target = %name, failures = t.backoff.failures(), retry_in = ?wait, %error,
+                    "peer unreachable; the node keeps running and retries");
+                t.last_error = Some(error.clone());
+            }
+        }
+    }
+
+    fn on_identified(&mut self, peer: PeerId, info: identify::Info) {
+        if info.protocol_version != self.protocols.identify
+            || !info.protocols.contains(&self.protocols.sync)
+        {
+            warn!(%peer, protocol = %info.protocol_version, "peer is not a member of this cluster; disconnecting");
+            let _ = self.swarm.disconnect_peer_id(peer);
+            return;
+        }
+        for addr in info.listen_addrs.iter().filter(|a| is_dialable(a)) {
+            self.swarm
+                .behaviour_mut()
+                .kad
+                .add_address(&peer, addr.clone());
+        }
+        if let Some(p) = self.peer_entry(peer) {
+            for addr in info.listen_addrs.into_iter().filter(is_dialable) {
+                remember(p, addr);
+            }
+        }
+        self.start_replicating(peer);
+    }
+
+    fn start_replicating(&mut self, peer: PeerId) {
+        let now = self.now();
+        let Some(p) = self.peer_entry(peer) else {
+            return;
+        };
+        if p.replicating || p.connections == 0 {
+            return;
+        }
+        p.replicating = true;
+        self.core
+            .handle_connect(now, &node_id(&peer), &mut self.random);
+        info!(%peer, "replicating with peer");
+    }
+
+    /// A discovered member: remember its addresses and dial it if needed.
+    fn learn(&mut self, peer: PeerId, addrs: Vec<Multiaddr>) {
+        if peer == *self.swarm.local_peer_id() || self.blocked.contains(&peer) {
+            return;
+        }
+        if let Some(p) = self.peer_entry(peer) {
+            for addr in addrs.into_iter().filter(is_dialable) {
+                remember(p, addr);
+            }
+            if p.connections == 0 && !self.targets.iter().any(|t| t.peer == Some(peer)) {
+                let target = self.target_for(peer);
+                self.targets.push(target);
+            }
+        }
+    }
+
+    fn target_for(&self, peer: PeerId) -> Target {
+        Target::new(None, Some(peer), &self.config)
+    }
+
+    /// Dials every target whose backoff expired and that is not connected.
+    fn redial(&mut self) {
+        let now = Instant::now();
+        let connected: BTreeSet<PeerId> = self.swarm.connected_peers().copied().collect();
+        // Targets learnt by discovery are dropped once connected; bootstrap
+        // addresses stay for good.
+        self.targets
+            .retain(|t| t.addr.is_some() || t.peer.is_none_or(|p| !connected.contains(&p)));
+        for i in 0..self.targets.len() {
+            let t = &self.targets[i];
+            let skip = t.pending.is_some()
+                || t.next_dial > now
+                || t.peer
+                    .is_some_and(|p| connected.contains(&p) || self.blocked.contains(&p));
+            if skip {
+                continue;
+            }
+            let opts = match (&t.addr, t.peer) {
+                (Some(addr), _) => DialOpts::unknown_peer_id().address(addr.clone()).build(),
+                (None, Some(peer)) => {
+                    let addrs = self
+                        .peers
+                        .get(&peer)
+                        .map(|p| p.addrs.iter().cloned().collect())
+                        .unwrap_or_default();
+                    DialOpts::peer_id(peer)
+                        .addresses(addrs)
+                        .condition(PeerCondition::DisconnectedAndNotDialing)
+                        .build()
+                }
+                (None, None) => continue,
+            };
+            let id = opts.connection_id();
+            let t = &mut self.targets[i];
+            match self.swarm.dial(opts) {
+                Ok(()) => t.pending = Some(id),
+                Err(e) => {
+                    let wait = t.backoff.fail();
+                    t.next_dial = now + wait;
+                    t.last_error = Some(e.to_string());
+                    debug!(error = %e, retry_in = ?wait, "dial refused locally");
+                }
+            }
+        }
+    }
+
+    /// Walks the Kademlia table for members beyond the bootstrap list.
+    fn discover(&mut self) {
+        // Fails only while no peer is known yet; the next round retries.
+        let _ = self.swarm.behaviour_mut().kad.bootstrap();
+    }
+
+    fn on_command(&mut self, command: Command) {
+        match command {
+            Command::Status(reply) => {
+                let _ = reply.send(self.status());
+            }
+            Command::Block {
+                peers,
+                blocked,
+                done,
+            } => {
+                for peer in peers {
+                    self.block(peer, blocked);
+                }
+                let _ = done.send(());
+            }
+            Command::Shutdown => {}
+        }
+    }
+
+    fn block(&mut self, peer: PeerId, blocked: bool) {
+        let list = &mut self.swarm.behaviour_mut().blocklist;
+        if blocked {
+            list.block_peer(peer);
+            self.blocked.insert(peer);
+            info!(%peer, "blocked peer");
+        } else {
+            list.unblock_peer(peer);
+            self.blocked.remove(&peer);
+            let now = Instant::now();
+            for t in self.targets.iter_mut().filter(|t| t.peer == Some(peer)) {
+                t.backoff.reset();
+                t.next_dial = now;
+            }
+            if self.peers.contains_key(&peer) && !self.targets.iter().any(|t| t.peer == Some(peer))
+            {
+                let target = self.target_for(peer);
+                self.targets.push(target);
+            }
+            info!(%peer, "unblocked peer");
+        }
+    }
+
+    fn peer_entry(&mut self, peer: PeerId) -> Option<&mut Peer> {
+        if !self.peers.contains_key(&peer) && self.peers.len() >= MAX_KNOWN_PEERS {
+            return None;
+        }
+        Some(self.peers.entry(peer).or_default())
+    }
+
+    fn observe(&mut self) {
+        let replicating = self.peers.values().filter(|p| p.replicating).count();
+        self.metrics.peers_replicating.set(replicating as i64);
+        self.metrics
+            .local_events_dropped
+            .set(self.local_events_dropped as i64);
+        let stats = self.core.stats().clone();
+        self.metrics.observe(&stats, self.core.queue_depths());
+    }
+
+    fn status(&mut self) -> NetworkStatus {
+        let mut peers = Vec::new();
+        for (id, p) in &self.peers {
+            let node = node_id(id);
+            let region = self
+                .core
+                .progress()
+                .peers()
+                .find(|(n, _)| **n == node)
+                .and_then(|(_, pp)| pp.region.as_ref().map(ToString::to_string));
+            let state = if self.blocked.contains(id) {
+                PeerState::Blocked
+            } else if p.replicating {
+                PeerState::Replicating
+            } else if p.connections > 0 {
+                PeerState::Connected
+            } else {
+                PeerState::Disconnected
+            };
+            let target = self.targets.iter().find(|t| t.peer == Some(*id));
+            let behind = self.behind(&node);
+            let label = crate::metrics::PeerLabel {
+                peer: id.to_string(),
+                region: region.clone().unwrap_or_else(|| "unknown".into()),
+            };
+            self.metrics
+                .documents_behind
+                .get_or_create(&label)
+                .set(behind.documents as i64);
+            self.metrics
+                .changes_behind
+                .get_or_create(&label)
+                .set(behind.changes as i64);
+            peers.push(PeerStatus {
+                peer_id: id.to_string(),
+                region,
+                state,
+                addresses: p.addrs.iter().map(ToString::to_string).collect(),
+                rtt_ms: p.rtt.map(|d| d.as_secs_f64() * 1000.0),
+                dial_failures: target.map_or(0, |t| t.backoff.failures()),
+                last_error: target.and_then(|t| t.last_error.clone()),
+                behind,
+            });
+        }
+        NetworkStatus {
+            peer_id: self.swarm.local_peer_id().to_string(),
+            region: self.config.region.to_string(),
+            cluster: self.config.cluster.to_string(),
+            listen_addrs: self.listen_addrs.iter().map(ToString::to_string).collect(),
+            peers,
+            local_events_dropped: self.local_events_dropped,
+        }
+    }
+
+    /// What `peer` is known to lack, from the heads it last reported.
+    fn behind(&self, peer: &NodeId) -> Behind {
+        let engine = self.core.engine();
+        let mut behind = Behind::default();
+        let Some((_, progress)) = self.core.progress().peers().find(|(n, _)| *n == peer) else {
+            return behind;
+        };
+        for (doc, known) in &progress.docs {
+            behind.tracked_documents += 1;
+            let missing = engine
+                .read(doc, |d| d.get_changes(known).len() as u64)
+                .unwrap_or(0);
+            if missing > 0 {
+                behind.documents += 1;
+                behind.changes += missing;
+            }
+        }
+        behind
+    }
+
+    async fn shutdown(mut self) {
+        info!("shutting down: no new connections, flushing direct messages");
+        for id in std::mem::take(&mut self.listeners) {
+            self.swarm.remove_listener(id);
+        }
+        self.drain();
+        let until = tokio::time::Instant::now() + SHUTDOWN_FLUSH;
+        while !self.in_flight.is_empty() {
+            tokio::select! {
+                event = self.swarm.select_next_some() => {
+                    if let SwarmEvent::Behaviour(BehaviourEvent::Direct(event)) = event {
+                        let _ = self.on_direct(event);
+                    }
+                }
+                () = tokio::time::sleep_until(until) => break,
+            }
+        }
+        let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
+        for peer in peers {
+            let _ = self.swarm.disconnect_peer_id(peer);
+        }
+        info!("network stopped");
+    }
+}
+
+/// The replication core's name for `peer`: its base58 peer id.
+pub fn node_id(peer: &PeerId) -> NodeId {
+    // A base58 peer id is printable ASCII of at most 128 bytes.
+    #[allow(clippy::expect_used)]
+    NodeId::new(peer.to_base58()).expect("a peer id is a valid node id")
+}
+
+/// The peer id at the end of `addr`, if it names one.
+fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
+    addr.iter().find_map(|p| match p {
+        libp2p::multiaddr::Protocol::P2p(peer) => Some(peer),
+        _ => None,
+    })
+}
+
+fn is_dialable(addr: &Multiaddr) -> bool {
+    !addr
+        .iter()
+        .any(|p| matches!(p, libp2p::multiaddr::Protocol::Ip4(ip) if ip.is_unspecified()))
+}
+
+fn remember(p: &mut Peer, addr: Multiaddr) {
+    if p.addrs.len() < MAX_ADDRS_PER_PEER {
+        p.addrs.insert(addr);
+    }
+}

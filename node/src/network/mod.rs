@@ -1,0 +1,15 @@
+//! The networking layer: libp2p around the engine's replication core.
+//!
+//! * [`behaviour`]: the libp2p behaviours and how the swarm is built.
+//! * [`codec`]: length-prefixed frames for direct messages.
+//! * [`driver`]: the task that owns the swarm and the core.
+//! * [`backoff`]: redial delays for unreachable peers.
+//! * [`status`]: what the task reports about the cluster.
+
+pub mod backoff;
+pub mod behaviour;
+pub mod codec;
+pub mod driver;
+pub mod status;
+
+pub use self::status::{Behind, NetworkStatus, PeerState, PeerStatus};

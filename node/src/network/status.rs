@@ -1,0 +1,68 @@
+//! What the networking task reports about itself and its peers.
+
+use serde::Serialize;
+
+/// A snapshot of this node's view of the cluster.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct NetworkStatus {
+    /// This node's peer id.
+    pub peer_id: String,
+    /// This node's region.
+    pub region: String,
+    /// The cluster.
+    pub cluster: String,
+    /// Addresses this node listens on.
+    pub listen_addrs: Vec<String>,
+    /// Every peer this node knows of: connected, being dialled, or blocked.
+    pub peers: Vec<PeerStatus>,
+    /// Local commits the networking task missed because its event queue was
+    /// full (anti-entropy repairs them).
+    pub local_events_dropped: u64,
+}
+
+/// Connection state of a peer.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum PeerState {
+    /// Connected and replicating.
+    Replicating,
+    /// Connected, not yet identified as a member of this cluster.
+    Connected,
+    /// Not connected; redialled with backoff.
+    Disconnected,
+    /// Blocked by the operator.
+    Blocked,
+}
+
+/// One peer.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct PeerStatus {
+    /// The peer id.
+    pub peer_id: String,
+    /// The peer's region, once it said hello.
+    pub region: Option<String>,
+    /// Connection state.
+    pub state: PeerState,
+    /// Addresses known for it.
+    pub addresses: Vec<String>,
+    /// Last ping round trip, in milliseconds.
+    pub rtt_ms: Option<f64>,
+    /// Failed dials since the last success.
+    pub dial_failures: u32,
+    /// The last dial or connection error.
+    pub last_error: Option<String>,
+    /// What it is known to lack.
+    pub behind: Behind,
+}
+
+/// How far behind a peer is, from the heads it last reported per document.
+/// Documents it never reported are not counted: "known to lack" is strict.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+pub struct Behind {
+    /// Documents where this node holds changes the peer is known to lack.
+    pub documents: u64,
+    /// Those changes, summed over documents.
+    pub changes: u64,
+    /// Documents whose heads at the peer are known.
+    pub tracked_documents: u64,
+}

@@ -1,0 +1,282 @@
+//! A networked peer around an [`Engine`]: what `causeway node` runs, and what
+//! an edge app runs in-process to be a peer itself.
+//!
+//! [`Node::start`] spawns one thread, `causeway-net`, with its own
+//! single-threaded tokio runtime; the [`Driver`](crate::network::driver) on
+//! it owns the libp2p swarm and the replication core. Local writes reach it
+//! through the engine's event subscription, so anything committed through
+//! the engine (by the HTTP API or by the app directly) is replicated. The
+//! returned [`NodeHandle`] talks to the thread through bounded channels.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use causeway_engine::replication::{Replicator, ReplicatorConfig};
+use causeway_engine::{DocEvent, Engine, Origin};
+use libp2p::identity::Keypair;
+use libp2p::{Multiaddr, PeerId};
+use prometheus_client::registry::Registry;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::config::{ConfigError, NodeConfig};
+use crate::metrics::NodeMetrics;
+use crate::network::behaviour::{build_swarm, BuildError, Protocols};
+use crate::network::driver::{node_id, Command, Driver, Inputs, Parts};
+use crate::network::NetworkStatus;
+
+/// Local commits queued between the engine's subscription and the
+/// networking task. When full, the subscription's own queue fills and then
+/// drops events (counted in `causeway_local_events_dropped`); anti-entropy
+/// replicates what was missed.
+pub const LOCAL_EVENT_QUEUE: usize = 4096;
+/// Commands queued from handles to the networking task.
+pub const COMMAND_QUEUE: usize = 64;
+
+/// Why a node could not start, or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The configuration is invalid (caller error).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The swarm could not be built.
+    #[error(transparent)]
+    Build(#[from] BuildError),
+    /// The engine refused (storage errors are fatal).
+    #[error(transparent)]
+    Engine(#[from] causeway_engine::Error),
+    /// The runtime or the thread could not be created.
+    #[error("cannot start the networking thread: {0}")]
+    Thread(std::io::Error),
+    /// The networking task is gone (stopped, or failed with this reason).
+    #[error("the node stopped: {0}")]
+    Stopped(String),
+}
+
+/// A networked node. See [`Node::start`].
+#[derive(Debug)]
+pub struct Node;
+
+/// A running node: ask for its status, block peers, scrape its metrics,
+/// shut it down. Cheap to clone.
+#[derive(Clone)]
+pub struct NodeHandle {
+    peer_id: PeerId,
+    commands: mpsc::Sender<Command>,
+    registry: Arc<Registry>,
+    done: watch::Receiver<Option<Result<(), String>>>,
+    thread: Arc<Mutex<Option<JoinHandle<()>>>>,
+}
+
+impl Node {
+    /// Starts a peer for `engine` with identity `key`: listens, dials the
+    /// bootstrap peers, and replicates every document of the engine with
+    /// the cluster. Returns once the networking thread runs (listening
+    /// happens right after; see [`NodeHandle::listen_addrs`]).
+    pub fn start(
+        engine: Engine,
+        key: Keypair,
+        config: NodeConfig,
+    ) -> Result<NodeHandle, NodeError> {
+        config.validate()?;
+        let peer_id = key.public().to_peer_id();
+        let node = node_id(&peer_id);
+        let mut registry = Registry::default();
+        let metrics = NodeMetrics::register(&mut registry);
+        let libp2p_metrics = libp2p::metrics::Metrics::new(&mut registry);
+        let protocols = Protocols::new(&config.cluster)?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(NodeError::Thread)?;
+        let swarm = {
+            let _context = runtime.enter();
+            build_swarm(key, &config, &protocols, &mut registry)?
+        };
+        let mut core_config =
+            ReplicatorConfig::new(node, config.region.clone(), config.cluster.clone());
+        core_config.anti_entropy_interval = config.anti_entropy_interval;
+        let start = Instant::now();
+        let core = Replicator::new(engine.clone(), core_config, Duration::ZERO)?;
+        let (local_tx, local) = mpsc::channel(LOCAL_EVENT_QUEUE);
+        let dropped = forward_local_commits(&engine, local_tx)?;
+        let (commands_tx, commands) = mpsc::channel(COMMAND_QUEUE);
+        let seed = seed(&peer_id);
+        let mut driver = Driver::new(Parts {
+            swarm,
+            core,
+            config,
+            protocols,
+            metrics,
+            libp2p_metrics,
+            start,
+            seed,
+        });
+        let (done_tx, done) = watch::channel(None);
+        let inputs = Inputs {
+            local,
+            commands,
+            local_dropped: Box::new(move || dropped.load(Ordering::Relaxed)),
+        };
+        let thread = std::thread::Builder::new()
+            .name("causeway-net".into())
+            .spawn(move || {
+                let result = runtime.block_on(async move {
+                    driver.listen()?;
+                    driver.run(inputs).await
+                });
+                if let Err(e) = &result {
+                    tracing::error!(error = %e, "the networking task failed; the node stops");
+                }
+                let _ = done_tx.send(Some(result.map_err(|e| e.to_string())));
+            })
+            .map_err(NodeError::Thread)?;
+        Ok(NodeHandle {
+            peer_id,
+            commands: commands_tx,
+            registry: Arc::new(registry),
+            done,
+            thread: Arc::new(Mutex::new(Some(thread))),
+        })
+    }
+}
+
+impl NodeHandle {
+    /// This node's peer id.
+    pub fn peer_id(&self) -> PeerId {
+        self.peer_id
+    }
+
+    /// The metrics registry (this node's and libp2p's), for `/metrics`.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// A snapshot of the node's view of the cluster.
+    pub async fn status(&self) -> Result<NetworkStatus, NodeError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::Status(tx)).await?;
+        rx.await.map_err(|_| self.stopped())
+    }
+
+    /// The addresses the node listens on, once it listens on at least one
+    /// (waiting up to `timeout`); each ends in `/p2p/<peer id>`.
+    pub async fn listen_addrs(&self, timeout: Duration) -> Result<Vec<Multiaddr>, NodeError> {
+        let until = tokio::time::Instant::now() + timeout;
+        loop {
+            let status = self.status().await?;
+            if !status.listen_addrs.is_empty() {
+                let p2p = libp2p::multiaddr::Protocol::P2p(self.peer_id);
+                return Ok(status
+                    .listen_addrs
+                    .iter()
+                    .filter_map(|a| a.parse::<Multiaddr>().ok())
+                    .map(|a| a.with(p2p.clone()))
+                    .collect());
+            }
+            if tokio::time::Instant::now() >= until {
+                return Err(NodeError::Stopped("no listen address came up".into()));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Blocks (`true`) or unblocks (`false`) `peers`: their connections close
+    /// and new ones are refused in both directions until unblocked.
+    pub async fn block(&self, peers: Vec<PeerId>, blocked: bool) -> Result<(), NodeError> {
+        let (done, rx) = oneshot::channel();
+        self.send(Command::Block {
+            peers,
+            blocked,
+            done,
+        })
+        .await?;
+        rx.await.map_err(|_| self.stopped())
+    }
+
+    /// Resolves when the node has stopped, with the reason if it failed.
+    pub async fn stopped_with(&self) -> Result<(), String> {
+        let mut done = self.done.clone();
+        loop {
+            if let Some(result) = done.borrow().clone() {
+                return result;
+            }
+            if done.changed().await.is_err() {
+                return Err("the networking thread vanished".into());
+            }
+        }
+    }
+
+    /// Stops listening, flushes direct messages already sent (up to 2 s),
+    /// closes connections and joins the networking thread. The engine stays
+    /// open; it belongs to the caller.
+    pub async fn shutdown(&self) -> Result<(), NodeError> {
+        let _ = self.commands.send(Command::Shutdown).await;
+        let thread = self
+            .thread
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(thread) = thread {
+            tokio::task::spawn_blocking(move || thread.join())
+                .await
+                .map_err(|e| NodeError::Stopped(e.to_string()))?
+                .map_err(|_| NodeError::Stopped("the networking thread panicked".into()))?;
+        }
+        self.stopped_with().await.map_err(NodeError::Stopped)
+    }
+
+    async fn send(&self, command: Command) -> Result<(), NodeError> {
+        self.commands
+            .send(command)
+            .await
+            .map_err(|_| self.stopped())
+    }
+
+    fn stopped(&self) -> NodeError {
+        let reason = match self.done.borrow().clone() {
+            Some(Err(e)) => e,
+            _ => "shut down".to_string(),
+        };
+        NodeError::Stopped(reason)
+    }
+}
+
+/// Forwards the engine's local commits to the networking task from a
+/// thread of its own (the subscription is a blocking queue). Returns the
+/// subscription's count of dropped events.
+fn forward_local_commits(
+    engine: &Engine,
+    tx: mpsc::Sender<DocEvent>,
+) -> Result<Arc<AtomicU64>, NodeError> {
+    let subscription = engine.subscribe("")?;
+    let dropped = Arc::new(AtomicU64::new(0));
+    let counter = dropped.clone();
+    std::thread::Builder::new()
+        .name("causeway-commits".into())
+        .spawn(move || {
+            while !tx.is_closed() {
+                counter.store(subscription.dropped(), Ordering::Relaxed);
+                let Some(event) = subscription.recv_timeout(Duration::from_millis(200)) else {
+                    continue;
+                };
+                if event.origin == Origin::Local && tx.blocking_send(event).is_err() {
+                    break;
+                }
+            }
+        })
+        .map_err(NodeError::Thread)?;
+    Ok(dropped)
+}
+
+/// Seed for the core's jitter: distinct per node and per start.
+fn seed(peer: &PeerId) -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let bytes = peer.to_bytes();
+    bytes
+        .iter()
+        .fold(nanos, |acc, b| acc.rotate_left(8) ^ u64::from(*b))
+}

@@ -1,0 +1,389 @@
+//! The node's settings file (TOML), merged with flags and environment by
+//! the binary: flags > environment > file > defaults.
+//!
+//! See `docs/operations.md` and `examples/node.toml` for every key. Unknown
+//! keys are errors, so a typo does not silently fall back to a default.
+//! Errors name the file, the key and the reason.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use causeway_engine::replication::ids::{ClusterId, Region};
+use causeway_engine::{Durability, EngineConfig};
+use libp2p::{Multiaddr, PeerId};
+use serde::Deserialize;
+
+use crate::config::NodeConfig;
+use crate::http::HttpConfig;
+
+/// Why settings could not be loaded. The node does not start.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    /// The file could not be read.
+    #[error("config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML, or a key is unknown or of the wrong type.
+    #[error("config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message (line, column, key, reason).
+        message: String,
+    },
+    /// A value breaks a rule.
+    #[error("config {source_name}: key {key}: {reason}")]
+    Invalid {
+        /// The file, or "flags/environment".
+        source_name: String,
+        /// The key, as written in the file.
+        key: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// The settings file, as written.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FileSettings {
+    /// Data directory: the store (`store/`) and the identity (`node.key`).
+    pub data_dir: Option<PathBuf>,
+    /// This node's region.
+    pub region: Option<String>,
+    /// The cluster id.
+    pub cluster: Option<String>,
+    /// `[network]`.
+    #[serde(default)]
+    pub network: NetworkSection,
+    /// `[http]`.
+    #[serde(default)]
+    pub http: HttpSection,
+    /// `[engine]`.
+    #[serde(default)]
+    pub engine: EngineSection,
+}
+
+/// `[network]` of the settings file.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkSection {
+    /// Multiaddrs to listen on.
+    pub listen: Option<Vec<String>>,
+    /// Multiaddrs of peers to dial.
+    pub bootstrap: Option<Vec<String>>,
+    /// Peer ids allowed to connect (fails closed when present).
+    pub allowlist: Option<Vec<String>>,
+    /// Established connections in total.
+    pub max_connections: Option<u32>,
+    /// Established connections per peer.
+    pub max_connections_per_peer: Option<u32>,
+    /// Incoming connections in their handshake.
+    pub max_pending_incoming: Option<u32>,
+    /// First redial delay, milliseconds.
+    pub reconnect_min_ms: Option<u64>,
+    /// Largest redial delay, milliseconds.
+    pub reconnect_max_ms: Option<u64>,
+    /// Kademlia walk interval, seconds.
+    pub discovery_interval_secs: Option<u64>,
+    /// Anti-entropy interval, seconds.
+    pub anti_entropy_interval_secs: Option<u64>,
+    /// Direct message timeout, seconds.
+    pub request_timeout_secs: Option<u64>,
+    /// Idle connection timeout, seconds.
+    pub idle_connection_timeout_secs: Option<u64>,
+}
+
+/// `[http]` of the settings file.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSection {
+    /// Address to listen on, such as `127.0.0.1:7780`.
+    pub listen: Option<String>,
+    /// Read-only bearer tokens.
+    pub read_tokens: Option<Vec<String>>,
+    /// Read-write bearer tokens.
+    pub write_tokens: Option<Vec<String>>,
+    /// Largest request body, bytes.
+    pub body_limit_bytes: Option<usize>,
+    /// Watch streams open at once.
+    pub max_watchers: Option<usize>,
+}
+
+/// `[engine]` of the settings file.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EngineSection {
+    /// `"sync"` (default: acknowledged means fsynced) or `"buffered"`.
+    pub durability: Option<String>,
+    /// Document cache budget, MiB.
+    pub cache_budget_mib: Option<usize>,
+}
+
+/// Everything `causeway node` needs.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// Networking.
+    pub node: NodeConfig,
+    /// HTTP API.
+    pub http: HttpConfig,
+    /// Engine.
+    pub engine: EngineConfig,
+}
+
+/// Overrides from flags or environment (already merged by clap).
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `--data-dir` / `CAUSEWAY_DATA_DIR`.
+    pub data_dir: Option<PathBuf>,
+    /// `--region` / `CAUSEWAY_REGION`.
+    pub region: Option<String>,
+    /// `--cluster` / `CAUSEWAY_CLUSTER`.
+    pub cluster: Option<String>,
+    /// `--listen` / `CAUSEWAY_LISTEN` (replaces the file's list).
+    pub listen: Vec<String>,
+    /// `--bootstrap` / `CAUSEWAY_BOOTSTRAP` (replaces the file's list).
+    pub bootstrap: Vec<String>,
+    /// `--http-listen` / `CAUSEWAY_HTTP_LISTEN`.
+    pub http_listen: Option<String>,
+}
+
+impl FileSettings {
+    /// Reads and parses `path`.
+    pub fn load(path: &Path) -> Result<FileSettings, SettingsError> {
+        let text = std::fs::read_to_string(path).map_err(|source| SettingsError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| SettingsError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string().trim_end().to_string(),
+        })
+    }
+
+    /// Applies `overrides` and defaults, and validates. `source_name` names
+    /// the file in errors.
+    pub fn resolve(
+        mut self,
+        overrides: Overrides,
+        source_name: &str,
+    ) -> Result<Settings, SettingsError> {
+        let invalid = |key: &str, reason: String| SettingsError::Invalid {
+            source_name: source_name.to_string(),
+            key: key.to_string(),
+            reason,
+        };
+        self.data_dir = overrides.data_dir.or(self.data_dir);
+        self.region = overrides.region.or(self.region);
+        self.cluster = overrides.cluster.or(self.cluster);
+        if !overrides.listen.is_empty() {
+            self.network.listen = Some(overrides.listen);
+        }
+        if !overrides.bootstrap.is_empty() {
+            self.network.bootstrap = Some(overrides.bootstrap);
+        }
+        self.http.listen = overrides.http_listen.or(self.http.listen);
+
+        let data_dir = self
+            .data_dir
+            .ok_or_else(|| invalid("data_dir", "is required".into()))?;
+        let region = Region::new(self.region.unwrap_or_else(|| "default".into()))
+            .map_err(|e| invalid("region", e.to_string()))?;
+        let cluster = ClusterId::new(self.cluster.unwrap_or_else(|| "causeway".into()))
+            .map_err(|e| invalid("cluster", e.to_string()))?;
+        let node = network(self.network, region, cluster).map_err(|(k, r)| invalid(k, r))?;
+        let http = http(self.http).map_err(|(k, r)| invalid(k, r))?;
+        let engine = engine(self.engine).map_err(|(k, r)| invalid(k, r))?;
+        Ok(Settings {
+            data_dir,
+            node,
+            http,
+            engine,
+        })
+    }
+}
+
+type KeyError = (&'static str, String);
+
+fn addrs(key: &'static str, list: Vec<String>) -> Result<Vec<Multiaddr>, KeyError> {
+    list.iter()
+        .map(|s| {
+            s.parse::<Multiaddr>()
+                .map_err(|e| (key, format!("{s:?} is not a multiaddr: {e}")))
+        })
+        .collect()
+}
+
+fn secs(value: Option<u64>, default: Duration) -> Duration {
+    value.map_or(default, Duration::from_secs)
+}
+
+fn network(n: NetworkSection, region: Region, cluster: ClusterId) -> Result<NodeConfig, KeyError> {
+    let mut c = NodeConfig::new(region, cluster);
+    if let Some(list) = n.listen {
+        c.listen = addrs("network.listen", list)?;
+    }
+    if let Some(list) = n.bootstrap {
+        c.bootstrap = addrs("network.bootstrap", list)?;
+    }
+    if let Some(list) = n.allowlist {
+        let peers = list
+            .iter()
+            .map(|s| {
+                s.parse::<PeerId>()
+                    .map_err(|e| ("network.allowlist", format!("{s:?} is not a peer id: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        c.allowlist = Some(peers);
+    }
+    c.max_connections = n.max_connections.unwrap_or(c.max_connections);
+    c.max_connections_per_peer = n
+        .max_connections_per_peer
+        .unwrap_or(c.max_connections_per_peer);
+    c.max_pending_incoming = n.max_pending_incoming.unwrap_or(c.max_pending_incoming);
+    c.reconnect_min = n
+        .reconnect_min_ms
+        .map_or(c.reconnect_min, Duration::from_millis);
+    c.reconnect_max = n
+        .reconnect_max_ms
+        .map_or(c.reconnect_max, Duration::from_millis);
+    c.discovery_interval = secs(n.discovery_interval_secs, c.discovery_interval);
+    c.anti_entropy_interval = secs(n.anti_entropy_interval_secs, c.anti_entropy_interval);
+    c.request_timeout = secs(n.request_timeout_secs, c.request_timeout);
+    c.idle_connection_timeout = secs(n.idle_connection_timeout_secs, c.idle_connection_timeout);
+    c.validate()
+        .map_err(|e| (section_key("network", e.field), e.reason))?;
+    Ok(c)
+}
+
+/// `network.<field>` for the fields [`NodeConfig::validate`] names.
+fn section_key(_section: &str, field: &'static str) -> &'static str {
+    match field {
+        "listen" => "network.listen",
+        "max_connections" => "network.max_connections",
+        "max_connections_per_peer" => "network.max_connections_per_peer",
+        "max_concurrent_streams" => "network.max_concurrent_streams",
+        "reconnect_min" => "network.reconnect_min_ms",
+        "discovery_interval" => "network.discovery_interval_secs",
+        "anti_entropy_interval" => "network.anti_entropy_interval_secs",
+        "request_timeout" => "network.request_timeout_secs",
+        "idle_connection_timeout" => "network.idle_connection_timeout_secs",
+        other => other,
+    }
+}
+
+fn http(h: HttpSection) -> Result<HttpConfig, KeyError> {
+    let mut c = HttpConfig::default();
+    if let Some(listen) = h.listen {
+        c.listen = listen.parse().map_err(|e| {
+            (
+                "http.listen",
+                format!("{listen:?} is not an address such as 127.0.0.1:7780: {e}"),
+            )
+        })?;
+    }
+    c.read_tokens = h.read_tokens.unwrap_or_default();
+    c.write_tokens = h.write_tokens.unwrap_or_default();
+    if c.read_tokens
+        .iter()
+        .chain(&c.write_tokens)
+        .any(|t| t.len() < 16)
+    {
+        return Err((
+            "http.read_tokens",
+            "tokens must be at least 16 characters".into(),
+        ));
+    }
+    c.body_limit = h.body_limit_bytes.unwrap_or(c.body_limit);
+    if c.body_limit == 0 {
+        return Err(("http.body_limit_bytes", "must be at least 1".into()));
+    }
+    c.max_watchers = h.max_watchers.unwrap_or(c.max_watchers);
+    Ok(c)
+}
+
+fn engine(e: EngineSection) -> Result<EngineConfig, KeyError> {
+    let durability = match e.durability.as_deref() {
+        None | Some("sync") => Durability::Sync,
+        Some("buffered") => Durability::Buffered,
+        Some(other) => {
+            return Err((
+                "engine.durability",
+                format!("{other:?} is not \"sync\" or \"buffered\""),
+            ))
+        }
+    };
+    let defaults = EngineConfig::default();
+    let c = EngineConfig {
+        durability,
+        cache_budget_bytes: e
+            .cache_budget_mib
+            .map_or(defaults.cache_budget_bytes, |mib| mib << 20),
+        ..defaults
+    };
+    c.validate().map_err(|err| ("engine", err.to_string()))?;
+    Ok(c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Settings, SettingsError> {
+        let file: FileSettings = toml::from_str(text).map_err(|e| SettingsError::Parse {
+            path: "test.toml".into(),
+            message: e.to_string(),
+        })?;
+        file.resolve(Overrides::default(), "test.toml")
+    }
+
+    #[test]
+    fn the_example_config_is_valid() -> Result<(), Box<dyn std::error::Error>> {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/node.toml");
+        let settings =
+            FileSettings::load(&path)?.resolve(Overrides::default(), "examples/node.toml")?;
+        assert_eq!(settings.node.region.as_str(), "eu-west");
+        Ok(())
+    }
+
+    #[test]
+    fn flags_override_the_file() -> Result<(), Box<dyn std::error::Error>> {
+        let file: FileSettings = toml::from_str(
+            "data_dir = \"/a\"\nregion = \"eu\"\n[network]\nlisten = [\"/ip4/127.0.0.1/tcp/1\"]",
+        )?;
+        let overrides = Overrides {
+            region: Some("us".into()),
+            listen: vec!["/ip4/127.0.0.1/tcp/2".into()],
+            ..Overrides::default()
+        };
+        let s = file.resolve(overrides, "f")?;
+        assert_eq!(s.node.region.as_str(), "us");
+        assert_eq!(s.node.listen[0].to_string(), "/ip4/127.0.0.1/tcp/2");
+        assert_eq!(s.data_dir, PathBuf::from("/a"));
+        Ok(())
+    }
+
+    #[test]
+    fn errors_name_the_key_and_reason() {
+        let err = |text: &str| parse(text).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err("data_dir = \"/a\"\nregoin = \"x\"").contains("unknown field `regoin`"));
+        assert!(err("data_dir = \"/a\"\nregion = \"EU West\"").contains("key region"));
+        assert!(err("data_dir = \"/a\"\n[network]\nbootstrap = [\"nope\"]")
+            .contains("key network.bootstrap"));
+        assert!(err("data_dir = \"/a\"\n[network]\nmax_connections = 0")
+            .contains("key network.max_connections"));
+        assert!(
+            err("data_dir = \"/a\"\n[http]\nlisten = \"localhost\"").contains("key http.listen")
+        );
+        assert!(err("data_dir = \"/a\"\n[engine]\ndurability = \"maybe\"")
+            .contains("key engine.durability"));
+        assert!(err("region = \"eu\"").contains("key data_dir: is required"));
+        assert!(err("data_dir = 3").contains("invalid type"));
+    }
+}

@@ -1,0 +1,367 @@
+//! Real `causeway node` processes on 127.0.0.1 for integration tests, and a
+//! minimal HTTP/1.1 client to talk to them (no client library, so the tests
+//! see exactly what is on the wire).
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The `causeway` binary of this workspace's target directory.
+pub fn causeway_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target directory");
+    let bin = dir.join("causeway");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first with `cargo build -p causeway-node`",
+        bin.display()
+    );
+    bin
+}
+
+/// A running node process.
+pub struct NodeProc {
+    pub name: String,
+    pub dir: PathBuf,
+    pub child: Child,
+    pub peer_id: String,
+    pub http: String,
+    pub listen: Vec<String>,
+    args: Vec<String>,
+}
+
+/// Settings written to every test node's config file: fast timers for
+/// loopback.
+pub const TEST_TIMERS: &str = r#"
+reconnect_min_ms = 100
+reconnect_max_ms = 1000
+discovery_interval_secs = 2
+anti_entropy_interval_secs = 3
+request_timeout_secs = 10
+"#;
+
+impl NodeProc {
+    /// Starts a node named `name` with its data under `root/name`.
+    pub fn start(root: &Path, name: &str, region: &str, bootstrap: &[String]) -> NodeProc {
+        Self::start_with(root, name, region, bootstrap, "", "")
+    }
+
+    /// Like [`NodeProc::start`], with extra lines in the settings file's
+    /// `[network]` table and extra tables after it.
+    pub fn start_with(
+        root: &Path,
+        name: &str,
+        region: &str,
+        bootstrap: &[String],
+        network: &str,
+        tables: &str,
+    ) -> NodeProc {
+        let dir = root.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("node.toml");
+        let text = format!(
+            "data_dir = {:?}\nregion = {region:?}\ncluster = \"test\"\n[network]\n{network}\n{TEST_TIMERS}\n{tables}\n",
+            dir.display().to_string()
+        );
+        std::fs::write(&config, text).unwrap();
+        let mut args = vec![
+            "node".to_string(),
+            "--config".into(),
+            config.display().to_string(),
+            "--listen".into(),
+            "/ip4/127.0.0.1/tcp/0".into(),
+            "--http-listen".into(),
+            "127.0.0.1:0".into(),
+        ];
+        for b in bootstrap {
+            args.push("--bootstrap".into());
+            args.push(b.clone());
+        }
+        Self::spawn(name, dir, args)
+    }
+
+    fn spawn(name: &str, dir: PathBuf, args: Vec<String>) -> NodeProc {
+        let log = std::fs::File::create(dir.join("node.log")).unwrap();
+        let mut child = Command::new(causeway_bin())
+            .args(&args)
+            .env("RUST_LOG", "info,libp2p=warn")
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("spawn causeway node");
+        let stdout = child.stdout.take().unwrap();
+        let info = read_ready_line(stdout, &dir);
+        NodeProc {
+            name: name.to_string(),
+            dir,
+            child,
+            peer_id: info["peer_id"].as_str().unwrap().to_string(),
+            http: info["http"]
+                .as_str()
+                .unwrap()
+                .trim_start_matches("http://")
+                .to_string(),
+            listen: info["listen"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|a| a.as_str().unwrap().to_string())
+                .collect(),
+            args,
+        }
+    }
+
+    /// Kills the process with SIGKILL and waits for it.
+    pub fn kill(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// Starts the node again with the same data directory and flags.
+    pub fn restart(&mut self) {
+        let fresh = Self::spawn(&self.name, self.dir.clone(), self.args.clone());
+        *self = fresh;
+    }
+
+    /// Sends SIGTERM and waits for a clean exit; returns the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        self.child.wait().unwrap()
+    }
+
+    /// A request to this node's HTTP API.
+    pub fn request(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> HttpResponse {
+        http(&self.http, method, path, headers, body)
+    }
+
+    /// GET a document's JSON (None if it does not exist here).
+    pub fn get_doc(&self, id: &str) -> Option<(Value, String)> {
+        let r = self.request("GET", &format!("/v1/docs/{id}"), &[], b"");
+        (r.status == 200).then(|| (r.json(), r.header("causeway-heads").unwrap_or_default()))
+    }
+
+    /// PUT or PATCH a document; panics unless the node accepted it.
+    pub fn write_doc(&self, method: &str, id: &str, value: &Value) -> String {
+        let r = self.request(
+            method,
+            &format!("/v1/docs/{id}"),
+            &[("content-type", "application/json")],
+            value.to_string().as_bytes(),
+        );
+        assert_eq!(
+            r.status,
+            200,
+            "{method} {id} on {}: {}",
+            self.name,
+            r.text()
+        );
+        r.json()["heads"].as_str().unwrap().to_string()
+    }
+
+    /// Every live document id on this node.
+    pub fn list_all(&self, prefix: &str) -> Vec<String> {
+        let mut ids = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let mut path = format!("/v1/docs?prefix={prefix}&limit=1000");
+            if let Some(a) = &after {
+                path.push_str(&format!("&after={a}"));
+            }
+            let page = self.request("GET", &path, &[], b"").json();
+            ids.extend(
+                page["ids"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_str().unwrap().to_string()),
+            );
+            match page["next"].as_str() {
+                Some(n) => after = Some(n.to_string()),
+                None => return ids,
+            }
+        }
+    }
+
+    /// The node's `/v1/status`.
+    pub fn status(&self) -> Value {
+        self.request("GET", "/v1/status", &[], b"").json()
+    }
+
+    /// Peers this node replicates with.
+    pub fn replicating(&self) -> Vec<String> {
+        let status = self.status();
+        status["node"]["peers"]
+            .as_array()
+            .map(|peers| {
+                peers
+                    .iter()
+                    .filter(|p| p["state"] == "replicating")
+                    .map(|p| p["peer_id"].as_str().unwrap().to_string())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn read_ready_line(stdout: ChildStdout, dir: &Path) -> Value {
+    let mut lines = BufReader::new(stdout).lines();
+    match lines.next() {
+        Some(Ok(line)) => {
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad ready line {line:?}: {e}"))
+        }
+        _ => panic!(
+            "node did not start; its log:\n{}",
+            std::fs::read_to_string(dir.join("node.log")).unwrap_or_default()
+        ),
+    }
+}
+
+/// A response.
+#[derive(Debug)]
+pub struct HttpResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl HttpResponse {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.clone())
+    }
+    /// The `error.code` of a JSON error body.
+    pub fn code(&self) -> String {
+        self.json()["error"]["code"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+}
+
+/// One HTTP/1.1 request with `Connection: close`.
+pub fn http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> HttpResponse {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes()).unwrap();
+    // The server may answer (413) and close before reading a large body.
+    let _ = stream.write_all(body);
+    let mut raw = Vec::new();
+    let _ = stream.read_to_end(&mut raw);
+    parse_response(&raw)
+}
+
+fn parse_response(raw: &[u8]) -> HttpResponse {
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("complete response head");
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect();
+    let mut body = raw[split + 4..].to_vec();
+    if headers
+        .iter()
+        .any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v == "chunked")
+    {
+        body = dechunk(&body);
+    }
+    HttpResponse {
+        status,
+        headers,
+        body,
+    }
+}
+
+fn dechunk(mut data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(pos) = data.windows(2).position(|w| w == b"\r\n") {
+        let size =
+            usize::from_str_radix(String::from_utf8_lossy(&data[..pos]).trim(), 16).unwrap_or(0);
+        if size == 0 {
+            break;
+        }
+        out.extend_from_slice(&data[pos + 2..pos + 2 + size]);
+        data = &data[pos + 2 + size + 2..];
+    }
+    out
+}
+
+/// Polls `check` every 20 ms until it returns true or `timeout` passes;
+/// returns the time it took.
+pub fn wait_until(timeout: Duration, what: &str, mut check: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !check() {
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    start.elapsed()
+}
+
+/// Whether every node holds `id` with the same heads and content.
+pub fn converged(nodes: &[&NodeProc], id: &str) -> bool {
+    let seen: Vec<_> = nodes.iter().map(|n| n.get_doc(id)).collect();
+    seen.iter().all(Option::is_some) && seen.windows(2).all(|w| w[0] == w[1])
+}
