@@ -2,7 +2,7 @@
 CARGO ?= cargo
 RELEASE_BIN := target/release/causeway
 
-.PHONY: demo test lint fmt bench bench-ingest bench-durable-writes bench-reconcile bench-delta-path deps crash sim
+.PHONY: demo test lint fmt bench bench-ingest bench-durable-writes bench-reconcile bench-delta-path bench-lag bench-join deps crash sim
 
 ## Install missing system packages (as root) and cargo-nextest.
 deps:
@@ -32,7 +32,7 @@ crash: deps
 	$(CARGO) nextest run -p causeway-tests --no-capture
 
 ## Benchmarks (release build); figures go to stdout (JSON) and stderr (table).
-bench: bench-ingest bench-durable-writes bench-reconcile bench-delta-path
+bench: bench-ingest bench-durable-writes bench-reconcile bench-delta-path bench-lag bench-join
 
 bench-ingest: deps
 	$(CARGO) build --release -p causeway-node
@@ -58,3 +58,11 @@ bench-reconcile: deps
 bench-delta-path: deps
 	$(CARGO) build --release -p causeway-node
 	$(RELEASE_BIN) bench delta-path
+
+bench-lag: deps
+	$(CARGO) build --release -p causeway-node
+	$(RELEASE_BIN) bench lag
+
+bench-join: deps
+	$(CARGO) build --release -p causeway-node
+	$(RELEASE_BIN) bench join

@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use serde_json::json;
-use support::cluster::{causeway_bin, wait_until, NodeProc};
+use support::cluster::{causeway_bin, wait_until, NodeProc, Options};
 
 /// method, path, headers, body, expected status, expected code.
 type Case<'a> = (
@@ -30,7 +30,16 @@ fn bad_requests_get_their_documented_errors_and_change_nothing() {
     let tables = format!(
         "[http]\nread_tokens = [{READ:?}]\nwrite_tokens = [{WRITE:?}]\nbody_limit_bytes = 65536"
     );
-    let node = NodeProc::start_with(root.path(), "a", "eu", &[], "", &tables);
+    let node = NodeProc::start_with(
+        root.path(),
+        "a",
+        "eu",
+        &[],
+        Options {
+            tables: &tables,
+            ..Options::default()
+        },
+    );
     let auth = format!("Bearer {WRITE}");
     let w = [
         ("authorization", auth.as_str()),
@@ -282,4 +291,66 @@ fn an_unreachable_bootstrap_peer_is_retried_while_the_node_serves() {
 
 fn node_log(node: &NodeProc) -> String {
     std::fs::read_to_string(node.dir.join("node.log")).unwrap_or_default()
+}
+
+#[test]
+fn a_watcher_sees_local_and_replicated_changes_as_server_sent_events() {
+    use std::io::{Read, Write};
+    let root = tempfile::tempdir().unwrap();
+    let a = NodeProc::start(root.path(), "a", "eu", &[]);
+    let b = NodeProc::start(root.path(), "b", "us", &a.listen);
+    let mut stream = std::net::TcpStream::connect(&a.http).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let request = format!(
+        "GET /v1/watch?prefix=feed/ HTTP/1.1\r\nHost: {}\r\n\r\n",
+        a.http
+    );
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut seen = String::new();
+    let mut read_until = |needle: &str, seen: &mut String| {
+        let mut buf = [0u8; 4096];
+        while !seen.contains(needle) {
+            let n = stream
+                .read(&mut buf)
+                .expect("the watch stream ended or timed out");
+            assert!(n > 0, "the watch stream closed; got: {seen}");
+            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    };
+    read_until("text/event-stream", &mut seen);
+    let start = std::time::Instant::now();
+    a.write_doc("PUT", "feed/local", &json!({"from": "a"}));
+    read_until(r#""value":{"from":"a"}"#, &mut seen);
+    b.write_doc("PUT", "feed/remote", &json!({"from": "b"}));
+    read_until(r#""value":{"from":"b"}"#, &mut seen);
+    assert!(seen.contains("event: change") && seen.contains(r#""doc":"feed/remote""#));
+    assert!(!seen.contains("feed/other"));
+    println!(
+        "watcher on a saw its own write and b's replicated write within {:.0} ms",
+        start.elapsed().as_secs_f64() * 1e3
+    );
+}
+
+#[test]
+fn sigterm_stops_a_node_cleanly_and_nothing_acknowledged_is_lost() {
+    let root = tempfile::tempdir().unwrap();
+    let mut node = NodeProc::start(root.path(), "a", "eu", &[]);
+    let heads = node.write_doc("PUT", "kept/1", &json!({"v": 1}));
+    let status = node.terminate();
+    assert!(status.success(), "exit status {status}");
+    let log = node_log(&node);
+    assert!(
+        log.contains("reason=SIGTERM")
+            && log.contains("network stopped")
+            && log.contains("stopped"),
+        "{log}"
+    );
+    node.restart();
+    let (value, after) = node.get_doc("kept/1").unwrap();
+    assert_eq!((value, after), (json!({"v": 1}), heads));
+    println!(
+        "SIGTERM: exit 0 after a graceful stop; the acknowledged write is there after restart"
+    );
 }

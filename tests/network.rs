@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use support::cluster::{causeway_bin, converged, wait_until, NodeProc};
+use support::cluster::{causeway_bin, converged, wait_until, NodeProc, Options};
 
 const CONVERGE: Duration = Duration::from_secs(60);
 
@@ -127,8 +127,26 @@ fn a_peer_not_on_the_allowlist_cannot_connect_or_inject_changes() {
         identity(&root.path().join("b")),
     );
     let allow = format!("allowlist = [{id_a:?}, {id_b:?}]");
-    let a = NodeProc::start_with(root.path(), "a", "eu", &[], &allow, "");
-    let b = NodeProc::start_with(root.path(), "b", "us", &a.listen, &allow, "");
+    let a = NodeProc::start_with(
+        root.path(),
+        "a",
+        "eu",
+        &[],
+        Options {
+            network: &allow,
+            ..Options::default()
+        },
+    );
+    let b = NodeProc::start_with(
+        root.path(),
+        "b",
+        "us",
+        &a.listen,
+        Options {
+            network: &allow,
+            ..Options::default()
+        },
+    );
     assert_eq!(
         (a.peer_id.as_str(), b.peer_id.as_str()),
         (id_a.as_str(), id_b.as_str())
@@ -169,4 +187,100 @@ fn a_peer_not_on_the_allowlist_cannot_connect_or_inject_changes() {
         .map(|p| p["dial_failures"].as_u64().unwrap_or(0))
         .sum();
     println!("allowed peers converged in {:.0} ms; intruder: 0 peers, 0 changes injected after 4 s ({failures} dials refused)", t.as_secs_f64() * 1e3);
+}
+
+#[test]
+fn nodes_replicate_over_quic() {
+    let root = tempfile::tempdir().unwrap();
+    let quic = || Options {
+        listen: "/ip4/127.0.0.1/udp/0/quic-v1",
+        ..Options::default()
+    };
+    let a = NodeProc::start_with(root.path(), "a", "eu", &[], quic());
+    assert!(
+        a.listen.iter().all(|l| l.contains("/quic-v1/")),
+        "{:?}",
+        a.listen
+    );
+    let b = NodeProc::start_with(root.path(), "b", "us", &a.listen, quic());
+    a.write_doc("PUT", "over/quic", &json!({"transport": "quic"}));
+    let t = wait_until(CONVERGE, "the document over QUIC", || {
+        converged(&[&a, &b], "over/quic")
+    });
+    let peers = b.status()["node"]["peers"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(peers
+        .iter()
+        .any(|p| p["addresses"].as_array().is_some_and(|a| a
+            .iter()
+            .any(|x| x.as_str().is_some_and(|s| s.contains("quic"))))));
+    println!(
+        "two nodes listening on QUIC only converged in {:.0} ms",
+        t.as_secs_f64() * 1e3
+    );
+}
+
+#[test]
+fn nodes_of_different_clusters_exchange_nothing() {
+    let root = tempfile::tempdir().unwrap();
+    let a = NodeProc::start(root.path(), "a", "eu", &[]);
+    let other = Options {
+        cluster: "other",
+        ..Options::default()
+    };
+    let x = NodeProc::start_with(root.path(), "x", "eu", &a.listen, other);
+    x.write_doc("PUT", "other/cluster", &json!({"leak": true}));
+    a.write_doc("PUT", "test/cluster", &json!({"stay": true}));
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(a.get_doc("other/cluster"), None);
+    assert_eq!(x.get_doc("test/cluster"), None);
+    assert!(a.replicating().is_empty() && x.replicating().is_empty());
+    let log = std::fs::read_to_string(x.dir.join("node.log")).unwrap();
+    let refusals = log
+        .matches("disconnecting a peer of another cluster")
+        .count();
+    assert!(
+        refusals >= 1,
+        "the other cluster's node never identified the peer: {log}"
+    );
+    // Redials back off instead of reconnecting every reconnect_min_ms.
+    assert!(
+        refusals <= 10,
+        "{refusals} reconnections in 4 s: the backoff does not grow"
+    );
+    println!("two clusters on one machine for 4 s: 0 documents exchanged, {refusals} connection(s) refused after identify");
+}
+
+#[test]
+fn connection_limits_refuse_peers_beyond_the_maximum() {
+    let root = tempfile::tempdir().unwrap();
+    let one = Options {
+        network: "max_connections = 1",
+        ..Options::default()
+    };
+    let a = NodeProc::start_with(root.path(), "a", "eu", &[], one);
+    let b = NodeProc::start(root.path(), "b", "us", &a.listen);
+    wait_until(CONVERGE, "b to replicate with a", || {
+        b.replicating().len() == 1
+    });
+    // c knows only a, which is full: it stays alone.
+    let c = NodeProc::start(root.path(), "c", "ap", &a.listen);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(a.replicating(), vec![b.peer_id.clone()]);
+    assert!(
+        c.replicating().is_empty(),
+        "c got past the limit: {:?}",
+        c.replicating()
+    );
+    let failures: u64 = c.status()["node"]["peers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| p["dial_failures"].as_u64().unwrap_or(0))
+        .sum();
+    println!(
+        "a with max_connections = 1: b replicates, c was refused for 3 s ({failures} failed dials)"
+    );
 }

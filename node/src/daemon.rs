@@ -87,8 +87,9 @@ pub async fn run(settings: Settings) -> Result<()> {
     let addrs = node
         .listen_addrs(std::time::Duration::from_secs(10))
         .await?;
+    let http_addr = listener.local_addr()?;
     info!(%peer_id, region = %settings.node.region, cluster = %settings.node.cluster,
-        http = %settings.http.listen, "node running");
+        http = %http_addr, "node running");
     for addr in &addrs {
         info!(%addr, "peers can dial");
     }
@@ -97,7 +98,7 @@ pub async fn run(settings: Settings) -> Result<()> {
         "{}",
         serde_json::json!({
             "peer_id": peer_id.to_string(),
-            "http": format!("http://{}", listener.local_addr()?),
+            "http": format!("http://{http_addr}"),
             "listen": addrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
         })
     );

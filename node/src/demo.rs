@@ -69,16 +69,27 @@ pub async fn run(dir: Option<PathBuf>) -> Result<()> {
         ms(took)
     ));
 
+    write_through_a_partition(&replicas, &doc).await?;
+    let value = replicas[0].engine.get_json(&doc)?;
+    println!("{}", serde_json::to_string_pretty(&value)?);
+    local_cluster::shutdown(&replicas).await?;
+    say("all replicas converged; nodes shut down cleanly");
+    Ok(())
+}
+
+/// Cuts the last region off, writes on both sides, heals, and waits for
+/// convergence.
+async fn write_through_a_partition(replicas: &[Replica], doc: &DocId) -> Result<()> {
     let (cut, rest) = replicas.split_last().context("three replicas")?;
     partition(cut, rest, true).await?;
     say(format!("cut {} off from the other regions", cut.region));
-    for r in &replicas {
+    for r in replicas {
         for n in 2..=3 {
-            write(r, &doc, &format!("{}-{n}", r.region))?;
+            write(r, doc, &format!("{}-{n}", r.region))?;
         }
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let (seen_by_cut, seen_by_rest) = (notes(cut, &doc)?, notes(&rest[0], &doc)?);
+    let (seen_by_cut, seen_by_rest) = (notes(cut, doc)?, notes(&rest[0], doc)?);
     say(format!(
         "both sides kept writing: {} sees {} notes, {} sees {}",
         cut.region, seen_by_cut, rest[0].region, seen_by_rest
@@ -92,15 +103,11 @@ pub async fn run(dir: Option<PathBuf>) -> Result<()> {
 
     partition(cut, rest, false).await?;
     say("healed the partition");
-    let took = converge(&replicas, &doc, 9).await?;
+    let took = converge(replicas, doc, 9).await?;
     say(format!(
         "converged in {:.0} ms after the heal: identical heads and content everywhere",
         ms(took)
     ));
-    let value = replicas[0].engine.get_json(&doc)?;
-    println!("{}", serde_json::to_string_pretty(&value)?);
-    local_cluster::shutdown(&replicas).await?;
-    say("all replicas converged; nodes shut down cleanly");
     Ok(())
 }
 

@@ -61,6 +61,13 @@ impl NodeMetrics {
     pub fn register(registry: &mut Registry) -> NodeMetrics {
         let m = NodeMetrics::default();
         let r = registry.sub_registry_with_prefix("causeway");
+        m.register_counters(r);
+        m.register_gauges(r);
+        m
+    }
+
+    fn register_counters(&self, r: &mut Registry) {
+        let m = self;
         r.register(
             "messages_sent",
             "Replication messages handed to the network, by kind",
@@ -106,6 +113,10 @@ impl NodeMetrics {
             "Direct messages that failed",
             m.send_failures.clone(),
         );
+    }
+
+    fn register_gauges(&self, r: &mut Registry) {
+        let m = self;
         r.register(
             "local_events_dropped",
             "Local commits missed by the networking task",
@@ -131,7 +142,6 @@ impl NodeMetrics {
             "Changes a peer is known to lack",
             m.changes_behind.clone(),
         );
-        m
     }
 
     /// Copies the growth of the core's counters since the last call.

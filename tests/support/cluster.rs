@@ -48,27 +48,54 @@ anti_entropy_interval_secs = 3
 request_timeout_secs = 10
 "#;
 
+/// What a test node differs in from the defaults.
+pub struct Options<'a> {
+    /// Extra lines in the settings file's `[network]` table.
+    pub network: &'a str,
+    /// Extra tables after it.
+    pub tables: &'a str,
+    /// The libp2p listen address.
+    pub listen: &'a str,
+    /// The cluster id.
+    pub cluster: &'a str,
+}
+
+impl Default for Options<'_> {
+    fn default() -> Self {
+        Options {
+            network: "",
+            tables: "",
+            listen: "/ip4/127.0.0.1/tcp/0",
+            cluster: "test",
+        }
+    }
+}
+
 impl NodeProc {
     /// Starts a node named `name` with its data under `root/name`.
     pub fn start(root: &Path, name: &str, region: &str, bootstrap: &[String]) -> NodeProc {
-        Self::start_with(root, name, region, bootstrap, "", "")
+        Self::start_with(root, name, region, bootstrap, Options::default())
     }
 
-    /// Like [`NodeProc::start`], with extra lines in the settings file's
-    /// `[network]` table and extra tables after it.
+    /// Like [`NodeProc::start`], with `options`.
     pub fn start_with(
         root: &Path,
         name: &str,
         region: &str,
         bootstrap: &[String],
-        network: &str,
-        tables: &str,
+        options: Options,
     ) -> NodeProc {
+        let Options {
+            network,
+            tables,
+            listen,
+            cluster,
+        } = options;
         let dir = root.join(name);
         std::fs::create_dir_all(&dir).unwrap();
         let config = dir.join("node.toml");
         let text = format!(
-            "data_dir = {:?}\nregion = {region:?}\ncluster = \"test\"\n[network]\n{network}\n{TEST_TIMERS}\n{tables}\n",
+            "data_dir = {:?}\nregion = {region:?}\ncluster = {cluster:?}\n[network]\n{network}\n{TEST_TIMERS}\n{tables}\n",
             dir.display().to_string()
         );
         std::fs::write(&config, text).unwrap();
@@ -77,7 +104,7 @@ impl NodeProc {
             "--config".into(),
             config.display().to_string(),
             "--listen".into(),
-            "/ip4/127.0.0.1/tcp/0".into(),
+            listen.into(),
             "--http-listen".into(),
             "127.0.0.1:0".into(),
         ];

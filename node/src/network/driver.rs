@@ -106,6 +106,8 @@ pub struct Driver {
     targets: Vec<Target>,
     peers: BTreeMap<PeerId, Peer>,
     blocked: BTreeSet<PeerId>,
+    /// Peers identified as members of another cluster: not rediscovered.
+    foreign: BTreeSet<PeerId>,
     listen_addrs: Vec<Multiaddr>,
     listeners: Vec<ListenerId>,
     in_flight: HashMap<request_response::OutboundRequestId, PeerId>,
@@ -188,6 +190,7 @@ impl Driver {
             targets,
             peers: BTreeMap::new(),
             blocked: BTreeSet::new(),
+            foreign: BTreeSet::new(),
             listen_addrs: Vec::new(),
             listeners: Vec::new(),
             in_flight: HashMap::new(),
@@ -304,9 +307,18 @@ impl Driver {
                     p.connections = num_established;
                 }
                 if num_established == 0 {
-                    debug!(peer = %peer_id, cause = ?cause, "disconnected");
-                    self.on_disconnected(peer_id);
+                    let cause = cause.map_or_else(|| "closed".to_string(), |c| c.to_string());
+                    debug!(peer = %peer_id, %cause, "disconnected");
+                    self.on_disconnected(peer_id, cause);
                 }
+            }
+            SwarmEvent::IncomingConnectionError {
+                send_back_addr,
+                error,
+                peer_id,
+                ..
+            } => {
+                debug!(from = %send_back_addr, peer = ?peer_id, %error, "refused an incoming connection");
             }
             SwarmEvent::OutgoingConnectionError {
                 connection_id,
@@ -434,14 +446,12 @@ impl Driver {
     }
 
     fn on_connected(&mut self, peer: PeerId, id: ConnectionId, endpoint: &ConnectedPoint) {
-        let now = Instant::now();
+        // The backoff resets only once the peer replicates: a connection to
+        // a peer of another cluster is a failure too.
         for t in &mut self.targets {
             if t.pending == Some(id) || t.peer == Some(peer) {
                 t.pending = t.pending.filter(|p| *p != id);
                 t.peer = Some(peer);
-                t.backoff.reset();
-                t.last_error = None;
-                t.next_dial = now;
             }
         }
         if let Some(p) = self.peer_entry(peer) {
@@ -453,14 +463,29 @@ impl Driver {
         debug!(%peer, "connected");
     }
 
-    fn on_disconnected(&mut self, peer: PeerId) {
+    fn on_disconnected(&mut self, peer: PeerId, cause: String) {
+        let mut was_replicating = false;
         if let Some(p) = self.peers.get_mut(&peer) {
             p.connections = 0;
-            if p.replicating {
-                p.replicating = false;
-                self.core.handle_disconnect(&node_id(&peer));
-                info!(%peer, "stopped replicating with peer");
+            was_replicating = std::mem::take(&mut p.replicating);
+        }
+        if was_replicating {
+            self.core.handle_disconnect(&node_id(&peer));
+            info!(%peer, %cause, "stopped replicating with peer");
+        } else {
+            // Closed before replication started (refused by the peer's
+            // limits or allowlist, for example): a failed attempt.
+            let now = Instant::now();
+            for t in self.targets.iter_mut().filter(|t| t.peer == Some(peer)) {
+                t.next_dial = now + t.backoff.fail();
+                t.last_error = Some(format!(
+                    "connection closed before replication started: {cause}"
+                ));
             }
+        }
+        if self.foreign.contains(&peer) {
+            self.peers.remove(&peer);
+            return;
         }
         if !self.blocked.contains(&peer)
             && self.peers.contains_key(&peer)
@@ -492,7 +517,19 @@ impl Driver {
         if info.protocol_version != self.protocols.identify
             || !info.protocols.contains(&self.protocols.sync)
         {
-            warn!(%peer, protocol = %info.protocol_version, "peer is not a member of this cluster; disconnecting");
+            let error = format!(
+                "peer speaks {}, not this cluster's protocol",
+                info.protocol_version
+            );
+            warn!(%peer, %error, "disconnecting a peer of another cluster");
+            let now = Instant::now();
+            for t in self.targets.iter_mut().filter(|t| t.peer == Some(peer)) {
+                t.next_dial = now + t.backoff.fail();
+                t.last_error = Some(error.clone());
+            }
+            if self.foreign.len() < MAX_KNOWN_PEERS {
+                self.foreign.insert(peer);
+            }
             let _ = self.swarm.disconnect_peer_id(peer);
             return;
         }
@@ -521,12 +558,20 @@ impl Driver {
         p.replicating = true;
         self.core
             .handle_connect(now, &node_id(&peer), &mut self.random);
+        self.foreign.remove(&peer);
+        for t in self.targets.iter_mut().filter(|t| t.peer == Some(peer)) {
+            t.backoff.reset();
+            t.last_error = None;
+        }
         info!(%peer, "replicating with peer");
     }
 
     /// A discovered member: remember its addresses and dial it if needed.
     fn learn(&mut self, peer: PeerId, addrs: Vec<Multiaddr>) {
-        if peer == *self.swarm.local_peer_id() || self.blocked.contains(&peer) {
+        if peer == *self.swarm.local_peer_id()
+            || self.blocked.contains(&peer)
+            || self.foreign.contains(&peer)
+        {
             return;
         }
         if let Some(p) = self.peer_entry(peer) {
@@ -718,6 +763,9 @@ impl Driver {
         };
         for (doc, known) in &progress.docs {
             behind.tracked_documents += 1;
+            if engine.heads(doc).is_ok_and(|ours| ours == *known) {
+                continue;
+            }
             let missing = engine
                 .read(doc, |d| d.get_changes(known).len() as u64)
                 .unwrap_or(0);
