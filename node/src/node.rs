@@ -59,7 +59,8 @@ pub enum NodeError {
 pub struct Node;
 
 /// A running node: ask for its status, block peers, scrape its metrics,
-/// shut it down. Cheap to clone.
+/// shut it down. Cheap to clone. When every clone is dropped without
+/// [`NodeHandle::shutdown`], the node shuts down the same way.
 #[derive(Clone)]
 pub struct NodeHandle {
     peer_id: PeerId,
@@ -160,20 +161,25 @@ impl NodeHandle {
         rx.await.map_err(|_| self.stopped())
     }
 
+    /// The addresses the node listens on now (empty before the first
+    /// listener is up), each ending in `/p2p/<peer id>`. Cheap: suitable for
+    /// readiness probes.
+    pub async fn listening(&self) -> Result<Vec<Multiaddr>, NodeError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::Listening(tx)).await?;
+        let addrs = rx.await.map_err(|_| self.stopped())?;
+        let p2p = libp2p::multiaddr::Protocol::P2p(self.peer_id);
+        Ok(addrs.into_iter().map(|a| a.with(p2p.clone())).collect())
+    }
+
     /// The addresses the node listens on, once it listens on at least one
     /// (waiting up to `timeout`); each ends in `/p2p/<peer id>`.
     pub async fn listen_addrs(&self, timeout: Duration) -> Result<Vec<Multiaddr>, NodeError> {
         let until = tokio::time::Instant::now() + timeout;
         loop {
-            let status = self.status().await?;
-            if !status.listen_addrs.is_empty() {
-                let p2p = libp2p::multiaddr::Protocol::P2p(self.peer_id);
-                return Ok(status
-                    .listen_addrs
-                    .iter()
-                    .filter_map(|a| a.parse::<Multiaddr>().ok())
-                    .map(|a| a.with(p2p.clone()))
-                    .collect());
+            let addrs = self.listening().await?;
+            if !addrs.is_empty() {
+                return Ok(addrs);
             }
             if tokio::time::Instant::now() >= until {
                 return Err(NodeError::Stopped("no listen address came up".into()));

@@ -20,8 +20,8 @@ pub async fn ready(State(state): State<AppState>) -> Response {
     let Some(node) = &state.node else {
         return Json(json!({"status": "ready"})).into_response();
     };
-    match node.status().await {
-        Ok(s) if !s.listen_addrs.is_empty() => Json(json!({"status": "ready"})).into_response(),
+    match node.listening().await {
+        Ok(addrs) if !addrs.is_empty() => Json(json!({"status": "ready"})).into_response(),
         Ok(_) => ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "not_ready",

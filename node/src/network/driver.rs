@@ -45,6 +45,8 @@ pub const SHUTDOWN_FLUSH: Duration = Duration::from_secs(2);
 pub enum Command {
     /// Report the status.
     Status(oneshot::Sender<NetworkStatus>),
+    /// Report the addresses the node listens on (cheap; for probes).
+    Listening(oneshot::Sender<Vec<Multiaddr>>),
     /// Block (or unblock) peers: their connections close and new ones are
     /// refused, in both directions.
     Block {
@@ -643,6 +645,9 @@ impl Driver {
 
     fn on_command(&mut self, command: Command) {
         match command {
+            Command::Listening(reply) => {
+                let _ = reply.send(self.listen_addrs.clone());
+            }
             Command::Status(reply) => {
                 let _ = reply.send(self.status());
             }
