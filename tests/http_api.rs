@@ -354,3 +354,37 @@ fn sigterm_stops_a_node_cleanly_and_nothing_acknowledged_is_lost() {
         "SIGTERM: exit 0 after a graceful stop; the acknowledged write is there after restart"
     );
 }
+
+#[test]
+fn metrics_expose_causeway_and_libp2p_figures_and_probes_answer() {
+    let root = tempfile::tempdir().unwrap();
+    let a = NodeProc::start(root.path(), "a", "eu", &[]);
+    let b = NodeProc::start(root.path(), "b", "us", &a.listen);
+    wait_until(Duration::from_secs(30), "a and b to replicate", || {
+        a.replicating().len() == 1
+    });
+    a.write_doc("PUT", "m/1", &json!({"x": 1}));
+    assert_eq!(a.request("GET", "/ready", &[], b"").status, 200);
+    let mut text = String::new();
+    wait_until(
+        Duration::from_secs(10),
+        "the delta to show in b's metrics",
+        || {
+            text = b.request("GET", "/metrics", &[], b"").text();
+            text.contains("causeway_changes_applied_total{kind=\"delta\"} ")
+                && !text.contains("causeway_changes_applied_total{kind=\"delta\"} 0\n")
+        },
+    );
+    for needle in [
+        "causeway_peers_replicating 1",
+        "causeway_messages_sent_total{kind=\"hello\"}",
+        "libp2p_swarm_",
+        "libp2p_identify_",
+    ] {
+        assert!(text.contains(needle), "/metrics lacks {needle}:\n{text}");
+    }
+    println!(
+        "/metrics on b: {} lines, causeway_* and libp2p_* present; /ready 200",
+        text.lines().count()
+    );
+}
