@@ -348,7 +348,7 @@ impl Engine {
                 &integration.ready,
                 &self.inner.config.compaction,
             )?;
-            self.publish(id, state, Origin::Remote, Arc::from([]));
+            self.publish(id, state, Origin::Remote, || Arc::from([]));
         }
         outcome.heads = state.doc.get_heads();
         Ok(outcome)
@@ -475,8 +475,8 @@ impl Engine {
                     &new_changes,
                     &self.inner.config.compaction,
                 )?;
-                let bytes = new_changes.iter().map(|c| c.raw_bytes().to_vec());
-                self.publish(id, state, Origin::Local, bytes.collect());
+                let bytes = || new_changes.iter().map(|c| c.raw_bytes().to_vec()).collect();
+                self.publish(id, state, Origin::Local, bytes);
             }
             Ok(Committed {
                 value: success.result,
@@ -486,13 +486,21 @@ impl Engine {
         })
     }
 
-    fn publish(&self, id: &DocId, state: &DocState, origin: Origin, changes: Arc<[Vec<u8>]>) {
-        self.inner.events.publish(&DocEvent {
+    /// Tells subscribers of `id` that it changed; `changes` is called only
+    /// if someone listens.
+    fn publish(
+        &self,
+        id: &DocId,
+        state: &DocState,
+        origin: Origin,
+        changes: impl FnOnce() -> Arc<[Vec<u8>]>,
+    ) {
+        self.inner.events.publish(id, || DocEvent {
             doc: id.clone(),
             heads: state.doc.get_heads(),
             origin,
             deleted: state.meta.tombstone,
-            changes,
+            changes: changes(),
         });
     }
 

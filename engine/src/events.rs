@@ -102,16 +102,18 @@ impl EventHub {
         Subscription { rx, dropped }
     }
 
-    /// Delivers `event` to every matching subscriber without blocking;
-    /// forgets subscribers that went away.
-    pub(crate) fn publish(&self, event: &DocEvent) {
+    /// Delivers the event for `doc` to every matching subscriber without
+    /// blocking; forgets subscribers that went away. The event is built only
+    /// if some subscriber wants it, so commits nobody watches pay nothing.
+    pub(crate) fn publish(&self, doc: &DocId, build: impl FnOnce() -> DocEvent) {
         let mut subs = self
             .subscribers
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if subs.is_empty() {
+        if !subs.iter().any(|sub| doc.as_str().starts_with(&sub.prefix)) {
             return;
         }
+        let event = build();
         subs.retain(|sub| {
             if !event.doc.as_str().starts_with(&sub.prefix) {
                 return true;

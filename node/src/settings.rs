@@ -257,13 +257,12 @@ fn network(n: NetworkSection, region: Region, cluster: ClusterId) -> Result<Node
     c.anti_entropy_interval = secs(n.anti_entropy_interval_secs, c.anti_entropy_interval);
     c.request_timeout = secs(n.request_timeout_secs, c.request_timeout);
     c.idle_connection_timeout = secs(n.idle_connection_timeout_secs, c.idle_connection_timeout);
-    c.validate()
-        .map_err(|e| (section_key("network", e.field), e.reason))?;
+    c.validate().map_err(|e| (network_key(e.field), e.reason))?;
     Ok(c)
 }
 
-/// `network.<field>` for the fields [`NodeConfig::validate`] names.
-fn section_key(_section: &str, field: &'static str) -> &'static str {
+/// The settings-file key of a field [`NodeConfig::validate`] names.
+fn network_key(field: &'static str) -> &'static str {
     match field {
         "listen" => "network.listen",
         "max_connections" => "network.max_connections",

@@ -477,23 +477,35 @@ impl Driver {
         } else {
             // Closed before replication started (refused by the peer's
             // limits or allowlist, for example): a failed attempt.
-            let now = Instant::now();
-            for t in self.targets.iter_mut().filter(|t| t.peer == Some(peer)) {
-                t.next_dial = now + t.backoff.fail();
-                t.last_error = Some(format!(
-                    "connection closed before replication started: {cause}"
-                ));
-            }
+            self.fail_targets(
+                peer,
+                &format!("connection closed before replication started: {cause}"),
+            );
         }
         if self.foreign.contains(&peer) {
             self.peers.remove(&peer);
             return;
         }
-        if !self.blocked.contains(&peer)
-            && self.peers.contains_key(&peer)
-            && !self.targets.iter().any(|t| t.peer == Some(peer))
-        {
-            self.targets.push(self.target_for(peer));
+        if !self.blocked.contains(&peer) {
+            self.ensure_target(peer);
+        }
+    }
+
+    /// Counts a failed attempt on every target naming `peer`: the next dial
+    /// waits for the backoff.
+    fn fail_targets(&mut self, peer: PeerId, error: &str) {
+        let now = Instant::now();
+        for t in self.targets.iter_mut().filter(|t| t.peer == Some(peer)) {
+            t.next_dial = now + t.backoff.fail();
+            t.last_error = Some(error.to_string());
+        }
+    }
+
+    /// Adds a dial target for a known `peer` that has none.
+    fn ensure_target(&mut self, peer: PeerId) {
+        if self.peers.contains_key(&peer) && !self.targets.iter().any(|t| t.peer == Some(peer)) {
+            self.targets
+                .push(Target::new(None, Some(peer), &self.config));
         }
     }
 
@@ -524,11 +536,7 @@ impl Driver {
                 info.protocol_version
             );
             warn!(%peer, %error, "disconnecting a peer of another cluster");
-            let now = Instant::now();
-            for t in self.targets.iter_mut().filter(|t| t.peer == Some(peer)) {
-                t.next_dial = now + t.backoff.fail();
-                t.last_error = Some(error.clone());
-            }
+            self.fail_targets(peer, &error);
             if self.foreign.len() < MAX_KNOWN_PEERS {
                 self.foreign.insert(peer);
             }
@@ -580,15 +588,10 @@ impl Driver {
             for addr in addrs.into_iter().filter(is_dialable) {
                 remember(p, addr);
             }
-            if p.connections == 0 && !self.targets.iter().any(|t| t.peer == Some(peer)) {
-                let target = self.target_for(peer);
-                self.targets.push(target);
+            if p.connections == 0 {
+                self.ensure_target(peer);
             }
         }
-    }
-
-    fn target_for(&self, peer: PeerId) -> Target {
-        Target::new(None, Some(peer), &self.config)
     }
 
     /// Dials every target whose backoff expired and that is not connected.
@@ -679,11 +682,7 @@ impl Driver {
                 t.backoff.reset();
                 t.next_dial = now;
             }
-            if self.peers.contains_key(&peer) && !self.targets.iter().any(|t| t.peer == Some(peer))
-            {
-                let target = self.target_for(peer);
-                self.targets.push(target);
-            }
+            self.ensure_target(peer);
             info!(%peer, "unblocked peer");
         }
     }
