@@ -8,23 +8,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use support::cluster::{causeway_bin, converged, wait_until, NodeProc, Options};
+use support::cluster::{causeway_bin, converged, three, wait_until, NodeProc, Options};
 
 const CONVERGE: Duration = Duration::from_secs(60);
-
-fn three(root: &std::path::Path) -> (NodeProc, NodeProc, NodeProc) {
-    let a = NodeProc::start(root, "a", "eu", &[]);
-    let b = NodeProc::start(root, "b", "us", &a.listen);
-    let c = NodeProc::start(root, "c", "ap", &a.listen);
-    let t = wait_until(CONVERGE, "a full mesh", || {
-        [&a, &b, &c].iter().all(|n| n.replicating().len() == 2)
-    });
-    println!(
-        "full mesh of 3 nodes after {:.0} ms (b and c found each other by discovery)",
-        t.as_secs_f64() * 1e3
-    );
-    (a, b, c)
-}
 
 #[test]
 fn three_nodes_converge_on_writes_made_at_each() {

@@ -16,6 +16,7 @@ use crate::error::{Error, Result};
 use crate::events::{DocEvent, EventHub, Origin, Subscription};
 use crate::json;
 use crate::lineage;
+use crate::session::SessionToken;
 use crate::store::Store;
 
 /// Largest page [`Engine::list`] returns.
@@ -31,6 +32,9 @@ pub struct Committed<O> {
     /// Number of new Automerge changes made durable (0 if the write changed
     /// nothing; then nothing was written).
     pub new_changes: usize,
+    /// The document at `heads`, as a session token for reads elsewhere
+    /// (see [`session`](crate::session)).
+    pub session: SessionToken,
 }
 
 /// What [`Engine::apply_changes`] did with the changes it was given.
@@ -478,9 +482,11 @@ impl Engine {
                 let bytes = || new_changes.iter().map(|c| c.raw_bytes().to_vec()).collect();
                 self.publish(id, state, Origin::Local, bytes);
             }
+            let heads = state.doc.get_heads();
             Ok(Committed {
                 value: success.result,
-                heads: state.doc.get_heads(),
+                session: SessionToken::for_doc(id, &heads),
+                heads,
                 new_changes: new_changes.len(),
             })
         })

@@ -70,6 +70,7 @@ pub mod json;
 pub mod layout;
 pub mod lineage;
 pub mod replication;
+pub mod session;
 #[cfg(feature = "sim")]
 pub mod sim;
 mod store;
@@ -81,3 +82,4 @@ pub use doc_sync::{SyncMessage, SyncState, MAX_PEER_ID_LEN};
 pub use engine::{ApplyOutcome, Committed, DocInfo, Engine, EngineStats, ListPage, MAX_LIST_LIMIT};
 pub use error::{Error, Result};
 pub use events::{DocEvent, Origin, Subscription};
+pub use session::{SessionToken, TokenError, TokenKey};

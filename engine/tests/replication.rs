@@ -70,7 +70,8 @@ fn commit(n: &mut Node, doc: &str, value: serde_json::Value) {
     let before = engine.heads(&doc).unwrap_or_default();
     let c = engine.merge_json(&doc, &value).unwrap();
     let changes = engine.changes_since(&doc, &before).unwrap();
-    n.core.handle_local_commit(&doc, changes, &c.heads);
+    n.core
+        .handle_local_commit(Duration::ZERO, &doc, changes, &c.heads);
 }
 
 #[test]

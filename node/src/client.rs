@@ -31,6 +31,16 @@ pub enum DocCommand {
     Get {
         /// Document id.
         id: String,
+        /// Session token from an earlier write or read: answer only once the
+        /// node holds what it covers.
+        #[arg(long)]
+        session: Option<String>,
+        /// How long the node may wait for the session token, milliseconds.
+        #[arg(long)]
+        wait_ms: Option<u64>,
+        /// If the wait runs out, print the node's current data anyway.
+        #[arg(long)]
+        stale: bool,
     },
     /// Replace a document with a JSON object (argument, or stdin if "-").
     Put {
@@ -38,6 +48,9 @@ pub enum DocCommand {
         id: String,
         /// The JSON object, or "-" to read it from stdin.
         json: String,
+        /// Session and durability options.
+        #[command(flatten)]
+        opts: WriteOpts,
     },
     /// Apply a JSON merge patch (RFC 7386) to a document.
     Patch {
@@ -45,11 +58,26 @@ pub enum DocCommand {
         id: String,
         /// The patch, or "-" to read it from stdin.
         json: String,
+        /// Session and durability options.
+        #[command(flatten)]
+        opts: WriteOpts,
     },
     /// Delete a document.
     Delete {
         /// Document id.
         id: String,
+        /// Session and durability options.
+        #[command(flatten)]
+        opts: WriteOpts,
+    },
+    /// Which regions and peers are known to hold a document at the heads of
+    /// a session token (default: the node's current heads), and since when.
+    Where {
+        /// Document id.
+        id: String,
+        /// Session token whose heads to look for.
+        #[arg(long)]
+        session: Option<String>,
     },
     /// List document ids under a prefix, following pages.
     List {
@@ -71,6 +99,42 @@ pub enum DocCommand {
     },
 }
 
+/// Consistency options of a write.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct WriteOpts {
+    /// Session token to carry forward into the answer's token.
+    #[arg(long)]
+    pub session: Option<String>,
+    /// Answer once at least this many other regions hold the write.
+    #[arg(long, conflicts_with = "regions")]
+    pub min_regions: Option<usize>,
+    /// Answer once these regions (comma-separated) hold the write.
+    #[arg(long)]
+    pub regions: Option<String>,
+    /// How long to wait for the regions, milliseconds.
+    #[arg(long)]
+    pub timeout_ms: Option<u64>,
+}
+
+impl WriteOpts {
+    fn query(&self) -> Vec<(&'static str, String)> {
+        let mut q = Vec::new();
+        if let Some(s) = &self.session {
+            q.push(("session", s.clone()));
+        }
+        if let Some(k) = self.min_regions {
+            q.push(("min_regions", k.to_string()));
+        }
+        if let Some(r) = &self.regions {
+            q.push(("regions", r.clone()));
+        }
+        if let Some(t) = self.timeout_ms {
+            q.push(("timeout_ms", t.to_string()));
+        }
+        q
+    }
+}
+
 impl Target {
     fn request(&self, client: &Client, method: Method, path: &str) -> RequestBuilder {
         let builder = client.request(method, format!("{}{path}", self.url.trim_end_matches('/')));
@@ -86,34 +150,57 @@ pub async fn doc(target: &Target, command: DocCommand) -> Result<()> {
     let client = Client::new();
     let path = |id: &str| format!("/v1/docs/{id}");
     match command {
-        DocCommand::Get { id } => {
-            let resp = checked(
-                target
-                    .request(&client, Method::GET, &path(&id))
-                    .send()
-                    .await,
-            )
-            .await?;
-            if let Some(h) = resp.headers().get("causeway-heads") {
-                eprintln!("heads: {}", h.to_str().unwrap_or_default());
+        DocCommand::Get {
+            id,
+            session,
+            wait_ms,
+            stale,
+        } => {
+            let mut query = vec![("stale", stale.to_string())];
+            if let Some(s) = session {
+                query.push(("session", s));
+            }
+            if let Some(w) = wait_ms {
+                query.push(("wait_ms", w.to_string()));
+            }
+            let req = target
+                .request(&client, Method::GET, &path(&id))
+                .query(&query);
+            let resp = checked(req.send().await).await?;
+            for (header, label) in [
+                ("causeway-heads", "heads"),
+                ("causeway-session", "session"),
+                ("causeway-stale", "stale"),
+            ] {
+                if let Some(h) = resp.headers().get(header) {
+                    eprintln!("{label}: {}", h.to_str().unwrap_or_default());
+                }
             }
             print_json(&resp.json::<Value>().await?)
         }
-        DocCommand::Put { id, json } => {
-            write(target, &client, Method::PUT, &path(&id), &json).await
+        DocCommand::Put { id, json, opts } => {
+            write(target, &client, Method::PUT, &path(&id), Some(&json), &opts).await
         }
-        DocCommand::Patch { id, json } => {
-            write(target, &client, Method::PATCH, &path(&id), &json).await
-        }
-        DocCommand::Delete { id } => {
-            let resp = checked(
-                target
-                    .request(&client, Method::DELETE, &path(&id))
-                    .send()
-                    .await,
+        DocCommand::Patch { id, json, opts } => {
+            write(
+                target,
+                &client,
+                Method::PATCH,
+                &path(&id),
+                Some(&json),
+                &opts,
             )
-            .await?;
-            print_json(&resp.json::<Value>().await?)
+            .await
+        }
+        DocCommand::Delete { id, opts } => {
+            write(target, &client, Method::DELETE, &path(&id), None, &opts).await
+        }
+        DocCommand::Where { id, session } => {
+            let mut req = target.request(&client, Method::GET, &format!("/v1/where/{id}"));
+            if let Some(s) = session {
+                req = req.query(&[("session", s)]);
+            }
+            print_json(&checked(req.send().await).await?.json::<Value>().await?)
         }
         DocCommand::List { prefix, max } => list(target, &client, &prefix, max).await,
         DocCommand::Watch { id, prefix } => watch(target, &client, id, prefix).await,
@@ -138,20 +225,23 @@ async fn write(
     client: &Client,
     method: Method,
     path: &str,
-    json: &str,
+    json: Option<&str>,
+    opts: &WriteOpts,
 ) -> Result<()> {
-    let body = if json == "-" {
-        std::io::read_to_string(std::io::stdin()).context("cannot read stdin")?
-    } else {
-        json.to_string()
-    };
-    let resp = target
-        .request(client, method, path)
-        .header("content-type", "application/json")
-        .body(body)
-        .send()
-        .await;
-    print_json(&checked(resp).await?.json::<Value>().await?)
+    let mut req = target.request(client, method, path).query(&opts.query());
+    if let Some(json) = json {
+        let body = if json == "-" {
+            std::io::read_to_string(std::io::stdin()).context("cannot read stdin")?
+        } else {
+            json.to_string()
+        };
+        req = req.header("content-type", "application/json").body(body);
+    }
+    let resp = checked(req.send().await).await?;
+    if resp.status() == reqwest::StatusCode::ACCEPTED {
+        eprintln!("durable here; the regions asked for do not all hold it yet (see durability)");
+    }
+    print_json(&resp.json::<Value>().await?)
 }
 
 async fn list(target: &Target, client: &Client, prefix: &str, max: Option<usize>) -> Result<()> {
@@ -222,6 +312,14 @@ async fn checked(resp: reqwest::Result<Response>) -> Result<Response> {
     let body: Value = resp.json().await.unwrap_or(Value::Null);
     let code = body["error"]["code"].as_str().unwrap_or("unknown");
     let message = body["error"]["message"].as_str().unwrap_or("");
+    let mut detail = body["error"].clone();
+    if let Some(obj) = detail.as_object_mut() {
+        obj.remove("code");
+        obj.remove("message");
+        if !obj.is_empty() {
+            bail!("{status}: {code}: {message}\n{detail}");
+        }
+    }
     bail!("{status}: {code}: {message}")
 }
 

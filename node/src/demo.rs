@@ -6,18 +6,24 @@
 //! bootstrap peer; the others find each other through discovery. The demo
 //! writes in every region, waits for convergence, cuts one region off by
 //! blocking its peers in each node's connection layer, keeps writing on
-//! both sides, heals, and waits again. It exits 0 only if every replica
-//! ends identical and holds every write.
+//! both sides, heals, and waits again. Along the way a client carries a
+//! session token from one region to another: once while connected (the read
+//! there waits until it holds the client's write), once across the cut (the
+//! read answers "not yet" instead of stale data, and succeeds after the
+//! heal), and asks for a write to reach two other regions during the cut.
+//! It exits 0 only if every replica ends identical and holds every write and
+//! every token read behaved as documented.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use causeway_engine::replication::ids::ClusterId;
-use causeway_engine::DocId;
+use causeway_engine::{DocId, SessionToken};
 use serde_json::{json, Value};
 
 use crate::local_cluster::{self, LocalNode as Replica};
+use crate::network::RegionNeed;
 
 /// How long the demo waits for any one convergence before failing.
 pub const CONVERGENCE_TIMEOUT: Duration = Duration::from_secs(20);
@@ -69,6 +75,7 @@ pub async fn run(dir: Option<PathBuf>) -> Result<()> {
         ms(took)
     ));
 
+    carry_token(&replicas[0], &replicas[1], &doc).await?;
     write_through_a_partition(&replicas, &doc).await?;
     let value = replicas[0].engine.get_json(&doc)?;
     println!("{}", serde_json::to_string_pretty(&value)?);
@@ -94,21 +101,97 @@ async fn write_through_a_partition(replicas: &[Replica], doc: &DocId) -> Result<
         "both sides kept writing: {} sees {} notes, {} sees {}",
         cut.region, seen_by_cut, rest[0].region, seen_by_rest
     ));
-    if seen_by_cut == 9 {
+    // 4 notes before the cut, 2 more per region during it.
+    if seen_by_cut == 4 + 2 * replicas.len() {
         bail!(
             "the partition did not hold: {} received writes from across the cut",
             cut.region
         );
     }
 
+    // A client writes in the connected majority and then reads in the cut
+    // region with its token: the read says what is missing, not stale data.
+    let client = &rest[0];
+    let written = client.engine.merge_json(
+        doc,
+        &json!({"notes": {"client": format!("written in {}", client.region)}}),
+    )?;
+    let missing = wait_for(cut, &written.session, Duration::from_millis(300)).await?;
+    if missing.is_empty() {
+        bail!("{} held a write made across the cut", cut.region);
+    }
+    say(format!(
+        "a client wrote in {} and took its session token to {}: the read there answers \"not yet\" (missing {} head) instead of stale data",
+        client.region,
+        cut.region,
+        missing.heads(doc).map_or(0, <[_]>::len)
+    ));
+    let need = RegionNeed::Count(2);
+    let heads = written.heads.clone();
+    let reached = client
+        .node
+        .wait_for_regions(doc.clone(), heads, need, Duration::from_millis(500))
+        .await?;
+    if reached.satisfied {
+        bail!("a write reached two other regions across the cut");
+    }
+    say(format!(
+        "the same write asked for 2 other regions: after 500 ms it is durable in {} and known in {:?} only",
+        client.region, reached.regions
+    ));
+
     partition(cut, rest, false).await?;
     say("healed the partition");
-    let took = converge(replicas, doc, 9).await?;
+    let healed = Instant::now();
+    let missing = wait_for(cut, &written.session, CONVERGENCE_TIMEOUT).await?;
+    if !missing.is_empty() {
+        bail!(
+            "{} did not get the client's write after the heal",
+            cut.region
+        );
+    }
+    say(format!(
+        "the client's token read in {} succeeds {:.0} ms after the heal",
+        cut.region,
+        ms(healed.elapsed())
+    ));
+    // Those, and the client's note.
+    let took = converge(replicas, doc, 5 + 2 * replicas.len()).await?;
     say(format!(
         "converged in {:.0} ms after the heal: identical heads and content everywhere",
         ms(took)
     ));
     Ok(())
+}
+
+/// A client writes in `from`, then reads in `to` carrying its session token.
+async fn carry_token(from: &Replica, to: &Replica, doc: &DocId) -> Result<()> {
+    let written = from.engine.merge_json(
+        doc,
+        &json!({"notes": {"roaming": format!("written in {}", from.region)}}),
+    )?;
+    let start = Instant::now();
+    let missing = wait_for(to, &written.session, CONVERGENCE_TIMEOUT).await?;
+    let seen = to.engine.get_json(doc)?;
+    if !missing.is_empty() || seen["notes"]["roaming"].is_null() {
+        bail!(
+            "the token read in {} did not see the client's write",
+            to.region
+        );
+    }
+    say(format!(
+        "a client wrote in {} and read in {} with its session token: answered after {:.1} ms, with its note",
+        from.region,
+        to.region,
+        ms(start.elapsed())
+    ));
+    Ok(())
+}
+
+/// What of `token` `r` still lacks after waiting up to `timeout`.
+async fn wait_for(r: &Replica, token: &SessionToken, timeout: Duration) -> Result<SessionToken> {
+    let (engine, token) = (r.engine.clone(), token.clone());
+    Ok(tokio::task::spawn_blocking(move || engine.wait_for_session(&token, timeout)).await??)
 }
 
 fn write(r: &Replica, doc: &DocId, note: &str) -> Result<()> {

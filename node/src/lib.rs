@@ -40,4 +40,6 @@ pub mod settings;
 pub mod sim;
 
 pub use self::config::{ConfigError, NodeConfig};
-pub use self::node::{Node, NodeError, NodeHandle, COMMAND_QUEUE, LOCAL_EVENT_QUEUE};
+pub use self::node::{
+    Node, NodeError, NodeHandle, PeerHolding, RegionWait, COMMAND_QUEUE, LOCAL_EVENT_QUEUE,
+};

@@ -5,12 +5,19 @@
 //! task copies their growth into these every second, so a scrape sees
 //! figures at most a second old.
 
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use causeway_engine::replication::ids::Region;
 use causeway_engine::replication::{QueueDepths, Stats};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+
+use crate::network::{PeerLag, RegionStatus};
 
 /// A label with one value.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -29,7 +36,7 @@ pub struct PeerLabel {
 }
 
 /// Metrics of one node.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct NodeMetrics {
     messages_sent: Family<KindLabel, Counter>,
     bytes_sent: Family<KindLabel, Counter>,
@@ -49,17 +56,53 @@ pub struct NodeMetrics {
     pub peers_replicating: Gauge,
     /// Queue depths of the replication core (largest over peers).
     queue_depth: Family<KindLabel, Gauge>,
-    /// Documents each peer is known to lack.
-    pub documents_behind: Family<PeerLabel, Gauge>,
-    /// Changes each peer is known to lack.
-    pub changes_behind: Family<PeerLabel, Gauge>,
+    documents_behind: Family<PeerLabel, Gauge>,
+    changes_behind: Family<PeerLabel, Gauge>,
+    lag_seconds: Family<PeerLabel, Gauge<f64, AtomicU64>>,
+    region_documents_behind: Family<RegionLabel, Gauge>,
+    region_changes_behind: Family<RegionLabel, Gauge>,
+    region_lag_seconds: Family<RegionLabel, Gauge<f64, AtomicU64>>,
+    propagation_delay: Family<RegionLabel, Histogram, fn() -> Histogram>,
     last: Stats,
+}
+
+/// A per-region label.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RegionLabel {
+    /// The region ("unknown" for peers not yet heard from).
+    pub region: String,
+}
+
+/// Buckets of the propagation-delay histogram: 1 ms to about 65 s.
+fn delay_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 17))
 }
 
 impl NodeMetrics {
     /// Registers the metrics in `registry` under the `causeway` prefix.
     pub fn register(registry: &mut Registry) -> NodeMetrics {
-        let m = NodeMetrics::default();
+        let m = NodeMetrics {
+            messages_sent: Family::default(),
+            bytes_sent: Family::default(),
+            rejected: Family::default(),
+            changes_applied: Family::default(),
+            syncs_dropped: Counter::default(),
+            syncs_abandoned: Counter::default(),
+            reconcile_differences: Counter::default(),
+            publish_failures: Counter::default(),
+            send_failures: Counter::default(),
+            local_events_dropped: Gauge::default(),
+            peers_replicating: Gauge::default(),
+            queue_depth: Family::default(),
+            documents_behind: Family::default(),
+            changes_behind: Family::default(),
+            lag_seconds: Family::default(),
+            region_documents_behind: Family::default(),
+            region_changes_behind: Family::default(),
+            region_lag_seconds: Family::default(),
+            propagation_delay: Family::new_with_constructor(delay_histogram),
+            last: Stats::default(),
+        };
         let r = registry.sub_registry_with_prefix("causeway");
         m.register_counters(r);
         m.register_gauges(r);
@@ -142,6 +185,74 @@ impl NodeMetrics {
             "Changes a peer is known to lack",
             m.changes_behind.clone(),
         );
+        r.register(
+            "peer_lag_seconds",
+            "How long the oldest change a peer is not known to have has been here",
+            m.lag_seconds.clone(),
+        );
+        r.register(
+            "region_documents_behind",
+            "Documents a region is known to lack (its least behind peer)",
+            m.region_documents_behind.clone(),
+        );
+        r.register(
+            "region_changes_behind",
+            "Changes a region is known to lack (its least behind peer)",
+            m.region_changes_behind.clone(),
+        );
+        r.register(
+            "region_lag_seconds",
+            "Replication lag of a region (its least behind peer)",
+            m.region_lag_seconds.clone(),
+        );
+        r.register(
+            "propagation_delay_seconds",
+            "Time from a change arriving here to a peer acknowledging it, by the peer's region",
+            m.propagation_delay.clone(),
+        );
+    }
+
+    /// Sets the lag gauges of every peer and region.
+    pub fn observe_lag(&self, peers: &[PeerLag], regions: &[RegionStatus]) {
+        for l in peers {
+            let label = PeerLabel {
+                peer: l.peer.to_string(),
+                region: l.region.clone().unwrap_or_else(|| "unknown".into()),
+            };
+            let b = &l.behind;
+            self.documents_behind
+                .get_or_create(&label)
+                .set(b.documents as i64);
+            self.changes_behind
+                .get_or_create(&label)
+                .set(b.changes as i64);
+            self.lag_seconds.get_or_create(&label).set(b.lag_seconds);
+        }
+        for r in regions {
+            let label = RegionLabel {
+                region: r.region.clone(),
+            };
+            let b = &r.behind;
+            self.region_documents_behind
+                .get_or_create(&label)
+                .set(b.documents as i64);
+            self.region_changes_behind
+                .get_or_create(&label)
+                .set(b.changes as i64);
+            self.region_lag_seconds
+                .get_or_create(&label)
+                .set(b.lag_seconds);
+        }
+    }
+
+    /// Records one propagation-delay sample towards a peer of `region`.
+    pub fn observe_delay(&self, region: Option<&Region>, delay: Duration) {
+        let label = RegionLabel {
+            region: region.map_or_else(|| "unknown".into(), ToString::to_string),
+        };
+        self.propagation_delay
+            .get_or_create(&label)
+            .observe(delay.as_secs_f64());
     }
 
     /// Copies the growth of the core's counters since the last call.

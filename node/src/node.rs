@@ -13,8 +13,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use causeway_engine::automerge::ChangeHash;
 use causeway_engine::replication::{Replicator, ReplicatorConfig};
-use causeway_engine::{DocEvent, Engine, Origin};
+use causeway_engine::{DocEvent, DocId, Engine, Origin};
 use libp2p::identity::Keypair;
 use libp2p::{Multiaddr, PeerId};
 use prometheus_client::registry::Registry;
@@ -24,7 +25,7 @@ use crate::config::{ConfigError, NodeConfig};
 use crate::metrics::NodeMetrics;
 use crate::network::behaviour::{build_swarm, BuildError, Protocols};
 use crate::network::driver::{node_id, Command, Driver, Inputs, Parts};
-use crate::network::NetworkStatus;
+use crate::network::{NetworkStatus, RegionNeed, RegionWaiter};
 
 /// Local commits queued between the engine's subscription and the
 /// networking task. When full, the subscription's own queue fills and then
@@ -33,6 +34,31 @@ use crate::network::NetworkStatus;
 pub const LOCAL_EVENT_QUEUE: usize = 4096;
 /// Commands queued from handles to the networking task.
 pub const COMMAND_QUEUE: usize = 64;
+
+/// What one peer is known to hold of a document (see
+/// [`NodeHandle::holders`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerHolding {
+    /// The peer id.
+    pub peer: String,
+    /// Its region, if known.
+    pub region: Option<String>,
+    /// Whether its latest report covers the heads asked about.
+    pub holds: bool,
+    /// The heads it last reported, if any.
+    pub heads: Option<Vec<ChangeHash>>,
+    /// How long ago that report arrived.
+    pub reported_ago: Option<Duration>,
+}
+
+/// How far a write got (see [`NodeHandle::wait_for_regions`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegionWait {
+    /// Whether the regions asked for hold it.
+    pub satisfied: bool,
+    /// Regions other than this node's known to hold it, in name order.
+    pub regions: Vec<String>,
+}
 
 /// Why a node could not start, or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +75,9 @@ pub enum NodeError {
     /// The runtime or the thread could not be created.
     #[error("cannot start the networking thread: {0}")]
     Thread(std::io::Error),
+    /// Too much work of this kind is waiting already; try again later.
+    #[error("busy: {0}")]
+    Busy(String),
     /// The networking task is gone (stopped, or failed with this reason).
     #[error("the node stopped: {0}")]
     Stopped(String),
@@ -64,6 +93,7 @@ pub struct Node;
 #[derive(Clone)]
 pub struct NodeHandle {
     peer_id: PeerId,
+    region: String,
     commands: mpsc::Sender<Command>,
     registry: Arc<Registry>,
     done: watch::Receiver<Option<Result<(), String>>>,
@@ -82,6 +112,7 @@ impl Node {
     ) -> Result<NodeHandle, NodeError> {
         config.validate()?;
         let peer_id = key.public().to_peer_id();
+        let region = config.region.to_string();
         let node = node_id(&peer_id);
         let mut registry = Registry::default();
         let metrics = NodeMetrics::register(&mut registry);
@@ -135,6 +166,7 @@ impl Node {
             .map_err(NodeError::Thread)?;
         Ok(NodeHandle {
             peer_id,
+            region,
             commands: commands_tx,
             registry: Arc::new(registry),
             done,
@@ -199,6 +231,97 @@ impl NodeHandle {
         })
         .await?;
         rx.await.map_err(|_| self.stopped())
+    }
+
+    /// What every peer this node knows of holds of `doc`, judged against
+    /// `heads` (see [`Replicator::holders`]), in peer id order.
+    pub async fn holders(
+        &self,
+        doc: DocId,
+        heads: Vec<ChangeHash>,
+    ) -> Result<Vec<PeerHolding>, NodeError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Holders { doc, heads, reply }).await?;
+        let list = rx.await.map_err(|_| self.stopped())??;
+        Ok(list
+            .into_iter()
+            .map(|(h, now)| PeerHolding {
+                peer: h.peer.to_string(),
+                region: h.region.map(|r| r.to_string()),
+                holds: h.holds,
+                heads: h.heads,
+                reported_ago: h.reported_at.map(|at| now.saturating_sub(at)),
+            })
+            .collect())
+    }
+
+    /// Waits until regions other than this node's hold `heads` of `doc`, as
+    /// `need` says, or until `timeout`. The write itself is already durable
+    /// here; this only reports how far it got. Returns whether `need` was
+    /// met and the regions known to hold the heads.
+    pub async fn wait_for_regions(
+        &self,
+        doc: DocId,
+        heads: Vec<ChangeHash>,
+        need: RegionNeed,
+        timeout: Duration,
+    ) -> Result<RegionWait, NodeError> {
+        let (reply, rx) = oneshot::channel();
+        let waiter = RegionWaiter {
+            doc: doc.clone(),
+            heads: heads.clone(),
+            need,
+            reply,
+        };
+        self.send(Command::AwaitRegions(waiter)).await?;
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(Ok(regions))) => Ok(RegionWait {
+                satisfied: true,
+                regions,
+            }),
+            Ok(Ok(Err(e))) => Err(e),
+            Ok(Err(_)) => Err(self.stopped()),
+            Err(_) => {
+                let own = self.region.clone();
+                let mut regions: Vec<String> = self
+                    .holders(doc, heads)
+                    .await?
+                    .into_iter()
+                    .filter(|h| h.holds)
+                    .filter_map(|h| h.region)
+                    .filter(|r| *r != own)
+                    .collect();
+                regions.sort();
+                regions.dedup();
+                Ok(RegionWait {
+                    satisfied: false,
+                    regions,
+                })
+            }
+        }
+    }
+
+    /// Replicates changes a client applied to `doc` through this node's
+    /// engine (already durable here), leaving `heads`, like a local commit.
+    /// Changes applied from peers replicate on their own; this is for
+    /// changes that came from outside the cluster.
+    pub async fn publish(
+        &self,
+        doc: DocId,
+        changes: Vec<Vec<u8>>,
+        heads: Vec<ChangeHash>,
+    ) -> Result<(), NodeError> {
+        self.send(Command::Publish {
+            doc,
+            changes,
+            heads,
+        })
+        .await
+    }
+
+    /// This node's region.
+    pub fn region(&self) -> &str {
+        &self.region
     }
 
     /// Resolves when the node has stopped, with the reason if it failed.

@@ -112,6 +112,15 @@ pub struct HttpSection {
     pub body_limit_bytes: Option<usize>,
     /// Watch streams open at once.
     pub max_watchers: Option<usize>,
+    /// Secret session tokens are signed with (the same on every node of the
+    /// cluster). Default: derived from the cluster id.
+    pub session_secret: Option<String>,
+    /// Default wait of session reads and durable writes, milliseconds.
+    pub session_wait_ms: Option<u64>,
+    /// Longest wait a request may ask for, milliseconds.
+    pub max_session_wait_ms: Option<u64>,
+    /// Requests waiting at once.
+    pub max_waiters: Option<usize>,
 }
 
 /// `[engine]` of the settings file.
@@ -197,8 +206,10 @@ impl FileSettings {
             .map_err(|e| invalid("region", e.to_string()))?;
         let cluster = ClusterId::new(self.cluster.unwrap_or_else(|| "causeway".into()))
             .map_err(|e| invalid("cluster", e.to_string()))?;
+        let mut http = http(self.http).map_err(|(k, r)| invalid(k, r))?;
+        http.session_secret
+            .get_or_insert_with(|| format!("causeway-session/cluster/{cluster}"));
         let node = network(self.network, region, cluster).map_err(|(k, r)| invalid(k, r))?;
-        let http = http(self.http).map_err(|(k, r)| invalid(k, r))?;
         let engine = engine(self.engine).map_err(|(k, r)| invalid(k, r))?;
         Ok(Settings {
             data_dir,
@@ -304,6 +315,26 @@ fn http(h: HttpSection) -> Result<HttpConfig, KeyError> {
         return Err(("http.body_limit_bytes", "must be at least 1".into()));
     }
     c.max_watchers = h.max_watchers.unwrap_or(c.max_watchers);
+    if h.session_secret.as_ref().is_some_and(|s| s.len() < 16) {
+        return Err((
+            "http.session_secret",
+            "must be at least 16 characters".into(),
+        ));
+    }
+    c.session_secret = h.session_secret;
+    let ms = |v: Option<u64>, d: Duration| v.map_or(d, Duration::from_millis);
+    c.session_wait = ms(h.session_wait_ms, c.session_wait);
+    c.max_session_wait = ms(h.max_session_wait_ms, c.max_session_wait);
+    if c.session_wait > c.max_session_wait {
+        return Err((
+            "http.session_wait_ms",
+            "must not exceed http.max_session_wait_ms".into(),
+        ));
+    }
+    c.max_waiters = h.max_waiters.unwrap_or(c.max_waiters);
+    if c.max_waiters == 0 {
+        return Err(("http.max_waiters", "must be at least 1".into()));
+    }
     Ok(c)
 }
 

@@ -392,3 +392,23 @@ pub fn converged(nodes: &[&NodeProc], id: &str) -> bool {
     let seen: Vec<_> = nodes.iter().map(|n| n.get_doc(id)).collect();
     seen.iter().all(Option::is_some) && seen.windows(2).all(|w| w[0] == w[1])
 }
+
+/// How long [`three`] waits for the mesh.
+pub const MESH_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Three nodes in regions eu, us and ap; b and c know only a's address
+/// and find each other by discovery. Returns once all three replicate with
+/// each other.
+pub fn three(root: &std::path::Path) -> (NodeProc, NodeProc, NodeProc) {
+    let a = NodeProc::start(root, "a", "eu", &[]);
+    let b = NodeProc::start(root, "b", "us", &a.listen);
+    let c = NodeProc::start(root, "c", "ap", &a.listen);
+    let t = wait_until(MESH_TIMEOUT, "a full mesh", || {
+        [&a, &b, &c].iter().all(|n| n.replicating().len() == 2)
+    });
+    println!(
+        "full mesh of 3 nodes after {:.0} ms (b and c found each other by discovery)",
+        t.as_secs_f64() * 1e3
+    );
+    (a, b, c)
+}

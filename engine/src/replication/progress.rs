@@ -1,13 +1,24 @@
 //! Progress tracking: which heads of each document each peer is known to
-//! hold, learned from its deltas, its sync messages and its acknowledgements.
+//! hold, learned from its deltas, its sync messages, its acknowledgements and
+//! reconciliation, and what this node holds that a peer is not known to have
+//! yet (replication lag).
 //!
-//! The record is the latest report per peer and document. Reports travel on
-//! different paths (gossip, sync, ack) and may arrive out of order, so a
-//! record can briefly show older heads than the peer holds; it never shows
-//! heads the peer did not report. Later issues derive lag metrics and session
-//! guarantees from it.
+//! The record is the latest report per peer and document, with the time it
+//! arrived. Reports travel on different paths (gossip, sync, ack) and may
+//! arrive out of order, so a record can briefly show older heads than the
+//! peer holds; it never shows heads the peer did not report.
+//!
+//! Lag is kept incrementally. When this node's heads of a document change
+//! (a local commit, or changes applied from a peer), every known peer whose
+//! last report does not include those heads gets the document marked
+//! *pending* from that moment, counting the changes since. A report that
+//! includes this node's current heads clears the mark and yields one
+//! propagation-delay sample (the time the oldest pending change waited).
+//! Documents that did not change since a peer was first heard from are not
+//! counted: "behind" means known to lack.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::Duration;
 
 use automerge::ChangeHash;
 
@@ -15,18 +26,76 @@ use crate::doc_id::DocId;
 
 use super::ids::{NodeId, Region};
 
-/// Documents tracked per peer. Reports for further documents are not
-/// recorded (counted in [`Progress::untracked`]); the peer's next report for
-/// a tracked document still updates it.
+/// Documents tracked per peer (reports and pending marks each). Reports for
+/// further documents are not recorded (counted in [`Progress::untracked`]).
 pub const MAX_TRACKED_DOCS_PER_PEER: usize = 1_000_000;
+/// Propagation-delay samples kept until the caller takes them; older ones
+/// are dropped (counted in [`Progress::delays_dropped`]).
+pub const MAX_DELAY_SAMPLES: usize = 4096;
+/// Documents whose reports changed, kept until the caller takes them; past
+/// this the set is marked as overflowed and the caller should re-check all.
+pub const MAX_TOUCHED_DOCS: usize = 4096;
+
+/// One report: the heads a peer holds, and when this node learnt it (the
+/// caller's `now`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Report {
+    /// The heads.
+    pub heads: Vec<ChangeHash>,
+    /// When the report arrived.
+    pub at: Duration,
+}
+
+/// A document this node changed that a peer is not known to hold yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pending {
+    /// When the oldest change the peer is not known to have arrived here.
+    pub since: Duration,
+    /// Changes this node made or received since, for the document.
+    pub changes: u64,
+}
 
 /// What one peer is known to hold.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PeerProgress {
-    /// The peer's region, once its hello arrived.
+    /// The peer's region, once its hello (or a delta it made) arrived.
     pub region: Option<Region>,
-    /// Latest reported heads per document.
-    pub docs: BTreeMap<DocId, Vec<ChangeHash>>,
+    /// Latest report per document.
+    pub docs: BTreeMap<DocId, Report>,
+    /// Documents it is known to lack changes of.
+    pub pending: BTreeMap<DocId, Pending>,
+}
+
+/// How far behind one peer is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Lag {
+    /// Documents with changes the peer is not known to have.
+    pub documents: u64,
+    /// Those changes.
+    pub changes: u64,
+    /// Since when the oldest of them is here (`None`: nothing pending).
+    pub oldest: Option<Duration>,
+}
+
+impl Lag {
+    /// Replication lag at `now`: how long the oldest change the peer is not
+    /// known to have has been here.
+    pub fn seconds(&self, now: Duration) -> f64 {
+        self.oldest
+            .map_or(0.0, |since| now.saturating_sub(since).as_secs_f64())
+    }
+}
+
+/// A propagation-delay sample: a peer came to hold this node's heads of a
+/// document `delay` after the oldest change it lacked arrived here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delay {
+    /// The peer.
+    pub peer: NodeId,
+    /// Its region, if known.
+    pub region: Option<Region>,
+    /// The delay.
+    pub delay: Duration,
 }
 
 /// Progress of every peer this node has heard from.
@@ -34,6 +103,10 @@ pub struct PeerProgress {
 pub struct Progress {
     peers: BTreeMap<NodeId, PeerProgress>,
     untracked: u64,
+    delays: VecDeque<Delay>,
+    delays_dropped: u64,
+    touched: BTreeSet<DocId>,
+    touched_overflow: bool,
 }
 
 impl Progress {
@@ -42,21 +115,116 @@ impl Progress {
         self.peers.entry(peer.clone()).or_default().region = Some(region.clone());
     }
 
-    /// Records that `peer` holds `heads` of `doc`.
-    pub fn record(&mut self, peer: &NodeId, doc: &DocId, heads: Vec<ChangeHash>) {
+    /// Records that `peer` holds `heads` of `doc`, learnt at `now`. `ours`
+    /// are this node's current heads of `doc`, if it holds the document:
+    /// a report that includes them ends the document's pending mark.
+    pub fn record(
+        &mut self,
+        now: Duration,
+        peer: &NodeId,
+        doc: &DocId,
+        heads: Vec<ChangeHash>,
+        ours: Option<&[ChangeHash]>,
+    ) {
+        self.touch(doc);
         let entry = self.peers.entry(peer.clone()).or_default();
+        let holds_ours = ours.is_some_and(|ours| includes(&heads, ours));
+        let report = Report { heads, at: now };
         if let Some(known) = entry.docs.get_mut(doc) {
-            *known = heads;
+            *known = report;
         } else if entry.docs.len() < MAX_TRACKED_DOCS_PER_PEER {
-            entry.docs.insert(doc.clone(), heads);
+            entry.docs.insert(doc.clone(), report);
         } else {
             self.untracked += 1;
         }
+        if holds_ours {
+            self.clear(now, peer, doc);
+        }
+    }
+
+    /// This node's heads of `doc` became `ours` at `now`, with `changes` new
+    /// changes: every peer not known to hold them has the document pending.
+    pub fn local_change(&mut self, now: Duration, doc: &DocId, ours: &[ChangeHash], changes: u64) {
+        let mut cleared = Vec::new();
+        for (id, p) in &mut self.peers {
+            let holds = p.docs.get(doc).is_some_and(|r| includes(&r.heads, ours));
+            if holds {
+                cleared.push(id.clone());
+            } else if let Some(pending) = p.pending.get_mut(doc) {
+                pending.changes += changes;
+            } else if p.pending.len() < MAX_TRACKED_DOCS_PER_PEER {
+                p.pending.insert(
+                    doc.clone(),
+                    Pending {
+                        since: now,
+                        changes,
+                    },
+                );
+            } else {
+                self.untracked += 1;
+            }
+        }
+        for id in cleared {
+            self.clear(now, &id, doc);
+        }
+    }
+
+    /// Ends the pending mark of `doc` for `peer` (it holds this node's
+    /// heads), taking a delay sample.
+    fn clear(&mut self, now: Duration, peer: &NodeId, doc: &DocId) {
+        let Some(p) = self.peers.get_mut(peer) else {
+            return;
+        };
+        let Some(pending) = p.pending.remove(doc) else {
+            return;
+        };
+        if self.delays.len() >= MAX_DELAY_SAMPLES {
+            self.delays.pop_front();
+            self.delays_dropped += 1;
+        }
+        self.delays.push_back(Delay {
+            peer: peer.clone(),
+            region: p.region.clone(),
+            delay: now.saturating_sub(pending.since),
+        });
+    }
+
+    fn touch(&mut self, doc: &DocId) {
+        if self.touched.len() < MAX_TOUCHED_DOCS {
+            self.touched.insert(doc.clone());
+        } else if !self.touched.contains(doc) {
+            self.touched_overflow = true;
+        }
+    }
+
+    /// The latest report of `peer` for `doc`.
+    pub fn report(&self, peer: &NodeId, doc: &DocId) -> Option<&Report> {
+        self.peers.get(peer)?.docs.get(doc)
     }
 
     /// The latest heads `peer` reported for `doc`.
     pub fn known_heads(&self, peer: &NodeId, doc: &DocId) -> Option<&[ChangeHash]> {
-        self.peers.get(peer)?.docs.get(doc).map(Vec::as_slice)
+        self.report(peer, doc).map(|r| r.heads.as_slice())
+    }
+
+    /// Documents `peer` has pending, in id order.
+    pub fn pending_docs(&self, peer: &NodeId) -> Vec<DocId> {
+        self.peers
+            .get(peer)
+            .map(|p| p.pending.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// How far behind `peer` is (all zero for a peer never heard from).
+    pub fn lag(&self, peer: &NodeId) -> Lag {
+        let Some(p) = self.peers.get(peer) else {
+            return Lag::default();
+        };
+        Lag {
+            documents: p.pending.len() as u64,
+            changes: p.pending.values().map(|x| x.changes).sum(),
+            oldest: p.pending.values().map(|x| x.since).min(),
+        }
     }
 
     /// Every peer's progress, in node id order.
@@ -64,22 +232,77 @@ impl Progress {
         self.peers.iter()
     }
 
-    /// Peers of `region` that reported exactly `heads` for `doc`.
-    pub fn holders_in<'a>(
-        &'a self,
-        region: &'a Region,
-        doc: &'a DocId,
-        heads: &'a [ChangeHash],
-    ) -> impl Iterator<Item = &'a NodeId> + 'a {
-        self.peers
-            .iter()
-            .filter(move |(_, p)| p.region.as_ref() == Some(region))
-            .filter(move |(_, p)| p.docs.get(doc).is_some_and(|h| h == heads))
-            .map(|(id, _)| id)
+    /// One peer's progress.
+    pub fn peer(&self, peer: &NodeId) -> Option<&PeerProgress> {
+        self.peers.get(peer)
+    }
+
+    /// Propagation-delay samples since the last call, oldest first.
+    pub fn take_delays(&mut self) -> Vec<Delay> {
+        self.delays.drain(..).collect()
+    }
+
+    /// Documents whose reports changed since the last call, and whether
+    /// more changed than [`MAX_TOUCHED_DOCS`] (then any document may have).
+    pub fn take_touched(&mut self) -> (BTreeSet<DocId>, bool) {
+        let overflow = std::mem::take(&mut self.touched_overflow);
+        (std::mem::take(&mut self.touched), overflow)
     }
 
     /// Reports not recorded because a peer's table was full.
     pub fn untracked(&self) -> u64 {
         self.untracked
+    }
+
+    /// Delay samples dropped because nobody took them.
+    pub fn delays_dropped(&self) -> u64 {
+        self.delays_dropped
+    }
+}
+
+/// Whether `heads` include every hash of `ours`.
+fn includes(heads: &[ChangeHash], ours: &[ChangeHash]) -> bool {
+    ours.iter().all(|h| heads.contains(h))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    fn h(n: u8) -> ChangeHash {
+        ChangeHash([n; 32])
+    }
+
+    #[test]
+    fn pending_until_a_report_includes_our_heads() {
+        let mut p = Progress::default();
+        let (b, doc) = (NodeId::new("b").unwrap(), DocId::new("d").unwrap());
+        let ms = Duration::from_millis;
+        p.set_region(&b, &Region::new("eu").unwrap());
+        p.local_change(ms(10), &doc, &[h(1)], 1);
+        p.local_change(ms(20), &doc, &[h(2)], 2);
+        let lag = p.lag(&b);
+        assert_eq!(
+            (lag.documents, lag.changes, lag.oldest),
+            (1, 3, Some(ms(10)))
+        );
+        assert!((lag.seconds(ms(1010)) - 1.0).abs() < 1e-9);
+        // An older report does not clear it; one with our heads does.
+        p.record(ms(30), &b, &doc, vec![h(1)], Some(&[h(2)]));
+        assert_eq!(p.lag(&b).documents, 1);
+        p.record(ms(50), &b, &doc, vec![h(2), h(9)], Some(&[h(2)]));
+        assert_eq!(p.lag(&b), Lag::default());
+        let delays = p.take_delays();
+        assert_eq!(delays.len(), 1);
+        assert_eq!(delays[0].delay, ms(40));
+        assert_eq!(p.report(&b, &doc).unwrap().at, ms(50));
+        // Our heads catching up with the peer's also clears.
+        p.local_change(ms(60), &doc, &[h(3)], 1);
+        p.record(ms(70), &b, &doc, vec![h(4)], Some(&[h(3)]));
+        p.local_change(ms(80), &doc, &[h(4)], 1);
+        assert_eq!(p.lag(&b), Lag::default());
+        let (touched, overflow) = p.take_touched();
+        assert!(touched.contains(&doc) && !overflow);
     }
 }

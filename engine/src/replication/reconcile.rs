@@ -160,6 +160,22 @@ pub struct Processed {
     pub to_sync: Vec<DocId>,
     /// Documents learned to differ from an answer (the other side syncs them).
     pub learned: Vec<DocId>,
+    /// Ranges `[lower, upper)` (`None`: unbounded) whose fingerprints were
+    /// equal: the other side held the same digests there when it sent them.
+    pub equal_ranges: Vec<(Option<DocId>, Option<DocId>)>,
+    /// Documents listed by the other side with the same digest as here.
+    pub equal_docs: Vec<DocId>,
+}
+
+impl Processed {
+    /// Whether the message showed the other side holding the same digest of
+    /// `doc` as this side.
+    pub fn shows_equal(&self, doc: &DocId) -> bool {
+        self.equal_docs.binary_search(doc).is_ok()
+            || self.equal_ranges.iter().any(|(lower, upper)| {
+                lower.as_ref().is_none_or(|l| l <= doc) && upper.as_ref().is_none_or(|u| doc < u)
+            })
+    }
 }
 
 /// The first message of a reconciliation: the fingerprint of the whole set,
@@ -189,6 +205,7 @@ pub fn process(set: &ItemSet, incoming: &[RangePart], params: &Params) -> Proces
                 needs_reply = true;
                 let mine = set.fingerprint(lower, upper);
                 if fingerprint.0 == to_bytes(mine.sum) && mine.count == *count {
+                    out.equal_ranges.push((lower.cloned(), upper.cloned()));
                     push(&mut reply, upper, RangeBody::Skip);
                 } else {
                     split(set, lower, upper, params, &mut budget, &mut reply);
@@ -215,7 +232,7 @@ pub fn process(set: &ItemSet, incoming: &[RangePart], params: &Params) -> Proces
     if needs_reply || open {
         out.reply = reply;
     }
-    for ids in [&mut out.to_sync, &mut out.learned] {
+    for ids in [&mut out.to_sync, &mut out.learned, &mut out.equal_docs] {
         ids.sort_unstable();
         ids.dedup();
     }
@@ -307,6 +324,8 @@ fn answer_items(
         if set.items.get(&item.doc).map(|e| &e.digest[..]) != Some(&item.digest.0[..]) {
             lacking[k / 8] |= 1 << (k % 8);
             out.to_sync.push(item.doc.clone());
+        } else {
+            out.equal_docs.push(item.doc.clone());
         }
     }
     let their_map: BTreeMap<&DocId, &[u8]> =

@@ -19,7 +19,7 @@ use crate::engine::Engine;
 use crate::error::{Error, Result};
 
 use super::ids::{ClusterId, NodeId, Region};
-use super::progress::Progress;
+use super::progress::{Delay, Progress};
 use super::random::Random;
 use super::reconcile::{self, ItemSet, Params};
 use super::wire::{
@@ -85,6 +85,23 @@ impl ReplicatorConfig {
             reconcile: Params::default(),
         }
     }
+}
+
+/// What one peer is known to hold of a document (see
+/// [`Replicator::holders`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Holder {
+    /// The peer.
+    pub peer: NodeId,
+    /// Its region, if known.
+    pub region: Option<Region>,
+    /// The heads it last reported for the document, if any.
+    pub heads: Option<Vec<ChangeHash>>,
+    /// When that report arrived (the caller's `now`).
+    pub reported_at: Option<Duration>,
+    /// Whether that report covers the heads asked about: the peer has held
+    /// them at least since `reported_at`.
+    pub holds: bool,
 }
 
 /// Something the core wants done.
@@ -314,6 +331,41 @@ impl Replicator {
         &self.progress
     }
 
+    /// What every known peer holds of `doc`, judged against `want` (heads,
+    /// usually from a session token): whether its latest report covers them
+    /// (by this node's history of `doc`, see [`Engine::heads_cover`]), and
+    /// since when that report is known. In node id order.
+    pub fn holders(&self, doc: &DocId, want: &[ChangeHash]) -> Result<Vec<Holder>> {
+        let mut out = Vec::new();
+        for (peer, p) in self.progress.peers() {
+            let report = p.docs.get(doc);
+            let holds = match report {
+                Some(r) => self.engine.heads_cover(doc, &r.heads, want)?,
+                None => false,
+            };
+            out.push(Holder {
+                peer: peer.clone(),
+                region: p.region.clone(),
+                heads: report.map(|r| r.heads.clone()),
+                reported_at: report.map(|r| r.at),
+                holds,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Propagation-delay samples since the last call (see
+    /// [`Progress::take_delays`]).
+    pub fn take_delays(&mut self) -> Vec<Delay> {
+        self.progress.take_delays()
+    }
+
+    /// Documents whose peer reports changed since the last call (see
+    /// [`Progress::take_touched`]).
+    pub fn take_touched(&mut self) -> (BTreeSet<DocId>, bool) {
+        self.progress.take_touched()
+    }
+
     /// Counters so far.
     pub fn stats(&self) -> &Stats {
         &self.stats
@@ -376,16 +428,21 @@ impl Replicator {
         next
     }
 
-    /// A local write committed (durably) `changes` to `doc`, leaving `heads`.
-    /// Publishes them as a delta, or announces them if too large to gossip.
+    /// A local write committed (durably) `changes` to `doc` at `now`,
+    /// leaving `heads`. Publishes them as a delta, or announces them if too
+    /// large to gossip; every known peer has the document pending until it
+    /// reports these heads.
     pub fn handle_local_commit(
         &mut self,
+        now: Duration,
         doc: &DocId,
         changes: Vec<Vec<u8>>,
         heads: &[ChangeHash],
     ) {
         self.items
             .insert(doc.clone(), &crate::layout::heads_digest(heads));
+        self.progress
+            .local_change(now, doc, heads, changes.len() as u64);
         let delta = Message::Delta(Delta {
             origin: self.config.node.clone(),
             region: self.config.region.clone(),
@@ -472,7 +529,7 @@ impl Replicator {
             (Channel::Direct, Message::Reconcile(r)) => self.on_reconcile(now, from, r),
             (Channel::Direct, Message::Ack(a)) => {
                 for e in a.entries {
-                    self.progress.record(from, &e.doc, e.heads.to_vec());
+                    self.record_progress(now, from, &e.doc, e.heads.to_vec(), None)?;
                 }
                 Ok(Verdict::Accept)
             }
@@ -548,7 +605,6 @@ impl Replicator {
             return Ok(Verdict::Ignore);
         }
         self.progress.set_region(&d.origin, &d.region);
-        self.progress.record(&d.origin, &d.doc, d.heads.to_vec());
         let changes: Vec<Vec<u8>> = d.changes.into_iter().map(|b| b.0).collect();
         let outcome = match self.engine.apply_changes(&d.doc, &changes) {
             Ok(o) => o,
@@ -558,17 +614,20 @@ impl Replicator {
             Err(e) => return Err(e),
         };
         self.stats.delta_changes_applied += outcome.applied as u64;
-        if outcome.applied > 0 {
-            // Only documents the engine holds are items (not held changes).
-            self.items
-                .insert(d.doc.clone(), &crate::layout::heads_digest(&outcome.heads));
-        }
+        self.applied(now, &d.doc, &outcome);
+        let ours = (!outcome.heads.is_empty()).then_some(outcome.heads.as_slice());
+        self.progress
+            .record(now, &d.origin, &d.doc, d.heads.to_vec(), ours);
         if !outcome.missing_deps.is_empty() {
             self.enqueue_sync(from, &d.doc);
             self.start_queued(now, from)?;
         }
         if outcome.applied > 0 || outcome.duplicates > 0 {
             self.queue_ack(&d.origin, &d.doc, &outcome.heads);
+            if *from != d.origin {
+                // The relay holds it too and tracks whether we do.
+                self.queue_ack(from, &d.doc, &outcome.heads);
+            }
         }
         if outcome.applied == 0 && outcome.held == 0 {
             return Ok(Verdict::Ignore);
@@ -581,7 +640,7 @@ impl Replicator {
             return Ok(Verdict::Ignore);
         }
         self.progress.set_region(&a.origin, &a.region);
-        self.progress.record(&a.origin, &a.doc, a.heads.to_vec());
+        self.record_progress(now, &a.origin, &a.doc, a.heads.to_vec(), None)?;
         let missing = match self.engine.heads(&a.doc) {
             Ok(_) => !self.holds_all(&a.doc, &a.heads.to_vec())?,
             Err(Error::NotFound(_)) => true,
@@ -624,8 +683,7 @@ impl Replicator {
             self.stats.syncs_refused += 1;
             return Ok(Verdict::Ignore);
         }
-        self.progress
-            .record(from, &frame.doc, message.heads.clone());
+        let their_heads = message.heads.clone();
         let (mut state, saved) = match self.peers.get(from).and_then(|p| p.syncs.get(&frame.doc)) {
             Some(s) => (s.state.clone(), s.saved.clone()),
             None => {
@@ -659,11 +717,17 @@ impl Replicator {
             "sync message received"
         );
         self.stats.sync_changes_applied += outcome.applied as u64;
+        self.applied(now, &frame.doc, &outcome);
+        self.record_progress(now, from, &frame.doc, their_heads, Some(&outcome.heads))?;
         if outcome.applied > 0 {
-            self.items.insert(
-                frame.doc.clone(),
-                &crate::layout::heads_digest(&outcome.heads),
-            );
+            // Changes that came by sync (a repair, a join) reach other peers
+            // by their own syncs, which this node does not see: tell them
+            // what it holds now, so that their lag towards it clears. The
+            // sending peer learns it from the sync answer.
+            let others: Vec<NodeId> = self.peers.keys().filter(|p| *p != from).cloned().collect();
+            for peer in others {
+                self.queue_ack(&peer, &frame.doc, &outcome.heads);
+            }
         }
         if let Some(p) = self.peer_mut(from) {
             let sync = DocSync {
@@ -685,6 +749,14 @@ impl Replicator {
         }
         let processed = reconcile::process(&self.items, &r.ranges, &self.config.reconcile);
         self.stats.reconcile_differences += processed.to_sync.len() as u64;
+        // Pending documents the peer turned out to hold as they are here.
+        for doc in self.progress.pending_docs(from) {
+            if processed.shows_equal(&doc) {
+                let ours = self.engine.heads(&doc)?;
+                self.progress
+                    .record(now, from, &doc, ours.clone(), Some(&ours));
+            }
+        }
         for doc in &processed.to_sync {
             self.enqueue_sync(from, doc);
         }
@@ -859,6 +931,46 @@ impl Replicator {
             p.syncs.retain(|_, s| s.sent_at.is_some());
         }
         p.syncs.len() < max
+    }
+
+    /// Changes were applied to `doc` at `now` (or none, if `outcome` says
+    /// so): update the document's item and the peers' pending marks.
+    fn applied(&mut self, now: Duration, doc: &DocId, outcome: &crate::ApplyOutcome) {
+        if outcome.applied == 0 {
+            return;
+        }
+        // Only documents the engine holds are items (not held changes).
+        self.items
+            .insert(doc.clone(), &crate::layout::heads_digest(&outcome.heads));
+        self.progress
+            .local_change(now, doc, &outcome.heads, outcome.applied as u64);
+    }
+
+    /// Records a report of `peer`, comparing it with this node's heads
+    /// (`ours`, or read from the engine if not given and the document is here).
+    fn record_progress(
+        &mut self,
+        now: Duration,
+        peer: &NodeId,
+        doc: &DocId,
+        heads: Vec<ChangeHash>,
+        ours: Option<&[ChangeHash]>,
+    ) -> Result<()> {
+        let read;
+        let ours = match ours {
+            Some(o) => Some(o),
+            None => {
+                read = match self.engine.heads(doc) {
+                    Ok(h) => Some(h),
+                    Err(Error::NotFound(_)) => None,
+                    Err(e) => return Err(e),
+                };
+                read.as_deref()
+            }
+        };
+        let ours = ours.filter(|o| !o.is_empty());
+        self.progress.record(now, peer, doc, heads, ours);
+        Ok(())
     }
 
     fn queue_ack(&mut self, origin: &NodeId, doc: &DocId, heads: &[ChangeHash]) {

@@ -418,7 +418,7 @@ impl Cluster {
         self.report.committed.0 += changes.len() as u64;
         self.report.committed.1 += changes.iter().map(|c| c.len() as u64).sum::<u64>();
         if let Some(core) = self.nodes[i].core.as_mut() {
-            core.handle_local_commit(doc, changes, heads);
+            core.handle_local_commit(self.now, doc, changes, heads);
         }
         self.drain(i)
     }

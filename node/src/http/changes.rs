@@ -8,16 +8,18 @@
 //! validated apply path.
 
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
 use serde::Deserialize;
-use serde_json::json;
+use serde_json::{json, Value};
 
-use super::docs::{doc_id, heads_string, parse_heads, HEADS_HEADER};
+use super::docs::{doc_id, parse_heads};
 use super::error::ApiError;
+use super::session::{
+    query, session_headers, ReadQuery, ReadSession, WriteQuery, WriteSession, STALE_HEADER,
+};
 use super::{blocking, AppState};
 
 /// Changes one request may carry.
@@ -74,30 +76,42 @@ pub struct SinceQuery {
     /// Heads the client has, comma-separated hex (empty or absent: all).
     #[serde(default)]
     pub since: String,
+    /// Session token, wait and staleness, as for document reads.
+    #[serde(flatten)]
+    pub session: ReadQuery,
 }
 
 /// `GET /v1/changes/{id}?since=h1,h2`: changes beyond the given heads.
 pub async fn since(
     State(state): State<AppState>,
     Path(id): Path<String>,
-    query: Result<Query<SinceQuery>, axum::extract::rejection::QueryRejection>,
+    headers: HeaderMap,
+    q: Result<Query<SinceQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let Query(q) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
+    let q = query(q)?;
     let id = doc_id(&id)?;
     let since = parse_heads(&q.since)?;
+    let session = ReadSession::parse(&state, &headers, &q.session)?;
+    let stale = session.settle(&state).await?;
+    let is_stale = stale.is_some();
     let engine = state.engine.clone();
-    let (changes, heads) = blocking(move || {
+    let (changes, heads, token) = blocking(move || {
         let heads = engine.heads(&id)?;
-        Ok((engine.changes_since(&id, &since)?, heads))
+        let changes = engine.changes_since(&id, &since)?;
+        let mut token = session.carry(&engine, &id, &heads)?;
+        if let Some(missing) = &stale {
+            token.merge(missing);
+        }
+        Ok((changes, heads, token))
     })
     .await?;
-    let mut headers = HeaderMap::new();
+    let mut headers = session_headers(&heads, &token.encode(&state.session.key));
     headers.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/octet-stream"),
     );
-    if let Ok(v) = HeaderValue::from_str(&heads_string(&heads)) {
-        headers.insert(HEADS_HEADER, v);
+    if is_stale {
+        headers.insert(STALE_HEADER, HeaderValue::from_static("true"));
     }
     Ok((headers, changes.concat()).into_response())
 }
@@ -107,9 +121,13 @@ pub async fn since(
 pub async fn apply(
     State(state): State<AppState>,
     Path(id): Path<String>,
+    headers: HeaderMap,
+    q: Result<Query<WriteQuery>, QueryRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    let q = query(q)?;
     let id = doc_id(&id)?;
+    let session = WriteSession::parse(&state, &headers, &q)?;
     let bytes = body.map_err(|e| {
         ApiError::new(
             e.status(),
@@ -127,7 +145,19 @@ pub async fn apply(
         .map(<[u8]>::to_vec)
         .collect();
     let engine = state.engine.clone();
-    let outcome = blocking(move || Ok(engine.apply_changes(&id, &chunks)?)).await?;
+    let doc = id.clone();
+    let (outcome, chunks) = blocking(move || {
+        let outcome = engine.apply_changes(&doc, &chunks)?;
+        Ok((outcome, chunks))
+    })
+    .await?;
+    if let (Some(node), true) = (state.node.as_ref(), outcome.applied > 0) {
+        // Changes from a client replicate like a local commit. If the node
+        // stopped, they are durable here and anti-entropy carries them.
+        let _ = node
+            .publish(id.clone(), chunks, outcome.heads.clone())
+            .await;
+    }
     let missing: Vec<String> = outcome
         .missing_deps
         .iter()
@@ -138,9 +168,11 @@ pub async fn apply(
         "duplicates": outcome.duplicates,
         "held": outcome.held,
         "missing_deps": missing,
-        "heads": heads_string(&outcome.heads),
     });
-    Ok(Json(body).into_response())
+    let Value::Object(body) = body else {
+        unreachable!("json! of an object literal is an object")
+    };
+    session.answer(&state, id, outcome.heads, body).await
 }
 
 #[cfg(test)]

@@ -1,9 +1,10 @@
 //! Cluster status, metrics and probes.
 
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use libp2p::PeerId;
 use serde_json::{json, Value};
 
 use super::error::ApiError;
@@ -68,4 +69,34 @@ pub async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError
     }
     let content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8";
     Ok(([(header::CONTENT_TYPE, content_type)], text).into_response())
+}
+
+/// `PUT /v1/blocked/{peer_id}` (block) and `DELETE /v1/blocked/{peer_id}`
+/// (unblock): an operator cuts a peer off at the connection layer, in both
+/// directions, until unblocked. Not persisted across restarts.
+pub async fn block(
+    State(state): State<AppState>,
+    method: axum::http::Method,
+    Path(peer): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let peer: PeerId = peer.parse().map_err(|e| {
+        ApiError::bad_request("invalid_peer", format!("{peer:?} is not a peer id: {e}"))
+    })?;
+    let Some(node) = &state.node else {
+        return Err(ApiError::bad_request(
+            "no_network",
+            "this engine runs without networking",
+        ));
+    };
+    let blocked = method == axum::http::Method::PUT;
+    node.block(vec![peer], blocked).await.map_err(|e| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "node_unavailable",
+            e.to_string(),
+        )
+    })?;
+    Ok(Json(
+        json!({"peer_id": peer.to_string(), "blocked": blocked}),
+    ))
 }

@@ -3,16 +3,19 @@
 
 use automerge::ChangeHash;
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use causeway_engine::{Committed, DocId, Engine, MAX_LIST_LIMIT};
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 
 use super::error::ApiError;
+use super::session::{
+    query, session_headers, ReadQuery, ReadSession, WriteQuery, WriteSession, STALE_HEADER,
+};
 use super::{blocking, AppState};
 
 /// The response header that carries a document's heads: hex change hashes,
@@ -67,30 +70,37 @@ pub fn json_body(body: Result<Bytes, BytesRejection>) -> Result<Value, ApiError>
     })
 }
 
-/// A response with `value` as JSON and `heads` in [`HEADS_HEADER`].
-fn with_heads(value: Value, heads: &[ChangeHash]) -> Response {
-    let mut headers = HeaderMap::new();
-    if let Ok(v) = HeaderValue::from_str(&heads_string(heads)) {
-        headers.insert(HEADS_HEADER, v);
-    }
-    (headers, Json(value)).into_response()
-}
-
-/// `GET /v1/docs/{id}`: the document as JSON.
+/// `GET /v1/docs/{id}`: the document as JSON, with its heads and a session
+/// token in headers. With a session token, answered once this node holds
+/// what the token covers (see [`session`](super::session)).
 pub async fn read(
     State(state): State<AppState>,
     Path(id): Path<String>,
+    headers: HeaderMap,
+    q: Result<Query<ReadQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
+    let q = query(q)?;
     let id = doc_id(&id)?;
+    let session = ReadSession::parse(&state, &headers, &q)?;
+    let stale = session.settle(&state).await?;
+    let is_stale = stale.is_some();
     let engine = state.engine.clone();
-    let (value, heads) = blocking(move || {
+    let (value, heads, token) = blocking(move || {
         // Read value and heads under one look at the document.
         let heads = engine.heads(&id)?;
         let value = engine.get_json_at(&id, &heads)?;
-        Ok((value, heads))
+        let mut token = session.carry(&engine, &id, &heads)?;
+        if let Some(missing) = &stale {
+            token.merge(missing);
+        }
+        Ok((value, heads, token))
     })
     .await?;
-    Ok(with_heads(value, &heads))
+    let mut headers = session_headers(&heads, &token.encode(&state.session.key));
+    if is_stale {
+        headers.insert(STALE_HEADER, HeaderValue::from_static("true"));
+    }
+    Ok((headers, Json(value)).into_response())
 }
 
 /// `PUT /v1/docs/{id}`: replace the document's content with a JSON object
@@ -98,49 +108,83 @@ pub async fn read(
 pub async fn replace(
     State(state): State<AppState>,
     Path(id): Path<String>,
+    headers: HeaderMap,
+    q: Result<Query<WriteQuery>, QueryRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    write_json(state, &id, body, |engine, id, value| {
-        engine.put_json(id, value)
-    })
-    .await
+    let write = Write {
+        id,
+        headers,
+        q,
+        body: Some(body),
+    };
+    commit(state, write, |engine, id, value| engine.put_json(id, value)).await
 }
 
 /// `PATCH /v1/docs/{id}`: apply a JSON merge patch (RFC 7386).
 pub async fn patch(
     State(state): State<AppState>,
     Path(id): Path<String>,
+    headers: HeaderMap,
+    q: Result<Query<WriteQuery>, QueryRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    write_json(state, &id, body, |engine, id, value| {
+    let write = Write {
+        id,
+        headers,
+        q,
+        body: Some(body),
+    };
+    commit(state, write, |engine, id, value| {
         engine.merge_json(id, value)
     })
     .await
-}
-
-/// Parses the id and the JSON body, runs `write`, answers with the heads.
-async fn write_json(
-    state: AppState,
-    id: &str,
-    body: Result<Bytes, BytesRejection>,
-    write: fn(&Engine, &DocId, &Value) -> causeway_engine::Result<Committed<()>>,
-) -> Result<Response, ApiError> {
-    let id = doc_id(id)?;
-    let value = json_body(body)?;
-    let engine = state.engine.clone();
-    let heads = blocking(move || Ok(write(&engine, &id, &value)?.heads)).await?;
-    Ok(with_heads(json!({"heads": heads_string(&heads)}), &heads))
 }
 
 /// `DELETE /v1/docs/{id}`: delete (a replicated tombstone).
 pub async fn delete(
     State(state): State<AppState>,
     Path(id): Path<String>,
+    headers: HeaderMap,
+    q: Result<Query<WriteQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let id = doc_id(&id)?;
+    let write = Write {
+        id,
+        headers,
+        q,
+        body: None,
+    };
+    commit(state, write, |engine, id, _| engine.delete(id)).await
+}
+
+/// What a write request brought.
+struct Write {
+    id: String,
+    headers: HeaderMap,
+    q: Result<Query<WriteQuery>, QueryRejection>,
+    body: Option<Result<Bytes, BytesRejection>>,
+}
+
+/// Parses everything a write brought (refusing bad input before anything
+/// is written), runs `op`, and answers with heads, session token and, if
+/// asked, the regions holding the write.
+async fn commit(
+    state: AppState,
+    write: Write,
+    op: fn(&Engine, &DocId, &Value) -> causeway_engine::Result<Committed<()>>,
+) -> Result<Response, ApiError> {
+    let q = query(write.q)?;
+    let id = doc_id(&write.id)?;
+    let value = write
+        .body
+        .map(json_body)
+        .transpose()?
+        .unwrap_or(Value::Null);
+    let session = WriteSession::parse(&state, &write.headers, &q)?;
     let engine = state.engine.clone();
-    let heads = blocking(move || Ok(engine.delete(&id)?.heads)).await?;
-    Ok(with_heads(json!({"heads": heads_string(&heads)}), &heads))
+    let doc = id.clone();
+    let heads = blocking(move || Ok(op(&engine, &doc, &value)?.heads)).await?;
+    session.answer(&state, id, heads, Map::new()).await
 }
 
 /// Query of `GET /v1/docs`.

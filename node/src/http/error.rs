@@ -22,6 +22,9 @@ pub struct ApiError {
     pub code: &'static str,
     /// What went wrong, for people.
     pub message: String,
+    /// Machine-readable facts about the failure, merged into the error
+    /// object (for example the missing heads of `session_unavailable`).
+    pub detail: Option<serde_json::Value>,
 }
 
 impl ApiError {
@@ -31,7 +34,14 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            detail: None,
         }
+    }
+
+    /// The error with `detail` (a JSON object) added to its body.
+    pub fn with_detail(mut self, detail: serde_json::Value) -> ApiError {
+        self.detail = Some(detail);
+        self
     }
 
     /// 400 with `code`.
@@ -42,7 +52,13 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = json!({"error": {"code": self.code, "message": self.message}});
+        let mut error = json!({"code": self.code, "message": self.message});
+        if let (Some(serde_json::Value::Object(extra)), Some(obj)) =
+            (self.detail, error.as_object_mut())
+        {
+            obj.extend(extra);
+        }
+        let body = json!({ "error": error });
         (self.status, Json(body)).into_response()
     }
 }

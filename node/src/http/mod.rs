@@ -5,6 +5,8 @@
 //! * [`changes`]: binary Automerge changes for clients that keep their own
 //!   document.
 //! * [`watch`]: Server-Sent Events for a document or a prefix.
+//! * [`session`]: session tokens, cross-region durability, "where is my
+//!   write?".
 //! * [`cluster`]: status, `/metrics`, `/health`, `/ready`.
 //! * [`auth`]: optional bearer tokens, read-only or read-write.
 //! * [`error`]: every failure as a status and a JSON body with a stable code.
@@ -17,15 +19,17 @@ pub mod changes;
 pub mod cluster;
 pub mod docs;
 pub mod error;
+pub mod session;
 pub mod watch;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
 use axum::routing::get;
 use axum::Router;
-use causeway_engine::Engine;
+use causeway_engine::{Engine, TokenKey};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
@@ -47,6 +51,30 @@ pub struct HttpConfig {
     pub body_limit: usize,
     /// Watch streams (SSE) open at once; more get 503. Default 256.
     pub max_watchers: usize,
+    /// The secret session tokens are signed with; every node of a cluster
+    /// needs the same. `None`: a key derived from a fixed string, which
+    /// detects edited tokens but not forged ones (`causeway node` derives
+    /// it from the cluster id instead).
+    pub session_secret: Option<String>,
+    /// How long a read with a session token, or a write asking for other
+    /// regions, waits when the request does not say. Default 5 s.
+    pub session_wait: Duration,
+    /// The longest wait a request may ask for. Default 30 s.
+    pub max_session_wait: Duration,
+    /// Requests waiting at once for a session token or for other regions;
+    /// more get 503 `too_many_waiters`. Default 256.
+    pub max_waiters: usize,
+}
+
+/// Session settings in force, shared by handlers.
+#[derive(Debug, Clone)]
+pub struct SessionLimits {
+    /// The key tokens are signed and checked with.
+    pub key: TokenKey,
+    /// Default wait.
+    pub default_wait: Duration,
+    /// Longest wait.
+    pub max_wait: Duration,
 }
 
 impl Default for HttpConfig {
@@ -57,9 +85,16 @@ impl Default for HttpConfig {
             write_tokens: Vec::new(),
             body_limit: 8 << 20,
             max_watchers: 256,
+            session_secret: None,
+            session_wait: Duration::from_secs(5),
+            max_session_wait: Duration::from_secs(30),
+            max_waiters: 256,
         }
     }
 }
+
+/// The token secret when none is configured.
+pub const DEFAULT_SESSION_SECRET: &str = "causeway-session";
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -72,6 +107,10 @@ pub struct AppState {
     pub tokens: Arc<Tokens>,
     /// Free watch slots.
     pub watchers: Arc<Semaphore>,
+    /// Session token key and waits.
+    pub session: SessionLimits,
+    /// Free slots for requests that wait (session reads, durable writes).
+    pub waiters: Arc<Semaphore>,
 }
 
 /// The API's router over `engine` (and `node`, for status and metrics).
@@ -81,6 +120,18 @@ pub fn router(engine: Engine, node: Option<NodeHandle>, config: &HttpConfig) -> 
         node,
         tokens: Arc::new(Tokens::new(&config.read_tokens, &config.write_tokens)),
         watchers: Arc::new(Semaphore::new(config.max_watchers)),
+        session: SessionLimits {
+            key: TokenKey::from_secret(
+                config
+                    .session_secret
+                    .as_deref()
+                    .unwrap_or(DEFAULT_SESSION_SECRET)
+                    .as_bytes(),
+            ),
+            default_wait: config.session_wait.min(config.max_session_wait),
+            max_wait: config.max_session_wait,
+        },
+        waiters: Arc::new(Semaphore::new(config.max_waiters)),
     };
     let api = Router::new()
         .route("/v1/docs", get(docs::list))
@@ -95,9 +146,14 @@ pub fn router(engine: Engine, node: Option<NodeHandle>, config: &HttpConfig) -> 
             "/v1/changes/{*id}",
             get(changes::since).post(changes::apply),
         )
+        .route("/v1/where/{*id}", get(session::where_is))
         .route("/v1/watch", get(watch::prefix))
         .route("/v1/watch/{*id}", get(watch::document))
         .route("/v1/status", get(cluster::status))
+        .route(
+            "/v1/blocked/{peer}",
+            axum::routing::put(cluster::block).delete(cluster::block),
+        )
         .route("/metrics", get(cluster::metrics))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),

@@ -12,10 +12,11 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
+use causeway_engine::automerge::ChangeHash;
 use causeway_engine::replication::ids::NodeId;
 use causeway_engine::replication::random::SplitMix64;
-use causeway_engine::replication::{reason_name, Channel, Output, Replicator, Verdict};
-use causeway_engine::DocEvent;
+use causeway_engine::replication::{reason_name, Channel, Holder, Output, Replicator, Verdict};
+use causeway_engine::{DocEvent, DocId};
 use futures::StreamExt;
 use libp2p::core::transport::ListenerId;
 use libp2p::core::ConnectedPoint;
@@ -29,9 +30,10 @@ use tracing::{debug, info, warn};
 use super::backoff::Backoff;
 use super::behaviour::{Behaviour, BehaviourEvent, Protocols};
 use super::codec::Receipt;
-use super::status::{Behind, NetworkStatus, PeerState, PeerStatus};
+use super::status::{Behind, NetworkStatus, PeerState, PeerStatus, RegionStatus};
 use crate::config::NodeConfig;
 use crate::metrics::NodeMetrics;
+use crate::NodeError;
 
 /// Addresses remembered per peer.
 pub const MAX_ADDRS_PER_PEER: usize = 8;
@@ -39,6 +41,8 @@ pub const MAX_ADDRS_PER_PEER: usize = 8;
 pub const MAX_KNOWN_PEERS: usize = 1024;
 /// How long shutdown waits for direct messages already sent to be received.
 pub const SHUTDOWN_FLUSH: Duration = Duration::from_secs(2);
+/// Writes waiting at once for other regions to hold them; more are refused.
+pub const MAX_REGION_WAITERS: usize = 1024;
 
 /// A request from a [`NodeHandle`](crate::NodeHandle) to the task.
 #[derive(Debug)]
@@ -57,8 +61,92 @@ pub enum Command {
         /// Answered once done.
         done: oneshot::Sender<()>,
     },
+    /// What every known peer holds of a document, judged against heads;
+    /// each with the core's `now` at the time of the answer.
+    Holders {
+        /// The document.
+        doc: DocId,
+        /// The heads asked about.
+        heads: Vec<ChangeHash>,
+        /// The answer (an engine error as text).
+        reply: oneshot::Sender<Result<Vec<(Holder, Duration)>, causeway_engine::Error>>,
+    },
+    /// Answer once other regions hold a write.
+    AwaitRegions(RegionWaiter),
+    /// Changes a client applied through this node (already durable):
+    /// replicate them like a local commit.
+    Publish {
+        /// The document.
+        doc: DocId,
+        /// The changes' bytes.
+        changes: Vec<Vec<u8>>,
+        /// The document's heads after applying them.
+        heads: Vec<ChangeHash>,
+    },
     /// Stop listening, flush, close connections and end the task.
     Shutdown,
+}
+
+/// Which other regions a write waits for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RegionNeed {
+    /// At least this many regions besides the node's own.
+    Count(usize),
+    /// Every one of these regions.
+    Named(BTreeSet<String>),
+}
+
+impl RegionNeed {
+    /// Whether `regions` (holding the write) are enough.
+    pub fn satisfied_by(&self, regions: &BTreeSet<String>) -> bool {
+        match self {
+            RegionNeed::Count(k) => regions.len() >= *k,
+            RegionNeed::Named(names) => names.is_subset(regions),
+        }
+    }
+}
+
+/// A write waiting until other regions hold it.
+#[derive(Debug)]
+pub struct RegionWaiter {
+    /// The document.
+    pub doc: DocId,
+    /// Its heads after the write.
+    pub heads: Vec<ChangeHash>,
+    /// Which regions must hold them.
+    pub need: RegionNeed,
+    /// Answered with the regions holding them once `need` is met (or an
+    /// error); dropped by the waiting side when it gives up.
+    pub reply: oneshot::Sender<Result<Vec<String>, NodeError>>,
+}
+
+/// How far behind one peer is.
+#[derive(Debug, Clone)]
+pub struct PeerLag {
+    /// The peer.
+    pub peer: NodeId,
+    /// Its region, if known.
+    pub region: Option<String>,
+    /// How far behind.
+    pub behind: Behind,
+}
+
+/// Per region, the least behind of its peers.
+fn region_lags(lags: &[PeerLag]) -> Vec<RegionStatus> {
+    let mut regions: BTreeMap<&str, RegionStatus> = BTreeMap::new();
+    for l in lags {
+        let name = l.region.as_deref().unwrap_or("unknown");
+        let r = regions.entry(name).or_insert_with(|| RegionStatus {
+            region: name.to_string(),
+            peers: 0,
+            behind: l.behind,
+        });
+        r.peers += 1;
+        if (l.behind.documents, l.behind.changes) < (r.behind.documents, r.behind.changes) {
+            r.behind = l.behind;
+        }
+    }
+    regions.into_values().collect()
 }
 
 /// A dial target: a bootstrap address, or a peer learnt from discovery.
@@ -114,6 +202,7 @@ pub struct Driver {
     listeners: Vec<ListenerId>,
     in_flight: HashMap<request_response::OutboundRequestId, PeerId>,
     local_events_dropped: u64,
+    waiters: Vec<RegionWaiter>,
 }
 
 /// What a [`Driver`] is made of.
@@ -197,6 +286,7 @@ impl Driver {
             listeners: Vec::new(),
             in_flight: HashMap::new(),
             local_events_dropped: 0,
+            waiters: Vec::new(),
         }
     }
 
@@ -226,7 +316,8 @@ impl Driver {
             tokio::select! {
                 event = self.swarm.select_next_some() => self.on_swarm_event(event)?,
                 Some(event) = inputs.local.recv() => {
-                    self.core.handle_local_commit(&event.doc, event.changes.to_vec(), &event.heads);
+                    let now = self.now();
+                    self.core.handle_local_commit(now, &event.doc, event.changes.to_vec(), &event.heads);
                 }
                 command = inputs.commands.recv() => match command {
                     Some(Command::Shutdown) | None => break,
@@ -244,6 +335,10 @@ impl Driver {
                 }
             }
             self.drain();
+            self.check_waiters();
+            for d in self.core.take_delays() {
+                self.metrics.observe_delay(d.region.as_ref(), d.delay);
+            }
         }
         self.shutdown().await;
         Ok(())
@@ -664,6 +759,23 @@ impl Driver {
                 }
                 let _ = done.send(());
             }
+            Command::Holders { doc, heads, reply } => {
+                let now = self.now();
+                let holders = self
+                    .core
+                    .holders(&doc, &heads)
+                    .map(|list| list.into_iter().map(|h| (h, now)).collect());
+                let _ = reply.send(holders);
+            }
+            Command::AwaitRegions(waiter) => self.await_regions(waiter),
+            Command::Publish {
+                doc,
+                changes,
+                heads,
+            } => {
+                let now = self.now();
+                self.core.handle_local_commit(now, &doc, changes, &heads);
+            }
             Command::Shutdown => {}
         }
     }
@@ -695,6 +807,8 @@ impl Driver {
     }
 
     fn observe(&mut self) {
+        let lags = self.lags();
+        self.metrics.observe_lag(&lags, &region_lags(&lags));
         let replicating = self.peers.values().filter(|p| p.replicating).count();
         self.metrics.peers_replicating.set(replicating as i64);
         self.metrics
@@ -705,15 +819,12 @@ impl Driver {
     }
 
     fn status(&mut self) -> NetworkStatus {
+        let lags = self.lags();
         let mut peers = Vec::new();
         for (id, p) in &self.peers {
             let node = node_id(id);
-            let region = self
-                .core
-                .progress()
-                .peers()
-                .find(|(n, _)| **n == node)
-                .and_then(|(_, pp)| pp.region.as_ref().map(ToString::to_string));
+            let progress = self.core.progress().peer(&node);
+            let region = progress.and_then(|pp| pp.region.as_ref().map(ToString::to_string));
             let state = if self.blocked.contains(id) {
                 PeerState::Blocked
             } else if p.replicating {
@@ -724,19 +835,10 @@ impl Driver {
                 PeerState::Disconnected
             };
             let target = self.targets.iter().find(|t| t.peer == Some(*id));
-            let behind = self.behind(&node);
-            let label = crate::metrics::PeerLabel {
-                peer: id.to_string(),
-                region: region.clone().unwrap_or_else(|| "unknown".into()),
-            };
-            self.metrics
-                .documents_behind
-                .get_or_create(&label)
-                .set(behind.documents as i64);
-            self.metrics
-                .changes_behind
-                .get_or_create(&label)
-                .set(behind.changes as i64);
+            let behind = lags
+                .iter()
+                .find(|l| l.peer == node)
+                .map_or_else(Behind::default, |l| l.behind);
             peers.push(PeerStatus {
                 peer_id: id.to_string(),
                 region,
@@ -754,31 +856,101 @@ impl Driver {
             cluster: self.config.cluster.to_string(),
             listen_addrs: self.listen_addrs.iter().map(ToString::to_string).collect(),
             peers,
+            regions: region_lags(&lags),
             local_events_dropped: self.local_events_dropped,
         }
     }
 
-    /// What `peer` is known to lack, from the heads it last reported.
-    fn behind(&self, peer: &NodeId) -> Behind {
-        let engine = self.core.engine();
-        let mut behind = Behind::default();
-        let Some((_, progress)) = self.core.progress().peers().find(|(n, _)| *n == peer) else {
-            return behind;
-        };
-        for (doc, known) in &progress.docs {
-            behind.tracked_documents += 1;
-            if engine.heads(doc).is_ok_and(|ours| ours == *known) {
+    /// How far behind every peer the core has heard from is.
+    fn lags(&self) -> Vec<PeerLag> {
+        let now = self.now();
+        let progress = self.core.progress();
+        progress
+            .peers()
+            .map(|(node, p)| {
+                let lag = progress.lag(node);
+                PeerLag {
+                    peer: node.clone(),
+                    region: p.region.as_ref().map(ToString::to_string),
+                    behind: Behind {
+                        documents: lag.documents,
+                        changes: lag.changes,
+                        lag_seconds: lag.seconds(now),
+                    },
+                }
+            })
+            .collect()
+    }
+
+    /// Registers a write waiting for other regions, answering at once if it
+    /// is already satisfied.
+    fn await_regions(&mut self, waiter: RegionWaiter) {
+        if self.waiters.len() >= MAX_REGION_WAITERS {
+            self.waiters.retain(|w| !w.reply.is_closed());
+        }
+        if self.waiters.len() >= MAX_REGION_WAITERS {
+            let _ = waiter.reply.send(Err(NodeError::Busy(format!(
+                "{MAX_REGION_WAITERS} writes are already waiting for other regions"
+            ))));
+            return;
+        }
+        self.waiters.push(waiter);
+        let last = self.waiters.len() - 1;
+        self.check_waiter(last);
+    }
+
+    /// Answers the waiting writes whose documents' progress changed.
+    fn check_waiters(&mut self) {
+        let (touched, overflow) = self.core.take_touched();
+        let mut i = 0;
+        while i < self.waiters.len() {
+            let w = &self.waiters[i];
+            if w.reply.is_closed() {
+                self.waiters.swap_remove(i);
                 continue;
             }
-            let missing = engine
-                .read(doc, |d| d.get_changes(known).len() as u64)
-                .unwrap_or(0);
-            if missing > 0 {
-                behind.documents += 1;
-                behind.changes += missing;
+            if (overflow || touched.contains(&w.doc)) && self.check_waiter(i) {
+                continue;
             }
+            i += 1;
         }
-        behind
+    }
+
+    /// Answers waiter `i` and removes it if its regions hold the write.
+    fn check_waiter(&mut self, i: usize) -> bool {
+        let w = &self.waiters[i];
+        let regions = match self.regions_holding(&w.doc, &w.heads) {
+            Ok(r) => r,
+            Err(e) => {
+                let w = self.waiters.swap_remove(i);
+                let _ = w.reply.send(Err(NodeError::Engine(e)));
+                return true;
+            }
+        };
+        if !w.need.satisfied_by(&regions) {
+            return false;
+        }
+        let w = self.waiters.swap_remove(i);
+        let _ = w.reply.send(Ok(regions.into_iter().collect()));
+        true
+    }
+
+    /// Regions other than this node's known to hold `heads` of `doc`.
+    fn regions_holding(
+        &self,
+        doc: &DocId,
+        heads: &[ChangeHash],
+    ) -> Result<BTreeSet<String>, causeway_engine::Error> {
+        let own = &self.config.region;
+        Ok(self
+            .core
+            .holders(doc, heads)?
+            .into_iter()
+            .filter(|h| h.holds)
+            .filter_map(|h| h.region)
+            .filter(|r| r != own)
+            .map(|r| r.to_string())
+            .collect())
     }
 
     async fn shutdown(mut self) {

@@ -12,4 +12,5 @@ pub mod codec;
 pub mod driver;
 pub mod status;
 
-pub use self::status::{Behind, NetworkStatus, PeerState, PeerStatus};
+pub use self::driver::{PeerLag, RegionNeed, RegionWaiter};
+pub use self::status::{Behind, NetworkStatus, PeerState, PeerStatus, RegionStatus};

@@ -15,9 +15,23 @@ pub struct NetworkStatus {
     pub listen_addrs: Vec<String>,
     /// Every peer this node knows of: connected, being dialled, or blocked.
     pub peers: Vec<PeerStatus>,
+    /// Replication lag per region of the known peers, in region order.
+    pub regions: Vec<RegionStatus>,
     /// Local commits the networking task missed because its event queue was
     /// full (anti-entropy repairs them).
     pub local_events_dropped: u64,
+}
+
+/// How far behind a region is: that of its best-replicated known peer
+/// (a region holds a change once any of its nodes does).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct RegionStatus {
+    /// The region.
+    pub region: String,
+    /// Known peers in it.
+    pub peers: u32,
+    /// The least behind of its peers.
+    pub behind: Behind,
 }
 
 /// Connection state of a peer.
@@ -55,14 +69,15 @@ pub struct PeerStatus {
     pub behind: Behind,
 }
 
-/// How far behind a peer is, from the heads it last reported per document.
-/// Documents it never reported are not counted: "known to lack" is strict.
-#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+/// How far behind a peer is: changes this node made or received after it
+/// first heard from the peer, that the peer has not reported holding yet
+/// (see `causeway_engine::replication::progress`).
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq)]
 pub struct Behind {
-    /// Documents where this node holds changes the peer is known to lack.
+    /// Documents with changes the peer is not known to have.
     pub documents: u64,
     /// Those changes, summed over documents.
     pub changes: u64,
-    /// Documents whose heads at the peer are known.
-    pub tracked_documents: u64,
+    /// How long the oldest of them has been here, in seconds (0: none).
+    pub lag_seconds: f64,
 }
