@@ -26,9 +26,15 @@ use crate::doc_id::DocId;
 
 use super::ids::{NodeId, Region};
 
-/// Documents tracked per peer (reports and pending marks each). Reports for
-/// further documents are not recorded (counted in [`Progress::untracked`]).
+/// Documents whose reports are kept per peer. Reports for further documents
+/// are not recorded (counted in [`Progress::untracked`]).
 pub const MAX_TRACKED_DOCS_PER_PEER: usize = 1_000_000;
+/// Documents pending per peer (about 100 bytes each). A peer that stays
+/// away (or was removed for good) accumulates marks up to this; further
+/// documents are not marked (counted in [`Progress::untracked`]), so its
+/// documents-behind figure saturates here while its lag in seconds, from
+/// the oldest mark, keeps growing.
+pub const MAX_PENDING_DOCS_PER_PEER: usize = 100_000;
 /// Propagation-delay samples kept until the caller takes them; older ones
 /// are dropped (counted in [`Progress::delays_dropped`]).
 pub const MAX_DELAY_SAMPLES: usize = 4096;
@@ -152,7 +158,7 @@ impl Progress {
                 cleared.push(id.clone());
             } else if let Some(pending) = p.pending.get_mut(doc) {
                 pending.changes += changes;
-            } else if p.pending.len() < MAX_TRACKED_DOCS_PER_PEER {
+            } else if p.pending.len() < MAX_PENDING_DOCS_PER_PEER {
                 p.pending.insert(
                     doc.clone(),
                     Pending {
@@ -249,7 +255,8 @@ impl Progress {
         (std::mem::take(&mut self.touched), overflow)
     }
 
-    /// Reports not recorded because a peer's table was full.
+    /// Reports not recorded, and documents not marked pending, because a
+    /// peer's table was full.
     pub fn untracked(&self) -> u64 {
         self.untracked
     }

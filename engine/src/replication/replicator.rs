@@ -750,7 +750,13 @@ impl Replicator {
         let processed = reconcile::process(&self.items, &r.ranges, &self.config.reconcile);
         self.stats.reconcile_differences += processed.to_sync.len() as u64;
         // Pending documents the peer turned out to hold as they are here.
-        for doc in self.progress.pending_docs(from) {
+        let shows_equal = !processed.equal_ranges.is_empty() || !processed.equal_docs.is_empty();
+        let pending = if shows_equal {
+            self.progress.pending_docs(from)
+        } else {
+            Vec::new()
+        };
+        for doc in pending {
             if processed.shows_equal(&doc) {
                 let ours = self.engine.heads(&doc)?;
                 self.progress

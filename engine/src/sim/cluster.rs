@@ -209,12 +209,39 @@ impl Cluster {
             Some(converged) => {
                 self.report.converged_after_heal = Some(converged - healed);
                 self.report.quiet_after_heal = Some(self.now - healed);
+                if self.config.heal {
+                    self.check_lag_clears()?;
+                }
             }
             None => self.violation(format!(
                 "replicas did not converge and go quiet within {} s of the heal",
                 bound.as_secs()
             )),
         }
+        Ok(())
+    }
+
+    /// Once converged, every core's lag towards every other node must fall
+    /// to zero within one anti-entropy round (acknowledgements and equal
+    /// reconciliation ranges clear the pending marks).
+    fn check_lag_clears(&mut self) -> Result<(), SimError> {
+        let round = self.config.anti_entropy_interval * 5 / 4 + self.config.retry_after;
+        self.run_until(self.now + round)?;
+        let mut pending = 0;
+        for node in &self.nodes {
+            let Some(core) = &node.core else { continue };
+            for other in self.nodes.iter().filter(|o| o.id != node.id) {
+                let lag = core.progress().lag(&other.id);
+                if lag.documents > 0 && pending == 0 {
+                    self.report.violations.push(format!(
+                        "{} still counts {} documents behind on {} one anti-entropy round after convergence",
+                        node.id, lag.documents, other.id
+                    ));
+                }
+                pending += lag.documents;
+            }
+        }
+        self.report.lag_after_heal = pending;
         Ok(())
     }
 

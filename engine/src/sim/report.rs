@@ -85,6 +85,9 @@ pub struct Report {
     /// Simulated time from the heal until no message was in flight and no
     /// core had work under way.
     pub quiet_after_heal: Option<Duration>,
+    /// Pending lag marks (documents behind, summed over every node and
+    /// peer) one anti-entropy round after convergence; must be 0.
+    pub lag_after_heal: u64,
     /// Simulated time of the whole run.
     pub simulated: Duration,
     /// Messages delivered, and their bytes.
@@ -131,6 +134,7 @@ impl Report {
             "converged_after_heal_ms": ms(self.converged_after_heal),
             "bound_ms": self.bound.as_millis() as u64,
             "quiet_after_heal_ms": ms(self.quiet_after_heal),
+            "lag_after_heal": self.lag_after_heal,
             "simulated_ms": self.simulated.as_millis() as u64,
             "delivered": {"messages": self.delivered.0, "bytes": self.delivered.1},
             "delivered_by_channel": pairs(&self.delivered_by_channel),
