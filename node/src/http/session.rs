@@ -26,7 +26,6 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use causeway_engine::replication::ids::Region;
-use causeway_engine::session::MAX_SESSION_DOCS;
 use causeway_engine::{DocId, Engine, SessionToken};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
@@ -299,8 +298,8 @@ pub fn session_headers(heads: &[ChangeHash], token: &str) -> HeaderMap {
 /// The request's token carried forward past `doc` at `heads`: what the
 /// client requires of other documents stays; for `doc` the token then
 /// requires `heads` (and any heads it named that this node does not hold).
-/// A token that would cover more than [`MAX_SESSION_DOCS`] documents starts
-/// over with `doc` alone.
+/// A token over the limits of
+/// [`SessionToken::check_size`] starts over with `doc` alone.
 fn carry(
     engine: &Engine,
     request: Option<&SessionToken>,
@@ -314,7 +313,10 @@ fn carry(
     } else {
         token.insert(doc, heads);
     }
-    if token.len() > MAX_SESSION_DOCS {
+    if token.check_size().is_err() {
+        // Over the limits: keep only this document. A document with more
+        // than `MAX_SESSION_HEADS` concurrent heads still gives a token that
+        // nodes refuse as too large (see docs/consistency.md).
         token = SessionToken::for_doc(doc, heads);
     }
     Ok(token)
