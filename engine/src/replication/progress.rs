@@ -11,7 +11,8 @@
 //! Lag is kept incrementally. When this node's heads of a document change
 //! (a local commit, or changes applied from a peer), every known peer whose
 //! last report does not include those heads gets the document marked
-//! *pending* from that moment, counting the changes since. A report that
+//! *pending* from that moment, counting the changes since; the peers the
+//! changes came from hold them and get no new mark. A report that
 //! includes this node's current heads clears the mark and yields one
 //! propagation-delay sample (the time the oldest pending change waited).
 //! Documents that did not change since a peer was first heard from are not
@@ -150,7 +151,17 @@ impl Progress {
 
     /// This node's heads of `doc` became `ours` at `now`, with `changes` new
     /// changes: every peer not known to hold them has the document pending.
-    pub fn local_change(&mut self, now: Duration, doc: &DocId, ours: &[ChangeHash], changes: u64) {
+    /// `sources` are the peers the changes came from (empty for a local
+    /// commit): they hold them, so they get no new mark (a mark they already
+    /// have, for changes of this node they lack, stays).
+    pub fn local_change(
+        &mut self,
+        now: Duration,
+        doc: &DocId,
+        ours: &[ChangeHash],
+        changes: u64,
+        sources: &[&NodeId],
+    ) {
         let mut cleared = Vec::new();
         for (id, p) in &mut self.peers {
             let holds = p.docs.get(doc).is_some_and(|r| includes(&r.heads, ours));
@@ -158,6 +169,8 @@ impl Progress {
                 cleared.push(id.clone());
             } else if let Some(pending) = p.pending.get_mut(doc) {
                 pending.changes += changes;
+            } else if sources.contains(&id) {
+                continue;
             } else if p.pending.len() < MAX_PENDING_DOCS_PER_PEER {
                 p.pending.insert(
                     doc.clone(),
@@ -287,8 +300,8 @@ mod tests {
         let (b, doc) = (NodeId::new("b").unwrap(), DocId::new("d").unwrap());
         let ms = Duration::from_millis;
         p.set_region(&b, &Region::new("eu").unwrap());
-        p.local_change(ms(10), &doc, &[h(1)], 1);
-        p.local_change(ms(20), &doc, &[h(2)], 2);
+        p.local_change(ms(10), &doc, &[h(1)], 1, &[]);
+        p.local_change(ms(20), &doc, &[h(2)], 2, &[]);
         let lag = p.lag(&b);
         assert_eq!(
             (lag.documents, lag.changes, lag.oldest),
@@ -305,11 +318,14 @@ mod tests {
         assert_eq!(delays[0].delay, ms(40));
         assert_eq!(p.report(&b, &doc).unwrap().at, ms(50));
         // Our heads catching up with the peer's also clears.
-        p.local_change(ms(60), &doc, &[h(3)], 1);
+        p.local_change(ms(60), &doc, &[h(3)], 1, &[]);
         p.record(ms(70), &b, &doc, vec![h(4)], Some(&[h(3)]));
-        p.local_change(ms(80), &doc, &[h(4)], 1);
+        p.local_change(ms(80), &doc, &[h(4)], 1, &[]);
         assert_eq!(p.lag(&b), Lag::default());
         let (touched, overflow) = p.take_touched();
         assert!(touched.contains(&doc) && !overflow);
+        // Changes that came from the peer itself do not mark it.
+        p.local_change(ms(90), &doc, &[h(5)], 1, &[&b]);
+        assert_eq!(p.lag(&b), Lag::default());
     }
 }

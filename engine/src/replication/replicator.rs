@@ -442,7 +442,7 @@ impl Replicator {
         self.items
             .insert(doc.clone(), &crate::layout::heads_digest(heads));
         self.progress
-            .local_change(now, doc, heads, changes.len() as u64);
+            .local_change(now, doc, heads, changes.len() as u64, &[]);
         let delta = Message::Delta(Delta {
             origin: self.config.node.clone(),
             region: self.config.region.clone(),
@@ -614,7 +614,7 @@ impl Replicator {
             Err(e) => return Err(e),
         };
         self.stats.delta_changes_applied += outcome.applied as u64;
-        self.applied(now, &d.doc, &outcome);
+        self.applied(now, &d.doc, &outcome, &[from, &d.origin]);
         let ours = (!outcome.heads.is_empty()).then_some(outcome.heads.as_slice());
         self.progress
             .record(now, &d.origin, &d.doc, d.heads.to_vec(), ours);
@@ -717,7 +717,7 @@ impl Replicator {
             "sync message received"
         );
         self.stats.sync_changes_applied += outcome.applied as u64;
-        self.applied(now, &frame.doc, &outcome);
+        self.applied(now, &frame.doc, &outcome, &[from]);
         self.record_progress(now, from, &frame.doc, their_heads, Some(&outcome.heads))?;
         if outcome.applied > 0 {
             // Changes that came by sync (a repair, a join) reach other peers
@@ -939,9 +939,16 @@ impl Replicator {
         p.syncs.len() < max
     }
 
-    /// Changes were applied to `doc` at `now` (or none, if `outcome` says
-    /// so): update the document's item and the peers' pending marks.
-    fn applied(&mut self, now: Duration, doc: &DocId, outcome: &crate::ApplyOutcome) {
+    /// Changes from `sources` were applied to `doc` at `now` (or none, if
+    /// `outcome` says so): update the document's item and the peers'
+    /// pending marks.
+    fn applied(
+        &mut self,
+        now: Duration,
+        doc: &DocId,
+        outcome: &crate::ApplyOutcome,
+        sources: &[&NodeId],
+    ) {
         if outcome.applied == 0 {
             return;
         }
@@ -949,7 +956,7 @@ impl Replicator {
         self.items
             .insert(doc.clone(), &crate::layout::heads_digest(&outcome.heads));
         self.progress
-            .local_change(now, doc, &outcome.heads, outcome.applied as u64);
+            .local_change(now, doc, &outcome.heads, outcome.applied as u64, sources);
     }
 
     /// Records a report of `peer`, comparing it with this node's heads

@@ -30,7 +30,8 @@ use tracing::{debug, info, warn};
 use super::backoff::Backoff;
 use super::behaviour::{Behaviour, BehaviourEvent, Protocols};
 use super::codec::Receipt;
-use super::status::{Behind, NetworkStatus, PeerState, PeerStatus, RegionStatus};
+use super::progress::{region_lags, PeerLag, RegionWaiter};
+use super::status::{Behind, NetworkStatus, PeerState, PeerStatus};
 use crate::config::NodeConfig;
 use crate::metrics::NodeMetrics;
 use crate::NodeError;
@@ -68,7 +69,7 @@ pub enum Command {
         doc: DocId,
         /// The heads asked about.
         heads: Vec<ChangeHash>,
-        /// The answer (an engine error as text).
+        /// The answer.
         reply: oneshot::Sender<Result<Vec<(Holder, Duration)>, causeway_engine::Error>>,
     },
     /// Answer once other regions hold a write.
@@ -85,68 +86,6 @@ pub enum Command {
     },
     /// Stop listening, flush, close connections and end the task.
     Shutdown,
-}
-
-/// Which other regions a write waits for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RegionNeed {
-    /// At least this many regions besides the node's own.
-    Count(usize),
-    /// Every one of these regions.
-    Named(BTreeSet<String>),
-}
-
-impl RegionNeed {
-    /// Whether `regions` (holding the write) are enough.
-    pub fn satisfied_by(&self, regions: &BTreeSet<String>) -> bool {
-        match self {
-            RegionNeed::Count(k) => regions.len() >= *k,
-            RegionNeed::Named(names) => names.is_subset(regions),
-        }
-    }
-}
-
-/// A write waiting until other regions hold it.
-#[derive(Debug)]
-pub struct RegionWaiter {
-    /// The document.
-    pub doc: DocId,
-    /// Its heads after the write.
-    pub heads: Vec<ChangeHash>,
-    /// Which regions must hold them.
-    pub need: RegionNeed,
-    /// Answered with the regions holding them once `need` is met (or an
-    /// error); dropped by the waiting side when it gives up.
-    pub reply: oneshot::Sender<Result<Vec<String>, NodeError>>,
-}
-
-/// How far behind one peer is.
-#[derive(Debug, Clone)]
-pub struct PeerLag {
-    /// The peer.
-    pub peer: NodeId,
-    /// Its region, if known.
-    pub region: Option<String>,
-    /// How far behind.
-    pub behind: Behind,
-}
-
-/// Per region, the least behind of its peers.
-fn region_lags(lags: &[PeerLag]) -> Vec<RegionStatus> {
-    let mut regions: BTreeMap<&str, RegionStatus> = BTreeMap::new();
-    for l in lags {
-        let name = l.region.as_deref().unwrap_or("unknown");
-        let r = regions.entry(name).or_insert_with(|| RegionStatus {
-            region: name.to_string(),
-            peers: 0,
-            behind: l.behind,
-        });
-        r.peers += 1;
-        if (l.behind.documents, l.behind.changes) < (r.behind.documents, r.behind.changes) {
-            r.behind = l.behind;
-        }
-    }
-    regions.into_values().collect()
 }
 
 /// A dial target: a bootstrap address, or a peer learnt from discovery.

@@ -5,12 +5,15 @@
 //! * [`driver`]: the task that owns the swarm and the core.
 //! * [`backoff`]: redial delays for unreachable peers.
 //! * [`status`]: what the task reports about the cluster.
+//! * [`progress`]: writes waiting for other regions; lag per peer and
+//!   region.
 
 pub mod backoff;
 pub mod behaviour;
 pub mod codec;
 pub mod driver;
+pub mod progress;
 pub mod status;
 
-pub use self::driver::{PeerLag, RegionNeed, RegionWaiter};
+pub use self::progress::{PeerLag, RegionNeed, RegionWaiter};
 pub use self::status::{Behind, NetworkStatus, PeerState, PeerStatus, RegionStatus};
