@@ -61,8 +61,9 @@ pub struct HttpConfig {
     pub session_wait: Duration,
     /// The longest wait a request may ask for. Default 30 s.
     pub max_session_wait: Duration,
-    /// Requests waiting at once for a session token or for other regions;
-    /// more get 503 `too_many_waiters`. Default 256.
+    /// Requests waiting at once for a session token or for other regions.
+    /// Reads beyond it get 503 `too_many_waiters`; writes beyond it are
+    /// committed and answered at once with what is known. Default 256.
     pub max_waiters: usize,
 }
 

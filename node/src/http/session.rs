@@ -145,13 +145,7 @@ impl ReadSession {
         if missing.is_empty() {
             return Ok(None);
         }
-        let permit = state.waiters.clone().try_acquire_owned().map_err(|_| {
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "too_many_waiters",
-                "too many requests are waiting already; retry later",
-            )
-        })?;
+        let permit = waiter_slot(state)?;
         let engine = state.engine.clone();
         let wait = self.wait;
         let started = Instant::now();
@@ -260,6 +254,14 @@ impl WriteSession {
         body.insert("session".into(), json!(encoded));
         let mut status = StatusCode::OK;
         if let (Some((need, timeout)), Some(node)) = (self.need, state.node.as_ref()) {
+            // The write is committed; without a free slot it is answered
+            // like a timeout at once (202, regions so far unknown: none).
+            let slot = waiter_slot(state).ok();
+            let timeout = if slot.is_some() {
+                timeout
+            } else {
+                Duration::ZERO
+            };
             let required = need_json(&need);
             let wait = node
                 .wait_for_regions(doc, heads.clone(), need, timeout)
@@ -360,6 +362,18 @@ fn region_list(list: &str) -> Result<BTreeSet<String>, ApiError> {
         ));
     }
     Ok(names)
+}
+
+/// One of the `http.max_waiters` slots for a request that waits, or 503
+/// `too_many_waiters`.
+fn waiter_slot(state: &AppState) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+    state.waiters.clone().try_acquire_owned().map_err(|_| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too_many_waiters",
+            "too many requests are waiting already; retry later",
+        )
+    })
 }
 
 fn node_error(e: crate::NodeError) -> ApiError {
