@@ -17,9 +17,7 @@ use serde_json::{json, Value};
 
 use super::docs::{doc_id, parse_heads};
 use super::error::ApiError;
-use super::session::{
-    query, session_headers, ReadQuery, ReadSession, WriteQuery, WriteSession, STALE_HEADER,
-};
+use super::session::{query, ReadQuery, ReadSession, WriteQuery, WriteSession};
 use super::{blocking, AppState};
 
 /// Changes one request may carry.
@@ -92,27 +90,15 @@ pub async fn since(
     let id = doc_id(&id)?;
     let since = parse_heads(&q.since)?;
     let session = ReadSession::parse(&state, &headers, &q.session)?;
-    let stale = session.settle(&state).await?;
-    let is_stale = stale.is_some();
-    let engine = state.engine.clone();
-    let (changes, heads, token) = blocking(move || {
-        let heads = engine.heads(&id)?;
-        let changes = engine.changes_since(&id, &since)?;
-        let mut token = session.carry(&engine, &id, &heads)?;
-        if let Some(missing) = &stale {
-            token.merge(missing);
-        }
-        Ok((changes, heads, token))
-    })
-    .await?;
-    let mut headers = session_headers(&heads, &token.encode(&state.session.key));
+    let (changes, mut headers) = session
+        .read(&state, id, move |engine, id, _| {
+            engine.changes_since(id, &since)
+        })
+        .await?;
     headers.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/octet-stream"),
     );
-    if is_stale {
-        headers.insert(STALE_HEADER, HeaderValue::from_static("true"));
-    }
     Ok((headers, changes.concat()).into_response())
 }
 

@@ -5,7 +5,7 @@ use automerge::ChangeHash;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderName, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use causeway_engine::{Committed, DocId, Engine, MAX_LIST_LIMIT};
@@ -13,9 +13,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use super::error::ApiError;
-use super::session::{
-    query, session_headers, ReadQuery, ReadSession, WriteQuery, WriteSession, STALE_HEADER,
-};
+use super::session::{query, ReadQuery, ReadSession, WriteQuery, WriteSession};
 use super::{blocking, AppState};
 
 /// The response header that carries a document's heads: hex change hashes,
@@ -82,24 +80,12 @@ pub async fn read(
     let q = query(q)?;
     let id = doc_id(&id)?;
     let session = ReadSession::parse(&state, &headers, &q)?;
-    let stale = session.settle(&state).await?;
-    let is_stale = stale.is_some();
-    let engine = state.engine.clone();
-    let (value, heads, token) = blocking(move || {
-        // Read value and heads under one look at the document.
-        let heads = engine.heads(&id)?;
-        let value = engine.get_json_at(&id, &heads)?;
-        let mut token = session.carry(&engine, &id, &heads)?;
-        if let Some(missing) = &stale {
-            token.merge(missing);
-        }
-        Ok((value, heads, token))
-    })
-    .await?;
-    let mut headers = session_headers(&heads, &token.encode(&state.session.key));
-    if is_stale {
-        headers.insert(STALE_HEADER, HeaderValue::from_static("true"));
-    }
+    // Value and heads under one look at the document.
+    let (value, headers) = session
+        .read(&state, id, |engine, id, heads| {
+            engine.get_json_at(id, heads)
+        })
+        .await?;
     Ok((headers, Json(value)).into_response())
 }
 

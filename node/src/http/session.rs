@@ -135,7 +135,7 @@ impl ReadSession {
     /// Waits until the engine holds the token. `Ok(None)`: it does (or
     /// there is no token); `Ok(Some(missing))`: the wait ran out and the
     /// request allowed stale data; otherwise 409 `session_unavailable`.
-    pub async fn settle(&self, state: &AppState) -> Result<Option<SessionToken>, ApiError> {
+    async fn settle(&self, state: &AppState) -> Result<Option<SessionToken>, ApiError> {
         let Some(token) = self.token.clone() else {
             return Ok(None);
         };
@@ -171,14 +171,39 @@ impl ReadSession {
         .with_detail(json!({"missing": token_json(&missing), "waited_ms": waited})))
     }
 
-    /// The token to answer a read of `doc` at `heads` with.
-    pub fn carry(
-        &self,
-        engine: &Engine,
-        doc: &DocId,
-        heads: &[ChangeHash],
-    ) -> Result<SessionToken, ApiError> {
-        carry(engine, self.token.as_ref(), doc, heads)
+    /// Answers a read of `doc`: waits for the token (see
+    /// [`settle`](Self::settle)), then runs `f` on the document's current
+    /// heads and returns its result with the answer's headers: the heads,
+    /// the token carried forward (still requiring what is missing, if the
+    /// answer is stale) and [`STALE_HEADER`] when it is.
+    pub async fn read<T, F>(
+        self,
+        state: &AppState,
+        doc: DocId,
+        f: F,
+    ) -> Result<(T, HeaderMap), ApiError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Engine, &DocId, &[ChangeHash]) -> causeway_engine::Result<T> + Send + 'static,
+    {
+        let stale = self.settle(state).await?;
+        let is_stale = stale.is_some();
+        let engine = state.engine.clone();
+        let (value, heads, token) = blocking(move || {
+            let heads = engine.heads(&doc)?;
+            let value = f(&engine, &doc, &heads)?;
+            let mut token = carry(&engine, self.token.as_ref(), &doc, &heads)?;
+            if let Some(missing) = &stale {
+                token.merge(missing);
+            }
+            Ok((value, heads, token))
+        })
+        .await?;
+        let mut headers = session_headers(&heads, &token.encode(&state.session.key));
+        if is_stale {
+            headers.insert(STALE_HEADER, HeaderValue::from_static("true"));
+        }
+        Ok((value, headers))
     }
 }
 
