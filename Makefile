@@ -2,7 +2,9 @@
 CARGO ?= cargo
 RELEASE_BIN := target/release/causeway
 
-.PHONY: demo test lint fmt bench bench-ingest bench-durable-writes bench-reconcile bench-delta-path bench-lag bench-join deps crash sim
+FUZZ_SECONDS ?= 60
+
+.PHONY: demo test lint fmt fuzz bench bench-ingest bench-durable-writes bench-reconcile bench-delta-path bench-lag bench-join deps crash sim
 
 ## Install missing system packages (as root) and cargo-nextest.
 deps:
@@ -26,6 +28,11 @@ lint:
 
 fmt:
 	$(CARGO) fmt --all
+
+## Every fuzz target for FUZZ_SECONDS each (default 60); prints executions,
+## corpus size and crashes per target. See fuzz/README.md.
+fuzz: deps
+	FUZZ_SECONDS=$(FUZZ_SECONDS) bash scripts/fuzz.sh
 
 ## Only the SIGKILL crash test, with its figures. CRASH_CYCLES=100 for a longer run.
 crash: deps

@@ -22,7 +22,7 @@
 use std::collections::BTreeSet;
 
 use automerge::sync::{ChunkList, SyncDoc};
-use automerge::{Change, ChangeHash};
+use automerge::ChangeHash;
 
 use crate::doc_id::DocId;
 use crate::engine::{ApplyOutcome, Engine};
@@ -83,6 +83,7 @@ impl Engine {
         mut message: SyncMessage,
     ) -> Result<ApplyOutcome> {
         message.flags = None;
+        normalise(&mut message);
         let chunks: Vec<Vec<u8>> = message.changes.iter().map(<[u8]>::to_vec).collect();
         message.changes = ChunkList::empty();
         let had_changes = !chunks.is_empty();
@@ -128,7 +129,7 @@ impl Engine {
         validate_peer(peer)?;
         match self.inner.store.peer_sync(peer, id)? {
             None => Ok(SyncState::new()),
-            Some(bytes) => SyncState::decode(&bytes).map_err(|e| Error::Corrupt {
+            Some(bytes) => crate::codec::sync_state(&bytes).map_err(|e| Error::Corrupt {
                 doc: id.to_string(),
                 key: layout::describe_key(layout::CF_PEER_SYNC, &layout::peer_sync_key(peer, id)),
                 reason: format!("sync state does not decode: {e}"),
@@ -193,7 +194,7 @@ fn truncate_changes(message: &mut SyncMessage, sync: &mut SyncState, budget: usi
     for (index, chunk) in message.changes.iter().enumerate() {
         if index < keep {
             kept.push(chunk.to_vec());
-        } else if let Ok(change) = Change::from_bytes(chunk.to_vec()) {
+        } else if let Ok(change) = crate::codec::change(chunk.to_vec()) {
             sync.sent_hashes.remove(&change.hash());
         }
     }
@@ -212,4 +213,19 @@ fn advance_shared(
     let kept = shared.iter().filter(|h| after.contains(h));
     let set: BTreeSet<ChangeHash> = fresh.chain(kept).copied().collect();
     set.into_iter().collect()
+}
+
+/// Sorts and dedups the hash lists of a received message. Automerge's encoder
+/// expects sorted hashes but its decoder does not check, and when every head
+/// a peer names is known here Automerge adopts the list verbatim as the shared
+/// heads, which are persisted: a peer sending unsorted or repeated heads would
+/// otherwise leave malformed state behind (found by the `wire_decode` fuzzer).
+pub(crate) fn normalise(message: &mut SyncMessage) {
+    fn tidy(hashes: &mut Vec<ChangeHash>) {
+        hashes.sort_unstable();
+        hashes.dedup();
+    }
+    tidy(&mut message.heads);
+    tidy(&mut message.need);
+    message.have.iter_mut().for_each(|h| tidy(&mut h.last_sync));
 }

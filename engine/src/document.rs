@@ -83,7 +83,7 @@ impl DocState {
         };
         let snapshot_key = || layout::describe_key(layout::CF_SNAPSHOT, id.as_bytes());
         let mut doc = match store.snapshot(id)? {
-            Some(bytes) => Automerge::load(&bytes)
+            Some(bytes) => crate::codec::document(&bytes)
                 .map_err(|e| corrupt(snapshot_key(), format!("undecodable snapshot: {e}")))?,
             None if meta.snapshot_bytes > 0 => {
                 return Err(corrupt(snapshot_key(), "snapshot missing".into()))
@@ -103,7 +103,7 @@ impl DocState {
         }
         let mut changes = Vec::with_capacity(entries.len());
         for (key, bytes) in entries {
-            let change = Change::from_bytes(bytes).map_err(|e| {
+            let change = crate::codec::change(bytes).map_err(|e| {
                 corrupt(
                     layout::describe_key(layout::CF_CHANGE_LOG, &key),
                     format!("undecodable change: {e}"),

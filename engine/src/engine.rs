@@ -415,8 +415,7 @@ impl Engine {
                     index,
                     reason,
                 };
-                let change =
-                    Change::from_bytes(bytes.to_vec()).map_err(|e| invalid(e.to_string()))?;
+                let change = crate::codec::change(bytes.to_vec()).map_err(invalid)?;
                 // `Change::from_bytes` does not compare the header checksum
                 // (bytes 4..8, after the magic) with the hash of the content,
                 // so a change altered in transit would otherwise decode under

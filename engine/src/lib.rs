@@ -58,6 +58,7 @@
 #![forbid(unsafe_code)]
 
 mod cache;
+mod codec;
 mod config;
 mod doc_id;
 mod doc_sync;
@@ -65,6 +66,8 @@ mod document;
 mod engine;
 mod error;
 mod events;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 mod group_commit;
 pub mod json;
 pub mod layout;

@@ -243,7 +243,7 @@ impl TokenKey {
     }
 
     /// The first [`TAG_BYTES`] of HMAC-SHA256 (RFC 2104) over `message`.
-    fn tag(&self, message: &[u8]) -> [u8; TAG_BYTES] {
+    pub(crate) fn tag(&self, message: &[u8]) -> [u8; TAG_BYTES] {
         let mut ipad = [0x36u8; HMAC_BLOCK];
         let mut opad = [0x5cu8; HMAC_BLOCK];
         for (i, k) in self.0.iter().enumerate() {

@@ -309,3 +309,22 @@ fn a_store_missing_its_current_file_is_not_replaced_by_an_empty_one() {
     let engine = Engine::open(dir.path(), buffered()).unwrap();
     assert_eq!(engine.get_json(&id("kept")).unwrap(), json!({"v": 1}));
 }
+
+/// Found by the `wire_decode` fuzzer: change bytes on which Automerge 0.12's
+/// decoder panics (an operation counter overflowing an `unwrap`) instead of
+/// returning an error. A peer or HTTP client sending them must get a typed
+/// error, and the document must stay as it was.
+#[test]
+fn change_bytes_that_panic_automerge_are_a_typed_error() {
+    let bytes = include_bytes!("../../fuzz/regressions/wire_decode/automerge-op-counter-overflow");
+    let (_dir, engine) = fresh();
+    let doc = id("notes/1");
+    let before = engine.put_json(&doc, &json!({"a": 1})).unwrap().heads;
+    let err = engine.apply_changes(&doc, &[bytes.as_slice()]).unwrap_err();
+    assert!(
+        matches!(err, Error::InvalidChange { index: 0, .. }),
+        "{err}"
+    );
+    assert_eq!(engine.heads(&doc).unwrap(), before);
+    assert_eq!(engine.get_json(&doc).unwrap(), json!({"a": 1}));
+}

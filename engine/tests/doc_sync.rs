@@ -196,3 +196,40 @@ fn a_sync_message_asks_for_what_held_changes_lack() {
     assert_eq!(b.get_json(&doc).unwrap(), json!({"v": 3}));
     assert_eq!(a.heads(&doc).unwrap(), b.heads(&doc).unwrap());
 }
+
+/// Found by the `wire_decode` fuzzer: Automerge decodes sync messages whose
+/// heads are unsorted or repeated, and when it knows them all it takes them
+/// as the shared heads verbatim; encoding that state for persistence then
+/// trips Automerge's sorted-hashes assertion (and in release builds stores
+/// unsorted heads). The engine now sorts and dedups what a peer sends.
+#[test]
+fn unsorted_and_repeated_heads_from_a_peer_are_normalised() {
+    let (_dir, engine) = fresh();
+    let doc = id("notes/1");
+    engine.put_json(&doc, &json!({"a": 1})).unwrap();
+    engine.merge_json(&doc, &json!({"b": 2})).unwrap();
+    let mut all: Vec<_> = engine
+        .changes_since(&doc, &[])
+        .unwrap()
+        .iter()
+        .map(|c| automerge::Change::from_bytes(c.clone()).unwrap().hash())
+        .collect();
+    all.sort_unstable();
+    let mut sync = SyncState::new();
+    let mut message = engine
+        .generate_sync_message(&doc, &mut SyncState::new(), 1 << 20)
+        .unwrap()
+        .unwrap();
+    // Every hash is known here; send them backwards, one twice.
+    message.heads = all.iter().rev().chain(all.first()).copied().collect();
+    message.changes = automerge::sync::ChunkList::empty();
+    engine
+        .receive_sync_message(&doc, &mut sync, message)
+        .unwrap();
+    assert_eq!(sync.shared_heads, all);
+    engine.save_sync_states("peer-1", &[(&doc, &sync)]).unwrap();
+    assert_eq!(
+        engine.load_sync_state("peer-1", &doc).unwrap().shared_heads,
+        all
+    );
+}

@@ -14,7 +14,7 @@ use std::time::Duration;
 use automerge::{ChangeHash, ReadDoc};
 
 use crate::doc_id::DocId;
-use crate::doc_sync::{SyncMessage, SyncState};
+use crate::doc_sync::SyncState;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 
@@ -669,7 +669,7 @@ impl Replicator {
             self.start_queued(now, from)?;
             return Ok(Verdict::Accept);
         }
-        let message = match SyncMessage::decode(&frame.msg.0) {
+        let message = match crate::codec::sync_message(&frame.msg.0) {
             Ok(m) => m,
             Err(e) => {
                 let reason = Rejection::Wire(WireError::Malformed(format!("sync message: {e}")));

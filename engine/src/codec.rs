@@ -1,0 +1,45 @@
+//! Automerge's decoders behind a panic guard, for bytes from outside: change
+//! bytes from peers and clients, sync messages and sync states, and stored
+//! documents and changes.
+//!
+//! Automerge 0.12 panics on some malformed input instead of returning an
+//! error: the `wire_decode` fuzzer found a 200-byte change whose operation
+//! counter overflows an `unwrap` in `Change::from_bytes` (see
+//! `fuzz/README.md`). Any peer or HTTP client could send such bytes. Each
+//! decoder here runs Automerge's under `catch_unwind` and turns a panic into
+//! the same error a refused input gets. Unwinding is sound here: the decoders
+//! read owned or borrowed bytes and touch no shared state.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use automerge::{Automerge, Change};
+
+use crate::doc_sync::{SyncMessage, SyncState};
+
+/// Runs `decode`, mapping its error, or a panic, to a message.
+fn guarded<T, E: std::fmt::Display>(decode: impl FnOnce() -> Result<T, E>) -> Result<T, String> {
+    match catch_unwind(AssertUnwindSafe(decode)) {
+        Ok(result) => result.map_err(|e| e.to_string()),
+        Err(_) => Err("the decoder failed on malformed input".into()),
+    }
+}
+
+/// A change from its bytes.
+pub(crate) fn change(bytes: Vec<u8>) -> Result<Change, String> {
+    guarded(|| Change::from_bytes(bytes))
+}
+
+/// A sync message from its bytes.
+pub(crate) fn sync_message(bytes: &[u8]) -> Result<SyncMessage, String> {
+    guarded(|| SyncMessage::decode(bytes))
+}
+
+/// A persisted sync state from its bytes.
+pub(crate) fn sync_state(bytes: &[u8]) -> Result<SyncState, String> {
+    guarded(|| SyncState::decode(bytes))
+}
+
+/// A saved document from its bytes.
+pub(crate) fn document(bytes: &[u8]) -> Result<Automerge, String> {
+    guarded(|| Automerge::load(bytes))
+}

@@ -1,0 +1,41 @@
+//! Fuzz harnesses (feature `fuzzing`): the properties the cargo-fuzz targets
+//! in `fuzz/` check, as plain functions over bytes, so that the committed
+//! corpora replay in an ordinary `cargo test` (`tests/fuzz_corpus.rs`)
+//! without a fuzzer or a nightly toolchain.
+//!
+//! Each `run` takes one input and **panics** when a property fails: that is
+//! how a fuzzer learns it found something. Inputs are read with
+//! [`arbitrary`] where structure helps, so every byte string is a valid
+//! input and mutations stay meaningful.
+//!
+//! | target | what it feeds | what must hold |
+//! |---|---|---|
+//! | [`wire_decode`] | any bytes to every decoder a peer or client reaches | no panic; decoded messages within their limits and stable under re-encoding |
+//! | [`apply_changes`] | real changes, mutated, and raw bytes to [`Engine::apply_changes`](crate::Engine::apply_changes) | a typed error that changes nothing, or the same result as Automerge's own apply; the store reloads to the same state |
+//! | [`reconcile`] | two sets of `(document id, digest)` items | the exchange ends and finds exactly their symmetric difference; hostile messages never panic |
+//! | [`convergence`] | 3 to 5 replicas (engines and replication cores), edits, message drops, duplicates and reorders, partitions, restarts, compaction, save and load | after a heal and reliable delivery: identical heads and JSON everywhere, and the merge laws |
+
+pub mod apply_changes;
+pub mod convergence;
+pub mod edit;
+pub mod reconcile;
+pub mod wire_decode;
+
+use std::path::PathBuf;
+
+/// A directory for a harness's stores: in `/dev/shm` where it exists (the
+/// harnesses open stores for every input, and tmpfs keeps that fast), else
+/// the system temporary directory.
+fn store_dir(prefix: &str) -> tempfile::TempDir {
+    let base = if std::path::Path::new("/dev/shm").is_dir() {
+        PathBuf::from("/dev/shm")
+    } else {
+        std::env::temp_dir()
+    };
+    // A harness that cannot create a directory cannot run at all.
+    #[allow(clippy::expect_used)]
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in(&base)
+        .expect("temporary directory for a fuzz store")
+}
