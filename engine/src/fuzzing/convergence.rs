@@ -87,7 +87,7 @@ struct Replica {
     id: NodeId,
     region: Region,
     dir: std::path::PathBuf,
-    incarnation: u8,
+    incarnation: u16,
     core: Option<Replicator>,
     random: SplitMix64,
     seen: HashSet<[u8; 16]>,
@@ -227,7 +227,11 @@ impl Cluster {
                 max_log_changes: 4,
                 max_log_bytes: 4 << 20,
             },
-            actor: Some(ActorId::from([i as u8 + 1, r.incarnation, 0, 0])),
+            actor: Some(ActorId::from([
+                i as u8 + 1,
+                (r.incarnation >> 8) as u8,
+                r.incarnation as u8,
+            ])),
             ..EngineConfig::default()
         };
         let engine = Engine::open(&r.dir, config).unwrap_or_else(|e| panic!("open n{i}: {e}"));
