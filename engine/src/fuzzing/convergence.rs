@@ -26,7 +26,6 @@ use std::time::Duration;
 use arbitrary::{Arbitrary, Unstructured};
 use automerge::{ActorId, Automerge, ChangeHash};
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 
 use crate::config::{CompactionPolicy, EngineConfig};
 use crate::doc_id::DocId;
@@ -36,6 +35,7 @@ use crate::json::to_json;
 use crate::replication::ids::{ClusterId, NodeId, Region};
 use crate::replication::random::SplitMix64;
 use crate::replication::{Channel, Output, Replicator, ReplicatorConfig, Verdict};
+use crate::sim::message_id;
 
 use super::edit::Edit;
 
@@ -197,10 +197,7 @@ impl Cluster {
                     self.blocked[a * n + b] = true;
                 }
             }
-            Step::Heal => {
-                self.blocked.fill(false);
-                self.connect_all();
-            }
+            Step::Heal => self.heal(),
             Step::Tick { millis } => {
                 self.now += Duration::from_millis(u64::from(*millis));
                 self.fire_timers();
@@ -621,14 +618,6 @@ fn assert_same(x: &Automerge, y: &Automerge, what: &str) {
 fn sorted(mut heads: Vec<ChangeHash>) -> Vec<ChangeHash> {
     heads.sort_unstable();
     heads
-}
-
-/// A gossip message's id, as gossipsub's duplicate cache would key it.
-fn message_id(bytes: &[u8]) -> [u8; 16] {
-    let digest = Sha256::digest(bytes);
-    let mut id = [0u8; 16];
-    id.copy_from_slice(&digest[..16]);
-    id
 }
 
 /// Unwraps a name the harness builds from constants (always valid).

@@ -21,21 +21,10 @@ pub mod edit;
 pub mod reconcile;
 pub mod wire_decode;
 
-use std::path::PathBuf;
-
-/// A directory for a harness's stores: in `/dev/shm` where it exists (the
-/// harnesses open stores for every input, and tmpfs keeps that fast), else
-/// the system temporary directory.
+/// A directory for a harness's stores (the harnesses open stores for every
+/// input; the simulator's scratch directory is on tmpfs where it can be).
 fn store_dir(prefix: &str) -> tempfile::TempDir {
-    let base = if std::path::Path::new("/dev/shm").is_dir() {
-        PathBuf::from("/dev/shm")
-    } else {
-        std::env::temp_dir()
-    };
     // A harness that cannot create a directory cannot run at all.
-    #[allow(clippy::expect_used)]
-    tempfile::Builder::new()
-        .prefix(prefix)
-        .tempdir_in(&base)
-        .expect("temporary directory for a fuzz store")
+    crate::sim::scratch_dir(None, prefix)
+        .unwrap_or_else(|e| panic!("temporary directory for a fuzz store: {e}"))
 }

@@ -20,7 +20,7 @@ use crate::replication::wire::MAX_ACK_ENTRIES;
 use crate::replication::{Channel, Output, Replicator, ReplicatorConfig, Stats, Verdict};
 
 use super::config::SimConfig;
-use super::network::{chance, Event, Network, Packet};
+use super::network::{chance, message_id, Event, Network, Packet};
 use super::report::Report;
 use super::workload::{self, Write};
 use super::SimError;
@@ -80,18 +80,7 @@ pub(crate) struct Cluster {
 impl Cluster {
     /// Opens every node's store in a fresh temporary directory.
     pub(crate) fn new(config: &SimConfig) -> Result<Cluster, SimError> {
-        let base = match &config.dir {
-            Some(d) => d.clone(),
-            None if std::path::Path::new("/dev/shm").is_dir() => PathBuf::from("/dev/shm"),
-            None => std::env::temp_dir(),
-        };
-        let dir = tempfile::Builder::new()
-            .prefix("causeway-sim-")
-            .tempdir_in(&base)
-            .map_err(|source| SimError::Dir {
-                path: base.clone(),
-                source,
-            })?;
+        let dir = super::scratch_dir(config.dir.as_deref(), "causeway-sim-")?;
         let mut rng = SplitMix64::new(config.seed);
         let regions = config.regions.max(1);
         let region_of: Vec<usize> = (0..config.nodes).map(|i| i % regions).collect();
@@ -714,14 +703,6 @@ impl Cluster {
             Err(e) => Err(e.into()),
         }
     }
-}
-
-/// A gossip message's id: the first 16 bytes of its SHA-256.
-fn message_id(bytes: &[u8]) -> [u8; 16] {
-    let digest = Sha256::digest(bytes);
-    let mut id = [0u8; 16];
-    id.copy_from_slice(&digest[..16]);
-    id
 }
 
 fn hex(bytes: &[u8]) -> String {

@@ -36,10 +36,12 @@ mod network;
 mod report;
 mod workload;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 pub use self::config::SimConfig;
 pub use self::report::{quantile, Faults, Report, Summary};
+
+pub(crate) use self::network::message_id;
 
 /// Why a run could not be carried out (as opposed to a check failing, which
 /// is reported in [`Report::violations`]).
@@ -62,6 +64,24 @@ pub enum SimError {
     /// A client write was routed to a node that is down (a bug).
     #[error("node {0} is down")]
     NodeDown(usize),
+}
+
+/// A fresh temporary directory for stores under `base`, or by default under
+/// `/dev/shm` where it exists (stores are opened often; tmpfs keeps that
+/// fast), else the system temporary directory.
+pub(crate) fn scratch_dir(
+    base: Option<&Path>,
+    prefix: &str,
+) -> Result<tempfile::TempDir, SimError> {
+    let base = match base {
+        Some(d) => d.to_path_buf(),
+        None if Path::new("/dev/shm").is_dir() => PathBuf::from("/dev/shm"),
+        None => std::env::temp_dir(),
+    };
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in(&base)
+        .map_err(|source| SimError::Dir { path: base, source })
 }
 
 /// Runs one simulation.

@@ -12,6 +12,8 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use crate::replication::random::{Random, SplitMix64};
+use sha2::{Digest, Sha256};
+
 use crate::replication::Channel;
 
 use super::report::Faults;
@@ -215,4 +217,12 @@ impl Network {
 /// True with probability `permille` / 1000.
 pub(crate) fn chance(rng: &mut SplitMix64, permille: u32) -> bool {
     permille > 0 && rng.below(1000) < u64::from(permille)
+}
+
+/// A gossip message's id: the first 16 bytes of its SHA-256.
+pub(crate) fn message_id(bytes: &[u8]) -> [u8; 16] {
+    let digest = Sha256::digest(bytes);
+    let mut id = [0u8; 16];
+    id.copy_from_slice(&digest[..16]);
+    id
 }
