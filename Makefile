@@ -4,7 +4,7 @@ RELEASE_BIN := target/release/causeway
 
 FUZZ_SECONDS ?= 60
 
-.PHONY: demo test lint fmt fuzz bench bench-ingest bench-durable-writes bench-reconcile bench-delta-path bench-lag bench-join deps crash sim
+.PHONY: demo test lint fmt fuzz chaos bench bench-ingest bench-durable-writes bench-reconcile bench-delta-path bench-lag bench-join deps crash sim
 
 ## Install missing system packages (as root) and cargo-nextest.
 deps:
@@ -33,6 +33,16 @@ fmt:
 ## corpus size and crashes per target. See fuzz/README.md.
 fuzz: deps
 	FUZZ_SECONDS=$(FUZZ_SECONDS) bash scripts/fuzz.sh
+
+## Fault injection against real nodes in network namespaces (needs root):
+## DURATION seconds of faults (default 600), then heal and check. Writes a
+## JSON report to chaos-report.json and prints a table. SEED picks the
+## schedule. See docs/testing.md.
+DURATION ?= 600
+SEED ?= 0
+chaos: deps
+	$(CARGO) build --release -p causeway-node
+	$(RELEASE_BIN) chaos --seed $(SEED) --duration $(DURATION) --report chaos-report.json > /dev/null
 
 ## Only the SIGKILL crash test, with its figures. CRASH_CYCLES=100 for a longer run.
 crash: deps

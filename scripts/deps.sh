@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building and testing Causeway needs beyond the Rust toolchain:
-# libclang (bindgen for librocksdb-sys), a C++ compiler, and cargo-nextest.
+# libclang (bindgen for librocksdb-sys), a C++ compiler, cargo-nextest, and
+# (as root, for the chaos harness) iproute2 and nftables.
 # As root it installs missing Debian packages with apt-get; otherwise it says
 # what to install and stops.
 set -euo pipefail
@@ -9,6 +10,12 @@ missing=()
 compgen -G "/usr/lib/llvm-*/lib/libclang.so*" >/dev/null || compgen -G "/usr/lib/x86_64-linux-gnu/libclang*.so*" >/dev/null || missing+=(libclang-dev)
 command -v g++ >/dev/null || missing+=(g++)
 command -v make >/dev/null || missing+=(make)
+# The chaos harness (network namespaces, nftables) runs only as root; as
+# root, make sure its tools are there.
+if [[ $(id -u) -eq 0 ]]; then
+    command -v ip >/dev/null || missing+=(iproute2)
+    command -v nft >/dev/null || missing+=(nftables)
+fi
 
 if ((${#missing[@]})); then
     if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then

@@ -26,6 +26,7 @@
 //! ```
 
 pub mod bench;
+pub mod chaos;
 pub mod client;
 pub mod config;
 pub mod daemon;

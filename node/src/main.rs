@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use causeway_node::bench::{delta_path, durable_writes, ingest, join, lag, reconcile};
 use causeway_node::client::{self, DocCommand, Target};
-use causeway_node::{daemon, demo, sim};
+use causeway_node::{chaos, daemon, demo, sim};
 
 #[derive(Parser)]
 #[command(
@@ -73,6 +73,12 @@ enum Command {
     /// Run the deterministic cluster simulator: replication cores over real
     /// stores, a faulty simulated network, crashes, and convergence checks.
     Sim(sim::Args),
+    /// Fault injection against real nodes in network namespaces (one per
+    /// region; needs root): partitions, one-way and random packet loss
+    /// (nftables), SIGSTOP and SIGKILL, while clients write; then heal,
+    /// wait for convergence and count acknowledged writes lost. Prints a
+    /// JSON report on stdout and a table on stderr.
+    Chaos(chaos::Args),
 }
 
 #[derive(Subcommand)]
@@ -128,6 +134,7 @@ fn run(command: Command) -> Result<()> {
         Command::Status { target } => runtime()?.block_on(client::status(&target)),
         Command::Demo { dir } => runtime()?.block_on(demo::run(dir)),
         Command::Sim(args) => sim::run(&args),
+        Command::Chaos(args) => runtime()?.block_on(chaos::run(&args)),
         Command::Bench(BenchCommand::Ingest(args)) => ingest::run(&args),
         Command::Bench(BenchCommand::DurableWrites(args)) => durable_writes::run(&args),
         Command::Bench(BenchCommand::Reconcile(args)) => reconcile::run(&args),

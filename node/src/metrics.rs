@@ -49,6 +49,12 @@ pub struct NodeMetrics {
     pub publish_failures: Counter,
     /// Direct messages that failed (timeout, connection lost, dial failure).
     pub send_failures: Counter,
+    /// Direct messages dropped unsent from a full per-peer queue, or queued
+    /// when their peer disconnected (left to the core's retries).
+    pub direct_dropped: Counter,
+    /// Direct messages waiting for a free slot in a peer's window (longest
+    /// queue over peers).
+    pub direct_queued: Gauge,
     /// Local commits the networking task missed because its event queue was
     /// full (left to anti-entropy).
     pub local_events_dropped: Gauge,
@@ -91,6 +97,8 @@ impl NodeMetrics {
             reconcile_differences: Counter::default(),
             publish_failures: Counter::default(),
             send_failures: Counter::default(),
+            direct_dropped: Counter::default(),
+            direct_queued: Gauge::default(),
             local_events_dropped: Gauge::default(),
             peers_replicating: Gauge::default(),
             queue_depth: Family::default(),
@@ -156,6 +164,11 @@ impl NodeMetrics {
             "Direct messages that failed",
             m.send_failures.clone(),
         );
+        r.register(
+            "direct_messages_dropped",
+            "Direct messages dropped unsent (full per-peer queue, or peer gone)",
+            m.direct_dropped.clone(),
+        );
     }
 
     fn register_gauges(&self, r: &mut Registry) {
@@ -169,6 +182,11 @@ impl NodeMetrics {
             "peers_replicating",
             "Peers replication runs with",
             m.peers_replicating.clone(),
+        );
+        r.register(
+            "direct_queue_depth",
+            "Direct messages waiting for a slot in a peer's window, longest queue",
+            m.direct_queued.clone(),
         );
         r.register(
             "queue_depth",

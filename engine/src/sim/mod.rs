@@ -41,6 +41,7 @@ use std::path::{Path, PathBuf};
 pub use self::config::SimConfig;
 pub use self::report::{quantile, Faults, Report, Summary};
 
+#[cfg(feature = "fuzzing")]
 pub(crate) use self::network::message_id;
 
 /// Why a run could not be carried out (as opposed to a check failing, which

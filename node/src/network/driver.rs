@@ -30,6 +30,7 @@ use tracing::{debug, info, warn};
 use super::backoff::Backoff;
 use super::behaviour::{Behaviour, BehaviourEvent, Protocols};
 use super::codec::Receipt;
+use super::outbox::{Offer, Outbox};
 use super::progress::{region_lags, PeerLag, RegionWaiter};
 use super::status::{Behind, NetworkStatus, PeerState, PeerStatus};
 use crate::config::NodeConfig;
@@ -140,6 +141,7 @@ pub struct Driver {
     listen_addrs: Vec<Multiaddr>,
     listeners: Vec<ListenerId>,
     in_flight: HashMap<request_response::OutboundRequestId, PeerId>,
+    outbox: Outbox<PeerId>,
     local_events_dropped: u64,
     waiters: Vec<RegionWaiter>,
 }
@@ -208,6 +210,9 @@ impl Driver {
             .iter()
             .map(|addr| Target::new(Some(addr.clone()), peer_of(addr), &config))
             .collect();
+        // Half the peer's inbound stream limit (assuming its settings are
+        // ours), so two connections to it cannot exceed it either.
+        let outbox = Outbox::new(config.max_concurrent_streams / 2);
         Driver {
             swarm,
             core,
@@ -224,6 +229,7 @@ impl Driver {
             listen_addrs: Vec::new(),
             listeners: Vec::new(),
             in_flight: HashMap::new(),
+            outbox,
             local_events_dropped: 0,
             waiters: Vec::new(),
         }
@@ -283,6 +289,22 @@ impl Driver {
         Ok(())
     }
 
+    /// Sends one direct message (the outbox counted it in flight).
+    fn send_direct(&mut self, peer: PeerId, bytes: Vec<u8>) {
+        let id = self.swarm.behaviour_mut().direct.send_request(&peer, bytes);
+        self.in_flight.insert(id, peer);
+    }
+
+    /// A direct message was answered or failed: its slot in the peer's
+    /// window goes to the next queued message.
+    fn direct_completed(&mut self, request_id: request_response::OutboundRequestId) {
+        if let Some(peer) = self.in_flight.remove(&request_id) {
+            if let Some(next) = self.outbox.completed(&peer) {
+                self.send_direct(peer, next);
+            }
+        }
+    }
+
     fn now(&self) -> Duration {
         self.start.elapsed()
     }
@@ -299,10 +321,13 @@ impl Driver {
                     }
                 }
                 Output::Send { to, bytes } => match PeerId::from_str(to.as_str()) {
-                    Ok(peer) => {
-                        let id = self.swarm.behaviour_mut().direct.send_request(&peer, bytes);
-                        self.in_flight.insert(id, peer);
-                    }
+                    Ok(peer) => match self.outbox.offer(&peer, bytes) {
+                        Offer::Send(bytes) => self.send_direct(peer, bytes),
+                        Offer::Queued => {}
+                        Offer::QueuedDroppingOldest => {
+                            self.metrics.direct_dropped.inc();
+                        }
+                    },
                     Err(e) => {
                         warn!(peer = %to, error = %e, "the core addressed a peer id that does not parse")
                     }
@@ -460,7 +485,7 @@ impl Driver {
                         .send_response(channel, receipt);
                 }
                 request_response::Message::Response { request_id, .. } => {
-                    self.in_flight.remove(&request_id);
+                    self.direct_completed(request_id);
                 }
             },
             request_response::Event::OutboundFailure {
@@ -469,7 +494,7 @@ impl Driver {
                 error,
                 ..
             } => {
-                self.in_flight.remove(&request_id);
+                self.direct_completed(request_id);
                 self.metrics.send_failures.inc();
                 debug!(%peer, %error, "direct message failed; the core retries the work");
             }
@@ -500,6 +525,8 @@ impl Driver {
     }
 
     fn on_disconnected(&mut self, peer: PeerId, cause: String) {
+        let dropped = self.outbox.disconnected(&peer);
+        self.metrics.direct_dropped.inc_by(dropped as u64);
         let mut was_replicating = false;
         if let Some(p) = self.peers.get_mut(&peer) {
             p.connections = 0;
@@ -755,6 +782,9 @@ impl Driver {
             .set(self.local_events_dropped as i64);
         let stats = self.core.stats().clone();
         self.metrics.observe(&stats, self.core.queue_depths());
+        self.metrics
+            .direct_queued
+            .set(self.outbox.longest_queue() as i64);
     }
 
     fn status(&mut self) -> NetworkStatus {

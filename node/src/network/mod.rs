@@ -4,6 +4,7 @@
 //! * [`codec`]: length-prefixed frames for direct messages.
 //! * [`driver`]: the task that owns the swarm and the core.
 //! * [`backoff`]: redial delays for unreachable peers.
+//! * [`outbox`]: at most a window of direct messages in flight per peer.
 //! * [`status`]: what the task reports about the cluster.
 //! * [`progress`]: writes waiting for other regions; lag per peer and
 //!   region.
@@ -12,6 +13,7 @@ pub mod backoff;
 pub mod behaviour;
 pub mod codec;
 pub mod driver;
+pub mod outbox;
 pub mod progress;
 pub mod status;
 

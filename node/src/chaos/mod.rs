@@ -1,0 +1,367 @@
+//! `causeway chaos`: Jepsen-style fault injection against real `causeway
+//! node` processes on a real, namespaced network, with a checker that
+//! counts acknowledged writes lost.
+//!
+//! One network namespace per region ([`topology`]), each running a node
+//! with its own RocksDB directory ([`process`]); clients in every region
+//! write unique keys through the HTTP API ([`workload`]); a seeded
+//! [`schedule`] partitions regions, drops packets one way or at random
+//! (nftables), pauses nodes with SIGSTOP and kills them with SIGKILL. After
+//! the last fault everything is healed and the [`checker`] waits until every
+//! node holds the same documents, then checks every write. The
+//! [`report`] is JSON on stdout (and `--report FILE`) and a table on stderr;
+//! the exit status is non-zero unless the run passed. Needs root.
+
+pub mod checker;
+pub mod process;
+pub mod report;
+pub mod schedule;
+pub mod topology;
+pub mod workload;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use self::process::{NodeProcess, P2P_PORT};
+use self::report::{Injected, Report};
+use self::schedule::{Fault, FaultKind, ScheduleConfig};
+use self::topology::{node_addr, NetState, Topology};
+use self::workload::WorkloadConfig;
+
+/// Region names, in order.
+const REGION_NAMES: [&str; 5] = ["eu", "us", "ap", "sa", "af"];
+
+/// Arguments of `causeway chaos`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Args {
+    /// Seed of the fault schedule.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Length of the fault phase, seconds.
+    #[arg(long, default_value_t = 600)]
+    pub duration: u64,
+    /// Regions, one node each (3 to 5).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(3..=5))]
+    pub regions: u64,
+    /// Longest fault, seconds; each lasts between half of this and this.
+    #[arg(long, default_value_t = 15)]
+    pub max_fault_secs: u64,
+    /// Writers per region.
+    #[arg(long, default_value_t = 2)]
+    pub writers: usize,
+    /// Writes per second per writer.
+    #[arg(long, default_value_t = 10.0)]
+    pub rate: f64,
+    /// Documents the writes are spread over.
+    #[arg(long, default_value_t = 16)]
+    pub docs: usize,
+    /// A write unanswered after this many milliseconds counts as unknown.
+    #[arg(long, default_value_t = 5000)]
+    pub write_timeout_ms: u64,
+    /// How long the nodes may take to converge after the final heal,
+    /// seconds.
+    #[arg(long, default_value_t = 120)]
+    pub converge_timeout: u64,
+    /// Directory for the nodes' data and logs (default: a new temporary
+    /// directory, removed if the run passes).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Also write the JSON report to this file.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+}
+
+impl Args {
+    fn replay_command(&self) -> String {
+        format!(
+            "causeway chaos --seed {} --duration {} --regions {} --max-fault-secs {} --writers {} --rate {} --docs {}",
+            self.seed, self.duration, self.regions, self.max_fault_secs, self.writers, self.rate, self.docs
+        )
+    }
+}
+
+/// Whether this process runs as root (it owns its /proc entry).
+pub fn is_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
+
+/// Runs the harness; fails unless the run passed.
+pub async fn run(args: &Args) -> Result<()> {
+    if !is_root() {
+        bail!(
+            "causeway chaos needs root: it creates network namespaces, a bridge and nftables rules. \
+             Run it as root (for example `sudo make chaos`)."
+        );
+    }
+    if args.rate <= 0.0 || args.writers == 0 || args.docs == 0 {
+        bail!("--rate, --writers and --docs must be positive");
+    }
+    let regions = args.regions as usize;
+    let names: Vec<String> = REGION_NAMES[..regions]
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    let name_refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let schedule = schedule::generate(ScheduleConfig {
+        seed: args.seed,
+        duration: Duration::from_secs(args.duration),
+        regions,
+        max_fault: Duration::from_secs(args.max_fault_secs),
+    });
+    eprintln!("replay: {}", args.replay_command());
+    eprintln!("schedule ({} faults):", schedule.len());
+    for f in &schedule {
+        eprintln!(
+            "  {:>8.1} s  for {:>5.1} s  {}",
+            f.at.as_secs_f64(),
+            f.length.as_secs_f64(),
+            f.describe(&name_refs)
+        );
+    }
+
+    let (root, temp) = match &args.dir {
+        Some(d) => {
+            if d.exists() && std::fs::read_dir(d)?.next().is_some() {
+                bail!("{} is not empty", d.display());
+            }
+            std::fs::create_dir_all(d)?;
+            (d.clone(), None)
+        }
+        None => {
+            let t = tempfile::Builder::new()
+                .prefix("causeway-chaos-")
+                .tempdir()?;
+            (t.path().to_path_buf(), Some(t))
+        }
+    };
+    let topology = Topology::create(regions).context("cannot build the chaos network")?;
+    let mut nodes = start_nodes(&root, &names).await?;
+    let urls: Vec<String> = nodes.iter().map(NodeProcess::url).collect();
+    let mesh = await_mesh(&urls, Duration::from_secs(60)).await?;
+    eprintln!("full mesh of {regions} nodes after {} ms", mesh.as_millis());
+
+    // The fault phase: writers in every region, faults on schedule.
+    let start = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    let config = WorkloadConfig {
+        writers: args.writers,
+        rate: args.rate,
+        docs: args.docs,
+        timeout: Duration::from_millis(args.write_timeout_ms),
+    };
+    let mut tasks = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        for w in 0..config.writers {
+            tasks.push(tokio::spawn(workload::writer(
+                urls[i].clone(),
+                i,
+                name.clone(),
+                w,
+                config.clone(),
+                start,
+                stop.clone(),
+            )));
+        }
+    }
+    let mut injected = Vec::new();
+    let phase = run_schedule(
+        &schedule,
+        &topology,
+        &mut nodes,
+        &name_refs,
+        start,
+        &mut injected,
+    )
+    .await;
+    if phase.is_ok() {
+        tokio::time::sleep_until((start + Duration::from_secs(args.duration)).into()).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut writes = Vec::new();
+    for t in tasks {
+        writes.extend(t.await?);
+    }
+    phase?;
+
+    // The final heal, then the checker.
+    topology.apply(&NetState::default())?;
+    for n in nodes.iter_mut() {
+        if n.is_running() {
+            n.signal("CONT")?;
+        } else {
+            n.start().await?;
+        }
+    }
+    eprintln!(
+        "[{:>7.1} s] healed everything; {} writes sent; waiting for convergence",
+        start.elapsed().as_secs_f64(),
+        writes.len()
+    );
+    let (replicas, took) =
+        checker::await_convergence(&urls, &names, Duration::from_secs(args.converge_timeout))
+            .await?;
+    let verdict = checker::check(&writes, &replicas);
+    let documents = replicas.iter().map(|r| r.len()).max().unwrap_or(0);
+    let mut inbound_streams_dropped = 0;
+    for n in nodes.iter_mut() {
+        n.kill().await?;
+        inbound_streams_dropped += n.log_lines_containing("because we are at capacity");
+    }
+    drop(topology);
+
+    let mut totals = report::Counts::default();
+    let per_region = report::region_writes(&names, &writes, &injected);
+    for r in &per_region {
+        totals.attempted += r.all.attempted;
+        totals.ok += r.all.ok;
+        totals.failed += r.all.failed;
+        totals.unknown += r.all.unknown;
+    }
+    let passed = took.is_some()
+        && verdict.acked_lost == 0
+        && verdict.divergent_replicas == 0
+        && verdict.failed_present == 0;
+    let data_dir = match temp {
+        Some(t) if !passed => Some(t.keep().display().to_string()),
+        Some(_) => None,
+        None => Some(root.display().to_string()),
+    };
+    let report = Report {
+        command: args.replay_command(),
+        seed: args.seed,
+        duration_s: args.duration,
+        regions: names.clone(),
+        workload: format!(
+            "{} writers per region, {} writes/s each, {} documents, unknown after {} ms",
+            args.writers, args.rate, args.docs, args.write_timeout_ms
+        ),
+        node_timers: process::TIMERS.trim().replace('\n', ", "),
+        faults_by_kind: report::by_kind(&injected),
+        faults: injected,
+        writes: totals,
+        per_region,
+        verdict,
+        converged: took.is_some(),
+        convergence_ms: took.map(|d| d.as_millis() as u64),
+        documents,
+        inbound_streams_dropped,
+        passed,
+        data_dir,
+    };
+    let json = serde_json::to_string_pretty(&report)?;
+    println!("{json}");
+    if let Some(path) = &args.report {
+        std::fs::write(path, &json).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    eprint!("{}", report.table());
+    if !passed {
+        bail!(
+            "the chaos run failed; replay the schedule with: {}",
+            args.replay_command()
+        );
+    }
+    Ok(())
+}
+
+/// Creates every node's identity (so each can be given all the others as
+/// bootstrap peers), then starts them.
+async fn start_nodes(root: &std::path::Path, names: &[String]) -> Result<Vec<NodeProcess>> {
+    let mut peers = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let dir = root.join(name);
+        std::fs::create_dir_all(&dir)?;
+        let (key, _) = crate::identity::load_or_create(&dir)?;
+        peers.push(format!(
+            "/ip4/{}/tcp/{P2P_PORT}/p2p/{}",
+            node_addr(i),
+            key.public().to_peer_id()
+        ));
+    }
+    let mut nodes = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let others: Vec<String> = (0..names.len())
+            .filter(|&j| j != i)
+            .map(|j| peers[j].clone())
+            .collect();
+        let mut node = NodeProcess::prepare(root, i, name, "chaos", &others)?;
+        node.start().await?;
+        nodes.push(node);
+    }
+    Ok(nodes)
+}
+
+/// Waits until every node replicates with every other.
+async fn await_mesh(urls: &[String], timeout: Duration) -> Result<Duration> {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()?;
+    let start = Instant::now();
+    loop {
+        let mut full = true;
+        for url in urls {
+            let status: serde_json::Value =
+                match client.get(format!("{url}/v1/status")).send().await {
+                    Ok(r) => r.json().await.unwrap_or_default(),
+                    Err(_) => serde_json::Value::Null,
+                };
+            let replicating = status["node"]["peers"].as_array().map_or(0, |p| {
+                p.iter().filter(|p| p["state"] == "replicating").count()
+            });
+            full &= replicating + 1 == urls.len();
+        }
+        if full {
+            return Ok(start.elapsed());
+        }
+        if start.elapsed() > timeout {
+            bail!("the nodes did not form a full mesh within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Injects every fault at its time and heals it after its length,
+/// recording when each really started and ended.
+async fn run_schedule(
+    schedule: &[Fault],
+    topology: &Topology,
+    nodes: &mut [NodeProcess],
+    names: &[&str],
+    start: Instant,
+    injected: &mut Vec<Injected>,
+) -> Result<()> {
+    let regions = nodes.len();
+    for fault in schedule {
+        tokio::time::sleep_until((start + fault.at).into()).await;
+        let started = start.elapsed();
+        let node = &mut nodes[fault.region];
+        match fault.kind {
+            FaultKind::Pause => node.signal("STOP")?,
+            FaultKind::Kill => node.kill().await?,
+            _ => topology.apply(&fault.net_state(regions))?,
+        }
+        eprintln!(
+            "[{:>7.1} s] {}",
+            started.as_secs_f64(),
+            fault.describe(names)
+        );
+        tokio::time::sleep_until((start + fault.at + fault.length).into()).await;
+        match fault.kind {
+            FaultKind::Pause => node.signal("CONT")?,
+            FaultKind::Kill => node.start().await?,
+            _ => topology.apply(&NetState::default())?,
+        }
+        let healed = start.elapsed();
+        eprintln!("[{:>7.1} s] healed", healed.as_secs_f64());
+        injected.push(Injected {
+            fault: fault.clone(),
+            started_ms: started.as_millis() as u64,
+            healed_ms: healed.as_millis() as u64,
+        });
+    }
+    Ok(())
+}

@@ -1,0 +1,163 @@
+//! A real `causeway node` process in a region's network namespace, with the
+//! signals the harness sends it.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use tokio::io::{AsyncBufReadExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdout, Command};
+
+use super::topology::{namespace, node_addr};
+
+/// Port of every node's libp2p listener (each node has its own address).
+pub const P2P_PORT: u16 = 7700;
+/// Port of every node's HTTP API.
+pub const HTTP_PORT: u16 = 7780;
+
+/// Timers written into every node's settings file: a LAN-like cluster, so
+/// that healing is bounded by seconds (the WAN defaults redial after up to
+/// 60 s and run anti-entropy every 30 s).
+pub const TIMERS: &str = "reconnect_min_ms = 100
+reconnect_max_ms = 2000
+discovery_interval_secs = 5
+anti_entropy_interval_secs = 5
+request_timeout_secs = 10
+";
+
+/// How long a node may take to print its ready line.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// One region's node.
+#[derive(Debug)]
+pub struct NodeProcess {
+    /// Region index.
+    pub index: usize,
+    /// Data directory (store, identity, settings, log).
+    pub dir: PathBuf,
+    args: Vec<String>,
+    child: Option<Child>,
+    /// Kept open so the node's stdout never breaks.
+    _stdout: Option<Lines<BufReader<ChildStdout>>>,
+}
+
+impl NodeProcess {
+    /// Writes the settings of region `index`'s node (named `region`, of
+    /// `cluster`) under `root`; returns the process, not yet started.
+    pub fn prepare(
+        root: &Path,
+        index: usize,
+        region: &str,
+        cluster: &str,
+        bootstrap: &[String],
+    ) -> Result<NodeProcess> {
+        let dir = root.join(region);
+        std::fs::create_dir_all(&dir)?;
+        let config = dir.join("node.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "data_dir = {:?}\nregion = {region:?}\ncluster = {cluster:?}\n[network]\n{TIMERS}",
+                dir.display().to_string()
+            ),
+        )?;
+        let addr = node_addr(index);
+        let mut args = vec![
+            "netns".to_string(),
+            "exec".into(),
+            namespace(index),
+            std::env::current_exe()?.display().to_string(),
+            "node".into(),
+            "--config".into(),
+            config.display().to_string(),
+            "--listen".into(),
+            format!("/ip4/{addr}/tcp/{P2P_PORT}"),
+            "--http-listen".into(),
+            format!("{addr}:{HTTP_PORT}"),
+        ];
+        for b in bootstrap {
+            args.push("--bootstrap".into());
+            args.push(b.clone());
+        }
+        Ok(NodeProcess {
+            index,
+            dir,
+            args,
+            child: None,
+            _stdout: None,
+        })
+    }
+
+    /// The node's HTTP API base URL.
+    pub fn url(&self) -> String {
+        format!("http://{}:{HTTP_PORT}", node_addr(self.index))
+    }
+
+    /// Starts the process (`ip netns exec` replaces itself with the node, so
+    /// the child's pid is the node's) and waits for its ready line.
+    pub async fn start(&mut self) -> Result<()> {
+        let log = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("node.log"))?;
+        let mut child = Command::new("ip")
+            .args(&self.args)
+            .env("RUST_LOG", "info,libp2p=warn,yamux=error")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .context("cannot start a node with `ip netns exec`")?;
+        let mut lines = BufReader::new(child.stdout.take().context("node stdout")?).lines();
+        match tokio::time::timeout(START_TIMEOUT, lines.next_line()).await {
+            Ok(Ok(Some(line))) if line.starts_with('{') => {}
+            _ => bail!(
+                "the node in {} did not start; see {}",
+                namespace(self.index),
+                self.dir.join("node.log").display()
+            ),
+        }
+        self.child = Some(child);
+        self._stdout = Some(lines);
+        Ok(())
+    }
+
+    /// SIGKILL, and wait for the process to be gone.
+    pub async fn kill(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill().await?;
+        }
+        self._stdout = None;
+        Ok(())
+    }
+
+    /// Sends `signal` (such as "STOP" or "CONT") to the running process.
+    pub fn signal(&self, signal: &str) -> Result<()> {
+        let pid = self
+            .child
+            .as_ref()
+            .and_then(Child::id)
+            .context("the node is not running")?;
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.to_string())
+            .status()?;
+        if !status.success() {
+            bail!("kill -{signal} {pid} failed");
+        }
+        Ok(())
+    }
+
+    /// Lines of the node's log (all its runs) that contain `text`.
+    pub fn log_lines_containing(&self, text: &str) -> usize {
+        std::fs::read_to_string(self.dir.join("node.log"))
+            .map_or(0, |log| log.lines().filter(|l| l.contains(text)).count())
+    }
+
+    /// Whether the process is running (started and not killed).
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+}
