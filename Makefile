@@ -4,7 +4,7 @@ RELEASE_BIN := target/release/causeway
 
 FUZZ_SECONDS ?= 60
 
-.PHONY: demo test lint fmt fuzz chaos bench bench-ingest bench-durable-writes bench-reconcile bench-delta-path bench-lag bench-join deps crash sim
+.PHONY: demo test lint fmt fuzz chaos bench bench-ingest bench-durable-writes bench-reconcile bench-delta-path bench-lag bench-join bench-replicate-trace deps crash sim
 
 ## Install missing system packages (as root) and cargo-nextest.
 deps:
@@ -49,7 +49,7 @@ crash: deps
 	$(CARGO) nextest run -p causeway-tests --no-capture
 
 ## Benchmarks (release build); figures go to stdout (JSON) and stderr (table).
-bench: bench-ingest bench-durable-writes bench-reconcile bench-delta-path bench-lag bench-join
+bench: bench-ingest bench-durable-writes bench-reconcile bench-delta-path bench-lag bench-join bench-replicate-trace
 
 bench-ingest: deps
 	$(CARGO) build --release -p causeway-node
@@ -83,3 +83,7 @@ bench-lag: deps
 bench-join: deps
 	$(CARGO) build --release -p causeway-node
 	$(RELEASE_BIN) bench join
+
+bench-replicate-trace: deps
+	$(CARGO) build --release -p causeway-node
+	$(RELEASE_BIN) bench replicate-trace

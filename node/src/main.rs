@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::{Parser, Subcommand, ValueEnum};
 
-use causeway_node::bench::{delta_path, durable_writes, ingest, join, lag, reconcile};
+use causeway_node::bench::{
+    delta_path, durable_writes, ingest, join, lag, reconcile, replicate_trace,
+};
 use causeway_node::client::{self, DocCommand, Target};
 use causeway_node::{chaos, daemon, demo, sim};
 
@@ -101,6 +103,9 @@ enum BenchCommand {
     /// Idle memory of a `causeway node` process, and the time for a new
     /// node to receive N existing documents.
     Join(join::Args),
+    /// An editing trace written on node A of a three-region loopback
+    /// cluster: time until B and C hold the final heads, next to A's ingest.
+    ReplicateTrace(replicate_trace::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -141,6 +146,9 @@ fn run(command: Command) -> Result<()> {
         Command::Bench(BenchCommand::DeltaPath(args)) => delta_path::run(&args),
         Command::Bench(BenchCommand::Lag(args)) => runtime()?.block_on(lag::run(&args)),
         Command::Bench(BenchCommand::Join(args)) => runtime()?.block_on(join::run(&args)),
+        Command::Bench(BenchCommand::ReplicateTrace(args)) => {
+            runtime()?.block_on(replicate_trace::run(&args))
+        }
     }
 }
 

@@ -140,7 +140,8 @@ fn replay_engine(engine: &Engine, trace: &Trace) -> Result<()> {
     check_text(&final_text, trace, "engine")
 }
 
-fn start_text(
+/// Creates the trace's text object under `text`, holding `content`.
+pub(crate) fn start_text(
     tx: &mut causeway_engine::automerge::transaction::Transaction<'_>,
     content: &str,
 ) -> Result<ObjId, causeway_engine::automerge::AutomergeError> {
@@ -149,7 +150,8 @@ fn start_text(
     Ok(text)
 }
 
-fn apply_txn(
+/// Applies one trace transaction to `text`.
+pub(crate) fn apply_txn(
     tx: &mut causeway_engine::automerge::transaction::Transaction<'_>,
     text: &ObjId,
     txn: &super::trace::Txn,

@@ -8,6 +8,7 @@ pub mod ingest;
 pub mod join;
 pub mod lag;
 pub mod reconcile;
+pub mod replicate_trace;
 pub mod trace;
 
 use serde_json::Value;

@@ -220,7 +220,14 @@ mod tests {
         );
         // Region 2 loses 30% from both others; the host is never matched.
         let rules = state.input_rules(2, 3);
-        assert_eq!(rules.len(), 2);
-        assert!(rules.iter().all(|r| !r.contains(&HOST_ADDR.to_string())));
+        assert_eq!(
+            rules,
+            vec![
+                "ip saddr 10.231.0.10 numgen random mod 100 < 30 drop".to_string(),
+                "ip saddr 10.231.0.11 numgen random mod 100 < 30 drop".to_string(),
+            ]
+        );
+        let host = format!("saddr {HOST_ADDR} ");
+        assert!(rules.iter().all(|r| !r.contains(&host)));
     }
 }

@@ -1,0 +1,133 @@
+//! `causeway bench replicate-trace`: an editing trace written on node A of a
+//! three-region loopback cluster (three full nodes in this process, each with
+//! its own store and libp2p swarm), one change per trace transaction, as fast
+//! as A's engine accepts them (default durability: every change fsynced);
+//! reports the time until nodes B and C hold A's final heads, next to A's
+//! own ingest time in the same run. Replication that keeps up finishes
+//! shortly after the ingest; the target is within 1.2x of it.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+use causeway_engine::automerge::{ChangeHash, ReadDoc, ROOT};
+use causeway_engine::replication::ids::ClusterId;
+use causeway_engine::{DocId, Engine};
+use serde_json::json;
+
+use super::ingest::{apply_txn, start_text, tempdir_in};
+use super::trace::{Trace, DEFAULT_TRACE};
+use super::{build_profile, Report};
+use crate::local_cluster;
+
+/// Arguments of `causeway bench replicate-trace`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Editing trace to write on node A (gzipped JSON).
+    #[arg(long, default_value = DEFAULT_TRACE)]
+    pub trace: PathBuf,
+    /// Write only the first N transactions (a smoke run).
+    #[arg(long)]
+    pub txns: Option<usize>,
+    /// Directory for the stores (default: the system temporary directory).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Give up waiting for B and C this long after A's ingest ended, seconds.
+    #[arg(long, default_value_t = 600)]
+    pub timeout_secs: u64,
+}
+
+/// Runs the benchmark.
+pub async fn run(args: &Args) -> Result<()> {
+    let mut trace = Trace::load(&args.trace)?;
+    let full = args.txns.is_none_or(|n| n >= trace.txns.len());
+    if let Some(n) = args.txns {
+        trace.txns.truncate(n.max(1));
+    }
+    let name = args
+        .trace
+        .file_name()
+        .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+    eprintln!(
+        "replicate-trace: {name}: {} transactions on A of 3 nodes, {} build",
+        trace.txns.len(),
+        build_profile()
+    );
+    let dir = tempdir_in(args.dir.as_deref())?;
+    let regions = ["eu-west", "us-east", "ap-south"];
+    let nodes = local_cluster::start(dir.path(), &ClusterId::new("bench")?, &regions).await?;
+    local_cluster::await_mesh(&nodes, Duration::from_secs(30)).await?;
+    let engines: Vec<Engine> = nodes.iter().map(|n| n.engine.clone()).collect();
+    let id = DocId::new("bench/replicate-trace")?;
+
+    let start = Instant::now();
+    let (ingest, heads) = tokio::task::spawn_blocking({
+        let (engine, id, trace) = (engines[0].clone(), id.clone(), trace.clone());
+        move || -> Result<(Duration, Vec<ChangeHash>)> {
+            let text = engine
+                .create(&id, |tx| start_text(tx, &trace.start_content))?
+                .value;
+            for txn in &trace.txns {
+                engine.update(&id, |tx| apply_txn(tx, &text, txn))?;
+            }
+            Ok((start.elapsed(), engine.heads(&id)?))
+        }
+    })
+    .await??;
+    let timeout = Duration::from_secs(args.timeout_secs);
+    let mut arrived = [None, None];
+    while arrived.iter().any(Option::is_none) {
+        for (slot, engine) in arrived.iter_mut().zip(&engines[1..]) {
+            if slot.is_none() && engine.heads(&id).is_ok_and(|h| h == heads) {
+                *slot = Some(start.elapsed());
+            }
+        }
+        if start.elapsed() > ingest + timeout {
+            bail!("B and C did not hold A's final heads within {timeout:?} after the ingest");
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let text = |e: &Engine| -> Result<String> {
+        e.read(&id, |d| -> Result<String> {
+            let (_, obj) = d
+                .get(ROOT, "text")?
+                .ok_or_else(|| anyhow::anyhow!("no text"))?;
+            Ok(d.text(&obj)?)
+        })?
+    };
+    let final_text = text(&engines[0])?;
+    if full && final_text != trace.end_content {
+        bail!("A's final text differs from the trace's endContent");
+    }
+    for e in &engines[1..] {
+        if text(e)? != final_text {
+            bail!("a replica's text differs from A's");
+        }
+    }
+    local_cluster::shutdown(&nodes).await?;
+
+    let [b, c] = arrived.map(|t| t.unwrap_or_default().as_secs_f64());
+    let ingest_s = ingest.as_secs_f64();
+    let mut report = Report::default();
+    report.record(
+        json!({"bench": "replicate-trace", "trace": name, "txns": trace.txns.len(), "nodes": 3,
+               "ingest_a_s": ingest_s, "replicated_b_s": b, "replicated_c_s": c,
+               "ratio_b": b / ingest_s, "ratio_c": c / ingest_s, "target_ratio": 1.2,
+               "build": build_profile()}),
+        vec![
+            trace.txns.len().to_string(),
+            format!("{ingest_s:.2}"),
+            format!("{b:.2}"),
+            format!("{c:.2}"),
+            format!("{:.2}", b.max(c) / ingest_s),
+        ],
+    );
+    report.print_table(&[
+        "txns",
+        "A ingest s",
+        "B holds all s",
+        "C holds all s",
+        "x ingest",
+    ]);
+    Ok(())
+}
