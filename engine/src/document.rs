@@ -5,7 +5,7 @@
 //! changes into exactly one WriteBatch (log entries or a fresh snapshot, plus
 //! metadata). It never writes anything else.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 use automerge::{ActorId, Automerge, Change, ChangeHash, ReadDoc};
 use rocksdb::WriteBatch;
@@ -193,29 +193,53 @@ impl DocState {
             }
             fresh.push(change);
         }
-        let mut pending: Vec<Change> = self.held.take();
-        pending.extend(fresh);
-        let mut known: HashSet<ChangeHash> = HashSet::new();
-        loop {
-            let before = pending.len();
-            let (ready, waiting): (Vec<Change>, Vec<Change>) = pending.into_iter().partition(|c| {
-                c.deps()
-                    .iter()
-                    .all(|d| known.contains(d) || self.has_change(d))
-            });
-            known.extend(ready.iter().map(Change::hash));
-            out.ready.extend(ready);
-            pending = waiting;
-            if pending.len() == before {
-                break;
+        let mut pending: Vec<Option<Change>> = self.held.take().into_iter().map(Some).collect();
+        pending.extend(fresh.into_iter().map(Some));
+        // Kahn's algorithm over the held and new changes: a dependency on
+        // another of them is an edge; only dependencies outside them are
+        // looked up in the document (each lookup walks Automerge's queue and
+        // allocates, so a long chain of held changes must not cost one per
+        // change on every call).
+        let index: HashMap<ChangeHash, usize> = pending
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| c.as_ref().map(|c| (c.hash(), i)))
+            .collect();
+        let mut blockers = vec![0usize; pending.len()];
+        let mut dependents: Vec<Vec<usize>> = vec![Vec::new(); pending.len()];
+        let mut missing = Vec::new();
+        let mut queue = VecDeque::new();
+        for (i, change) in pending.iter().enumerate() {
+            let Some(change) = change else { continue };
+            for dep in change.deps() {
+                match index.get(dep) {
+                    Some(&j) => {
+                        blockers[i] += 1;
+                        dependents[j].push(i);
+                    }
+                    None if self.has_change(dep) => {}
+                    None => {
+                        blockers[i] += 1;
+                        missing.push(*dep);
+                    }
+                }
+            }
+            if blockers[i] == 0 {
+                queue.push_back(i);
             }
         }
-        let pending_hashes: HashSet<ChangeHash> = pending.iter().map(Change::hash).collect();
-        let mut missing: Vec<ChangeHash> = pending
-            .iter()
-            .flat_map(|c| c.deps().iter().copied())
-            .filter(|d| !pending_hashes.contains(d) && !known.contains(d) && !self.has_change(d))
-            .collect();
+        while let Some(i) = queue.pop_front() {
+            if let Some(change) = pending[i].take() {
+                out.ready.push(change);
+            }
+            for &k in &dependents[i] {
+                blockers[k] -= 1;
+                if blockers[k] == 0 {
+                    queue.push_back(k);
+                }
+            }
+        }
+        let pending: Vec<Change> = pending.into_iter().flatten().collect();
         missing.sort_unstable();
         missing.dedup();
         out.missing = missing;

@@ -193,6 +193,45 @@ fn changes_with_missing_dependencies_are_held_until_they_arrive() {
 }
 
 #[test]
+fn a_long_history_delivered_backwards_one_change_at_a_time_is_held_then_applied() {
+    // Two writers' interleaved histories (merges included), delivered to a
+    // third replica one change per call, newest first: each waits for its
+    // predecessor, and the oldest releases all of them in one call.
+    let (_a_dir, a) = fresh();
+    let (_b_dir, b) = fresh();
+    let (_c_dir, c) = fresh();
+    let doc = id("backwards");
+    a.put_json(&doc, &json!({"start": 0})).unwrap();
+    b.apply_changes(&doc, &a.changes_since(&doc, &[]).unwrap())
+        .unwrap();
+    for i in 0..150 {
+        a.merge_json(&doc, &json!({ format!("a{i}"): i })).unwrap();
+        b.merge_json(&doc, &json!({ format!("b{i}"): i })).unwrap();
+        if i % 10 == 0 {
+            let base = b.heads(&doc).unwrap();
+            a.apply_changes(&doc, &b.changes_since(&doc, &[]).unwrap())
+                .unwrap();
+            b.apply_changes(&doc, &a.changes_since(&doc, &base).unwrap())
+                .unwrap();
+        }
+    }
+    a.apply_changes(&doc, &b.changes_since(&doc, &[]).unwrap())
+        .unwrap();
+    let all = a.changes_since(&doc, &[]).unwrap();
+    assert!(all.len() > 300);
+    for (n, change) in all[1..].iter().rev().enumerate() {
+        let outcome = c.apply_changes(&doc, std::slice::from_ref(change)).unwrap();
+        assert_eq!((outcome.applied, outcome.held), (0, n + 1), "change {n}");
+        assert!(!outcome.missing_deps.is_empty());
+    }
+    let outcome = c.apply_changes(&doc, &all[..1]).unwrap();
+    assert_eq!(outcome.applied, all.len());
+    assert_eq!(c.heads(&doc).unwrap(), a.heads(&doc).unwrap());
+    assert_eq!(c.get_json(&doc).unwrap(), a.get_json(&doc).unwrap());
+    assert_eq!(c.info(&doc).unwrap().held_changes, 0);
+}
+
+#[test]
 fn independently_created_documents_with_the_same_id_merge() {
     let (_a_dir, a) = fresh();
     let (_b_dir, b) = fresh();

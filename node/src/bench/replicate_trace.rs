@@ -104,7 +104,24 @@ pub async fn run(args: &Args) -> Result<()> {
             bail!("a replica's text differs from A's");
         }
     }
+    // The metrics are refreshed once a second.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let paths: Vec<[f64; 2]> = nodes[1..]
+        .iter()
+        .map(|n| {
+            [
+                metric(n, r#"causeway_changes_applied_total{kind="delta"}"#),
+                metric(n, r#"causeway_changes_applied_total{kind="sync"}"#),
+            ]
+        })
+        .collect();
+    let dropped = nodes[0].node.status().await?.local_events_dropped;
     local_cluster::shutdown(&nodes).await?;
+    eprintln!(
+        "changes applied by B: {} by delta, {} by sync; by C: {} by delta, {} by sync; \
+         local commits A's network task missed (queue full): {dropped}",
+        paths[0][0], paths[0][1], paths[1][0], paths[1][1]
+    );
 
     let [b, c] = arrived.map(|t| t.unwrap_or_default().as_secs_f64());
     let ingest_s = ingest.as_secs_f64();
@@ -113,6 +130,9 @@ pub async fn run(args: &Args) -> Result<()> {
         json!({"bench": "replicate-trace", "trace": name, "txns": trace.txns.len(), "nodes": 3,
                "ingest_a_s": ingest_s, "replicated_b_s": b, "replicated_c_s": c,
                "ratio_b": b / ingest_s, "ratio_c": c / ingest_s, "target_ratio": 1.2,
+               "b_changes_by_delta": paths[0][0], "b_changes_by_sync": paths[0][1],
+               "c_changes_by_delta": paths[1][0], "c_changes_by_sync": paths[1][1],
+               "a_local_events_dropped": dropped,
                "build": build_profile()}),
         vec![
             trace.txns.len().to_string(),
@@ -130,4 +150,17 @@ pub async fn run(args: &Args) -> Result<()> {
         "x ingest",
     ]);
     Ok(())
+}
+
+/// The value of the metric line starting with `series` in `node`'s
+/// registry (0 if absent).
+fn metric(node: &local_cluster::LocalNode, series: &str) -> f64 {
+    let mut text = String::new();
+    if prometheus_client::encoding::text::encode(&mut text, node.node.registry()).is_err() {
+        return 0.0;
+    }
+    text.lines()
+        .find_map(|l| l.strip_prefix(series))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
 }
