@@ -9,6 +9,13 @@
 //! decoder here runs Automerge's under `catch_unwind` and turns a panic into
 //! the same error a refused input gets. Unwinding is sound here: the decoders
 //! read owned or borrowed bytes and touch no shared state.
+//!
+//! Applying is guarded too: Automerge 0.12 asserts that an actor's changes
+//! arrive with consecutive sequence numbers, and the `apply_changes` fuzzer
+//! found that a change with intact dependencies but a rewritten `seq` (and
+//! a valid checksum) trips that assertion. [`apply`] turns the panic into an
+//! error; the document it was applied to is then in an unknown state, and
+//! the engine discards it and reloads it from the store.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
@@ -42,4 +49,19 @@ pub(crate) fn sync_state(bytes: &[u8]) -> Result<SyncState, String> {
 /// A saved document from its bytes.
 pub(crate) fn document(bytes: &[u8]) -> Result<Automerge, String> {
     guarded(|| Automerge::load(bytes))
+}
+
+/// Applies `changes` to `doc`, mapping Automerge's error, or a panic, to a
+/// message. After an error `doc` must be discarded: a panic can leave it
+/// half-applied.
+pub(crate) fn apply(
+    doc: &mut Automerge,
+    changes: impl IntoIterator<Item = Change> + Clone,
+) -> Result<(), String> {
+    match catch_unwind(AssertUnwindSafe(|| doc.apply_changes(changes))) {
+        Ok(result) => result.map_err(|e| e.to_string()),
+        Err(_) => {
+            Err("Automerge failed applying the changes (inconsistent change metadata)".into())
+        }
+    }
 }

@@ -328,13 +328,14 @@ impl Engine {
             heads: Vec::new(),
         };
         if !integration.ready.is_empty() {
-            state
-                .doc
-                .apply_changes(integration.ready.iter().cloned())
-                .map_err(|e| Error::ChangeRejected {
+            // On error `with_doc` discards this state and the next use
+            // reloads the document from the store, which is unchanged.
+            crate::codec::apply(&mut state.doc, integration.ready.iter().cloned()).map_err(
+                |reason| Error::ChangeRejected {
                     doc: id.clone(),
-                    reason: e.to_string(),
-                })?;
+                    reason,
+                },
+            )?;
             if let Some(c) = integration
                 .ready
                 .iter()

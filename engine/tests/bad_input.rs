@@ -328,3 +328,34 @@ fn change_bytes_that_panic_automerge_are_a_typed_error() {
     assert_eq!(engine.heads(&doc).unwrap(), before);
     assert_eq!(engine.get_json(&doc).unwrap(), json!({"a": 1}));
 }
+
+#[test]
+fn a_change_whose_sequence_number_skips_ahead_is_refused_and_changes_nothing() {
+    // Found by the apply_changes fuzzer: intact dependencies and checksum,
+    // but a `seq` that skips ahead of its actor's history. Automerge 0.12
+    // asserts on it while applying; the engine must refuse it instead.
+    let (_a_dir, a) = fresh();
+    let (_b_dir, b) = fresh();
+    let doc = id("notes/seq");
+    a.put_json(&doc, &json!({"a": 1})).unwrap();
+    a.merge_json(&doc, &json!({"b": 2})).unwrap();
+    let all = a.changes_since(&doc, &[]).unwrap();
+    let (last, earlier) = all.split_last().unwrap();
+    b.apply_changes(&doc, earlier).unwrap();
+    let before = (b.heads(&doc).unwrap(), b.get_json(&doc).unwrap());
+
+    let mut expanded = causeway_engine::automerge::Change::from_bytes(last.clone())
+        .unwrap()
+        .decode();
+    expanded.seq = 40_000;
+    let forged = causeway_engine::automerge::Change::from(expanded)
+        .raw_bytes()
+        .to_vec();
+    let err = b.apply_changes(&doc, &[forged]).unwrap_err();
+    assert!(matches!(err, Error::ChangeRejected { .. }), "{err}");
+    assert_eq!((b.heads(&doc).unwrap(), b.get_json(&doc).unwrap()), before);
+
+    // The document is intact: the genuine change still applies.
+    assert_eq!(b.apply_changes(&doc, &[last]).unwrap().applied, 1);
+    assert_eq!(b.get_json(&doc).unwrap(), a.get_json(&doc).unwrap());
+}
