@@ -10,7 +10,7 @@ use std::time::Duration;
 use causeway_engine::replication::ids::{ClusterId, NodeId, Region};
 use causeway_engine::replication::random::SplitMix64;
 use causeway_engine::replication::wire::{
-    Bytes, Delta, Envelope, Heads, Hello, Message, SyncFrame, MAX_CHANGES_PER_DELTA,
+    Ack, AckEntry, Bytes, Delta, Envelope, Heads, Hello, Message, SyncFrame, MAX_CHANGES_PER_DELTA,
     MAX_GOSSIP_BYTES, PROTOCOL_VERSION,
 };
 use causeway_engine::replication::{
@@ -373,4 +373,58 @@ fn a_peer_cannot_open_more_sync_sessions_than_the_limit() {
     }
     assert_eq!(a.core.stats().syncs_refused, 1);
     assert_eq!(a.core.queue_depths().open_syncs, 2);
+}
+
+#[test]
+fn a_late_older_report_does_not_undo_what_a_peer_is_known_to_hold() {
+    // Direct messages can overtake each other. Once b is known to hold a's
+    // heads, a report of b's older heads arriving late changes nothing;
+    // found by tests/consistency.rs under load (`/v1/where` said us no
+    // longer held a write it had acknowledged).
+    let mut a = node("a", "eu");
+    let mut b = node("b", "us");
+    let (an, bn) = (NodeId::new("a").unwrap(), NodeId::new("b").unwrap());
+    let mut rng = SplitMix64::new(1);
+    a.core.handle_connect(Duration::ZERO, &bn, &mut rng);
+    b.core.handle_connect(Duration::ZERO, &an, &mut rng);
+    pump(&mut a, &an, &mut b, &bn, Duration::ZERO);
+    let doc = id("cart/1");
+    let mut heads = Vec::new();
+    for (i, value) in [json!({"apples": 1}), json!({"pears": 2})]
+        .iter()
+        .enumerate()
+    {
+        commit(&mut a, "cart/1", value.clone());
+        let now = Duration::from_secs(i as u64 + 1);
+        pump(&mut a, &an, &mut b, &bn, now);
+        b.core.handle_timeout(now, &mut rng).unwrap();
+        pump(&mut a, &an, &mut b, &bn, now);
+        heads.push(a.core.engine().heads(&doc).unwrap());
+        assert_eq!(
+            a.core.progress().known_heads(&bn, &doc),
+            Some(&heads[i][..])
+        );
+    }
+    let stale = Envelope {
+        cluster: ClusterId::new("test").unwrap(),
+        message: Message::Ack(Ack {
+            entries: vec![AckEntry {
+                doc: doc.clone(),
+                heads: Heads::new(&heads[0]),
+            }],
+        }),
+    };
+    let now = Duration::from_secs(3);
+    a.core
+        .handle_message(now, &bn, Channel::Direct, &stale.encode())
+        .unwrap();
+    assert_eq!(
+        a.core.progress().known_heads(&bn, &doc),
+        Some(&heads[1][..])
+    );
+    let holders = a.core.holders(&doc, &heads[1]).unwrap();
+    assert!(
+        holders.iter().any(|h| h.peer == bn && h.holds),
+        "{holders:?}"
+    );
 }

@@ -982,6 +982,24 @@ impl Replicator {
             }
         };
         let ours = ours.filter(|o| !o.is_empty());
+        if let Some(o) = ours {
+            // Direct messages travel on separate streams and can overtake
+            // each other, so a report can be older than the one recorded.
+            // If the peer is known to hold all of our heads (stores never
+            // lose changes), a report of heads that are all in our history
+            // yet leave some of ours out describes its past: keep what we
+            // know. Heads with a change we lack are news and are recorded.
+            let known_to_hold = self
+                .progress
+                .known_heads(peer, doc)
+                .is_some_and(|k| o.iter().all(|h| k.contains(h)));
+            if known_to_hold
+                && !o.iter().all(|h| heads.contains(h))
+                && self.holds_all(doc, &heads)?
+            {
+                return Ok(());
+            }
+        }
         self.progress.record(now, peer, doc, heads, ours);
         Ok(())
     }
