@@ -361,6 +361,33 @@ fn engine(e: EngineSection) -> Result<EngineConfig, KeyError> {
     Ok(c)
 }
 
+/// The timers of [`NodeConfig::loopback`] as `[network]` lines of a settings
+/// file: redial after 100 ms to 2 s, discovery and anti-entropy every 5 s,
+/// requests time out after 10 s. For nodes on one machine or LAN that the
+/// benchmarks and the chaos harness start as child processes.
+pub const LAN_TIMERS: &str = "reconnect_min_ms = 100
+reconnect_max_ms = 2000
+discovery_interval_secs = 5
+anti_entropy_interval_secs = 5
+request_timeout_secs = 10
+";
+
+/// Creates `dir` and writes `dir/node.toml` for a node of `cluster` in
+/// `region` with its data in `dir` and the [`LAN_TIMERS`]; returns the
+/// file's path.
+pub fn write_lan_settings(dir: &Path, region: &str, cluster: &str) -> std::io::Result<PathBuf> {
+    std::fs::create_dir_all(dir)?;
+    let path = dir.join("node.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "data_dir = {:?}\nregion = {region:?}\ncluster = {cluster:?}\n[network]\n{LAN_TIMERS}",
+            dir.display().to_string()
+        ),
+    )?;
+    Ok(path)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -379,6 +406,29 @@ mod tests {
         let settings =
             FileSettings::load(&path)?.resolve(Overrides::default(), "examples/node.toml")?;
         assert_eq!(settings.node.region.as_str(), "eu-west");
+        Ok(())
+    }
+
+    #[test]
+    fn lan_settings_give_the_loopback_timers() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let path = write_lan_settings(&dir.path().join("n"), "eu", "c")?;
+        let s = FileSettings::load(&path)?.resolve(Overrides::default(), "n")?;
+        let lan = NodeConfig::loopback(Region::new("eu")?, ClusterId::new("c")?);
+        assert_eq!(s.data_dir, dir.path().join("n"));
+        assert_eq!(s.node.cluster.as_str(), "c");
+        assert_eq!(
+            (
+                s.node.reconnect_min,
+                s.node.reconnect_max,
+                s.node.discovery_interval
+            ),
+            (lan.reconnect_min, lan.reconnect_max, lan.discovery_interval)
+        );
+        assert_eq!(
+            (s.node.anti_entropy_interval, s.node.request_timeout),
+            (lan.anti_entropy_interval, lan.request_timeout)
+        );
         Ok(())
     }
 

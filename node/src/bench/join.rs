@@ -45,18 +45,8 @@ impl Drop for Proc {
     }
 }
 
-const SETTINGS: &str = "[network]\nreconnect_min_ms = 100\nreconnect_max_ms = 2000\ndiscovery_interval_secs = 5\nanti_entropy_interval_secs = 5\n";
-
 fn spawn(dir: &Path, region: &str, bootstrap: &[String]) -> Result<Proc> {
-    std::fs::create_dir_all(dir)?;
-    let config = dir.join("node.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "data_dir = {:?}\nregion = {region:?}\ncluster = \"bench\"\n{SETTINGS}",
-            dir.display().to_string()
-        ),
-    )?;
+    let config = crate::settings::write_lan_settings(dir, region, "bench")?;
     let mut cmd = Command::new(std::env::current_exe()?);
     cmd.args(["node", "--config"]).arg(&config);
     cmd.args([

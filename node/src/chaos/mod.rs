@@ -240,7 +240,7 @@ pub async fn run(args: &Args) -> Result<()> {
             "{} writers per region, {} writes/s each, {} documents, unknown after {} ms",
             args.writers, args.rate, args.docs, args.write_timeout_ms
         ),
-        node_timers: process::TIMERS.trim().replace('\n', ", "),
+        node_timers: crate::settings::LAN_TIMERS.trim().replace('\n', ", "),
         faults_by_kind: report::by_kind(&injected),
         faults: injected,
         writes: totals,

@@ -16,16 +16,6 @@ pub const P2P_PORT: u16 = 7700;
 /// Port of every node's HTTP API.
 pub const HTTP_PORT: u16 = 7780;
 
-/// Timers written into every node's settings file: a LAN-like cluster, so
-/// that healing is bounded by seconds (the WAN defaults redial after up to
-/// 60 s and run anti-entropy every 30 s).
-pub const TIMERS: &str = "reconnect_min_ms = 100
-reconnect_max_ms = 2000
-discovery_interval_secs = 5
-anti_entropy_interval_secs = 5
-request_timeout_secs = 10
-";
-
 /// How long a node may take to print its ready line.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -52,16 +42,10 @@ impl NodeProcess {
         cluster: &str,
         bootstrap: &[String],
     ) -> Result<NodeProcess> {
+        // LAN timers, so that healing is bounded by seconds (the WAN
+        // defaults redial after up to 60 s and run anti-entropy every 30 s).
         let dir = root.join(region);
-        std::fs::create_dir_all(&dir)?;
-        let config = dir.join("node.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "data_dir = {:?}\nregion = {region:?}\ncluster = {cluster:?}\n[network]\n{TIMERS}",
-                dir.display().to_string()
-            ),
-        )?;
+        let config = crate::settings::write_lan_settings(&dir, region, cluster)?;
         let addr = node_addr(index);
         let mut args = vec![
             "netns".to_string(),
