@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building and testing Causeway needs beyond the Rust toolchain:
-# libclang (bindgen for librocksdb-sys), a C++ compiler, cargo-nextest, and
-# (as root, for the chaos harness) iproute2 and nftables.
+# libclang (bindgen for librocksdb-sys), a C++ compiler, cargo-nextest,
+# Node.js and npm (the automerge-repo peer of `causeway bench
+# many-docs-sync`), and (as root, for the chaos harness) iproute2 and nftables.
 # As root it installs missing Debian packages with apt-get; otherwise it says
 # what to install and stops.
 set -euo pipefail
@@ -10,6 +11,8 @@ missing=()
 compgen -G "/usr/lib/llvm-*/lib/libclang.so*" >/dev/null || compgen -G "/usr/lib/x86_64-linux-gnu/libclang*.so*" >/dev/null || missing+=(libclang-dev)
 command -v g++ >/dev/null || missing+=(g++)
 command -v make >/dev/null || missing+=(make)
+command -v node >/dev/null || missing+=(nodejs)
+command -v npm >/dev/null || missing+=(npm)
 # The chaos harness (network namespaces, nftables) runs only as root; as
 # root, make sure its tools are there.
 if [[ $(id -u) -eq 0 ]]; then

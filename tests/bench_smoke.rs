@@ -40,3 +40,57 @@ fn replicate_trace_runs_end_to_end() {
     assert!(r["replicated_b_s"].as_f64().unwrap() >= r["ingest_a_s"].as_f64().unwrap());
     assert!(r["replicated_c_s"].as_f64().unwrap() >= r["ingest_a_s"].as_f64().unwrap());
 }
+
+/// `causeway bench all --quick`: every scenario at tiny sizes, including
+/// the comparison peers (installed by the run), and the markdown summary.
+#[test]
+fn every_scenario_runs_end_to_end_at_smoke_sizes() {
+    let dir = tempfile::tempdir().unwrap();
+    let markdown = dir.path().join("summary.md");
+    let results = bench(&["all", "--quick", "--markdown", markdown.to_str().unwrap()]);
+    let summary = std::fs::read_to_string(&markdown).unwrap();
+    assert!(!summary.contains("failed"), "{summary}");
+    for scenario in [
+        "ingest",
+        "durable-writes",
+        "reconcile",
+        "delta-path",
+        "lag",
+        "join",
+        "replicate-trace",
+        "many-docs-sync",
+        "steady-state",
+        "memory",
+    ] {
+        assert!(
+            summary.contains(&format!("causeway bench {scenario} ")),
+            "no row for {scenario}:\n{summary}"
+        );
+    }
+    let of =
+        |bench: &str| -> Vec<&Value> { results.iter().filter(|r| r["bench"] == bench).collect() };
+
+    // Every engine ends with the same 50 documents, checked by the run.
+    let sync = of("many-docs-sync");
+    let engines: Vec<&str> = sync.iter().map(|r| r["engine"].as_str().unwrap()).collect();
+    assert_eq!(engines, ["causeway", "automerge-repo", "samod"]);
+    for r in &sync {
+        assert_eq!(r["docs"], 50);
+        assert_eq!(r["contents_identical"], true);
+        assert!(r["bytes"].as_u64().unwrap() > 0);
+        assert!(!r["versions"].as_object().unwrap().is_empty());
+    }
+
+    let steady = of("steady-state");
+    assert_eq!(steady.len(), 1);
+    assert_eq!(steady[0]["writes_failed"], 0);
+    assert!(steady[0]["writes_acknowledged"].as_u64().unwrap() > 0);
+    assert!(steady[0]["lag_ms_max"].as_f64().unwrap() >= steady[0]["lag_ms_p50"].as_f64().unwrap());
+
+    let memory = of("memory");
+    assert_eq!(memory.len(), 1);
+    assert_eq!(memory[0]["docs"], 2000);
+    assert!(
+        memory[0]["peak_rss_mib"].as_f64().unwrap() >= memory[0]["idle_rss_mib"].as_f64().unwrap()
+    );
+}

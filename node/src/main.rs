@@ -7,7 +7,8 @@ use anyhow::Result;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use causeway_node::bench::{
-    delta_path, durable_writes, ingest, join, lag, reconcile, replicate_trace,
+    all, delta_path, durable_writes, ingest, join, lag, many_docs_sync, memory, reconcile,
+    replicate_trace, steady_state,
 };
 use causeway_node::client::{self, DocCommand, Target};
 use causeway_node::{chaos, daemon, demo, sim};
@@ -106,6 +107,17 @@ enum BenchCommand {
     /// An editing trace written on node A of a three-region loopback
     /// cluster: time until B and C hold the final heads, next to A's ingest.
     ReplicateTrace(replicate_trace::Args),
+    /// A new peer joins one holding N small documents: time and bytes until
+    /// it holds them all, for Causeway, automerge-repo and samod.
+    ManyDocsSync(many_docs_sync::Args),
+    /// Clients writing at a fixed rate on every node of a three-region
+    /// cluster: propagation lag, CPU, peak memory, bytes per change.
+    SteadyState(steady_state::Args),
+    /// A node with a million small documents stored and a thousand being
+    /// written: resident memory, open time, cache budget.
+    Memory(memory::Args),
+    /// Every scenario in turn; writes a markdown summary.
+    All(all::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -149,6 +161,14 @@ fn run(command: Command) -> Result<()> {
         Command::Bench(BenchCommand::ReplicateTrace(args)) => {
             runtime()?.block_on(replicate_trace::run(&args))
         }
+        Command::Bench(BenchCommand::ManyDocsSync(args)) => {
+            runtime()?.block_on(many_docs_sync::run(&args))
+        }
+        Command::Bench(BenchCommand::SteadyState(args)) => {
+            runtime()?.block_on(steady_state::run(&args))
+        }
+        Command::Bench(BenchCommand::Memory(args)) => runtime()?.block_on(memory::run(&args)),
+        Command::Bench(BenchCommand::All(args)) => all::run(&args),
     }
 }
 

@@ -28,6 +28,9 @@ pub struct Args {
     /// system temporary directory). Use a directory on the disk you care about.
     #[arg(long)]
     pub dir: Option<PathBuf>,
+    /// Replay only the first N transactions (smoke runs).
+    #[arg(long)]
+    pub txns: Option<usize>,
     /// Engine durabilities to measure (bare Automerge always runs, as the
     /// reference).
     #[arg(
@@ -50,7 +53,10 @@ pub enum DurabilityArg {
 
 /// Runs the benchmark.
 pub fn run(args: &Args) -> Result<()> {
-    let trace = Trace::load(&args.trace)?;
+    let mut trace = Trace::load(&args.trace)?;
+    if let Some(n) = args.txns {
+        trace.truncate(n);
+    }
     let name = args
         .trace
         .file_name()

@@ -2,13 +2,20 @@
 //! process, and prints one JSON object per result on stdout and a table on
 //! stderr. Build with `--release`; figures from debug builds are meaningless.
 
+pub mod all;
 pub mod delta_path;
 pub mod durable_writes;
 pub mod ingest;
 pub mod join;
 pub mod lag;
+pub mod many_docs_sync;
+pub mod memory;
+pub mod node_process;
+pub mod peers;
+pub mod proxy;
 pub mod reconcile;
 pub mod replicate_trace;
+pub mod steady_state;
 pub mod trace;
 
 use serde_json::Value;

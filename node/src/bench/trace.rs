@@ -53,8 +53,46 @@ impl Trace {
         Ok(trace)
     }
 
+    /// Keeps the first `n` transactions (at least one); `end_content`
+    /// becomes the text after them, replayed on plain characters, so the
+    /// benchmarks' final-text checks still hold.
+    pub fn truncate(&mut self, n: usize) {
+        if n >= self.txns.len() {
+            return;
+        }
+        self.txns.truncate(n.max(1));
+        let mut text: Vec<char> = self.start_content.chars().collect();
+        for patch in self.txns.iter().flat_map(|t| &t.patches) {
+            let end = (patch.0 + patch.1).min(text.len());
+            text.splice(patch.0.min(end)..end, patch.2.chars());
+        }
+        self.end_content = text.into_iter().collect();
+    }
+
     /// Number of single patches in the trace.
     pub fn patch_count(&self) -> usize {
         self.txns.iter().map(|t| t.patches.len()).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn truncating_replays_the_kept_transactions() {
+        let patch = |pos, del, ins: &str| Txn {
+            patches: vec![Patch(pos, del, ins.into())],
+        };
+        let mut trace = Trace {
+            start_content: "ab".into(),
+            end_content: "whole".into(),
+            txns: vec![patch(1, 0, "xy"), patch(0, 2, "é"), patch(0, 0, "z")],
+        };
+        trace.truncate(2);
+        assert_eq!(trace.txns.len(), 2);
+        assert_eq!(trace.end_content, "éyb");
+        trace.truncate(10);
+        assert_eq!(trace.end_content, "éyb");
     }
 }

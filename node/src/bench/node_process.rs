@@ -1,0 +1,215 @@
+//! Real `causeway node` processes for the benchmarks that measure whole
+//! nodes: this binary run as `causeway node` on 127.0.0.1 with the loopback
+//! timers, each with its own data directory, plus what the benchmarks read
+//! from them (/proc figures, document listings).
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+use anyhow::{Context, Result};
+use causeway_engine::{DocId, Durability, Engine, EngineConfig};
+use serde_json::{json, Value};
+
+/// A `causeway node` child process, killed when dropped.
+pub struct NodeProcess {
+    /// The child.
+    pub child: Child,
+    /// Its HTTP API base URL.
+    pub http: String,
+    /// Its libp2p listen addresses.
+    pub listen: Vec<String>,
+    /// Its libp2p peer id.
+    pub peer_id: String,
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl NodeProcess {
+    /// Starts a node with its data in `dir` (settings written there), TCP on
+    /// an ephemeral port, dialing `bootstrap`; returns once it printed its
+    /// ready line. Its log goes to `dir/node.log`.
+    pub fn spawn(dir: &Path, region: &str, bootstrap: &[String]) -> Result<Self> {
+        let config = crate::settings::write_lan_settings(dir, region, "bench")?;
+        let mut cmd = Command::new(std::env::current_exe()?);
+        cmd.args(["node", "--config"]).arg(&config);
+        cmd.args([
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--http-listen",
+            "127.0.0.1:0",
+        ]);
+        for b in bootstrap {
+            cmd.args(["--bootstrap", b]);
+        }
+        let log = std::fs::File::create(dir.join("node.log"))?;
+        let mut child = cmd
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()?;
+        let stdout = child.stdout.take().context("child stdout")?;
+        let line = BufReader::new(stdout)
+            .lines()
+            .next()
+            .context("the node exited before it was ready")??;
+        let info: Value = serde_json::from_str(&line)?;
+        let listen = info["listen"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|a| a.as_str().map(String::from))
+            .collect();
+        Ok(Self {
+            child,
+            http: info["http"].as_str().unwrap_or_default().to_string(),
+            listen,
+            peer_id: info["peer_id"].as_str().unwrap_or_default().to_string(),
+        })
+    }
+
+    /// The TCP port of its first `/tcp/` listen address.
+    pub fn tcp_port(&self) -> Result<u16> {
+        self.listen
+            .iter()
+            .find_map(|a| {
+                let mut parts = a.split('/');
+                parts.find(|p| *p == "tcp")?;
+                parts.next()?.parse().ok()
+            })
+            .context("the node listens on no TCP address")
+    }
+
+    /// Resident memory now, MiB.
+    pub fn rss_mib(&self) -> Result<f64> {
+        proc_status_mib(self.child.id(), "VmRSS:")
+    }
+}
+
+/// A `kB` field of /proc/PID/status (`VmRSS:`, `VmHWM:`), in MiB.
+pub fn proc_status_mib(pid: u32, field: &str) -> Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("no {field} in /proc/{pid}/status"))?;
+    Ok(kb / 1024.0)
+}
+
+/// User plus system CPU time a process has used, seconds.
+pub fn cpu_seconds(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces) start at ')'.
+    let rest = stat.rsplit_once(')').context("malformed /proc stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of stat; 12 and 13 after ')'.
+    let ticks: f64 = fields
+        .get(11..13)
+        .context("short /proc stat")?
+        .iter()
+        .map(|f| f.parse::<f64>().unwrap_or(0.0))
+        .sum();
+    Ok(ticks / USER_HZ)
+}
+
+/// Clock ticks per second in /proc: 100 on every Linux architecture.
+const USER_HZ: f64 = 100.0;
+
+/// The small document number `i` of the many-documents benchmarks, as it
+/// reads once both of its changes are applied. Every peer writes the same.
+pub fn small_document(i: usize) -> Value {
+    json!({"n": i, "owner": format!("user-{}", i % 97), "state": "open"})
+}
+
+/// Writes documents `prefix/0000000` .. into the store at `store` from 8
+/// threads: `small_document(i)` as two changes (a put, then a merge).
+pub fn populate(store: &Path, prefix: &str, n: usize, durability: Durability) -> Result<()> {
+    let config = EngineConfig {
+        durability,
+        ..EngineConfig::default()
+    };
+    let engine = Engine::open(store, config)?;
+    std::thread::scope(|s| -> Result<()> {
+        let handles: Vec<_> = (0..8)
+            .map(|t| {
+                let engine = engine.clone();
+                s.spawn(move || -> Result<()> {
+                    for i in (t..n).step_by(8) {
+                        let id = DocId::new(format!("{prefix}/{i:07}"))?;
+                        engine
+                            .put_json(&id, &json!({"n": i, "owner": format!("user-{}", i % 97)}))?;
+                        engine.merge_json(&id, &json!({"state": "open"}))?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().map_err(|_| anyhow::anyhow!("writer panicked"))??;
+        }
+        Ok(())
+    })
+}
+
+/// How many documents under `prefix/` the node at `http` lists.
+pub async fn count_docs(client: &reqwest::Client, http: &str, prefix: &str) -> Result<usize> {
+    Ok(list_docs(client, http, prefix).await?.len())
+}
+
+/// The ids of every document under `prefix/` the node at `http` lists.
+pub async fn list_docs(client: &reqwest::Client, http: &str, prefix: &str) -> Result<Vec<String>> {
+    let mut ids = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let mut req = client
+            .get(format!("{http}/v1/docs"))
+            .query(&[("prefix", format!("{prefix}/").as_str()), ("limit", "1000")]);
+        if let Some(a) = &after {
+            req = req.query(&[("after", a)]);
+        }
+        let page: Value = req.send().await?.error_for_status()?.json().await?;
+        ids.extend(
+            page["ids"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|v| v.as_str().map(String::from)),
+        );
+        match page["next"].as_str() {
+            Some(n) => after = Some(n.to_string()),
+            None => return Ok(ids),
+        }
+    }
+}
+
+/// The sum of libp2p's transport byte counters in the /metrics of the node
+/// at `http`: both directions, or only `"Outbound"` / `"Inbound"`. They
+/// count what the node's connections carry above Noise and yamux.
+pub async fn libp2p_bytes(
+    client: &reqwest::Client,
+    http: &str,
+    direction: Option<&str>,
+) -> Result<u64> {
+    let text = client
+        .get(format!("{http}/metrics"))
+        .send()
+        .await?
+        .error_for_status()?
+        .text()
+        .await?;
+    let wanted = direction.map(|d| format!("direction=\"{d}\""));
+    let total: f64 = text
+        .lines()
+        .filter(|l| l.starts_with("libp2p_bandwidth_bytes_total{"))
+        .filter(|l| wanted.as_ref().is_none_or(|w| l.contains(w.as_str())))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    Ok(total as u64)
+}
