@@ -4,7 +4,7 @@ RELEASE_BIN := target/release/causeway
 
 FUZZ_SECONDS ?= 60
 
-.PHONY: demo test lint fmt fuzz chaos bench bench-ingest bench-durable-writes bench-reconcile bench-delta-path bench-lag bench-join bench-replicate-trace deps crash sim
+.PHONY: demo test lint fmt fuzz chaos bench bench-all bench-ingest bench-durable-writes bench-reconcile bench-delta-path bench-lag bench-join bench-replicate-trace bench-many-docs-sync bench-steady-state bench-memory deps crash sim
 
 ## Install missing system packages (as root) and cargo-nextest.
 deps:
@@ -49,7 +49,13 @@ crash: deps
 	$(CARGO) nextest run -p causeway-tests --no-capture
 
 ## Benchmarks (release build); figures go to stdout (JSON) and stderr (table).
-bench: bench-ingest bench-durable-writes bench-reconcile bench-delta-path bench-lag bench-join bench-replicate-trace
+bench: bench-ingest bench-durable-writes bench-reconcile bench-delta-path bench-lag bench-join bench-replicate-trace bench-many-docs-sync bench-steady-state bench-memory
+
+## Every scenario in one run (about 20 minutes); rewrites the summary table
+## of docs/benchmarks.md. Installs the automerge-repo and samod peers.
+bench-all: deps
+	$(CARGO) build --release -p causeway-node
+	$(RELEASE_BIN) bench all --update docs/benchmarks.md > bench-all.jsonl
 
 bench-ingest: deps
 	$(CARGO) build --release -p causeway-node
@@ -87,3 +93,15 @@ bench-join: deps
 bench-replicate-trace: deps
 	$(CARGO) build --release -p causeway-node
 	$(RELEASE_BIN) bench replicate-trace
+
+bench-many-docs-sync: deps
+	$(CARGO) build --release -p causeway-node
+	$(RELEASE_BIN) bench many-docs-sync
+
+bench-steady-state: deps
+	$(CARGO) build --release -p causeway-node
+	$(RELEASE_BIN) bench steady-state
+
+bench-memory: deps
+	$(CARGO) build --release -p causeway-node
+	$(RELEASE_BIN) bench memory
