@@ -8,7 +8,12 @@
 set -euo pipefail
 
 missing=()
-compgen -G "/usr/lib/llvm-*/lib/libclang.so*" >/dev/null || compgen -G "/usr/lib/x86_64-linux-gnu/libclang*.so*" >/dev/null || missing+=(libclang-dev)
+# libclang itself (libclang.so or libclang-NN.so), not libclang-cpp, which
+# other packages bring and bindgen cannot use.
+compgen -G "/usr/lib/llvm-*/lib/libclang.so*" >/dev/null \
+    || compgen -G "/usr/lib/*-linux-gnu/libclang-[0-9]*.so*" >/dev/null \
+    || compgen -G "/usr/lib/*-linux-gnu/libclang.so*" >/dev/null \
+    || missing+=(libclang-dev)
 command -v g++ >/dev/null || missing+=(g++)
 command -v make >/dev/null || missing+=(make)
 command -v node >/dev/null || missing+=(nodejs)
