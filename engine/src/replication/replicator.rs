@@ -663,11 +663,9 @@ impl Replicator {
                 s.sent_at = None;
                 s.retries = 0;
             }
-            // The peer holds what we last sent. Whatever we gained since
-            // reaches it as deltas (our own commits) or by anti-entropy, not
-            // by keeping this session going: a session that followed every
-            // new commit would carry a busy document's changes twice.
-            self.settle(from, &frame.doc)?;
+            // Sends only if our heads moved since; otherwise the session goes
+            // idle and its shared heads are persisted.
+            self.pump_sync(now, from, &frame.doc, false)?;
             self.start_queued(now, from)?;
             return Ok(Verdict::Accept);
         }
@@ -685,9 +683,7 @@ impl Replicator {
             self.stats.syncs_refused += 1;
             return Ok(Verdict::Ignore);
         }
-        let mut their_heads = message.heads.clone();
-        their_heads.sort_unstable();
-        their_heads.dedup();
+        let their_heads = message.heads.clone();
         let (mut state, saved) = match self.peers.get(from).and_then(|p| p.syncs.get(&frame.doc)) {
             Some(s) => (s.state.clone(), s.saved.clone()),
             None => {
@@ -722,9 +718,6 @@ impl Replicator {
         );
         self.stats.sync_changes_applied += outcome.applied as u64;
         self.applied(now, &frame.doc, &outcome, &[from]);
-        // Identical heads and nothing held: both sides hold the same history,
-        // so there is nothing to ask for and nothing to offer.
-        let caught_up = outcome.held == 0 && their_heads == outcome.heads;
         self.record_progress(now, from, &frame.doc, their_heads, Some(&outcome.heads))?;
         if outcome.applied > 0 {
             // Changes that came by sync (a repair, a join) reach other peers
@@ -745,22 +738,7 @@ impl Replicator {
             };
             p.syncs.insert(frame.doc.clone(), sync);
         }
-        if caught_up {
-            // Answer "in sync" rather than with our heads, which the peer
-            // sent us itself: that ends the session in one message instead
-            // of two. The peer learns that we hold its heads from the ack.
-            self.queue_ack(from, &frame.doc, &outcome.heads);
-            self.send(
-                from,
-                Message::Sync(SyncFrame {
-                    doc: frame.doc.clone(),
-                    msg: Bytes(Vec::new()),
-                }),
-            );
-            self.settle(from, &frame.doc)?;
-        } else {
-            self.pump_sync(now, from, &frame.doc, true)?;
-        }
+        self.pump_sync(now, from, &frame.doc, true)?;
         self.start_queued(now, from)?;
         Ok(Verdict::Accept)
     }
@@ -931,33 +909,20 @@ impl Replicator {
             });
             self.send(peer, frame);
         }
+        if sync.sent_at.is_none() {
+            if sync.saved != sync.state.shared_heads {
+                self.engine
+                    .save_sync_states(peer.as_str(), &[(doc, &sync.state)])?;
+                sync.saved.clone_from(&sync.state.shared_heads);
+            }
+            // Idle: keep only what decides whether to answer the next message.
+            sync.state.sent_hashes.clear();
+            sync.state.their_have = None;
+            sync.state.their_need = None;
+        }
         if let Some(p) = self.peer_mut(peer) {
             p.syncs.insert(doc.clone(), sync);
         }
-        self.settle(peer, doc)
-    }
-
-    /// If `doc`'s session with `peer` awaits nothing, makes it idle: persists
-    /// its shared heads if they moved and trims it to what decides whether to
-    /// answer the next message.
-    fn settle(&mut self, peer: &NodeId, doc: &DocId) -> Result<()> {
-        let Some(p) = self.peers.get_mut(peer) else {
-            return Ok(());
-        };
-        let Some(sync) = p.syncs.get_mut(doc) else {
-            return Ok(());
-        };
-        if sync.sent_at.is_some() {
-            return Ok(());
-        }
-        if sync.saved != sync.state.shared_heads {
-            self.engine
-                .save_sync_states(peer.as_str(), &[(doc, &sync.state)])?;
-            sync.saved.clone_from(&sync.state.shared_heads);
-        }
-        sync.state.sent_hashes.clear();
-        sync.state.their_have = None;
-        sync.state.their_need = None;
         Ok(())
     }
 
