@@ -138,7 +138,8 @@ impl Engine {
     }
 
     /// Persists the durable part of the sync states with `peer` for the given
-    /// documents, in one WriteBatch, with the configured durability.
+    /// documents, in one WriteBatch, with the configured durability (or,
+    /// through a deferring handle, until the next deferred sync).
     pub fn save_sync_states(&self, peer: &str, states: &[(&DocId, &SyncState)]) -> Result<()> {
         validate_peer(peer)?;
         let store = &self.inner.store;
@@ -150,7 +151,7 @@ impl Engine {
                 sync.encode(),
             );
         }
-        store.commit(batch)
+        store.write(batch, self.wait())
     }
 
     /// Calls `f` with every stored document's id and digest of heads, in id

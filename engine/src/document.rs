@@ -15,7 +15,7 @@ use crate::doc_id::DocId;
 use crate::error::{Error, Result};
 use crate::layout::{self, DocMeta};
 use crate::lineage;
-use crate::store::Store;
+use crate::store::{Store, Wait};
 
 /// Estimated heap bytes per Automerge operation held in memory. Calibrated by
 /// `engine/tests/memory_estimate.rs` with a counting allocator (see
@@ -57,6 +57,9 @@ pub(crate) struct Integration {
     pub(crate) dropped: usize,
     /// Dependencies that neither the document nor the input provide.
     pub(crate) missing: Vec<ChangeHash>,
+    /// Per input change, in input order: whether it was new (applied or
+    /// held now) rather than a duplicate.
+    pub(crate) new: Vec<bool>,
 }
 
 impl DocState {
@@ -173,7 +176,10 @@ impl DocState {
         incoming: Vec<Change>,
         config: &EngineConfig,
     ) -> Result<Integration> {
-        let mut out = Integration::default();
+        let mut out = Integration {
+            new: Vec::with_capacity(incoming.len()),
+            ..Integration::default()
+        };
         let mut seen = HashSet::new();
         let mut fresh = Vec::with_capacity(incoming.len());
         let mut genesis = None;
@@ -181,8 +187,10 @@ impl DocState {
             let hash = change.hash();
             if self.has_change(&hash) || !seen.insert(hash) || self.held.contains(&hash) {
                 out.duplicates += 1;
+                out.new.push(false);
                 continue;
             }
+            out.new.push(true);
             if change.deps().is_empty()
                 && *genesis.get_or_insert_with(|| lineage::genesis_change(id).hash()) != hash
             {
@@ -272,13 +280,14 @@ impl DocState {
     /// Persists `new_changes`, which are already applied to `self.doc`, in one
     /// WriteBatch: as log entries, or folded with the existing log into a new
     /// snapshot when the compaction policy says so. Updates `self.meta` only
-    /// once the batch is durable.
+    /// once the batch is written (durable unless `wait` defers the fsync).
     pub(crate) fn persist(
         &mut self,
         store: &Store,
         id: &DocId,
         new_changes: &[Change],
         policy: &CompactionPolicy,
+        wait: Wait,
     ) -> Result<()> {
         let heads = self.doc.get_heads();
         let mut meta = self.meta.clone();
@@ -317,7 +326,7 @@ impl DocState {
             meta.log_bytes += new_bytes;
         }
         batch.put_cf(store.cf(layout::CF_DOC_META), id.as_bytes(), meta.encode());
-        store.commit(batch)?;
+        store.write(batch, wait)?;
         self.meta = meta;
         self.stored = true;
         Ok(())

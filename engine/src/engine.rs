@@ -17,7 +17,7 @@ use crate::events::{DocEvent, EventHub, Origin, Subscription};
 use crate::json;
 use crate::lineage;
 use crate::session::SessionToken;
-use crate::store::Store;
+use crate::store::{Store, Wait};
 
 /// Largest page [`Engine::list`] returns.
 pub const MAX_LIST_LIMIT: usize = 1000;
@@ -125,6 +125,9 @@ enum WriteMode {
 #[derive(Clone)]
 pub struct Engine {
     pub(crate) inner: Arc<Inner>,
+    /// How this handle's writes of received changes wait for durability
+    /// (local commits always wait). See [`Engine::deferring`].
+    wait: Wait,
 }
 
 pub(crate) struct Inner {
@@ -157,7 +160,35 @@ impl Engine {
                 actor,
                 held_dropped: AtomicU64::new(0),
             }),
+            wait: Wait::Durable,
         })
+    }
+
+    /// A handle on the same engine whose applies of received changes
+    /// ([`Engine::apply_changes`], [`Engine::receive_sync_message`]) and
+    /// saves of sync state return before their WAL fsync; local commits
+    /// through it still wait. [`Engine::sync_deferred`] then makes all of
+    /// them durable with one fsync. This lets a replicator apply a burst of
+    /// received messages for the price of one fsync, provided nothing derived
+    /// from them (an acknowledgement, a relay) leaves the node before the
+    /// sync returns. Readers of this engine see such changes before they are
+    /// durable; a crash in between loses them here, never at their sender.
+    pub(crate) fn deferring(&self) -> Engine {
+        Engine {
+            inner: Arc::clone(&self.inner),
+            wait: Wait::Deferred,
+        }
+    }
+
+    /// Returns once every write made through a [`Engine::deferring`] handle
+    /// so far is as durable as [`EngineConfig::durability`] requires.
+    pub(crate) fn sync_deferred(&self) -> Result<()> {
+        self.inner.store.sync_deferred()
+    }
+
+    /// How this handle's writes of received changes wait for durability.
+    pub(crate) fn wait(&self) -> Wait {
+        self.wait
     }
 
     /// The store directory.
@@ -300,8 +331,18 @@ impl Engine {
     /// on return. Changes whose dependencies are missing are held and applied
     /// when a later call supplies the dependencies.
     pub fn apply_changes<B: AsRef<[u8]>>(&self, id: &DocId, changes: &[B]) -> Result<ApplyOutcome> {
+        Ok(self.apply_changes_marked(id, changes)?.0)
+    }
+
+    /// [`Engine::apply_changes`], also saying for each input change, in
+    /// order, whether it was new (applied or held) rather than a duplicate.
+    pub(crate) fn apply_changes_marked<B: AsRef<[u8]>>(
+        &self,
+        id: &DocId,
+        changes: &[B],
+    ) -> Result<(ApplyOutcome, Vec<bool>)> {
         let decoded = self.decode_changes(id, changes)?;
-        self.with_doc(id, |state| self.apply_decoded(id, state, decoded))
+        self.with_doc(id, |state| self.integrate_decoded(id, state, decoded))
     }
 
     /// Integrates validated, decoded changes into a loaded document: applies
@@ -312,7 +353,19 @@ impl Engine {
         state: &mut DocState,
         decoded: Vec<Change>,
     ) -> Result<ApplyOutcome> {
-        let integration = state.integrate(id, decoded, &self.inner.config)?;
+        Ok(self.integrate_decoded(id, state, decoded)?.0)
+    }
+
+    /// [`Engine::apply_decoded`], also saying for each input change whether
+    /// it was new.
+    fn integrate_decoded(
+        &self,
+        id: &DocId,
+        state: &mut DocState,
+        decoded: Vec<Change>,
+    ) -> Result<(ApplyOutcome, Vec<bool>)> {
+        let mut integration = state.integrate(id, decoded, &self.inner.config)?;
+        let new = std::mem::take(&mut integration.new);
         if integration.dropped > 0 {
             self.inner
                 .held_dropped
@@ -352,11 +405,12 @@ impl Engine {
                 id,
                 &integration.ready,
                 &self.inner.config.compaction,
+                self.wait,
             )?;
             self.publish(id, state, Origin::Remote, || Arc::from([]));
         }
         outcome.heads = state.doc.get_heads();
-        Ok(outcome)
+        Ok((outcome, new))
     }
 
     /// Lists live documents whose id starts with `prefix`, after the id
@@ -478,6 +532,7 @@ impl Engine {
                     id,
                     &new_changes,
                     &self.inner.config.compaction,
+                    Wait::Durable,
                 )?;
                 let bytes = || new_changes.iter().map(|c| c.raw_bytes().to_vec()).collect();
                 self.publish(id, state, Origin::Local, bytes);

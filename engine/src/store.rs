@@ -10,11 +10,12 @@
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 use rocksdb::{
-    BlockBasedOptions, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType, Direction,
-    ErrorKind, IteratorMode, Options, ReadOptions, WriteBatch, WriteOptions, DB,
+    BlockBasedOptions, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType, DBRecoveryMode,
+    Direction, ErrorKind, IteratorMode, Options, ReadOptions, WriteBatch, WriteOptions, DB,
 };
 
 use crate::config::{Durability, EngineConfig};
@@ -29,7 +30,21 @@ pub(crate) struct Store {
     path: PathBuf,
     durability: Durability,
     group: GroupCommit,
+    /// Group-commit ticket of the latest [`Wait::Deferred`] write (0: none).
+    deferred: AtomicU64,
     failed: OnceLock<String>,
+}
+
+/// Whether a write waits for the durability the store is configured with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Wait {
+    /// Return once the write is as durable as [`Durability`] requires.
+    Durable,
+    /// Return once the write is in RocksDB (memtable and WAL buffer), not yet
+    /// fsynced; [`Store::sync_deferred`] later makes it durable. Only for
+    /// received changes, whose sender holds them durably: nothing derived
+    /// from such a write may leave the node before that sync returns.
+    Deferred,
 }
 
 /// What `open` found in the directory.
@@ -77,6 +92,7 @@ impl Store {
             path,
             durability: config.durability,
             group: GroupCommit::default(),
+            deferred: AtomicU64::new(0),
             failed: OnceLock::new(),
         };
         store.check_format()?;
@@ -142,9 +158,10 @@ impl Store {
             .expect("column family opened at startup")
     }
 
-    /// Writes `batch` atomically and returns once it is as durable as the
-    /// configured [`Durability`] requires.
-    pub(crate) fn commit(&self, batch: WriteBatch) -> Result<()> {
+    /// Writes `batch` atomically; with [`Wait::Durable`] returns once it is
+    /// as durable as the configured [`Durability`] requires, with
+    /// [`Wait::Deferred`] as soon as RocksDB holds it.
+    pub(crate) fn write(&self, batch: WriteBatch, wait: Wait) -> Result<()> {
         self.check_alive()?;
         self.db
             .write_opt(batch, &WriteOptions::default())
@@ -153,6 +170,27 @@ impl Store {
             return Ok(());
         }
         let ticket = self.group.ticket();
+        match wait {
+            Wait::Durable => self.wait_durable(ticket),
+            Wait::Deferred => {
+                self.deferred.fetch_max(ticket, Ordering::SeqCst);
+                Ok(())
+            }
+        }
+    }
+
+    /// Returns once every [`Wait::Deferred`] write made so far is as durable
+    /// as the configured [`Durability`] requires: at most one WAL fsync,
+    /// none if a later group commit already covered them.
+    pub(crate) fn sync_deferred(&self) -> Result<()> {
+        self.check_alive()?;
+        match self.deferred.load(Ordering::SeqCst) {
+            0 => Ok(()),
+            ticket => self.wait_durable(ticket),
+        }
+    }
+
+    fn wait_durable(&self, ticket: u64) -> Result<()> {
         self.group
             .wait_durable(ticket, || {
                 self.db.flush_wal(true).map_err(|e| e.to_string())
@@ -395,6 +433,11 @@ fn open_db(path: &Path, create: bool) -> Result<DB> {
     opts.create_missing_column_families(true);
     opts.set_max_background_jobs(2);
     opts.set_keep_log_file_num(4);
+    // RocksDB's default, named because the replicator relies on it: after a
+    // crash the store holds a prefix of the WAL, so a record written after
+    // another (a sync state after the changes it covers) never survives
+    // without it.
+    opts.set_wal_recovery_mode(DBRecoveryMode::PointInTime);
     let cfs = layout::COLUMN_FAMILIES
         .iter()
         .map(|name| ColumnFamilyDescriptor::new(*name, cf_options(name)));

@@ -428,3 +428,152 @@ fn a_late_older_report_does_not_undo_what_a_peer_is_known_to_hold() {
         "{holders:?}"
     );
 }
+
+/// A core over an engine with the default durability (every write synced).
+fn durable_node(name: &str, region: &str) -> (TempDir, Engine, Replicator) {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::open(dir.path(), causeway_engine::EngineConfig::default()).unwrap();
+    let config = ReplicatorConfig::new(
+        NodeId::new(name).unwrap(),
+        Region::new(region).unwrap(),
+        ClusterId::new("test").unwrap(),
+    );
+    let core = Replicator::new(engine.clone(), config, Duration::ZERO).unwrap();
+    (dir, engine, core)
+}
+
+#[test]
+fn a_batch_of_received_messages_is_durable_with_one_fsync() {
+    let mut a = node("a", "eu");
+    let an = NodeId::new("a").unwrap();
+    // Twenty deltas to two documents (a chain of ten each), as a writer
+    // produces them, plus one that does not decode.
+    let mut messages: Vec<(Channel, Vec<u8>)> = Vec::new();
+    for i in 0..10 {
+        commit(&mut a, "batch/x", json!({"i": i}));
+        commit(&mut a, "batch/y", json!({"j": i}));
+    }
+    while let Some(out) = a.core.poll_output() {
+        let Output::Publish(bytes) = out else {
+            continue;
+        };
+        messages.push((Channel::Gossip, bytes));
+    }
+    assert_eq!(messages.len(), 20);
+    // A copy of the third delta (to batch/x) with one change byte flipped:
+    // refused, without keeping the other deltas to batch/x out.
+    let mut tampered = Envelope::decode(&messages[2].1, MAX_GOSSIP_BYTES).unwrap();
+    let Message::Delta(d) = &mut tampered.message else {
+        unreachable!()
+    };
+    let change = &mut d.changes.last_mut().unwrap().0;
+    let middle = change.len() / 2;
+    change[middle] ^= 0x01;
+    // A repeat of the first delta: nothing new, so not forwarded.
+    let repeat = messages[0].clone();
+    messages.insert(7, (Channel::Gossip, vec![0xff; 16]));
+    messages.insert(12, (Channel::Gossip, tampered.encode()));
+    messages.push(repeat);
+
+    let (dir, engine, mut b) = durable_node("b", "us");
+    let syncs_before = engine.stats().wal_syncs;
+    let verdicts = b
+        .handle_messages(
+            Duration::ZERO,
+            messages
+                .iter()
+                .map(|(c, bytes)| (&an, *c, bytes.as_slice())),
+        )
+        .unwrap();
+    assert_eq!(engine.stats().wal_syncs - syncs_before, 1);
+    assert_eq!(verdicts.len(), 23);
+    assert_eq!(verdicts[7], Verdict::Reject);
+    assert_eq!(verdicts[12], Verdict::Reject);
+    assert_eq!(verdicts[22], Verdict::Ignore);
+    let accepted = verdicts.iter().filter(|v| **v == Verdict::Accept).count();
+    assert_eq!(accepted, 20);
+    for doc in ["batch/x", "batch/y"] {
+        assert_eq!(
+            b.engine().heads(&id(doc)).unwrap(),
+            a.core.engine().heads(&id(doc)).unwrap()
+        );
+    }
+    // What the batch applied is in the store, not only in memory.
+    drop(b);
+    let engine = common::reopen(&dir, engine, causeway_engine::EngineConfig::default());
+    assert_eq!(engine.get_json(&id("batch/x")).unwrap(), json!({"i": 9}));
+    assert_eq!(engine.get_json(&id("batch/y")).unwrap(), json!({"j": 9}));
+
+    // One message at a time pays one fsync each.
+    let (_dir, engine, mut c) = durable_node("c", "ap");
+    let syncs_before = engine.stats().wal_syncs;
+    for (channel, bytes) in &messages {
+        c.handle_message(Duration::ZERO, &an, *channel, bytes)
+            .unwrap();
+    }
+    assert_eq!(engine.stats().wal_syncs - syncs_before, 20);
+    for doc in ["batch/x", "batch/y"] {
+        assert_eq!(
+            c.engine().heads(&id(doc)).unwrap(),
+            a.core.engine().heads(&id(doc)).unwrap()
+        );
+    }
+}
+
+#[test]
+fn a_burst_of_local_commits_is_published_as_one_delta_per_document() {
+    let mut a = node("a", "eu");
+    let mut b = node("b", "us");
+    let an = NodeId::new("a").unwrap();
+    let engine: Engine = a.core.engine().clone();
+    let mut commits = Vec::new();
+    let mut write = |doc: &str, value: serde_json::Value| {
+        let doc = id(doc);
+        let before = engine.heads(&doc).unwrap_or_default();
+        let c = engine.merge_json(&doc, &value).unwrap();
+        let changes = engine.changes_since(&doc, &before).unwrap();
+        commits.push((doc, changes, c.heads));
+    };
+    // 1,030 commits to x interleaved with 5 to y: x needs two deltas
+    // (at most MAX_CHANGES_PER_DELTA changes each), y one.
+    for i in 0..1030 {
+        write("burst/x", json!({"i": i}));
+        if i % 200 == 0 {
+            write("burst/y", json!({"j": i}));
+        }
+    }
+    let total: usize = commits.iter().map(|(_, c, _)| c.len()).sum();
+    a.core.handle_local_commits(Duration::ZERO, commits);
+    let mut deltas = Vec::new();
+    while let Some(out) = a.core.poll_output() {
+        let Output::Publish(bytes) = out else {
+            panic!("a burst publishes deltas only");
+        };
+        let env = Envelope::decode(&bytes, MAX_GOSSIP_BYTES).unwrap();
+        let Message::Delta(d) = env.message else {
+            panic!("too large to gossip");
+        };
+        assert!(d.changes.len() <= MAX_CHANGES_PER_DELTA);
+        deltas.push((d.doc.to_string(), d.changes.len(), bytes));
+    }
+    let docs: Vec<&str> = deltas.iter().map(|(d, ..)| d.as_str()).collect();
+    assert_eq!(docs, ["burst/x", "burst/y", "burst/x"]);
+    assert_eq!(deltas.iter().map(|(_, n, _)| n).sum::<usize>(), total);
+    for (_, _, bytes) in &deltas {
+        let verdict = b
+            .core
+            .handle_message(Duration::ZERO, &an, Channel::Gossip, bytes)
+            .unwrap();
+        assert_eq!(verdict, Verdict::Accept);
+    }
+    for doc in ["burst/x", "burst/y"] {
+        assert_eq!(
+            b.core.engine().heads(&id(doc)).unwrap(),
+            engine.heads(&id(doc)).unwrap()
+        );
+    }
+    assert_eq!(
+        b.core.engine().get_json(&id("burst/x")).unwrap(),
+        json!({"i": 1029})
+    );
+}

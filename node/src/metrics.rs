@@ -52,6 +52,10 @@ pub struct NodeMetrics {
     /// Direct messages dropped unsent from a full per-peer queue, or queued
     /// when their peer disconnected (left to the core's retries).
     pub direct_dropped: Counter,
+    /// Batches of received messages applied (one WAL fsync each at most).
+    pub received_batches: Counter,
+    /// Received messages applied in those batches.
+    pub received_batched: Counter,
     /// Direct messages waiting for a free slot in a peer's window (longest
     /// queue over peers).
     pub direct_queued: Gauge,
@@ -98,6 +102,8 @@ impl NodeMetrics {
             publish_failures: Counter::default(),
             send_failures: Counter::default(),
             direct_dropped: Counter::default(),
+            received_batches: Counter::default(),
+            received_batched: Counter::default(),
             direct_queued: Gauge::default(),
             local_events_dropped: Gauge::default(),
             peers_replicating: Gauge::default(),
@@ -168,6 +174,16 @@ impl NodeMetrics {
             "direct_messages_dropped",
             "Direct messages dropped unsent (full per-peer queue, or peer gone)",
             m.direct_dropped.clone(),
+        );
+        r.register(
+            "received_batches",
+            "Batches of received messages applied, each durable with one WAL fsync at most",
+            m.received_batches.clone(),
+        );
+        r.register(
+            "received_batch_messages",
+            "Received messages applied in batches",
+            m.received_batched.clone(),
         );
     }
 

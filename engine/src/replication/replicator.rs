@@ -6,7 +6,11 @@
 //! [`Replicator::handle_timeout`] is next due. Every change the core emits is
 //! already durable here: local changes are committed by the engine before
 //! [`Replicator::handle_local_commit`] is called, and received changes are
-//! applied (durably) before anything derived from them is sent.
+//! durable before any `handle_*` call that applied them returns, so before
+//! anything derived from them can be drained. Within one call the core
+//! writes received changes without waiting for their fsync and syncs once at
+//! the end, so [`Replicator::handle_messages`] applies a burst of messages
+//! for the price of one WAL fsync.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
@@ -24,8 +28,8 @@ use super::random::Random;
 use super::reconcile::{self, ItemSet, Params};
 use super::wire::{
     Ack, AckEntry, Announce, Bytes, Delta, Envelope, Heads, Hello, Message, Reconcile, SyncFrame,
-    WireError, MAX_ACK_ENTRIES, MAX_FRAME_BYTES, MAX_GOSSIP_BYTES, MAX_SYNC_CHANGE_BYTES,
-    PROTOCOL_VERSION,
+    WireError, MAX_ACK_ENTRIES, MAX_CHANGES_PER_DELTA, MAX_FRAME_BYTES, MAX_GOSSIP_BYTES,
+    MAX_SYNC_CHANGE_BYTES, PROTOCOL_VERSION,
 };
 
 /// Configuration of a [`Replicator`]: plain data with defaults for a WAN.
@@ -289,9 +293,28 @@ struct Peer {
     acks: BTreeMap<DocId, Heads>,
 }
 
+/// Local commits to one document gathered by
+/// [`Replicator::handle_local_commits`] into one delta.
+struct Burst {
+    doc: DocId,
+    changes: Vec<Vec<u8>>,
+    /// Total bytes of `changes`.
+    bytes: usize,
+    /// The heads after the last commit.
+    heads: Vec<ChangeHash>,
+}
+
+/// A delta waiting in [`Replicator::handle_messages`] for the rest of its
+/// document's batch: the index of its verdict, its sender, the delta.
+type BatchedDelta = (usize, NodeId, Delta);
+
 /// The replication state machine of one node. See the [module docs](self).
 pub struct Replicator {
     engine: Engine,
+    /// The same engine, writing received changes and sync states without
+    /// waiting for their fsync; every `handle_*` call that may write ends
+    /// with [`Engine::sync_deferred`].
+    writer: Engine,
     config: ReplicatorConfig,
     items: ItemSet,
     peers: BTreeMap<NodeId, Peer>,
@@ -309,6 +332,7 @@ impl Replicator {
         let mut items = ItemSet::new();
         engine.for_each_digest(|id, digest| items.insert(id, &digest))?;
         Ok(Replicator {
+            writer: engine.deferring(),
             engine,
             next_anti_entropy: now + config.anti_entropy_interval,
             next_ack_flush: now + config.ack_interval,
@@ -465,6 +489,49 @@ impl Replicator {
         }
     }
 
+    /// Several local writes committed (durably) at `now`, each as
+    /// `(doc, changes, heads)`, in commit order. The commits to one document
+    /// are published together, as few deltas as the limits allow (at most
+    /// [`MAX_CHANGES_PER_DELTA`] changes and half of [`MAX_GOSSIP_BYTES`] of
+    /// change bytes each), each carrying the heads after its last commit;
+    /// otherwise as [`Replicator::handle_local_commit`]. A writer faster than
+    /// the network then costs one gossip message per burst, not per commit.
+    pub fn handle_local_commits(
+        &mut self,
+        now: Duration,
+        commits: impl IntoIterator<Item = (DocId, Vec<Vec<u8>>, Vec<ChangeHash>)>,
+    ) {
+        let mut bursts: Vec<Burst> = Vec::new();
+        for (doc, changes, heads) in commits {
+            let bytes: usize = changes.iter().map(Vec::len).sum();
+            if let Some(i) = bursts.iter().position(|b| b.doc == doc) {
+                let b = &bursts[i];
+                if b.changes.len() + changes.len() > MAX_CHANGES_PER_DELTA
+                    || b.bytes + bytes > MAX_GOSSIP_BYTES / 2
+                {
+                    let full = bursts.remove(i);
+                    self.handle_local_commit(now, &full.doc, full.changes, &full.heads);
+                }
+            }
+            match bursts.iter_mut().find(|b| b.doc == doc) {
+                Some(b) => {
+                    b.changes.extend(changes);
+                    b.bytes += bytes;
+                    b.heads = heads;
+                }
+                None => bursts.push(Burst {
+                    doc,
+                    changes,
+                    bytes,
+                    heads,
+                }),
+            }
+        }
+        for b in bursts {
+            self.handle_local_commit(now, &b.doc, b.changes, &b.heads);
+        }
+    }
+
     /// A connection to `peer` opened: say hello and reconcile.
     pub fn handle_connect(&mut self, now: Duration, peer: &NodeId, random: &mut dyn Random) {
         self.peers.insert(
@@ -503,22 +570,85 @@ impl Replicator {
         channel: Channel,
         bytes: &[u8],
     ) -> Result<Verdict> {
+        let verdict = match self.open(from, channel, bytes) {
+            Ok(message) => self.dispatch(now, from, channel, message)?,
+            Err(verdict) => verdict,
+        };
+        self.engine.sync_deferred()?;
+        Ok(verdict)
+    }
+
+    /// Several messages arrived at `now`: handles each as
+    /// [`Replicator::handle_message`] would and returns their verdicts in
+    /// the same order. Deltas to one document are applied together, after
+    /// the other messages, in one Automerge apply (whose cost grows with
+    /// the document, not with the number of changes, so one apply per delta
+    /// would make a receiver far slower than the writer). Everything the
+    /// batch applied becomes durable with one WAL fsync before this returns.
+    pub fn handle_messages<'a>(
+        &mut self,
+        now: Duration,
+        messages: impl IntoIterator<Item = (&'a NodeId, Channel, &'a [u8])>,
+    ) -> Result<Vec<Verdict>> {
+        let mut verdicts = Vec::new();
+        // Deltas per document, in order of first arrival; each with the
+        // index of its verdict and its sender.
+        let mut deltas: Vec<(DocId, Vec<BatchedDelta>)> = Vec::new();
+        for (from, channel, bytes) in messages {
+            let i = verdicts.len();
+            verdicts.push(Verdict::Ignore);
+            match self.open(from, channel, bytes) {
+                Err(verdict) => verdicts[i] = verdict,
+                Ok(Message::Delta(d)) if channel == Channel::Gossip => {
+                    match deltas.iter_mut().find(|(doc, _)| *doc == d.doc) {
+                        Some((_, run)) => run.push((i, from.clone(), d)),
+                        None => deltas.push((d.doc.clone(), vec![(i, from.clone(), d)])),
+                    }
+                }
+                Ok(message) => verdicts[i] = self.dispatch(now, from, channel, message)?,
+            }
+        }
+        for (doc, run) in deltas {
+            self.on_deltas(now, &doc, run, &mut verdicts)?;
+        }
+        self.engine.sync_deferred()?;
+        Ok(verdicts)
+    }
+
+    /// Decodes an envelope and checks its cluster; a refusal is the verdict.
+    fn open(
+        &mut self,
+        from: &NodeId,
+        channel: Channel,
+        bytes: &[u8],
+    ) -> std::result::Result<Message, Verdict> {
         let limit = match channel {
             Channel::Gossip => MAX_GOSSIP_BYTES,
             Channel::Direct => MAX_FRAME_BYTES,
         };
         let envelope = match Envelope::decode(bytes, limit) {
             Ok(env) => env,
-            Err(e) => return Ok(self.reject(from, Rejection::Wire(e))),
+            Err(e) => return Err(self.reject(from, Rejection::Wire(e))),
         };
         if envelope.cluster != self.config.cluster {
             let reason = Rejection::WrongCluster {
                 expected: self.config.cluster.clone(),
                 found: envelope.cluster,
             };
-            return Ok(self.reject(from, reason));
+            return Err(self.reject(from, reason));
         }
-        match (channel, envelope.message) {
+        Ok(envelope.message)
+    }
+
+    /// Handles one opened message; what it applied may not be durable yet.
+    fn dispatch(
+        &mut self,
+        now: Duration,
+        from: &NodeId,
+        channel: Channel,
+        message: Message,
+    ) -> Result<Verdict> {
+        match (channel, message) {
             (Channel::Gossip, Message::Delta(d)) => self.on_delta(now, from, d),
             (Channel::Gossip, Message::Announce(a)) => self.on_announce(now, from, a),
             (Channel::Direct, Message::Hello(h)) => {
@@ -597,7 +727,7 @@ impl Replicator {
             }
             self.start_queued(now, peer)?;
         }
-        Ok(())
+        self.engine.sync_deferred()
     }
 
     fn on_delta(&mut self, now: Duration, from: &NodeId, d: Delta) -> Result<Verdict> {
@@ -606,7 +736,7 @@ impl Replicator {
         }
         self.progress.set_region(&d.origin, &d.region);
         let changes: Vec<Vec<u8>> = d.changes.into_iter().map(|b| b.0).collect();
-        let outcome = match self.engine.apply_changes(&d.doc, &changes) {
+        let outcome = match self.writer.apply_changes(&d.doc, &changes) {
             Ok(o) => o,
             Err(e) if is_bad_change(&e) => {
                 return Ok(self.reject(from, Rejection::BadChange(e.to_string())))
@@ -633,6 +763,94 @@ impl Replicator {
             return Ok(Verdict::Ignore);
         }
         Ok(Verdict::Accept)
+    }
+
+    /// Deltas to `doc` received in one batch, each with the index of its
+    /// verdict in `verdicts` and its sender: applied in one call, then each
+    /// handled as [`Replicator::on_delta`] would have. If any change is bad,
+    /// nothing was applied and each delta is handled on its own, so that
+    /// only the bad ones are refused.
+    fn on_deltas(
+        &mut self,
+        now: Duration,
+        doc: &DocId,
+        run: Vec<BatchedDelta>,
+        verdicts: &mut [Verdict],
+    ) -> Result<()> {
+        let mut run: Vec<BatchedDelta> = run
+            .into_iter()
+            .filter(|(i, _, d)| {
+                let own = d.origin == self.config.node;
+                if own {
+                    verdicts[*i] = Verdict::Ignore;
+                }
+                !own
+            })
+            .collect();
+        if run.len() <= 1 {
+            if let Some((i, from, d)) = run.pop() {
+                verdicts[i] = self.on_delta(now, &from, d)?;
+            }
+            return Ok(());
+        }
+        let result = {
+            let changes: Vec<&[u8]> = run
+                .iter()
+                .flat_map(|(_, _, d)| d.changes.iter().map(|b| b.0.as_slice()))
+                .collect();
+            self.writer.apply_changes_marked(doc, &changes)
+        };
+        let (outcome, new) = match result {
+            Ok(o) => o,
+            Err(e) if is_bad_change(&e) => {
+                for (i, from, d) in run {
+                    verdicts[i] = self.on_delta(now, &from, d)?;
+                }
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        self.stats.delta_changes_applied += outcome.applied as u64;
+        // The peers that sent or relayed every delta of the run hold all of
+        // its changes; a peer behind only some of them is not a source.
+        let (first_from, first_origin) = (run[0].1.clone(), run[0].2.origin.clone());
+        let sources: Vec<NodeId> = [first_from, first_origin]
+            .into_iter()
+            .filter(|p| run.iter().all(|(_, f, d)| f == p || d.origin == *p))
+            .collect();
+        let sources: Vec<&NodeId> = sources.iter().collect();
+        self.applied(now, doc, &outcome, &sources);
+        let ours = (!outcome.heads.is_empty()).then_some(outcome.heads.as_slice());
+        for (_, _, d) in &run {
+            self.progress.set_region(&d.origin, &d.region);
+            self.progress
+                .record(now, &d.origin, doc, d.heads.to_vec(), ours);
+        }
+        if !outcome.missing_deps.is_empty() {
+            let senders: BTreeSet<NodeId> = run.iter().map(|(_, f, _)| f.clone()).collect();
+            for from in &senders {
+                self.enqueue_sync(from, doc);
+                self.start_queued(now, from)?;
+            }
+        }
+        let mut at = 0;
+        for (i, from, d) in &run {
+            if outcome.applied > 0 || outcome.duplicates > 0 {
+                self.queue_ack(&d.origin, doc, &outcome.heads);
+                if *from != d.origin {
+                    self.queue_ack(from, doc, &outcome.heads);
+                }
+            }
+            let n = d.changes.len();
+            let fresh = new.get(at..at + n).is_some_and(|m| m.contains(&true));
+            verdicts[*i] = if fresh {
+                Verdict::Accept
+            } else {
+                Verdict::Ignore
+            };
+            at += n;
+        }
+        Ok(())
     }
 
     fn on_announce(&mut self, now: Duration, from: &NodeId, a: Announce) -> Result<Verdict> {
@@ -699,7 +917,7 @@ impl Replicator {
         // applying ignores.
         state.sent_hashes.clear();
         let outcome = match self
-            .engine
+            .writer
             .receive_sync_message(&frame.doc, &mut state, message)
         {
             Ok(o) => o,
@@ -911,7 +1129,10 @@ impl Replicator {
         }
         if sync.sent_at.is_none() {
             if sync.saved != sync.state.shared_heads {
-                self.engine
+                // Written after the changes behind these heads, so a crash
+                // that loses those changes (their fsync deferred) loses this
+                // record too: RocksDB recovers a prefix of the WAL.
+                self.writer
                     .save_sync_states(peer.as_str(), &[(doc, &sync.state)])?;
                 sync.saved.clone_from(&sync.state.shared_heads);
             }

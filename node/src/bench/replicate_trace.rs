@@ -106,21 +106,38 @@ pub async fn run(args: &Args) -> Result<()> {
     }
     // The metrics are refreshed once a second.
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    let paths: Vec<[f64; 2]> = nodes[1..]
+    let paths: Vec<[f64; 4]> = nodes[1..]
         .iter()
         .map(|n| {
             [
                 metric(n, r#"causeway_changes_applied_total{kind="delta"}"#),
                 metric(n, r#"causeway_changes_applied_total{kind="sync"}"#),
+                metric(n, "causeway_received_batches_total"),
+                metric(n, "causeway_received_batch_messages_total"),
             ]
         })
         .collect();
+    let fsyncs: Vec<u64> = engines.iter().map(|e| e.stats().wal_syncs).collect();
     let dropped = nodes[0].node.status().await?.local_events_dropped;
     local_cluster::shutdown(&nodes).await?;
     eprintln!(
         "changes applied by B: {} by delta, {} by sync; by C: {} by delta, {} by sync; \
          local commits A's network task missed (queue full): {dropped}",
         paths[0][0], paths[0][1], paths[1][0], paths[1][1]
+    );
+    let mean_batch = |p: &[f64; 4]| if p[2] > 0.0 { p[3] / p[2] } else { 0.0 };
+    eprintln!(
+        "received messages applied in batches: B {} in {} (mean {:.1}), C {} in {} (mean {:.1}); \
+         WAL fsyncs: A {}, B {}, C {}",
+        paths[0][3],
+        paths[0][2],
+        mean_batch(&paths[0]),
+        paths[1][3],
+        paths[1][2],
+        mean_batch(&paths[1]),
+        fsyncs[0],
+        fsyncs[1],
+        fsyncs[2]
     );
 
     let [b, c] = arrived.map(|t| t.unwrap_or_default().as_secs_f64());
@@ -133,6 +150,8 @@ pub async fn run(args: &Args) -> Result<()> {
                "b_changes_by_delta": paths[0][0], "b_changes_by_sync": paths[0][1],
                "c_changes_by_delta": paths[1][0], "c_changes_by_sync": paths[1][1],
                "a_local_events_dropped": dropped,
+               "b_mean_batch": mean_batch(&paths[0]), "c_mean_batch": mean_batch(&paths[1]),
+               "a_fsyncs": fsyncs[0], "b_fsyncs": fsyncs[1], "c_fsyncs": fsyncs[2],
                "build": build_profile()}),
         vec![
             trace.txns.len().to_string(),

@@ -32,6 +32,13 @@ use sha2::{Digest, Sha256};
 use super::codec::FrameCodec;
 use crate::config::NodeConfig;
 
+/// Events a connection may queue for the swarm before it stops reading
+/// (libp2p's default is 7). The driver applies what is queued in one batch
+/// (`network::inbox`), so this is also the largest batch one busy peer can
+/// fill while the driver applies the previous one; at most this many
+/// gossip messages (256 KiB each at most) wait per connection.
+pub const EVENTS_PER_CONNECTION: usize = 64;
+
 /// Gossip messages one RPC may carry; more are dropped by gossipsub.
 pub const MAX_GOSSIP_MESSAGES_PER_RPC: usize = 256;
 
@@ -149,7 +156,10 @@ pub fn build_swarm(
             what: "behaviours",
             reason: e.to_string(),
         })?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(config.idle_connection_timeout))
+        .with_swarm_config(|c| {
+            c.with_idle_connection_timeout(config.idle_connection_timeout)
+                .with_per_connection_event_buffer_size(EVENTS_PER_CONNECTION)
+        })
         .build();
     Ok(swarm)
 }

@@ -4,9 +4,13 @@
 //! Each turn of the loop takes one input (a swarm event, a local commit, a
 //! command from a handle, the core's timer or the redial tick), hands it to
 //! the replication core or the swarm, then drains every output the core
-//! produced. Engine calls block this task; that is the point: a received
-//! change is durable before anything derived from it leaves, and a slow
-//! disk slows replication instead of queueing unbounded work.
+//! produced. Received messages are gathered first: after a swarm event the
+//! loop takes every further swarm event already ready, up to a bound, and
+//! hands their messages to the core in one batch (one WAL fsync; see
+//! [`inbox`](super::inbox)). Engine calls block this task; that is the
+//! point: a received change is durable before anything derived from it
+//! leaves, and a slow disk slows replication instead of queueing unbounded
+//! work.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::str::FromStr;
@@ -17,7 +21,7 @@ use causeway_engine::replication::ids::NodeId;
 use causeway_engine::replication::random::SplitMix64;
 use causeway_engine::replication::{reason_name, Channel, Holder, Output, Replicator, Verdict};
 use causeway_engine::{DocEvent, DocId};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use libp2p::core::transport::ListenerId;
 use libp2p::core::ConnectedPoint;
 use libp2p::metrics::{Metrics as Libp2pMetrics, Recorder};
@@ -30,6 +34,7 @@ use tracing::{debug, info, warn};
 use super::backoff::Backoff;
 use super::behaviour::{Behaviour, BehaviourEvent, Protocols};
 use super::codec::Receipt;
+use super::inbox::{self, Inbox, Received, Reply};
 use super::outbox::{Offer, Outbox};
 use super::progress::{region_lags, PeerLag, RegionWaiter};
 use super::status::{Behind, NetworkStatus, PeerState, PeerStatus};
@@ -43,6 +48,9 @@ pub const MAX_ADDRS_PER_PEER: usize = 8;
 pub const MAX_KNOWN_PEERS: usize = 1024;
 /// How long shutdown waits for direct messages already sent to be received.
 pub const SHUTDOWN_FLUSH: Duration = Duration::from_secs(2);
+/// Local commits taken from the queue in one turn and published together
+/// (see [`Replicator::handle_local_commits`]).
+pub const MAX_LOCAL_BURST: usize = 1024;
 /// Writes waiting at once for other regions to hold them; more are refused.
 pub const MAX_REGION_WAITERS: usize = 1024;
 
@@ -144,6 +152,7 @@ pub struct Driver {
     outbox: Outbox<PeerId>,
     local_events_dropped: u64,
     waiters: Vec<RegionWaiter>,
+    inbox: Inbox,
 }
 
 /// What a [`Driver`] is made of.
@@ -232,6 +241,7 @@ impl Driver {
             outbox,
             local_events_dropped: 0,
             waiters: Vec::new(),
+            inbox: Inbox::default(),
         }
     }
 
@@ -259,10 +269,25 @@ impl Driver {
         loop {
             let deadline = self.start + self.core.poll_timeout();
             tokio::select! {
-                event = self.swarm.select_next_some() => self.on_swarm_event(event)?,
+                event = self.swarm.select_next_some() => {
+                    self.on_swarm_event(event)?;
+                    self.gather()?;
+                }
                 Some(event) = inputs.local.recv() => {
+                    // The commits already queued behind this one go out with
+                    // it: one delta per document and burst.
+                    let mut events = vec![event];
+                    while events.len() < MAX_LOCAL_BURST {
+                        match inputs.local.try_recv() {
+                            Ok(event) => events.push(event),
+                            Err(_) => break,
+                        }
+                    }
                     let now = self.now();
-                    self.core.handle_local_commit(now, &event.doc, event.changes.to_vec(), &event.heads);
+                    self.core.handle_local_commits(
+                        now,
+                        events.into_iter().map(|e| (e.doc, e.changes.to_vec(), e.heads)),
+                    );
                 }
                 command = inputs.commands.recv() => match command {
                     Some(Command::Shutdown) | None => break,
@@ -307,6 +332,58 @@ impl Driver {
 
     fn now(&self) -> Duration {
         self.start.elapsed()
+    }
+
+    /// Takes the swarm events that are ready without waiting, while the
+    /// inbox has room, then applies the messages they brought.
+    fn gather(&mut self) -> Result<(), DriverError> {
+        // Non-message events count too, so that a stream of them cannot
+        // keep this turn going.
+        let mut budget = inbox::MAX_BATCH_MESSAGES;
+        while !self.inbox.is_empty() && self.inbox.has_room() && budget > 0 {
+            let Some(Some(event)) = self.swarm.next().now_or_never() else {
+                break;
+            };
+            self.on_swarm_event(event)?;
+            budget -= 1;
+        }
+        self.apply_received()
+    }
+
+    /// Hands the inbox to the core in one batch (durable on return), then
+    /// sends each message's verdict where it goes.
+    fn apply_received(&mut self) -> Result<(), DriverError> {
+        if self.inbox.is_empty() {
+            return Ok(());
+        }
+        let batch = self.inbox.take();
+        let verdicts = self.core.handle_messages(
+            self.now(),
+            batch
+                .iter()
+                .map(|m| (&m.from, m.channel, m.bytes.as_slice())),
+        )?;
+        self.metrics.received_batches.inc();
+        self.metrics.received_batched.inc_by(batch.len() as u64);
+        for (message, verdict) in batch.into_iter().zip(verdicts) {
+            match message.reply {
+                Reply::Gossip { id, source } => {
+                    self.swarm
+                        .behaviour_mut()
+                        .gossip
+                        .report_message_validation_result(&id, &source, inbox::acceptance(verdict));
+                }
+                Reply::Direct(channel) => {
+                    // The peer may be gone already; nothing to do then.
+                    let _ = self
+                        .swarm
+                        .behaviour_mut()
+                        .direct
+                        .send_response(channel, inbox::receipt(verdict));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Hands every output of the core to the swarm.
@@ -436,22 +513,26 @@ impl Driver {
         else {
             return Ok(());
         };
-        let verdict = if message.topic == self.protocols.topic.hash() {
-            let from = node_id(&propagation_source);
-            self.core
-                .handle_message(self.now(), &from, Channel::Gossip, &message.data)?
+        if message.topic == self.protocols.topic.hash() {
+            self.inbox.push(Received {
+                from: node_id(&propagation_source),
+                channel: Channel::Gossip,
+                bytes: message.data,
+                reply: Reply::Gossip {
+                    id: message_id,
+                    source: propagation_source,
+                },
+            });
         } else {
-            Verdict::Reject
-        };
-        let acceptance = match verdict {
-            Verdict::Accept => gossipsub::MessageAcceptance::Accept,
-            Verdict::Ignore => gossipsub::MessageAcceptance::Ignore,
-            Verdict::Reject => gossipsub::MessageAcceptance::Reject,
-        };
-        self.swarm
-            .behaviour_mut()
-            .gossip
-            .report_message_validation_result(&message_id, &propagation_source, acceptance);
+            self.swarm
+                .behaviour_mut()
+                .gossip
+                .report_message_validation_result(
+                    &message_id,
+                    &propagation_source,
+                    inbox::acceptance(Verdict::Reject),
+                );
+        }
         Ok(())
     }
 
@@ -467,22 +548,12 @@ impl Driver {
                     // A request on this cluster's protocol proves the peer is
                     // a member, even before identify says so.
                     self.start_replicating(peer);
-                    let verdict = self.core.handle_message(
-                        self.now(),
-                        &node_id(&peer),
-                        Channel::Direct,
-                        &request,
-                    )?;
-                    let receipt = match verdict {
-                        Verdict::Reject => Receipt::Refused,
-                        Verdict::Accept | Verdict::Ignore => Receipt::Accepted,
-                    };
-                    // The peer may be gone already; nothing to do then.
-                    let _ = self
-                        .swarm
-                        .behaviour_mut()
-                        .direct
-                        .send_response(channel, receipt);
+                    self.inbox.push(Received {
+                        from: node_id(&peer),
+                        channel: Channel::Direct,
+                        bytes: request,
+                        reply: Reply::Direct(channel),
+                    });
                 }
                 request_response::Message::Response { request_id, .. } => {
                     self.direct_completed(request_id);

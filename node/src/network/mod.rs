@@ -3,6 +3,7 @@
 //! * [`behaviour`]: the libp2p behaviours and how the swarm is built.
 //! * [`codec`]: length-prefixed frames for direct messages.
 //! * [`driver`]: the task that owns the swarm and the core.
+//! * [`inbox`]: received messages waiting to be applied in one batch.
 //! * [`backoff`]: redial delays for unreachable peers.
 //! * [`outbox`]: at most a window of direct messages in flight per peer.
 //! * [`status`]: what the task reports about the cluster.
@@ -13,6 +14,7 @@ pub mod backoff;
 pub mod behaviour;
 pub mod codec;
 pub mod driver;
+pub mod inbox;
 pub mod outbox;
 pub mod progress;
 pub mod status;
