@@ -31,6 +31,11 @@ import { WebSocketServer } from "ws";
 
 const [mode, ...args] = process.argv.slice(2);
 
+// Stdout carries only the JSON lines below, which the benchmark parses. The
+// libraries log with console.log (automerge-repo: "error receiving message"
+// when a sync message fails to apply); send that to stderr, the peer's log.
+console.log = console.error;
+
 function print(obj) {
   process.stdout.write(JSON.stringify(obj) + "\n");
 }
