@@ -2,7 +2,7 @@
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use automerge::transaction::{CommitOptions, Transactable, Transaction};
 use automerge::{ActorId, Automerge, AutomergeError, Change, ChangeHash, ReadDoc};
@@ -140,6 +140,10 @@ pub(crate) struct Inner {
     /// have its (actor, seq) reused by another.
     actor: ActorId,
     held_dropped: AtomicU64,
+    /// Events of writes made through a deferring handle, published once
+    /// [`Engine::sync_deferred`] made them durable (subscribers only ever
+    /// see durable changes). At most one replicator call's worth.
+    deferred_events: Mutex<Vec<DocEvent>>,
 }
 
 impl Engine {
@@ -159,6 +163,7 @@ impl Engine {
                 config,
                 actor,
                 held_dropped: AtomicU64::new(0),
+                deferred_events: Mutex::new(Vec::new()),
             }),
             wait: Wait::Durable,
         })
@@ -171,8 +176,9 @@ impl Engine {
     /// them durable with one fsync. This lets a replicator apply a burst of
     /// received messages for the price of one fsync, provided nothing derived
     /// from them (an acknowledgement, a relay) leaves the node before the
-    /// sync returns. Readers of this engine see such changes before they are
-    /// durable; a crash in between loses them here, never at their sender.
+    /// sync returns. Readers of this engine may see such changes before they
+    /// are durable (a crash in between loses them here, never at their
+    /// sender); subscribers hear of them only once they are.
     pub(crate) fn deferring(&self) -> Engine {
         Engine {
             inner: Arc::clone(&self.inner),
@@ -183,7 +189,13 @@ impl Engine {
     /// Returns once every write made through a [`Engine::deferring`] handle
     /// so far is as durable as [`EngineConfig::durability`] requires.
     pub(crate) fn sync_deferred(&self) -> Result<()> {
-        self.inner.store.sync_deferred()
+        self.inner.store.sync_deferred()?;
+        let events = std::mem::take(&mut *lock_events(&self.inner.deferred_events));
+        for event in events {
+            let doc = event.doc.clone();
+            self.inner.events.publish(&doc, || event);
+        }
+        Ok(())
     }
 
     /// How this handle's writes of received changes wait for durability.
@@ -407,7 +419,16 @@ impl Engine {
                 &self.inner.config.compaction,
                 self.wait,
             )?;
-            self.publish(id, state, Origin::Remote, || Arc::from([]));
+            match self.wait {
+                Wait::Durable => self.publish(id, state, Origin::Remote, || Arc::from([])),
+                Wait::Deferred => lock_events(&self.inner.deferred_events).push(DocEvent {
+                    doc: id.clone(),
+                    heads: state.doc.get_heads(),
+                    origin: Origin::Remote,
+                    deleted: state.meta.tombstone,
+                    changes: Arc::from([]),
+                }),
+            }
         }
         outcome.heads = state.doc.get_heads();
         Ok((outcome, new))
@@ -618,6 +639,14 @@ impl Engine {
     }
 }
 
+/// The deferred events, even if a panicking thread poisoned the lock (the
+/// list stays valid: pushes and takes are single operations).
+fn lock_events(events: &Mutex<Vec<DocEvent>>) -> std::sync::MutexGuard<'_, Vec<DocEvent>> {
+    events
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Refuses a write that `mode` does not allow on this document.
 fn check_mode(state: &DocState, id: &DocId, mode: WriteMode) -> Result<()> {
     match mode {
@@ -662,5 +691,45 @@ fn require_heads(state: &DocState, id: &DocId, heads: &[ChangeHash]) -> Result<(
             doc: id.clone(),
             missing,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn deferred_writes_are_heard_of_and_synced_only_by_sync_deferred() {
+        let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let a = Engine::open(a_dir.path(), EngineConfig::default()).unwrap();
+        let b = Engine::open(b_dir.path(), EngineConfig::default()).unwrap();
+        let id = DocId::new("deferred/doc").unwrap();
+        a.put_json(&id, &json!({"x": 1})).unwrap();
+        let changes = a.changes_since(&id, &[]).unwrap();
+        let events = b.subscribe("deferred/").unwrap();
+        let syncs = b.stats().wal_syncs;
+
+        let outcome = b.deferring().apply_changes(&id, &changes).unwrap();
+        assert_eq!(outcome.applied, changes.len());
+        assert_eq!(
+            b.stats().wal_syncs,
+            syncs,
+            "a deferred write waited for an fsync"
+        );
+        assert!(
+            events.try_recv().is_none(),
+            "heard of before it was durable"
+        );
+
+        b.sync_deferred().unwrap();
+        assert_eq!(b.stats().wal_syncs, syncs + 1);
+        let event = events.try_recv().unwrap();
+        assert_eq!(event.heads, a.heads(&id).unwrap());
+        assert_eq!(event.origin, Origin::Remote);
+        // Nothing more to sync: no second fsync.
+        b.sync_deferred().unwrap();
+        assert_eq!(b.stats().wal_syncs, syncs + 1);
     }
 }
