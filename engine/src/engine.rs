@@ -421,13 +421,12 @@ impl Engine {
             )?;
             match self.wait {
                 Wait::Durable => self.publish(id, state, Origin::Remote, || Arc::from([])),
-                Wait::Deferred => lock_events(&self.inner.deferred_events).push(DocEvent {
-                    doc: id.clone(),
-                    heads: state.doc.get_heads(),
-                    origin: Origin::Remote,
-                    deleted: state.meta.tombstone,
-                    changes: Arc::from([]),
-                }),
+                Wait::Deferred => lock_events(&self.inner.deferred_events).push(doc_event(
+                    id,
+                    state,
+                    Origin::Remote,
+                    Arc::from([]),
+                )),
             }
         }
         outcome.heads = state.doc.get_heads();
@@ -577,13 +576,9 @@ impl Engine {
         origin: Origin,
         changes: impl FnOnce() -> Arc<[Vec<u8>]>,
     ) {
-        self.inner.events.publish(id, || DocEvent {
-            doc: id.clone(),
-            heads: state.doc.get_heads(),
-            origin,
-            deleted: state.meta.tombstone,
-            changes: changes(),
-        });
+        self.inner
+            .events
+            .publish(id, || doc_event(id, state, origin, changes()));
     }
 
     /// Runs `f` on a document that exists (possibly deleted).
@@ -636,6 +631,17 @@ impl Engine {
         drop(guard);
         inner.cache.resize(id, bytes);
         result
+    }
+}
+
+/// The event telling subscribers that `id` is now as `state` holds it.
+fn doc_event(id: &DocId, state: &DocState, origin: Origin, changes: Arc<[Vec<u8>]>) -> DocEvent {
+    DocEvent {
+        doc: id.clone(),
+        heads: state.doc.get_heads(),
+        origin,
+        deleted: state.meta.tombstone,
+        changes,
     }
 }
 
