@@ -56,10 +56,22 @@ async function populate(dir, docs, idsFile) {
   print({ populated: docs });
 }
 
+// Connections that end are logged to stderr (the peer's log), with the
+// seconds since the process started. The server adapter pings every client
+// every 5 s (its default) and disconnects one that has not answered the
+// previous ping; a busy event loop on either side can make that happen.
+function logDisconnects(adapter, who) {
+  adapter.on("peer-disconnected", ({ peerId }) => {
+    const seconds = (performance.now() / 1000).toFixed(1);
+    console.error(`${who}: connection to ${peerId} ended after ${seconds} s`);
+  });
+  return adapter;
+}
+
 function serve(dir) {
   const wss = new WebSocketServer({ port: 0, host: "127.0.0.1" });
   new Repo({
-    network: [new NodeWSServerAdapter(wss)],
+    network: [logDisconnects(new NodeWSServerAdapter(wss), "server")],
     storage: new NodeFSStorageAdapter(dir),
     sharePolicy: async () => false,
   });
@@ -70,7 +82,7 @@ async function join(dir, addr, idsFile, dumpFile, window) {
   const started = process.hrtime.bigint();
   const ids = JSON.parse(readFileSync(idsFile, "utf8"));
   const repo = new Repo({
-    network: [new WebSocketClientAdapter(`ws://${addr}`)],
+    network: [logDisconnects(new WebSocketClientAdapter(`ws://${addr}`), "client")],
     storage: new NodeFSStorageAdapter(dir),
   });
   const handles = new Array(ids.length);

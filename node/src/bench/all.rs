@@ -119,6 +119,13 @@ pub fn run(args: &Args) -> Result<()> {
             ));
             continue;
         }
+        for r in results.iter().filter(|r| r["failed"] == true) {
+            eprintln!(
+                "bench all: in {name}, {} failed: {}",
+                r["engine"].as_str().unwrap_or("?"),
+                r["reason"].as_str().unwrap_or("no reason given")
+            );
+        }
         rows.extend(summarize(name, &results, &command));
     }
     let markdown = render(&rows, args.quick, started.elapsed().as_secs_f64())?;
@@ -337,6 +344,27 @@ fn summarize(name: &str, results: &[Value], command: &str) -> Vec<Row> {
                     })
                     .unwrap_or_default();
                 let docs = thousands(f(c, "docs"));
+                let engine = r["engine"].as_str().unwrap_or("?");
+                if r["failed"] == true {
+                    rows.push(row(
+                        format!(
+                            "many-docs-sync: {docs} documents to a new peer ({versions}; \
+                             the client looks up {} documents at a time)",
+                            r["lookup_window"]
+                        ),
+                        format!("{:.2} s", f(c, "seconds")),
+                        format!(
+                            "{engine} **failed**: {}",
+                            r["reason"]
+                                .as_str()
+                                .unwrap_or("no reason given")
+                                .replace('|', "\\|")
+                                .replace('\n', " ")
+                        ),
+                        "—".into(),
+                    ));
+                    continue;
+                }
                 rows.push(row(
                     format!(
                         "many-docs-sync: {docs} documents to a new peer, time ({versions}; \
@@ -344,19 +372,14 @@ fn summarize(name: &str, results: &[Value], command: &str) -> Vec<Row> {
                         r["lookup_window"]
                     ),
                     format!("{:.2} s", f(c, "seconds")),
-                    format!(
-                        "{} {:.2} s",
-                        r["engine"].as_str().unwrap_or("?"),
-                        f(r, "seconds")
-                    ),
+                    format!("{engine} {:.2} s", f(r, "seconds")),
                     format!("{:.2}x", f(c, "seconds") / f(r, "seconds")),
                 ));
                 rows.push(row(
                     format!("many-docs-sync: {docs} documents to a new peer, bytes"),
                     format!("{} bytes/document", thousands(f(c, "bytes_per_doc"))),
                     format!(
-                        "{} {} bytes/document",
-                        r["engine"].as_str().unwrap_or("?"),
+                        "{engine} {} bytes/document",
                         thousands(f(r, "bytes_per_doc"))
                     ),
                     format!("{:.2}x", f(c, "bytes") / f(r, "bytes")),
@@ -559,6 +582,29 @@ mod tests {
             format!("head\n{BEGIN}\nnew\n{END}\ntail\n")
         );
         Ok(())
+    }
+
+    #[test]
+    fn a_failed_peer_gets_a_row_with_its_reason_and_the_others_their_figures() {
+        let ours = serde_json::json!({"engine": "causeway", "docs": 10, "seconds": 2.0,
+                                      "bytes": 1000, "bytes_per_doc": 100.0});
+        let failed = serde_json::json!({"engine": "automerge-repo", "docs": 10, "failed": true,
+                                        "reason": "timed out | gave up", "lookup_window": 100,
+                                        "versions": {"automerge-repo": "2.5.6"}});
+        let samod = serde_json::json!({"engine": "samod", "docs": 10, "seconds": 4.0,
+                                       "bytes": 2000, "bytes_per_doc": 200.0, "lookup_window": 100,
+                                       "versions": {"samod": "0.6.0"}});
+        let rows = summarize("many-docs-sync", &[ours, failed, samod], "cmd");
+        assert_eq!(rows.len(), 3, "one row for the failure, two for samod");
+        assert_eq!(rows[0].causeway, "2.00 s");
+        assert_eq!(
+            rows[0].reference,
+            "automerge-repo **failed**: timed out \\| gave up"
+        );
+        assert_eq!(rows[0].ratio, "—");
+        assert_eq!(rows[1].reference, "samod 4.00 s");
+        assert_eq!(rows[1].ratio, "0.50x");
+        assert_eq!(rows[2].ratio, "0.50x");
     }
 
     #[test]

@@ -11,7 +11,9 @@
 //! fsynced); for the peers, when their client has found every document and
 //! flushed its storage (they print that moment). Then each side's contents
 //! are read back and checked against the expected documents; a mismatch
-//! fails the run.
+//! on Causeway's side fails the run. A peer that fails (exits, times out,
+//! or holds the wrong contents) is reported as a result with `failed` and
+//! the reason, and the run goes on to the next peer.
 //!
 //! The peers differ from Causeway in one way that matters: an automerge-repo
 //! client only syncs documents it asks for by id, so it is given the list
@@ -92,6 +94,40 @@ impl Side {
     }
 }
 
+/// A peer that did not finish: reported as a result with its reason, so the
+/// run goes on to the next peer and the summary says what happened.
+struct Failure {
+    engine: &'static str,
+    reason: String,
+    versions: Value,
+    window: usize,
+}
+
+impl Failure {
+    fn json(&self, docs: usize) -> Value {
+        json!({"bench": "many-docs-sync", "engine": self.engine, "docs": docs,
+               "failed": true, "reason": self.reason, "versions": self.versions,
+               "lookup_window": self.window, "build": build_profile()})
+    }
+}
+
+/// The last line of a peer's log that reports an error, if any: Node prints
+/// an uncaught exception as `Error: ...` or `TypeError: ...`, a Rust `main`
+/// returning an error prints `Error: ...`, a panic `thread '...' panicked`.
+fn last_error_line(log: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(log).ok()?;
+    let is_error = |l: &str| {
+        l.split_once(": ").is_some_and(|(kind, _)| {
+            kind.ends_with("Error") && kind.chars().all(|c| c.is_ascii_alphanumeric())
+        }) || (l.starts_with("thread '") && l.contains("panicked"))
+    };
+    text.lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| is_error(l))
+        .map(str::to_owned)
+}
+
 /// Checks that `values` are exactly documents 0..docs of `small_document`.
 fn check_contents(
     engine: &str,
@@ -123,6 +159,7 @@ fn check_contents(
 
 /// Runs the benchmark.
 pub async fn run(args: &Args) -> Result<()> {
+    ensure!(args.window >= 1, "--window must be at least 1");
     let dir = tempdir_in(args.dir.as_deref())?;
     let peers_dir = args.peers_dir.clone().unwrap_or_else(peers::default_dir);
     let mut installed = Vec::new();
@@ -136,23 +173,28 @@ pub async fn run(args: &Args) -> Result<()> {
             return Err(e.context(format!("stores and logs kept in {}", kept.display())));
         }
     };
+    if sides.iter().any(Result::is_err) {
+        let kept = dir.keep();
+        eprintln!(
+            "many-docs-sync: a peer failed; its stores and logs are kept in {}",
+            kept.display()
+        );
+    }
 
     let mut report = Report::default();
-    for side in std::iter::once(&causeway).chain(&sides) {
-        report.record(
-            side.json(args.docs),
-            vec![
-                side.engine.to_string(),
-                format!("{:.2}", side.seconds),
-                format!("{:.0}", args.docs as f64 / side.seconds),
-                format!("{:.0}", side.bytes as f64 / args.docs as f64),
-                format!("{:.1}", side.joiner_cpu),
-                format!("{:.1}", side.server_cpu),
-                format!("{:.0}", side.joiner_peak_rss),
-                ratio(causeway.seconds, side.seconds),
-                ratio(causeway.bytes as f64, side.bytes as f64),
-            ],
-        );
+    report.record(
+        causeway.json(args.docs),
+        row(&causeway, &causeway, args.docs),
+    );
+    for side in &sides {
+        match side {
+            Ok(side) => report.record(side.json(args.docs), row(&causeway, side, args.docs)),
+            Err(failure) => {
+                let mut cells = vec![failure.engine.to_string(), "failed".to_string()];
+                cells.resize(9, "—".to_string());
+                report.record(failure.json(args.docs), cells);
+            }
+        }
     }
     report.print_table(&[
         "engine",
@@ -168,14 +210,53 @@ pub async fn run(args: &Args) -> Result<()> {
     Ok(())
 }
 
-/// Causeway's side, then each peer's.
-async fn measure(args: &Args, installed: &[Peer], dir: &Path) -> Result<(Side, Vec<Side>)> {
+/// One table row: `side`'s figures and Causeway's ratios to them.
+fn row(causeway: &Side, side: &Side, docs: usize) -> Vec<String> {
+    vec![
+        side.engine.to_string(),
+        format!("{:.2}", side.seconds),
+        format!("{:.0}", docs as f64 / side.seconds),
+        format!("{:.0}", side.bytes as f64 / docs as f64),
+        format!("{:.1}", side.joiner_cpu),
+        format!("{:.1}", side.server_cpu),
+        format!("{:.0}", side.joiner_peak_rss),
+        ratio(causeway.seconds, side.seconds),
+        ratio(causeway.bytes as f64, side.bytes as f64),
+    ]
+}
+
+/// Causeway's side, then each peer's. Causeway failing is an error; a peer
+/// failing is that peer's result, and the run goes on to the next one.
+async fn measure(
+    args: &Args,
+    installed: &[Peer],
+    dir: &Path,
+) -> Result<(Side, Vec<Result<Side, Failure>>)> {
     let timeout = Duration::from_secs(args.timeout_secs);
     let causeway = causeway_side(&dir.join("causeway"), args.docs, timeout).await?;
     let mut sides = Vec::new();
     for peer in installed {
         let dir = dir.join(peer.kind.name());
-        sides.push(peer_side(peer, &dir, args.docs, args.window, timeout).await?);
+        let side = peer_side(peer, &dir, args.docs, args.window, timeout)
+            .await
+            .map_err(|e| {
+                let mut reason = format!("{e:#}");
+                let logs = ["join.log", "serve.log", "server.populate.log"];
+                if let Some((log, line)) = logs
+                    .iter()
+                    .find_map(|log| Some((log, last_error_line(&dir.join(log))?)))
+                {
+                    reason.push_str(&format!("; its {log} ends with {line:?}"));
+                }
+                eprintln!("many-docs-sync: {} failed: {reason}", peer.kind.name());
+                Failure {
+                    engine: peer.kind.name(),
+                    reason,
+                    versions: peer.versions.clone(),
+                    window: args.window,
+                }
+            });
+        sides.push(side);
     }
     Ok((causeway, sides))
 }
@@ -370,6 +451,46 @@ async fn peer_side(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failed_peer_is_reported_with_the_last_error_in_its_log() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let log = dir.path().join("join.log");
+        assert_eq!(last_error_line(&log), None, "no log, no line");
+        std::fs::write(
+            &log,
+            "error receiving message {\n  err: Error: Websocket not ready (2)\n}\n\
+             Error: Document abc is unavailable\n    at Repo.js:545:32\n\nNode.js v20\n",
+        )?;
+        assert_eq!(
+            last_error_line(&log).as_deref(),
+            Some("Error: Document abc is unavailable")
+        );
+        std::fs::write(
+            &log,
+            "x.mjs:102\n\nTypeError: Cannot read properties of undefined\n",
+        )?;
+        assert_eq!(
+            last_error_line(&log).as_deref(),
+            Some("TypeError: Cannot read properties of undefined")
+        );
+        std::fs::write(&log, "thread 'main' panicked at src/main.rs:3:5:\nboom\n")?;
+        assert_eq!(
+            last_error_line(&log).as_deref(),
+            Some("thread 'main' panicked at src/main.rs:3:5:")
+        );
+        let failure = Failure {
+            engine: "automerge-repo",
+            reason: "the peer exited early".into(),
+            versions: json!({"automerge-repo": "2.5.6"}),
+            window: 100,
+        };
+        let result = failure.json(10);
+        assert_eq!(result["failed"], true);
+        assert_eq!(result["engine"], "automerge-repo");
+        assert!(result.get("seconds").is_none(), "a failure has no time");
+        Ok(())
+    }
 
     #[test]
     fn contents_must_be_exactly_the_expected_documents() {
