@@ -345,13 +345,13 @@ fn summarize(name: &str, results: &[Value], command: &str) -> Vec<Row> {
                     .unwrap_or_default();
                 let docs = thousands(f(c, "docs"));
                 let engine = r["engine"].as_str().unwrap_or("?");
+                let setup = format!(
+                    "{versions}; the client looks up {} documents at a time",
+                    r["lookup_window"]
+                );
                 if r["failed"] == true {
                     rows.push(row(
-                        format!(
-                            "many-docs-sync: {docs} documents to a new peer ({versions}; \
-                             the client looks up {} documents at a time)",
-                            r["lookup_window"]
-                        ),
+                        format!("many-docs-sync: {docs} documents to a new peer ({setup})"),
                         format!("{:.2} s", f(c, "seconds")),
                         format!(
                             "{engine} **failed**: {}",
@@ -366,11 +366,7 @@ fn summarize(name: &str, results: &[Value], command: &str) -> Vec<Row> {
                     continue;
                 }
                 rows.push(row(
-                    format!(
-                        "many-docs-sync: {docs} documents to a new peer, time ({versions}; \
-                         the client looks up {} documents at a time)",
-                        r["lookup_window"]
-                    ),
+                    format!("many-docs-sync: {docs} documents to a new peer, time ({setup})"),
                     format!("{:.2} s", f(c, "seconds")),
                     format!("{engine} {:.2} s", f(r, "seconds")),
                     format!("{:.2}x", f(c, "seconds") / f(r, "seconds")),

@@ -184,35 +184,38 @@ pub async fn run(args: &Args) -> Result<()> {
     let mut report = Report::default();
     report.record(
         causeway.json(args.docs),
-        row(&causeway, &causeway, args.docs),
+        row(&causeway, &causeway, args.docs).into(),
     );
     for side in &sides {
         match side {
-            Ok(side) => report.record(side.json(args.docs), row(&causeway, side, args.docs)),
+            Ok(side) => report.record(side.json(args.docs), row(&causeway, side, args.docs).into()),
             Err(failure) => {
                 let mut cells = vec![failure.engine.to_string(), "failed".to_string()];
-                cells.resize(9, "—".to_string());
+                cells.resize(COLUMNS.len(), "—".to_string());
                 report.record(failure.json(args.docs), cells);
             }
         }
     }
-    report.print_table(&[
-        "engine",
-        "join s",
-        "docs/s",
-        "bytes/doc",
-        "joiner CPU s",
-        "server CPU s",
-        "joiner peak RSS MiB",
-        "Causeway time ÷ this",
-        "Causeway bytes ÷ this",
-    ]);
+    report.print_table(&COLUMNS);
     Ok(())
 }
 
+/// The stderr table's columns, one per cell of [`row`].
+const COLUMNS: [&str; 9] = [
+    "engine",
+    "join s",
+    "docs/s",
+    "bytes/doc",
+    "joiner CPU s",
+    "server CPU s",
+    "joiner peak RSS MiB",
+    "Causeway time ÷ this",
+    "Causeway bytes ÷ this",
+];
+
 /// One table row: `side`'s figures and Causeway's ratios to them.
-fn row(causeway: &Side, side: &Side, docs: usize) -> Vec<String> {
-    vec![
+fn row(causeway: &Side, side: &Side, docs: usize) -> [String; COLUMNS.len()] {
+    [
         side.engine.to_string(),
         format!("{:.2}", side.seconds),
         format!("{:.0}", docs as f64 / side.seconds),
