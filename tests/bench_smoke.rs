@@ -61,6 +61,7 @@ fn every_scenario_runs_end_to_end_at_smoke_sizes() {
         "many-docs-sync",
         "steady-state",
         "memory",
+        "concurrent-editors",
     ] {
         assert!(
             summary.contains(&format!("causeway bench {scenario} ")),
@@ -86,6 +87,11 @@ fn every_scenario_runs_end_to_end_at_smoke_sizes() {
     assert_eq!(steady[0]["writes_failed"], 0);
     assert!(steady[0]["writes_acknowledged"].as_u64().unwrap() > 0);
     assert!(steady[0]["lag_ms_max"].as_f64().unwrap() >= steady[0]["lag_ms_p50"].as_f64().unwrap());
+
+    let editors = of("concurrent-editors");
+    assert_eq!(editors.len(), 1);
+    assert_eq!(editors[0]["lost"], 0);
+    assert_eq!(editors[0]["identical"], true);
 
     let memory = of("memory");
     assert_eq!(memory.len(), 1);

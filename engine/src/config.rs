@@ -59,13 +59,21 @@ pub struct EngineConfig {
     /// Largest single Automerge change accepted from elsewhere, in bytes.
     /// Larger changes are rejected with [`Error::ChangeTooLarge`]. Default 8 MiB.
     pub max_change_bytes: usize,
-    /// Changes with missing dependencies held per document, waiting for those
-    /// dependencies. When full, the oldest held change is dropped (counted in
-    /// [`EngineStats::held_dropped`](crate::EngineStats)); anti-entropy
-    /// re-delivers it later. Default 1024.
+    /// Changes with missing dependencies held (durably) per document,
+    /// waiting for those dependencies. Held changes are never dropped: a
+    /// client's changes that would exceed this are refused with
+    /// [`Error::HeldLimit`] (nothing stored), a peer's are refused and left
+    /// to anti-entropy (counted in
+    /// [`EngineStats::held_refused`](crate::EngineStats)). Default 10,000.
     pub max_held_changes_per_doc: usize,
-    /// Bytes of held changes per document; same overflow rule. Default 16 MiB.
+    /// Bytes of held changes per document; same rule. Default 16 MiB.
     pub max_held_bytes_per_doc: usize,
+    /// Held changes in all documents together; same rule. Default 100,000.
+    pub max_held_changes: usize,
+    /// Bytes of held changes in all documents together; same rule. Held
+    /// changes of a cached document are in memory too (counted in its cache
+    /// estimate). Default 256 MiB.
+    pub max_held_bytes: usize,
     /// Events buffered per subscriber. When a subscriber falls this far behind,
     /// further events for it are dropped and counted
     /// ([`Subscription::dropped`](crate::Subscription::dropped)). Default 4096.
@@ -87,8 +95,10 @@ impl Default for EngineConfig {
             compaction: CompactionPolicy::default(),
             cache_budget_bytes: 256 << 20,
             max_change_bytes: 8 << 20,
-            max_held_changes_per_doc: 1024,
+            max_held_changes_per_doc: 10_000,
             max_held_bytes_per_doc: 16 << 20,
+            max_held_changes: 100_000,
+            max_held_bytes: 256 << 20,
             subscriber_capacity: 4096,
             create_if_missing: true,
             actor: None,
@@ -100,7 +110,7 @@ impl EngineConfig {
     /// Checks that every bound is usable. [`Engine::open`](crate::Engine::open)
     /// calls this first.
     pub fn validate(&self) -> Result<(), Error> {
-        let checks: [(bool, &str); 6] = [
+        let checks: [(bool, &str); 8] = [
             (
                 self.compaction.max_log_changes > 0,
                 "compaction.max_log_changes must be at least 1",
@@ -120,6 +130,14 @@ impl EngineConfig {
             (
                 self.max_held_bytes_per_doc > 0,
                 "max_held_bytes_per_doc must be at least 1",
+            ),
+            (
+                self.max_held_changes >= self.max_held_changes_per_doc,
+                "max_held_changes must be at least max_held_changes_per_doc",
+            ),
+            (
+                self.max_held_bytes >= self.max_held_bytes_per_doc,
+                "max_held_bytes must be at least max_held_bytes_per_doc",
             ),
             (
                 self.subscriber_capacity > 0,

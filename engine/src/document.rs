@@ -1,18 +1,19 @@
 //! One document in memory: its Automerge state, its stored metadata, and the
-//! changes held back until their dependencies arrive.
+//! changes held back until their dependencies arrive (see [`held`](crate::held)).
 //!
 //! `DocState` knows how to load itself from the [`Store`] and how to turn new
 //! changes into exactly one WriteBatch (log entries or a fresh snapshot, plus
 //! metadata). It never writes anything else.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::HashSet;
 
 use automerge::{ActorId, Automerge, Change, ChangeHash, ReadDoc};
 use rocksdb::WriteBatch;
 
-use crate::config::{CompactionPolicy, EngineConfig};
+use crate::config::CompactionPolicy;
 use crate::doc_id::DocId;
 use crate::error::{Error, Result};
+use crate::held::{Held, Plan, Source};
 use crate::layout::{self, DocMeta};
 use crate::lineage;
 use crate::store::{Store, Wait};
@@ -34,32 +35,18 @@ pub(crate) struct DocState {
     pub(crate) meta: DocMeta,
     /// Whether the document has metadata on disk.
     pub(crate) stored: bool,
-    held: Held,
+    pub(crate) held: Held,
 }
 
-/// Changes waiting for missing dependencies, oldest first, bounded.
-#[derive(Default)]
-struct Held {
-    changes: VecDeque<Change>,
-    bytes: usize,
-}
-
-/// What happened to changes handed to [`DocState::integrate`].
-#[derive(Debug, Default)]
+/// What integrating changes handed to [`DocState::integrate`] will do.
 pub(crate) struct Integration {
-    /// Changes that became part of the document, in application order.
-    pub(crate) ready: Vec<Change>,
+    /// What applies now and what is held (limits not yet applied).
+    pub(crate) plan: Plan,
     /// Changes that were already present (or repeated in the input).
     pub(crate) duplicates: usize,
-    /// Changes now held for missing dependencies.
-    pub(crate) held: usize,
-    /// Held changes dropped because the held buffer was full.
-    pub(crate) dropped: usize,
-    /// Dependencies that neither the document nor the input provide.
-    pub(crate) missing: Vec<ChangeHash>,
-    /// Per input change, in input order: whether it was new (applied or
-    /// held now) rather than a duplicate.
-    pub(crate) new: Vec<bool>,
+    /// Per input change, in input order: its hash, and whether it was new
+    /// (to apply or hold) rather than a duplicate.
+    pub(crate) new: Vec<(ChangeHash, bool)>,
 }
 
 impl DocState {
@@ -73,11 +60,21 @@ impl DocState {
         }
     }
 
+    /// A document with no history and the held changes stored for it.
+    fn unstored(store: &Store, id: &DocId, actor: ActorId, with_held: bool) -> Result<Self> {
+        let mut state = DocState::new_empty(actor);
+        if with_held {
+            state.held = load_held(store, id, &state.doc)?;
+        }
+        Ok(state)
+    }
+
     /// Loads `id` from the store: snapshot, then log entries, then checks the
-    /// result against the stored heads.
-    pub(crate) fn load(store: &Store, id: &DocId, actor: ActorId) -> Result<Self> {
+    /// result against the stored heads; then, if `with_held`, its held
+    /// changes.
+    pub(crate) fn load(store: &Store, id: &DocId, actor: ActorId, with_held: bool) -> Result<Self> {
         let Some(meta) = store.meta(id)? else {
-            return Ok(DocState::new_empty(actor));
+            return DocState::unstored(store, id, actor, with_held);
         };
         let corrupt = |key: String, reason: String| Error::Corrupt {
             doc: id.to_string(),
@@ -124,11 +121,16 @@ impl DocState {
             ));
         }
         doc.set_actor(actor);
+        let held = if with_held {
+            load_held(store, id, &doc)?
+        } else {
+            Held::default()
+        };
         Ok(DocState {
             doc,
             meta,
             stored: true,
-            held: Held::default(),
+            held,
         })
     }
 
@@ -158,137 +160,106 @@ impl DocState {
         let stats = self.doc.stats();
         if stats.num_changes == 0 {
             // A document that does not exist (yet): only its held changes.
-            return self.held.bytes;
+            return self.held.bytes();
         }
         BYTES_PER_DOC
             + stats.num_ops as usize * BYTES_PER_OP
             + stats.num_changes as usize * BYTES_PER_CHANGE
-            + self.held.bytes
+            + self.held.bytes()
     }
 
-    /// Sorts `incoming` (already validated and decoded) into changes that can
-    /// be applied now (with any held changes they unblock), duplicates, and
-    /// changes to hold. Refuses, changing nothing, a root change that is not
-    /// this document's genesis.
+    /// Plans the integration of `incoming` (already validated and decoded)
+    /// from `source`: duplicates are set aside, and the rest either applies
+    /// now (with the held changes it releases) or is to be held. Changes
+    /// nothing. Refuses a root change that is not this document's genesis;
+    /// a change that depends on the genesis brings it along, since every
+    /// replica can make it.
     pub(crate) fn integrate(
-        &mut self,
+        &self,
         id: &DocId,
         incoming: Vec<Change>,
-        config: &EngineConfig,
+        source: Source,
     ) -> Result<Integration> {
-        let mut out = Integration {
-            new: Vec::with_capacity(incoming.len()),
-            ..Integration::default()
-        };
+        let mut new = Vec::with_capacity(incoming.len());
+        let mut duplicates = 0;
         let mut seen = HashSet::new();
         let mut fresh = Vec::with_capacity(incoming.len());
-        let mut genesis = None;
+        // The genesis is made only when needed: to check a root change, or
+        // to bring it along for a document that has no history here yet.
+        let empty = self.doc.get_heads().is_empty();
+        let mut genesis: Option<Change> = None;
+        let mut needs_genesis = false;
         for change in incoming {
             let hash = change.hash();
             if self.has_change(&hash) || !seen.insert(hash) || self.held.contains(&hash) {
-                out.duplicates += 1;
-                out.new.push(false);
+                duplicates += 1;
+                new.push((hash, false));
                 continue;
             }
-            out.new.push(true);
-            if change.deps().is_empty()
-                && *genesis.get_or_insert_with(|| lineage::genesis_change(id).hash()) != hash
-            {
-                return Err(Error::WrongDocument {
-                    doc: id.clone(),
-                    hash,
-                });
+            new.push((hash, true));
+            let deps = change.deps();
+            if deps.is_empty() || (empty && !needs_genesis) {
+                let g = genesis
+                    .get_or_insert_with(|| lineage::genesis_change(id))
+                    .hash();
+                if deps.is_empty() && hash != g {
+                    return Err(Error::WrongDocument {
+                        doc: id.clone(),
+                        hash,
+                    });
+                }
+                needs_genesis |= deps.contains(&g);
             }
             fresh.push(change);
         }
-        let mut pending: Vec<Option<Change>> = self.held.take().into_iter().map(Some).collect();
-        pending.extend(fresh.into_iter().map(Some));
-        // Kahn's algorithm over the held and new changes: a dependency on
-        // another of them is an edge; only dependencies outside them are
-        // looked up in the document (each lookup walks Automerge's queue and
-        // allocates, so a long chain of held changes must not cost one per
-        // change on every call).
-        let index: HashMap<ChangeHash, usize> = pending
-            .iter()
-            .enumerate()
-            .filter_map(|(i, c)| c.as_ref().map(|c| (c.hash(), i)))
-            .collect();
-        let mut blockers = vec![0usize; pending.len()];
-        let mut dependents: Vec<Vec<usize>> = vec![Vec::new(); pending.len()];
-        let mut missing = Vec::new();
-        let mut queue = VecDeque::new();
-        for (i, change) in pending.iter().enumerate() {
-            let Some(change) = change else { continue };
-            for dep in change.deps() {
-                match index.get(dep) {
-                    Some(&j) => {
-                        blockers[i] += 1;
-                        dependents[j].push(i);
-                    }
-                    None if self.has_change(dep) => {}
-                    None => {
-                        blockers[i] += 1;
-                        missing.push(*dep);
-                    }
-                }
-            }
-            if blockers[i] == 0 {
-                queue.push_back(i);
-            }
+        if let Some(genesis) = genesis.filter(|g| needs_genesis && !seen.contains(&g.hash())) {
+            fresh.insert(0, genesis);
         }
-        while let Some(i) = queue.pop_front() {
-            if let Some(change) = pending[i].take() {
-                out.ready.push(change);
-            }
-            for &k in &dependents[i] {
-                blockers[k] -= 1;
-                if blockers[k] == 0 {
-                    queue.push_back(k);
-                }
-            }
-        }
-        let pending: Vec<Change> = pending.into_iter().flatten().collect();
-        missing.sort_unstable();
-        missing.dedup();
-        out.missing = missing;
-        out.held = pending.len();
-        out.dropped = self.held.extend(pending, config);
-        Ok(out)
+        let plan = self.held.plan(fresh, source, |h| self.has_change(h));
+        Ok(Integration {
+            plan,
+            duplicates,
+            new,
+        })
     }
 
     /// Dependencies of held changes that are neither in the document nor
     /// held themselves: what must arrive before the held changes can apply.
     pub(crate) fn held_missing_deps(&self) -> Vec<ChangeHash> {
-        let held: HashSet<ChangeHash> = self.held.changes.iter().map(Change::hash).collect();
-        let mut missing: Vec<ChangeHash> = self
-            .held
-            .changes
-            .iter()
-            .flat_map(|c| c.deps().iter().copied())
-            .filter(|d| !held.contains(d) && !self.has_change(d))
-            .collect();
-        missing.sort_unstable();
-        missing.dedup();
-        missing
+        self.held.missing()
     }
 
     /// Number of changes currently held for missing dependencies.
     pub(crate) fn held_len(&self) -> usize {
-        self.held.changes.len()
+        self.held.len()
     }
 
     /// Persists `new_changes`, which are already applied to `self.doc`, in one
     /// WriteBatch: as log entries, or folded with the existing log into a new
-    /// snapshot when the compaction policy says so. Updates `self.meta` only
-    /// once the batch is written (durable unless `wait` defers the fsync).
+    /// snapshot when the compaction policy says so; with `held`, the same
+    /// batch stores the changes it holds and deletes those it released.
+    /// Updates `self.meta` (and, with `held`, the held set) only once the
+    /// batch is written (durable unless `wait` defers the fsync).
     pub(crate) fn persist(
         &mut self,
         store: &Store,
         id: &DocId,
         new_changes: &[Change],
+        held: Option<&Plan>,
         policy: &CompactionPolicy,
         wait: Wait,
     ) -> Result<()> {
+        let mut batch = WriteBatch::default();
+        if let Some(plan) = held {
+            stage_held(&mut batch, store, id, plan);
+        }
+        if new_changes.is_empty() {
+            store.write(batch, wait)?;
+            if let Some(plan) = held {
+                self.held.commit(plan);
+            }
+            return Ok(());
+        }
         let heads = self.doc.get_heads();
         let mut meta = self.meta.clone();
         meta.set_heads(&heads);
@@ -300,7 +271,6 @@ impl DocState {
             .any(|c| c.message().is_some_and(|m| m == lineage::TOMBSTONE_MESSAGE));
         meta.tombstone = any_tombstone && lineage::is_tombstoned(&self.doc, &heads);
         let new_bytes: u64 = new_changes.iter().map(|c| c.raw_bytes().len() as u64).sum();
-        let mut batch = WriteBatch::default();
         let compact = meta.log_len() + new_changes.len() as u64 >= policy.max_log_changes
             || meta.log_bytes + new_bytes >= policy.max_log_bytes;
         if compact {
@@ -329,41 +299,54 @@ impl DocState {
         store.write(batch, wait)?;
         self.meta = meta;
         self.stored = true;
+        if let Some(plan) = held {
+            self.held.commit(plan);
+        }
         Ok(())
     }
 }
 
-impl Held {
-    fn contains(&self, hash: &ChangeHash) -> bool {
-        self.changes.iter().any(|c| c.hash() == *hash)
+/// Adds a plan's held-change records to `batch`: puts for the changes it
+/// holds, deletes for those it releases.
+fn stage_held(batch: &mut WriteBatch, store: &Store, id: &DocId, plan: &Plan) {
+    let cf = store.cf(layout::CF_HELD);
+    for hash in &plan.released {
+        batch.delete_cf(cf, layout::held_key(id, hash));
     }
+    for (change, source, _) in &plan.hold {
+        let raw = change.raw_bytes();
+        let mut value = Vec::with_capacity(raw.len() + 1);
+        value.push(source.tag());
+        value.extend_from_slice(raw);
+        batch.put_cf(cf, layout::held_key(id, &change.hash()), value);
+    }
+}
 
-    fn take(&mut self) -> Vec<Change> {
-        self.bytes = 0;
-        self.changes.drain(..).collect()
-    }
-
-    /// Adds changes, dropping the oldest while over either bound. Returns how
-    /// many were dropped.
-    fn extend(&mut self, changes: Vec<Change>, config: &EngineConfig) -> usize {
-        for change in changes {
-            self.bytes += change.raw_bytes().len();
-            self.changes.push_back(change);
+/// Reads and decodes `id`'s held changes. A record that does not decode, or
+/// is stored under another hash than its own, is reported as corrupt.
+fn load_held(store: &Store, id: &DocId, doc: &Automerge) -> Result<Held> {
+    let mut changes = Vec::new();
+    for (key, value) in store.held(id)? {
+        let corrupt = |reason: String| Error::Corrupt {
+            doc: id.to_string(),
+            key: layout::describe_key(layout::CF_HELD, &key),
+            reason,
+        };
+        let (source, raw) = match value.split_first() {
+            Some((tag, raw)) => (Source::from_tag(*tag), raw),
+            None => (None, &[][..]),
+        };
+        let source = source.ok_or_else(|| corrupt("unknown held-change source tag".into()))?;
+        let change = crate::codec::change(raw.to_vec())
+            .map_err(|e| corrupt(format!("undecodable held change: {e}")))?;
+        if layout::parse_held_key(&key).map(|(_, h)| h) != Some(change.hash()) {
+            return Err(corrupt("held change stored under another hash".into()));
         }
-        let mut dropped = 0;
-        while self.changes.len() > config.max_held_changes_per_doc
-            || self.bytes > config.max_held_bytes_per_doc
-        {
-            match self.changes.pop_front() {
-                Some(c) => {
-                    self.bytes -= c.raw_bytes().len();
-                    dropped += 1;
-                }
-                None => break,
-            }
-        }
-        dropped
+        changes.push((change, source));
     }
+    Ok(Held::from_stored(changes, |h| {
+        doc.get_missing_deps(std::slice::from_ref(h)).is_empty()
+    }))
 }
 
 fn sorted(mut heads: Vec<ChangeHash>) -> Vec<ChangeHash> {

@@ -1,5 +1,6 @@
 //! The embedded API: [`Engine`] and the values its operations return.
 
+use std::collections::HashSet;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -11,10 +12,15 @@ use serde_json::Value as Json;
 use crate::cache::{lock_slot, DocCache, Slot};
 use crate::config::EngineConfig;
 use crate::doc_id::{self, DocId};
-use crate::document::DocState;
+use crate::document::{DocState, Integration};
 use crate::error::{Error, Result};
 use crate::events::{DocEvent, EventHub, Origin, Subscription};
+use crate::held::{
+    prefix_fit, Bound, HeldLedger, HeldLimitKind, HeldLimits, Overflow, Plan, Reservation, Source,
+    MAX_REPORTED_MISSING,
+};
 use crate::json;
+use crate::layout;
 use crate::lineage;
 use crate::session::SessionToken;
 use crate::store::{Store, Wait};
@@ -45,11 +51,17 @@ pub struct ApplyOutcome {
     pub applied: usize,
     /// Changes the document already had (harmless; sync is idempotent).
     pub duplicates: usize,
-    /// Changes now held because their dependencies are missing.
+    /// Changes of the document held (durably) after the call because their
+    /// dependencies are missing: this call's and earlier ones still
+    /// waiting.
     pub held: usize,
-    /// Held changes dropped because the held buffer was full.
-    pub dropped: usize,
-    /// Dependencies nobody has supplied yet: ask the sender for them.
+    /// Changes of this call refused, not stored, because holding them would
+    /// exceed a held-change limit. Only from a peer's changes (see
+    /// [`held`](crate::held)); a client's are refused as a whole with
+    /// [`Error::HeldLimit`] instead.
+    pub refused: usize,
+    /// Dependencies of the document's held changes that nobody has supplied
+    /// yet, sorted, at most [`MAX_REPORTED_MISSING`]: ask for them.
     pub missing_deps: Vec<ChangeHash>,
     /// The document's heads afterwards.
     pub heads: Vec<ChangeHash>,
@@ -79,6 +91,21 @@ pub struct DocInfo {
     pub held_changes: usize,
 }
 
+/// What a document holds back for missing dependencies
+/// ([`Engine::held`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HeldInfo {
+    /// Changes held.
+    pub changes: usize,
+    /// Their bytes.
+    pub bytes: usize,
+    /// Dependencies they wait for that are neither in the document nor
+    /// held, sorted, at most [`MAX_REPORTED_MISSING`].
+    pub missing: Vec<ChangeHash>,
+    /// How many such dependencies there are in all.
+    pub missing_total: usize,
+}
+
 /// Engine-wide figures.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EngineStats {
@@ -92,8 +119,16 @@ pub struct EngineStats {
     pub cache_evictions: u64,
     /// WAL fsyncs performed by group commit so far.
     pub wal_syncs: u64,
-    /// Held changes dropped because a held buffer was full.
-    pub held_dropped: u64,
+    /// Changes held (durably) for missing dependencies, in all documents.
+    pub held_changes: usize,
+    /// Their bytes.
+    pub held_bytes: usize,
+    /// Documents with held changes.
+    pub held_documents: usize,
+    /// Changes refused since open because holding them would have exceeded
+    /// a held-change limit (a client's refused call counts all its changes).
+    /// Refused changes were never stored nor acknowledged; none was dropped.
+    pub held_refused: u64,
 }
 
 /// Which documents a local write may touch.
@@ -139,7 +174,9 @@ pub(crate) struct Inner {
     /// `EngineConfig::actor` names one), so a change lost in a crash can never
     /// have its (actor, seq) reused by another.
     actor: ActorId,
-    held_dropped: AtomicU64,
+    /// Engine-wide count of held changes and the documents that have some.
+    pub(crate) held: HeldLedger,
+    held_refused: AtomicU64,
     /// Events of writes made through a deferring handle, published once
     /// [`Engine::sync_deferred`] made them durable (subscribers only ever
     /// see durable changes). At most one replicator call's worth.
@@ -153,7 +190,15 @@ impl Engine {
         config.validate()?;
         let store = Store::open(path.as_ref(), &config)?;
         let cache = DocCache::new(config.cache_budget_bytes);
-        tracing::info!(path = %path.as_ref().display(), durability = ?config.durability, "engine opened");
+        let held = load_held_ledger(&store)?;
+        let totals = held.totals();
+        tracing::info!(
+            path = %path.as_ref().display(),
+            durability = ?config.durability,
+            held_changes = totals.changes,
+            held_documents = totals.documents,
+            "engine opened"
+        );
         let actor = config.actor.clone().unwrap_or_else(ActorId::random);
         Ok(Engine {
             inner: Arc::new(Inner {
@@ -162,7 +207,8 @@ impl Engine {
                 events: EventHub::default(),
                 config,
                 actor,
-                held_dropped: AtomicU64::new(0),
+                held,
+                held_refused: AtomicU64::new(0),
                 deferred_events: Mutex::new(Vec::new()),
             }),
             wait: Wait::Durable,
@@ -338,99 +384,257 @@ impl Engine {
         })
     }
 
-    /// Applies changes received from elsewhere: validated (size, decoding,
-    /// checksum, lineage) all before any is applied, idempotent, and durable
-    /// on return. Changes whose dependencies are missing are held and applied
-    /// when a later call supplies the dependencies.
+    /// Applies changes a client hands over (received from elsewhere, or
+    /// made by the caller's own Automerge document): validated (size,
+    /// decoding, checksum, lineage) all before any is applied, idempotent,
+    /// and durable on return. Changes whose dependencies are missing are
+    /// held, durably, and applied as soon as a later call (this one's
+    /// caller, a peer, a sync) supplies the dependencies; subscribers then
+    /// hear of them as [`Origin::Client`], with their bytes, so a node
+    /// publishes them.
+    ///
+    /// If holding them would exceed a held-change limit
+    /// ([`EngineConfig::max_held_changes_per_doc`] and the others), the call
+    /// is refused with [`Error::HeldLimit`] and stores nothing: retry later,
+    /// or send the missing dependencies too.
     pub fn apply_changes<B: AsRef<[u8]>>(&self, id: &DocId, changes: &[B]) -> Result<ApplyOutcome> {
-        Ok(self.apply_changes_marked(id, changes)?.0)
+        let decoded = self.decode_changes(id, changes)?;
+        self.with_doc(id, |state| {
+            let (outcome, _) =
+                self.integrate_decoded(id, state, decoded, Source::Client, Overflow::Refuse)?;
+            Ok(outcome)
+        })
     }
 
-    /// [`Engine::apply_changes`], also saying for each input change, in
-    /// order, whether it was new (applied or held) rather than a duplicate.
-    pub(crate) fn apply_changes_marked<B: AsRef<[u8]>>(
+    /// Applies changes a peer sent, as [`Engine::apply_changes`] but
+    /// refusing, one by one, changes that would exceed a held-change limit
+    /// (counted in [`ApplyOutcome::refused`]; anti-entropy delivers them
+    /// again). Also says for each input change, in order, whether it was new
+    /// (applied or held) rather than a duplicate or refused.
+    pub(crate) fn apply_peer_changes<B: AsRef<[u8]>>(
         &self,
         id: &DocId,
         changes: &[B],
     ) -> Result<(ApplyOutcome, Vec<bool>)> {
         let decoded = self.decode_changes(id, changes)?;
-        self.with_doc(id, |state| self.integrate_decoded(id, state, decoded))
+        self.with_doc(id, |state| {
+            self.integrate_decoded(id, state, decoded, Source::Peer, Overflow::Shed)
+        })
     }
 
-    /// Integrates validated, decoded changes into a loaded document: applies
-    /// what is ready, holds the rest, persists, and tells subscribers.
+    /// Integrates a peer's validated, decoded changes into a loaded document
+    /// (see [`Engine::apply_peer_changes`]).
     pub(crate) fn apply_decoded(
         &self,
         id: &DocId,
         state: &mut DocState,
         decoded: Vec<Change>,
     ) -> Result<ApplyOutcome> {
-        Ok(self.integrate_decoded(id, state, decoded)?.0)
+        let (outcome, _) =
+            self.integrate_decoded(id, state, decoded, Source::Peer, Overflow::Shed)?;
+        Ok(outcome)
     }
 
-    /// [`Engine::apply_decoded`], also saying for each input change whether
-    /// it was new.
+    /// Integrates validated, decoded changes into a loaded document: applies
+    /// what is ready (with the held changes it releases), holds what fits
+    /// the limits, persists both in one batch, and tells subscribers. Also
+    /// says for each input change whether it was new and kept.
     fn integrate_decoded(
         &self,
         id: &DocId,
         state: &mut DocState,
         decoded: Vec<Change>,
+        source: Source,
+        overflow: Overflow,
     ) -> Result<(ApplyOutcome, Vec<bool>)> {
-        let mut integration = state.integrate(id, decoded, &self.inner.config)?;
-        let new = std::mem::take(&mut integration.new);
-        if integration.dropped > 0 {
+        let Integration {
+            mut plan,
+            duplicates,
+            mut new,
+        } = state.integrate(id, decoded, source)?;
+        let reservation = self.limit_held(id, state, &mut plan, overflow)?;
+        if !plan.refused.is_empty() {
             self.inner
-                .held_dropped
-                .fetch_add(integration.dropped as u64, Ordering::Relaxed);
-            tracing::warn!(doc = %id, dropped = integration.dropped, "held-change buffer full; dropped oldest");
+                .held_refused
+                .fetch_add(plan.refused.len() as u64, Ordering::Relaxed);
+            let refused: HashSet<ChangeHash> = plan.refused.iter().map(Change::hash).collect();
+            for (hash, fresh) in &mut new {
+                *fresh &= !refused.contains(hash);
+            }
         }
-        let mut outcome = ApplyOutcome {
-            applied: integration.ready.len(),
-            duplicates: integration.duplicates,
-            held: integration.held,
-            dropped: integration.dropped,
-            missing_deps: integration.missing,
-            heads: Vec::new(),
+        let result = self.write_integration(id, state, &plan);
+        match &result {
+            Ok(()) => self
+                .inner
+                .held
+                .settle(id, reservation, state.held.len(), state.held.bytes()),
+            Err(_) => self.inner.held.cancel(reservation),
+        }
+        result?;
+        let mut missing = state.held_missing_deps();
+        missing.truncate(MAX_REPORTED_MISSING);
+        let outcome = ApplyOutcome {
+            applied: plan.ready.len(),
+            duplicates,
+            held: state.held.len(),
+            refused: plan.refused.len(),
+            missing_deps: missing,
+            heads: state.doc.get_heads(),
         };
-        if !integration.ready.is_empty() {
-            // On error `with_doc` discards this state and the next use
-            // reloads the document from the store, which is unchanged.
-            crate::codec::apply(&mut state.doc, integration.ready.iter().cloned()).map_err(
-                |reason| Error::ChangeRejected {
+        Ok((outcome, new.into_iter().map(|(_, fresh)| fresh).collect()))
+    }
+
+    /// Applies a plan's ready changes to the document and writes them, with
+    /// its held-change records, in one batch; then tells subscribers. On
+    /// error the caller's `with_doc` discards the state, and the next use
+    /// reloads the document from the store, which is unchanged.
+    fn write_integration(&self, id: &DocId, state: &mut DocState, plan: &Plan) -> Result<()> {
+        if plan.ready.is_empty() && plan.hold.is_empty() && plan.released.is_empty() {
+            return Ok(());
+        }
+        let ready: Vec<Change> = plan.ready.iter().map(|r| r.change.clone()).collect();
+        if !ready.is_empty() {
+            crate::codec::apply(&mut state.doc, ready.iter().cloned()).map_err(|reason| {
+                Error::ChangeRejected {
                     doc: id.clone(),
                     reason,
-                },
-            )?;
-            if let Some(c) = integration
-                .ready
-                .iter()
-                .find(|c| !state.has_change(&c.hash()))
-            {
+                }
+            })?;
+            if let Some(c) = ready.iter().find(|c| !state.has_change(&c.hash())) {
                 let reason = format!("change {} was not applied", c.hash());
                 return Err(Error::ChangeRejected {
                     doc: id.clone(),
                     reason,
                 });
             }
-            state.persist(
-                &self.inner.store,
-                id,
-                &integration.ready,
-                &self.inner.config.compaction,
-                self.wait,
-            )?;
-            match self.wait {
-                Wait::Durable => self.publish(id, state, Origin::Remote, || Arc::from([])),
-                Wait::Deferred => lock_events(&self.inner.deferred_events).push(doc_event(
-                    id,
-                    state,
-                    Origin::Remote,
-                    Arc::from([]),
-                )),
+        }
+        state.persist(
+            &self.inner.store,
+            id,
+            &ready,
+            Some(plan),
+            &self.inner.config.compaction,
+            self.wait,
+        )?;
+        if ready.is_empty() {
+            return Ok(());
+        }
+        // Changes a client handed over are published by the node once they
+        // apply (now, or later when their dependencies arrived). The genesis
+        // is not: every replica makes it.
+        let from_client: Vec<Vec<u8>> = plan
+            .ready
+            .iter()
+            .filter(|r| r.source == Source::Client && !r.change.deps().is_empty())
+            .map(|r| r.change.raw_bytes().to_vec())
+            .collect();
+        let (origin, changes): (Origin, Arc<[Vec<u8>]>) = if from_client.is_empty() {
+            (Origin::Remote, Arc::from([]))
+        } else {
+            (Origin::Client, Arc::from(from_client))
+        };
+        match self.wait {
+            Wait::Durable => self.publish(id, state, origin, || changes),
+            Wait::Deferred => {
+                let event = doc_event(id, state, origin, changes);
+                lock_events(&self.inner.deferred_events).push(event);
             }
         }
-        outcome.heads = state.doc.get_heads();
-        Ok((outcome, new))
+        Ok(())
+    }
+
+    /// Applies the held-change limits to `plan`: with [`Overflow::Refuse`]
+    /// fails with [`Error::HeldLimit`] if any new change to hold does not
+    /// fit; with [`Overflow::Shed`] moves the changes that do not fit (the
+    /// last ones) to `plan.refused`. Returns the engine-wide reservation
+    /// for what is held.
+    fn limit_held(
+        &self,
+        id: &DocId,
+        state: &DocState,
+        plan: &mut Plan,
+        overflow: Overflow,
+    ) -> Result<Reservation> {
+        if plan.hold.is_empty() {
+            return Ok(Reservation::default());
+        }
+        let limits = HeldLimits::of(&self.inner.config);
+        let freed = (plan.released.len(), plan.released_bytes);
+        let kept = (state.held.len() - freed.0, state.held.bytes() - freed.1);
+        let sizes: Vec<usize> = plan
+            .hold
+            .iter()
+            .map(|(c, _, _)| c.raw_bytes().len())
+            .collect();
+        // The longest prefix that fits the document's limits...
+        let max = (limits.per_doc_changes, limits.per_doc_bytes);
+        let (fit, stop) = prefix_fit(kept, &sizes, max);
+        let stop = stop.map(|s| match s {
+            Bound::Changes => HeldLimitKind::DocumentChanges,
+            Bound::Bytes => HeldLimitKind::DocumentBytes,
+        });
+        // ...and the engine's.
+        let (fit, engine_stop, reservation) =
+            self.inner.held.reserve(&sizes[..fit], freed, &limits);
+        let stop = engine_stop.or(stop);
+        let Some(limit) = stop.filter(|_| fit < plan.hold.len()) else {
+            return Ok(reservation);
+        };
+        if overflow == Overflow::Refuse {
+            self.inner.held.cancel(reservation);
+            let count = plan.ready.len() + plan.hold.len();
+            self.inner
+                .held_refused
+                .fetch_add(count as u64, Ordering::Relaxed);
+            let holding: HashSet<ChangeHash> = plan.hold.iter().map(|(c, _, _)| c.hash()).collect();
+            let mut missing: Vec<ChangeHash> = plan
+                .hold
+                .iter()
+                .flat_map(|(_, _, waits)| waits.iter().copied())
+                .filter(|d| !holding.contains(d) && !state.held.contains(d))
+                .collect();
+            missing.sort_unstable();
+            missing.dedup();
+            let missing_total = missing.len();
+            missing.truncate(MAX_REPORTED_MISSING);
+            tracing::info!(doc = %id, %limit, changes = count, "refused changes: the held-change limit is reached");
+            return Err(Error::HeldLimit {
+                doc: id.clone(),
+                limit,
+                missing,
+                missing_total,
+                heads: state.doc.get_heads(),
+            });
+        }
+        let refused = plan.hold.split_off(fit);
+        plan.refused = refused.into_iter().map(|(c, _, _)| c).collect();
+        tracing::debug!(doc = %id, %limit, refused = plan.refused.len(), "refused a peer's changes: the held-change limit is reached");
+        Ok(reservation)
+    }
+
+    /// What `id` holds back for missing dependencies (nothing if the
+    /// document has no held changes, or does not exist at all).
+    pub fn held(&self, id: &DocId) -> Result<HeldInfo> {
+        if !self.inner.held.has(id) {
+            return Ok(HeldInfo::default());
+        }
+        self.with_doc(id, |state| {
+            let mut missing = state.held_missing_deps();
+            let missing_total = missing.len();
+            missing.truncate(MAX_REPORTED_MISSING);
+            Ok(HeldInfo {
+                changes: state.held.len(),
+                bytes: state.held.bytes(),
+                missing,
+                missing_total,
+            })
+        })
+    }
+
+    /// Documents with held changes after `after` (exclusive), in id order,
+    /// at most `limit`: what the replication core asks its peers to repair.
+    pub fn held_documents(&self, after: Option<&DocId>, limit: usize) -> Vec<DocId> {
+        self.inner.held.documents(after, limit)
     }
 
     /// Lists live documents whose id starts with `prefix`, after the id
@@ -456,13 +660,17 @@ impl Engine {
     /// Engine-wide figures.
     pub fn stats(&self) -> EngineStats {
         let cache = self.inner.cache.stats();
+        let held = self.inner.held.totals();
         EngineStats {
             cached_documents: cache.documents,
             cache_bytes: cache.bytes,
             cache_budget_bytes: self.inner.config.cache_budget_bytes,
             cache_evictions: cache.evictions,
             wal_syncs: self.inner.store.wal_syncs(),
-            held_dropped: self.inner.held_dropped.load(Ordering::Relaxed),
+            held_changes: held.changes,
+            held_bytes: held.bytes,
+            held_documents: held.documents,
+            held_refused: self.inner.held_refused.load(Ordering::Relaxed),
         }
     }
 
@@ -551,6 +759,7 @@ impl Engine {
                     &self.inner.store,
                     id,
                     &new_changes,
+                    None,
                     &self.inner.config.compaction,
                     Wait::Durable,
                 )?;
@@ -612,6 +821,7 @@ impl Engine {
                 &inner.store,
                 id,
                 inner.actor.clone(),
+                inner.held.has(id),
             )?));
         }
         let Slot::Loaded(state) = &mut *guard else {
@@ -632,6 +842,33 @@ impl Engine {
         inner.cache.resize(id, bytes);
         result
     }
+}
+
+/// Builds the engine-wide held-change ledger from the store. A key that
+/// is not a held-change key is reported and left alone (it holds nothing
+/// this engine can apply).
+fn load_held_ledger(store: &Store) -> Result<HeldLedger> {
+    let ledger = HeldLedger::default();
+    let mut docs: std::collections::BTreeMap<DocId, (usize, usize)> = Default::default();
+    store.for_each_held(|key, len| {
+        let parsed = layout::parse_held_key(key)
+            .and_then(|(doc, _)| DocId::new(String::from_utf8_lossy(doc).into_owned()).ok());
+        match parsed {
+            Some(doc) => {
+                let e = docs.entry(doc).or_default();
+                e.0 += 1;
+                e.1 += len.saturating_sub(1);
+            }
+            None => tracing::error!(
+                key = %layout::describe_key(layout::CF_HELD, key),
+                "corrupt held-change key; ignored"
+            ),
+        }
+    })?;
+    for (doc, (changes, bytes)) in docs {
+        ledger.load(doc, changes, bytes);
+    }
+    Ok(ledger)
 }
 
 /// The event telling subscribers that `id` is now as `state` holds it.
@@ -717,7 +954,7 @@ mod tests {
         let events = b.subscribe("deferred/").unwrap();
         let syncs = b.stats().wal_syncs;
 
-        let outcome = b.deferring().apply_changes(&id, &changes).unwrap();
+        let (outcome, _) = b.deferring().apply_peer_changes(&id, &changes).unwrap();
         assert_eq!(outcome.applied, changes.len());
         assert_eq!(
             b.stats().wal_syncs,

@@ -96,6 +96,32 @@ pub enum Error {
         reason: String,
     },
 
+    /// Holding the changes (their dependencies are missing) would exceed a
+    /// held-change limit. Nothing from the call was stored, not even the
+    /// changes that could have applied. Harmless: retry later (the
+    /// dependencies may arrive by replication meanwhile), or send the
+    /// missing dependencies with the changes: they are the changes of the
+    /// caller's document not covered by `heads` (Automerge's
+    /// `get_changes(heads)`, `saveSince(doc, heads)` in JavaScript).
+    #[error(
+        "document {doc}: holding these changes would exceed {limit}; they wait for {missing_total} changes this node does not have ({})",
+        fmt_hashes(missing)
+    )]
+    HeldLimit {
+        /// The document.
+        doc: DocId,
+        /// The limit that would have been exceeded.
+        limit: crate::held::HeldLimitKind,
+        /// Dependencies the refused changes wait for that this node holds
+        /// neither applied nor held, sorted, at most
+        /// [`MAX_REPORTED_MISSING`](crate::MAX_REPORTED_MISSING).
+        missing: Vec<ChangeHash>,
+        /// How many such dependencies there are in all.
+        missing_total: usize,
+        /// The document's heads here: what the node has.
+        heads: Vec<ChangeHash>,
+    },
+
     /// Heads given for a read or a diff are not in this document (yet).
     /// Harmless; retry once replication has delivered them.
     #[error("document {doc} does not hold heads {}", fmt_hashes(missing))]

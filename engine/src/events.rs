@@ -21,8 +21,14 @@ use crate::doc_id::DocId;
 pub enum Origin {
     /// Committed through this engine's write API.
     Local,
-    /// Applied from changes received from elsewhere.
+    /// Applied from changes received from a peer.
     Remote,
+    /// Applied from changes a client handed over through
+    /// [`Engine::apply_changes`](crate::Engine::apply_changes), at once or,
+    /// if they were held, when their dependencies arrived. No peer has them
+    /// from this node yet: the networking layer publishes them like local
+    /// commits.
+    Client,
 }
 
 /// A document changed and the change is durable.
@@ -36,9 +42,11 @@ pub struct DocEvent {
     pub origin: Origin,
     /// Whether the document is now deleted.
     pub deleted: bool,
-    /// For [`Origin::Local`], the encoded Automerge changes this write made
-    /// durable, in commit order (shared between subscribers). Empty for
-    /// [`Origin::Remote`]. The networking layer publishes these as a delta.
+    /// For [`Origin::Local`] and [`Origin::Client`], the encoded Automerge
+    /// changes this write made durable, in causal order (shared between
+    /// subscribers); for [`Origin::Client`] only the client's changes, not
+    /// the peers' changes applied with them. Empty for [`Origin::Remote`].
+    /// The networking layer publishes these as a delta.
     pub changes: Arc<[Vec<u8>]>,
 }
 

@@ -7,6 +7,7 @@
 //! | `change_log` | doc id, `0x00`, sequence `u64` big-endian | one Automerge change, raw bytes |
 //! | `snapshot` | doc id | `Automerge::save()` output |
 //! | `peer_sync` | peer id, `0x00`, doc id | durable part of the Automerge sync state with that peer (`sync::State::encode`) |
+//! | `held` | doc id, `0x00`, change hash (32 bytes) | a change held for missing dependencies: source tag (`1` client, `2` peer), then the raw change bytes |
 //!
 //! A document's state is its snapshot (if any) plus its log entries with
 //! sequence numbers in `[log_start, next_seq)`. Doc ids never contain `0x00`,
@@ -20,7 +21,16 @@ use crate::doc_id::DocId;
 use crate::error::Error;
 
 /// Storage format written by this build. Bump on any incompatible change.
-pub const FORMAT_VERSION: u32 = 1;
+///
+/// Format 2 added the [`CF_HELD`] column family. A format 1 store is
+/// upgraded in place when this build opens it (the column family is
+/// created empty, then the format record and the marker file say 2); builds
+/// that read only format 1 then refuse it with a clear error instead of
+/// failing on an unknown column family.
+pub const FORMAT_VERSION: u32 = 2;
+
+/// Oldest storage format this build opens (and upgrades).
+pub const OLDEST_FORMAT_VERSION: u32 = 1;
 
 /// Name of the marker file that identifies a Causeway store directory.
 pub const MARKER_FILE: &str = "CAUSEWAY";
@@ -42,13 +52,20 @@ pub const CF_SNAPSHOT: &str = "snapshot";
 /// each peer.
 pub const CF_PEER_SYNC: &str = "peer_sync";
 
+/// Column family holding changes accepted but not yet applicable because
+/// their dependencies are missing (see `held`). Written in the same
+/// WriteBatch as the rest of the call that accepted them; deleted in the
+/// batch that applies them.
+pub const CF_HELD: &str = "held";
+
 /// All column families Causeway creates, beside RocksDB's `default`.
-pub const COLUMN_FAMILIES: [&str; 5] = [
+pub const COLUMN_FAMILIES: [&str; 6] = [
     CF_NODE,
     CF_DOC_META,
     CF_CHANGE_LOG,
     CF_SNAPSHOT,
     CF_PEER_SYNC,
+    CF_HELD,
 ];
 
 /// Key of the format version in [`CF_NODE`].
@@ -175,6 +192,25 @@ pub fn peer_sync_key(peer: &str, doc: &DocId) -> Vec<u8> {
     key
 }
 
+/// Key of the held change `hash` of `doc` in [`CF_HELD`]: the document's
+/// [`log_prefix`], then the hash.
+pub fn held_key(doc: &DocId, hash: &ChangeHash) -> Vec<u8> {
+    let mut key = log_prefix(doc);
+    key.extend_from_slice(&hash.0);
+    key
+}
+
+/// The document id and change hash of a [`CF_HELD`] key, if well formed.
+pub fn parse_held_key(key: &[u8]) -> Option<(&[u8], ChangeHash)> {
+    let split = key.len().checked_sub(33)?;
+    if key[split] != 0 || key[..split].contains(&0) {
+        return None;
+    }
+    let mut hash = [0u8; 32];
+    hash.copy_from_slice(&key[split + 1..]);
+    Some((&key[..split], ChangeHash(hash)))
+}
+
 /// Key of log entry `seq` of `doc` in [`CF_CHANGE_LOG`].
 pub fn log_key(doc: &DocId, seq: u64) -> Vec<u8> {
     let mut key = log_prefix(doc);
@@ -198,6 +234,10 @@ pub fn describe_key(cf: &str, key: &[u8]) -> String {
             String::from_utf8_lossy(&key[pos + 1..]),
             String::from_utf8_lossy(&key[..pos])
         ),
+        Some(_) if cf == CF_HELD && parse_held_key(key).is_some() => {
+            let (doc, hash) = parse_held_key(key).unwrap_or((b"", ChangeHash([0; 32])));
+            format!("{cf}/{} (change {hash})", String::from_utf8_lossy(doc))
+        }
         Some(pos) if cf == CF_CHANGE_LOG && key.len() == pos + 9 => {
             let mut seq = [0u8; 8];
             seq.copy_from_slice(&key[pos + 1..]);
@@ -248,6 +288,11 @@ mod tests {
             describe_key(CF_CHANGE_LOG, &log_key(&a, 3)),
             "change_log/a#3"
         );
+        let hash = ChangeHash([0xab; 32]);
+        let held = held_key(&ab, &hash);
+        assert_eq!(parse_held_key(&held), Some((&b"a/b"[..], hash)));
+        assert!(parse_held_key(&held[..held.len() - 1]).is_none());
+        assert!(describe_key(CF_HELD, &held).starts_with("held/a/b (change abab"));
         // A sync-state key whose document id happens to be 8 bytes long is
         // not mistaken for a log entry.
         let doc = DocId::new("abcdefgh").expect("id");

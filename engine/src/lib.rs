@@ -26,6 +26,11 @@
 //! 6. Subscribers ([`Engine::subscribe`]) get a [`DocEvent`] with the new heads,
 //!    after the write is durable.
 //!
+//! Received changes whose dependencies are missing are [`held`]: stored in
+//! the same batch, applied when the dependencies arrive, and never dropped;
+//! at a held-change limit a client's changes are refused instead
+//! ([`Error::HeldLimit`]).
+//!
 //! A storage error at any step is fatal: the engine stops and every later call
 //! returns [`Error::Storage`]. Bad input (ids, JSON, change bytes, foreign or
 //! newer-format directories) gets a specific [`Error`] and changes nothing.
@@ -69,6 +74,7 @@ mod events;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 mod group_commit;
+pub mod held;
 pub mod json;
 pub mod layout;
 pub mod lineage;
@@ -82,7 +88,10 @@ pub use automerge;
 pub use config::{CompactionPolicy, Durability, EngineConfig};
 pub use doc_id::{validate_prefix, DocId, DocIdError, DOC_ID_PUNCTUATION, MAX_DOC_ID_LEN};
 pub use doc_sync::{SyncMessage, SyncState, MAX_PEER_ID_LEN};
-pub use engine::{ApplyOutcome, Committed, DocInfo, Engine, EngineStats, ListPage, MAX_LIST_LIMIT};
+pub use engine::{
+    ApplyOutcome, Committed, DocInfo, Engine, EngineStats, HeldInfo, ListPage, MAX_LIST_LIMIT,
+};
 pub use error::{Error, Result};
 pub use events::{DocEvent, Origin, Subscription};
+pub use held::{HeldLimitKind, MAX_REPORTED_MISSING};
 pub use session::{SessionToken, TokenError, TokenKey};

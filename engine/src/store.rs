@@ -80,6 +80,12 @@ impl Store {
                     supported: layout::FORMAT_VERSION,
                 })
             }
+            DirState::Marked(found) if found < layout::OLDEST_FORMAT_VERSION => {
+                return Err(Error::NotAStore {
+                    path,
+                    reason: format!("storage format {found} is older than any this build opens"),
+                })
+            }
             DirState::Marked(_) => false,
         };
         let create = !path.join("CURRENT").exists();
@@ -100,15 +106,23 @@ impl Store {
     }
 
     /// Confirms the format version recorded inside the database, writing it
-    /// on first open. The marker file and this record must agree.
+    /// on first open. The marker file and this record must agree. An older
+    /// format this build opens is upgraded: the record first (synced), then
+    /// the marker file, so a crash in between leaves a store that still
+    /// opens and finishes the upgrade.
     fn check_format(&self) -> Result<()> {
         let cf = self.cf(layout::CF_NODE);
         let stored = self
             .db
             .get_cf(cf, layout::KEY_FORMAT_VERSION)
             .map_err(|e| self.fatal(e))?;
-        match stored {
-            None => {
+        let version = stored.as_deref().and_then(|b| <[u8; 4]>::try_from(b).ok());
+        let version = version.map(u32::from_be_bytes);
+        let marker = parse_marker(
+            &fs::read_to_string(self.path.join(layout::MARKER_FILE)).unwrap_or_default(),
+        );
+        match (stored, version) {
+            (None, _) | (Some(_), Some(layout::OLDEST_FORMAT_VERSION..layout::FORMAT_VERSION)) => {
                 let mut batch = WriteBatch::default();
                 batch.put_cf(
                     cf,
@@ -117,10 +131,14 @@ impl Store {
                 );
                 let mut opts = WriteOptions::default();
                 opts.set_sync(true);
-                self.db.write_opt(batch, &opts).map_err(|e| self.fatal(e))
+                self.db.write_opt(batch, &opts).map_err(|e| self.fatal(e))?;
+                if version.is_some() {
+                    tracing::info!(path = %self.path.display(), from = ?version, to = layout::FORMAT_VERSION, "storage format upgraded");
+                }
+                self.upgrade_marker(marker.ok())
             }
-            Some(bytes) if bytes.as_slice() == layout::FORMAT_VERSION.to_be_bytes() => Ok(()),
-            Some(bytes) => Err(Error::Corrupt {
+            (Some(_), Some(layout::FORMAT_VERSION)) => self.upgrade_marker(marker.ok()),
+            (Some(bytes), _) => Err(Error::Corrupt {
                 doc: String::new(),
                 key: layout::describe_key(layout::CF_NODE, layout::KEY_FORMAT_VERSION),
                 reason: format!(
@@ -129,6 +147,14 @@ impl Store {
                 ),
             }),
         }
+    }
+
+    /// Rewrites a marker file that names an older format than the record.
+    fn upgrade_marker(&self, marker: Option<u32>) -> Result<()> {
+        if marker == Some(layout::FORMAT_VERSION) {
+            return Ok(());
+        }
+        write_marker(&self.path)
     }
 
     /// The directory of this store.
@@ -225,6 +251,37 @@ impl Store {
         self.db
             .get_cf(self.cf(layout::CF_PEER_SYNC), &key)
             .map_err(|e| self.read_error(e, doc, layout::CF_PEER_SYNC, &key))
+    }
+
+    /// Reads the held changes of `doc` as `(key, value)`, in key order.
+    pub(crate) fn held(&self, doc: &DocId) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        self.check_alive()?;
+        let cf = self.cf(layout::CF_HELD);
+        let prefix = layout::log_prefix(doc);
+        let mut out = Vec::new();
+        for item in self
+            .db
+            .iterator_cf(cf, IteratorMode::From(&prefix, Direction::Forward))
+        {
+            let (k, v) = item.map_err(|e| self.read_error(e, doc, layout::CF_HELD, &prefix))?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            out.push((k.into_vec(), v.into_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Calls `f` with the key and value length of every held change, in
+    /// key order.
+    pub(crate) fn for_each_held(&self, mut f: impl FnMut(&[u8], usize)) -> Result<()> {
+        self.check_alive()?;
+        let cf = self.cf(layout::CF_HELD);
+        for item in self.db.iterator_cf(cf, IteratorMode::Start) {
+            let (k, v) = item.map_err(|e| self.fatal(e))?;
+            f(&k, v.len());
+        }
+        Ok(())
     }
 
     /// Calls `f` with every document's id and metadata, in id order, deleted

@@ -196,7 +196,8 @@ fn changes_with_missing_dependencies_are_held_until_they_arrive() {
 fn a_long_history_delivered_backwards_one_change_at_a_time_is_held_then_applied() {
     // Two writers' interleaved histories (merges included), delivered to a
     // third replica one change per call, newest first: each waits for its
-    // predecessor, and the oldest releases all of them in one call.
+    // predecessor, and the oldest releases all of them in one call. (The
+    // genesis change is never delivered: every replica can make it.)
     let (_a_dir, a) = fresh();
     let (_b_dir, b) = fresh();
     let (_c_dir, c) = fresh();
@@ -219,13 +220,14 @@ fn a_long_history_delivered_backwards_one_change_at_a_time_is_held_then_applied(
         .unwrap();
     let all = a.changes_since(&doc, &[]).unwrap();
     assert!(all.len() > 300);
-    for (n, change) in all[1..].iter().rev().enumerate() {
+    for (n, change) in all[2..].iter().rev().enumerate() {
         let outcome = c.apply_changes(&doc, std::slice::from_ref(change)).unwrap();
         assert_eq!((outcome.applied, outcome.held), (0, n + 1), "change {n}");
         assert!(!outcome.missing_deps.is_empty());
+        assert_eq!(c.held(&doc).unwrap().changes, n + 1);
     }
-    let outcome = c.apply_changes(&doc, &all[..1]).unwrap();
-    assert_eq!(outcome.applied, all.len());
+    let outcome = c.apply_changes(&doc, &all[1..2]).unwrap();
+    assert_eq!((outcome.applied, outcome.held), (all.len(), 0));
     assert_eq!(c.heads(&doc).unwrap(), a.heads(&doc).unwrap());
     assert_eq!(c.get_json(&doc).unwrap(), a.get_json(&doc).unwrap());
     assert_eq!(c.info(&doc).unwrap().held_changes, 0);
@@ -315,7 +317,7 @@ fn listing_pages_through_a_prefix() {
 }
 
 #[test]
-fn subscribers_see_local_and_remote_changes_after_they_are_durable() {
+fn subscribers_see_local_and_client_changes_after_they_are_durable() {
     let (_a_dir, a) = fresh();
     let (_b_dir, b) = fresh();
     let sub = b.subscribe("inbox/").unwrap();
@@ -332,9 +334,12 @@ fn subscribers_see_local_and_remote_changes_after_they_are_durable() {
     a.merge_json(&doc, &json!({"n": 2})).unwrap();
     b.apply_changes(&doc, &a.changes_since(&doc, &[]).unwrap())
         .unwrap();
+    // Changes handed over with `apply_changes` are a client's: the event
+    // carries the new ones, for a node to publish.
     let ev = sub.recv_timeout(Duration::from_secs(5)).unwrap();
-    assert_eq!(ev.origin, Origin::Remote);
+    assert_eq!(ev.origin, Origin::Client);
     assert_eq!(ev.heads, b.heads(&doc).unwrap());
+    assert_eq!(ev.changes.len(), 1);
     assert!(other.try_recv().is_none());
 }
 

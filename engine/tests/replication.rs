@@ -306,7 +306,12 @@ fn drain_kinds(n: &mut Node) -> Vec<&'static str> {
 
 #[test]
 fn an_unanswered_sync_is_resent_then_given_up() {
-    let mut a = node_with("a", "eu", |c| c.max_sync_retries = 3);
+    // Held-change repair (which would start the sync again) is pushed out
+    // of the test's hour so that only the retries are counted.
+    let mut a = node_with("a", "eu", |c| {
+        c.max_sync_retries = 3;
+        c.held_repair_after = Duration::from_secs(3600);
+    });
     let mut b = node("b", "us");
     let (an, bn) = (NodeId::new("a").unwrap(), NodeId::new("b").unwrap());
     let mut rng = SplitMix64::new(5);
@@ -576,4 +581,58 @@ fn a_burst_of_local_commits_is_published_as_one_delta_per_document() {
         b.core.engine().get_json(&id("burst/x")).unwrap(),
         json!({"i": 1029})
     );
+}
+
+#[test]
+fn a_client_change_held_for_a_dependency_is_repaired_from_a_peer_and_published() {
+    // A client hands A a change made on top of B's copy; A lacks B's
+    // change, so it holds the client's change. B's delta never reached A
+    // (lost), so only the held-change repair can fetch it.
+    let mut a = node_with("a", "eu", |c| c.held_repair_after = Duration::from_secs(2));
+    let mut b = node("b", "us");
+    let (an, bn) = (NodeId::new("a").unwrap(), NodeId::new("b").unwrap());
+    let mut rng = SplitMix64::new(9);
+    a.core.handle_connect(Duration::ZERO, &bn, &mut rng);
+    b.core.handle_connect(Duration::ZERO, &an, &mut rng);
+    pump(&mut a, &an, &mut b, &bn, Duration::ZERO);
+    let doc = id("notes/held");
+    commit(&mut b, "notes/held", json!({"from_b": 1}));
+    while b.core.poll_output().is_some() {}
+    let client = {
+        use causeway_engine::automerge::transaction::Transactable;
+        use causeway_engine::automerge::{Automerge, AutomergeError, ROOT};
+        let mut fork = Automerge::new();
+        let history = b.core.engine().changes_since(&doc, &[]).unwrap();
+        fork.load_incremental(&history.concat()).unwrap();
+        let before = fork.get_heads();
+        fork.transact::<_, _, AutomergeError>(|tx| tx.put(ROOT, "from_client", 1))
+            .unwrap();
+        fork.get_changes(&before)[0].raw_bytes().to_vec()
+    };
+    let engine = a.core.engine().clone();
+    let events = engine.subscribe("notes/").unwrap();
+    let outcome = engine
+        .apply_changes(&doc, std::slice::from_ref(&client))
+        .unwrap();
+    assert_eq!((outcome.applied, outcome.held), (0, 1));
+    // Before the repair is due nothing is asked.
+    a.core
+        .handle_timeout(Duration::from_secs(1), &mut rng)
+        .unwrap();
+    assert!(drain_kinds(&mut a).iter().all(|k| *k != "sync"));
+    // The first look after it is due asks B, and the sync brings B's change.
+    let now = Duration::from_secs(4);
+    a.core.handle_timeout(now, &mut rng).unwrap();
+    assert_eq!(a.core.stats().held_repairs, 1);
+    pump(&mut a, &an, &mut b, &bn, now);
+    assert_eq!(engine.stats().held_changes, 0);
+    assert_eq!(
+        engine.get_json(&doc).unwrap(),
+        json!({"from_b": 1, "from_client": 1})
+    );
+    // The engine announces the client's change, with its bytes, for the
+    // node to publish.
+    let event = events.try_recv().unwrap();
+    assert_eq!(event.origin, causeway_engine::Origin::Client);
+    assert_eq!(event.changes.to_vec(), vec![client]);
 }

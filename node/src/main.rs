@@ -7,8 +7,8 @@ use anyhow::Result;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use causeway_node::bench::{
-    all, delta_path, durable_writes, ingest, join, lag, many_docs_sync, memory, reconcile,
-    replicate_trace, steady_state,
+    all, concurrent_editors, delta_path, durable_writes, ingest, join, lag, many_docs_sync, memory,
+    reconcile, replicate_trace, steady_state,
 };
 use causeway_node::client::{self, DocCommand, Target};
 use causeway_node::{chaos, daemon, demo, sim};
@@ -113,6 +113,10 @@ enum BenchCommand {
     /// Clients writing at a fixed rate on every node of a three-region
     /// cluster: propagation lag, CPU, peak memory, bytes per change.
     SteadyState(steady_state::Args),
+    /// Writers editing one text in their own Automerge documents, posting
+    /// every change to the node of their region: changes held for their
+    /// dependencies, refused at the limit and retried, none lost.
+    ConcurrentEditors(concurrent_editors::Args),
     /// A node with a million small documents stored and a thousand being
     /// written: resident memory, open time, cache budget.
     Memory(memory::Args),
@@ -168,6 +172,9 @@ fn run(command: Command) -> Result<()> {
             runtime()?.block_on(steady_state::run(&args))
         }
         Command::Bench(BenchCommand::Memory(args)) => runtime()?.block_on(memory::run(&args)),
+        Command::Bench(BenchCommand::ConcurrentEditors(args)) => {
+            runtime()?.block_on(concurrent_editors::run(&args))
+        }
         Command::Bench(BenchCommand::All(args)) => all::run(&args),
     }
 }

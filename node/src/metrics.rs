@@ -44,7 +44,13 @@ pub struct NodeMetrics {
     changes_applied: Family<KindLabel, Counter>,
     syncs_dropped: Counter,
     syncs_abandoned: Counter,
+    held_repairs: Counter,
+    held_refused: Counter,
     reconcile_differences: Counter,
+    /// Changes held for missing dependencies, in all documents.
+    pub held_changes: Gauge,
+    /// Bytes of those changes.
+    pub held_bytes: Gauge,
     /// Gossip publications that reached no peer (left to anti-entropy).
     pub publish_failures: Counter,
     /// Direct messages that failed (timeout, connection lost, dial failure).
@@ -98,7 +104,11 @@ impl NodeMetrics {
             changes_applied: Family::default(),
             syncs_dropped: Counter::default(),
             syncs_abandoned: Counter::default(),
+            held_repairs: Counter::default(),
+            held_refused: Counter::default(),
             reconcile_differences: Counter::default(),
+            held_changes: Gauge::default(),
+            held_bytes: Gauge::default(),
             publish_failures: Counter::default(),
             send_failures: Counter::default(),
             direct_dropped: Counter::default(),
@@ -154,6 +164,26 @@ impl NodeMetrics {
             "syncs_abandoned",
             "Document syncs given up after unanswered resends",
             m.syncs_abandoned.clone(),
+        );
+        r.register(
+            "held_repairs",
+            "Syncs started to fetch what held changes wait for",
+            m.held_repairs.clone(),
+        );
+        r.register(
+            "held_refused_peer_changes",
+            "Peers' changes refused at a held-change limit (left to anti-entropy)",
+            m.held_refused.clone(),
+        );
+        r.register(
+            "held_changes",
+            "Changes held for missing dependencies, in all documents",
+            m.held_changes.clone(),
+        );
+        r.register(
+            "held_bytes",
+            "Bytes of changes held for missing dependencies",
+            m.held_bytes.clone(),
         );
         r.register(
             "reconcile_differences",
@@ -318,6 +348,10 @@ impl NodeMetrics {
             .inc_by(stats.syncs_dropped - self.last.syncs_dropped);
         self.syncs_abandoned
             .inc_by(stats.syncs_abandoned - self.last.syncs_abandoned);
+        self.held_repairs
+            .inc_by(stats.held_repairs - self.last.held_repairs);
+        self.held_refused
+            .inc_by(stats.held_refused - self.last.held_refused);
         self.reconcile_differences
             .inc_by(stats.reconcile_differences - self.last.reconcile_differences);
         for (kind, depth) in [

@@ -301,24 +301,6 @@ impl NodeHandle {
         }
     }
 
-    /// Replicates changes a client applied to `doc` through this node's
-    /// engine (already durable here), leaving `heads`, like a local commit.
-    /// Changes applied from peers replicate on their own; this is for
-    /// changes that came from outside the cluster.
-    pub async fn publish(
-        &self,
-        doc: DocId,
-        changes: Vec<Vec<u8>>,
-        heads: Vec<ChangeHash>,
-    ) -> Result<(), NodeError> {
-        self.send(Command::Publish {
-            doc,
-            changes,
-            heads,
-        })
-        .await
-    }
-
     /// This node's region.
     pub fn region(&self) -> &str {
         &self.region
@@ -372,9 +354,10 @@ impl NodeHandle {
     }
 }
 
-/// Forwards the engine's local commits to the networking task from a
-/// thread of its own (the subscription is a blocking queue). Returns the
-/// subscription's count of dropped events.
+/// Forwards the engine's local commits, and the changes clients handed over
+/// once they apply, to the networking task from a thread of its own (the
+/// subscription is a blocking queue). Returns the subscription's count of
+/// dropped events.
 fn forward_local_commits(
     engine: &Engine,
     tx: mpsc::Sender<DocEvent>,
@@ -390,7 +373,8 @@ fn forward_local_commits(
                 let Some(event) = subscription.recv_timeout(Duration::from_millis(200)) else {
                     continue;
                 };
-                if event.origin == Origin::Local && tx.blocking_send(event).is_err() {
+                let publish = matches!(event.origin, Origin::Local | Origin::Client);
+                if publish && tx.blocking_send(event).is_err() {
                     break;
                 }
             }

@@ -131,6 +131,15 @@ pub struct EngineSection {
     pub durability: Option<String>,
     /// Document cache budget, MiB.
     pub cache_budget_mib: Option<usize>,
+    /// Changes held for missing dependencies per document (see
+    /// `EngineConfig::max_held_changes_per_doc`).
+    pub max_held_changes_per_doc: Option<usize>,
+    /// Bytes of held changes per document, MiB.
+    pub max_held_mib_per_doc: Option<usize>,
+    /// Held changes in all documents together.
+    pub max_held_changes: Option<usize>,
+    /// Bytes of held changes in all documents together, MiB.
+    pub max_held_mib: Option<usize>,
 }
 
 /// Everything `causeway node` needs.
@@ -355,6 +364,16 @@ fn engine(e: EngineSection) -> Result<EngineConfig, KeyError> {
         cache_budget_bytes: e
             .cache_budget_mib
             .map_or(defaults.cache_budget_bytes, |mib| mib << 20),
+        max_held_changes_per_doc: e
+            .max_held_changes_per_doc
+            .unwrap_or(defaults.max_held_changes_per_doc),
+        max_held_bytes_per_doc: e
+            .max_held_mib_per_doc
+            .map_or(defaults.max_held_bytes_per_doc, |mib| mib << 20),
+        max_held_changes: e.max_held_changes.unwrap_or(defaults.max_held_changes),
+        max_held_bytes: e
+            .max_held_mib
+            .map_or(defaults.max_held_bytes, |mib| mib << 20),
         ..defaults
     };
     c.validate().map_err(|err| ("engine", err.to_string()))?;

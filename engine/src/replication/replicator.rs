@@ -68,6 +68,16 @@ pub struct ReplicatorConfig {
     pub max_sync_retries: u32,
     /// Acknowledgements are batched and sent this often. Default 100 ms.
     pub ack_interval: Duration,
+    /// How often the core looks for documents with held changes (changes
+    /// whose dependencies are missing, see [`held`](crate::held)) to ask a
+    /// peer for what they wait for; at most [`MAX_HELD_REPAIRS_PER_SCAN`]
+    /// documents per look. Default 1 s.
+    pub held_repair_interval: Duration,
+    /// A document's held changes are first repaired this long after the
+    /// core first saw them (gossip usually delivers the dependencies
+    /// sooner); each later attempt waits twice as long, up to the
+    /// anti-entropy interval, and asks the next peer. Default 1 s.
+    pub held_repair_after: Duration,
     /// Reconciliation tuning.
     pub reconcile: Params,
 }
@@ -86,10 +96,17 @@ impl ReplicatorConfig {
             max_sync_sessions_per_peer: 10_000,
             max_sync_retries: 5,
             ack_interval: Duration::from_millis(100),
+            held_repair_interval: Duration::from_secs(1),
+            held_repair_after: Duration::from_secs(1),
             reconcile: Params::default(),
         }
     }
 }
+
+/// Documents with held changes one look of the core examines at most (see
+/// [`ReplicatorConfig::held_repair_interval`]); the next look goes on from
+/// where this one stopped.
+pub const MAX_HELD_REPAIRS_PER_SCAN: usize = 64;
 
 /// What one peer is known to hold of a document (see
 /// [`Replicator::holders`]).
@@ -190,6 +207,11 @@ pub struct Stats {
     /// Sync sessions given up after [`ReplicatorConfig::max_sync_retries`]
     /// unanswered resends.
     pub syncs_abandoned: u64,
+    /// Syncs started to fetch what a document's held changes wait for.
+    pub held_repairs: u64,
+    /// Peers' changes refused because holding them would have exceeded a
+    /// held-change limit (left to sync and anti-entropy).
+    pub held_refused: u64,
     /// Messages refused, by reason.
     pub rejected: BTreeMap<&'static str, u64>,
     /// Messages handed to the network, by kind: `(messages, bytes)`. A
@@ -212,6 +234,8 @@ impl Stats {
         self.syncs_dropped += other.syncs_dropped;
         self.syncs_refused += other.syncs_refused;
         self.syncs_abandoned += other.syncs_abandoned;
+        self.held_repairs += other.held_repairs;
+        self.held_refused += other.held_refused;
         for (reason, n) in &other.rejected {
             *self.rejected.entry(reason).or_default() += n;
         }
@@ -304,6 +328,13 @@ struct Burst {
     heads: Vec<ChangeHash>,
 }
 
+/// When a document's held changes are next repaired, and how often they
+/// were.
+struct HeldRepair {
+    next_at: Duration,
+    attempts: u32,
+}
+
 /// A delta waiting in [`Replicator::handle_messages`] for the rest of its
 /// document's batch: the index of its verdict, its sender, the delta.
 type BatchedDelta = (usize, NodeId, Delta);
@@ -322,6 +353,12 @@ pub struct Replicator {
     outputs: VecDeque<Output>,
     next_anti_entropy: Duration,
     next_ack_flush: Duration,
+    next_held_scan: Duration,
+    /// Documents with held changes seen by the last looks, in id order;
+    /// bounded by the engine's held-change limits (each has one at least).
+    held_repairs: BTreeMap<DocId, HeldRepair>,
+    /// Where the next look at held documents starts (exclusive).
+    held_cursor: Option<DocId>,
     stats: Stats,
 }
 
@@ -336,6 +373,9 @@ impl Replicator {
             engine,
             next_anti_entropy: now + config.anti_entropy_interval,
             next_ack_flush: now + config.ack_interval,
+            next_held_scan: now + config.held_repair_interval,
+            held_repairs: BTreeMap::new(),
+            held_cursor: None,
             config,
             items,
             peers: BTreeMap::new(),
@@ -442,7 +482,7 @@ impl Replicator {
             })
             .map(|at| at + self.config.retry_after)
             .min();
-        let mut next = self.next_anti_entropy;
+        let mut next = self.next_anti_entropy.min(self.next_held_scan);
         if self.peers.values().any(|p| !p.acks.is_empty()) {
             next = next.min(self.next_ack_flush);
         }
@@ -683,6 +723,10 @@ impl Replicator {
             self.flush_acks();
             self.next_ack_flush = now + self.config.ack_interval;
         }
+        if now >= self.next_held_scan {
+            self.repair_held(now)?;
+            self.next_held_scan = now + self.config.held_repair_interval;
+        }
         let retry_after = self.config.retry_after;
         let peers: Vec<NodeId> = self.peers.keys().cloned().collect();
         for peer in &peers {
@@ -736,7 +780,7 @@ impl Replicator {
         }
         self.progress.set_region(&d.origin, &d.region);
         let changes: Vec<Vec<u8>> = d.changes.into_iter().map(|b| b.0).collect();
-        let outcome = match self.writer.apply_changes(&d.doc, &changes) {
+        let (outcome, new) = match self.writer.apply_peer_changes(&d.doc, &changes) {
             Ok(o) => o,
             Err(e) if is_bad_change(&e) => {
                 return Ok(self.reject(from, Rejection::BadChange(e.to_string())))
@@ -744,11 +788,12 @@ impl Replicator {
             Err(e) => return Err(e),
         };
         self.stats.delta_changes_applied += outcome.applied as u64;
+        self.stats.held_refused += outcome.refused as u64;
         self.applied(now, &d.doc, &outcome, &[from, &d.origin]);
         let ours = (!outcome.heads.is_empty()).then_some(outcome.heads.as_slice());
         self.progress
             .record(now, &d.origin, &d.doc, d.heads.to_vec(), ours);
-        if !outcome.missing_deps.is_empty() {
+        if !outcome.missing_deps.is_empty() || outcome.refused > 0 {
             self.enqueue_sync(from, &d.doc);
             self.start_queued(now, from)?;
         }
@@ -759,7 +804,8 @@ impl Replicator {
                 self.queue_ack(from, &d.doc, &outcome.heads);
             }
         }
-        if outcome.applied == 0 && outcome.held == 0 {
+        // Forwarded only if some change was new here (applied or held now).
+        if !new.contains(&true) {
             return Ok(Verdict::Ignore);
         }
         Ok(Verdict::Accept)
@@ -798,7 +844,7 @@ impl Replicator {
                 .iter()
                 .flat_map(|(_, _, d)| d.changes.iter().map(|b| b.0.as_slice()))
                 .collect();
-            self.writer.apply_changes_marked(doc, &changes)
+            self.writer.apply_peer_changes(doc, &changes)
         };
         let (outcome, new) = match result {
             Ok(o) => o,
@@ -811,6 +857,7 @@ impl Replicator {
             Err(e) => return Err(e),
         };
         self.stats.delta_changes_applied += outcome.applied as u64;
+        self.stats.held_refused += outcome.refused as u64;
         // The peers that sent or relayed every delta of the run hold all of
         // its changes; a peer behind only some of them is not a source.
         let (first_from, first_origin) = (run[0].1.clone(), run[0].2.origin.clone());
@@ -826,7 +873,7 @@ impl Replicator {
             self.progress
                 .record(now, &d.origin, doc, d.heads.to_vec(), ours);
         }
-        if !outcome.missing_deps.is_empty() {
+        if !outcome.missing_deps.is_empty() || outcome.refused > 0 {
             let senders: BTreeSet<NodeId> = run.iter().map(|(_, f, _)| f.clone()).collect();
             for from in &senders {
                 self.enqueue_sync(from, doc);
@@ -935,6 +982,7 @@ impl Replicator {
             "sync message received"
         );
         self.stats.sync_changes_applied += outcome.applied as u64;
+        self.stats.held_refused += outcome.refused as u64;
         self.applied(now, &frame.doc, &outcome, &[from]);
         self.record_progress(now, from, &frame.doc, their_heads, Some(&outcome.heads))?;
         if outcome.applied > 0 {
@@ -1024,6 +1072,81 @@ impl Replicator {
         p.reconcile_sent_at = Some((session, now));
         let ranges = reconcile::initiate(&self.items, &self.config.reconcile);
         self.send(peer, Message::Reconcile(Reconcile { session, ranges }));
+    }
+
+    /// Looks at the next [`MAX_HELD_REPAIRS_PER_SCAN`] documents with held
+    /// changes and, for each whose repair is due, queues a sync with a peer
+    /// that may have what they wait for: first the peers whose latest report
+    /// names heads this node lacks, then the others, a different one on each
+    /// attempt. (A delta whose changes were held already queued a sync with
+    /// its sender.) Documents no longer holding anything are forgotten.
+    fn repair_held(&mut self, now: Duration) -> Result<()> {
+        let page = self
+            .engine
+            .held_documents(self.held_cursor.as_ref(), MAX_HELD_REPAIRS_PER_SCAN);
+        // A short page reached the end; the next look starts over.
+        let upper = if page.len() < MAX_HELD_REPAIRS_PER_SCAN {
+            None
+        } else {
+            page.last().cloned()
+        };
+        // Forget documents in the scanned range that hold nothing now.
+        let lower = self.held_cursor.take();
+        self.held_repairs.retain(|doc, _| {
+            let above = lower.as_ref().is_none_or(|l| doc > l);
+            let below = upper.as_ref().is_none_or(|u| doc <= u);
+            !(above && below) || page.binary_search(doc).is_ok()
+        });
+        self.held_cursor = upper;
+        for doc in page {
+            let first_at = now + self.config.held_repair_after;
+            let repair = self.held_repairs.entry(doc.clone()).or_insert(HeldRepair {
+                next_at: first_at,
+                attempts: 0,
+            });
+            if now < repair.next_at {
+                continue;
+            }
+            let attempts = repair.attempts;
+            repair.attempts += 1;
+            let backoff = self.config.held_repair_after * 2u32.saturating_pow(attempts.min(16));
+            repair.next_at = now + backoff.min(self.config.anti_entropy_interval);
+            let candidates = self.repair_candidates(&doc)?;
+            if candidates.is_empty() {
+                continue;
+            }
+            let peer = candidates[attempts as usize % candidates.len()].clone();
+            tracing::debug!(%doc, %peer, attempt = attempts, "asking a peer for what held changes wait for");
+            self.stats.held_repairs += 1;
+            self.enqueue_sync(&peer, &doc);
+            self.start_queued(now, &peer)?;
+        }
+        Ok(())
+    }
+
+    /// Connected peers to ask for `doc`'s missing dependencies: those whose
+    /// latest report has heads this node lacks first, then the rest, each
+    /// group in id order.
+    fn repair_candidates(&self, doc: &DocId) -> Result<Vec<NodeId>> {
+        let mut ahead = Vec::new();
+        let mut rest = Vec::new();
+        for peer in self.peers.keys() {
+            let news = match self.progress.known_heads(peer, doc) {
+                Some(heads) if !heads.is_empty() => match self.engine.heads(doc) {
+                    Ok(_) => !self.holds_all(doc, heads)?,
+                    Err(Error::NotFound(_)) => true,
+                    Err(e) => return Err(e),
+                },
+                _ => false,
+            };
+            if news {
+                ahead.push(peer.clone());
+            } else {
+                rest.push(peer.clone());
+            }
+        }
+        ahead.extend(rest);
+        Ok(ahead)
     }
 
     /// Queues a per-document sync with `peer` (bounded; overflow is counted

@@ -14,6 +14,7 @@ use crate::config::{Durability, EngineConfig};
 use crate::doc_id::DocId;
 use crate::engine::Engine;
 use crate::error::Error;
+use crate::events::{Origin, Subscription};
 use crate::replication::ids::{ClusterId, NodeId, Region};
 use crate::replication::random::{Random, SplitMix64};
 use crate::replication::wire::MAX_ACK_ENTRIES;
@@ -42,6 +43,10 @@ struct SimNode {
     seen: HashSet<[u8; 16]>,
     seen_order: VecDeque<[u8; 16]>,
     timer_at: Option<Duration>,
+    /// The engine's events, for the client changes it applied (at once or
+    /// once released from held), which the node publishes as the node
+    /// daemon does.
+    events: Option<Subscription>,
     /// Counters of earlier incarnations, folded into the report.
     retired: Stats,
 }
@@ -97,6 +102,7 @@ impl Cluster {
                 seen: HashSet::new(),
                 seen_order: VecDeque::new(),
                 timer_at: None,
+                events: None,
                 retired: Stats::default(),
             });
         }
@@ -326,11 +332,24 @@ impl Cluster {
         self.drain(p.to)
     }
 
-    /// Hands node `i`'s outputs to the network and re-arms its timer.
+    /// Hands node `i`'s outputs to the network and re-arms its timer. First
+    /// publishes the client changes its engine applied since the last
+    /// drain, as the node daemon does.
     fn drain(&mut self, i: usize) -> Result<(), SimError> {
-        let Some(core) = self.nodes[i].core.as_mut() else {
+        let node = &mut self.nodes[i];
+        let Some(core) = node.core.as_mut() else {
             return Ok(());
         };
+        while let Some(event) = node.events.as_ref().and_then(Subscription::try_recv) {
+            if event.origin == Origin::Client {
+                core.handle_local_commit(
+                    self.now,
+                    &event.doc,
+                    event.changes.to_vec(),
+                    &event.heads,
+                );
+            }
+        }
         let depths = core.queue_depths();
         self.report.max_queues = self.report.max_queues.max(depths);
         let mut outputs = Vec::new();
@@ -396,6 +415,10 @@ impl Cluster {
         let pick = self.rng.next_u64();
         self.writes += 1;
         let mark = format!("n{i}-{}", self.writes);
+        if text && chance(&mut self.rng, self.config.client_change_permille) {
+            let source = live[self.rng.below(live.len() as u64) as usize];
+            return self.client_change(i, source, d, &mark, pick);
+        }
         let before = self.heads(i, &doc)?;
         let engine = self.engine(i)?;
         let (write, heads) = if text {
@@ -421,6 +444,44 @@ impl Cluster {
         self.report.writes_acked += 1;
         let changes = engine.changes_since(&doc, &before)?;
         self.commit(i, &doc, changes, &heads)
+    }
+
+    /// A client write made on node `source`'s copy of text document `d`,
+    /// handed to node `i` as one Automerge change (only the new change, not
+    /// what it depends on). Acknowledged once `i` applied or held it.
+    fn client_change(
+        &mut self,
+        i: usize,
+        source: usize,
+        d: usize,
+        mark: &str,
+        pick: u64,
+    ) -> Result<(), SimError> {
+        let doc = self.docs[d].clone();
+        let token = format!("<{mark}>");
+        let mut actor = Sha256::new();
+        actor.update(self.config.seed.to_be_bytes());
+        actor.update(b"client");
+        actor.update(self.writes.to_be_bytes());
+        let actor = ActorId::from(&actor.finalize()[..16]);
+        let Some(change) = workload::fork_insert(&self.engine(source)?, &doc, &token, pick, actor)?
+        else {
+            self.violation(format!("{doc} has no shared text on n{source} after setup"));
+            return Ok(());
+        };
+        let outcome = match self.engine(i)?.apply_changes(&doc, &[change]) {
+            Ok(outcome) => outcome,
+            Err(Error::HeldLimit { .. }) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        self.trace
+            .update(format!("client {i} {source} {token}").as_bytes());
+        self.ledger.push(Write::Text { doc: d, token });
+        self.report.writes_acked += 1;
+        self.report.client_changes += 1;
+        self.report.client_changes_held +=
+            u64::from(outcome.applied == 0 && outcome.duplicates == 0);
+        self.drain(i)
     }
 
     /// Reports a local commit to node `i`'s core and sends what it publishes.
@@ -516,6 +577,7 @@ impl Cluster {
         config.retry_after = self.config.retry_after;
         config.max_active_syncs_per_peer = self.config.max_active_syncs_per_peer;
         config.max_queued_syncs_per_peer = self.config.max_queued_syncs_per_peer;
+        node.events = Some(engine.subscribe("")?);
         node.core = Some(Replicator::new(engine, config, self.now)?);
         node.timer_at = None;
         self.drain(i)
@@ -531,6 +593,7 @@ impl Cluster {
         if let Some(core) = node.core.take() {
             node.retired.add(core.stats());
         }
+        node.events = None;
         node.seen.clear();
         node.seen_order.clear();
         node.timer_at = None;
@@ -657,6 +720,13 @@ impl Cluster {
             }
         }
         self.report.writes_lost = lost;
+        for node in &self.nodes {
+            let Some(core) = &node.core else { continue };
+            let held = core.engine().stats().held_changes;
+            if held > 0 {
+                problems.push(format!("{} still holds {held} changes at the end", node.id));
+            }
+        }
         let q = self.report.max_queues;
         if q.queued_syncs > self.config.max_queued_syncs_per_peer {
             problems.push(format!("a sync queue reached {}", q.queued_syncs));

@@ -36,6 +36,11 @@ pub struct SimConfig {
     /// Chance that a step is a fault action (partition, one-way partition,
     /// heal, crash, restart) rather than a client write.
     pub fault_permille: u32,
+    /// Chance that a client write to a text document is made on another
+    /// node's copy and handed to its own node as an Automerge change
+    /// ([`Engine::apply_changes`](crate::Engine::apply_changes)), which
+    /// holds it if its dependencies have not reached that node yet.
+    pub client_change_permille: u32,
     /// Passed to every core.
     pub max_active_syncs_per_peer: usize,
     /// Passed to every core.
@@ -61,7 +66,7 @@ impl SimConfig {
         let mut between = |lo: u64, hi: u64| lo + r.below(hi - lo + 1);
         let nodes = between(3, 5) as usize;
         let regions = between(2, 3) as usize;
-        SimConfig {
+        let mut config = SimConfig {
             seed,
             nodes,
             regions,
@@ -77,9 +82,13 @@ impl SimConfig {
             max_queued_syncs_per_peer: between(2, 64) as usize,
             anti_entropy_interval: Duration::from_secs(between(10, 30)),
             retry_after: Duration::from_secs(between(2, 5)),
+            client_change_permille: 0,
             heal: true,
             dir: None,
-        }
+        };
+        // Drawn last, so the fields above keep their values per seed.
+        config.client_change_permille = between(100, 500) as u32;
+        config
     }
 
     /// The command that replays this run.

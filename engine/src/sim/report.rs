@@ -74,6 +74,12 @@ pub struct Report {
     pub faults: Faults,
     /// Client writes acknowledged (durably committed on their node).
     pub writes_acked: u64,
+    /// Of those, writes a client made on another node's copy and handed to
+    /// its node as a change, which held it when its dependencies were
+    /// missing there.
+    pub client_changes: u64,
+    /// Client changes their node held (at the time of the write).
+    pub client_changes_held: u64,
     /// Acknowledged writes missing from some replica at the end.
     pub writes_lost: u64,
     /// How long after the heal convergence may take
@@ -130,6 +136,8 @@ impl Report {
             "passed": self.passed(),
             "faults": self.faults.to_json(),
             "writes_acked": self.writes_acked,
+            "client_changes": self.client_changes,
+            "client_changes_held": self.client_changes_held,
             "writes_lost": self.writes_lost,
             "converged_after_heal_ms": ms(self.converged_after_heal),
             "bound_ms": self.bound.as_millis() as u64,
@@ -178,6 +186,10 @@ pub struct Summary {
     pub writes_acked: u64,
     /// Writes lost, summed.
     pub writes_lost: u64,
+    /// Out-of-order client changes among the writes, summed.
+    pub client_changes: u64,
+    /// Of those, the ones their node held, summed.
+    pub client_changes_held: u64,
     /// Time to converge after the heal, per run that converged, sorted.
     pub converged: Vec<Duration>,
     /// Messages delivered and their bytes, summed.
@@ -198,6 +210,8 @@ impl Summary {
         self.faults.add(&r.faults);
         self.writes_acked += r.writes_acked;
         self.writes_lost += r.writes_lost;
+        self.client_changes += r.client_changes;
+        self.client_changes_held += r.client_changes_held;
         if let Some(c) = r.converged_after_heal {
             let at = self.converged.partition_point(|x| *x <= c);
             self.converged.insert(at, c);
@@ -222,6 +236,8 @@ impl Summary {
             "failed": self.failed.len(),
             "faults": self.faults.to_json(),
             "writes_acked": self.writes_acked,
+            "client_changes": self.client_changes,
+            "client_changes_held": self.client_changes_held,
             "writes_lost": self.writes_lost,
             "converged_after_heal_ms": {"p50": ms(0.5), "p99": ms(0.99), "max": ms(1.0)},
             "delivered": {"messages": self.delivered.0, "bytes": self.delivered.1},
@@ -241,7 +257,7 @@ impl Summary {
             "runs {} (failed {})\n\
              faults: {} lost, {} duplicated, {} delayed messages; {} partitions, \
              {} one-way ({} messages dropped), {} heals, {} crashes, {} restarts\n\
-             writes acknowledged {}, lost {}\n\
+             writes acknowledged {} ({} out-of-order client changes, {} held), lost {}\n\
              converged after heal: p50 {}, p99 {}, max {}",
             self.runs,
             self.failed.len(),
@@ -255,6 +271,8 @@ impl Summary {
             f.crashes,
             f.restarts,
             self.writes_acked,
+            self.client_changes,
+            self.client_changes_held,
             self.writes_lost,
             ms(0.5),
             ms(0.99),

@@ -12,7 +12,7 @@
 //! At the end, every acknowledged mark must be in every replica.
 
 use automerge::transaction::Transactable;
-use automerge::{AutomergeError, ObjType, ReadDoc, ROOT};
+use automerge::{ActorId, Automerge, AutomergeError, ObjType, ROOT};
 use serde_json::{json, Value};
 
 use crate::doc_id::DocId;
@@ -76,17 +76,60 @@ pub(crate) fn insert_text(
     token: &str,
     pick: u64,
 ) -> Result<Committed<bool>> {
-    engine.upsert(doc, |tx| {
-        let text = match tx.get(ROOT, TEXT_FIELD)? {
-            Some((automerge::Value::Object(ObjType::Text), id)) => id,
-            _ => return Ok(false),
-        };
-        let current = tx.text(&text)?;
-        let boundaries = boundaries(&current);
-        let at = boundaries[(pick % boundaries.len() as u64) as usize];
-        tx.splice_text(&text, at, 0, token)?;
-        Ok::<_, AutomergeError>(true)
-    })
+    engine.upsert(doc, |tx| splice_token(tx, token, pick))
+}
+
+/// The transaction of [`insert_text`] and [`fork_insert`]: `token` spliced
+/// in at the boundary `pick` selects; `false` if there is no shared text.
+fn splice_token(
+    tx: &mut impl Transactable,
+    token: &str,
+    pick: u64,
+) -> Result<bool, AutomergeError> {
+    let text = match tx.get(ROOT, TEXT_FIELD)? {
+        Some((automerge::Value::Object(ObjType::Text), id)) => id,
+        _ => return Ok(false),
+    };
+    let current = tx.text(&text)?;
+    let boundaries = boundaries(&current);
+    let at = boundaries[(pick % boundaries.len() as u64) as usize];
+    tx.splice_text(&text, at, 0, token)?;
+    Ok(true)
+}
+
+/// A client's change made on `source`'s copy of `doc`: `token` inserted at
+/// the boundary `pick` selects, by the actor `actor`. The client keeps its
+/// own Automerge document (here, a fork of that copy) and hands only its
+/// new change to its node, which may lack the change's dependencies.
+/// `None` if `source` has no shared text in `doc`.
+pub(crate) fn fork_insert(
+    source: &Engine,
+    doc: &DocId,
+    token: &str,
+    pick: u64,
+    actor: ActorId,
+) -> Result<Option<Vec<u8>>> {
+    let history = source.changes_since(doc, &[])?;
+    let mut fork = Automerge::new();
+    fork.load_incremental(&history.concat())
+        .map_err(|e| crate::Error::ChangeRejected {
+            doc: doc.clone(),
+            reason: e.to_string(),
+        })?;
+    fork.set_actor(actor);
+    let before = fork.get_heads();
+    let result = fork.transact(|tx| splice_token(tx, token, pick));
+    match result {
+        Ok(success) if success.result => Ok(fork
+            .get_changes(&before)
+            .first()
+            .map(|c| c.raw_bytes().to_vec())),
+        Ok(_) => Ok(None),
+        Err(failure) => Err(crate::Error::Transaction {
+            doc: doc.clone(),
+            source: Box::new(failure.error),
+        }),
+    }
 }
 
 /// Positions between tokens: the start, and after every `>`. Tokens are

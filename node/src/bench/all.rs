@@ -70,6 +70,20 @@ const SCENARIOS: &[(&str, &[&str], &[&str])] = &[
         &[],
         &["--docs", "2000", "--written", "20", "--seconds", "2"],
     ),
+    (
+        "concurrent-editors",
+        &["--max-held-per-doc", "1000", "--kill-at", "20000"],
+        &[
+            "--txns",
+            "300",
+            "--block",
+            "20",
+            "--max-held-per-doc",
+            "30",
+            "--kill-at",
+            "100",
+        ],
+    ),
 ];
 
 const BEGIN: &str = "<!-- bench all: begin -->";
@@ -283,6 +297,28 @@ fn summarize(name: &str, results: &[Value], command: &str) -> Vec<Row> {
                     ),
                     format!("loopback RTT + one fsync {:.2} ms", f(r, "floor_p50_ms")),
                     format!("{:.1}x (p50)", f(r, "ratio_p50")),
+                ));
+            }
+        }
+        "concurrent-editors" => {
+            for r in results {
+                rows.push(row(
+                    format!(
+                        "concurrent-editors: {} writers post {} trace changes to their own region's node (held limit {}, one node SIGKILLed)",
+                        r["writers"],
+                        thousands(f(r, "acknowledged")),
+                        r["max_held_per_doc"]
+                    ),
+                    format!(
+                        "{:.0} posts/s; held at peak {}, refused and retried {}, lost {}; converged {:.1} s after the last post",
+                        f(r, "posts_per_second"),
+                        thousands(f(r, "held_peak")),
+                        thousands(f(r, "refused_and_retried")),
+                        r["lost"],
+                        f(r, "seconds_to_converge_after_posting")
+                    ),
+                    "—".into(),
+                    "—".into(),
                 ));
             }
         }

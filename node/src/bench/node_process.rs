@@ -35,7 +35,24 @@ impl NodeProcess {
     /// an ephemeral port, dialing `bootstrap`; returns once it printed its
     /// ready line. Its log goes to `dir/node.log`.
     pub fn spawn(dir: &Path, region: &str, bootstrap: &[String]) -> Result<Self> {
+        Self::spawn_with(dir, region, bootstrap, "")
+    }
+
+    /// [`NodeProcess::spawn`] with `tables` (TOML tables such as
+    /// `[engine]`) appended to the settings file.
+    pub fn spawn_with(
+        dir: &Path,
+        region: &str,
+        bootstrap: &[String],
+        tables: &str,
+    ) -> Result<Self> {
         let config = crate::settings::write_lan_settings(dir, region, "bench")?;
+        if !tables.is_empty() {
+            let mut text = std::fs::read_to_string(&config)?;
+            text.push('\n');
+            text.push_str(tables);
+            std::fs::write(&config, text)?;
+        }
         let mut cmd = Command::new(std::env::current_exe()?);
         cmd.args(["node", "--config"]).arg(&config);
         cmd.args([

@@ -16,19 +16,16 @@ use causeway_engine::{DocId, Engine};
 use serde_json::json;
 
 use super::ingest::{apply_txn, start_text, tempdir_in};
-use super::trace::{Trace, DEFAULT_TRACE};
+use super::trace::{Trace, TraceArgs};
 use super::{build_profile, Report};
 use crate::local_cluster;
 
 /// Arguments of `causeway bench replicate-trace`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Editing trace to write on node A (gzipped JSON).
-    #[arg(long, default_value = DEFAULT_TRACE)]
-    pub trace: PathBuf,
-    /// Write only the first N transactions (a smoke run).
-    #[arg(long)]
-    pub txns: Option<usize>,
+    /// The trace to write on node A.
+    #[command(flatten)]
+    pub trace: TraceArgs,
     /// Directory for the stores (default: the system temporary directory).
     #[arg(long)]
     pub dir: Option<PathBuf>,
@@ -39,12 +36,13 @@ pub struct Args {
 
 /// Runs the benchmark.
 pub async fn run(args: &Args) -> Result<()> {
-    let mut trace = Trace::load(&args.trace)?;
-    let full = args.txns.is_none_or(|n| n >= trace.txns.len());
-    if let Some(n) = args.txns {
+    let mut trace = Trace::load(&args.trace.trace)?;
+    let full = args.trace.txns.is_none_or(|n| n >= trace.txns.len());
+    if let Some(n) = args.trace.txns {
         trace.txns.truncate(n.max(1));
     }
     let name = args
+        .trace
         .trace
         .file_name()
         .map_or_else(String::new, |n| n.to_string_lossy().into_owned());

@@ -220,7 +220,8 @@ fn lags_if_complete(acked: &Acked, seen: &Seen) -> Result<Option<Vec<f64>>> {
     Ok(Some(lags))
 }
 
-async fn await_mesh(client: &reqwest::Client, nodes: &[NodeProcess]) -> Result<()> {
+/// Waits (up to 30 s) until every node replicates with every other.
+pub(crate) async fn await_mesh(client: &reqwest::Client, nodes: &[NodeProcess]) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let mut all = true;

@@ -12,6 +12,28 @@ use serde::Deserialize;
 /// Default trace, relative to the repository root.
 pub const DEFAULT_TRACE: &str = "../shared/data/editing-traces/automerge-paper.json.gz";
 
+/// Which editing trace a benchmark replays, and how much of it.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TraceArgs {
+    /// Editing trace to replay (gzipped JSON).
+    #[arg(long, default_value = DEFAULT_TRACE)]
+    pub trace: std::path::PathBuf,
+    /// Replay only the first N transactions (a smoke run).
+    #[arg(long)]
+    pub txns: Option<usize>,
+}
+
+impl TraceArgs {
+    /// The trace, cut to `--txns` with [`Trace::truncate`].
+    pub fn load(&self) -> Result<Trace> {
+        let mut trace = Trace::load(&self.trace)?;
+        if let Some(n) = self.txns {
+            trace.truncate(n);
+        }
+        Ok(trace)
+    }
+}
+
 /// One edit: at `pos`, delete `deleted` code points, then insert `inserted`.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Patch(pub usize, pub usize, pub String);

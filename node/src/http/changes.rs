@@ -79,7 +79,18 @@ pub struct SinceQuery {
     pub session: ReadQuery,
 }
 
-/// `GET /v1/changes/{id}?since=h1,h2`: changes beyond the given heads.
+/// Response header of `GET /v1/changes/{id}`: how many changes the node
+/// holds for the document, waiting for their dependencies.
+pub const HELD_HEADER: &str = "x-causeway-held";
+
+/// Response header of `GET /v1/changes/{id}`: the dependencies those held
+/// changes wait for, comma-separated hex, at most
+/// [`MAX_REPORTED_MISSING`](causeway_engine::MAX_REPORTED_MISSING).
+pub const MISSING_DEPS_HEADER: &str = "x-causeway-missing-deps";
+
+/// `GET /v1/changes/{id}?since=h1,h2`: changes beyond the given heads, with
+/// what the node holds for the document in [`HELD_HEADER`] and
+/// [`MISSING_DEPS_HEADER`].
 pub async fn since(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -90,15 +101,20 @@ pub async fn since(
     let id = doc_id(&id)?;
     let since = parse_heads(&q.since)?;
     let session = ReadSession::parse(&state, &headers, &q.session)?;
-    let (changes, mut headers) = session
+    let ((changes, held), mut headers) = session
         .read(&state, id, move |engine, id, _| {
-            engine.changes_since(id, &since)
+            Ok((engine.changes_since(id, &since)?, engine.held(id)?))
         })
         .await?;
     headers.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/octet-stream"),
     );
+    headers.insert(HELD_HEADER, HeaderValue::from(held.changes));
+    let missing: Vec<String> = held.missing.iter().map(ToString::to_string).collect();
+    if let Ok(value) = HeaderValue::from_str(&missing.join(",")) {
+        headers.insert(MISSING_DEPS_HEADER, value);
+    }
     Ok((headers, changes.concat()).into_response())
 }
 
@@ -130,20 +146,13 @@ pub async fn apply(
         .into_iter()
         .map(<[u8]>::to_vec)
         .collect();
+    // The engine holds (durably) the changes whose dependencies are missing,
+    // or refuses the whole request at a held-change limit. A node publishes
+    // the client's changes once they apply (the engine tells it), so they
+    // replicate like a local commit.
     let engine = state.engine.clone();
     let doc = id.clone();
-    let (outcome, chunks) = blocking(move || {
-        let outcome = engine.apply_changes(&doc, &chunks)?;
-        Ok((outcome, chunks))
-    })
-    .await?;
-    if let (Some(node), true) = (state.node.as_ref(), outcome.applied > 0) {
-        // Changes from a client replicate like a local commit. If the node
-        // stopped, they are durable here and anti-entropy carries them.
-        let _ = node
-            .publish(id.clone(), chunks, outcome.heads.clone())
-            .await;
-    }
+    let outcome = blocking(move || Ok(engine.apply_changes(&doc, &chunks)?)).await?;
     let missing: Vec<String> = outcome
         .missing_deps
         .iter()

@@ -43,7 +43,10 @@ pub async fn status(State(state): State<AppState>) -> Result<Json<Value>, ApiErr
         "cache_bytes": stats.cache_bytes,
         "cache_budget_bytes": stats.cache_budget_bytes,
         "wal_syncs": stats.wal_syncs,
-        "held_dropped": stats.held_dropped,
+        "held_changes": stats.held_changes,
+        "held_bytes": stats.held_bytes,
+        "held_documents": stats.held_documents,
+        "held_refused": stats.held_refused,
     });
     let network = match &state.node {
         Some(node) => serde_json::to_value(node.status().await.map_err(|e| {

@@ -59,7 +59,14 @@ impl IntoResponse for ApiError {
             obj.extend(extra);
         }
         let body = json!({ "error": error });
-        (self.status, Json(body)).into_response()
+        let mut response = (self.status, Json(body)).into_response();
+        if self.status == StatusCode::TOO_MANY_REQUESTS {
+            let retry = axum::http::HeaderValue::from_static("1");
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, retry);
+        }
+        response
     }
 }
 
@@ -78,6 +85,7 @@ impl From<EngineError> for ApiError {
             EngineError::WrongDocument { .. } => (S::BAD_REQUEST, "wrong_document"),
             EngineError::ChangeRejected { .. } => (S::BAD_REQUEST, "change_rejected"),
             EngineError::UnknownHeads { .. } => (S::NOT_FOUND, "unknown_heads"),
+            EngineError::HeldLimit { .. } => (S::TOO_MANY_REQUESTS, "held_limit"),
             EngineError::Transaction { .. } => (S::UNPROCESSABLE_ENTITY, "transaction_failed"),
             EngineError::Corrupt { .. } => (S::INTERNAL_SERVER_ERROR, "corrupt_document"),
             EngineError::Storage(_) => (S::INTERNAL_SERVER_ERROR, "storage_failure"),
@@ -86,6 +94,32 @@ impl From<EngineError> for ApiError {
             | EngineError::Locked { .. }
             | EngineError::Config(_) => (S::INTERNAL_SERVER_ERROR, "engine_unavailable"),
         };
-        ApiError::new(status, code, e.to_string())
+        let error = ApiError::new(status, code, e.to_string());
+        match &e {
+            EngineError::HeldLimit {
+                limit,
+                missing,
+                missing_total,
+                heads,
+                ..
+            } => error.with_detail(json!({
+                "limit": limit.name(),
+                "missing_deps": hex_list(missing),
+                "missing_deps_total": missing_total,
+                "heads": hex_list(heads),
+                "retry_after_ms": HELD_LIMIT_RETRY_MS,
+            })),
+            _ => error,
+        }
     }
+}
+
+/// What a refusal at a held-change limit suggests a client waits before
+/// retrying, in milliseconds (also as `Retry-After`, rounded up to 1 s):
+/// time for replication to deliver the dependencies the held changes wait
+/// for.
+pub const HELD_LIMIT_RETRY_MS: u64 = 200;
+
+fn hex_list(hashes: &[causeway_engine::automerge::ChangeHash]) -> Vec<String> {
+    hashes.iter().map(ToString::to_string).collect()
 }

@@ -83,16 +83,6 @@ pub enum Command {
     },
     /// Answer once other regions hold a write.
     AwaitRegions(RegionWaiter),
-    /// Changes a client applied through this node (already durable):
-    /// replicate them like a local commit.
-    Publish {
-        /// The document.
-        doc: DocId,
-        /// The changes' bytes.
-        changes: Vec<Vec<u8>>,
-        /// The document's heads after applying them.
-        heads: Vec<ChangeHash>,
-    },
     /// Stop listening, flush, close connections and end the task.
     Shutdown,
 }
@@ -805,14 +795,6 @@ impl Driver {
                 let _ = reply.send(holders);
             }
             Command::AwaitRegions(waiter) => self.await_regions(waiter),
-            Command::Publish {
-                doc,
-                changes,
-                heads,
-            } => {
-                let now = self.now();
-                self.core.handle_local_commit(now, &doc, changes, &heads);
-            }
             Command::Shutdown => {}
         }
     }
@@ -853,6 +835,9 @@ impl Driver {
             .set(self.local_events_dropped as i64);
         let stats = self.core.stats().clone();
         self.metrics.observe(&stats, self.core.queue_depths());
+        let engine = self.core.engine().stats();
+        self.metrics.held_changes.set(engine.held_changes as i64);
+        self.metrics.held_bytes.set(engine.held_bytes as i64);
         self.metrics
             .direct_queued
             .set(self.outbox.longest_queue() as i64);

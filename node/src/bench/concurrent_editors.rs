@@ -1,0 +1,450 @@
+//! `causeway bench concurrent-editors`: several writers edit one shared
+//! text, each in its own Automerge document, and post every change as soon
+//! as it is made to the node of its own region (`POST /v1/changes/{id}`),
+//! as fast as the API accepts them. A writer's changes depend on the other
+//! writers' changes, which reach its node only by replication, so nodes
+//! hold them until their dependencies arrive; at a held-change limit the
+//! node answers 429 and the writer retries. At the end the text must be
+//! identical on every node and equal to what the writers hold, and every
+//! change a node answered 200 must be in every node's history.
+//!
+//! The workload is an editing trace (`../shared/data/editing-traces/`) cut
+//! into blocks of `--block` transactions, dealt to the writers in turn: a
+//! writer merges the other writers' documents (in process, as collaborators
+//! who see each other's edits) before editing its block, so each block
+//! depends on the one before it. Editing runs ahead of posting; each writer
+//! posts its own changes in its own order, one per request.
+//!
+//! Writer 0 starts posting only once every other writer has had a change
+//! refused by its node (or has posted all of its changes): every change of
+//! the others depends on writer 0's first block, so until then they are
+//! all held, and the run holds changes up to the limit and refuses some
+//! whatever the machine's speed. `--kill-at N` SIGKILLs the second node once N changes
+//! were acknowledged and starts it again on the same data directory; its
+//! writer retries until it answers.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use causeway_engine::automerge::{Automerge, AutomergeError, Change, ChangeHash, ObjId, ReadDoc};
+use causeway_engine::{lineage, DocId};
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+use super::ingest::{apply_txn, tempdir_in};
+use super::node_process::NodeProcess;
+use super::trace::{Trace, TraceArgs};
+use super::{build_profile, Report};
+
+/// Arguments of `causeway bench concurrent-editors`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The trace the writers share.
+    #[command(flatten)]
+    pub trace: TraceArgs,
+    /// Writers (2 or 3); writer `w` posts to the node of region `w`.
+    #[arg(long, default_value_t = 2)]
+    pub writers: usize,
+    /// Transactions per block; blocks go to the writers in turn.
+    #[arg(long, default_value_t = 50)]
+    pub block: usize,
+    /// `max_held_changes_per_doc` of every node (default: the engine's).
+    #[arg(long)]
+    pub max_held_per_doc: Option<usize>,
+    /// SIGKILL the second node once this many changes were acknowledged,
+    /// then start it again.
+    #[arg(long)]
+    pub kill_at: Option<u64>,
+    /// Directory for the stores (default: the system temporary directory).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+}
+
+const REGIONS: [&str; 3] = ["eu-west", "us-east", "ap-south"];
+
+/// Changes a writer may have made and not yet posted; editing waits beyond.
+const MAX_UNPOSTED_CHANGES: usize = 10_000;
+
+/// How long the nodes may take to converge after the last post.
+const CONVERGE_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// Pause before retrying a request the node could not take (down, or 429
+/// without a hint).
+const RETRY_PAUSE: Duration = Duration::from_millis(100);
+
+/// Figures shared by the posting tasks.
+#[derive(Default)]
+struct Counters {
+    acknowledged: AtomicU64,
+    refused: AtomicU64,
+    unreachable: AtomicU64,
+    held_peak: AtomicUsize,
+    /// Hashes of every change a node answered 200 for.
+    acked: Mutex<Vec<ChangeHash>>,
+    /// Writers other than writer 0 that have had a change refused (or have
+    /// posted everything).
+    primed: AtomicUsize,
+}
+
+/// Runs the benchmark.
+pub async fn run(args: &Args) -> Result<()> {
+    ensure!(
+        (2..=REGIONS.len()).contains(&args.writers),
+        "--writers must be 2 or 3"
+    );
+    ensure!(args.block > 0, "--block must be at least 1");
+    let trace = args.trace.load()?;
+    let dir = tempdir_in(args.dir.as_deref())?;
+    let extra = match args.max_held_per_doc {
+        Some(n) => format!("[engine]\nmax_held_changes_per_doc = {n}\n"),
+        None => String::new(),
+    };
+    let mut nodes: Vec<NodeProcess> = Vec::new();
+    for region in REGIONS {
+        let bootstrap: Vec<String> = nodes.iter().flat_map(|n| n.listen.clone()).collect();
+        let node_dir = dir.path().join(region);
+        nodes.push(NodeProcess::spawn_with(
+            &node_dir, region, &bootstrap, &extra,
+        )?);
+    }
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()?;
+    super::steady_state::await_mesh(&client, &nodes).await?;
+    let urls: Arc<Mutex<Vec<String>>> =
+        Arc::new(Mutex::new(nodes.iter().map(|n| n.http.clone()).collect()));
+    let id = DocId::new("bench/concurrent-editors")?;
+    let counters = Arc::new(Counters::default());
+    let editing_done = Arc::new(AtomicBool::new(false));
+
+    let started = Instant::now();
+    let mut queues = Vec::new();
+    let mut posters = Vec::new();
+    for w in 0..args.writers {
+        let (tx, rx) = mpsc::channel::<Vec<u8>>(MAX_UNPOSTED_CHANGES);
+        queues.push(tx);
+        posters.push(tokio::spawn(post_all(
+            w,
+            args.writers,
+            rx,
+            client.clone(),
+            urls.clone(),
+            id.clone(),
+            counters.clone(),
+        )));
+    }
+    let editor = {
+        let (trace, id, done) = (trace.clone(), id.clone(), editing_done.clone());
+        let (writers, block) = (args.writers, args.block);
+        tokio::task::spawn_blocking(move || {
+            let result = edit(&trace, &id, writers, block, queues);
+            done.store(true, Ordering::SeqCst);
+            result
+        })
+    };
+
+    let mut killed = 0u32;
+    let mut held_polled = 0usize;
+    while !posters.iter().all(|p| p.is_finished()) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        held_polled = held_polled.max(held_now(&client, &urls).await);
+        let acked = counters.acknowledged.load(Ordering::SeqCst);
+        if killed == 0 && args.kill_at.is_some_and(|n| acked >= n) {
+            restart_second_node(&mut nodes, &dir, &extra, &urls).await?;
+            killed += 1;
+        }
+    }
+    let (expected, made) = editor.await??;
+    for p in posters {
+        p.await??;
+    }
+    let writing = started.elapsed();
+    ensure!(
+        expected == trace.end_content,
+        "the writers' merged text differs from the trace's endContent"
+    );
+
+    let node_urls = urls.lock().expect("urls lock").clone();
+    let converged = converge(&client, &node_urls, &id, &expected).await?;
+    let settled = started.elapsed();
+    let acked = counters.acked.lock().expect("acked lock").clone();
+    let mut lost = 0usize;
+    let mut held_at_end = 0usize;
+    for url in &node_urls {
+        let have = history(&client, url, &id).await?;
+        lost += acked.iter().filter(|h| !have.contains(h)).count();
+        held_at_end += held_on(&client, url).await?;
+    }
+    let acknowledged = counters.acknowledged.load(Ordering::SeqCst);
+    let refused = counters.refused.load(Ordering::SeqCst);
+    let unreachable = counters.unreachable.load(Ordering::SeqCst);
+    let held_peak = held_polled.max(counters.held_peak.load(Ordering::SeqCst));
+    let mut report = Report::default();
+    report.record(
+        json!({"bench": "concurrent-editors", "nodes": node_urls.len(),
+               "writers": args.writers, "txns": trace.txns.len(), "block": args.block,
+               "changes_made": made, "acknowledged": acknowledged,
+               "refused_and_retried": refused, "unreachable_and_retried": unreachable,
+               "held_peak": held_peak, "held_at_end": held_at_end,
+               "max_held_per_doc": args.max_held_per_doc, "killed": killed,
+               "lost": lost, "identical": converged, "text_chars": expected.chars().count(),
+               "seconds_posting": writing.as_secs_f64(),
+               "posts_per_second": acknowledged as f64 / writing.as_secs_f64(),
+               "seconds_to_converge_after_posting": (settled - writing).as_secs_f64(),
+               "regions": &REGIONS[..], "build": build_profile()}),
+        vec![
+            args.writers.to_string(),
+            acknowledged.to_string(),
+            format!("{:.0}", acknowledged as f64 / writing.as_secs_f64()),
+            held_peak.to_string(),
+            refused.to_string(),
+            killed.to_string(),
+            lost.to_string(),
+            format!("{:.1}", (settled - writing).as_secs_f64()),
+        ],
+    );
+    report.print_table(&[
+        "writers",
+        "changes acknowledged",
+        "posts/s",
+        "held at peak",
+        "refused (retried)",
+        "nodes killed",
+        "lost",
+        "converge s",
+    ]);
+    ensure!(
+        acknowledged == made as u64,
+        "{made} changes made, {acknowledged} acknowledged"
+    );
+    ensure!(converged, "the nodes did not converge on the writers' text");
+    ensure!(
+        lost == 0,
+        "{lost} acknowledged changes missing on some node"
+    );
+    ensure!(
+        held_at_end == 0,
+        "{held_at_end} changes still held at the end"
+    );
+    Ok(())
+}
+
+/// Edits the trace block by block, writer by writer, sending each change to
+/// its writer's queue. Returns the merged text and the number of changes.
+fn edit(
+    trace: &Trace,
+    id: &DocId,
+    writers: usize,
+    block: usize,
+    queues: Vec<mpsc::Sender<Vec<u8>>>,
+) -> Result<(String, usize)> {
+    let genesis = lineage::genesis_change(id);
+    let mut docs: Vec<Automerge> = (0..writers)
+        .map(|_| {
+            let mut doc = Automerge::new();
+            doc.apply_changes([genesis.clone()])?;
+            Ok(doc)
+        })
+        .collect::<Result<_, AutomergeError>>()?;
+    let mut text: Option<ObjId> = None;
+    let mut made = 0;
+    for (b, txns) in trace.txns.chunks(block).enumerate() {
+        let w = b % writers;
+        let (before, rest) = docs.split_at_mut(w);
+        let (doc, after) = rest.split_first_mut().context("writer index")?;
+        for other in before.iter_mut().chain(after.iter_mut()) {
+            doc.merge(other)?;
+        }
+        for txn in txns {
+            let heads = doc.get_heads();
+            let obj = match &text {
+                Some(t) => t.clone(),
+                None => {
+                    let t = doc
+                        .transact(|tx| super::ingest::start_text(tx, &trace.start_content))
+                        .map_err(|f| f.error)?
+                        .result;
+                    send(&queues[w], doc, &heads)?;
+                    made += 1;
+                    text = Some(t.clone());
+                    t
+                }
+            };
+            let heads = doc.get_heads();
+            doc.transact(|tx| apply_txn(tx, &obj, txn))
+                .map_err(|f| f.error)?;
+            made += send(&queues[w], doc, &heads)?;
+        }
+    }
+    drop(queues);
+    let mut merged = Automerge::new();
+    for doc in &mut docs {
+        merged.merge(doc)?;
+    }
+    let obj = text.context("the trace has no transactions")?;
+    Ok((merged.text(&obj)?, made))
+}
+
+/// Sends the changes `doc` made since `heads` to a writer's queue.
+fn send(queue: &mpsc::Sender<Vec<u8>>, doc: &Automerge, heads: &[ChangeHash]) -> Result<usize> {
+    let changes = doc.get_changes(heads);
+    for change in &changes {
+        queue
+            .blocking_send(change.raw_bytes().to_vec())
+            .context("a writer's poster stopped")?;
+    }
+    Ok(changes.len())
+}
+
+/// Posts writer `w`'s changes to its node, one per request, retrying each
+/// until the node answers 200.
+async fn post_all(
+    w: usize,
+    writers: usize,
+    mut queue: mpsc::Receiver<Vec<u8>>,
+    client: reqwest::Client,
+    urls: Arc<Mutex<Vec<String>>>,
+    id: DocId,
+    counters: Arc<Counters>,
+) -> Result<()> {
+    let mut primed = w == 0;
+    while w == 0 && counters.primed.load(Ordering::SeqCst) < writers - 1 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    while let Some(change) = queue.recv().await {
+        let hash = Change::from_bytes(change.clone())?.hash();
+        loop {
+            let url = urls.lock().expect("urls lock")[w].clone();
+            let sent = client
+                .post(format!("{url}/v1/changes/{id}"))
+                .body(change.clone())
+                .send()
+                .await;
+            let response = match sent {
+                Ok(r) => r,
+                Err(_) => {
+                    counters.unreachable.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                    continue;
+                }
+            };
+            let status = response.status();
+            let body: Value = response.json().await.unwrap_or(Value::Null);
+            if status == reqwest::StatusCode::TOO_MANY_REQUESTS {
+                counters.refused.fetch_add(1, Ordering::SeqCst);
+                if !primed {
+                    primed = true;
+                    counters.primed.fetch_add(1, Ordering::SeqCst);
+                }
+                let pause = body["error"]["retry_after_ms"]
+                    .as_u64()
+                    .map_or(RETRY_PAUSE, Duration::from_millis);
+                tokio::time::sleep(pause).await;
+                continue;
+            }
+            if !status.is_success() {
+                bail!("writer {w}: POST answered {status}: {body}");
+            }
+            let held = body["held"].as_u64().unwrap_or(0) as usize;
+            counters.held_peak.fetch_max(held, Ordering::SeqCst);
+            counters.acknowledged.fetch_add(1, Ordering::SeqCst);
+            counters.acked.lock().expect("acked lock").push(hash);
+            break;
+        }
+    }
+    if !primed {
+        counters.primed.fetch_add(1, Ordering::SeqCst);
+    }
+    Ok(())
+}
+
+/// SIGKILLs the second node and starts it again on its data directory,
+/// dialing the others; its writer finds it at its new address.
+async fn restart_second_node(
+    nodes: &mut [NodeProcess],
+    dir: &tempfile::TempDir,
+    extra: &str,
+    urls: &Mutex<Vec<String>>,
+) -> Result<()> {
+    nodes[1].child.kill()?;
+    nodes[1].child.wait()?;
+    let bootstrap: Vec<String> = [&nodes[0], &nodes[2]]
+        .iter()
+        .flat_map(|n| n.listen.clone())
+        .collect();
+    let node_dir = dir.path().join(REGIONS[1]);
+    let extra = extra.to_string();
+    let node = tokio::task::spawn_blocking(move || {
+        NodeProcess::spawn_with(&node_dir, REGIONS[1], &bootstrap, &extra)
+    })
+    .await??;
+    urls.lock().expect("urls lock")[1].clone_from(&node.http);
+    nodes[1] = node;
+    Ok(())
+}
+
+/// The largest `held_changes` any node reports now (0 for a node that does
+/// not answer).
+async fn held_now(client: &reqwest::Client, urls: &Mutex<Vec<String>>) -> usize {
+    let urls = urls.lock().expect("urls lock").clone();
+    let mut peak = 0;
+    for url in urls {
+        peak = peak.max(held_on(client, &url).await.unwrap_or(0));
+    }
+    peak
+}
+
+async fn held_on(client: &reqwest::Client, url: &str) -> Result<usize> {
+    let status: Value = client
+        .get(format!("{url}/v1/status"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    Ok(status["engine"]["held_changes"].as_u64().unwrap_or(0) as usize)
+}
+
+/// Waits until every node's text is `expected`; false on timeout.
+async fn converge(
+    client: &reqwest::Client,
+    urls: &[String],
+    id: &DocId,
+    expected: &str,
+) -> Result<bool> {
+    let deadline = Instant::now() + CONVERGE_TIMEOUT;
+    loop {
+        let mut all = true;
+        for url in urls {
+            let response = client.get(format!("{url}/v1/docs/{id}")).send().await?;
+            let doc: Value = response.json().await.unwrap_or(Value::Null);
+            all &= doc["text"].as_str() == Some(expected);
+        }
+        if all {
+            return Ok(true);
+        }
+        if Instant::now() > deadline {
+            return Ok(false);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The hashes of every change of `id` the node at `url` holds.
+async fn history(client: &reqwest::Client, url: &str, id: &DocId) -> Result<HashSet<ChangeHash>> {
+    let bytes = client
+        .get(format!("{url}/v1/changes/{id}"))
+        .send()
+        .await?
+        .error_for_status()?
+        .bytes()
+        .await?;
+    let chunks = crate::http::changes::split_chunks(&bytes).map_err(anyhow::Error::msg)?;
+    chunks
+        .into_iter()
+        .map(|c| Ok(Change::from_bytes(c.to_vec())?.hash()))
+        .collect()
+}
