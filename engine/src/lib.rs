@@ -78,6 +78,7 @@ pub mod held;
 pub mod json;
 pub mod layout;
 pub mod lineage;
+mod received;
 pub mod replication;
 pub mod session;
 #[cfg(feature = "sim")]

@@ -25,7 +25,7 @@
 
 use std::collections::HashSet;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -90,6 +90,35 @@ struct Counters {
     primed: AtomicUsize,
 }
 
+/// The cluster of a run: three nodes, their current HTTP addresses (the
+/// second node's changes when it is restarted), and what they were started
+/// with.
+struct Cluster {
+    nodes: Vec<NodeProcess>,
+    urls: Arc<Mutex<Vec<String>>>,
+    dir: tempfile::TempDir,
+    /// Settings tables every node gets.
+    tables: String,
+}
+
+/// What the posting phase did.
+struct Posting {
+    expected: String,
+    made: usize,
+    killed: u32,
+    held_polled: usize,
+    elapsed: Duration,
+}
+
+/// What the nodes hold at the end.
+struct Outcome {
+    converged: bool,
+    lost: usize,
+    held_at_end: usize,
+    /// From the last post until the nodes held the writers' text.
+    settled: Duration,
+}
+
 /// Runs the benchmark.
 pub async fn run(args: &Args) -> Result<()> {
     ensure!(
@@ -98,8 +127,48 @@ pub async fn run(args: &Args) -> Result<()> {
     );
     ensure!(args.block > 0, "--block must be at least 1");
     let trace = args.trace.load()?;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()?;
+    let mut cluster = start_cluster(args, &client).await?;
+    let id = DocId::new("bench/concurrent-editors")?;
+    let counters = Arc::new(Counters::default());
+    let posting = post_trace(args, &trace, &id, &client, &mut cluster, &counters).await?;
+    ensure!(
+        posting.expected == trace.end_content,
+        "the writers' merged text differs from the trace's endContent"
+    );
+    let urls = cluster.urls.lock().expect("urls lock").clone();
+    let acked = counters.acked.lock().expect("acked lock").clone();
+    let outcome = check_nodes(&client, &urls, &id, &posting.expected, &acked).await?;
+    report(args, &trace, &counters, &posting, &outcome);
+    let acknowledged = counters.acknowledged.load(Ordering::SeqCst);
+    ensure!(
+        acknowledged == posting.made as u64,
+        "{} changes made, {acknowledged} acknowledged",
+        posting.made
+    );
+    ensure!(
+        outcome.converged,
+        "the nodes did not converge on the writers' text"
+    );
+    ensure!(
+        outcome.lost == 0,
+        "{} acknowledged changes missing on some node",
+        outcome.lost
+    );
+    ensure!(
+        outcome.held_at_end == 0,
+        "{} changes still held at the end",
+        outcome.held_at_end
+    );
+    Ok(())
+}
+
+/// Starts the three nodes and waits until they replicate with each other.
+async fn start_cluster(args: &Args, client: &reqwest::Client) -> Result<Cluster> {
     let dir = tempdir_in(args.dir.as_deref())?;
-    let extra = match args.max_held_per_doc {
+    let tables = match args.max_held_per_doc {
         Some(n) => format!("[engine]\nmax_held_changes_per_doc = {n}\n"),
         None => String::new(),
     };
@@ -108,53 +177,59 @@ pub async fn run(args: &Args) -> Result<()> {
         let bootstrap: Vec<String> = nodes.iter().flat_map(|n| n.listen.clone()).collect();
         let node_dir = dir.path().join(region);
         nodes.push(NodeProcess::spawn_with(
-            &node_dir, region, &bootstrap, &extra,
+            &node_dir, region, &bootstrap, &tables,
         )?);
     }
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()?;
-    super::steady_state::await_mesh(&client, &nodes).await?;
-    let urls: Arc<Mutex<Vec<String>>> =
-        Arc::new(Mutex::new(nodes.iter().map(|n| n.http.clone()).collect()));
-    let id = DocId::new("bench/concurrent-editors")?;
-    let counters = Arc::new(Counters::default());
-    let editing_done = Arc::new(AtomicBool::new(false));
+    super::steady_state::await_mesh(client, &nodes).await?;
+    let urls = Arc::new(Mutex::new(nodes.iter().map(|n| n.http.clone()).collect()));
+    Ok(Cluster {
+        nodes,
+        urls,
+        dir,
+        tables,
+    })
+}
 
+/// Edits and posts the whole trace: one editing thread, one posting task
+/// per writer; meanwhile polls the nodes' held counts and, at `--kill-at`,
+/// SIGKILLs and restarts the second node.
+async fn post_trace(
+    args: &Args,
+    trace: &Trace,
+    id: &DocId,
+    client: &reqwest::Client,
+    cluster: &mut Cluster,
+    counters: &Arc<Counters>,
+) -> Result<Posting> {
     let started = Instant::now();
     let mut queues = Vec::new();
     let mut posters = Vec::new();
     for w in 0..args.writers {
         let (tx, rx) = mpsc::channel::<Vec<u8>>(MAX_UNPOSTED_CHANGES);
         queues.push(tx);
-        posters.push(tokio::spawn(post_all(
+        let writer = Writer {
             w,
-            args.writers,
-            rx,
-            client.clone(),
-            urls.clone(),
-            id.clone(),
-            counters.clone(),
-        )));
+            writers: args.writers,
+            client: client.clone(),
+            urls: cluster.urls.clone(),
+            id: id.clone(),
+            counters: counters.clone(),
+        };
+        posters.push(tokio::spawn(writer.post_all(rx)));
     }
     let editor = {
-        let (trace, id, done) = (trace.clone(), id.clone(), editing_done.clone());
+        let (trace, id) = (trace.clone(), id.clone());
         let (writers, block) = (args.writers, args.block);
-        tokio::task::spawn_blocking(move || {
-            let result = edit(&trace, &id, writers, block, queues);
-            done.store(true, Ordering::SeqCst);
-            result
-        })
+        tokio::task::spawn_blocking(move || edit(&trace, &id, writers, block, queues))
     };
-
     let mut killed = 0u32;
     let mut held_polled = 0usize;
     while !posters.iter().all(|p| p.is_finished()) {
         tokio::time::sleep(Duration::from_millis(50)).await;
-        held_polled = held_polled.max(held_now(&client, &urls).await);
+        held_polled = held_polled.max(held_now(client, &cluster.urls).await);
         let acked = counters.acknowledged.load(Ordering::SeqCst);
         if killed == 0 && args.kill_at.is_some_and(|n| acked >= n) {
-            restart_second_node(&mut nodes, &dir, &extra, &urls).await?;
+            restart_second_node(cluster).await?;
             killed += 1;
         }
     }
@@ -162,49 +237,75 @@ pub async fn run(args: &Args) -> Result<()> {
     for p in posters {
         p.await??;
     }
-    let writing = started.elapsed();
-    ensure!(
-        expected == trace.end_content,
-        "the writers' merged text differs from the trace's endContent"
-    );
+    Ok(Posting {
+        expected,
+        made,
+        killed,
+        held_polled,
+        elapsed: started.elapsed(),
+    })
+}
 
-    let node_urls = urls.lock().expect("urls lock").clone();
-    let converged = converge(&client, &node_urls, &id, &expected).await?;
+/// Waits for the nodes to converge on `expected`, then counts acknowledged
+/// changes missing from each node's history and changes still held.
+async fn check_nodes(
+    client: &reqwest::Client,
+    urls: &[String],
+    id: &DocId,
+    expected: &str,
+    acked: &[ChangeHash],
+) -> Result<Outcome> {
+    let started = Instant::now();
+    let converged = converge(client, urls, id, expected).await?;
     let settled = started.elapsed();
-    let acked = counters.acked.lock().expect("acked lock").clone();
     let mut lost = 0usize;
     let mut held_at_end = 0usize;
-    for url in &node_urls {
-        let have = history(&client, url, &id).await?;
+    for url in urls {
+        let have = history(client, url, id).await?;
         lost += acked.iter().filter(|h| !have.contains(h)).count();
-        held_at_end += held_on(&client, url).await?;
+        held_at_end += held_on(client, url).await?;
     }
+    Ok(Outcome {
+        converged,
+        lost,
+        held_at_end,
+        settled,
+    })
+}
+
+/// Prints the JSON result and the table.
+fn report(args: &Args, trace: &Trace, counters: &Counters, posting: &Posting, outcome: &Outcome) {
+    let settled = outcome.settled;
     let acknowledged = counters.acknowledged.load(Ordering::SeqCst);
     let refused = counters.refused.load(Ordering::SeqCst);
     let unreachable = counters.unreachable.load(Ordering::SeqCst);
-    let held_peak = held_polled.max(counters.held_peak.load(Ordering::SeqCst));
+    let held_peak = posting
+        .held_polled
+        .max(counters.held_peak.load(Ordering::SeqCst));
+    let seconds = posting.elapsed.as_secs_f64();
+    let rate = acknowledged as f64 / seconds;
     let mut report = Report::default();
     report.record(
-        json!({"bench": "concurrent-editors", "nodes": node_urls.len(),
+        json!({"bench": "concurrent-editors", "nodes": REGIONS.len(),
                "writers": args.writers, "txns": trace.txns.len(), "block": args.block,
-               "changes_made": made, "acknowledged": acknowledged,
+               "changes_made": posting.made, "acknowledged": acknowledged,
                "refused_and_retried": refused, "unreachable_and_retried": unreachable,
-               "held_peak": held_peak, "held_at_end": held_at_end,
-               "max_held_per_doc": args.max_held_per_doc, "killed": killed,
-               "lost": lost, "identical": converged, "text_chars": expected.chars().count(),
-               "seconds_posting": writing.as_secs_f64(),
-               "posts_per_second": acknowledged as f64 / writing.as_secs_f64(),
-               "seconds_to_converge_after_posting": (settled - writing).as_secs_f64(),
+               "held_peak": held_peak, "held_at_end": outcome.held_at_end,
+               "max_held_per_doc": args.max_held_per_doc, "killed": posting.killed,
+               "lost": outcome.lost, "identical": outcome.converged,
+               "text_chars": posting.expected.chars().count(),
+               "seconds_posting": seconds, "posts_per_second": rate,
+               "seconds_to_converge_after_posting": settled.as_secs_f64(),
                "regions": &REGIONS[..], "build": build_profile()}),
         vec![
             args.writers.to_string(),
             acknowledged.to_string(),
-            format!("{:.0}", acknowledged as f64 / writing.as_secs_f64()),
+            format!("{rate:.0}"),
             held_peak.to_string(),
             refused.to_string(),
-            killed.to_string(),
-            lost.to_string(),
-            format!("{:.1}", (settled - writing).as_secs_f64()),
+            posting.killed.to_string(),
+            outcome.lost.to_string(),
+            format!("{:.1}", settled.as_secs_f64()),
         ],
     );
     report.print_table(&[
@@ -217,20 +318,6 @@ pub async fn run(args: &Args) -> Result<()> {
         "lost",
         "converge s",
     ]);
-    ensure!(
-        acknowledged == made as u64,
-        "{made} changes made, {acknowledged} acknowledged"
-    );
-    ensure!(converged, "the nodes did not converge on the writers' text");
-    ensure!(
-        lost == 0,
-        "{lost} acknowledged changes missing on some node"
-    );
-    ensure!(
-        held_at_end == 0,
-        "{held_at_end} changes still held at the end"
-    );
-    Ok(())
 }
 
 /// Edits the trace block by block, writer by writer, sending each change to
@@ -300,89 +387,111 @@ fn send(queue: &mpsc::Sender<Vec<u8>>, doc: &Automerge, heads: &[ChangeHash]) ->
     Ok(changes.len())
 }
 
-/// Posts writer `w`'s changes to its node, one per request, retrying each
-/// until the node answers 200.
-async fn post_all(
+/// One writer's posting task: its index, where it posts, what it counts.
+struct Writer {
     w: usize,
     writers: usize,
-    mut queue: mpsc::Receiver<Vec<u8>>,
     client: reqwest::Client,
     urls: Arc<Mutex<Vec<String>>>,
     id: DocId,
     counters: Arc<Counters>,
-) -> Result<()> {
-    let mut primed = w == 0;
-    while w == 0 && counters.primed.load(Ordering::SeqCst) < writers - 1 {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    while let Some(change) = queue.recv().await {
-        let hash = Change::from_bytes(change.clone())?.hash();
-        loop {
-            let url = urls.lock().expect("urls lock")[w].clone();
-            let sent = client
-                .post(format!("{url}/v1/changes/{id}"))
-                .body(change.clone())
-                .send()
-                .await;
-            let response = match sent {
-                Ok(r) => r,
-                Err(_) => {
-                    counters.unreachable.fetch_add(1, Ordering::SeqCst);
-                    tokio::time::sleep(RETRY_PAUSE).await;
-                    continue;
-                }
-            };
-            let status = response.status();
-            let body: Value = response.json().await.unwrap_or(Value::Null);
-            if status == reqwest::StatusCode::TOO_MANY_REQUESTS {
-                counters.refused.fetch_add(1, Ordering::SeqCst);
-                if !primed {
-                    primed = true;
-                    counters.primed.fetch_add(1, Ordering::SeqCst);
-                }
-                let pause = body["error"]["retry_after_ms"]
-                    .as_u64()
-                    .map_or(RETRY_PAUSE, Duration::from_millis);
-                tokio::time::sleep(pause).await;
-                continue;
-            }
-            if !status.is_success() {
-                bail!("writer {w}: POST answered {status}: {body}");
-            }
-            let held = body["held"].as_u64().unwrap_or(0) as usize;
-            counters.held_peak.fetch_max(held, Ordering::SeqCst);
-            counters.acknowledged.fetch_add(1, Ordering::SeqCst);
-            counters.acked.lock().expect("acked lock").push(hash);
-            break;
+}
+
+/// How a node answered one post.
+enum Answer {
+    /// 200: acknowledged, with the node's held count for the document.
+    Taken(usize),
+    /// 429: refused at a held-change limit; retry after the pause.
+    Refused(Duration),
+    /// No answer (the node is down): retry.
+    Unreachable,
+}
+
+impl Writer {
+    /// Posts the writer's changes to its node, one per request, retrying
+    /// each until the node answers 200. Writer 0 waits until every other
+    /// writer has been refused once (or has posted everything).
+    async fn post_all(self, mut queue: mpsc::Receiver<Vec<u8>>) -> Result<()> {
+        let c = &self.counters;
+        let mut primed = self.w == 0;
+        while self.w == 0 && c.primed.load(Ordering::SeqCst) < self.writers - 1 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        while let Some(change) = queue.recv().await {
+            let hash = Change::from_bytes(change.clone())?.hash();
+            loop {
+                match self.post(&change).await? {
+                    Answer::Taken(held) => {
+                        c.held_peak.fetch_max(held, Ordering::SeqCst);
+                        c.acknowledged.fetch_add(1, Ordering::SeqCst);
+                        c.acked.lock().expect("acked lock").push(hash);
+                        break;
+                    }
+                    Answer::Refused(pause) => {
+                        c.refused.fetch_add(1, Ordering::SeqCst);
+                        if !primed {
+                            primed = true;
+                            c.primed.fetch_add(1, Ordering::SeqCst);
+                        }
+                        tokio::time::sleep(pause).await;
+                    }
+                    Answer::Unreachable => {
+                        c.unreachable.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(RETRY_PAUSE).await;
+                    }
+                }
+            }
+        }
+        if !primed {
+            c.primed.fetch_add(1, Ordering::SeqCst);
+        }
+        Ok(())
     }
-    if !primed {
-        counters.primed.fetch_add(1, Ordering::SeqCst);
+
+    /// One `POST /v1/changes/{id}` of `change` to the writer's node.
+    async fn post(&self, change: &[u8]) -> Result<Answer> {
+        let url = self.urls.lock().expect("urls lock")[self.w].clone();
+        let sent = self
+            .client
+            .post(format!("{url}/v1/changes/{}", self.id))
+            .body(change.to_vec())
+            .send()
+            .await;
+        let Ok(response) = sent else {
+            return Ok(Answer::Unreachable);
+        };
+        let status = response.status();
+        let body: Value = response.json().await.unwrap_or(Value::Null);
+        if status == reqwest::StatusCode::TOO_MANY_REQUESTS {
+            let pause = body["error"]["retry_after_ms"]
+                .as_u64()
+                .map_or(RETRY_PAUSE, Duration::from_millis);
+            return Ok(Answer::Refused(pause));
+        }
+        if !status.is_success() {
+            bail!("writer {}: POST answered {status}: {body}", self.w);
+        }
+        Ok(Answer::Taken(body["held"].as_u64().unwrap_or(0) as usize))
     }
-    Ok(())
 }
 
 /// SIGKILLs the second node and starts it again on its data directory,
 /// dialing the others; its writer finds it at its new address.
-async fn restart_second_node(
-    nodes: &mut [NodeProcess],
-    dir: &tempfile::TempDir,
-    extra: &str,
-    urls: &Mutex<Vec<String>>,
-) -> Result<()> {
+async fn restart_second_node(cluster: &mut Cluster) -> Result<()> {
+    let nodes = &mut cluster.nodes;
     nodes[1].child.kill()?;
     nodes[1].child.wait()?;
     let bootstrap: Vec<String> = [&nodes[0], &nodes[2]]
         .iter()
         .flat_map(|n| n.listen.clone())
         .collect();
-    let node_dir = dir.path().join(REGIONS[1]);
-    let extra = extra.to_string();
+    let node_dir = cluster.dir.path().join(REGIONS[1]);
+    let tables = cluster.tables.clone();
     let node = tokio::task::spawn_blocking(move || {
-        NodeProcess::spawn_with(&node_dir, REGIONS[1], &bootstrap, &extra)
+        NodeProcess::spawn_with(&node_dir, REGIONS[1], &bootstrap, &tables)
     })
     .await??;
-    urls.lock().expect("urls lock")[1].clone_from(&node.http);
+    cluster.urls.lock().expect("urls lock")[1].clone_from(&node.http);
     nodes[1] = node;
     Ok(())
 }
