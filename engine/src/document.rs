@@ -332,11 +332,11 @@ fn load_held(store: &Store, id: &DocId, doc: &Automerge) -> Result<Held> {
             key: layout::describe_key(layout::CF_HELD, &key),
             reason,
         };
-        let (source, raw) = match value.split_first() {
-            Some((tag, raw)) => (Source::from_tag(*tag), raw),
-            None => (None, &[][..]),
+        let Some((&tag, raw)) = value.split_first() else {
+            return Err(corrupt("empty held-change record".into()));
         };
-        let source = source.ok_or_else(|| corrupt("unknown held-change source tag".into()))?;
+        let source = Source::from_tag(tag)
+            .ok_or_else(|| corrupt("unknown held-change source tag".into()))?;
         let change = crate::codec::change(raw.to_vec())
             .map_err(|e| corrupt(format!("undecodable held change: {e}")))?;
         if layout::parse_held_key(&key).map(|(_, h)| h) != Some(change.hash()) {

@@ -122,8 +122,10 @@ pub(crate) struct Held {
     /// for it, in the order they were held.
     waiting: HashMap<ChangeHash, Vec<ChangeHash>>,
     /// Held changes whose dependencies were all present when they were
-    /// loaded (possible only after a crash between two engine versions'
-    /// writes); the next integration applies them.
+    /// loaded. This engine never stores such a record (the batch that
+    /// applies a dependency deletes the held records it releases), but a
+    /// store edited by other means could hold one: the next integration
+    /// applies it rather than let it wait for ever.
     unblocked: Vec<ChangeHash>,
     bytes: usize,
 }
