@@ -394,3 +394,48 @@ fn metrics_expose_causeway_and_libp2p_figures_and_probes_answer() {
         text.lines().count()
     );
 }
+
+#[test]
+fn a_change_nesting_maps_2000_deep_is_refused_and_the_node_serves_on() {
+    use causeway_engine::automerge::transaction::Transactable;
+    use causeway_engine::automerge::{Automerge, ObjType, ROOT};
+    use causeway_engine::{lineage::genesis_change, DocId};
+
+    let root = tempfile::tempdir().unwrap();
+    let node = NodeProc::start(root.path(), "a", "eu", &[]);
+    // 3.9 KB of binary changes that nest a map 2,000 levels deep: before
+    // shape limits, every node that read this document overflowed its stack.
+    let mut am = Automerge::new();
+    am.apply_changes([genesis_change(&DocId::new("deep/1").unwrap())])
+        .unwrap();
+    let mut tx = am.transaction();
+    let mut obj = tx.put_object(ROOT, "a", ObjType::Map).unwrap();
+    for _ in 1..2_000 {
+        obj = tx.put_object(&obj, "m", ObjType::Map).unwrap();
+    }
+    tx.commit();
+    let body: Vec<u8> = am
+        .get_changes(&[])
+        .iter()
+        .skip(1)
+        .flat_map(|c| c.raw_bytes().to_vec())
+        .collect();
+
+    let refused = node.request("POST", "/v1/changes/deep/1", &[], &body);
+    assert_eq!(
+        (refused.status, refused.code().as_str()),
+        (422, "shape_limit"),
+        "{}",
+        refused.text()
+    );
+    assert_eq!(refused.json()["error"]["limit"], "max_depth");
+    assert_eq!(node.request("GET", "/v1/docs/deep/1", &[], b"").status, 404);
+    node.write_doc("PUT", "deep/2", &json!({"fine": {"x": 1}}));
+    assert_eq!(node.get_doc("deep/2").unwrap().0, json!({"fine": {"x": 1}}));
+    let status = node.request("GET", "/v1/status", &[], b"").json();
+    assert_eq!(status["engine"]["shape_refused"], 1);
+    println!(
+        "a {}-byte POST nesting 2,000 maps: 422 shape_limit, nothing stored, node serving",
+        body.len()
+    );
+}

@@ -18,16 +18,35 @@
 //! the engine discards it and reloads it from the store.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use automerge::{Automerge, Change};
 
 use crate::doc_sync::{SyncMessage, SyncState};
 
+/// Panics caught in Automerge since the process started.
+static PANICS: AtomicU64 = AtomicU64::new(0);
+
+/// How many times Automerge panicked on input in this process (each became
+/// an error).
+pub(crate) fn panics() -> u64 {
+    PANICS.load(Ordering::Relaxed)
+}
+
+/// Runs `f`, turning a panic into `Err(())` and counting it. Only for
+/// Automerge calls whose state the caller discards after a panic (or that
+/// touch no shared state at all).
+pub(crate) fn catch<T>(f: impl FnOnce() -> T) -> Result<T, ()> {
+    catch_unwind(AssertUnwindSafe(f)).map_err(|_| {
+        PANICS.fetch_add(1, Ordering::Relaxed);
+    })
+}
+
 /// Runs `decode`, mapping its error, or a panic, to a message.
 fn guarded<T, E: std::fmt::Display>(decode: impl FnOnce() -> Result<T, E>) -> Result<T, String> {
-    match catch_unwind(AssertUnwindSafe(decode)) {
+    match catch(decode) {
         Ok(result) => result.map_err(|e| e.to_string()),
-        Err(_) => Err("the decoder failed on malformed input".into()),
+        Err(()) => Err("the decoder failed on malformed input".into()),
     }
 }
 
@@ -58,9 +77,9 @@ pub(crate) fn apply(
     doc: &mut Automerge,
     changes: impl IntoIterator<Item = Change> + Clone,
 ) -> Result<(), String> {
-    match catch_unwind(AssertUnwindSafe(|| doc.apply_changes(changes))) {
+    match catch(|| doc.apply_changes(changes)) {
         Ok(result) => result.map_err(|e| e.to_string()),
-        Err(_) => {
+        Err(()) => {
             Err("Automerge failed applying the changes (inconsistent change metadata)".into())
         }
     }

@@ -6,6 +6,7 @@
 use automerge::ActorId;
 
 use crate::error::Error;
+use crate::shape::{ShapeLimits, MAX_DEPTH_CEILING};
 
 /// When a commit is acknowledged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -74,6 +75,11 @@ pub struct EngineConfig {
     /// changes of a cached document are in memory too (counted in its cache
     /// estimate). Default 256 MiB.
     pub max_held_bytes: usize,
+    /// The shape every change and document must keep: nesting depth,
+    /// operations and objects per change, document size. Changes that break
+    /// it are refused with [`Error::ShapeLimit`] before they are applied,
+    /// held or forwarded.
+    pub shape: ShapeLimits,
     /// Events buffered per subscriber. When a subscriber falls this far behind,
     /// further events for it are dropped and counted
     /// ([`Subscription::dropped`](crate::Subscription::dropped)). Default 4096.
@@ -99,6 +105,7 @@ impl Default for EngineConfig {
             max_held_bytes_per_doc: 16 << 20,
             max_held_changes: 100_000,
             max_held_bytes: 256 << 20,
+            shape: ShapeLimits::default(),
             subscriber_capacity: 4096,
             create_if_missing: true,
             actor: None,
@@ -110,7 +117,8 @@ impl EngineConfig {
     /// Checks that every bound is usable. [`Engine::open`](crate::Engine::open)
     /// calls this first.
     pub fn validate(&self) -> Result<(), Error> {
-        let checks: [(bool, &str); 8] = [
+        let shape = &self.shape;
+        let checks: [(bool, &str); 12] = [
             (
                 self.compaction.max_log_changes > 0,
                 "compaction.max_log_changes must be at least 1",
@@ -138,6 +146,22 @@ impl EngineConfig {
             (
                 self.max_held_bytes >= self.max_held_bytes_per_doc,
                 "max_held_bytes must be at least max_held_bytes_per_doc",
+            ),
+            (
+                (1..=MAX_DEPTH_CEILING).contains(&shape.max_depth),
+                "shape.max_depth must be between 1 and 256",
+            ),
+            (
+                shape.max_ops_per_change > 0,
+                "shape.max_ops_per_change must be at least 1",
+            ),
+            (
+                shape.max_objects_per_change > 0,
+                "shape.max_objects_per_change must be at least 1",
+            ),
+            (
+                shape.max_document_bytes >= self.max_change_bytes as u64,
+                "shape.max_document_bytes must be at least max_change_bytes",
             ),
             (
                 self.subscriber_capacity > 0,

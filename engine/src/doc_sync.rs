@@ -34,6 +34,28 @@ pub use automerge::sync::{Message as SyncMessage, State as SyncState};
 /// Longest peer id accepted as a key for persisted sync state, in bytes.
 pub const MAX_PEER_ID_LEN: usize = 128;
 
+/// Most hashes in one list of a received sync message (its heads, its
+/// needs, each have's last-sync heads). Automerge looks each one up, so this
+/// bounds that work; a message's own size bounds its memory.
+pub const MAX_SYNC_HASHES: usize = 16_384;
+
+/// Most `have` entries in one received sync message. Automerge sends one,
+/// and probes every change since each entry's heads against its Bloom
+/// filter, so each entry can cost a pass over the document's history.
+pub const MAX_SYNC_HAVES: usize = 4;
+
+/// Most probes per entry a received Bloom filter may ask for. Automerge
+/// uses 7; each probe of each looked-up change costs a division.
+pub const MAX_BLOOM_PROBES: u32 = 32;
+
+/// Most bits per entry a received Bloom filter may use (Automerge uses 10).
+pub const MAX_BLOOM_BITS_PER_ENTRY: u32 = 64;
+
+/// Largest received Bloom filter, in bytes (4 MiB: about 3.3 million
+/// changes at Automerge's 10 bits each). Keeps Automerge's bit arithmetic,
+/// done in `u32`, from overflowing.
+pub const MAX_BLOOM_BYTES: usize = 4 << 20;
+
 impl Engine {
     /// The next sync message for `id` to the peer whose state is `sync`, or
     /// `None` if there is nothing to say until the peer answers. The changes
@@ -49,7 +71,19 @@ impl Engine {
         max_change_bytes: usize,
     ) -> Result<Option<SyncMessage>> {
         self.with_doc(id, |state| {
-            let Some(mut message) = state.doc.generate_sync_message(sync) else {
+            let generated = crate::codec::catch(|| state.doc.generate_sync_message(sync));
+            let Ok(generated) = generated else {
+                // What the peer last said is suspect: forget it, keep only
+                // the heads both sides are known to share.
+                let shared = std::mem::take(&mut sync.shared_heads);
+                *sync = SyncState::new();
+                sync.shared_heads = shared;
+                return Err(Error::InvalidSyncMessage {
+                    doc: id.clone(),
+                    reason: "Automerge failed answering the peer's last message".into(),
+                });
+            };
+            let Some(mut message) = generated else {
                 return Ok(None);
             };
             message.flags = None;
@@ -57,7 +91,9 @@ impl Engine {
             // Automerge cannot ask for what they lack; ask for it here. (A
             // Bloom filter false positive is one way to end up there: the
             // peer then never sends a change it believes we have.)
-            let missing = state.held_missing_deps();
+            let mut missing = state.held_missing_deps();
+            // Peers refuse longer lists; the rest is asked for next time.
+            missing.truncate(MAX_SYNC_HASHES.saturating_sub(message.need.len()));
             if !missing.is_empty() {
                 message.need.extend(missing);
                 // The encoding requires sorted hashes.
@@ -70,6 +106,9 @@ impl Engine {
     }
 
     /// Receives a sync message for `id` from the peer whose state is `sync`.
+    /// A message that asks for more work than the bounds allow
+    /// ([`MAX_SYNC_HASHES`], [`MAX_SYNC_HAVES`], the Bloom filter bounds) is
+    /// refused with [`Error::InvalidSyncMessage`] before Automerge sees it.
     /// The changes it carries are validated and applied like
     /// [`Engine::apply_changes`] (and are durable on return); then the sync
     /// state learns the peer's heads, needs and Bloom filter. If the changes
@@ -83,6 +122,10 @@ impl Engine {
         mut message: SyncMessage,
     ) -> Result<ApplyOutcome> {
         message.flags = None;
+        check_bounds(&message).map_err(|reason| Error::InvalidSyncMessage {
+            doc: id.clone(),
+            reason,
+        })?;
         normalise(&mut message);
         let chunks: Vec<Vec<u8>> = message.changes.iter().map(<[u8]>::to_vec).collect();
         message.changes = ChunkList::empty();
@@ -103,13 +146,23 @@ impl Engine {
                 next.shared_heads = advance_shared(&before, &outcome.heads, &next.shared_heads);
             }
             let last_sent = next.last_sent_heads.clone();
-            state
-                .doc
-                .receive_sync_message(&mut next, message)
-                .map_err(|e| Error::ChangeRejected {
-                    doc: id.clone(),
-                    reason: format!("sync message: {e}"),
-                })?;
+            let doc = &mut state.doc;
+            match crate::codec::catch(|| doc.receive_sync_message(&mut next, message)) {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    return Err(Error::ChangeRejected {
+                        doc: id.clone(),
+                        reason: format!("sync message: {e}"),
+                    })
+                }
+                // `with_doc` discards the document on this error.
+                Err(()) => {
+                    return Err(Error::ChangeRejected {
+                        doc: id.clone(),
+                        reason: "Automerge failed on the sync message".into(),
+                    })
+                }
+            }
             if had_changes {
                 // Automerge takes a message without changes whose heads equal
                 // ours as proof the peer already knows our heads. Its changes
@@ -123,17 +176,20 @@ impl Engine {
     }
 
     /// The persisted sync state with `peer` for `id`, or a fresh state if none
-    /// was saved. A stored state that does not decode is reported as
-    /// [`Error::Corrupt`].
+    /// was saved or the saved one does not decode (it is only a shortcut;
+    /// the error is logged).
     pub fn load_sync_state(&self, peer: &str, id: &DocId) -> Result<SyncState> {
         validate_peer(peer)?;
         match self.inner.store.peer_sync(peer, id)? {
             None => Ok(SyncState::new()),
-            Some(bytes) => crate::codec::sync_state(&bytes).map_err(|e| Error::Corrupt {
-                doc: id.to_string(),
-                key: layout::describe_key(layout::CF_PEER_SYNC, &layout::peer_sync_key(peer, id)),
-                reason: format!("sync state does not decode: {e}"),
-            }),
+            Some(bytes) => Ok(crate::codec::sync_state(&bytes).unwrap_or_else(|e| {
+                // Only a shortcut is lost: the session starts from nothing,
+                // and its next save replaces the record.
+                let key =
+                    layout::describe_key(layout::CF_PEER_SYNC, &layout::peer_sync_key(peer, id));
+                tracing::error!(%key, error = %e, "stored sync state does not decode; starting afresh");
+                SyncState::new()
+            })),
         }
     }
 
@@ -156,13 +212,98 @@ impl Engine {
 
     /// Calls `f` with every stored document's id and digest of heads, in id
     /// order, deleted documents included (a delete is a change to replicate).
+    /// Quarantined documents are left out, and a metadata entry that does
+    /// not decode quarantines its document.
     pub fn for_each_digest(&self, mut f: impl FnMut(DocId, [u8; 32])) -> Result<()> {
-        self.inner.store.for_each_meta(|id, meta| {
-            let mut digest = [0u8; 32];
-            digest.copy_from_slice(&meta.digest);
-            f(id, digest);
-        })
+        let quarantine = &self.inner.quarantine;
+        self.inner.store.for_each_meta(
+            |id, meta| {
+                if quarantine.get(id.as_str()).is_none() {
+                    let mut digest = [0u8; 32];
+                    digest.copy_from_slice(&meta.digest);
+                    f(id, digest);
+                }
+            },
+            |e| {
+                quarantine.admit(e);
+            },
+        )
     }
+}
+
+/// Refuses a received message that would make Automerge do more work than
+/// the bounds allow, or that would make it fail: a Bloom filter with no bits
+/// (Automerge divides by its bit count), too many probes, too many entries.
+pub(crate) fn check_bounds(message: &SyncMessage) -> std::result::Result<(), String> {
+    let lists = [("heads", message.heads.len()), ("need", message.need.len())];
+    let haves = message
+        .have
+        .iter()
+        .map(|h| ("have.last_sync", h.last_sync.len()));
+    if let Some((name, len)) = lists
+        .into_iter()
+        .chain(haves)
+        .find(|(_, len)| *len > MAX_SYNC_HASHES)
+    {
+        return Err(format!(
+            "{name} lists {len} hashes; at most {MAX_SYNC_HASHES} are accepted"
+        ));
+    }
+    if message.have.len() > MAX_SYNC_HAVES {
+        return Err(format!(
+            "{} have entries; at most {MAX_SYNC_HAVES} are accepted",
+            message.have.len()
+        ));
+    }
+    message
+        .have
+        .iter()
+        .try_for_each(|have| check_bloom(&have.bloom.to_bytes()))
+}
+
+/// Checks an encoded Bloom filter's parameters: empty, or `num_entries`,
+/// bits per entry and probes (LEB128) within bounds, then the bits.
+fn check_bloom(bytes: &[u8]) -> std::result::Result<(), String> {
+    if bytes.is_empty() {
+        return Ok(());
+    }
+    let mut rest = bytes;
+    let mut next = || leb128_u32(&mut rest).ok_or("Bloom filter header does not decode");
+    let (entries, bits_per_entry, probes) = (next()?, next()?, next()?);
+    if entries == 0 {
+        return Ok(());
+    }
+    if !(1..=MAX_BLOOM_BITS_PER_ENTRY).contains(&bits_per_entry) {
+        return Err(format!(
+            "Bloom filter has {bits_per_entry} bits per entry; 1 to {MAX_BLOOM_BITS_PER_ENTRY} are accepted"
+        ));
+    }
+    if !(1..=MAX_BLOOM_PROBES).contains(&probes) {
+        return Err(format!(
+            "Bloom filter asks for {probes} probes; 1 to {MAX_BLOOM_PROBES} are accepted"
+        ));
+    }
+    let size = (u64::from(entries) * u64::from(bits_per_entry)).div_ceil(8);
+    if size > MAX_BLOOM_BYTES as u64 {
+        return Err(format!(
+            "Bloom filter of {size} bytes; at most {MAX_BLOOM_BYTES} are accepted"
+        ));
+    }
+    Ok(())
+}
+
+/// Reads one unsigned LEB128 value that fits a `u32` from the front of
+/// `bytes`, advancing it.
+fn leb128_u32(bytes: &mut &[u8]) -> Option<u32> {
+    let mut value: u64 = 0;
+    for (index, byte) in bytes.iter().enumerate().take(5) {
+        value |= u64::from(byte & 0x7f) << (7 * index);
+        if byte & 0x80 == 0 {
+            *bytes = &bytes[index + 1..];
+            return u32::try_from(value).ok();
+        }
+    }
+    None
 }
 
 /// Refuses a peer id that cannot be a storage key.

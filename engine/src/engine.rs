@@ -17,6 +17,7 @@ use crate::events::{DocEvent, EventHub, Origin, Subscription};
 use crate::held::HeldLedger;
 use crate::json;
 use crate::lineage;
+use crate::quarantine::Quarantine;
 use crate::received::load_held_ledger;
 use crate::session::SessionToken;
 use crate::store::{Store, Wait};
@@ -125,6 +126,17 @@ pub struct EngineStats {
     /// a held-change limit (a client's refused call counts all its changes).
     /// Refused changes were never stored nor acknowledged; none was dropped.
     pub held_refused: u64,
+    /// Changes refused since open because they (or a change they depend on)
+    /// break a shape limit ([`EngineConfig::shape`]), held changes found to
+    /// break one when they were released included (those are discarded).
+    pub shape_refused: u64,
+    /// Times Automerge panicked on input since the process started (in
+    /// every engine of the process): each became an error, and the document
+    /// concerned was reloaded from the store.
+    pub automerge_panics: u64,
+    /// Documents quarantined because their stored data is corrupt (see
+    /// [`Engine::quarantined`]).
+    pub quarantined_documents: usize,
 }
 
 /// Which documents a local write may touch.
@@ -163,7 +175,7 @@ pub struct Engine {
 
 pub(crate) struct Inner {
     pub(crate) store: Store,
-    cache: DocCache,
+    pub(crate) cache: DocCache,
     events: EventHub,
     pub(crate) config: EngineConfig,
     /// Actor for this engine's local changes: fresh on every open (unless
@@ -173,6 +185,8 @@ pub(crate) struct Inner {
     /// Engine-wide count of held changes and the documents that have some.
     pub(crate) held: HeldLedger,
     pub(crate) held_refused: AtomicU64,
+    pub(crate) shape_refused: AtomicU64,
+    pub(crate) quarantine: Quarantine,
     /// Events of writes made through a deferring handle, published once
     /// [`Engine::sync_deferred`] made them durable (subscribers only ever
     /// see durable changes). At most one replicator call's worth.
@@ -205,6 +219,8 @@ impl Engine {
                 actor,
                 held,
                 held_refused: AtomicU64::new(0),
+                shape_refused: AtomicU64::new(0),
+                quarantine: Quarantine::default(),
                 deferred_events: Mutex::new(Vec::new()),
             }),
             wait: Wait::Durable,
@@ -294,14 +310,14 @@ impl Engine {
     /// Makes the document equal to `value` (a JSON object), creating it if
     /// needed. Only the differences are written; see [`json`](crate::json).
     pub fn put_json(&self, id: &DocId, value: &Json) -> Result<Committed<()>> {
-        let object = as_object(id, value)?;
+        let object = self.writable_json(id, value)?;
         self.commit_local(id, WriteMode::Upsert, None, |tx| json::replace(tx, object))
     }
 
     /// Applies `patch` as an RFC 7386 JSON Merge Patch, creating the document
     /// if needed.
     pub fn merge_json(&self, id: &DocId, patch: &Json) -> Result<Committed<()>> {
-        let object = as_object(id, patch)?;
+        let object = self.writable_json(id, patch)?;
         self.commit_local(id, WriteMode::Upsert, None, |tx| {
             json::merge_patch(tx, object)
         })
@@ -322,17 +338,64 @@ impl Engine {
         )
     }
 
-    /// The document as JSON. Fails with [`Error::Deleted`] for deleted documents.
+    /// The document as JSON. Fails with [`Error::Deleted`] for deleted
+    /// documents, and with [`Error::ShapeLimit`] for a document stored
+    /// nesting deeper than [`ShapeLimits::max_depth`](crate::ShapeLimits).
     pub fn get_json(&self, id: &DocId) -> Result<Json> {
-        self.read(id, |doc| json::to_json(&doc.hydrate(None)))
+        self.with_existing(id, |state| {
+            if state.meta.tombstone {
+                return Err(Error::Deleted(id.clone()));
+            }
+            self.render(id, &state.doc, None)
+        })
     }
 
-    /// The document as JSON as it was at `heads` (also for deleted documents).
+    /// The document as JSON as it was at `heads` (also for deleted
+    /// documents); refused like [`Engine::get_json`] when too deep.
     pub fn get_json_at(&self, id: &DocId, heads: &[ChangeHash]) -> Result<Json> {
         self.with_existing(id, |state| {
             require_heads(state, id, heads)?;
-            Ok(json::to_json(&state.doc.hydrate(Some(heads))))
+            self.render(id, &state.doc, Some(heads))
         })
+    }
+
+    /// Renders a document as JSON within the depth limit, with Automerge's
+    /// reads behind the panic guard.
+    fn render(&self, id: &DocId, doc: &Automerge, heads: Option<&[ChangeHash]>) -> Result<Json> {
+        let limit = self.inner.config.shape.max_depth;
+        match crate::codec::catch(|| json::render(doc, heads, limit)) {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(violation)) => Err(Error::ShapeLimit {
+                doc: id.clone(),
+                change: None,
+                violation,
+            }),
+            Err(()) => Err(Error::ChangeRejected {
+                doc: id.clone(),
+                reason: "Automerge failed reading the document".into(),
+            }),
+        }
+    }
+
+    /// `value` as the root object of a write, if it is one and nests no
+    /// deeper than the depth limit (measured without recursion, so that
+    /// writing it cannot exhaust the stack).
+    fn writable_json<'a>(
+        &self,
+        id: &DocId,
+        value: &'a Json,
+    ) -> Result<&'a serde_json::Map<String, Json>> {
+        let object = as_object(id, value)?;
+        let limit = self.inner.config.shape.max_depth;
+        let depth = crate::shape::json_depth(value);
+        if depth > limit {
+            return Err(Error::ShapeLimit {
+                doc: id.clone(),
+                change: None,
+                violation: crate::shape::ShapeViolation::Depth { depth, limit },
+            });
+        }
+        Ok(object)
     }
 
     /// Runs `f` on the live document with Automerge's full read API.
@@ -385,7 +448,10 @@ impl Engine {
     pub fn list(&self, prefix: &str, after: Option<&DocId>, limit: usize) -> Result<ListPage> {
         doc_id::validate_prefix(prefix)?;
         let limit = limit.clamp(1, MAX_LIST_LIMIT);
-        let (ids, more) = self.inner.store.list(prefix, after, limit)?;
+        let quarantine = &self.inner.quarantine;
+        let (ids, more) = self.inner.store.list(prefix, after, limit, |e| {
+            quarantine.admit(e);
+        })?;
         let next = if more { ids.last().cloned() } else { None };
         Ok(ListPage { ids, next })
     }
@@ -414,6 +480,9 @@ impl Engine {
             held_bytes: held.bytes,
             held_documents: held.documents,
             held_refused: self.inner.held_refused.load(Ordering::Relaxed),
+            shape_refused: self.inner.shape_refused.load(Ordering::Relaxed),
+            automerge_panics: crate::codec::panics(),
+            quarantined_documents: self.inner.quarantine.len(),
         }
     }
 
@@ -457,6 +526,20 @@ impl Engine {
                         .get_change_by_hash(&hash)
                         .expect("committed change is in the document"),
                 );
+            }
+            // Peers refuse what breaks their shape limits, so this node must
+            // not make it either. The document diverged from the store, so
+            // `with_doc` discards it on this error.
+            let stored = state.meta.snapshot_bytes + state.meta.log_bytes;
+            let limits = &self.inner.config.shape;
+            let found = crate::shape::violations(&state.doc, stored, &new_changes, limits);
+            if let Some((hash, violation)) = found.first().copied() {
+                self.inner.shape_refused.fetch_add(1, Ordering::Relaxed);
+                return Err(Error::ShapeLimit {
+                    doc: id.clone(),
+                    change: Some(hash),
+                    violation,
+                });
             }
             if !new_changes.is_empty() {
                 state.persist(
@@ -518,15 +601,15 @@ impl Engine {
     ) -> Result<R> {
         let inner = &self.inner;
         inner.store.check_alive()?;
+        if let Some(q) = inner.quarantine.get(id.as_str()) {
+            return Err(q.error());
+        }
         let slot = inner.cache.slot(id);
         let mut guard = lock_slot(&slot);
         if matches!(*guard, Slot::Unloaded) {
-            *guard = Slot::Loaded(Box::new(DocState::load(
-                &inner.store,
-                id,
-                inner.actor.clone(),
-                inner.held.has(id),
-            )?));
+            let loaded = DocState::load(&inner.store, id, inner.actor.clone(), inner.held.has(id))
+                .map_err(|e| inner.quarantine.admit(e))?;
+            *guard = Slot::Loaded(Box::new(loaded));
         }
         let Slot::Loaded(state) = &mut *guard else {
             unreachable!("slot was loaded above");

@@ -122,6 +122,37 @@ pub enum Error {
         heads: Vec<ChangeHash>,
     },
 
+    /// A change, a JSON value or a stored document breaks a shape limit
+    /// ([`EngineConfig::shape`](crate::EngineConfig::shape)): nesting depth,
+    /// operations or objects per change, document size. For a write,
+    /// nothing from the call was applied or stored (caller error or
+    /// misbehaving peer; split the change or flatten the value). For a
+    /// read, the stored document is already beyond the depth limit and is
+    /// not walked.
+    #[error("document {doc}: {}{violation}", change.map(|h| format!("change {h}: ")).unwrap_or_default())]
+    ShapeLimit {
+        /// The document.
+        doc: DocId,
+        /// The change that breaks the limit, if the limit is one a change
+        /// breaks.
+        change: Option<ChangeHash>,
+        /// The limit, and by how much.
+        violation: crate::shape::ShapeViolation,
+    },
+
+    /// A sync message asks for more work than the engine allows one
+    /// message to cause (see [`doc_sync`](crate::SyncMessage) bounds:
+    /// Bloom filter parameters, counts of heads, needs and haves), or
+    /// Automerge failed on it. Misbehaving peer; nothing was applied and
+    /// the sync state is unchanged.
+    #[error("document {doc}: sync message refused: {reason}")]
+    InvalidSyncMessage {
+        /// The document.
+        doc: DocId,
+        /// What is wrong with it.
+        reason: String,
+    },
+
     /// Heads given for a read or a diff are not in this document (yet).
     /// Harmless; retry once replication has delivered them.
     #[error("document {doc} does not hold heads {}", fmt_hashes(missing))]
@@ -185,6 +216,25 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
+
+    /// The document is quarantined: a record of it did not decode (see
+    /// [`quarantine`](crate::quarantine)). Every use of it answers this until
+    /// [`Engine::repair`](crate::Engine::repair) discards the local copy;
+    /// other documents are unaffected.
+    #[error("document {doc} is quarantined: corrupt data at key {key}: {reason}; repair it with `causeway doc repair`")]
+    Quarantined {
+        /// The document.
+        doc: String,
+        /// The corrupt record's column family and key, printable.
+        key: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// [`Engine::repair`](crate::Engine::repair) on a document whose stored
+    /// data reads: nothing to repair, nothing was changed.
+    #[error("document {0} is not quarantined: its stored data reads; nothing was changed")]
+    NotQuarantined(DocId),
 
     /// A RocksDB read, write or fsync failed. Fatal: the engine refuses all
     /// further work, because state on disk can no longer be trusted to match

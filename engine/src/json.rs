@@ -18,11 +18,151 @@
 //! strings, counters and timestamps integers, byte strings arrays of numbers,
 //! non-finite floats and values from future Automerge versions `null`.
 //! Where concurrent writes conflict, Automerge's deterministic winner is shown.
+//! [`render`] reads a document this way without unbounded recursion: it
+//! refuses documents that nest deeper than a limit (see
+//! [`shape`](crate::shape)).
 
 use automerge::hydrate::Value as Hydrated;
 use automerge::transaction::{Transactable, Transaction};
-use automerge::{AutomergeError, ObjId, ObjType, Prop, ReadDoc, ScalarValue, Value as AmValue};
+use automerge::{
+    Automerge, AutomergeError, ChangeHash, ObjId, ObjType, Prop, ReadDoc, ScalarValue,
+    Value as AmValue, ValueRef,
+};
 use serde_json::{Map as JsonMap, Number, Value as Json};
+
+use crate::shape::ShapeViolation;
+
+/// The document (as it is, or at `heads`) as JSON, descending at most
+/// `max_depth` objects below the root: deeper documents are refused with
+/// [`ShapeViolation::Depth`] instead of being walked. The walk keeps its
+/// own stack of open objects instead of recursing, so reading any document
+/// takes the same thread stack. Gives what [`to_json`] gives for
+/// Automerge's `hydrate`.
+pub fn render(
+    doc: &Automerge,
+    heads: Option<&[ChangeHash]>,
+    max_depth: usize,
+) -> Result<Json, ShapeViolation> {
+    let reader = Reader { doc, heads };
+    let mut open = vec![reader.open(&automerge::ROOT, ObjType::Map, None)];
+    loop {
+        // Objects the open one holds are at this depth (the root's at 1).
+        let depth = open.len();
+        let Some(top) = open.last_mut() else {
+            unreachable!("the root frame is only taken off at the end");
+        };
+        match top.entries.next() {
+            Some((key, Entry::Value(value))) => top.add(key, value),
+            Some((key, Entry::Object(obj, kind))) => {
+                if depth > max_depth {
+                    return Err(ShapeViolation::Depth {
+                        depth,
+                        limit: max_depth,
+                    });
+                }
+                let child = reader.open(&obj, kind, key);
+                open.push(child);
+            }
+            None => {
+                let Some(done) = open.pop() else {
+                    unreachable!("a frame was just looked at");
+                };
+                match open.last_mut() {
+                    Some(parent) => parent.add(done.key, done.out),
+                    None => return Ok(done.out),
+                }
+            }
+        }
+    }
+}
+
+/// What one object of a document holds, read for [`render`].
+struct Reader<'a> {
+    doc: &'a Automerge,
+    heads: Option<&'a [ChangeHash]>,
+}
+
+/// A value of an object: already JSON (scalars and text), or an object to
+/// walk into.
+enum Entry {
+    Value(Json),
+    Object(ObjId, ObjType),
+}
+
+/// An object being rendered: its entries still to add, and its JSON so far.
+struct Frame {
+    /// Its key in its parent map (`None` in a list, or for the root).
+    key: Option<String>,
+    entries: std::vec::IntoIter<(Option<String>, Entry)>,
+    out: Json,
+}
+
+impl Frame {
+    fn add(&mut self, key: Option<String>, value: Json) {
+        match (&mut self.out, key) {
+            (Json::Object(map), Some(key)) => {
+                map.insert(key, value);
+            }
+            (Json::Array(list), _) => list.push(value),
+            _ => {}
+        }
+    }
+}
+
+impl Reader<'_> {
+    /// Reads the entries of `obj`, of type `kind`; text is read whole.
+    fn open(&self, obj: &ObjId, kind: ObjType, key: Option<String>) -> Frame {
+        let doc = self.doc;
+        let entry = |value: &ValueRef<'_>, id: &dyn Fn() -> ObjId| match value {
+            ValueRef::Object(ObjType::Text) => Entry::Value(self.text(&id())),
+            ValueRef::Object(kind) => Entry::Object(id(), *kind),
+            ValueRef::Scalar(_) => match value.clone().into_value() {
+                AmValue::Scalar(s) => Entry::Value(scalar_to_json(&s)),
+                AmValue::Object(_) => Entry::Value(Json::Null),
+            },
+        };
+        let (entries, out) = match kind {
+            ObjType::Map | ObjType::Table => {
+                let range = match self.heads {
+                    Some(heads) => doc.map_range_at(obj, .., heads),
+                    None => doc.map_range(obj, ..),
+                };
+                let entries: Vec<_> = range
+                    .map(|item| {
+                        let value = entry(&item.value, &|| item.id());
+                        (Some(item.key.into_owned()), value)
+                    })
+                    .collect();
+                (entries, Json::Object(JsonMap::new()))
+            }
+            ObjType::List => {
+                let range = match self.heads {
+                    Some(heads) => doc.list_range_at(obj, .., heads),
+                    None => doc.list_range(obj, ..),
+                };
+                let entries: Vec<_> = range
+                    .map(|item| (None, entry(&item.value, &|| item.id())))
+                    .collect();
+                (entries, Json::Array(Vec::new()))
+            }
+            ObjType::Text => (Vec::new(), self.text(obj)),
+        };
+        Frame {
+            key,
+            entries: entries.into_iter(),
+            out,
+        }
+    }
+
+    fn text(&self, obj: &ObjId) -> Json {
+        let text = match self.heads {
+            Some(heads) => self.doc.text_at(obj, heads),
+            None => self.doc.text(obj),
+        };
+        // An object whose type was just read is there to read.
+        Json::String(text.unwrap_or_default())
+    }
+}
 
 /// Converts a hydrated Automerge value to JSON.
 pub fn to_json(value: &Hydrated) -> Json {

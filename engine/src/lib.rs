@@ -78,9 +78,11 @@ pub mod held;
 pub mod json;
 pub mod layout;
 pub mod lineage;
+pub mod quarantine;
 mod received;
 pub mod replication;
 pub mod session;
+pub mod shape;
 #[cfg(feature = "sim")]
 pub mod sim;
 mod store;
@@ -95,4 +97,6 @@ pub use engine::{
 pub use error::{Error, Result};
 pub use events::{DocEvent, Origin, Subscription};
 pub use held::{HeldLimitKind, MAX_REPORTED_MISSING};
+pub use quarantine::Quarantined;
 pub use session::{SessionToken, TokenError, TokenKey};
+pub use shape::{ShapeLimits, ShapeViolation};

@@ -4,7 +4,7 @@
 //! in one durable WriteBatch per call, and refused at a held-change limit:
 //! a client's call as a whole, a peer's changes one by one.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -20,6 +20,7 @@ use crate::held::{
     MAX_REPORTED_MISSING,
 };
 use crate::layout;
+use crate::shape::{self, ShapeViolation};
 use crate::store::{Store, Wait};
 
 impl Engine {
@@ -91,6 +92,7 @@ impl Engine {
             duplicates,
             mut new,
         } = state.integrate(id, decoded, source)?;
+        self.check_shape(id, state, &mut plan)?;
         let reservation = self.limit_held(id, state, &mut plan, overflow)?;
         if !plan.refused.is_empty() {
             self.inner
@@ -179,6 +181,71 @@ impl Engine {
                 lock_events(&self.inner.deferred_events).push(event);
             }
         }
+        Ok(())
+    }
+
+    /// Checks the shape limits on what `plan` applies and holds. Fails with
+    /// [`Error::ShapeLimit`] if a change of this call breaks one, or depends
+    /// on a change that does; held changes released by this call that break
+    /// one (their dependencies' objects were unknown when they were held)
+    /// are discarded instead, with their descendants: they leave `ready`
+    /// and stay in `released`, so the batch deletes their records.
+    fn check_shape(&self, id: &DocId, state: &DocState, plan: &mut Plan) -> Result<()> {
+        let stored = state.meta.snapshot_bytes + state.meta.log_bytes;
+        let order: Vec<&Change> = plan
+            .ready
+            .iter()
+            .map(|r| &r.change)
+            .chain(plan.hold.iter().map(|(c, _, _)| c))
+            .collect();
+        let found = shape::violations(
+            &state.doc,
+            stored,
+            order.iter().copied(),
+            &self.inner.config.shape,
+        );
+        if found.is_empty() {
+            return Ok(());
+        }
+        // Each tainted change, with the change at the root of its taint.
+        let mut tainted: HashMap<ChangeHash, (ChangeHash, ShapeViolation)> =
+            found.iter().map(|(h, v)| (*h, (*h, *v))).collect();
+        for change in &order {
+            let inherited = change.deps().iter().find_map(|d| tainted.get(d).copied());
+            if let Some(root) = inherited {
+                tainted.entry(change.hash()).or_insert(root);
+            }
+        }
+        let released: HashSet<&ChangeHash> = plan.released.iter().collect();
+        let from_call = order
+            .iter()
+            .map(|c| c.hash())
+            .find(|h| tainted.contains_key(h) && !released.contains(h));
+        if let Some(hash) = from_call {
+            let (root, violation) = tainted[&hash];
+            let count = order
+                .iter()
+                .map(|c| c.hash())
+                .filter(|h| tainted.contains_key(h) && !released.contains(h))
+                .count();
+            self.inner
+                .shape_refused
+                .fetch_add(count as u64, Ordering::Relaxed);
+            tracing::info!(doc = %id, change = %root, %violation, "refused changes that break a shape limit");
+            return Err(Error::ShapeLimit {
+                doc: id.clone(),
+                change: Some(root),
+                violation,
+            });
+        }
+        let before = plan.ready.len();
+        plan.ready
+            .retain(|r| !tainted.contains_key(&r.change.hash()));
+        let discarded = before - plan.ready.len();
+        self.inner
+            .shape_refused
+            .fetch_add(discarded as u64, Ordering::Relaxed);
+        tracing::warn!(doc = %id, discarded, "discarded held changes that break a shape limit");
         Ok(())
     }
 

@@ -286,15 +286,52 @@ impl Store {
 
     /// Calls `f` with every document's id and metadata, in id order, deleted
     /// documents included.
-    pub(crate) fn for_each_meta(&self, mut f: impl FnMut(DocId, DocMeta)) -> Result<()> {
+    /// An entry that does not decode goes to `corrupt` (as
+    /// [`Error::Corrupt`]) and the walk goes on.
+    pub(crate) fn for_each_meta(
+        &self,
+        mut f: impl FnMut(DocId, DocMeta),
+        mut corrupt: impl FnMut(Error),
+    ) -> Result<()> {
         self.check_alive()?;
         let cf = self.cf(layout::CF_DOC_META);
         for item in self.db.iterator_cf(cf, IteratorMode::Start) {
             let (k, v) = item.map_err(|e| self.fatal(e))?;
-            let (id, meta) = decode_meta_entry(&k, &v)?;
-            f(id, meta);
+            match decode_meta_entry(&k, &v) {
+                Ok((id, meta)) => f(id, meta),
+                Err(e) => corrupt(e),
+            }
         }
         Ok(())
+    }
+
+    /// Deletes every record of `doc` in one durable batch: metadata,
+    /// snapshot, change log, held changes, and the sync state saved with
+    /// every peer (found by a scan of all peers' sync states).
+    pub(crate) fn discard(&self, doc: &DocId) -> Result<()> {
+        self.check_alive()?;
+        let mut batch = WriteBatch::default();
+        batch.delete_cf(self.cf(layout::CF_DOC_META), doc.as_bytes());
+        batch.delete_cf(self.cf(layout::CF_SNAPSHOT), doc.as_bytes());
+        let from = layout::log_prefix(doc);
+        let mut to = doc.as_bytes().to_vec();
+        to.push(1);
+        for name in [layout::CF_CHANGE_LOG, layout::CF_HELD] {
+            batch.delete_range_cf(self.cf(name), &from, &to);
+        }
+        let cf = self.cf(layout::CF_PEER_SYNC);
+        for item in self.db.iterator_cf(cf, IteratorMode::Start) {
+            let (k, _) = item.map_err(|e| self.fatal(e))?;
+            // Keys are peer, 0x00, document; peer ids never contain 0x00.
+            let ours = k
+                .iter()
+                .position(|b| *b == 0)
+                .is_some_and(|at| &k[at + 1..] == doc.as_bytes());
+            if ours {
+                batch.delete_cf(cf, &k);
+            }
+        }
+        self.write(batch, Wait::Durable)
     }
 
     /// Reads a document's log entries with sequence numbers in `[start, end)`,
@@ -323,12 +360,14 @@ impl Store {
 
     /// Lists live (not deleted) documents whose id starts with `prefix`,
     /// strictly after `after`, at most `limit` of them. Also returns whether
-    /// more remain.
+    /// more remain. Entries that do not decode go to `corrupt` and are
+    /// left out.
     pub(crate) fn list(
         &self,
         prefix: &str,
         after: Option<&DocId>,
         limit: usize,
+        mut corrupt: impl FnMut(Error),
     ) -> Result<(Vec<DocId>, bool)> {
         self.check_alive()?;
         let cf = self.cf(layout::CF_DOC_META);
@@ -347,7 +386,13 @@ impl Store {
             if !k.starts_with(prefix.as_bytes()) {
                 break;
             }
-            let (id, meta) = decode_meta_entry(&k, &v)?;
+            let (id, meta) = match decode_meta_entry(&k, &v) {
+                Ok(entry) => entry,
+                Err(e) => {
+                    corrupt(e);
+                    continue;
+                }
+            };
             if meta.tombstone {
                 continue;
             }

@@ -263,22 +263,83 @@ fn corrupt_records_are_reported_with_document_and_key_and_spare_other_documents(
     }
     let engine = Engine::open(dir.path(), buffered()).unwrap();
     let err = engine.get_json(&bad_log).unwrap_err();
-    assert!(matches!(err, Error::Corrupt { .. }), "{err}");
+    assert!(matches!(err, Error::Quarantined { .. }), "{err}");
     assert!(
         err.to_string()
-            .contains("document bad-log at key change_log/bad-log#1"),
+            .contains("document bad-log is quarantined: corrupt data at key change_log/bad-log#1"),
         "{err}"
     );
     let err = engine.get_json(&bad_snap).unwrap_err();
     assert!(
         err.to_string()
-            .contains("document bad-snap at key snapshot/bad-snap"),
+            .contains("document bad-snap is quarantined: corrupt data at key snapshot/bad-snap"),
         "{err}"
     );
+    // Quarantined: every use answers at once, writes included, and the
+    // document is out of the digests replication reconciles.
+    assert!(matches!(
+        engine.put_json(&bad_snap, &json!({"v": 4})),
+        Err(Error::Quarantined { .. })
+    ));
+    let quarantined: Vec<String> = engine.quarantined().into_iter().map(|q| q.doc).collect();
+    assert_eq!(quarantined, ["bad-log", "bad-snap"]);
+    assert_eq!(engine.stats().quarantined_documents, 2);
+    let mut digests = Vec::new();
+    engine
+        .for_each_digest(|id, _| digests.push(id.to_string()))
+        .unwrap();
+    assert_eq!(digests, ["good"]);
     assert_eq!(engine.get_json(&good).unwrap(), json!({"v": 2}));
     engine.put_json(&id("new"), &json!({"ok": true})).unwrap();
+
+    // Repair discards the local copy; a readable document is not touched.
+    assert!(matches!(
+        engine.repair(&good),
+        Err(Error::NotQuarantined(_))
+    ));
+    engine.repair(&bad_snap).unwrap();
+    assert!(matches!(
+        engine.get_json(&bad_snap),
+        Err(Error::NotFound(_))
+    ));
+    assert_eq!(engine.quarantined().len(), 1);
+    engine.put_json(&bad_snap, &json!({"v": 5})).unwrap();
+
     let engine = reopen(&dir, engine, buffered());
     assert_eq!(engine.get_json(&id("new")).unwrap(), json!({"ok": true}));
+    assert_eq!(engine.get_json(&bad_snap).unwrap(), json!({"v": 5}));
+    // The corrupt record is still on disk: met again, quarantined again.
+    assert!(matches!(
+        engine.get_json(&bad_log),
+        Err(Error::Quarantined { .. })
+    ));
+}
+
+#[test]
+fn a_corrupt_doc_meta_entry_quarantines_its_document_and_the_store_opens() {
+    let (dir, engine) = fresh();
+    let (bad, good) = (id("meta/bad"), id("meta/good"));
+    engine.put_json(&bad, &json!({"v": 1})).unwrap();
+    engine.put_json(&good, &json!({"v": 2})).unwrap();
+    drop(engine);
+    {
+        let db = open_raw(dir.path());
+        let meta = db.cf_handle(layout::CF_DOC_META).unwrap();
+        db.put_cf(meta, bad.as_bytes(), b"\xffgarbage").unwrap();
+    }
+    let engine = Engine::open(dir.path(), buffered()).unwrap();
+    let mut digests = Vec::new();
+    engine
+        .for_each_digest(|id, _| digests.push(id.to_string()))
+        .unwrap();
+    assert_eq!(digests, ["meta/good"]);
+    assert!(engine.is_quarantined(&bad));
+    let page = engine.list("meta/", None, 10).unwrap();
+    assert_eq!(page.ids, std::slice::from_ref(&good));
+    assert!(matches!(engine.heads(&bad), Err(Error::Quarantined { .. })));
+    assert_eq!(engine.get_json(&good).unwrap(), json!({"v": 2}));
+    engine.repair(&bad).unwrap();
+    assert!(matches!(engine.heads(&bad), Err(Error::NotFound(_))));
 }
 
 fn open_raw(path: &std::path::Path) -> rocksdb::DB {

@@ -636,3 +636,67 @@ fn a_client_change_held_for_a_dependency_is_repaired_from_a_peer_and_published()
     assert_eq!(event.origin, causeway_engine::Origin::Client);
     assert_eq!(event.changes.to_vec(), vec![client]);
 }
+
+#[test]
+fn a_quarantined_document_stops_nothing_else_and_repair_refetches_it() {
+    use causeway_engine::layout::{self, CF_CHANGE_LOG};
+    let mut a = node("a", "eu");
+    let (an, bn) = (NodeId::new("a").unwrap(), NodeId::new("b").unwrap());
+    let bad = id("q/bad");
+    commit(&mut a, "q/bad", json!({"from": "a"}));
+    for i in 0..5 {
+        commit(&mut a, &format!("q/ok{i}"), json!({"i": i}));
+    }
+    while a.core.poll_output().is_some() {}
+    // b holds its own copy of the document, then one of its log entries
+    // rots on disk.
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::open(dir.path(), common::buffered()).unwrap();
+    engine.put_json(&bad, &json!({"from": "b"})).unwrap();
+    drop(engine);
+    {
+        let opts = rocksdb::Options::default();
+        let cfs = rocksdb::DB::list_cf(&opts, dir.path()).unwrap();
+        let db = rocksdb::DB::open_cf(&opts, dir.path(), cfs).unwrap();
+        let log = db.cf_handle(CF_CHANGE_LOG).unwrap();
+        db.put_cf(log, layout::log_key(&bad, 1), b"rot").unwrap();
+    }
+    let engine = Engine::open(dir.path(), common::buffered()).unwrap();
+    let config = ReplicatorConfig::new(
+        bn.clone(),
+        Region::new("us").unwrap(),
+        ClusterId::new("test").unwrap(),
+    );
+    let mut b = Node {
+        core: Replicator::new(engine.clone(), config, Duration::ZERO).unwrap(),
+        _dir: dir,
+    };
+    let mut rng = SplitMix64::new(3);
+    a.core.handle_connect(Duration::ZERO, &bn, &mut rng);
+    b.core.handle_connect(Duration::ZERO, &an, &mut rng);
+    // Every message is handled without error (`deliver` unwraps).
+    pump(&mut a, &an, &mut b, &bn, Duration::ZERO);
+    for i in 0..5 {
+        let doc = id(&format!("q/ok{i}"));
+        assert_eq!(engine.get_json(&doc).unwrap(), json!({"i": i}));
+    }
+    assert!(engine.is_quarantined(&bad));
+    // A live write to the quarantined document is ignored, not fatal.
+    commit(&mut a, "q/bad", json!({"more": 1}));
+    pump(&mut a, &an, &mut b, &bn, Duration::ZERO);
+    assert!(matches!(
+        engine.get_json(&bad),
+        Err(causeway_engine::Error::Quarantined { .. })
+    ));
+
+    engine.repair(&bad).unwrap();
+    let now = Duration::from_secs(120);
+    a.core.handle_timeout(now, &mut rng).unwrap();
+    b.core.handle_timeout(now, &mut rng).unwrap();
+    pump(&mut a, &an, &mut b, &bn, now);
+    assert_eq!(
+        engine.get_json(&bad).unwrap(),
+        a.core.engine().get_json(&bad).unwrap()
+    );
+    assert!(!engine.is_quarantined(&bad));
+}

@@ -88,6 +88,14 @@ pub enum DocCommand {
         #[arg(long)]
         max: Option<usize>,
     },
+    /// Repair a quarantined document (its stored data is corrupt; see
+    /// `causeway status`): discard the local copy, which anti-entropy then
+    /// fetches again from the peers that hold it. Refused for a document
+    /// whose data reads.
+    Repair {
+        /// Document id.
+        id: String,
+    },
     /// Print each change to a document (or, with --prefix, to every document
     /// under a prefix) as one JSON line, until interrupted.
     Watch {
@@ -203,6 +211,10 @@ pub async fn doc(target: &Target, command: DocCommand) -> Result<()> {
             print_json(&checked(req.send().await).await?.json::<Value>().await?)
         }
         DocCommand::List { prefix, max } => list(target, &client, &prefix, max).await,
+        DocCommand::Repair { id } => {
+            let req = target.request(&client, Method::POST, &format!("/v1/repair/{id}"));
+            print_json(&checked(req.send().await).await?.json::<Value>().await?)
+        }
         DocCommand::Watch { id, prefix } => watch(target, &client, id, prefix).await,
     }
 }

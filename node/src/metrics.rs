@@ -51,6 +51,13 @@ pub struct NodeMetrics {
     pub held_changes: Gauge,
     /// Bytes of those changes.
     pub held_bytes: Gauge,
+    /// Changes refused since start for breaking a shape limit (the
+    /// engine's count, clients' and peers' changes alike).
+    pub shape_refused: Gauge,
+    /// Automerge panics caught since start (each became an error).
+    pub automerge_panics: Gauge,
+    /// Documents quarantined for corrupt stored data.
+    pub quarantined_documents: Gauge,
     /// Gossip publications that reached no peer (left to anti-entropy).
     pub publish_failures: Counter,
     /// Direct messages that failed (timeout, connection lost, dial failure).
@@ -109,6 +116,9 @@ impl NodeMetrics {
             reconcile_differences: Counter::default(),
             held_changes: Gauge::default(),
             held_bytes: Gauge::default(),
+            shape_refused: Gauge::default(),
+            automerge_panics: Gauge::default(),
+            quarantined_documents: Gauge::default(),
             publish_failures: Counter::default(),
             send_failures: Counter::default(),
             direct_dropped: Counter::default(),
@@ -184,6 +194,21 @@ impl NodeMetrics {
             "held_bytes",
             "Bytes of changes held for missing dependencies",
             m.held_bytes.clone(),
+        );
+        r.register(
+            "shape_refused_changes",
+            "Changes refused since start for breaking a document shape limit",
+            m.shape_refused.clone(),
+        );
+        r.register(
+            "automerge_panics",
+            "Automerge panics on input caught since start (each became an error)",
+            m.automerge_panics.clone(),
+        );
+        r.register(
+            "quarantined_documents",
+            "Documents quarantined because their stored data is corrupt",
+            m.quarantined_documents.clone(),
         );
         r.register(
             "reconcile_differences",

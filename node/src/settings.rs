@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use causeway_engine::replication::ids::{ClusterId, Region};
-use causeway_engine::{Durability, EngineConfig};
+use causeway_engine::{Durability, EngineConfig, ShapeLimits};
 use libp2p::{Multiaddr, PeerId};
 use serde::Deserialize;
 
@@ -140,6 +140,14 @@ pub struct EngineSection {
     pub max_held_changes: Option<usize>,
     /// Bytes of held changes in all documents together, MiB.
     pub max_held_mib: Option<usize>,
+    /// Deepest nesting of objects in a document (see `ShapeLimits`).
+    pub max_depth: Option<usize>,
+    /// Most operations in one change.
+    pub max_ops_per_change: Option<usize>,
+    /// Most objects one change may create.
+    pub max_objects_per_change: Option<usize>,
+    /// Largest stored size of one document, MiB.
+    pub max_document_mib: Option<u64>,
 }
 
 /// Everything `causeway node` needs.
@@ -374,6 +382,18 @@ fn engine(e: EngineSection) -> Result<EngineConfig, KeyError> {
         max_held_bytes: e
             .max_held_mib
             .map_or(defaults.max_held_bytes, |mib| mib << 20),
+        shape: ShapeLimits {
+            max_depth: e.max_depth.unwrap_or(defaults.shape.max_depth),
+            max_ops_per_change: e
+                .max_ops_per_change
+                .unwrap_or(defaults.shape.max_ops_per_change),
+            max_objects_per_change: e
+                .max_objects_per_change
+                .unwrap_or(defaults.shape.max_objects_per_change),
+            max_document_bytes: e
+                .max_document_mib
+                .map_or(defaults.shape.max_document_bytes, |mib| mib << 20),
+        },
         ..defaults
     };
     c.validate().map_err(|err| ("engine", err.to_string()))?;

@@ -165,6 +165,13 @@ pub enum Rejection {
     /// belong to another document.
     #[error("bad change: {0}")]
     BadChange(String),
+    /// Its changes break a shape limit (nesting depth, operations or
+    /// objects per change, document size).
+    #[error("shape limit: {0}")]
+    ShapeLimit(String),
+    /// A sync message beyond the bounds on the work one message may cause.
+    #[error("bad sync message: {0}")]
+    BadSync(String),
     /// A message type that does not belong on the channel it came on.
     #[error("{0} is not accepted on this channel")]
     WrongChannel(&'static str),
@@ -205,7 +212,7 @@ pub struct Stats {
     /// awaiting an answer ([`ReplicatorConfig::max_sync_sessions_per_peer`]).
     pub syncs_refused: u64,
     /// Sync sessions given up after [`ReplicatorConfig::max_sync_retries`]
-    /// unanswered resends.
+    /// unanswered resends, or because Automerge failed answering the peer.
     pub syncs_abandoned: u64,
     /// Syncs started to fetch what a document's held changes wait for.
     pub held_repairs: u64,
@@ -611,7 +618,7 @@ impl Replicator {
         bytes: &[u8],
     ) -> Result<Verdict> {
         let verdict = match self.open(from, channel, bytes) {
-            Ok(message) => self.dispatch(now, from, channel, message)?,
+            Ok(message) => skip_quarantined(self.dispatch(now, from, channel, message))?,
             Err(verdict) => verdict,
         };
         self.engine.sync_deferred()?;
@@ -645,11 +652,16 @@ impl Replicator {
                         None => deltas.push((d.doc.clone(), vec![(i, from.clone(), d)])),
                     }
                 }
-                Ok(message) => verdicts[i] = self.dispatch(now, from, channel, message)?,
+                Ok(message) => {
+                    verdicts[i] = skip_quarantined(self.dispatch(now, from, channel, message))?
+                }
             }
         }
         for (doc, run) in deltas {
-            self.on_deltas(now, &doc, run, &mut verdicts)?;
+            skip_quarantined(
+                self.on_deltas(now, &doc, run, &mut verdicts)
+                    .map(|()| Verdict::Ignore),
+            )?;
         }
         self.engine.sync_deferred()?;
         Ok(verdicts)
@@ -782,9 +794,7 @@ impl Replicator {
         let changes: Vec<Vec<u8>> = d.changes.into_iter().map(|b| b.0).collect();
         let (outcome, new) = match self.writer.apply_peer_changes(&d.doc, &changes) {
             Ok(o) => o,
-            Err(e) if is_bad_change(&e) => {
-                return Ok(self.reject(from, Rejection::BadChange(e.to_string())))
-            }
+            Err(e) if is_bad_change(&e) => return Ok(self.reject(from, rejection(&e))),
             Err(e) => return Err(e),
         };
         self.stats.delta_changes_applied += outcome.applied as u64;
@@ -968,9 +978,7 @@ impl Replicator {
             .receive_sync_message(&frame.doc, &mut state, message)
         {
             Ok(o) => o,
-            Err(e) if is_bad_change(&e) => {
-                return Ok(self.reject(from, Rejection::BadChange(e.to_string())))
-            }
+            Err(e) if is_bad_change(&e) => return Ok(self.reject(from, rejection(&e))),
             Err(e) => return Err(e),
         };
         tracing::debug!(
@@ -1024,7 +1032,11 @@ impl Replicator {
         };
         for doc in pending {
             if processed.shows_equal(&doc) {
-                let ours = self.engine.heads(&doc)?;
+                let ours = match self.engine.heads(&doc) {
+                    Ok(heads) => heads,
+                    Err(Error::Quarantined { .. }) => continue,
+                    Err(e) => return Err(e),
+                };
                 self.progress
                     .record(now, from, &doc, ours.clone(), Some(&ours));
             }
@@ -1099,6 +1111,9 @@ impl Replicator {
         });
         self.held_cursor = upper;
         for doc in page {
+            if self.engine.is_quarantined(&doc) {
+                continue;
+            }
             let first_at = now + self.config.held_repair_after;
             let repair = self.held_repairs.entry(doc.clone()).or_insert(HeldRepair {
                 next_at: first_at,
@@ -1223,8 +1238,23 @@ impl Replicator {
             return Ok(());
         };
         let message =
-            self.engine
-                .generate_sync_message(doc, &mut sync.state, MAX_SYNC_CHANGE_BYTES)?;
+            match self
+                .engine
+                .generate_sync_message(doc, &mut sync.state, MAX_SYNC_CHANGE_BYTES)
+            {
+                Ok(m) => m,
+                Err(Error::Quarantined { .. }) => {
+                    // Nothing to say about it until it is repaired.
+                    return Ok(());
+                }
+                Err(e @ Error::InvalidSyncMessage { .. }) => {
+                    // The session is given up; the next round starts afresh.
+                    self.stats.syncs_abandoned += 1;
+                    tracing::warn!(peer = %peer, %doc, error = %e, "sync session dropped");
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
+            };
         let msg = match message {
             Some(m) => {
                 tracing::debug!(
@@ -1319,7 +1349,7 @@ impl Replicator {
             None => {
                 read = match self.engine.heads(doc) {
                     Ok(h) => Some(h),
-                    Err(Error::NotFound(_)) => None,
+                    Err(Error::NotFound(_) | Error::Quarantined { .. }) => None,
                     Err(e) => return Err(e),
                 };
                 read.as_deref()
@@ -1431,7 +1461,31 @@ fn is_bad_change(e: &Error) -> bool {
             | Error::ChangeTooLarge { .. }
             | Error::WrongDocument { .. }
             | Error::ChangeRejected { .. }
+            | Error::ShapeLimit { .. }
+            | Error::InvalidSyncMessage { .. }
     )
+}
+
+/// A quarantined document's failure concerns that document only: the
+/// message or batch is ignored (the engine logged the quarantine) and
+/// replication goes on.
+fn skip_quarantined(result: Result<Verdict>) -> Result<Verdict> {
+    match result {
+        Err(Error::Quarantined { doc, .. }) => {
+            tracing::debug!(%doc, "ignored a message about a quarantined document");
+            Ok(Verdict::Ignore)
+        }
+        other => other,
+    }
+}
+
+/// The rejection for an engine error that [`is_bad_change`].
+fn rejection(e: &Error) -> Rejection {
+    match e {
+        Error::ShapeLimit { .. } => Rejection::ShapeLimit(e.to_string()),
+        Error::InvalidSyncMessage { .. } => Rejection::BadSync(e.to_string()),
+        _ => Rejection::BadChange(e.to_string()),
+    }
 }
 
 /// A stable name per rejection reason, for counters.
@@ -1445,6 +1499,8 @@ pub fn reason_name(r: &Rejection) -> &'static str {
         Rejection::Wire(WireError::Malformed(_)) => "malformed",
         Rejection::WrongCluster { .. } => "wrong_cluster",
         Rejection::BadChange(_) => "bad_change",
+        Rejection::ShapeLimit(_) => "shape_limit",
+        Rejection::BadSync(_) => "bad_sync",
         Rejection::WrongChannel(_) => "wrong_channel",
     }
 }

@@ -47,6 +47,11 @@ pub async fn status(State(state): State<AppState>) -> Result<Json<Value>, ApiErr
         "held_bytes": stats.held_bytes,
         "held_documents": stats.held_documents,
         "held_refused": stats.held_refused,
+        "shape_refused": stats.shape_refused,
+        "automerge_panics": stats.automerge_panics,
+        "quarantined": state.engine.quarantined().iter().map(|q| json!({
+            "doc": q.doc, "key": q.key, "reason": q.reason,
+        })).collect::<Vec<_>>(),
     });
     let network = match &state.node {
         Some(node) => serde_json::to_value(node.status().await.map_err(|e| {

@@ -173,6 +173,20 @@ async fn commit(
     session.answer(&state, id, heads, Map::new()).await
 }
 
+/// `POST /v1/repair/{id}`: discards the local copy of a quarantined
+/// document (anti-entropy fetches it again from peers); 409
+/// `not_quarantined` for a document whose data reads.
+pub async fn repair(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let id = doc_id(&id)?;
+    let engine = state.engine.clone();
+    let doc = id.clone();
+    blocking(move || Ok(engine.repair(&doc)?)).await?;
+    Ok(Json(json!({"doc": id.as_str(), "repaired": true})))
+}
+
 /// Query of `GET /v1/docs`.
 #[derive(Debug, Deserialize)]
 pub struct ListQuery {

@@ -86,8 +86,12 @@ impl From<EngineError> for ApiError {
             EngineError::ChangeRejected { .. } => (S::BAD_REQUEST, "change_rejected"),
             EngineError::UnknownHeads { .. } => (S::NOT_FOUND, "unknown_heads"),
             EngineError::HeldLimit { .. } => (S::TOO_MANY_REQUESTS, "held_limit"),
+            EngineError::ShapeLimit { .. } => (S::UNPROCESSABLE_ENTITY, "shape_limit"),
+            EngineError::InvalidSyncMessage { .. } => (S::BAD_REQUEST, "invalid_sync_message"),
             EngineError::Transaction { .. } => (S::UNPROCESSABLE_ENTITY, "transaction_failed"),
             EngineError::Corrupt { .. } => (S::INTERNAL_SERVER_ERROR, "corrupt_document"),
+            EngineError::Quarantined { .. } => (S::SERVICE_UNAVAILABLE, "quarantined"),
+            EngineError::NotQuarantined(_) => (S::CONFLICT, "not_quarantined"),
             EngineError::Storage(_) => (S::INTERNAL_SERVER_ERROR, "storage_failure"),
             EngineError::NotAStore { .. }
             | EngineError::FormatTooNew { .. }
@@ -96,6 +100,12 @@ impl From<EngineError> for ApiError {
         };
         let error = ApiError::new(status, code, e.to_string());
         match &e {
+            EngineError::ShapeLimit {
+                change, violation, ..
+            } => error.with_detail(json!({
+                "limit": violation.name(),
+                "change": change.map(|h| h.to_string()),
+            })),
             EngineError::HeldLimit {
                 limit,
                 missing,

@@ -151,6 +151,7 @@ pub fn router(engine: Engine, node: Option<NodeHandle>, config: &HttpConfig) -> 
         .route("/v1/watch", get(watch::prefix))
         .route("/v1/watch/{*id}", get(watch::document))
         .route("/v1/status", get(cluster::status))
+        .route("/v1/repair/{*id}", axum::routing::post(docs::repair))
         .route(
             "/v1/blocked/{peer}",
             axum::routing::put(cluster::block).delete(cluster::block),

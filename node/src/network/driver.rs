@@ -838,6 +838,13 @@ impl Driver {
         let engine = self.core.engine().stats();
         self.metrics.held_changes.set(engine.held_changes as i64);
         self.metrics.held_bytes.set(engine.held_bytes as i64);
+        self.metrics.shape_refused.set(engine.shape_refused as i64);
+        self.metrics
+            .automerge_panics
+            .set(engine.automerge_panics as i64);
+        self.metrics
+            .quarantined_documents
+            .set(engine.quarantined_documents as i64);
         self.metrics
             .direct_queued
             .set(self.outbox.longest_queue() as i64);
