@@ -149,7 +149,7 @@ impl EngineConfig {
             ),
             (
                 (1..=MAX_DEPTH_CEILING).contains(&shape.max_depth),
-                "shape.max_depth must be between 1 and 256",
+                "shape.max_depth must be between 1 and MAX_DEPTH_CEILING (256)",
             ),
             (
                 shape.max_ops_per_change > 0,

@@ -36,6 +36,26 @@ fn nest(am: &mut Automerge, key: &str, levels: usize) {
     tx.commit();
 }
 
+/// Nests `more` maps under the deepest map of a `nest(am, "a", levels)`
+/// chain, in one change; returns that change's bytes.
+fn nest_under(am: &mut Automerge, levels: usize, more: usize) -> Vec<Vec<u8>> {
+    let heads = am.get_heads();
+    let mut obj = ROOT;
+    for depth in 0..levels {
+        let key = if depth == 0 { "a" } else { "m" };
+        obj = am.get(&obj, key).unwrap().unwrap().1;
+    }
+    let mut tx = am.transaction();
+    for _ in 0..more {
+        obj = tx.put_object(&obj, "m2", ObjType::Map).unwrap();
+    }
+    tx.commit();
+    am.get_changes(&heads)
+        .iter()
+        .map(|c| c.raw_bytes().to_vec())
+        .collect()
+}
+
 /// Every change of `am` but its genesis, as bytes.
 fn changes(am: &Automerge) -> Vec<Vec<u8>> {
     am.get_changes(&[])
@@ -81,22 +101,7 @@ fn depth_counts_the_objects_a_document_already_holds() {
     engine.apply_changes(&doc, &changes(&am)).unwrap();
     // Five more levels under the deepest map: 65 in all, each change small.
     let heads = am.get_heads();
-    let mut obj = ROOT;
-    for depth in 0..60 {
-        let key = if depth == 0 { "a" } else { "m" };
-        obj = am.get(&obj, key).unwrap().unwrap().1;
-    }
-    let mut tx = am.transaction();
-    let mut deeper = obj;
-    for _ in 0..5 {
-        deeper = tx.put_object(&deeper, "m2", ObjType::Map).unwrap();
-    }
-    tx.commit();
-    let new: Vec<Vec<u8>> = am
-        .get_changes(&heads)
-        .iter()
-        .map(|c| c.raw_bytes().to_vec())
-        .collect();
+    let new = nest_under(&mut am, 60, 5);
     let err = engine.apply_changes(&doc, &new).unwrap_err();
     assert_eq!(depth_violation(&err), Some((65, 64)), "{err}");
     assert_eq!(engine.heads(&doc).unwrap(), heads);
@@ -329,21 +334,7 @@ fn a_held_change_that_breaks_the_depth_limit_when_released_is_discarded() {
     let heads = am.get_heads();
     // Under the deepest map, three levels more: 65, but only once the
     // first change is known.
-    let mut obj = ROOT;
-    for depth in 0..62 {
-        let key = if depth == 0 { "a" } else { "m" };
-        obj = am.get(&obj, key).unwrap().unwrap().1;
-    }
-    let mut tx = am.transaction();
-    for _ in 0..3 {
-        obj = tx.put_object(&obj, "m2", ObjType::Map).unwrap();
-    }
-    tx.commit();
-    let second: Vec<Vec<u8>> = am
-        .get_changes(&heads)
-        .iter()
-        .map(|c| c.raw_bytes().to_vec())
-        .collect();
+    let second = nest_under(&mut am, 62, 3);
     let (_dir, engine) = fresh();
 
     let outcome = engine.apply_changes(&doc, &second).unwrap();
