@@ -137,6 +137,8 @@ pub struct EngineStats {
     /// Documents quarantined because their stored data is corrupt (see
     /// [`Engine::quarantined`]).
     pub quarantined_documents: usize,
+    /// Subscriptions ([`Engine::subscribe`]) currently open.
+    pub subscriptions: usize,
 }
 
 /// Which documents a local write may touch.
@@ -176,7 +178,7 @@ pub struct Engine {
 pub(crate) struct Inner {
     pub(crate) store: Store,
     pub(crate) cache: DocCache,
-    events: EventHub,
+    events: Arc<EventHub>,
     pub(crate) config: EngineConfig,
     /// Actor for this engine's local changes: fresh on every open (unless
     /// `EngineConfig::actor` names one), so a change lost in a crash can never
@@ -214,7 +216,7 @@ impl Engine {
             inner: Arc::new(Inner {
                 store,
                 cache,
-                events: EventHub::default(),
+                events: Arc::default(),
                 config,
                 actor,
                 held,
@@ -483,6 +485,7 @@ impl Engine {
             shape_refused: self.inner.shape_refused.load(Ordering::Relaxed),
             automerge_panics: crate::codec::panics(),
             quarantined_documents: self.inner.quarantine.len(),
+            subscriptions: self.inner.events.len(),
         }
     }
 

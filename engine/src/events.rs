@@ -9,7 +9,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
 use automerge::ChangeHash;
@@ -51,11 +51,21 @@ pub struct DocEvent {
 }
 
 /// A stream of [`DocEvent`]s for documents whose id starts with a prefix.
-/// Dropping it unsubscribes.
+/// Dropping it unsubscribes at once, whether or not any event ever matched.
 #[derive(Debug)]
 pub struct Subscription {
     rx: Receiver<DocEvent>,
     dropped: Arc<AtomicU64>,
+    id: u64,
+    hub: Weak<EventHub>,
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        if let Some(hub) = self.hub.upgrade() {
+            hub.lock().subscribers.retain(|sub| sub.id != self.id);
+        }
+    }
 }
 
 impl Subscription {
@@ -82,42 +92,62 @@ impl Subscription {
 }
 
 struct Subscriber {
+    id: u64,
     prefix: String,
     tx: SyncSender<DocEvent>,
     dropped: Arc<AtomicU64>,
 }
 
+#[derive(Default)]
+struct Subscribers {
+    subscribers: Vec<Subscriber>,
+    next_id: u64,
+}
+
 /// The set of subscribers.
 #[derive(Default)]
 pub(crate) struct EventHub {
-    subscribers: Mutex<Vec<Subscriber>>,
+    state: Mutex<Subscribers>,
 }
 
 impl EventHub {
-    /// Adds a subscriber for ids starting with `prefix`.
-    pub(crate) fn subscribe(&self, prefix: &str, capacity: usize) -> Subscription {
+    fn lock(&self) -> MutexGuard<'_, Subscribers> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Adds a subscriber for ids starting with `prefix`; dropping the
+    /// subscription removes it.
+    pub(crate) fn subscribe(self: &Arc<Self>, prefix: &str, capacity: usize) -> Subscription {
         let (tx, rx) = mpsc::sync_channel(capacity);
         let dropped = Arc::new(AtomicU64::new(0));
-        let sub = Subscriber {
+        let mut state = self.lock();
+        let id = state.next_id;
+        state.next_id += 1;
+        state.subscribers.push(Subscriber {
+            id,
             prefix: prefix.to_string(),
             tx,
             dropped: Arc::clone(&dropped),
-        };
-        self.subscribers
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(sub);
-        Subscription { rx, dropped }
+        });
+        Subscription {
+            rx,
+            dropped,
+            id,
+            hub: Arc::downgrade(self),
+        }
+    }
+
+    /// Subscriptions currently open.
+    pub(crate) fn len(&self) -> usize {
+        self.lock().subscribers.len()
     }
 
     /// Delivers the event for `doc` to every matching subscriber without
     /// blocking; forgets subscribers that went away. The event is built only
     /// if some subscriber wants it, so commits nobody watches pay nothing.
     pub(crate) fn publish(&self, doc: &DocId, build: impl FnOnce() -> DocEvent) {
-        let mut subs = self
-            .subscribers
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut state = self.lock();
+        let subs = &mut state.subscribers;
         if !subs.iter().any(|sub| doc.as_str().starts_with(&sub.prefix)) {
             return;
         }
@@ -135,5 +165,34 @@ impl EventHub {
                 Err(TrySendError::Disconnected(_)) => false,
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn dropping_a_subscription_removes_it_even_if_nothing_matched() {
+        let hub = Arc::new(EventHub::default());
+        let subs: Vec<Subscription> = (0..1_000)
+            .map(|i| hub.subscribe(&format!("nobody-{i}/"), 256))
+            .collect();
+        let kept = hub.subscribe("kept/", 4);
+        assert_eq!(hub.len(), 1_001);
+        drop(subs);
+        assert_eq!(hub.len(), 1);
+        let doc = DocId::new("kept/1").unwrap();
+        hub.publish(&doc, || DocEvent {
+            doc: doc.clone(),
+            heads: Vec::new(),
+            origin: Origin::Local,
+            deleted: false,
+            changes: Arc::from(Vec::new()),
+        });
+        assert_eq!(kept.try_recv().map(|e| e.doc), Some(doc));
+        drop(kept);
+        assert_eq!(hub.len(), 0);
     }
 }

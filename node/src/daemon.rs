@@ -2,8 +2,9 @@
 //!
 //! Opens the store and the identity in the data directory, starts the
 //! networking layer and the HTTP API, and runs until SIGTERM or SIGINT:
-//! then it stops accepting HTTP requests, finishes those in progress,
-//! flushes direct messages, closes connections and closes the store.
+//! then it stops accepting HTTP requests, ends watch streams, finishes the
+//! requests in progress, hands the writes it acknowledged to its peers (see
+//! [`crate::NodeHandle::shutdown`]), closes connections and closes the store.
 
 use std::path::PathBuf;
 
@@ -102,14 +103,20 @@ pub async fn run(settings: Settings) -> Result<()> {
             "listen": addrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
         })
     );
-    let router = http::router(engine.clone(), Some(node.clone()), &settings.http);
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(http::serve(listener, router, async {
-        let _ = stop_rx.await;
-    }));
+    let (closing_tx, closing) = tokio::sync::watch::channel(false);
+    let api = http::router(
+        engine.clone(),
+        Some(node.clone()),
+        &settings.http,
+        closing.clone(),
+    );
+    let server = tokio::spawn({
+        let config = settings.http.clone();
+        async move { http::serve(listener, api, &config, closing).await }
+    });
     let reason = wait_for_stop(&node).await?;
-    info!(%reason, "stopping: no new HTTP requests");
-    let _ = stop_tx.send(());
+    info!(%reason, "stopping: no new HTTP requests, watch streams end");
+    let _ = closing_tx.send(true);
     server.await.context("the HTTP server task failed")??;
     let network = node.shutdown().await;
     drop(engine);

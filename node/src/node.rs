@@ -8,7 +8,7 @@
 //! the engine (by the HTTP API or by the app directly) is replicated. The
 //! returned [`NodeHandle`] talks to the thread through bounded channels.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -132,7 +132,8 @@ impl Node {
         let start = Instant::now();
         let core = Replicator::new(engine.clone(), core_config, Duration::ZERO)?;
         let (local_tx, local) = mpsc::channel(LOCAL_EVENT_QUEUE);
-        let dropped = forward_local_commits(&engine, local_tx)?;
+        let stopping = Arc::new(AtomicBool::new(false));
+        let dropped = forward_local_commits(&engine, local_tx, Arc::clone(&stopping))?;
         let (commands_tx, commands) = mpsc::channel(COMMAND_QUEUE);
         let seed = seed(&peer_id);
         let mut driver = Driver::new(Parts {
@@ -150,6 +151,7 @@ impl Node {
             local,
             commands,
             local_dropped: Box::new(move || dropped.load(Ordering::Relaxed)),
+            stopping,
         };
         let thread = std::thread::Builder::new()
             .name("causeway-net".into())
@@ -319,8 +321,11 @@ impl NodeHandle {
         }
     }
 
-    /// Stops listening, flushes direct messages already sent (up to 2 s),
-    /// closes connections and joins the networking thread. The engine stays
+    /// Stops listening, publishes the local commits made so far, waits (up
+    /// to [`SHUTDOWN_FLUSH`](crate::network::driver::SHUTDOWN_FLUSH)) until
+    /// direct messages are delivered and connected peers hold the latest
+    /// local commits, closes connections and joins the networking thread.
+    /// Writes committed after this call are not published. The engine stays
     /// open; it belongs to the caller.
     pub async fn shutdown(&self) -> Result<(), NodeError> {
         let _ = self.commands.send(Command::Shutdown).await;
@@ -356,11 +361,13 @@ impl NodeHandle {
 
 /// Forwards the engine's local commits, and the changes clients handed over
 /// once they apply, to the networking task from a thread of its own (the
-/// subscription is a blocking queue). Returns the subscription's count of
-/// dropped events.
+/// subscription is a blocking queue). Once `stopping` is set it forwards
+/// what is queued and ends, which closes `tx`. Returns the subscription's
+/// count of dropped events.
 fn forward_local_commits(
     engine: &Engine,
     tx: mpsc::Sender<DocEvent>,
+    stopping: Arc<AtomicBool>,
 ) -> Result<Arc<AtomicU64>, NodeError> {
     let subscription = engine.subscribe("")?;
     let dropped = Arc::new(AtomicU64::new(0));
@@ -368,13 +375,24 @@ fn forward_local_commits(
     std::thread::Builder::new()
         .name("causeway-commits".into())
         .spawn(move || {
+            let publish = |event: DocEvent| {
+                let local = matches!(event.origin, Origin::Local | Origin::Client);
+                !local || tx.blocking_send(event).is_ok()
+            };
             while !tx.is_closed() {
                 counter.store(subscription.dropped(), Ordering::Relaxed);
+                if stopping.load(Ordering::Acquire) {
+                    while let Some(event) = subscription.try_recv() {
+                        if !publish(event) {
+                            break;
+                        }
+                    }
+                    break;
+                }
                 let Some(event) = subscription.recv_timeout(Duration::from_millis(200)) else {
                     continue;
                 };
-                let publish = matches!(event.origin, Origin::Local | Origin::Client);
-                if publish && tx.blocking_send(event).is_err() {
+                if !publish(event) {
                     break;
                 }
             }

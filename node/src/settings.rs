@@ -121,6 +121,18 @@ pub struct HttpSection {
     pub max_session_wait_ms: Option<u64>,
     /// Requests waiting at once.
     pub max_waiters: Option<usize>,
+    /// Watch streams one client (IP address) may hold open.
+    pub max_watchers_per_client: Option<usize>,
+    /// Connections open at once.
+    pub max_connections: Option<usize>,
+    /// How long a connection may idle without a request, milliseconds.
+    pub idle_timeout_ms: Option<u64>,
+    /// Requests handled at once.
+    pub max_requests: Option<usize>,
+    /// How long a request body may take to arrive, milliseconds.
+    pub body_timeout_ms: Option<u64>,
+    /// Web origins whose pages may call the API.
+    pub allowed_origins: Option<Vec<String>>,
 }
 
 /// `[engine]` of the settings file.
@@ -305,6 +317,10 @@ fn network_key(field: &'static str) -> &'static str {
     }
 }
 
+/// The most HTTP connections a node may be configured to hold open (each
+/// costs a file descriptor and a task).
+pub const MAX_CONNECTIONS_CEILING: usize = 65_536;
+
 fn http(h: HttpSection) -> Result<HttpConfig, KeyError> {
     let mut c = HttpConfig::default();
     if let Some(listen) = h.listen {
@@ -349,8 +365,41 @@ fn http(h: HttpSection) -> Result<HttpConfig, KeyError> {
         ));
     }
     c.max_waiters = h.max_waiters.unwrap_or(c.max_waiters);
-    if c.max_waiters == 0 {
-        return Err(("http.max_waiters", "must be at least 1".into()));
+    c.max_watchers_per_client = h
+        .max_watchers_per_client
+        .unwrap_or(c.max_watchers_per_client);
+    c.max_connections = h.max_connections.unwrap_or(c.max_connections);
+    c.max_requests = h.max_requests.unwrap_or(c.max_requests);
+    for (key, value) in [
+        ("http.max_waiters", c.max_waiters),
+        ("http.max_watchers_per_client", c.max_watchers_per_client),
+        ("http.max_connections", c.max_connections),
+        ("http.max_requests", c.max_requests),
+    ] {
+        if value == 0 {
+            return Err((key, "must be at least 1".into()));
+        }
+    }
+    if c.max_connections > MAX_CONNECTIONS_CEILING {
+        return Err((
+            "http.max_connections",
+            format!("must not exceed {MAX_CONNECTIONS_CEILING}"),
+        ));
+    }
+    c.idle_timeout = ms(h.idle_timeout_ms, c.idle_timeout);
+    c.body_timeout = ms(h.body_timeout_ms, c.body_timeout);
+    for (key, value) in [
+        ("http.idle_timeout_ms", c.idle_timeout),
+        ("http.body_timeout_ms", c.body_timeout),
+    ] {
+        if value < Duration::from_millis(100) {
+            return Err((key, "must be at least 100".into()));
+        }
+    }
+    c.allowed_origins = h.allowed_origins.unwrap_or_default();
+    for origin in &c.allowed_origins {
+        crate::http::admission::check_origin_setting(origin)
+            .map_err(|reason| ("http.allowed_origins", reason))?;
     }
     Ok(c)
 }

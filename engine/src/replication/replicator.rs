@@ -335,6 +335,30 @@ struct Burst {
     heads: Vec<ChangeHash>,
 }
 
+/// `changes` cut, in order, into runs that fit one delta: at most
+/// [`MAX_CHANGES_PER_DELTA`] changes and half of [`MAX_GOSSIP_BYTES`] of
+/// change bytes each, except that a single larger change is a run of its own.
+/// No changes make one empty run (a delta that only reports heads).
+fn delta_parts(changes: Vec<Vec<u8>>) -> Vec<Vec<Vec<u8>>> {
+    let mut parts: Vec<Vec<Vec<u8>>> = vec![Vec::new()];
+    let mut bytes = 0;
+    for change in changes {
+        let last = parts.len() - 1;
+        if !parts[last].is_empty()
+            && (parts[last].len() == MAX_CHANGES_PER_DELTA
+                || bytes + change.len() > MAX_GOSSIP_BYTES / 2)
+        {
+            parts.push(Vec::new());
+            bytes = 0;
+        }
+        bytes += change.len();
+        if let Some(part) = parts.last_mut() {
+            part.push(change);
+        }
+    }
+    parts
+}
+
 /// When a document's held changes are next repaired, and how often they
 /// were.
 struct HeldRepair {
@@ -500,9 +524,13 @@ impl Replicator {
     }
 
     /// A local write committed (durably) `changes` to `doc` at `now`,
-    /// leaving `heads`. Publishes them as a delta, or announces them if too
-    /// large to gossip; every known peer has the document pending until it
-    /// reports these heads.
+    /// leaving `heads`. Publishes them as deltas of at most
+    /// [`MAX_CHANGES_PER_DELTA`] changes and half of [`MAX_GOSSIP_BYTES`] of
+    /// change bytes each, in the order given (a client may hand over more
+    /// than one delta holds); each carries `heads`, which the origin holds
+    /// once it committed them all. A change too large to gossip on its own
+    /// is announced instead, and pulled. Every known peer has the document
+    /// pending until it reports these heads.
     pub fn handle_local_commit(
         &mut self,
         now: Duration,
@@ -514,25 +542,29 @@ impl Replicator {
             .insert(doc.clone(), &crate::layout::heads_digest(heads));
         self.progress
             .local_change(now, doc, heads, changes.len() as u64, &[]);
-        let delta = Message::Delta(Delta {
-            origin: self.config.node.clone(),
-            region: self.config.region.clone(),
-            doc: doc.clone(),
-            changes: changes.into_iter().map(Bytes).collect(),
-            heads: Heads::new(heads),
-        });
-        let bytes = self.envelope(delta);
-        if bytes.len() <= MAX_GOSSIP_BYTES {
-            self.output("delta", Output::Publish(bytes));
-        } else {
-            let announce = Message::Announce(Announce {
+        let mut announced = false;
+        for part in delta_parts(changes) {
+            let delta = Message::Delta(Delta {
                 origin: self.config.node.clone(),
                 region: self.config.region.clone(),
                 doc: doc.clone(),
+                changes: part.into_iter().map(Bytes).collect(),
                 heads: Heads::new(heads),
             });
-            let bytes = self.envelope(announce);
-            self.output("announce", Output::Publish(bytes));
+            let bytes = self.envelope(delta);
+            if bytes.len() <= MAX_GOSSIP_BYTES {
+                self.output("delta", Output::Publish(bytes));
+            } else if !announced {
+                announced = true;
+                let announce = Message::Announce(Announce {
+                    origin: self.config.node.clone(),
+                    region: self.config.region.clone(),
+                    doc: doc.clone(),
+                    heads: Heads::new(heads),
+                });
+                let bytes = self.envelope(announce);
+                self.output("announce", Output::Publish(bytes));
+            }
         }
     }
 
@@ -1513,5 +1545,28 @@ fn kind(m: &Message) -> &'static str {
         Message::Sync(_) => "sync",
         Message::Reconcile(_) => "reconcile",
         Message::Ack(_) => "ack",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_commit_larger_than_a_delta_is_cut_into_deltas_peers_accept() {
+        let small = vec![vec![1u8; 10]; 2 * MAX_CHANGES_PER_DELTA + 5];
+        let parts = delta_parts(small);
+        let sizes: Vec<usize> = parts.iter().map(Vec::len).collect();
+        assert_eq!(sizes, [MAX_CHANGES_PER_DELTA, MAX_CHANGES_PER_DELTA, 5]);
+
+        let wide = vec![vec![2u8; MAX_GOSSIP_BYTES / 5]; 5];
+        let parts = delta_parts(wide);
+        assert_eq!(parts.iter().map(Vec::len).collect::<Vec<_>>(), [2, 2, 1]);
+
+        let huge = vec![vec![3u8; 10], vec![4u8; MAX_GOSSIP_BYTES], vec![5u8; 10]];
+        let parts = delta_parts(huge);
+        assert_eq!(parts.iter().map(Vec::len).collect::<Vec<_>>(), [1, 1, 1]);
+
+        assert_eq!(delta_parts(Vec::new()), vec![Vec::<Vec<u8>>::new()]);
     }
 }

@@ -391,10 +391,15 @@ impl std::fmt::Debug for Bytes {
 pub struct Heads(Bytes);
 
 impl Heads {
-    /// Encodes `heads` (sorted on the way).
+    /// Encodes `heads` (sorted on the way), at most [`MAX_HEADS`] of them: a
+    /// longer list keeps its first `MAX_HEADS` in sort order, so a node never
+    /// sends a list its peers refuse. Every heads list on the wire reports
+    /// what the sender holds, and a subset of what it holds is still true
+    /// (a receiver only concludes less from it); see `docs/protocol.md`.
     pub fn new(heads: &[automerge::ChangeHash]) -> Heads {
         let mut sorted = heads.to_vec();
         sorted.sort_unstable();
+        sorted.truncate(MAX_HEADS);
         Heads(Bytes(sorted.iter().flat_map(|h| h.0).collect()))
     }
 
@@ -692,6 +697,32 @@ mod tests {
             Envelope::decode(&short_fingerprint.encode(), MAX_FRAME_BYTES),
             Err(WireError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn a_heads_list_longer_than_peers_accept_is_cut_to_the_limit_in_sort_order() {
+        let many: Vec<automerge::ChangeHash> = (0..=MAX_HEADS as u32 + 10)
+            .rev()
+            .map(|i| {
+                let mut h = [0u8; 32];
+                h[..4].copy_from_slice(&i.to_be_bytes());
+                automerge::ChangeHash(h)
+            })
+            .collect();
+        let heads = Heads::new(&many);
+        assert_eq!(heads.len(), MAX_HEADS);
+        let mut sorted = many.clone();
+        sorted.sort_unstable();
+        assert_eq!(heads.to_vec(), sorted[..MAX_HEADS]);
+        let Message::Delta(mut d) = delta() else {
+            unreachable!()
+        };
+        d.heads = heads;
+        let env = Envelope {
+            cluster: cluster(),
+            message: Message::Delta(d),
+        };
+        assert!(Envelope::decode(&env.encode(), MAX_GOSSIP_BYTES).is_ok());
     }
 
     #[test]

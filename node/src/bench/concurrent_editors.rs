@@ -551,7 +551,9 @@ async fn history(client: &reqwest::Client, url: &str, id: &DocId) -> Result<Hash
         .error_for_status()?
         .bytes()
         .await?;
-    let chunks = crate::http::changes::split_chunks(&bytes).map_err(anyhow::Error::msg)?;
+    // A whole history: more changes than one request may carry.
+    let chunks =
+        crate::http::changes::split_chunks_up_to(&bytes, usize::MAX).map_err(anyhow::Error::msg)?;
     chunks
         .into_iter()
         .map(|c| Ok(Change::from_bytes(c.to_vec())?.hash()))

@@ -27,9 +27,16 @@ const MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
 /// Magic, checksum, chunk type.
 const HEADER_LEN: usize = 9;
 
-/// Splits concatenated change chunks. Only the framing is checked here; the
+/// Splits a request body of concatenated change chunks, at most
+/// [`MAX_CHANGES_PER_REQUEST`] of them. Only the framing is checked here; the
 /// engine decodes and verifies each change.
-pub fn split_chunks(mut bytes: &[u8]) -> Result<Vec<&[u8]>, String> {
+pub fn split_chunks(bytes: &[u8]) -> Result<Vec<&[u8]>, String> {
+    split_chunks_up_to(bytes, MAX_CHANGES_PER_REQUEST)
+}
+
+/// Splits concatenated change chunks, at most `max` of them (a client
+/// reading a whole history from `GET /v1/changes/{id}` passes `usize::MAX`).
+pub fn split_chunks_up_to(mut bytes: &[u8], max: usize) -> Result<Vec<&[u8]>, String> {
     let mut chunks = Vec::new();
     while !bytes.is_empty() {
         if bytes.len() < HEADER_LEN || bytes[..4] != MAGIC {
@@ -45,10 +52,8 @@ pub fn split_chunks(mut bytes: &[u8]) -> Result<Vec<&[u8]>, String> {
             .and_then(|n| n.checked_add(len))
             .filter(|&end| end <= bytes.len())
             .ok_or_else(|| format!("chunk {} is truncated", chunks.len()))?;
-        if chunks.len() == MAX_CHANGES_PER_REQUEST {
-            return Err(format!(
-                "more than {MAX_CHANGES_PER_REQUEST} changes in one request"
-            ));
+        if chunks.len() == max {
+            return Err(format!("more than {max} changes in one request"));
         }
         chunks.push(&bytes[..end]);
         bytes = &bytes[end..];

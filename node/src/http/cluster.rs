@@ -10,9 +10,10 @@ use serde_json::{json, Value};
 use super::error::ApiError;
 use super::AppState;
 
-/// `GET /health`: the process answers.
-pub async fn health() -> Json<Value> {
-    Json(json!({"status": "ok"}))
+/// `GET /health`: the process answers, with the API requests in progress
+/// (this probe takes no request slot).
+pub async fn health(State(state): State<AppState>) -> Json<Value> {
+    Json(json!({"status": "ok", "requests": state.admission.in_progress()}))
 }
 
 /// `GET /ready`: the networking task runs and listens (always ready for a
@@ -52,7 +53,12 @@ pub async fn status(State(state): State<AppState>) -> Result<Json<Value>, ApiErr
         "quarantined": state.engine.quarantined().iter().map(|q| json!({
             "doc": q.doc, "key": q.key, "reason": q.reason,
         })).collect::<Vec<_>>(),
+        "subscriptions": stats.subscriptions,
     });
+    let http: serde_json::Map<String, Value> = http_figures(&state)
+        .into_iter()
+        .map(|(name, _, value)| (name.to_string(), json!(value)))
+        .collect();
     let network = match &state.node {
         Some(node) => serde_json::to_value(node.status().await.map_err(|e| {
             ApiError::new(
@@ -64,7 +70,47 @@ pub async fn status(State(state): State<AppState>) -> Result<Json<Value>, ApiErr
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?,
         None => Value::Null,
     };
-    Ok(Json(json!({"node": network, "engine": engine})))
+    Ok(Json(
+        json!({"node": network, "engine": engine, "http": http}),
+    ))
+}
+
+/// The HTTP layer's figures: name, help, value.
+fn http_figures(state: &AppState) -> [(&'static str, &'static str, u64); 6] {
+    use std::sync::atomic::Ordering::Relaxed;
+    let c = &state.connections;
+    [
+        (
+            "connections",
+            "HTTP connections open",
+            c.open.load(Relaxed) as u64,
+        ),
+        (
+            "connections_accepted",
+            "HTTP connections accepted since start",
+            c.accepted.load(Relaxed),
+        ),
+        (
+            "connections_idle_closed",
+            "HTTP connections closed for idling past http.idle_timeout_ms",
+            c.idle_closed.load(Relaxed),
+        ),
+        (
+            "connections_evicted",
+            "Idle HTTP connections closed to admit a new one at http.max_connections",
+            c.evicted.load(Relaxed),
+        ),
+        (
+            "watchers",
+            "Watch streams open",
+            (state.max_watchers - state.watchers.available_permits()) as u64,
+        ),
+        (
+            "subscriptions",
+            "Engine subscriptions open (watch streams and the networking layer's)",
+            state.engine.stats().subscriptions as u64,
+        ),
+    ]
 }
 
 /// `GET /metrics`: Prometheus text format (this node's metrics and libp2p's).
@@ -75,6 +121,17 @@ pub async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError
             ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
         })?;
     }
+    // The HTTP layer's gauges, before the closing `# EOF`.
+    const EOF: &str = "# EOF\n";
+    if text.ends_with(EOF) {
+        text.truncate(text.len() - EOF.len());
+    }
+    for (name, help, value) in http_figures(&state) {
+        text.push_str(&format!(
+            "# HELP causeway_http_{name} {help}.\n# TYPE causeway_http_{name} gauge\ncauseway_http_{name} {value}\n"
+        ));
+    }
+    text.push_str(EOF);
     let content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8";
     Ok(([(header::CONTENT_TYPE, content_type)], text).into_response())
 }

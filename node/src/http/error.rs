@@ -98,7 +98,36 @@ impl From<EngineError> for ApiError {
             | EngineError::Locked { .. }
             | EngineError::Config(_) => (S::INTERNAL_SERVER_ERROR, "engine_unavailable"),
         };
-        let error = ApiError::new(status, code, e.to_string());
+        let error = match &e {
+            // Storage details (paths, RocksDB's words) stay in the log.
+            EngineError::Storage(_)
+            | EngineError::NotAStore { .. }
+            | EngineError::FormatTooNew { .. }
+            | EngineError::Locked { .. }
+            | EngineError::Config(_) => {
+                tracing::error!(error = %e, "a request failed in the engine");
+                ApiError::new(status, code, "the node's storage failed; its log says why")
+            }
+            EngineError::Quarantined { doc, .. } => ApiError::new(
+                status,
+                code,
+                format!(
+                    "document {doc} is quarantined (a stored record of it is corrupt; \
+                     `causeway status` says which); repair it with `causeway doc repair`"
+                ),
+            ),
+            EngineError::Corrupt { doc, .. } => {
+                tracing::error!(error = %e, "a request found corrupt data");
+                ApiError::new(
+                    status,
+                    code,
+                    format!(
+                        "the stored data of document {doc} is corrupt; see `causeway doc repair`"
+                    ),
+                )
+            }
+            _ => ApiError::new(status, code, e.to_string()),
+        };
         match &e {
             EngineError::ShapeLimit {
                 change, violation, ..
@@ -132,4 +161,27 @@ pub const HELD_LIMIT_RETRY_MS: u64 = 200;
 
 fn hex_list(hashes: &[causeway_engine::automerge::ChangeHash]) -> Vec<String> {
     hashes.iter().map(ToString::to_string).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn storage_and_corruption_details_stay_out_of_answers() {
+        let storage = ApiError::from(EngineError::Storage(
+            "IO error: /srv/causeway/store/000123.sst: No space left on device".into(),
+        ));
+        assert_eq!(storage.code, "storage_failure");
+        assert!(!storage.message.contains("/srv"), "{}", storage.message);
+        let corrupt = ApiError::from(EngineError::Corrupt {
+            doc: "notes/1".into(),
+            key: "docs/notes/1".into(),
+            reason: "snapshot checksum mismatch at byte 77".into(),
+        });
+        assert_eq!(corrupt.code, "corrupt_document");
+        assert!(corrupt.message.contains("notes/1"), "{}", corrupt.message);
+        assert!(!corrupt.message.contains("checksum"), "{}", corrupt.message);
+    }
 }

@@ -9,14 +9,18 @@
 //!   write?".
 //! * [`cluster`]: status, `/metrics`, `/health`, `/ready`.
 //! * [`auth`]: optional bearer tokens, read-only or read-write.
+//! * [`admission`]: allowed origins, request slots, body deadline.
+//! * [`connections`]: connection limits, idle timeout, graceful shutdown.
 //! * [`error`]: every failure as a status and a JSON body with a stable code.
 //!
 //! Engine calls block (a write waits for its fsync), so handlers run them
 //! on tokio's blocking pool.
 
+pub mod admission;
 pub mod auth;
 pub mod changes;
 pub mod cluster;
+pub mod connections;
 pub mod docs;
 pub mod error;
 pub mod session;
@@ -33,8 +37,11 @@ use causeway_engine::{Engine, TokenKey};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
+use self::admission::Admission;
 use self::auth::Tokens;
+use self::connections::ConnectionStats;
 use self::error::ApiError;
+use self::watch::ClientWatchers;
 use crate::NodeHandle;
 
 /// Settings of the HTTP API.
@@ -65,6 +72,30 @@ pub struct HttpConfig {
     /// Reads beyond it get 503 `too_many_waiters`; writes beyond it are
     /// committed and answered at once with what is known. Default 256.
     pub max_waiters: usize,
+    /// Watch streams one client (one IP address) may hold open at once;
+    /// more get 429 `too_many_watchers`. Default 32.
+    pub max_watchers_per_client: usize,
+    /// Connections open at once. At the limit the connection idle longest
+    /// (no request in progress) is closed to admit a new one; if every
+    /// connection is busy, new ones wait in the listen backlog. Default
+    /// 1,024.
+    pub max_connections: usize,
+    /// How long a connection may go without a request in progress (before
+    /// its first request's headers are complete, or between requests)
+    /// before it is closed. Default 10 s.
+    pub idle_timeout: Duration,
+    /// Requests being handled at once (a watch stream counts until its
+    /// headers are sent); more get 503 `overloaded`. Default 512.
+    pub max_requests: usize,
+    /// How long a request's body may take to arrive; slower ones get 408
+    /// `request_timeout` and change nothing. Default 30 s.
+    pub body_timeout: Duration,
+    /// Web origins (`scheme://host[:port]`) whose pages may call the API.
+    /// A request with any other `Origin` header gets 403
+    /// `origin_not_allowed`, so a web page cannot use a node on the
+    /// visitor's machine or network. Requests without `Origin` (curl,
+    /// servers, other nodes) are not affected. Default: none.
+    pub allowed_origins: Vec<String>,
 }
 
 /// Session settings in force, shared by handlers.
@@ -90,6 +121,12 @@ impl Default for HttpConfig {
             session_wait: Duration::from_secs(5),
             max_session_wait: Duration::from_secs(30),
             max_waiters: 256,
+            max_watchers_per_client: 32,
+            max_connections: 1024,
+            idle_timeout: Duration::from_secs(10),
+            max_requests: 512,
+            body_timeout: Duration::from_secs(30),
+            allowed_origins: Vec::new(),
         }
     }
 }
@@ -108,19 +145,46 @@ pub struct AppState {
     pub tokens: Arc<Tokens>,
     /// Free watch slots.
     pub watchers: Arc<Semaphore>,
+    /// How many watch slots there are.
+    pub max_watchers: usize,
     /// Session token key and waits.
     pub session: SessionLimits,
     /// Free slots for requests that wait (session reads, durable writes).
     pub waiters: Arc<Semaphore>,
+    /// Watch streams per client.
+    pub client_watchers: Arc<ClientWatchers>,
+    /// Origin, request slot and body checks.
+    pub admission: Arc<Admission>,
+    /// Turns true when the node shuts down: watch streams end.
+    pub closing: tokio::sync::watch::Receiver<bool>,
+    /// Connection figures, filled by [`connections::serve`].
+    pub connections: Arc<ConnectionStats>,
 }
 
-/// The API's router over `engine` (and `node`, for status and metrics).
-pub fn router(engine: Engine, node: Option<NodeHandle>, config: &HttpConfig) -> Router {
+/// An HTTP API ready to serve: its router and what the connection layer
+/// shares with it.
+pub struct Api {
+    /// The routes.
+    pub router: Router,
+    /// Connection figures (the router's `/metrics` reports them).
+    pub connections: Arc<ConnectionStats>,
+}
+
+/// The API over `engine` (and `node`, for status and metrics). Watch
+/// streams end when `closing` turns true.
+pub fn router(
+    engine: Engine,
+    node: Option<NodeHandle>,
+    config: &HttpConfig,
+    closing: tokio::sync::watch::Receiver<bool>,
+) -> Api {
+    let connections = Arc::new(ConnectionStats::default());
     let state = AppState {
         engine,
         node,
         tokens: Arc::new(Tokens::new(&config.read_tokens, &config.write_tokens)),
         watchers: Arc::new(Semaphore::new(config.max_watchers)),
+        max_watchers: config.max_watchers,
         session: SessionLimits {
             key: TokenKey::from_secret(
                 config
@@ -133,6 +197,10 @@ pub fn router(engine: Engine, node: Option<NodeHandle>, config: &HttpConfig) -> 
             max_wait: config.max_session_wait,
         },
         waiters: Arc::new(Semaphore::new(config.max_waiters)),
+        client_watchers: ClientWatchers::new(config.max_watchers_per_client),
+        admission: Arc::new(Admission::new(config)),
+        closing,
+        connections: Arc::clone(&connections),
     };
     let api = Router::new()
         .route("/v1/docs", get(docs::list))
@@ -157,30 +225,58 @@ pub fn router(engine: Engine, node: Option<NodeHandle>, config: &HttpConfig) -> 
             axum::routing::put(cluster::block).delete(cluster::block),
         )
         .route("/metrics", get(cluster::metrics))
+        // Outermost last: the token is checked before a request slot is
+        // taken and the body read.
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            admission::admit,
+        ))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::check,
         ));
-    Router::new()
+    let router = Router::new()
         .route("/health", get(cluster::health))
         .route("/ready", get(cluster::ready))
         .merge(api)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(config.body_limit))
-        .with_state(state)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            admission::origin,
+        ))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(
+            |_: Box<dyn std::any::Any + Send>| {
+                tracing::error!("an HTTP handler panicked");
+                axum::response::IntoResponse::into_response(internal())
+            },
+        ))
+        .with_state(state);
+    Api {
+        router,
+        connections,
+    }
 }
 
-/// Serves `router` on `listener` until `shutdown` resolves, then finishes
-/// the requests in progress.
+/// Serves `api` on `listener` with the connection limits of `config` until
+/// `closing` turns true (see [`connections`]).
 pub async fn serve(
     listener: TcpListener,
-    router: Router,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    api: Api,
+    config: &HttpConfig,
+    closing: tokio::sync::watch::Receiver<bool>,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await
+    connections::serve(listener, api.router, config, api.connections, closing).await
+}
+
+/// 500 `internal`, without the details (they go to the log).
+fn internal() -> ApiError {
+    ApiError::new(
+        axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+        "internal",
+        "the node failed handling this request; its log says why",
+    )
 }
 
 async fn not_found() -> ApiError {
@@ -206,10 +302,7 @@ where
     T: Send + 'static,
 {
     tokio::task::spawn_blocking(f).await.map_err(|e| {
-        ApiError::new(
-            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            format!("the request's task failed: {e}"),
-        )
+        tracing::error!(error = %e, "an HTTP request's engine call failed");
+        internal()
     })?
 }

@@ -12,8 +12,10 @@
 //! leaves, and a slow disk slows replication instead of queueing unbounded
 //! work.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use causeway_engine::automerge::ChangeHash;
@@ -46,8 +48,15 @@ use crate::NodeError;
 pub const MAX_ADDRS_PER_PEER: usize = 8;
 /// Peers remembered (connected or not); discoveries beyond this are ignored.
 pub const MAX_KNOWN_PEERS: usize = 1024;
-/// How long shutdown waits for direct messages already sent to be received.
-pub const SHUTDOWN_FLUSH: Duration = Duration::from_secs(2);
+/// How long shutdown waits for the local commits still queued, for direct
+/// messages already sent to be received, and for connected peers to report
+/// that they hold this node's latest local commits.
+pub const SHUTDOWN_FLUSH: Duration = Duration::from_secs(5);
+/// Latest local commits remembered (document and heads), so that shutdown
+/// can wait until connected peers hold them.
+pub const RECENT_COMMITS_KEPT: usize = 4096;
+/// How often shutdown checks whether peers hold the latest local commits.
+const HANDOFF_CHECK: Duration = Duration::from_millis(20);
 /// Local commits taken from the queue in one turn and published together
 /// (see [`Replicator::handle_local_commits`]).
 pub const MAX_LOCAL_BURST: usize = 1024;
@@ -143,6 +152,9 @@ pub struct Driver {
     local_events_dropped: u64,
     waiters: Vec<RegionWaiter>,
     inbox: Inbox,
+    /// The latest local commits, oldest first, at most
+    /// [`RECENT_COMMITS_KEPT`].
+    recent: VecDeque<(DocId, Vec<ChangeHash>)>,
 }
 
 /// What a [`Driver`] is made of.
@@ -173,6 +185,9 @@ pub struct Inputs {
     pub commands: mpsc::Receiver<Command>,
     /// How many local commits the subscription lost so far.
     pub local_dropped: Box<dyn Fn() -> u64 + Send>,
+    /// Set by the task when it stops: the feeder of `local` then forwards
+    /// what is queued and closes it.
+    pub stopping: Arc<AtomicBool>,
 }
 
 /// Why the task ended with an error. The node is stopped.
@@ -232,6 +247,7 @@ impl Driver {
             local_events_dropped: 0,
             waiters: Vec::new(),
             inbox: Inbox::default(),
+            recent: VecDeque::new(),
         }
     }
 
@@ -264,20 +280,7 @@ impl Driver {
                     self.gather()?;
                 }
                 Some(event) = inputs.local.recv() => {
-                    // The commits already queued behind this one go out with
-                    // it: one delta per document and burst.
-                    let mut events = vec![event];
-                    while events.len() < MAX_LOCAL_BURST {
-                        match inputs.local.try_recv() {
-                            Ok(event) => events.push(event),
-                            Err(_) => break,
-                        }
-                    }
-                    let now = self.now();
-                    self.core.handle_local_commits(
-                        now,
-                        events.into_iter().map(|e| (e.doc, e.changes.to_vec(), e.heads)),
-                    );
+                    self.publish_local(burst(event, &mut inputs.local));
                 }
                 command = inputs.commands.recv() => match command {
                     Some(Command::Shutdown) | None => break,
@@ -300,8 +303,51 @@ impl Driver {
                 self.metrics.observe_delay(d.region.as_ref(), d.delay);
             }
         }
-        self.shutdown().await;
+        self.shutdown(inputs).await;
         Ok(())
+    }
+
+    /// Publishes local commits and remembers them for shutdown.
+    fn publish_local(&mut self, events: Vec<DocEvent>) {
+        for e in &events {
+            if self.recent.len() == RECENT_COMMITS_KEPT {
+                self.recent.pop_front();
+            }
+            self.recent.push_back((e.doc.clone(), e.heads.clone()));
+        }
+        let now = self.now();
+        self.core.handle_local_commits(
+            now,
+            events
+                .into_iter()
+                .map(|e| (e.doc, e.changes.to_vec(), e.heads)),
+        );
+    }
+
+    /// Whether every connected peer reported holding each remembered local
+    /// commit (a peer that reported holding a document's newest remembered
+    /// heads holds the older ones too).
+    fn peers_hold_recent(&self) -> bool {
+        let connected: BTreeSet<&NodeId> = self.core.connected().collect();
+        if connected.is_empty() {
+            return true;
+        }
+        let mut seen = BTreeSet::new();
+        self.recent.iter().rev().all(|(doc, heads)| {
+            if !seen.insert(doc) {
+                return true;
+            }
+            match self.core.holders(doc, heads) {
+                Ok(holders) => {
+                    let holding = holders
+                        .iter()
+                        .filter(|h| h.holds && connected.contains(&h.peer))
+                        .count();
+                    holding == connected.len()
+                }
+                Err(_) => true,
+            }
+        })
     }
 
     /// Sends one direct message (the outbox counted it in flight).
@@ -985,21 +1031,51 @@ impl Driver {
             .collect())
     }
 
-    async fn shutdown(mut self) {
-        info!("shutting down: no new connections, flushing direct messages");
+    /// Stops listening, publishes the local commits still queued (the
+    /// handle stops the queue's feeder first, so it ends), then waits, up to
+    /// [`SHUTDOWN_FLUSH`] in all, until direct messages are delivered and
+    /// every connected peer holds the latest local commits, so that a write
+    /// acknowledged just before the stop is not left on this node alone.
+    async fn shutdown(mut self, mut inputs: Inputs) {
+        info!("shutting down: no new connections, handing the latest writes to peers");
         for id in std::mem::take(&mut self.listeners) {
             self.swarm.remove_listener(id);
         }
-        self.drain();
+        inputs.stopping.store(true, Ordering::Release);
         let until = tokio::time::Instant::now() + SHUTDOWN_FLUSH;
-        while !self.in_flight.is_empty() {
+        loop {
+            let event = tokio::select! {
+                event = inputs.local.recv() => event,
+                () = tokio::time::sleep_until(until) => None,
+            };
+            let Some(event) = event else { break };
+            self.publish_local(burst(event, &mut inputs.local));
+            self.drain();
+        }
+        self.drain();
+        let mut check = tokio::time::interval(HANDOFF_CHECK);
+        loop {
             tokio::select! {
                 event = self.swarm.select_next_some() => {
-                    if let SwarmEvent::Behaviour(BehaviourEvent::Direct(event)) = event {
-                        let _ = self.on_direct(event);
+                    let handled = self.on_swarm_event(event).and_then(|()| self.gather());
+                    if let Err(e) = handled {
+                        warn!(error = %e, "stopped handing writes to peers");
+                        break;
+                    }
+                    self.drain();
+                }
+                _ = check.tick() => {
+                    if self.in_flight.is_empty() && self.peers_hold_recent() {
+                        break;
                     }
                 }
-                () = tokio::time::sleep_until(until) => break,
+                () = tokio::time::sleep_until(until) => {
+                    warn!(
+                        in_flight = self.in_flight.len(),
+                        "shutdown flush timed out; anti-entropy delivers the rest once this node is back"
+                    );
+                    break;
+                }
             }
         }
         let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
@@ -1008,6 +1084,20 @@ impl Driver {
         }
         info!("network stopped");
     }
+}
+
+/// `first` and the local commits already queued behind it (up to
+/// [`MAX_LOCAL_BURST`]): they go out together, one delta per document and
+/// burst.
+fn burst(first: DocEvent, local: &mut mpsc::Receiver<DocEvent>) -> Vec<DocEvent> {
+    let mut events = vec![first];
+    while events.len() < MAX_LOCAL_BURST {
+        match local.try_recv() {
+            Ok(event) => events.push(event),
+            Err(_) => break,
+        }
+    }
+    events
 }
 
 /// The replication core's name for `peer`: its base58 peer id.
