@@ -321,10 +321,11 @@ impl NodeHandle {
         }
     }
 
-    /// Stops listening, publishes the local commits made so far, waits (up
-    /// to [`SHUTDOWN_FLUSH`](crate::network::driver::SHUTDOWN_FLUSH)) until
-    /// direct messages are delivered and connected peers hold the latest
-    /// local commits, closes connections and joins the networking thread.
+    /// Stops listening, publishes the local commits made so far, waits
+    /// (while they progress, see
+    /// [`SHUTDOWN_HANDOFF_MAX`](crate::network::driver::SHUTDOWN_HANDOFF_MAX))
+    /// until direct messages are delivered and connected peers hold the
+    /// latest local commits, closes connections and joins the networking thread.
     /// Writes committed after this call are not published. The engine stays
     /// open; it belongs to the caller.
     pub async fn shutdown(&self) -> Result<(), NodeError> {

@@ -528,9 +528,9 @@ impl Replicator {
     /// [`MAX_CHANGES_PER_DELTA`] changes and half of [`MAX_GOSSIP_BYTES`] of
     /// change bytes each, in the order given (a client may hand over more
     /// than one delta holds); each carries `heads`, which the origin holds
-    /// once it committed them all. A change too large to gossip on its own
-    /// is announced instead, and pulled. Every known peer has the document
-    /// pending until it reports these heads.
+    /// once it committed them all. A write with a change too large to
+    /// gossip on its own is announced instead, and pulled. Every known peer
+    /// has the document pending until it reports these heads.
     pub fn handle_local_commit(
         &mut self,
         now: Duration,
@@ -542,29 +542,33 @@ impl Replicator {
             .insert(doc.clone(), &crate::layout::heads_digest(heads));
         self.progress
             .local_change(now, doc, heads, changes.len() as u64, &[]);
-        let mut announced = false;
-        for part in delta_parts(changes) {
-            let delta = Message::Delta(Delta {
-                origin: self.config.node.clone(),
-                region: self.config.region.clone(),
-                doc: doc.clone(),
-                changes: part.into_iter().map(Bytes).collect(),
-                heads: Heads::new(heads),
-            });
-            let bytes = self.envelope(delta);
-            if bytes.len() <= MAX_GOSSIP_BYTES {
-                self.output("delta", Output::Publish(bytes));
-            } else if !announced {
-                announced = true;
-                let announce = Message::Announce(Announce {
+        let deltas: Vec<Vec<u8>> = delta_parts(changes)
+            .into_iter()
+            .map(|part| {
+                self.envelope(Message::Delta(Delta {
                     origin: self.config.node.clone(),
                     region: self.config.region.clone(),
                     doc: doc.clone(),
+                    changes: part.into_iter().map(Bytes).collect(),
                     heads: Heads::new(heads),
-                });
-                let bytes = self.envelope(announce);
-                self.output("announce", Output::Publish(bytes));
+                }))
+            })
+            .collect();
+        if deltas.iter().all(|d| d.len() <= MAX_GOSSIP_BYTES) {
+            for bytes in deltas {
+                self.output("delta", Output::Publish(bytes));
             }
+        } else {
+            // Receivers pull the whole write by sync, which sends every
+            // change they lack: deltas of the other parts would repeat them.
+            let announce = Message::Announce(Announce {
+                origin: self.config.node.clone(),
+                region: self.config.region.clone(),
+                doc: doc.clone(),
+                heads: Heads::new(heads),
+            });
+            let bytes = self.envelope(announce);
+            self.output("announce", Output::Publish(bytes));
         }
     }
 

@@ -48,10 +48,15 @@ use crate::NodeError;
 pub const MAX_ADDRS_PER_PEER: usize = 8;
 /// Peers remembered (connected or not); discoveries beyond this are ignored.
 pub const MAX_KNOWN_PEERS: usize = 1024;
-/// How long shutdown waits for the local commits still queued, for direct
-/// messages already sent to be received, and for connected peers to report
-/// that they hold this node's latest local commits.
+/// How long shutdown waits without progress for the local commits still
+/// queued, for direct messages already sent to be received, and for
+/// connected peers to report that they hold this node's latest local
+/// commits. Each step forward (a message delivered, a commit reported held)
+/// starts the wait again, up to [`SHUTDOWN_HANDOFF_MAX`] in all.
 pub const SHUTDOWN_FLUSH: Duration = Duration::from_secs(5);
+/// The longest shutdown hands writes to peers, however steadily they
+/// progress (below the 90 s a service manager usually allows a stop).
+pub const SHUTDOWN_HANDOFF_MAX: Duration = Duration::from_secs(30);
 /// Latest local commits remembered (document and heads), so that shutdown
 /// can wait until connected peers hold them.
 pub const RECENT_COMMITS_KEPT: usize = 4096;
@@ -324,30 +329,30 @@ impl Driver {
         );
     }
 
-    /// Whether every connected peer reported holding each remembered local
-    /// commit (a peer that reported holding a document's newest remembered
-    /// heads holds the older ones too).
-    fn peers_hold_recent(&self) -> bool {
+    /// How many remembered local commits some connected peer has not
+    /// reported holding yet (a peer that reported holding a document's
+    /// newest remembered heads holds the older ones too).
+    fn recent_not_held(&self) -> usize {
         let connected: BTreeSet<&NodeId> = self.core.connected().collect();
         if connected.is_empty() {
-            return true;
+            return 0;
         }
         let mut seen = BTreeSet::new();
-        self.recent.iter().rev().all(|(doc, heads)| {
-            if !seen.insert(doc) {
-                return true;
-            }
-            match self.core.holders(doc, heads) {
+        self.recent
+            .iter()
+            .rev()
+            .filter(|(doc, _)| seen.insert(doc.clone()))
+            .filter(|(doc, heads)| match self.core.holders(doc, heads) {
                 Ok(holders) => {
                     let holding = holders
                         .iter()
                         .filter(|h| h.holds && connected.contains(&h.peer))
                         .count();
-                    holding == connected.len()
+                    holding < connected.len()
                 }
-                Err(_) => true,
-            }
-        })
+                Err(_) => false,
+            })
+            .count()
     }
 
     /// Sends one direct message (the outbox counted it in flight).
@@ -1031,11 +1036,13 @@ impl Driver {
             .collect())
     }
 
-    /// Stops listening, publishes the local commits still queued (the
-    /// handle stops the queue's feeder first, so it ends), then waits, up to
-    /// [`SHUTDOWN_FLUSH`] in all, until direct messages are delivered and
-    /// every connected peer holds the latest local commits, so that a write
-    /// acknowledged just before the stop is not left on this node alone.
+    /// Stops listening, publishes the local commits still queued (it tells
+    /// the queue's feeder to stop, so the queue ends), then waits until
+    /// direct messages are delivered and every connected peer holds the
+    /// latest local commits, so that a write acknowledged just before the
+    /// stop is not left on this node alone: while that progresses, for up to
+    /// [`SHUTDOWN_HANDOFF_MAX`], and no more than [`SHUTDOWN_FLUSH`] without
+    /// progress.
     async fn shutdown(mut self, mut inputs: Inputs) {
         info!("shutting down: no new connections, handing the latest writes to peers");
         for id in std::mem::take(&mut self.listeners) {
@@ -1054,6 +1061,9 @@ impl Driver {
         }
         self.drain();
         let mut check = tokio::time::interval(HANDOFF_CHECK);
+        let cap = tokio::time::Instant::now() + SHUTDOWN_HANDOFF_MAX;
+        let mut stall = tokio::time::Instant::now() + SHUTDOWN_FLUSH;
+        let mut left = (usize::MAX, usize::MAX);
         loop {
             tokio::select! {
                 event = self.swarm.select_next_some() => {
@@ -1065,14 +1075,21 @@ impl Driver {
                     self.drain();
                 }
                 _ = check.tick() => {
-                    if self.in_flight.is_empty() && self.peers_hold_recent() {
+                    let now_left = (self.in_flight.len(), self.recent_not_held());
+                    if now_left == (0, 0) {
+                        info!("the latest writes are held by every connected peer");
                         break;
                     }
+                    if now_left.0 < left.0 || now_left.1 < left.1 {
+                        stall = tokio::time::Instant::now() + SHUTDOWN_FLUSH;
+                    }
+                    left = now_left;
                 }
-                () = tokio::time::sleep_until(until) => {
+                () = tokio::time::sleep_until(stall.min(cap)) => {
                     warn!(
-                        in_flight = self.in_flight.len(),
-                        "shutdown flush timed out; anti-entropy delivers the rest once this node is back"
+                        in_flight = left.0,
+                        writes_not_held = left.1,
+                        "shutdown hand-off stopped; anti-entropy delivers the rest once this node is back"
                     );
                     break;
                 }
