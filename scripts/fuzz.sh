@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../fuzz"
 seconds=${FUZZ_SECONDS:-60}
-targets=${FUZZ_TARGETS:-convergence wire_decode apply_changes reconcile}
+targets=${FUZZ_TARGETS:-convergence wire_decode apply_changes reconcile sync_messages documents}
 export RUSTC_BOOTSTRAP=1
 
 if ! cargo fuzz --version >/dev/null 2>&1; then

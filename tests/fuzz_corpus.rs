@@ -58,3 +58,13 @@ fn reconcile_corpus() {
 fn convergence_corpus() {
     replay("convergence", fuzzing::convergence::run);
 }
+
+#[test]
+fn sync_messages_corpus() {
+    replay("sync_messages", fuzzing::sync_messages::run);
+}
+
+#[test]
+fn documents_corpus() {
+    replay("documents", fuzzing::documents::run);
+}

@@ -32,29 +32,6 @@ fn node_with(root: &std::path::Path, tables: &str) -> NodeProc {
     )
 }
 
-/// The node's resident set, KiB.
-fn rss_kib(node: &NodeProc) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", node.child.id())).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS in /proc/PID/status of a running node")
-}
-
-/// p50 and p99 of `n` sequential small writes, milliseconds.
-fn write_latency(node: &NodeProc, n: usize, tag: &str) -> (f64, f64) {
-    let mut ms: Vec<f64> = (0..n)
-        .map(|i| {
-            let start = Instant::now();
-            node.write_doc("PUT", &format!("probe/{tag}-{i}"), &json!({"i": i}));
-            start.elapsed().as_secs_f64() * 1e3
-        })
-        .collect();
-    ms.sort_by(f64::total_cmp);
-    (ms[n / 2], ms[(n * 99 / 100).min(n - 1)])
-}
-
 /// The sum of every sample of metric `name` in `/metrics`.
 fn metric(node: &NodeProc, name: &str) -> f64 {
     let text = node.request("GET", "/metrics", &[], b"").text();
@@ -109,8 +86,8 @@ fn closed_by_peer(s: &mut TcpStream, limit: Duration) {
 fn two_thousand_connections_that_never_send_headers_are_closed_while_writes_go_on() {
     let root = tempfile::tempdir().unwrap();
     let node = node_with(root.path(), "[http]\nidle_timeout_ms = 1000");
-    let (p50_0, p99_0) = write_latency(&node, 100, "before");
-    let rss_0 = rss_kib(&node);
+    let (p50_0, p99_0) = node.write_latency(100, "before");
+    let rss_0 = node.rss_kib();
     // 2,000 connections (the node holds at most 1,024): half send nothing,
     // half the start of a request and then nothing.
     let mut idle: Vec<TcpStream> = (0..2_000)
@@ -123,8 +100,8 @@ fn two_thousand_connections_that_never_send_headers_are_closed_while_writes_go_o
             s
         })
         .collect();
-    let (p50_1, p99_1) = write_latency(&node, 100, "during");
-    let rss_1 = rss_kib(&node);
+    let (p50_1, p99_1) = node.write_latency(100, "during");
+    let rss_1 = node.rss_kib();
     let start = Instant::now();
     for s in &mut idle {
         closed_by_peer(s, Duration::from_secs(10));
@@ -182,8 +159,8 @@ fn ten_thousand_abandoned_watches_leave_no_subscription_or_memory_behind() {
     let baseline = node.request("GET", "/v1/status", &[], b"").json()["engine"]["subscriptions"]
         .as_u64()
         .expect("status reports engine.subscriptions");
-    let (p50_0, p99_0) = write_latency(&node, 100, "before");
-    let rss_0 = rss_kib(&node);
+    let (p50_0, p99_0) = node.write_latency(100, "before");
+    let rss_0 = node.rss_kib();
     let start = Instant::now();
     const BATCH: usize = 200;
     for batch in 0..10_000 / BATCH {
@@ -213,8 +190,8 @@ fn ten_thousand_abandoned_watches_leave_no_subscription_or_memory_behind() {
                 == Some(baseline)
         },
     );
-    let rss_1 = rss_kib(&node);
-    let (p50_1, p99_1) = write_latency(&node, 100, "after");
+    let rss_1 = node.rss_kib();
+    let (p50_1, p99_1) = node.write_latency(100, "after");
     // RSS is reported, not asserted: it grows with this run (see the
     // table in docs/testing.md) although every subscription is released.
     println!(
@@ -439,9 +416,16 @@ fn sigterm_with_a_watch_open_ends_the_stream_and_hands_the_last_writes_to_the_pe
         .flat_map(|t| (0..25).map(move |i| format!("last/{t}-{i}")))
         .filter(|id| b.get_doc(id).is_none())
         .collect();
+    let log = std::fs::read_to_string(a.dir.join("node.log")).unwrap_or_default();
+    let shutdown: Vec<&str> = log
+        .lines()
+        .filter(|l| {
+            l.contains("shutting down") || l.contains("hand-off") || l.contains("latest writes")
+        })
+        .collect();
     assert!(
         missing.is_empty(),
-        "b lacks {} of 200: {missing:?}",
+        "b lacks {} of 200: {missing:?}; a's shutdown log: {shutdown:#?}",
         missing.len()
     );
     println!(

@@ -7,7 +7,9 @@
 //! not rewritten, a string written over `Text` is applied as a character diff
 //! (so concurrent edits to other parts of the text survive), and nested
 //! objects and arrays are updated in place. Writing the same JSON twice
-//! therefore produces no change at all.
+//! therefore produces no change at all. Writes keep the objects still to
+//! fill on a heap-allocated stack rather than recursing, so a value as deep
+//! as the largest depth limit takes no more thread stack than a flat one.
 //!
 //! * `replace` makes the document equal to the JSON value (keys absent from
 //!   the value are deleted).
@@ -214,112 +216,169 @@ enum Mode {
     MergePatch,
 }
 
+/// An object still to be made equal to (or patched with) a JSON value. The
+/// writer keeps these on a heap-allocated stack instead of recursing, so the
+/// thread's stack use does not grow with the value's depth.
+enum Fill<'a> {
+    Map {
+        obj: ObjId,
+        new: &'a JsonMap<String, Json>,
+        mode: Mode,
+    },
+    List {
+        obj: ObjId,
+        items: &'a [Json],
+    },
+}
+
 fn write_map(
     tx: &mut Transaction<'_>,
     obj: &ObjId,
     new: &JsonMap<String, Json>,
     mode: Mode,
 ) -> Result<(), AutomergeError> {
+    let mut pending = vec![Fill::Map {
+        obj: obj.clone(),
+        new,
+        mode,
+    }];
+    while let Some(fill) = pending.pop() {
+        match fill {
+            Fill::Map { obj, new, mode } => fill_map(tx, obj, new, mode, &mut pending)?,
+            Fill::List { obj, items } => fill_list(tx, obj, items, &mut pending)?,
+        }
+    }
+    Ok(())
+}
+
+/// Writes one map's keys; nested maps and lists are left in `pending`.
+fn fill_map<'a>(
+    tx: &mut Transaction<'_>,
+    obj: ObjId,
+    new: &'a JsonMap<String, Json>,
+    mode: Mode,
+    pending: &mut Vec<Fill<'a>>,
+) -> Result<(), AutomergeError> {
     if mode == Mode::Replace {
-        let stale: Vec<String> = tx.keys(obj).filter(|k| !new.contains_key(k)).collect();
+        let stale: Vec<String> = tx.keys(&obj).filter(|k| !new.contains_key(k)).collect();
         for key in stale {
-            tx.delete(obj, key)?;
+            tx.delete(&obj, key)?;
         }
     }
     for (key, value) in new {
         match (mode, value) {
             (Mode::MergePatch, Json::Null) => {
-                if tx.get(obj, key.as_str())?.is_some() {
-                    tx.delete(obj, key.as_str())?;
+                if tx.get(&obj, key.as_str())?.is_some() {
+                    tx.delete(&obj, key.as_str())?;
                 }
             }
             (Mode::MergePatch, Json::Object(patch)) => {
-                let child = match tx.get(obj, key.as_str())? {
+                let child = match tx.get(&obj, key.as_str())? {
                     Some((AmValue::Object(ObjType::Map), id)) => id,
-                    _ => tx.put_object(obj, key.as_str(), ObjType::Map)?,
+                    _ => tx.put_object(&obj, key.as_str(), ObjType::Map)?,
                 };
-                write_map(tx, &child, patch, Mode::MergePatch)?;
+                pending.push(Fill::Map {
+                    obj: child,
+                    new: patch,
+                    mode: Mode::MergePatch,
+                });
             }
-            _ => put_value(tx, obj, Prop::Map(key.clone()), value)?,
+            _ => put_value(tx, &obj, Prop::Map(key.clone()), value, pending)?,
         }
+    }
+    Ok(())
+}
+
+/// Writes one list's items; nested maps and lists are left in `pending`.
+fn fill_list<'a>(
+    tx: &mut Transaction<'_>,
+    list: ObjId,
+    items: &'a [Json],
+    pending: &mut Vec<Fill<'a>>,
+) -> Result<(), AutomergeError> {
+    let old_len = tx.length(&list);
+    for (i, item) in items.iter().enumerate() {
+        if i < old_len {
+            put_value(tx, &list, Prop::Seq(i), item, pending)?;
+        } else {
+            insert_value(tx, &list, i, item, pending)?;
+        }
+    }
+    for i in (items.len()..old_len).rev() {
+        tx.delete(&list, i)?;
     }
     Ok(())
 }
 
 /// Writes `value` at `prop` of `obj`, reusing the object already there when its
-/// type matches.
-fn put_value(
+/// type matches; a map's or list's contents are left in `pending`.
+fn put_value<'a>(
     tx: &mut Transaction<'_>,
     obj: &ObjId,
     prop: Prop,
-    value: &Json,
+    value: &'a Json,
+    pending: &mut Vec<Fill<'a>>,
 ) -> Result<(), AutomergeError> {
     let existing = tx.get(obj, prop.clone())?;
-    match value {
-        Json::Object(map) => {
-            let child = match existing {
-                Some((AmValue::Object(ObjType::Map), id)) => id,
-                _ => tx.put_object(obj, prop, ObjType::Map)?,
-            };
-            write_map(tx, &child, map, Mode::Replace)
-        }
-        Json::Array(items) => {
-            let child = match existing {
-                Some((AmValue::Object(ObjType::List), id)) => id,
-                _ => tx.put_object(obj, prop, ObjType::List)?,
-            };
-            write_list(tx, &child, items)
-        }
-        Json::String(s) => {
-            let child = match existing {
-                Some((AmValue::Object(ObjType::Text), id)) => id,
-                _ => tx.put_object(obj, prop, ObjType::Text)?,
-            };
-            tx.update_text(&child, s)
-        }
-        scalar => {
-            let new = json_scalar(scalar);
-            match existing {
-                Some((AmValue::Scalar(old), _)) if *old == new => Ok(()),
-                _ => tx.put(obj, prop, new),
-            }
-        }
-    }
+    let Some(kind) = object_kind(value) else {
+        let new = json_scalar(value);
+        return match existing {
+            Some((AmValue::Scalar(old), _)) if *old == new => Ok(()),
+            _ => tx.put(obj, prop, new),
+        };
+    };
+    let child = match existing {
+        Some((AmValue::Object(found), id)) if found == kind => id,
+        _ => tx.put_object(obj, prop, kind)?,
+    };
+    fill_object(tx, child, value, pending)
 }
 
-fn write_list(
-    tx: &mut Transaction<'_>,
-    list: &ObjId,
-    items: &[Json],
-) -> Result<(), AutomergeError> {
-    let old_len = tx.length(list);
-    for (i, item) in items.iter().enumerate() {
-        if i < old_len {
-            put_value(tx, list, Prop::Seq(i), item)?;
-        } else {
-            insert_value(tx, list, i, item)?;
-        }
-    }
-    for i in (items.len()..old_len).rev() {
-        tx.delete(list, i)?;
-    }
-    Ok(())
-}
-
-fn insert_value(
+fn insert_value<'a>(
     tx: &mut Transaction<'_>,
     list: &ObjId,
     index: usize,
-    value: &Json,
+    value: &'a Json,
+    pending: &mut Vec<Fill<'a>>,
 ) -> Result<(), AutomergeError> {
-    let kind = match value {
-        Json::Object(_) => ObjType::Map,
-        Json::Array(_) => ObjType::List,
-        Json::String(_) => ObjType::Text,
-        scalar => return tx.insert(list, index, json_scalar(scalar)),
-    };
-    tx.insert_object(list, index, kind)?;
-    put_value(tx, list, Prop::Seq(index), value)
+    match object_kind(value) {
+        None => tx.insert(list, index, json_scalar(value)),
+        Some(kind) => {
+            let child = tx.insert_object(list, index, kind)?;
+            fill_object(tx, child, value, pending)
+        }
+    }
+}
+
+/// The object type `value` is written as, or `None` for a scalar.
+fn object_kind(value: &Json) -> Option<ObjType> {
+    match value {
+        Json::Object(_) => Some(ObjType::Map),
+        Json::Array(_) => Some(ObjType::List),
+        Json::String(_) => Some(ObjType::Text),
+        _ => None,
+    }
+}
+
+/// Makes the object `obj` (of `value`'s kind) hold `value`: a text now, a
+/// map's or list's contents later through `pending`.
+fn fill_object<'a>(
+    tx: &mut Transaction<'_>,
+    obj: ObjId,
+    value: &'a Json,
+    pending: &mut Vec<Fill<'a>>,
+) -> Result<(), AutomergeError> {
+    match value {
+        Json::Object(new) => pending.push(Fill::Map {
+            obj,
+            new,
+            mode: Mode::Replace,
+        }),
+        Json::Array(items) => pending.push(Fill::List { obj, items }),
+        Json::String(s) => tx.update_text(&obj, s)?,
+        _ => {}
+    }
+    Ok(())
 }
 
 fn json_scalar(value: &Json) -> ScalarValue {

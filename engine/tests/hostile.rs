@@ -242,6 +242,53 @@ fn local_writes_keep_the_shape_too() {
 }
 
 #[test]
+fn json_writes_at_the_largest_depth_limit_take_bounded_stack() {
+    let doc = id("hostile/json-deep");
+    let dir = tempfile::tempdir().unwrap();
+    let config = EngineConfig {
+        shape: ShapeLimits {
+            max_depth: 256,
+            ..ShapeLimits::default()
+        },
+        ..EngineConfig::default()
+    };
+    let engine = Engine::open(dir.path(), config).unwrap();
+    // 256 levels below the root, maps and lists alternating, a text at the
+    // bottom: as deep as the largest depth limit allows.
+    let nested = |leaf: serde_json::Value| {
+        (0..255).fold(leaf, |v, i| {
+            if i % 2 == 0 {
+                json!([v])
+            } else {
+                json!({ "m": v })
+            }
+        })
+    };
+    let value = json!({ "m": nested(json!("bottom")) });
+    let patch = json!({ "m": null, "p": nested(json!({ "q": 1 })) });
+    let patched = json!({ "p": nested(json!({ "q": 1 })) });
+    // The same 256 KiB of stack the reads are held to: writing recursively,
+    // one level per frame, overflowed it.
+    let read_back = std::thread::scope(|s| {
+        std::thread::Builder::new()
+            .stack_size(256 << 10)
+            .spawn_scoped(s, || {
+                engine.put_json(&doc, &value).unwrap();
+                let written = engine.get_json(&doc).unwrap() == value;
+                engine.merge_json(&doc, &patch).unwrap();
+                (written, engine.get_json(&doc).unwrap() == patched)
+            })
+            .unwrap()
+            .join()
+            .unwrap()
+    });
+    assert_eq!(read_back, (true, true));
+    let deeper = json!({ "x": nested(json!({ "y": [1] })) });
+    let err = engine.put_json(&doc, &deeper).unwrap_err();
+    assert_eq!(depth_violation(&err), Some((257, 256)), "{err}");
+}
+
+#[test]
 fn a_stored_document_beyond_the_depth_limit_is_an_error_to_read() {
     let doc = id("hostile/old-deep");
     let dir = tempfile::tempdir().unwrap();

@@ -226,6 +226,34 @@ impl NodeProc {
         }
     }
 
+    /// The node's resident set, KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS in /proc/PID/status of a running node")
+    }
+
+    /// p50 and p99 of `n` sequential small writes (`PUT probe/{tag}-{i}`),
+    /// milliseconds.
+    pub fn write_latency(&self, n: usize, tag: &str) -> (f64, f64) {
+        let mut ms: Vec<f64> = (0..n)
+            .map(|i| {
+                let start = Instant::now();
+                self.write_doc(
+                    "PUT",
+                    &format!("probe/{tag}-{i}"),
+                    &serde_json::json!({"i": i}),
+                );
+                start.elapsed().as_secs_f64() * 1e3
+            })
+            .collect();
+        ms.sort_by(f64::total_cmp);
+        (ms[n / 2], ms[(n * 99 / 100).min(n - 1)])
+    }
+
     /// The node's `/v1/status`.
     pub fn status(&self) -> Value {
         self.request("GET", "/v1/status", &[], b"").json()
