@@ -8,7 +8,10 @@
 use std::time::Duration;
 
 use causeway_engine::replication::ids::{ClusterId, Region};
+use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
+
+use crate::cluster_key::ClusterKey;
 
 /// Why a [`NodeConfig`] is not usable. A caller error: fix the named field.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -28,9 +31,22 @@ pub struct NodeConfig {
     /// The cluster. Nodes of different clusters do not exchange anything:
     /// the cluster is part of every protocol name and of every envelope.
     pub cluster: ClusterId,
-    /// Addresses to listen on (TCP and QUIC). Default
-    /// `/ip4/0.0.0.0/tcp/7700` and `/ip4/0.0.0.0/udp/7700/quic-v1`.
+    /// Addresses to listen on (TCP, and QUIC without a cluster key).
+    /// Default `/ip4/127.0.0.1/tcp/7700` and
+    /// `/ip4/127.0.0.1/udp/7700/quic-v1`: loopback only, because a node
+    /// reachable from elsewhere needs a cluster key, an allowlist or
+    /// [`NodeConfig::insecure_open_cluster`] (see [`NodeConfig::validate`]).
+    /// The `causeway` binary listens on [`OPEN_LISTEN`] when a cluster key
+    /// is given and no address is named.
     pub listen: Vec<Multiaddr>,
+    /// The cluster's shared secret: every connection begins with a
+    /// handshake under it, so only members can connect (see
+    /// [`crate::cluster_key`]). Default none.
+    pub cluster_key: Option<ClusterKey>,
+    /// Allows listening beyond loopback with neither a cluster key nor an
+    /// allowlist, so that any peer that can reach the node may join the
+    /// cluster and change any document. Default false.
+    pub insecure_open_cluster: bool,
     /// Peers to dial at start and to keep redialling while unreachable
     /// (with exponential backoff). Each may end in `/p2p/<peer id>`.
     pub bootstrap: Vec<Multiaddr>,
@@ -69,9 +85,11 @@ impl NodeConfig {
             region,
             cluster,
             listen: vec![
-                multiaddr("/ip4/0.0.0.0/tcp/7700"),
-                multiaddr("/ip4/0.0.0.0/udp/7700/quic-v1"),
+                multiaddr("/ip4/127.0.0.1/tcp/7700"),
+                multiaddr("/ip4/127.0.0.1/udp/7700/quic-v1"),
             ],
+            cluster_key: None,
+            insecure_open_cluster: false,
             bootstrap: Vec::new(),
             allowlist: None,
             max_connections: 256,
@@ -113,6 +131,12 @@ impl NodeConfig {
         if self.listen.is_empty() {
             return fail("listen", "at least one address is needed");
         }
+        if let Some(reason) = self.listen.iter().find_map(|a| self.listen_refusal(a)) {
+            return Err(ConfigError {
+                field: "listen",
+                reason,
+            });
+        }
         if self.max_connections == 0 {
             return fail("max_connections", "must be at least 1");
         }
@@ -139,6 +163,45 @@ impl NodeConfig {
             }
         }
         Ok(())
+    }
+}
+
+impl NodeConfig {
+    /// Why the node must not listen on `addr`, if it must not: an address
+    /// beyond loopback with nothing that keeps strangers out, or QUIC,
+    /// which cannot carry the cluster key.
+    fn listen_refusal(&self, addr: &Multiaddr) -> Option<String> {
+        let quic = addr
+            .iter()
+            .any(|p| matches!(p, Protocol::QuicV1 | Protocol::Quic));
+        if self.cluster_key.is_some() && quic {
+            return Some(format!(
+                "{addr}: QUIC cannot carry the cluster key's handshake; listen on TCP"
+            ));
+        }
+        let open = self.cluster_key.is_none() && self.allowlist.is_none();
+        if open && !self.insecure_open_cluster && !is_loopback(addr) {
+            return Some(format!(
+                "{addr} is reachable beyond this machine, but the node has no cluster key, \
+                 so anyone who reaches it could join the cluster and change any document: \
+                 create a key with `causeway cluster init` and set cluster_key_file, or set \
+                 network.allowlist, or set network.insecure_open_cluster = true"
+            ));
+        }
+        None
+    }
+}
+
+/// Listen addresses of a node with a cluster key when none are named: TCP
+/// port 7700 on every interface.
+pub const OPEN_LISTEN: &str = "/ip4/0.0.0.0/tcp/7700";
+
+/// Whether `addr` can only be reached from this machine.
+pub fn is_loopback(addr: &Multiaddr) -> bool {
+    match addr.iter().next() {
+        Some(Protocol::Ip4(ip)) => ip.is_loopback(),
+        Some(Protocol::Ip6(ip)) => ip.is_loopback(),
+        _ => false,
     }
 }
 
@@ -179,5 +242,43 @@ mod tests {
         let mut c = config();
         c.request_timeout = Duration::ZERO;
         assert_eq!(c.validate().map_err(|e| e.field), Err("request_timeout"));
+    }
+
+    fn refusal(c: &NodeConfig) -> ConfigError {
+        c.validate()
+            .err()
+            .unwrap_or_else(|| panic!("{:?} was accepted", c.listen))
+    }
+
+    #[test]
+    fn listening_beyond_loopback_needs_a_key_an_allowlist_or_an_explicit_opt_in() {
+        let open = |c: &mut NodeConfig| c.listen = vec![multiaddr(OPEN_LISTEN)];
+        let mut c = config();
+        open(&mut c);
+        let err = refusal(&c);
+        assert_eq!(err.field, "listen");
+        assert!(err.reason.contains("causeway cluster init"), "{err}");
+        c.listen = vec![
+            multiaddr("/ip6/::1/tcp/1"),
+            multiaddr("/ip4/127.0.0.2/tcp/1"),
+        ];
+        assert_eq!(c.validate(), Ok(()));
+        c.listen = vec![multiaddr("/dns4/localhost/tcp/1")];
+        assert!(c.validate().is_err(), "a name may resolve anywhere");
+        let mut c = config();
+        open(&mut c);
+        c.insecure_open_cluster = true;
+        assert_eq!(c.validate(), Ok(()));
+        let mut c = config();
+        open(&mut c);
+        c.allowlist = Some(Vec::new());
+        assert_eq!(c.validate(), Ok(()));
+        let mut c = config();
+        open(&mut c);
+        c.cluster_key = Some(ClusterKey::generate().unwrap_or_else(|e| panic!("{e}")));
+        assert_eq!(c.validate(), Ok(()));
+        c.listen.push(multiaddr("/ip4/0.0.0.0/udp/7700/quic-v1"));
+        let err = refusal(&c);
+        assert!(err.reason.contains("QUIC"), "{err}");
     }
 }

@@ -41,6 +41,14 @@ pub struct Args {
     /// Address of the HTTP API, such as 127.0.0.1:7780.
     #[arg(long, env = "CAUSEWAY_HTTP_LISTEN")]
     pub http_listen: Option<String>,
+    /// The cluster key file (`causeway cluster init`); only nodes holding
+    /// the same key can connect.
+    #[arg(long, env = "CAUSEWAY_CLUSTER_KEY_FILE")]
+    pub cluster_key_file: Option<PathBuf>,
+    /// Listen beyond loopback without a cluster key or allowlist: anyone
+    /// who reaches the node can join the cluster and change any document.
+    #[arg(long, env = "CAUSEWAY_INSECURE_OPEN_CLUSTER")]
+    pub insecure_open_cluster: bool,
 }
 
 impl Args {
@@ -57,6 +65,8 @@ impl Args {
             listen: self.listen.clone(),
             bootstrap: self.bootstrap.clone(),
             http_listen: self.http_listen.clone(),
+            cluster_key_file: self.cluster_key_file.clone(),
+            insecure_open_cluster: self.insecure_open_cluster,
         };
         Ok(file.resolve(overrides, &name)?)
     }
@@ -93,6 +103,16 @@ pub async fn run(settings: Settings) -> Result<()> {
         http = %http_addr, "node running");
     for addr in &addrs {
         info!(%addr, "peers can dial");
+    }
+    let config = &settings.node;
+    match &config.cluster_key {
+        Some(key) => info!(fingerprint = %key.fingerprint(), "cluster key: only nodes holding it can connect"),
+        None if addrs.iter().all(crate::config::is_loopback) => info!(
+            "no cluster key: listening on loopback only (create one with `causeway cluster init` \
+             and set cluster_key_file to take part in a cluster across machines)"
+        ),
+        None if config.allowlist.is_some() => info!("no cluster key: only allowlisted peers can connect"),
+        None => warn!("no cluster key and no allowlist: any peer that reaches this node can join the cluster (insecure_open_cluster)"),
     }
     // The line operators and scripts look for, on stdout.
     println!(

@@ -28,6 +28,7 @@
 pub mod bench;
 pub mod chaos;
 pub mod client;
+pub mod cluster_key;
 pub mod config;
 pub mod daemon;
 pub mod demo;

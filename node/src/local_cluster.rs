@@ -9,6 +9,7 @@ use causeway_engine::replication::ids::{ClusterId, Region};
 use causeway_engine::{Engine, EngineConfig};
 use libp2p::Multiaddr;
 
+use crate::cluster_key::ClusterKey;
 use crate::network::PeerState;
 use crate::{identity, Node, NodeConfig, NodeHandle};
 
@@ -25,19 +26,21 @@ pub struct LocalNode {
 }
 
 /// Starts a node of `cluster` in `region`, with its store and identity in
-/// `root/region`, dialling `bootstrap`.
+/// `root/region`, holding `key`, dialling `bootstrap`.
 pub async fn start_node(
     root: &Path,
     cluster: &ClusterId,
+    key: ClusterKey,
     region: &str,
     bootstrap: &[Multiaddr],
 ) -> Result<LocalNode> {
     let dir = root.join(region);
     let engine = Engine::open(dir.join("store"), EngineConfig::default())?;
-    let (key, _) = identity::load_or_create(&dir)?;
+    let (identity, _) = identity::load_or_create(&dir)?;
     let mut config = NodeConfig::loopback(Region::new(region)?, cluster.clone());
     config.bootstrap = bootstrap.to_vec();
-    let node = Node::start(engine.clone(), key, config)?;
+    config.cluster_key = Some(key);
+    let node = Node::start(engine.clone(), identity, config)?;
     let addrs = node.listen_addrs(Duration::from_secs(5)).await?;
     Ok(LocalNode {
         region: region.to_string(),
@@ -47,15 +50,29 @@ pub async fn start_node(
     })
 }
 
-/// Starts one node per region; every node after the first is given only the
-/// first as its bootstrap peer (the rest is discovery).
+/// Starts one node per region, all holding the cluster key in
+/// `root/cluster.key` (created on first use); every node after the first is
+/// given only the first as its bootstrap peer (the rest is discovery).
 pub async fn start(root: &Path, cluster: &ClusterId, regions: &[&str]) -> Result<Vec<LocalNode>> {
+    let key = cluster_key(root)?;
     let mut nodes: Vec<LocalNode> = Vec::new();
     for region in regions {
         let bootstrap = nodes.first().map(|n| n.addrs.clone()).unwrap_or_default();
-        nodes.push(start_node(root, cluster, region, &bootstrap).await?);
+        nodes.push(start_node(root, cluster, key, region, &bootstrap).await?);
     }
     Ok(nodes)
+}
+
+/// The cluster key in `root/cluster.key`, created there if there is none.
+pub fn cluster_key(root: &Path) -> Result<ClusterKey> {
+    let path = root.join("cluster.key");
+    if path.exists() {
+        return Ok(ClusterKey::load(&path)?);
+    }
+    std::fs::create_dir_all(root)?;
+    let key = ClusterKey::generate()?;
+    key.create(&path)?;
+    Ok(key)
 }
 
 /// Waits until every node replicates with every other; returns how long

@@ -11,6 +11,7 @@ use causeway_node::bench::{
     reconcile, replicate_trace, steady_state,
 };
 use causeway_node::client::{self, DocCommand, Target};
+use causeway_node::cluster_key::ClusterKey;
 use causeway_node::{chaos, daemon, demo, sim};
 
 #[derive(Parser)]
@@ -35,6 +36,20 @@ enum LogFormat {
     Json,
 }
 
+/// `causeway cluster ...`.
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// Create a cluster key: a new random secret in FILE (mode 0600; an
+    /// existing file is never replaced). Every node of the cluster reads
+    /// the same key through cluster_key_file; nodes without it cannot
+    /// connect.
+    Init {
+        /// Where to write the key.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run a node: the store, the libp2p networking layer and the HTTP API.
@@ -49,6 +64,9 @@ enum Command {
         #[arg(long, env = "CAUSEWAY_DATA_DIR")]
         data_dir: PathBuf,
     },
+    /// Manage the cluster's shared secret.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
     /// Read, write, list and watch documents through a node's HTTP API.
     Doc {
         #[command(flatten)]
@@ -149,6 +167,16 @@ fn run(command: Command) -> Result<()> {
         Command::Identity { data_dir } => {
             let (key, _) = causeway_node::identity::load_or_create(&data_dir)?;
             println!("{}", key.public().to_peer_id());
+            Ok(())
+        }
+        Command::Cluster(ClusterCommand::Init { out }) => {
+            let key = ClusterKey::generate()?;
+            key.create(&out)?;
+            println!(
+                "created cluster key {} (fingerprint {}); copy it to every node (mode 0600) and set cluster_key_file",
+                out.display(),
+                key.fingerprint()
+            );
             Ok(())
         }
         Command::Doc { target, command } => runtime()?.block_on(client::doc(&target, command)),

@@ -13,7 +13,8 @@ use causeway_engine::{Durability, EngineConfig, ShapeLimits};
 use libp2p::{Multiaddr, PeerId};
 use serde::Deserialize;
 
-use crate::config::NodeConfig;
+use crate::cluster_key::ClusterKey;
+use crate::config::{NodeConfig, OPEN_LISTEN};
 use crate::http::HttpConfig;
 
 /// Why settings could not be loaded. The node does not start.
@@ -57,6 +58,8 @@ pub struct FileSettings {
     pub region: Option<String>,
     /// The cluster id.
     pub cluster: Option<String>,
+    /// The cluster key file (`causeway cluster init`), mode 0600.
+    pub cluster_key_file: Option<PathBuf>,
     /// `[network]`.
     #[serde(default)]
     pub network: NetworkSection,
@@ -78,6 +81,8 @@ pub struct NetworkSection {
     pub bootstrap: Option<Vec<String>>,
     /// Peer ids allowed to connect (fails closed when present).
     pub allowlist: Option<Vec<String>>,
+    /// Listen beyond loopback without a cluster key or allowlist.
+    pub insecure_open_cluster: Option<bool>,
     /// Established connections in total.
     pub max_connections: Option<u32>,
     /// Established connections per peer.
@@ -190,6 +195,11 @@ pub struct Overrides {
     pub bootstrap: Vec<String>,
     /// `--http-listen` / `CAUSEWAY_HTTP_LISTEN`.
     pub http_listen: Option<String>,
+    /// `--cluster-key-file` / `CAUSEWAY_CLUSTER_KEY_FILE`.
+    pub cluster_key_file: Option<PathBuf>,
+    /// `--insecure-open-cluster` / `CAUSEWAY_INSECURE_OPEN_CLUSTER` (only
+    /// turns the setting on).
+    pub insecure_open_cluster: bool,
 }
 
 impl FileSettings {
@@ -227,6 +237,10 @@ impl FileSettings {
             self.network.bootstrap = Some(overrides.bootstrap);
         }
         self.http.listen = overrides.http_listen.or(self.http.listen);
+        self.cluster_key_file = overrides.cluster_key_file.or(self.cluster_key_file);
+        if overrides.insecure_open_cluster {
+            self.network.insecure_open_cluster = Some(true);
+        }
 
         let data_dir = self
             .data_dir
@@ -238,7 +252,14 @@ impl FileSettings {
         let mut http = http(self.http).map_err(|(k, r)| invalid(k, r))?;
         http.session_secret
             .get_or_insert_with(|| format!("causeway-session/cluster/{cluster}"));
-        let node = network(self.network, region, cluster).map_err(|(k, r)| invalid(k, r))?;
+        let cluster_key = match &self.cluster_key_file {
+            Some(path) => Some(
+                ClusterKey::load(path).map_err(|e| invalid("cluster_key_file", e.to_string()))?,
+            ),
+            None => None,
+        };
+        let node =
+            network(self.network, region, cluster, cluster_key).map_err(|(k, r)| invalid(k, r))?;
         let engine = engine(self.engine).map_err(|(k, r)| invalid(k, r))?;
         Ok(Settings {
             data_dir,
@@ -264,10 +285,23 @@ fn secs(value: Option<u64>, default: Duration) -> Duration {
     value.map_or(default, Duration::from_secs)
 }
 
-fn network(n: NetworkSection, region: Region, cluster: ClusterId) -> Result<NodeConfig, KeyError> {
+fn network(
+    n: NetworkSection,
+    region: Region,
+    cluster: ClusterId,
+    cluster_key: Option<ClusterKey>,
+) -> Result<NodeConfig, KeyError> {
     let mut c = NodeConfig::new(region, cluster);
-    if let Some(list) = n.listen {
-        c.listen = addrs("network.listen", list)?;
+    c.cluster_key = cluster_key;
+    c.insecure_open_cluster = n.insecure_open_cluster.unwrap_or(false);
+    match n.listen {
+        Some(list) => c.listen = addrs("network.listen", list)?,
+        // A member of a keyed cluster is reachable by default; a node
+        // without a key keeps the loopback default.
+        None if c.cluster_key.is_some() => {
+            c.listen = addrs("network.listen", vec![OPEN_LISTEN.into()])?
+        }
+        None => {}
     }
     if let Some(list) = n.bootstrap {
         c.bootstrap = addrs("network.bootstrap", list)?;
@@ -461,15 +495,23 @@ request_timeout_secs = 10
 ";
 
 /// Creates `dir` and writes `dir/node.toml` for a node of `cluster` in
-/// `region` with its data in `dir` and the [`LAN_TIMERS`]; returns the
-/// file's path.
-pub fn write_lan_settings(dir: &Path, region: &str, cluster: &str) -> std::io::Result<PathBuf> {
+/// `region` with its data in `dir`, the cluster key file `key_file` if
+/// given, and the [`LAN_TIMERS`]; returns the file's path.
+pub fn write_lan_settings(
+    dir: &Path,
+    region: &str,
+    cluster: &str,
+    key_file: Option<&Path>,
+) -> std::io::Result<PathBuf> {
     std::fs::create_dir_all(dir)?;
     let path = dir.join("node.toml");
+    let key = key_file.map_or(String::new(), |k| {
+        format!("cluster_key_file = {:?}\n", k.display().to_string())
+    });
     std::fs::write(
         &path,
         format!(
-            "data_dir = {:?}\nregion = {region:?}\ncluster = {cluster:?}\n[network]\n{LAN_TIMERS}",
+            "data_dir = {:?}\nregion = {region:?}\ncluster = {cluster:?}\n{key}[network]\n{LAN_TIMERS}",
             dir.display().to_string()
         ),
     )?;
@@ -491,16 +533,36 @@ mod tests {
     #[test]
     fn the_example_config_is_valid() -> Result<(), Box<dyn std::error::Error>> {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/node.toml");
-        let settings =
-            FileSettings::load(&path)?.resolve(Overrides::default(), "examples/node.toml")?;
+        let mut file = FileSettings::load(&path)?;
+        assert_eq!(
+            file.cluster_key_file.as_deref(),
+            Some(Path::new("/etc/causeway/cluster.key"))
+        );
+        // The example's key file is not on this machine: one made here.
+        let dir = tempfile::tempdir()?;
+        let key = dir.path().join("cluster.key");
+        ClusterKey::generate()?.create(&key)?;
+        file.cluster_key_file = Some(key);
+        let settings = file.resolve(Overrides::default(), "examples/node.toml")?;
         assert_eq!(settings.node.region.as_str(), "eu-west");
+        assert!(settings.node.cluster_key.is_some());
+        // Without the key, listening on every interface is refused.
+        let mut file = FileSettings::load(&path)?;
+        file.cluster_key_file = None;
+        let err = file
+            .resolve(Overrides::default(), "examples/node.toml")
+            .err();
+        assert!(
+            matches!(&err, Some(SettingsError::Invalid { key, .. }) if key == "network.listen"),
+            "{err:?}"
+        );
         Ok(())
     }
 
     #[test]
     fn lan_settings_give_the_loopback_timers() -> Result<(), Box<dyn std::error::Error>> {
         let dir = tempfile::tempdir()?;
-        let path = write_lan_settings(&dir.path().join("n"), "eu", "c")?;
+        let path = write_lan_settings(&dir.path().join("n"), "eu", "c", None)?;
         let s = FileSettings::load(&path)?.resolve(Overrides::default(), "n")?;
         let lan = NodeConfig::loopback(Region::new("eu")?, ClusterId::new("c")?);
         assert_eq!(s.data_dir, dir.path().join("n"));

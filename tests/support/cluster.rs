@@ -58,6 +58,8 @@ pub struct Options<'a> {
     pub listen: &'a str,
     /// The cluster id.
     pub cluster: &'a str,
+    /// The cluster key file, if the node holds one.
+    pub cluster_key_file: Option<&'a Path>,
 }
 
 impl Default for Options<'_> {
@@ -67,6 +69,7 @@ impl Default for Options<'_> {
             tables: "",
             listen: "/ip4/127.0.0.1/tcp/0",
             cluster: "test",
+            cluster_key_file: None,
         }
     }
 }
@@ -90,12 +93,16 @@ impl NodeProc {
             tables,
             listen,
             cluster,
+            cluster_key_file,
         } = options;
+        let key = cluster_key_file.map_or(String::new(), |k| {
+            format!("cluster_key_file = {:?}\n", k.display().to_string())
+        });
         let dir = root.join(name);
         std::fs::create_dir_all(&dir).unwrap();
         let config = dir.join("node.toml");
         let text = format!(
-            "data_dir = {:?}\nregion = {region:?}\ncluster = {cluster:?}\n[network]\n{network}\n{TEST_TIMERS}\n{tables}\n",
+            "data_dir = {:?}\nregion = {region:?}\ncluster = {cluster:?}\n{key}[network]\n{network}\n{TEST_TIMERS}\n{tables}\n",
             dir.display().to_string()
         );
         std::fs::write(&config, text).unwrap();

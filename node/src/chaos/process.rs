@@ -34,7 +34,9 @@ pub struct NodeProcess {
 
 impl NodeProcess {
     /// Writes the settings of region `index`'s node (named `region`, of
-    /// `cluster`) under `root`; returns the process, not yet started.
+    /// `cluster`, holding the cluster key in `root/cluster.key`, which is
+    /// created on first use) under `root`; returns the process, not yet
+    /// started.
     pub fn prepare(
         root: &Path,
         index: usize,
@@ -45,7 +47,9 @@ impl NodeProcess {
         // LAN timers, so that healing is bounded by seconds (the WAN
         // defaults redial after up to 60 s and run anti-entropy every 30 s).
         let dir = root.join(region);
-        let config = crate::settings::write_lan_settings(&dir, region, cluster)?;
+        crate::local_cluster::cluster_key(root)?;
+        let key = root.join("cluster.key");
+        let config = crate::settings::write_lan_settings(&dir, region, cluster, Some(&key))?;
         let addr = node_addr(index);
         let mut args = vec![
             "netns".to_string(),

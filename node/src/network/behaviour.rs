@@ -11,6 +11,12 @@
 //! * connection limits, an optional allowlist (fails closed), and a
 //!   blocklist (operators and the demo cut peers off with it).
 //!
+//! With a cluster key ([`crate::cluster_key`]) every connection is TCP and
+//! begins with libp2p's private-network handshake under that key, so only
+//! members can connect at all; without one, TCP and QUIC are open to any
+//! peer that can reach the node, which is why such a node listens on
+//! loopback unless the operator says otherwise ([`NodeConfig::validate`]).
+//!
 //! Every protocol name carries the cluster id, so nodes of different clusters
 //! cannot even open a stream to each other.
 
@@ -18,18 +24,24 @@ use std::time::Duration;
 
 use causeway_engine::replication::ids::ClusterId;
 use causeway_engine::replication::wire::MAX_GOSSIP_BYTES;
+use libp2p::core::muxing::StreamMuxerBox;
+use libp2p::core::transport::{Boxed, Transport};
+use libp2p::core::upgrade::Version;
+use libp2p::futures::future::Either;
 use libp2p::identity::Keypair;
 use libp2p::kad::store::MemoryStore;
+use libp2p::pnet::PnetConfig;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::{
-    allow_block_list, connection_limits, gossipsub, identify, kad, noise, ping, request_response,
-    tcp, yamux, StreamProtocol, Swarm, SwarmBuilder,
+    allow_block_list, connection_limits, gossipsub, identify, kad, noise, ping, quic,
+    request_response, tcp, yamux, PeerId, StreamProtocol, Swarm, SwarmBuilder,
 };
 use prometheus_client::registry::Registry;
 use sha2::{Digest, Sha256};
 
 use super::codec::FrameCodec;
+use crate::cluster_key::ClusterKey;
 use crate::config::NodeConfig;
 
 /// Events a connection may queue for the swarm before it stops reading
@@ -135,21 +147,18 @@ pub fn build_swarm(
     protocols: &Protocols,
     registry: &mut Registry,
 ) -> Result<Swarm<Behaviour>, BuildError> {
-    let transport = |what| {
-        move |e: &dyn std::fmt::Display| BuildError::Transport {
-            what,
-            reason: e.to_string(),
-        }
-    };
+    let cluster_key = config.cluster_key;
     let swarm = SwarmBuilder::with_existing_identity(key)
         .with_tokio()
-        .with_tcp(
-            tcp::Config::default().nodelay(true),
-            noise::Config::new,
-            yamux::Config::default,
-        )
-        .map_err(|e| transport("tcp")(&e))?
-        .with_quic()
+        .with_other_transport(|key| transport(key, cluster_key))
+        .map_err(|e| BuildError::Transport {
+            what: if cluster_key.is_some() {
+                "TCP with the cluster key"
+            } else {
+                "TCP and QUIC"
+            },
+            reason: e.to_string(),
+        })?
         .with_bandwidth_metrics(registry)
         .with_behaviour(|key| behaviour(key, config, protocols, registry))
         .map_err(|e| BuildError::Behaviour {
@@ -162,6 +171,38 @@ pub fn build_swarm(
         })
         .build();
     Ok(swarm)
+}
+
+/// The transport: with a cluster key, TCP whose connections begin with the
+/// private-network handshake under that key (and then Noise and yamux, as
+/// always); without one, TCP with Noise and yamux, and QUIC.
+fn transport(
+    key: &Keypair,
+    cluster_key: Option<ClusterKey>,
+) -> Result<Boxed<(PeerId, StreamMuxerBox)>, Box<dyn std::error::Error + Send + Sync>> {
+    let tcp = tcp::tokio::Transport::new(tcp::Config::default().nodelay(true));
+    let noise = noise::Config::new(key)?;
+    Ok(match cluster_key {
+        Some(cluster_key) => {
+            let psk = cluster_key.psk();
+            tcp.and_then(move |socket, _| PnetConfig::new(psk).handshake(socket))
+                .upgrade(Version::V1Lazy)
+                .authenticate(noise)
+                .multiplex(yamux::Config::default())
+                .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)))
+                .boxed()
+        }
+        None => tcp
+            .upgrade(Version::V1Lazy)
+            .authenticate(noise)
+            .multiplex(yamux::Config::default())
+            .or_transport(quic::tokio::Transport::new(quic::Config::new(key)))
+            .map(|either, _| match either {
+                Either::Left((peer, muxer)) => (peer, StreamMuxerBox::new(muxer)),
+                Either::Right((peer, muxer)) => (peer, StreamMuxerBox::new(muxer)),
+            })
+            .boxed(),
+    })
 }
 
 fn behaviour(
