@@ -251,8 +251,34 @@ fn every_kind_of_bad_message_is_refused_counted_and_changes_nothing() {
         );
         assert!(a.core.engine().heads(&id("bad/doc")).is_err(), "{reason}");
     }
+    // A hello on the direct channel naming another node than the sender:
+    // b may not relabel c's region.
+    let forged_hello = Envelope {
+        cluster: ClusterId::new("test").unwrap(),
+        message: Message::Hello(Hello {
+            node: NodeId::new("c").unwrap(),
+            region: Region::new("ap").unwrap(),
+            version: PROTOCOL_VERSION,
+        }),
+    }
+    .encode();
+    let verdict = a
+        .core
+        .handle_message(Duration::ZERO, &bn, Channel::Direct, &forged_hello)
+        .unwrap();
+    assert_eq!(verdict, Verdict::Reject);
+    assert_eq!(a.core.stats().rejected.get("forged_identity"), Some(&1));
+    match a.core.poll_output() {
+        Some(Output::Misbehaving { peer, reason }) => {
+            assert_eq!(
+                (peer, reason_name(&reason)),
+                (bn.clone(), "forged_identity")
+            );
+        }
+        other => panic!("forged hello: expected a misbehaving report, got {other:?}"),
+    }
     let rejected = &a.core.stats().rejected;
-    assert_eq!(rejected.values().sum::<u64>(), cases.len() as u64);
+    assert_eq!(rejected.values().sum::<u64>(), cases.len() as u64 + 1);
     // The untampered delta is accepted, so the refusals were about the faults.
     let verdict = a
         .core

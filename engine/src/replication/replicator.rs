@@ -175,6 +175,13 @@ pub enum Rejection {
     /// A message type that does not belong on the channel it came on.
     #[error("{0} is not accepted on this channel")]
     WrongChannel(&'static str),
+    /// A direct message speaking for another node than the connection's
+    /// authenticated peer (a `Hello` naming someone else).
+    #[error("the message speaks for {claimed}, not for its sender")]
+    ForgedIdentity {
+        /// The node the message claims to come from.
+        claimed: NodeId,
+    },
 }
 
 /// What the gossip layer should do with a received gossip message.
@@ -740,6 +747,12 @@ impl Replicator {
             (Channel::Gossip, Message::Delta(d)) => self.on_delta(now, from, d),
             (Channel::Gossip, Message::Announce(a)) => self.on_announce(now, from, a),
             (Channel::Direct, Message::Hello(h)) => {
+                // A direct message comes from the connection's
+                // authenticated peer: it may only introduce that peer.
+                if h.node != *from {
+                    let reason = Rejection::ForgedIdentity { claimed: h.node };
+                    return Ok(self.reject(from, reason));
+                }
                 self.progress.set_region(&h.node, &h.region);
                 Ok(Verdict::Accept)
             }
@@ -1538,6 +1551,7 @@ pub fn reason_name(r: &Rejection) -> &'static str {
         Rejection::ShapeLimit(_) => "shape_limit",
         Rejection::BadSync(_) => "bad_sync",
         Rejection::WrongChannel(_) => "wrong_channel",
+        Rejection::ForgedIdentity { .. } => "forged_identity",
     }
 }
 
