@@ -85,6 +85,35 @@ struct Class {
     send: fn(&NodeProc, usize) -> (u16, String),
 }
 
+impl Class {
+    /// Changes that break a shape limit: every copy refused with 422
+    /// `shape_limit` and counted in `shape_refused`.
+    fn changes(name: &'static str, send: fn(&NodeProc, usize) -> (u16, String)) -> Class {
+        Class {
+            name,
+            copies: COPIES,
+            refusal: (422, "shape_limit"),
+            changes: true,
+            send,
+        }
+    }
+
+    /// A JSON body refused with `refusal` before it becomes a change.
+    fn json(
+        name: &'static str,
+        refusal: (u16, &'static str),
+        send: fn(&NodeProc, usize) -> (u16, String),
+    ) -> Class {
+        Class {
+            name,
+            copies: COPIES,
+            refusal,
+            changes: false,
+            send,
+        }
+    }
+}
+
 /// `len` characters of 64 kinds, hardly compressible, different for each
 /// `part` and `copy`.
 fn noise(len: u64, part: u64, copy: usize) -> String {
@@ -119,101 +148,75 @@ fn post_changes(node: &NodeProc, id: &str, body: &[u8]) -> (u16, String) {
 
 fn classes() -> Vec<Class> {
     vec![
-        Class {
-            name: "a change nesting maps 2,000 deep",
-            copies: COPIES,
-            refusal: (422, "shape_limit"),
-            changes: true,
-            send: |node, i| {
-                let id = format!("hostile/maps-{i}");
-                post_changes(node, &id, &client_changes(&id, nest(2_000, |_| false)))
-            },
-        },
-        Class {
-            name: "a change nesting lists and maps 2,000 deep, alternating",
-            copies: COPIES,
-            refusal: (422, "shape_limit"),
-            changes: true,
-            send: |node, i| {
+        Class::changes("a change nesting maps 2,000 deep", |node, i| {
+            let id = format!("hostile/maps-{i}");
+            post_changes(node, &id, &client_changes(&id, nest(2_000, |_| false)))
+        }),
+        Class::changes(
+            "a change nesting lists and maps 2,000 deep, alternating",
+            |node, i| {
                 let id = format!("hostile/mixed-{i}");
                 post_changes(node, &id, &client_changes(&id, nest(2_000, |l| l % 2 == 1)))
             },
-        },
+        ),
+        Class::changes("a change of 5,001 operations (limit 5,000)", |node, i| {
+            let id = format!("hostile/ops-{i}");
+            let changes = client_changes(&id, |tx| {
+                (0..5_001).try_for_each(|k| tx.put(ROOT, format!("k{k}"), k))
+            });
+            post_changes(node, &id, &changes)
+        }),
+        Class::changes("a change creating 201 objects (limit 200)", |node, i| {
+            let id = format!("hostile/objects-{i}");
+            let changes = client_changes(&id, |tx| {
+                (0..201)
+                    .try_for_each(|k| tx.put_object(ROOT, format!("o{k}"), ObjType::Map).map(drop))
+            });
+            post_changes(node, &id, &changes)
+        }),
         Class {
-            name: "a change of 5,001 operations (limit 5,000)",
-            copies: COPIES,
-            refusal: (422, "shape_limit"),
-            changes: true,
-            send: |node, i| {
-                let id = format!("hostile/ops-{i}");
-                let changes = client_changes(&id, |tx| {
-                    (0..5_001).try_for_each(|k| tx.put(ROOT, format!("k{k}"), k))
-                });
-                post_changes(node, &id, &changes)
-            },
-        },
-        Class {
-            name: "a change creating 201 objects (limit 200)",
-            copies: COPIES,
-            refusal: (422, "shape_limit"),
-            changes: true,
-            send: |node, i| {
-                let id = format!("hostile/objects-{i}");
-                let changes = client_changes(&id, |tx| {
-                    (0..201).try_for_each(|k| {
-                        tx.put_object(ROOT, format!("o{k}"), ObjType::Map).map(drop)
-                    })
-                });
-                post_changes(node, &id, &changes)
-            },
-        },
-        Class {
-            name: "a document grown past 8 MiB stored (POSTs of 4 changes of 300 KB)",
             copies: 3,
-            refusal: (422, "shape_limit"),
-            changes: true,
-            send: |node, i| {
-                // Accepted up to the limit: these documents are kept.
-                let id = format!("grown/size-{i}");
-                let mut am = Automerge::new();
-                am.apply_changes([genesis_change(&DocId::new(&id).unwrap())])
-                    .unwrap();
-                for round in 0..40u64 {
-                    let heads = am.get_heads();
-                    for part in 0..4u64 {
-                        let mut tx = am.transaction();
-                        let key = format!("p{round}-{part}");
-                        tx.put(ROOT, key, noise(300_000, round * 4 + part, i))
-                            .unwrap();
-                        tx.commit();
+            ..Class::changes(
+                "a document grown past 8 MiB stored (POSTs of 4 changes of 300 KB)",
+                |node, i| {
+                    // Accepted up to the limit: these documents are kept.
+                    let id = format!("grown/size-{i}");
+                    let mut am = Automerge::new();
+                    am.apply_changes([genesis_change(&DocId::new(&id).unwrap())])
+                        .unwrap();
+                    for round in 0..40u64 {
+                        let heads = am.get_heads();
+                        for part in 0..4u64 {
+                            let mut tx = am.transaction();
+                            let key = format!("p{round}-{part}");
+                            tx.put(ROOT, key, noise(300_000, round * 4 + part, i))
+                                .unwrap();
+                            tx.commit();
+                        }
+                        let body: Vec<u8> = am
+                            .get_changes(&heads)
+                            .iter()
+                            .flat_map(|c| c.raw_bytes().to_vec())
+                            .collect();
+                        let (status, code) = post_changes(node, &id, &body);
+                        if status != 200 {
+                            return (status, code);
+                        }
                     }
-                    let body: Vec<u8> = am
-                        .get_changes(&heads)
-                        .iter()
-                        .flat_map(|c| c.raw_bytes().to_vec())
-                        .collect();
-                    let (status, code) = post_changes(node, &id, &body);
-                    if status != 200 {
-                        return (status, code);
-                    }
-                }
-                panic!("{id} grew past 40 MB without a refusal")
-            },
+                    panic!("{id} grew past 40 MB without a refusal")
+                },
+            )
         },
-        Class {
-            name: "a JSON body nesting 100 deep (limit 64)",
-            copies: COPIES,
-            refusal: (422, "shape_limit"),
-            changes: false,
-            send: |node, i| put_nested(node, i, 100),
-        },
-        Class {
-            name: "a JSON body nesting 999 deep (past the JSON parser's 128)",
-            copies: COPIES,
-            refusal: (400, "malformed_json"),
-            changes: false,
-            send: |node, i| put_nested(node, i, 999),
-        },
+        Class::json(
+            "a JSON body nesting 100 deep (limit 64)",
+            (422, "shape_limit"),
+            |node, i| put_nested(node, i, 100),
+        ),
+        Class::json(
+            "a JSON body nesting 999 deep (past the JSON parser's 128)",
+            (400, "malformed_json"),
+            |node, i| put_nested(node, i, 999),
+        ),
     ]
 }
 

@@ -164,9 +164,7 @@ impl NodeConfig {
         }
         Ok(())
     }
-}
 
-impl NodeConfig {
     /// Why the node must not listen on `addr`, if it must not: an address
     /// beyond loopback with nothing that keeps strangers out, or QUIC,
     /// which cannot carry the cluster key.

@@ -54,7 +54,7 @@ const HONEST_ROUNDS: usize = 32;
 const PEER: &str = "fuzz-peer";
 
 /// A hash in a message: one of the changes either side wrote, or made up.
-#[derive(Arbitrary, Debug)]
+#[derive(Arbitrary, Debug, Clone)]
 enum HashPick {
     Known(u8),
     Made([u8; 32]),
@@ -150,19 +150,11 @@ pub fn run(data: &[u8]) {
     let peer = open(peer_dir.path(), 2);
     write(&engine, &doc, &input.ours);
     write(&peer, &doc, &input.theirs);
+    let (ours, theirs) = (history(&engine, &doc), history(&peer, &doc));
     let known = Known {
-        ours: history(&engine, &doc),
-        theirs: history(&peer, &doc),
-        hashes: Vec::new(),
-    };
-    let known = Known {
-        hashes: known
-            .ours
-            .iter()
-            .chain(&known.theirs)
-            .map(Change::hash)
-            .collect(),
-        ..known
+        hashes: ours.iter().chain(&theirs).map(Change::hash).collect(),
+        ours,
+        theirs,
     };
     let mut allowed: HashSet<ChangeHash> = known.hashes.iter().copied().collect();
     let mut sync = SyncState::new();
@@ -328,7 +320,7 @@ fn message(spec: &MessageSpec, known: &Known) -> Option<SyncMessage> {
         .map(|h| Have {
             last_sync: hashes(
                 &Hashes {
-                    picks: h.last_sync.iter().map(clone_pick).collect(),
+                    picks: h.last_sync.clone(),
                     pad: None,
                 },
                 known,
@@ -351,13 +343,6 @@ fn message(spec: &MessageSpec, known: &Known) -> Option<SyncMessage> {
     message.have = have;
     message.changes = ChunkList::from(changes);
     crate::codec::sync_message(&message.encode()).ok()
-}
-
-fn clone_pick(p: &HashPick) -> HashPick {
-    match p {
-        HashPick::Known(i) => HashPick::Known(*i),
-        HashPick::Made(h) => HashPick::Made(*h),
-    }
 }
 
 fn receive(engine: &Engine, doc: &DocId, sync: &mut SyncState, message: Option<SyncMessage>) {
