@@ -14,7 +14,7 @@ use causeway_engine::replication::wire::{
     MAX_GOSSIP_BYTES, PROTOCOL_VERSION,
 };
 use causeway_engine::replication::{
-    reason_name, Channel, Output, Replicator, ReplicatorConfig, Verdict,
+    reason_name, Channel, Inbound, Output, Replicator, ReplicatorConfig, Verdict,
 };
 use causeway_engine::{Engine, SyncState};
 use common::{fresh, id};
@@ -54,7 +54,13 @@ fn deliver(src: &mut Node, from: &NodeId, dst: &mut Node, now: Duration) -> usiz
             Output::Send { bytes, .. } => (Channel::Direct, bytes),
             Output::Misbehaving { peer, reason } => panic!("{peer} misbehaved: {reason}"),
         };
-        dst.core.handle_message(now, from, channel, &bytes).unwrap();
+        let inbound = Inbound {
+            from,
+            author: from,
+            channel,
+            bytes: &bytes,
+        };
+        dst.core.handle_message(now, inbound).unwrap();
     }
     delivered
 }
@@ -226,14 +232,14 @@ fn every_kind_of_bad_message_is_refused_counted_and_changes_nothing() {
         ("wrong_channel", hello_from_c.clone()),
     ];
     let mut a = node("a", "eu");
-    let bn = NodeId::new("b").unwrap();
+    let (bn, cn) = (NodeId::new("b").unwrap(), NodeId::new("c").unwrap());
     let mut rng = SplitMix64::new(3);
     a.core.handle_connect(Duration::ZERO, &bn, &mut rng);
     while a.core.poll_output().is_some() {}
     for (reason, bytes) in &cases {
         let verdict = a
             .core
-            .handle_message(Duration::ZERO, &bn, Channel::Gossip, bytes)
+            .handle_message(Duration::ZERO, Inbound::gossip(&bn, &cn, bytes))
             .unwrap();
         assert_eq!(verdict, Verdict::Reject, "{reason}");
         assert_eq!(a.core.stats().rejected.get(reason), Some(&1), "{reason}");
@@ -256,7 +262,7 @@ fn every_kind_of_bad_message_is_refused_counted_and_changes_nothing() {
     // b may not relabel c's region.
     let verdict = a
         .core
-        .handle_message(Duration::ZERO, &bn, Channel::Direct, &hello_from_c)
+        .handle_message(Duration::ZERO, Inbound::direct(&bn, &hello_from_c))
         .unwrap();
     assert_eq!(verdict, Verdict::Reject);
     assert_eq!(a.core.stats().rejected.get("forged_identity"), Some(&1));
@@ -269,12 +275,24 @@ fn every_kind_of_bad_message_is_refused_counted_and_changes_nothing() {
         }
         other => panic!("forged hello: expected a misbehaving report, got {other:?}"),
     }
+    // The good delta (origin c) signed by b: b may not speak for c.
+    let verdict = a
+        .core
+        .handle_message(Duration::ZERO, Inbound::gossip(&bn, &bn, &good))
+        .unwrap();
+    assert_eq!(verdict, Verdict::Reject);
+    assert_eq!(a.core.stats().rejected.get("forged_identity"), Some(&2));
+    assert!(a.core.engine().heads(&id("bad/doc")).is_err());
+    assert!(
+        a.core.progress().peer(&cn).is_none(),
+        "c's region relabelled"
+    );
     let rejected = &a.core.stats().rejected;
-    assert_eq!(rejected.values().sum::<u64>(), cases.len() as u64 + 1);
+    assert_eq!(rejected.values().sum::<u64>(), cases.len() as u64 + 2);
     // The untampered delta is accepted, so the refusals were about the faults.
     let verdict = a
         .core
-        .handle_message(Duration::ZERO, &bn, Channel::Gossip, &good)
+        .handle_message(Duration::ZERO, Inbound::gossip(&bn, &cn, &good))
         .unwrap();
     assert_eq!(verdict, Verdict::Accept);
     assert_eq!(
@@ -381,7 +399,7 @@ fn a_peer_cannot_open_more_sync_sessions_than_the_limit() {
         .encode();
         let verdict = a
             .core
-            .handle_message(Duration::ZERO, &bn, Channel::Direct, &frame)
+            .handle_message(Duration::ZERO, Inbound::direct(&bn, &frame))
             .unwrap();
         // A lacks each document, so it answers and awaits B's reply: the
         // first two fill the limit, the third is ignored and changes nothing.
@@ -439,7 +457,7 @@ fn a_late_older_report_does_not_undo_what_a_peer_is_known_to_hold() {
     };
     let now = Duration::from_secs(3);
     a.core
-        .handle_message(now, &bn, Channel::Direct, &stale.encode())
+        .handle_message(now, Inbound::direct(&bn, &stale.encode()))
         .unwrap();
     assert_eq!(
         a.core.progress().known_heads(&bn, &doc),
@@ -503,9 +521,12 @@ fn a_batch_of_received_messages_is_durable_with_one_fsync() {
     let verdicts = b
         .handle_messages(
             Duration::ZERO,
-            messages
-                .iter()
-                .map(|(c, bytes)| (&an, *c, bytes.as_slice())),
+            messages.iter().map(|(channel, bytes)| Inbound {
+                from: &an,
+                author: &an,
+                channel: *channel,
+                bytes,
+            }),
         )
         .unwrap();
     assert_eq!(engine.stats().wal_syncs - syncs_before, 1);
@@ -531,8 +552,13 @@ fn a_batch_of_received_messages_is_durable_with_one_fsync() {
     let (_dir, engine, mut c) = durable_node("c", "ap");
     let syncs_before = engine.stats().wal_syncs;
     for (channel, bytes) in &messages {
-        c.handle_message(Duration::ZERO, &an, *channel, bytes)
-            .unwrap();
+        let inbound = Inbound {
+            from: &an,
+            author: &an,
+            channel: *channel,
+            bytes,
+        };
+        c.handle_message(Duration::ZERO, inbound).unwrap();
     }
     assert_eq!(engine.stats().wal_syncs - syncs_before, 20);
     for doc in ["batch/x", "batch/y"] {
@@ -585,7 +611,7 @@ fn a_burst_of_local_commits_is_published_as_one_delta_per_document() {
     for (_, _, bytes) in &deltas {
         let verdict = b
             .core
-            .handle_message(Duration::ZERO, &an, Channel::Gossip, bytes)
+            .handle_message(Duration::ZERO, Inbound::gossip(&an, &an, bytes))
             .unwrap();
         assert_eq!(verdict, Verdict::Accept);
     }

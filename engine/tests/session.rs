@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use causeway_engine::replication::ids::{ClusterId, NodeId, Region};
 use causeway_engine::replication::random::SplitMix64;
-use causeway_engine::replication::{Channel, Output, Replicator, ReplicatorConfig};
+use causeway_engine::replication::{Channel, Inbound, Output, Replicator, ReplicatorConfig};
 use causeway_engine::{DocId, SessionToken};
 use common::{fresh, id};
 use serde_json::json;
@@ -138,7 +138,15 @@ impl Net {
         };
         for (b, channel, bytes) in targets {
             self.cores[b]
-                .handle_message(self.now, &from, channel, &bytes)
+                .handle_message(
+                    self.now,
+                    Inbound {
+                        from: &from,
+                        author: &from,
+                        channel,
+                        bytes: &bytes,
+                    },
+                )
                 .unwrap();
         }
     }
@@ -251,7 +259,7 @@ fn a_peer_that_got_a_write_through_a_third_node_is_cleared_by_reconciliation() {
     };
     let eu = net.names[0].clone();
     net.cores[1]
-        .handle_message(net.now, &eu, Channel::Gossip, &delta)
+        .handle_message(net.now, Inbound::gossip(&eu, &eu, &delta))
         .unwrap();
     net.settle();
     assert_eq!(net.cores[0].progress().lag(&net.names[1]).documents, 1);

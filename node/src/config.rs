@@ -76,6 +76,10 @@ pub struct NodeConfig {
     pub max_concurrent_streams: usize,
     /// Close connections idle this long. Default 60 s.
     pub idle_connection_timeout: Duration,
+    /// Where blocks of misbehaving peers are kept across restarts (see
+    /// [`crate::network::sanctions`]); `None` keeps them in memory. The
+    /// `causeway` binary uses `blocked-peers.json` in its data directory.
+    pub sanctions_file: Option<std::path::PathBuf>,
 }
 
 impl NodeConfig {
@@ -102,6 +106,7 @@ impl NodeConfig {
             request_timeout: Duration::from_secs(30),
             max_concurrent_streams: 64,
             idle_connection_timeout: Duration::from_secs(60),
+            sanctions_file: None,
         }
     }
 

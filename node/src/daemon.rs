@@ -17,6 +17,9 @@ use tracing::{info, warn};
 use crate::settings::{FileSettings, Overrides, Settings};
 use crate::{http, identity, Node};
 
+/// The file in the data directory that keeps blocks of misbehaving peers.
+pub const SANCTIONS_FILE: &str = "blocked-peers.json";
+
 /// Flags of `causeway node` (each also read from a `CAUSEWAY_*` variable).
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {
@@ -94,7 +97,9 @@ pub async fn run(settings: Settings) -> Result<()> {
     let listener = TcpListener::bind(settings.http.listen)
         .await
         .with_context(|| format!("cannot listen for HTTP on {}", settings.http.listen))?;
-    let node = Node::start(engine.clone(), key, settings.node.clone())?;
+    let mut node_config = settings.node.clone();
+    node_config.sanctions_file = Some(settings.data_dir.join(SANCTIONS_FILE));
+    let node = Node::start(engine.clone(), key, node_config)?;
     let addrs = node
         .listen_addrs(std::time::Duration::from_secs(10))
         .await?;

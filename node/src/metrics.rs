@@ -77,6 +77,15 @@ pub struct NodeMetrics {
     pub local_events_dropped: Gauge,
     /// Peers replication runs with.
     pub peers_replicating: Gauge,
+    /// Peers blocked now (by an operator or for misbehaving).
+    pub peers_blocked: Gauge,
+    /// Peers blocked for misbehaving since start.
+    pub peers_sanctioned: Counter,
+    /// Disconnected peers forgotten to make room in the peer table.
+    pub peers_forgotten: Counter,
+    /// The per-peer lag labels set by the last [`NodeMetrics::observe_lag`]
+    /// (a label not set again is removed: departed peers leave no series).
+    peer_labels: std::collections::HashSet<PeerLabel>,
     /// Queue depths of the replication core (largest over peers).
     queue_depth: Family<KindLabel, Gauge>,
     documents_behind: Family<PeerLabel, Gauge>,
@@ -127,6 +136,10 @@ impl NodeMetrics {
             direct_queued: Gauge::default(),
             local_events_dropped: Gauge::default(),
             peers_replicating: Gauge::default(),
+            peers_blocked: Gauge::default(),
+            peers_sanctioned: Counter::default(),
+            peers_forgotten: Counter::default(),
+            peer_labels: Default::default(),
             queue_depth: Family::default(),
             documents_behind: Family::default(),
             changes_behind: Family::default(),
@@ -255,6 +268,21 @@ impl NodeMetrics {
             m.peers_replicating.clone(),
         );
         r.register(
+            "peers_blocked",
+            "Peers blocked now, by an operator or for misbehaving",
+            m.peers_blocked.clone(),
+        );
+        r.register(
+            "peers_sanctioned",
+            "Peers blocked for sending refused messages",
+            m.peers_sanctioned.clone(),
+        );
+        r.register(
+            "peers_forgotten",
+            "Disconnected peers forgotten to make room in the peer table",
+            m.peers_forgotten.clone(),
+        );
+        r.register(
             "direct_queue_depth",
             "Direct messages waiting for a slot in a peer's window, longest queue",
             m.direct_queued.clone(),
@@ -302,12 +330,14 @@ impl NodeMetrics {
     }
 
     /// Sets the lag gauges of every peer and region.
-    pub fn observe_lag(&self, peers: &[PeerLag], regions: &[RegionStatus]) {
+    pub fn observe_lag(&mut self, peers: &[PeerLag], regions: &[RegionStatus]) {
+        let mut labels = std::collections::HashSet::with_capacity(peers.len());
         for l in peers {
             let label = PeerLabel {
                 peer: l.peer.to_string(),
                 region: l.region.clone().unwrap_or_else(|| "unknown".into()),
             };
+            labels.insert(label.clone());
             let b = &l.behind;
             self.documents_behind
                 .get_or_create(&label)
@@ -317,6 +347,12 @@ impl NodeMetrics {
                 .set(b.changes as i64);
             self.lag_seconds.get_or_create(&label).set(b.lag_seconds);
         }
+        for gone in self.peer_labels.difference(&labels) {
+            self.documents_behind.remove(gone);
+            self.changes_behind.remove(gone);
+            self.lag_seconds.remove(gone);
+        }
+        self.peer_labels = labels;
         for r in regions {
             let label = RegionLabel {
                 region: r.region.clone(),

@@ -25,6 +25,7 @@ use crate::config::{ConfigError, NodeConfig};
 use crate::metrics::NodeMetrics;
 use crate::network::behaviour::{build_swarm, BuildError, Protocols};
 use crate::network::driver::{node_id, Command, Driver, Inputs, Parts};
+use crate::network::sanctions::Sanctions;
 use crate::network::{NetworkStatus, RegionNeed, RegionWaiter};
 
 /// Local commits queued between the engine's subscription and the
@@ -75,6 +76,9 @@ pub enum NodeError {
     /// The runtime or the thread could not be created.
     #[error("cannot start the networking thread: {0}")]
     Thread(std::io::Error),
+    /// The blocks of misbehaving peers could not be read.
+    #[error(transparent)]
+    Sanctions(#[from] crate::network::sanctions::SanctionsError),
     /// Too much work of this kind is waiting already; try again later.
     #[error("busy: {0}")]
     Busy(String),
@@ -136,7 +140,12 @@ impl Node {
         let dropped = forward_local_commits(&engine, local_tx, Arc::clone(&stopping))?;
         let (commands_tx, commands) = mpsc::channel(COMMAND_QUEUE);
         let seed = seed(&peer_id);
+        let sanctions = match &config.sanctions_file {
+            Some(path) => Sanctions::load(path, Instant::now())?,
+            None => Sanctions::in_memory(),
+        };
         let mut driver = Driver::new(Parts {
+            sanctions,
             swarm,
             core,
             config,

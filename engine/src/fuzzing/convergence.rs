@@ -34,7 +34,7 @@ use crate::error::Error;
 use crate::json::to_json;
 use crate::replication::ids::{ClusterId, NodeId, Region};
 use crate::replication::random::SplitMix64;
-use crate::replication::{Channel, Output, Replicator, ReplicatorConfig, Verdict};
+use crate::replication::{Channel, Inbound, Output, Replicator, ReplicatorConfig, Verdict};
 use crate::sim::message_id;
 
 use super::edit::Edit;
@@ -78,6 +78,8 @@ struct Scenario {
 struct Packet {
     from: usize,
     to: usize,
+    /// The replica that made it (for gossip, the signed author).
+    author: usize,
     epoch: u64,
     channel: Channel,
     bytes: Rc<[u8]>,
@@ -288,6 +290,7 @@ impl Cluster {
             return;
         }
         let from = self.replicas[p.from].id.clone();
+        let author = self.replicas[p.author].id.clone();
         let now = self.now;
         let r = &mut self.replicas[p.to];
         if p.channel == Channel::Gossip && !r.seen.insert(message_id(&p.bytes)) {
@@ -295,12 +298,20 @@ impl Cluster {
         }
         let Some(core) = r.core.as_mut() else { return };
         let verdict = core
-            .handle_message(now, &from, p.channel, &p.bytes)
+            .handle_message(
+                now,
+                Inbound {
+                    from: &from,
+                    author: &author,
+                    channel: p.channel,
+                    bytes: &p.bytes,
+                },
+            )
             .unwrap_or_else(|e| panic!("n{} handling a message: {e}", p.to));
         if p.channel == Channel::Gossip && verdict == Verdict::Accept {
             for peer in self.peers(p.to) {
                 if peer != p.from {
-                    self.send(p.to, peer, Channel::Gossip, p.bytes.clone());
+                    self.send(p.to, peer, p.author, Channel::Gossip, p.bytes.clone());
                 }
             }
         }
@@ -321,12 +332,12 @@ impl Cluster {
                     self.replicas[i].seen.insert(message_id(&bytes));
                     let bytes: Rc<[u8]> = bytes.into();
                     for peer in self.peers(i) {
-                        self.send(i, peer, Channel::Gossip, bytes.clone());
+                        self.send(i, peer, i, Channel::Gossip, bytes.clone());
                     }
                 }
                 Output::Send { to, bytes } => {
                     if let Some(peer) = self.replicas.iter().position(|r| r.id == to) {
-                        self.send(i, peer, Channel::Direct, bytes.into());
+                        self.send(i, peer, i, Channel::Direct, bytes.into());
                     }
                 }
                 Output::Misbehaving { peer, reason } => {
@@ -336,12 +347,14 @@ impl Cluster {
         }
     }
 
-    fn send(&mut self, from: usize, to: usize, channel: Channel, bytes: Rc<[u8]>) {
+    /// Queues `bytes` made by `author` from `from` to `to`.
+    fn send(&mut self, from: usize, to: usize, author: usize, channel: Channel, bytes: Rc<[u8]>) {
         let link = from * self.n() + to;
         if self.connected[link] && self.in_flight.len() < MAX_IN_FLIGHT {
             self.in_flight.push_back(Packet {
                 from,
                 to,
+                author,
                 epoch: self.epoch[link],
                 channel,
                 bytes,

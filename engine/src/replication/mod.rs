@@ -33,6 +33,6 @@ mod replicator;
 pub mod wire;
 
 pub use self::replicator::{
-    reason_name, Channel, Holder, Output, QueueDepths, Rejection, Replicator, ReplicatorConfig,
-    Stats, Verdict,
+    reason_name, Channel, Holder, Inbound, Output, QueueDepths, Rejection, Replicator,
+    ReplicatorConfig, Stats, Verdict,
 };

@@ -36,6 +36,13 @@ pub const MAX_TRACKED_DOCS_PER_PEER: usize = 1_000_000;
 /// documents-behind figure saturates here while its lag in seconds, from
 /// the oldest mark, keeps growing.
 pub const MAX_PENDING_DOCS_PER_PEER: usize = 100_000;
+/// Nodes whose progress is kept. A report from a further node takes the
+/// place of the node heard from least recently among those not connected
+/// (its reports are forgotten); if every tracked node is connected, the
+/// report is not recorded (counted in [`Progress::untracked`]). So nodes
+/// that appear once (throwaway identities, departed peers) cannot crowd
+/// out the peers this node replicates with.
+pub const MAX_TRACKED_NODES: usize = 256;
 /// Propagation-delay samples kept until the caller takes them; older ones
 /// are dropped (counted in [`Progress::delays_dropped`]).
 pub const MAX_DELAY_SAMPLES: usize = 4096;
@@ -71,6 +78,11 @@ pub struct PeerProgress {
     pub docs: BTreeMap<DocId, Report>,
     /// Documents it is known to lack changes of.
     pub pending: BTreeMap<DocId, Pending>,
+    /// When this node last heard of it (the caller's `now`).
+    pub heard: Duration,
+    /// Whether it is connected to this node (then it is never forgotten to
+    /// make room).
+    pub connected: bool,
 }
 
 /// How far behind one peer is.
@@ -110,6 +122,7 @@ pub struct Delay {
 pub struct Progress {
     peers: BTreeMap<NodeId, PeerProgress>,
     untracked: u64,
+    forgotten: u64,
     delays: VecDeque<Delay>,
     delays_dropped: u64,
     touched: BTreeSet<DocId>,
@@ -117,9 +130,50 @@ pub struct Progress {
 }
 
 impl Progress {
-    /// Records the peer's region.
-    pub fn set_region(&mut self, peer: &NodeId, region: &Region) {
-        self.peers.entry(peer.clone()).or_default().region = Some(region.clone());
+    /// The progress of `peer`, heard from at `now`: made if new, in place
+    /// of a node heard from less recently if [`MAX_TRACKED_NODES`] are
+    /// tracked already; `None` if all of those are connected.
+    fn entry(&mut self, now: Duration, peer: &NodeId) -> Option<&mut PeerProgress> {
+        if !self.peers.contains_key(peer) && self.peers.len() >= MAX_TRACKED_NODES {
+            let stalest = self
+                .peers
+                .iter()
+                .filter(|(_, p)| !p.connected)
+                .min_by_key(|(_, p)| p.heard)
+                .map(|(id, _)| id.clone());
+            let Some(stalest) = stalest else {
+                self.untracked += 1;
+                return None;
+            };
+            self.peers.remove(&stalest);
+            self.forgotten += 1;
+        }
+        let p = self.peers.entry(peer.clone()).or_default();
+        p.heard = p.heard.max(now);
+        Some(p)
+    }
+
+    /// Records the region `peer` gave for itself (the caller checked that
+    /// the claim comes from `peer`).
+    pub fn set_region(&mut self, now: Duration, peer: &NodeId, region: &Region) {
+        if let Some(p) = self.entry(now, peer) {
+            p.region = Some(region.clone());
+        }
+    }
+
+    /// `peer` connected at `now`: it keeps its place in the table while
+    /// connected.
+    pub fn connected(&mut self, now: Duration, peer: &NodeId) {
+        if let Some(p) = self.entry(now, peer) {
+            p.connected = true;
+        }
+    }
+
+    /// `peer` disconnected: its place may go to another node.
+    pub fn disconnected(&mut self, peer: &NodeId) {
+        if let Some(p) = self.peers.get_mut(peer) {
+            p.connected = false;
+        }
     }
 
     /// Records that `peer` holds `heads` of `doc`, learnt at `now`. `ours`
@@ -134,14 +188,21 @@ impl Progress {
         ours: Option<&[ChangeHash]>,
     ) {
         self.touch(doc);
-        let entry = self.peers.entry(peer.clone()).or_default();
+        let Some(entry) = self.entry(now, peer) else {
+            return;
+        };
         let holds_ours = ours.is_some_and(|ours| includes(&heads, ours));
         let report = Report { heads, at: now };
-        if let Some(known) = entry.docs.get_mut(doc) {
+        let recorded = if let Some(known) = entry.docs.get_mut(doc) {
             *known = report;
+            true
         } else if entry.docs.len() < MAX_TRACKED_DOCS_PER_PEER {
             entry.docs.insert(doc.clone(), report);
+            true
         } else {
+            false
+        };
+        if !recorded {
             self.untracked += 1;
         }
         if holds_ours {
@@ -274,6 +335,11 @@ impl Progress {
         self.untracked
     }
 
+    /// Nodes forgotten to make room for another (see [`MAX_TRACKED_NODES`]).
+    pub fn forgotten(&self) -> u64 {
+        self.forgotten
+    }
+
     /// Delay samples dropped because nobody took them.
     pub fn delays_dropped(&self) -> u64 {
         self.delays_dropped
@@ -299,7 +365,7 @@ mod tests {
         let mut p = Progress::default();
         let (b, doc) = (NodeId::new("b").unwrap(), DocId::new("d").unwrap());
         let ms = Duration::from_millis;
-        p.set_region(&b, &Region::new("eu").unwrap());
+        p.set_region(ms(0), &b, &Region::new("eu").unwrap());
         p.local_change(ms(10), &doc, &[h(1)], 1, &[]);
         p.local_change(ms(20), &doc, &[h(2)], 2, &[]);
         let lag = p.lag(&b);

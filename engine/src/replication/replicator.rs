@@ -175,9 +175,11 @@ pub enum Rejection {
     /// A message type that does not belong on the channel it came on.
     #[error("{0} is not accepted on this channel")]
     WrongChannel(&'static str),
-    /// A direct message speaking for another node than the connection's
-    /// authenticated peer (a `Hello` naming someone else).
-    #[error("the message speaks for {claimed}, not for its sender")]
+    /// A message speaking for another node than the one the transport
+    /// authenticated: a `Hello` naming someone else than the connection's
+    /// peer, or a delta or announcement whose origin is not its signed
+    /// author.
+    #[error("the message speaks for {claimed}, not for its author")]
     ForgedIdentity {
         /// The node the message claims to come from.
         claimed: NodeId,
@@ -202,6 +204,47 @@ pub enum Channel {
     Gossip,
     /// A direct message from one peer.
     Direct,
+}
+
+/// A received message, with who it comes from as the transport
+/// authenticated it. The core binds every claim a message makes about
+/// identity, origin and region to [`Inbound::author`]: a message claiming
+/// another node is refused as [`Rejection::ForgedIdentity`].
+#[derive(Debug, Clone, Copy)]
+pub struct Inbound<'a> {
+    /// The peer the message arrived from: its sender, or for gossip the
+    /// peer that relayed it (the one a refusal penalises).
+    pub from: &'a NodeId,
+    /// The node that made the message: for gossip, the author whose
+    /// signature the gossip layer checked; for a direct message, `from`.
+    pub author: &'a NodeId,
+    /// The channel it arrived on.
+    pub channel: Channel,
+    /// The encoded envelope.
+    pub bytes: &'a [u8],
+}
+
+impl<'a> Inbound<'a> {
+    /// A direct message from `from` (the connection's authenticated peer).
+    pub fn direct(from: &'a NodeId, bytes: &'a [u8]) -> Self {
+        Inbound {
+            from,
+            author: from,
+            channel: Channel::Direct,
+            bytes,
+        }
+    }
+
+    /// A gossip message signed by `author`, relayed by `from` (the same
+    /// node when the author sent it itself).
+    pub fn gossip(from: &'a NodeId, author: &'a NodeId, bytes: &'a [u8]) -> Self {
+        Inbound {
+            from,
+            author,
+            channel: Channel::Gossip,
+            bytes,
+        }
+    }
 }
 
 /// Counters, for metrics and the simulator's report.
@@ -634,6 +677,7 @@ impl Replicator {
                 acks: BTreeMap::new(),
             },
         );
+        self.progress.connected(now, peer);
         let hello = Message::Hello(Hello {
             node: self.config.node.clone(),
             region: self.config.region.clone(),
@@ -647,21 +691,16 @@ impl Replicator {
     /// anti-entropy repairs whatever it would have done.
     pub fn handle_disconnect(&mut self, peer: &NodeId) {
         self.peers.remove(peer);
+        self.progress.disconnected(peer);
     }
 
-    /// A message arrived from `from` on `channel`. For gossip, the verdict
-    /// says whether to forward it. Bad messages change nothing; their sender
-    /// is reported in an [`Output::Misbehaving`]. Storage errors are returned
-    /// (they are fatal to the node).
-    pub fn handle_message(
-        &mut self,
-        now: Duration,
-        from: &NodeId,
-        channel: Channel,
-        bytes: &[u8],
-    ) -> Result<Verdict> {
-        let verdict = match self.open(from, channel, bytes) {
-            Ok(message) => skip_quarantined(self.dispatch(now, from, channel, message))?,
+    /// A message arrived (see [`Inbound`]). For gossip, the verdict says
+    /// whether to forward it. Bad messages change nothing; the peer they
+    /// came from is reported in an [`Output::Misbehaving`]. Storage errors
+    /// are returned (they are fatal to the node).
+    pub fn handle_message(&mut self, now: Duration, m: Inbound<'_>) -> Result<Verdict> {
+        let verdict = match self.open(m) {
+            Ok(message) => skip_quarantined(self.dispatch(now, m, message))?,
             Err(verdict) => verdict,
         };
         self.engine.sync_deferred()?;
@@ -678,26 +717,28 @@ impl Replicator {
     pub fn handle_messages<'a>(
         &mut self,
         now: Duration,
-        messages: impl IntoIterator<Item = (&'a NodeId, Channel, &'a [u8])>,
+        messages: impl IntoIterator<Item = Inbound<'a>>,
     ) -> Result<Vec<Verdict>> {
         let mut verdicts = Vec::new();
         // Deltas per document, in order of first arrival; each with the
         // index of its verdict and its sender.
         let mut deltas: Vec<(DocId, Vec<BatchedDelta>)> = Vec::new();
-        for (from, channel, bytes) in messages {
+        for m in messages {
             let i = verdicts.len();
             verdicts.push(Verdict::Ignore);
-            match self.open(from, channel, bytes) {
+            match self.open(m) {
                 Err(verdict) => verdicts[i] = verdict,
-                Ok(Message::Delta(d)) if channel == Channel::Gossip => {
+                Ok(Message::Delta(d)) if m.channel == Channel::Gossip => {
+                    if let Err(verdict) = self.check_origin(m, &d.origin) {
+                        verdicts[i] = verdict;
+                        continue;
+                    }
                     match deltas.iter_mut().find(|(doc, _)| *doc == d.doc) {
-                        Some((_, run)) => run.push((i, from.clone(), d)),
-                        None => deltas.push((d.doc.clone(), vec![(i, from.clone(), d)])),
+                        Some((_, run)) => run.push((i, m.from.clone(), d)),
+                        None => deltas.push((d.doc.clone(), vec![(i, m.from.clone(), d)])),
                     }
                 }
-                Ok(message) => {
-                    verdicts[i] = skip_quarantined(self.dispatch(now, from, channel, message))?
-                }
+                Ok(message) => verdicts[i] = skip_quarantined(self.dispatch(now, m, message))?,
             }
         }
         for (doc, run) in deltas {
@@ -710,14 +751,25 @@ impl Replicator {
         Ok(verdicts)
     }
 
-    /// Decodes an envelope and checks its cluster; a refusal is the verdict.
-    fn open(
+    /// Refuses a message whose claimed origin is not its author.
+    fn check_origin(
         &mut self,
-        from: &NodeId,
-        channel: Channel,
-        bytes: &[u8],
-    ) -> std::result::Result<Message, Verdict> {
-        let limit = match channel {
+        m: Inbound<'_>,
+        origin: &NodeId,
+    ) -> std::result::Result<(), Verdict> {
+        if origin == m.author {
+            return Ok(());
+        }
+        let reason = Rejection::ForgedIdentity {
+            claimed: origin.clone(),
+        };
+        Err(self.reject(m.from, reason))
+    }
+
+    /// Decodes an envelope and checks its cluster; a refusal is the verdict.
+    fn open(&mut self, m: Inbound<'_>) -> std::result::Result<Message, Verdict> {
+        let (from, bytes) = (m.from, m.bytes);
+        let limit = match m.channel {
             Channel::Gossip => MAX_GOSSIP_BYTES,
             Channel::Direct => MAX_FRAME_BYTES,
         };
@@ -736,31 +788,39 @@ impl Replicator {
     }
 
     /// Handles one opened message; what it applied may not be durable yet.
-    fn dispatch(
-        &mut self,
-        now: Duration,
-        from: &NodeId,
-        channel: Channel,
-        message: Message,
-    ) -> Result<Verdict> {
-        match (channel, message) {
-            (Channel::Gossip, Message::Delta(d)) => self.on_delta(now, from, d),
-            (Channel::Gossip, Message::Announce(a)) => self.on_announce(now, from, a),
+    fn dispatch(&mut self, now: Duration, m: Inbound<'_>, message: Message) -> Result<Verdict> {
+        let from = m.from;
+        match (m.channel, message) {
+            (Channel::Gossip, Message::Delta(d)) => match self.check_origin(m, &d.origin) {
+                Ok(()) => self.on_delta(now, from, d),
+                Err(verdict) => Ok(verdict),
+            },
+            (Channel::Gossip, Message::Announce(a)) => match self.check_origin(m, &a.origin) {
+                Ok(()) => self.on_announce(now, from, a),
+                Err(verdict) => Ok(verdict),
+            },
             (Channel::Direct, Message::Hello(h)) => {
                 // A direct message comes from the connection's
                 // authenticated peer: it may only introduce that peer.
-                if h.node != *from {
-                    let reason = Rejection::ForgedIdentity { claimed: h.node };
-                    return Ok(self.reject(from, reason));
+                if let Err(verdict) = self.check_origin(m, &h.node) {
+                    return Ok(verdict);
                 }
-                self.progress.set_region(&h.node, &h.region);
+                self.progress.set_region(now, &h.node, &h.region);
                 Ok(Verdict::Accept)
             }
             (Channel::Direct, Message::Sync(s)) => self.on_sync(now, from, s),
             (Channel::Direct, Message::Reconcile(r)) => self.on_reconcile(now, from, r),
             (Channel::Direct, Message::Ack(a)) => {
+                // An acknowledgement reports what the peer holds of this
+                // node's documents: entries for documents not held here
+                // are ignored, so acks cannot grow this node's state.
                 for e in a.entries {
-                    self.record_progress(now, from, &e.doc, e.heads.to_vec(), None)?;
+                    let ours = match self.engine.heads(&e.doc) {
+                        Ok(h) => h,
+                        Err(Error::NotFound(_) | Error::Quarantined { .. }) => continue,
+                        Err(e) => return Err(e),
+                    };
+                    self.record_progress(now, from, &e.doc, e.heads.to_vec(), Some(&ours))?;
                 }
                 Ok(Verdict::Accept)
             }
@@ -839,13 +899,13 @@ impl Replicator {
         if d.origin == self.config.node {
             return Ok(Verdict::Ignore);
         }
-        self.progress.set_region(&d.origin, &d.region);
         let changes: Vec<Vec<u8>> = d.changes.into_iter().map(|b| b.0).collect();
         let (outcome, new) = match self.writer.apply_peer_changes(&d.doc, &changes) {
             Ok(o) => o,
             Err(e) if is_bad_change(&e) => return Ok(self.reject(from, rejection(&e))),
             Err(e) => return Err(e),
         };
+        self.progress.set_region(now, &d.origin, &d.region);
         self.stats.delta_changes_applied += outcome.applied as u64;
         self.stats.held_refused += outcome.refused as u64;
         self.applied(now, &d.doc, &outcome, &[from, &d.origin]);
@@ -928,7 +988,7 @@ impl Replicator {
         self.applied(now, doc, &outcome, &sources);
         let ours = (!outcome.heads.is_empty()).then_some(outcome.heads.as_slice());
         for (_, _, d) in &run {
-            self.progress.set_region(&d.origin, &d.region);
+            self.progress.set_region(now, &d.origin, &d.region);
             self.progress
                 .record(now, &d.origin, doc, d.heads.to_vec(), ours);
         }
@@ -963,7 +1023,7 @@ impl Replicator {
         if a.origin == self.config.node {
             return Ok(Verdict::Ignore);
         }
-        self.progress.set_region(&a.origin, &a.region);
+        self.progress.set_region(now, &a.origin, &a.region);
         self.record_progress(now, &a.origin, &a.doc, a.heads.to_vec(), None)?;
         let missing = match self.engine.heads(&a.doc) {
             Ok(_) => !self.holds_all(&a.doc, &a.heads.to_vec())?,
@@ -1493,7 +1553,9 @@ impl Replicator {
 
     fn reject(&mut self, from: &NodeId, reason: Rejection) -> Verdict {
         *self.stats.rejected.entry(reason_name(&reason)).or_default() += 1;
-        tracing::warn!(peer = %from, %reason, "refused a message");
+        // Counted here and summarised per peer by the caller: a warning per
+        // message would let a hostile peer flood the log.
+        tracing::debug!(peer = %from, %reason, "refused a message");
         self.outputs.push_back(Output::Misbehaving {
             peer: from.clone(),
             reason,

@@ -18,7 +18,7 @@ use crate::events::{Origin, Subscription};
 use crate::replication::ids::{ClusterId, NodeId, Region};
 use crate::replication::random::{Random, SplitMix64};
 use crate::replication::wire::MAX_ACK_ENTRIES;
-use crate::replication::{Channel, Output, Replicator, ReplicatorConfig, Stats, Verdict};
+use crate::replication::{Channel, Inbound, Output, Replicator, ReplicatorConfig, Stats, Verdict};
 
 use super::config::SimConfig;
 use super::network::{chance, message_id, Event, Network, Packet};
@@ -306,6 +306,7 @@ impl Cluster {
             .update([p.from as u8, p.to as u8, p.channel as u8]);
         self.trace.update(&p.bytes);
         let from_id = self.nodes[p.from].id.clone();
+        let author_id = self.nodes[p.author].id.clone();
         let node = &mut self.nodes[p.to];
         if p.channel == Channel::Gossip && !node.first_sight(message_id(&p.bytes)) {
             return Ok(());
@@ -313,7 +314,13 @@ impl Cluster {
         let Some(core) = node.core.as_mut() else {
             return Ok(());
         };
-        let verdict = core.handle_message(self.now, &from_id, p.channel, &p.bytes)?;
+        let inbound = Inbound {
+            from: &from_id,
+            author: &author_id,
+            channel: p.channel,
+            bytes: &p.bytes,
+        };
+        let verdict = core.handle_message(self.now, inbound)?;
         if p.channel == Channel::Gossip && verdict == Verdict::Accept {
             for peer in self.net.peers_of(p.to) {
                 if peer != p.from {
@@ -321,6 +328,7 @@ impl Cluster {
                         self.now,
                         p.to,
                         peer,
+                        p.author,
                         Channel::Gossip,
                         p.bytes.clone(),
                         &mut self.rng,
@@ -388,11 +396,13 @@ impl Cluster {
         Ok(())
     }
 
+    /// Sends `bytes` made by `from` itself to `to`.
     fn send(&mut self, from: usize, to: usize, channel: Channel, bytes: Rc<[u8]>) {
         self.net.send(
             self.now,
             from,
             to,
+            from,
             channel,
             bytes,
             &mut self.rng,

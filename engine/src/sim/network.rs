@@ -22,6 +22,9 @@ use super::report::Faults;
 pub(crate) struct Packet {
     pub(crate) from: usize,
     pub(crate) to: usize,
+    /// The node that made the message (for gossip, the signed author; for
+    /// a direct message, `from`).
+    pub(crate) author: usize,
     pub(crate) epoch: u64,
     pub(crate) channel: Channel,
     pub(crate) bytes: Rc<[u8]>,
@@ -128,14 +131,15 @@ impl Network {
         self.blocked.fill(false);
     }
 
-    /// Sends `bytes` from `from` to `to` over their connection, if one is
-    /// open, applying the link's faults.
+    /// Sends `bytes` made by `author` from `from` to `to` over their
+    /// connection, if one is open, applying the link's faults.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn send(
         &mut self,
         now: Duration,
         from: usize,
         to: usize,
+        author: usize,
         channel: Channel,
         bytes: Rc<[u8]>,
         rng: &mut SplitMix64,
@@ -170,6 +174,7 @@ impl Network {
             let packet = Packet {
                 from,
                 to,
+                author,
                 epoch: self.epoch[i],
                 channel,
                 bytes: bytes.clone(),

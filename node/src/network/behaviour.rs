@@ -28,6 +28,7 @@ use libp2p::core::muxing::StreamMuxerBox;
 use libp2p::core::transport::{Boxed, Transport};
 use libp2p::core::upgrade::Version;
 use libp2p::futures::future::Either;
+use libp2p::gossipsub::{PeerScoreParams, PeerScoreThresholds, TopicScoreParams};
 use libp2p::identity::Keypair;
 use libp2p::kad::store::MemoryStore;
 use libp2p::pnet::PnetConfig;
@@ -249,6 +250,7 @@ fn behaviour(
     );
     kad.set_mode(Some(kad::Mode::Server));
     let mut gossip = gossip(key, registry)?;
+    gossip.with_peer_score(peer_score(protocols), PeerScoreThresholds::default())?;
     gossip.subscribe(&protocols.topic)?;
     Ok(Behaviour {
         allowlist: Toggle::from(allowlist),
@@ -260,6 +262,46 @@ fn behaviour(
         ping: ping::Behaviour::new(ping::Config::new().with_interval(Duration::from_secs(15))),
         kad,
     })
+}
+
+/// Weight of an invalid message (one the replication core refused) in a
+/// peer's gossip score; the penalty is this times the square of the
+/// peer's decayed count of them, so three refusals in a row (-90) put the
+/// peer below the graylist threshold (-80): its gossip is ignored until the
+/// count decays.
+pub const INVALID_MESSAGE_WEIGHT: f64 = -10.0;
+/// Decay of that count per second (halves in about 69 s).
+pub const INVALID_MESSAGE_DECAY: f64 = 0.99;
+
+/// gossipsub peer scoring (libp2p's thresholds: -10 gossip, -50 publish,
+/// -80 graylist). Only what a hostile peer does counts against it:
+/// invalid messages (refused by the replication core) and broken gossip
+/// promises. Mesh delivery rates are not scored (an idle cluster delivers
+/// nothing, and that is no fault), nor are peers sharing an IP address
+/// (nodes behind one NAT, or all on one machine in tests), nor slow peers
+/// (the driver's own back-pressure handles those).
+fn peer_score(protocols: &Protocols) -> PeerScoreParams {
+    let topic = TopicScoreParams {
+        topic_weight: 1.0,
+        time_in_mesh_weight: 0.0,
+        first_message_deliveries_weight: 0.0,
+        mesh_message_deliveries_weight: 0.0,
+        mesh_failure_penalty_weight: 0.0,
+        invalid_message_deliveries_weight: INVALID_MESSAGE_WEIGHT,
+        invalid_message_deliveries_decay: INVALID_MESSAGE_DECAY,
+        ..TopicScoreParams::default()
+    };
+    PeerScoreParams {
+        topics: [(protocols.topic.hash(), topic)].into_iter().collect(),
+        app_specific_weight: 0.0,
+        ip_colocation_factor_weight: 0.0,
+        behaviour_penalty_weight: -1.0,
+        behaviour_penalty_threshold: 10.0,
+        behaviour_penalty_decay: 0.9,
+        decay_interval: Duration::from_secs(1),
+        slow_peer_weight: 0.0,
+        ..PeerScoreParams::default()
+    }
 }
 
 fn gossip(

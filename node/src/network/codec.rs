@@ -23,6 +23,10 @@ pub enum Receipt {
     Refused,
 }
 
+/// A frame's buffer starts at most this large and grows as its bytes
+/// arrive.
+pub const FRAME_READ_CHUNK: usize = 64 << 10;
+
 /// Length-prefixed frames of at most `MAX_FRAME_BYTES` bytes.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct FrameCodec;
@@ -45,8 +49,17 @@ impl request_response::Codec for FrameCodec {
                 format!("frame of {len} bytes exceeds the limit of {MAX_FRAME_BYTES}"),
             ));
         }
-        let mut frame = vec![0u8; len];
-        io.read_exact(&mut frame).await?;
+        // Memory grows with the bytes that arrive, not with the length a
+        // peer declares: a peer that announces 10 MiB frames on every
+        // stream and sends nothing holds no memory for them.
+        let mut frame = Vec::with_capacity(len.min(FRAME_READ_CHUNK));
+        io.take(len as u64).read_to_end(&mut frame).await?;
+        if frame.len() != len {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("frame of {len} bytes ended after {}", frame.len()),
+            ));
+        }
         Ok(frame)
     }
 
@@ -130,6 +143,26 @@ mod tests {
                 .read_request(&protocol(), &mut futures::io::Cursor::new(&buf))
                 .await?;
             assert_eq!(read, vec![7; 300]);
+            Ok(())
+        })
+    }
+
+    #[test]
+    fn a_frame_larger_than_the_first_buffer_round_trips() -> io::Result<()> {
+        futures::executor::block_on(async {
+            let frame: Vec<u8> = (0..3 * FRAME_READ_CHUNK + 5).map(|i| i as u8).collect();
+            let mut buf = Vec::new();
+            FrameCodec
+                .write_request(
+                    &protocol(),
+                    &mut futures::io::Cursor::new(&mut buf),
+                    frame.clone(),
+                )
+                .await?;
+            let read = FrameCodec
+                .read_request(&protocol(), &mut futures::io::Cursor::new(&buf))
+                .await?;
+            assert_eq!(read, frame);
             Ok(())
         })
     }

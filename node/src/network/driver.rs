@@ -16,12 +16,14 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use causeway_engine::automerge::ChangeHash;
 use causeway_engine::replication::ids::NodeId;
 use causeway_engine::replication::random::SplitMix64;
-use causeway_engine::replication::{reason_name, Channel, Holder, Output, Replicator, Verdict};
+use causeway_engine::replication::{
+    reason_name, Channel, Holder, Output, Rejection, Replicator, Verdict,
+};
 use causeway_engine::{DocEvent, DocId};
 use futures::{FutureExt, StreamExt};
 use libp2p::core::transport::ListenerId;
@@ -39,6 +41,7 @@ use super::codec::Receipt;
 use super::inbox::{self, Inbox, Received, Reply};
 use super::outbox::{Offer, Outbox};
 use super::progress::{region_lags, PeerLag, RegionWaiter};
+use super::sanctions::{Sanction, Sanctions};
 use super::status::{Behind, NetworkStatus, PeerState, PeerStatus};
 use crate::config::NodeConfig;
 use crate::metrics::NodeMetrics;
@@ -130,6 +133,8 @@ impl Target {
 #[derive(Debug, Default)]
 struct Peer {
     addrs: BTreeSet<Multiaddr>,
+    /// When it last connected or was learnt of.
+    seen: Option<Instant>,
     connections: u32,
     replicating: bool,
     rtt: Option<Duration>,
@@ -160,6 +165,7 @@ pub struct Driver {
     /// The latest local commits, oldest first, at most
     /// [`RECENT_COMMITS_KEPT`].
     recent: VecDeque<(DocId, Vec<ChangeHash>)>,
+    sanctions: Sanctions,
 }
 
 /// What a [`Driver`] is made of.
@@ -180,6 +186,8 @@ pub struct Parts {
     pub start: Instant,
     /// Seed of the core's randomness (jitter only).
     pub seed: u64,
+    /// Blocks of misbehaving peers (those in force are applied at once).
+    pub sanctions: Sanctions,
 }
 
 /// The inputs of the task besides the swarm.
@@ -223,6 +231,7 @@ impl Driver {
             libp2p_metrics,
             start,
             seed,
+            sanctions,
         } = parts;
         let targets = config
             .bootstrap
@@ -232,6 +241,12 @@ impl Driver {
         // Half the peer's inbound stream limit (assuming its settings are
         // ours), so two connections to it cannot exceed it either.
         let outbox = Outbox::new(config.max_concurrent_streams / 2);
+        let mut swarm = swarm;
+        let blocked: BTreeSet<PeerId> = sanctions.blocked(SystemTime::now()).into_iter().collect();
+        for peer in &blocked {
+            swarm.behaviour_mut().blocklist.block_peer(*peer);
+            info!(%peer, "peer still blocked for misbehaving");
+        }
         Driver {
             swarm,
             core,
@@ -243,7 +258,7 @@ impl Driver {
             random: SplitMix64::new(seed),
             targets,
             peers: BTreeMap::new(),
-            blocked: BTreeSet::new(),
+            blocked,
             foreign: BTreeSet::new(),
             listen_addrs: Vec::new(),
             listeners: Vec::new(),
@@ -253,6 +268,7 @@ impl Driver {
             waiters: Vec::new(),
             inbox: Inbox::default(),
             recent: VecDeque::new(),
+            sanctions,
         }
     }
 
@@ -300,6 +316,7 @@ impl Driver {
                 _ = metrics_tick.tick() => {
                     self.local_events_dropped = (inputs.local_dropped)();
                     self.observe();
+                    self.review_sanctions();
                 }
             }
             self.drain();
@@ -398,12 +415,9 @@ impl Driver {
             return Ok(());
         }
         let batch = self.inbox.take();
-        let verdicts = self.core.handle_messages(
-            self.now(),
-            batch
-                .iter()
-                .map(|m| (&m.from, m.channel, m.bytes.as_slice())),
-        )?;
+        let verdicts = self
+            .core
+            .handle_messages(self.now(), batch.iter().map(Received::inbound))?;
         self.metrics.received_batches.inc();
         self.metrics.received_batched.inc_by(batch.len() as u64);
         for (message, verdict) in batch.into_iter().zip(verdicts) {
@@ -450,9 +464,12 @@ impl Driver {
                         warn!(peer = %to, error = %e, "the core addressed a peer id that does not parse")
                     }
                 },
-                Output::Misbehaving { peer, reason } => {
-                    warn!(%peer, reason = reason_name(&reason), detail = %reason, "refused a message from a peer");
-                }
+                Output::Misbehaving { peer, reason } => match PeerId::from_str(peer.as_str()) {
+                    Ok(peer) => self.sanction(peer, &reason),
+                    Err(e) => {
+                        warn!(%peer, error = %e, "the core reported a peer id that does not parse")
+                    }
+                },
             }
         }
     }
@@ -554,9 +571,13 @@ impl Driver {
         else {
             return Ok(());
         };
-        if message.topic == self.protocols.topic.hash() {
+        // Strict validation: gossipsub checked the author's signature, so
+        // a message without one does not reach here; refuse it if it did.
+        let author = message.source;
+        if let (true, Some(author)) = (message.topic == self.protocols.topic.hash(), author) {
             self.inbox.push(Received {
                 from: node_id(&propagation_source),
+                author: node_id(&author),
                 channel: Channel::Gossip,
                 bytes: message.data,
                 reply: Reply::Gossip {
@@ -591,6 +612,7 @@ impl Driver {
                     self.start_replicating(peer);
                     self.inbox.push(Received {
                         from: node_id(&peer),
+                        author: node_id(&peer),
                         channel: Channel::Direct,
                         bytes: request,
                         reply: Reply::Direct(channel),
@@ -850,30 +872,115 @@ impl Driver {
         }
     }
 
+    /// Counts a refused message of `peer`; blocks it past the threshold
+    /// (see [`super::sanctions`]). Logs the first refusal of a window and
+    /// each block, nothing else.
+    fn sanction(&mut self, peer: PeerId, reason: &Rejection) {
+        let name = reason_name(reason);
+        let sanction = self
+            .sanctions
+            .refused(Instant::now(), SystemTime::now(), peer, name);
+        match sanction {
+            Ok(Sanction::First) => {
+                warn!(%peer, reason = name, detail = %reason,
+                    "refused a message from a peer (further refusals are summarised each minute)");
+            }
+            Ok(Sanction::Counted) => {}
+            Ok(Sanction::Block { duration, reasons }) => {
+                warn!(%peer, blocked_for = ?duration, refusals = ?reasons,
+                    "blocked a peer that kept sending refused messages");
+                self.metrics.peers_sanctioned.inc();
+                self.block_peer(peer);
+            }
+            Err(e) => warn!(%peer, error = %e, "cannot record a block; it holds until restart"),
+        }
+    }
+
+    /// Ends the blocks that are over and logs one summary line per peer
+    /// whose refusals were counted without a line each.
+    fn review_sanctions(&mut self) {
+        for s in self.sanctions.summaries(Instant::now()) {
+            warn!(peer = %s.peer, refusals = s.refusals, reasons = ?s.reasons,
+                "refused messages from a peer in the last minute");
+        }
+        match self.sanctions.expire(SystemTime::now()) {
+            Ok(ended) => {
+                for peer in ended {
+                    info!(%peer, "the block of a misbehaving peer ended");
+                    self.unblock_peer(peer);
+                }
+            }
+            Err(e) => warn!(error = %e, "cannot record the end of a block"),
+        }
+        self.metrics.peers_blocked.set(self.blocked.len() as i64);
+    }
+
+    /// An operator's block or unblock (an unblock also ends a sanction).
     fn block(&mut self, peer: PeerId, blocked: bool) {
-        let list = &mut self.swarm.behaviour_mut().blocklist;
         if blocked {
-            list.block_peer(peer);
-            self.blocked.insert(peer);
+            self.block_peer(peer);
             info!(%peer, "blocked peer");
         } else {
-            list.unblock_peer(peer);
-            self.blocked.remove(&peer);
-            let now = Instant::now();
-            for t in self.targets.iter_mut().filter(|t| t.peer == Some(peer)) {
-                t.backoff.reset();
-                t.next_dial = now;
+            if let Err(e) = self.sanctions.pardon(&peer) {
+                warn!(%peer, error = %e, "cannot record the end of a block");
             }
-            self.ensure_target(peer);
+            self.unblock_peer(peer);
             info!(%peer, "unblocked peer");
         }
     }
 
+    fn block_peer(&mut self, peer: PeerId) {
+        self.swarm.behaviour_mut().blocklist.block_peer(peer);
+        self.blocked.insert(peer);
+    }
+
+    fn unblock_peer(&mut self, peer: PeerId) {
+        self.swarm.behaviour_mut().blocklist.unblock_peer(peer);
+        self.blocked.remove(&peer);
+        let now = Instant::now();
+        for t in self.targets.iter_mut().filter(|t| t.peer == Some(peer)) {
+            t.backoff.reset();
+            t.next_dial = now;
+        }
+        self.ensure_target(peer);
+    }
+
+    /// The entry of `peer`, made if new. When [`MAX_KNOWN_PEERS`] are known
+    /// already, the disconnected peer seen least recently (not blocked,
+    /// not a bootstrap peer) is forgotten to make room, so identities that
+    /// connect once cannot keep real peers out; `None` if there is none.
     fn peer_entry(&mut self, peer: PeerId) -> Option<&mut Peer> {
         if !self.peers.contains_key(&peer) && self.peers.len() >= MAX_KNOWN_PEERS {
-            return None;
+            let bootstrap: BTreeSet<PeerId> = self
+                .targets
+                .iter()
+                .filter(|t| t.addr.is_some())
+                .filter_map(|t| t.peer)
+                .collect();
+            let stalest = self
+                .peers
+                .iter()
+                .filter(|(id, p)| {
+                    p.connections == 0 && !self.blocked.contains(id) && !bootstrap.contains(id)
+                })
+                .min_by_key(|(_, p)| p.seen)
+                .map(|(id, _)| *id)?;
+            self.forget(stalest);
         }
-        Some(self.peers.entry(peer).or_default())
+        let p = self.peers.entry(peer).or_default();
+        p.seen = Some(Instant::now());
+        Some(p)
+    }
+
+    /// Drops everything known of a disconnected peer: its entry, its dial
+    /// targets learnt by discovery, its routing entry.
+    fn forget(&mut self, peer: PeerId) {
+        self.peers.remove(&peer);
+        self.targets
+            .retain(|t| t.addr.is_some() || t.peer != Some(peer));
+        self.swarm.behaviour_mut().kad.remove_peer(&peer);
+        self.metrics.peers_forgotten.inc();
+        debug!(%peer, "forgot a disconnected peer to make room");
     }
 
     fn observe(&mut self) {

@@ -10,7 +10,7 @@
 //! receipts for direct requests.
 
 use causeway_engine::replication::ids::NodeId;
-use causeway_engine::replication::{Channel, Verdict};
+use causeway_engine::replication::{Channel, Inbound, Verdict};
 use libp2p::{gossipsub, request_response, PeerId};
 
 use super::codec::Receipt;
@@ -36,12 +36,27 @@ pub enum Reply {
 pub struct Received {
     /// Its sender (the propagation source for gossip).
     pub from: NodeId,
+    /// Who made it: for gossip the author whose signature gossipsub
+    /// checked, for a direct request the sender.
+    pub author: NodeId,
     /// How it came.
     pub channel: Channel,
     /// The envelope.
     pub bytes: Vec<u8>,
     /// Where its verdict goes.
     pub reply: Reply,
+}
+
+impl Received {
+    /// The message as the replication core takes it.
+    pub fn inbound(&self) -> Inbound<'_> {
+        Inbound {
+            from: &self.from,
+            author: &self.author,
+            channel: self.channel,
+            bytes: &self.bytes,
+        }
+    }
 }
 
 /// The messages of the batch being gathered, in arrival order.

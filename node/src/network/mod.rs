@@ -6,6 +6,8 @@
 //! * [`inbox`]: received messages waiting to be applied in one batch.
 //! * [`backoff`]: redial delays for unreachable peers.
 //! * [`outbox`]: at most a window of direct messages in flight per peer.
+//! * [`sanctions`]: peers that keep sending refused messages are blocked,
+//!   across restarts.
 //! * [`status`]: what the task reports about the cluster.
 //! * [`progress`]: writes waiting for other regions; lag per peer and
 //!   region.
@@ -17,6 +19,7 @@ pub mod driver;
 pub mod inbox;
 pub mod outbox;
 pub mod progress;
+pub mod sanctions;
 pub mod status;
 
 pub use self::progress::{PeerLag, RegionNeed, RegionWaiter};
