@@ -37,12 +37,14 @@ fuzz: deps
 ## Fault injection against real nodes in network namespaces (needs root):
 ## DURATION seconds of faults (default 600), then heal and check. Writes a
 ## JSON report to chaos-report.json and prints a table. SEED picks the
-## schedule. See docs/testing.md.
+## schedule. BYZANTINE=1 adds a hostile member halfway through. See
+## docs/testing.md.
 DURATION ?= 600
 SEED ?= 0
+BYZANTINE ?= 0
 chaos: deps
 	$(CARGO) build --release -p causeway-node
-	$(RELEASE_BIN) chaos --seed $(SEED) --duration $(DURATION) --report chaos-report.json > /dev/null
+	$(RELEASE_BIN) chaos --seed $(SEED) --duration $(DURATION) --byzantine $(BYZANTINE) --report chaos-report.json > /dev/null
 
 ## Only the SIGKILL crash test, with its figures. CRASH_CYCLES=100 for a longer run.
 crash: deps

@@ -71,3 +71,57 @@ fn a_short_chaos_schedule_loses_no_acknowledged_write() {
         assert!(ok * 100 >= attempted * 95, "{region}");
     }
 }
+
+#[test]
+fn a_byzantine_member_is_cut_off_while_honest_writes_go_on() {
+    if !causeway_node::chaos::is_root() {
+        assert!(
+            std::env::var_os("CAUSEWAY_CHAOS_REQUIRED").is_none(),
+            "the chaos test needs root (network namespaces and nftables)"
+        );
+        eprintln!("SKIPPED: the chaos test needs root (network namespaces and nftables)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("report.json");
+    let status = Command::new(causeway_bin())
+        .args([
+            "chaos",
+            "--seed",
+            "2",
+            "--duration",
+            "40",
+            "--max-fault-secs",
+            "4",
+            "--byzantine",
+            "1",
+        ])
+        .arg("--report")
+        .arg(&path)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    let report: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    assert!(status.success(), "the chaos run failed: {report:#}");
+    assert_eq!(report["acked_lost"], 0, "{:#}", report["lost_examples"]);
+    assert_eq!(report["divergent_replicas"], 0);
+    assert_eq!(report["converged"], true);
+    let b = &report["byzantine"];
+    // Every node holds the attacker in its list of blocked peers, and the
+    // attacker, trying again every 2 s, was let back in by none.
+    assert_eq!(b["blocked_by"].as_array().unwrap().len(), 3, "{b:#}");
+    for t in b["attack"]["targets"].as_array().unwrap() {
+        assert!(t["disconnected_after_ms"].is_u64(), "{t}");
+    }
+    let sent = b["attack"]["sent"].as_object().unwrap();
+    for kind in ["malformed", "oversized_delta", "ack_flood", "sync_flood"] {
+        assert!(sent[kind].as_u64().unwrap() > 0, "no {kind} sent: {b:#}");
+    }
+    assert!(
+        b["writes_during"]["writes"].as_u64().unwrap() > 100,
+        "{b:#}"
+    );
+    for (region, mib) in b["rss_mib_at_end"].as_object().unwrap() {
+        assert!(mib.as_u64().unwrap() < 1024, "{region} grew to {mib} MiB");
+    }
+}

@@ -80,6 +80,11 @@ impl DocCache {
         }
     }
 
+    /// Whether `id` has a slot (loaded or being loaded).
+    pub(crate) fn contains(&self, id: &DocId) -> bool {
+        self.lock().entries.contains_key(id)
+    }
+
     /// The slot for `id`, created `Unloaded` if absent, marked most recently used.
     pub(crate) fn slot(&self, id: &DocId) -> SlotRef {
         let mut inner = self.lock();

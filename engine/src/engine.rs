@@ -586,6 +586,18 @@ impl Engine {
         id: &DocId,
         f: impl FnOnce(&mut DocState) -> Result<R>,
     ) -> Result<R> {
+        // A document neither cached nor stored is answered without loading
+        // anything: looking up made-up ids (a peer's acknowledgements, say)
+        // must not fill the cache with empty documents. A record that does
+        // not decode is left to the load below, which quarantines it.
+        let inner = &self.inner;
+        inner.store.check_alive()?;
+        if inner.quarantine.get(id.as_str()).is_none()
+            && !inner.cache.contains(id)
+            && matches!(inner.store.meta(id), Ok(None))
+        {
+            return Err(Error::NotFound(id.clone()));
+        }
         self.with_doc(id, |state| {
             if !state.stored {
                 return Err(Error::NotFound(id.clone()));

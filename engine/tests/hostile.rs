@@ -523,3 +523,20 @@ fn a_well_formed_bloom_filter_still_syncs() {
     }
     assert_eq!(peer.get_json(&doc).unwrap(), json!({"x": 1}));
 }
+
+/// Regression: reading made-up document ids (a hostile peer's
+/// acknowledgements named 4,096 per message) loaded an empty document into
+/// the cache for each, and a node grew to 5 GiB under 300 such messages.
+#[test]
+fn looking_up_unknown_documents_loads_nothing() {
+    let (_dir, engine) = fresh();
+    engine.put_json(&id("real/doc"), &json!({"a": 1})).unwrap();
+    let cached = engine.stats().cached_documents;
+    for i in 0..10_000 {
+        let made_up = id(&format!("made/up/{i}"));
+        assert!(matches!(engine.heads(&made_up), Err(Error::NotFound(_))));
+        assert!(matches!(engine.info(&made_up), Err(Error::NotFound(_))));
+    }
+    assert_eq!(engine.stats().cached_documents, cached);
+    assert_eq!(engine.heads(&id("real/doc")).unwrap().len(), 1);
+}

@@ -813,8 +813,13 @@ impl Replicator {
             (Channel::Direct, Message::Ack(a)) => {
                 // An acknowledgement reports what the peer holds of this
                 // node's documents: entries for documents not held here
-                // are ignored, so acks cannot grow this node's state.
+                // are ignored (looked up in memory, in the reconciliation
+                // items, so that made-up ids cost no storage reads), and
+                // acks cannot grow this node's state.
                 for e in a.entries {
+                    if self.items.get(&e.doc).is_none() {
+                        continue;
+                    }
                     let ours = match self.engine.heads(&e.doc) {
                         Ok(h) => h,
                         Err(Error::NotFound(_) | Error::Quarantined { .. }) => continue,

@@ -195,6 +195,7 @@ mod tests {
             key: key.into(),
             value,
             sent: Duration::ZERO,
+            latency: Duration::ZERO,
             outcome,
         }
     }

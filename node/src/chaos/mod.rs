@@ -12,6 +12,7 @@
 //! [`report`] is JSON on stdout (and `--report FILE`) and a table on stderr;
 //! the exit status is non-zero unless the run passed. Needs root.
 
+pub mod byzantine;
 pub mod checker;
 pub mod process;
 pub mod report;
@@ -27,10 +28,12 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 use self::process::{NodeProcess, P2P_PORT};
-use self::report::{Injected, Report};
+use self::report::{ByzantineReport, Injected, Latency, Report};
 use self::schedule::{Fault, FaultKind, ScheduleConfig};
 use self::topology::{node_addr, NetState, Topology};
 use self::workload::WorkloadConfig;
+use crate::cluster_key::ClusterKey;
+use causeway_engine::replication::ids::ClusterId;
 
 /// Region names, in order.
 const REGION_NAMES: [&str; 5] = ["eu", "us", "ap", "sa", "af"];
@@ -73,14 +76,31 @@ pub struct Args {
     /// Also write the JSON report to this file.
     #[arg(long)]
     pub report: Option<PathBuf>,
+    /// Hostile members (0 or 1): one identity holding the cluster key that
+    /// connects to every node halfway through the fault phase and sends
+    /// malformed, oversized, forged-origin and replayed messages and floods
+    /// of acknowledgements and sync requests (see [`byzantine`]). The run
+    /// then also requires every node to have blocked it.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=1))]
+    pub byzantine: u64,
+    /// Hostile messages per second to each node.
+    #[arg(long, default_value_t = 200)]
+    pub attack_rate: u32,
 }
 
 impl Args {
     fn replay_command(&self) -> String {
-        format!(
+        let mut command = format!(
             "causeway chaos --seed {} --duration {} --regions {} --max-fault-secs {} --writers {} --rate {} --docs {}",
             self.seed, self.duration, self.regions, self.max_fault_secs, self.writers, self.rate, self.docs
-        )
+        );
+        if self.byzantine > 0 {
+            command += &format!(
+                " --byzantine {} --attack-rate {}",
+                self.byzantine, self.attack_rate
+            );
+        }
+        command
     }
 }
 
@@ -140,7 +160,7 @@ pub async fn run(args: &Args) -> Result<()> {
         }
     };
     let topology = Topology::create(regions).context("cannot build the chaos network")?;
-    let mut nodes = start_nodes(&root, &names).await?;
+    let (mut nodes, peer_addrs) = start_nodes(&root, &names).await?;
     let urls: Vec<String> = nodes.iter().map(NodeProcess::url).collect();
     let mesh = await_mesh(&urls, Duration::from_secs(60)).await?;
     eprintln!("full mesh of {regions} nodes after {} ms", mesh.as_millis());
@@ -168,6 +188,30 @@ pub async fn run(args: &Args) -> Result<()> {
             )));
         }
     }
+    let attack_start = Duration::from_secs(args.duration) / 2;
+    let attack_stop = Arc::new(AtomicBool::new(false));
+    let attacker = if args.byzantine > 0 {
+        let config = byzantine::AttackConfig {
+            key: ClusterKey::load(&root.join("cluster.key"))?,
+            cluster: ClusterId::new(CLUSTER)?,
+            targets: peer_addrs
+                .iter()
+                .map(|a| a.parse())
+                .collect::<Result<_, _>>()?,
+            rate: args.attack_rate,
+        };
+        let stop = attack_stop.clone();
+        Some(tokio::spawn(async move {
+            tokio::time::sleep_until((start + attack_start).into()).await;
+            eprintln!(
+                "[{:>7.1} s] a byzantine member attacks every node",
+                start.elapsed().as_secs_f64()
+            );
+            byzantine::attack(config, stop).await
+        }))
+    } else {
+        None
+    };
     let mut injected = Vec::new();
     let phase = run_schedule(
         &schedule,
@@ -182,10 +226,15 @@ pub async fn run(args: &Args) -> Result<()> {
         tokio::time::sleep_until((start + Duration::from_secs(args.duration)).into()).await;
     }
     stop.store(true, Ordering::Relaxed);
+    attack_stop.store(true, Ordering::Relaxed);
     let mut writes = Vec::new();
     for t in tasks {
         writes.extend(t.await?);
     }
+    let attack = match attacker {
+        Some(task) => Some(task.await?),
+        None => None,
+    };
     phase?;
 
     // The final heal, then the checker.
@@ -207,6 +256,24 @@ pub async fn run(args: &Args) -> Result<()> {
             .await?;
     let verdict = checker::check(&writes, &replicas);
     let documents = replicas.iter().map(|r| r.len()).max().unwrap_or(0);
+    let byzantine = attack.map(|attack| {
+        let phase_end = Duration::from_secs(args.duration);
+        ByzantineReport {
+            attack_started_ms: attack_start.as_millis() as u64,
+            writes_before: Latency::of(&writes, Duration::ZERO, attack_start),
+            writes_during: Latency::of(&writes, attack_start, phase_end),
+            blocked_by: nodes
+                .iter()
+                .filter(|n| blocks(n, &attack.peer_id))
+                .map(|n| names[n.index].clone())
+                .collect(),
+            rss_mib_at_end: nodes
+                .iter()
+                .map(|n| (names[n.index].clone(), n.rss_kib().unwrap_or(0) / 1024))
+                .collect(),
+            attack,
+        }
+    });
     let mut inbound_streams_dropped = 0;
     for n in nodes.iter_mut() {
         n.kill().await?;
@@ -225,7 +292,10 @@ pub async fn run(args: &Args) -> Result<()> {
     let passed = took.is_some()
         && verdict.acked_lost == 0
         && verdict.divergent_replicas == 0
-        && verdict.failed_present == 0;
+        && verdict.failed_present == 0
+        && byzantine
+            .as_ref()
+            .is_none_or(|b| b.blocked_by.len() == names.len());
     let data_dir = match temp {
         Some(t) if !passed => Some(t.keep().display().to_string()),
         Some(_) => None,
@@ -252,6 +322,7 @@ pub async fn run(args: &Args) -> Result<()> {
         inbound_streams_dropped,
         passed,
         data_dir,
+        byzantine,
     };
     let json = serde_json::to_string_pretty(&report)?;
     println!("{json}");
@@ -268,9 +339,21 @@ pub async fn run(args: &Args) -> Result<()> {
     Ok(())
 }
 
+/// Whether `node` holds `peer` in its list of blocked peers.
+fn blocks(node: &NodeProcess, peer: &str) -> bool {
+    std::fs::read_to_string(node.dir.join(crate::daemon::SANCTIONS_FILE))
+        .is_ok_and(|list| list.contains(peer))
+}
+
+/// The cluster id of the chaos nodes.
+const CLUSTER: &str = "chaos";
+
 /// Creates every node's identity (so each can be given all the others as
-/// bootstrap peers), then starts them.
-async fn start_nodes(root: &std::path::Path, names: &[String]) -> Result<Vec<NodeProcess>> {
+/// bootstrap peers), then starts them; returns them with their addresses.
+async fn start_nodes(
+    root: &std::path::Path,
+    names: &[String],
+) -> Result<(Vec<NodeProcess>, Vec<String>)> {
     let mut peers = Vec::new();
     for (i, name) in names.iter().enumerate() {
         let dir = root.join(name);
@@ -288,11 +371,11 @@ async fn start_nodes(root: &std::path::Path, names: &[String]) -> Result<Vec<Nod
             .filter(|&j| j != i)
             .map(|j| peers[j].clone())
             .collect();
-        let mut node = NodeProcess::prepare(root, i, name, "chaos", &others)?;
+        let mut node = NodeProcess::prepare(root, i, name, CLUSTER, &others)?;
         node.start().await?;
         nodes.push(node);
     }
-    Ok(nodes)
+    Ok((nodes, peers))
 }
 
 /// Waits until every node replicates with every other.

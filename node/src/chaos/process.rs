@@ -144,6 +144,16 @@ impl NodeProcess {
             .map_or(0, |log| log.lines().filter(|l| l.contains(text)).count())
     }
 
+    /// The node's resident set size now, KiB (`None` if not running).
+    pub fn rss_kib(&self) -> Option<u64> {
+        let pid = self.child.as_ref().and_then(Child::id)?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    }
+
     /// Whether the process is running (started and not killed).
     pub fn is_running(&self) -> bool {
         self.child.is_some()

@@ -111,6 +111,64 @@ pub struct Report {
     pub passed: bool,
     /// Where the nodes' data and logs are, when kept.
     pub data_dir: Option<String>,
+    /// The hostile member's run (`--byzantine 1`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub byzantine: Option<ByzantineReport>,
+}
+
+/// Latency of acknowledged writes in a period.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Latency {
+    /// Acknowledged writes sent in the period.
+    pub writes: usize,
+    /// Median, ms.
+    pub p50_ms: f64,
+    /// 99th percentile, ms.
+    pub p99_ms: f64,
+}
+
+impl Latency {
+    /// The acknowledged writes among `writes` sent in `[from, to)`.
+    pub fn of(writes: &[Write], from: Duration, to: Duration) -> Latency {
+        let mut ms: Vec<f64> = writes
+            .iter()
+            .filter(|w| w.outcome == Outcome::Ok && w.sent >= from && w.sent < to)
+            .map(|w| w.latency.as_secs_f64() * 1000.0)
+            .collect();
+        ms.sort_by(f64::total_cmp);
+        let at = |q: f64| {
+            if ms.is_empty() {
+                0.0
+            } else {
+                ms[((ms.len() - 1) as f64 * q).round() as usize]
+            }
+        };
+        Latency {
+            writes: ms.len(),
+            p50_ms: at(0.5),
+            p99_ms: at(0.99),
+        }
+    }
+}
+
+/// What a hostile member did in the run and what came of it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ByzantineReport {
+    /// When the attack started, ms into the fault phase (the first half
+    /// of the phase runs without it, as the reference).
+    pub attack_started_ms: u64,
+    /// The attacker's own account: messages by kind, and per node when it
+    /// was disconnected and whether it got back in.
+    pub attack: super::byzantine::AttackReport,
+    /// Honest writes before the attack started.
+    pub writes_before: Latency,
+    /// Honest writes while it ran.
+    pub writes_during: Latency,
+    /// Regions whose node holds the attacker in its list of blocked peers
+    /// at the end (its own record, `blocked-peers.json`).
+    pub blocked_by: Vec<String>,
+    /// Each honest node's resident memory at the end, MiB.
+    pub rss_mib_at_end: BTreeMap<String, u64>,
 }
 
 /// Counts `writes` overall, per region, and per region during faults.
@@ -226,6 +284,35 @@ impl Report {
                 cell(&r.all),
                 cell(&r.during_network_faults),
                 cell(&r.during_own_process_faults)
+            );
+        }
+        if let Some(b) = &self.byzantine {
+            let cut: Vec<String> = b
+                .attack
+                .targets
+                .iter()
+                .map(|t| {
+                    t.disconnected_after_ms
+                        .map_or("never".into(), |ms| format!("{:.1} s", ms as f64 / 1000.0))
+                })
+                .collect();
+            let sent: u64 = b.attack.sent.values().sum();
+            let _ = writeln!(
+                t,
+                "byzantine member {} messages from {:.1} s; disconnected after {}; blocked by {}/{} nodes",
+                sent,
+                b.attack_started_ms as f64 / 1000.0,
+                cut.join(", "),
+                b.blocked_by.len(),
+                self.regions.len()
+            );
+            let _ = writeln!(
+                t,
+                "honest write p99 {:.1} ms before ({} writes), {:.1} ms during the attack ({} writes)",
+                b.writes_before.p99_ms,
+                b.writes_before.writes,
+                b.writes_during.p99_ms,
+                b.writes_during.writes
             );
         }
         let _ = writeln!(t, "{}", if self.passed { "PASSED" } else { "FAILED" });

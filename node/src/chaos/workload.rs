@@ -40,6 +40,8 @@ pub struct Write {
     pub value: u64,
     /// When it was sent, from the start of the fault phase.
     pub sent: Duration,
+    /// How long the answer took (or the request until it gave up).
+    pub latency: Duration,
     /// The answer.
     pub outcome: Outcome,
 }
@@ -105,6 +107,7 @@ pub async fn writer(
             key,
             value: seq,
             sent: began.duration_since(start),
+            latency: began.elapsed(),
             outcome,
         });
         seq += 1;
