@@ -83,8 +83,24 @@ impl ClusterKey {
     }
 
     /// The key as libp2p's private-network handshake takes it.
-    pub(crate) fn psk(&self) -> PreSharedKey {
+    pub fn psk(&self) -> PreSharedKey {
         self.0
+    }
+
+    /// The secret's bytes (for the handshake's stream cipher).
+    pub(crate) fn bytes(&self) -> [u8; KEY_BYTES] {
+        // PreSharedKey shows its bytes only in its key-file form, whose
+        // last line is their hex.
+        let text = self.0.to_string();
+        let hex = text.lines().last().unwrap_or_default();
+        let mut bytes = [0u8; KEY_BYTES];
+        for (i, b) in bytes.iter_mut().enumerate() {
+            *b = hex
+                .get(2 * i..2 * i + 2)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .unwrap_or_default();
+        }
+        bytes
     }
 
     /// Reads the key from `path`, which must not be readable by group or
@@ -149,6 +165,7 @@ mod tests {
         ));
         assert_eq!(ClusterKey::load(&path)?, key);
         assert!(!format!("{key:?}").contains(&key.0.to_string()));
+        assert_eq!(PreSharedKey::new(key.bytes()), key.psk());
         Ok(())
     }
 

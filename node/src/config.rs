@@ -43,6 +43,11 @@ pub struct NodeConfig {
     /// handshake under it, so only members can connect (see
     /// [`crate::cluster_key`]). Default none.
     pub cluster_key: Option<ClusterKey>,
+    /// Further keys this node accepts from dialers besides its own (it
+    /// dials under its own): the step of a key rotation in which some nodes
+    /// hold the new key and some the old (see `docs/operations.md`). Needs
+    /// `cluster_key`. Default none.
+    pub accepted_cluster_keys: Vec<ClusterKey>,
     /// Allows listening beyond loopback with neither a cluster key nor an
     /// allowlist, so that any peer that can reach the node may join the
     /// cluster and change any document. Default false.
@@ -93,6 +98,7 @@ impl NodeConfig {
                 multiaddr("/ip4/127.0.0.1/udp/7700/quic-v1"),
             ],
             cluster_key: None,
+            accepted_cluster_keys: Vec::new(),
             insecure_open_cluster: false,
             bootstrap: Vec::new(),
             allowlist: None,
@@ -141,6 +147,12 @@ impl NodeConfig {
                 field: "listen",
                 reason,
             });
+        }
+        if self.cluster_key.is_none() && !self.accepted_cluster_keys.is_empty() {
+            return fail(
+                "accept_cluster_key_files",
+                "further keys are accepted only beside the node's own cluster_key_file",
+            );
         }
         if self.max_connections == 0 {
             return fail("max_connections", "must be at least 1");

@@ -14,6 +14,7 @@ use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{info, warn};
 
+use crate::cluster_key::ClusterKey;
 use crate::settings::{FileSettings, Overrides, Settings};
 use crate::{http, identity, Node};
 
@@ -48,6 +49,11 @@ pub struct Args {
     /// the same key can connect.
     #[arg(long, env = "CAUSEWAY_CLUSTER_KEY_FILE")]
     pub cluster_key_file: Option<PathBuf>,
+    /// A further key file whose key dialers may hold, during a key rotation
+    /// (repeat for several; replaces the file's list). The node still dials
+    /// under its own key.
+    #[arg(long, env = "CAUSEWAY_ACCEPT_CLUSTER_KEY_FILES", value_delimiter = ',')]
+    pub accept_cluster_key_file: Vec<PathBuf>,
     /// Listen beyond loopback without a cluster key or allowlist: anyone
     /// who reaches the node can join the cluster and change any document.
     #[arg(long, env = "CAUSEWAY_INSECURE_OPEN_CLUSTER")]
@@ -69,6 +75,7 @@ impl Args {
             bootstrap: self.bootstrap.clone(),
             http_listen: self.http_listen.clone(),
             cluster_key_file: self.cluster_key_file.clone(),
+            accept_cluster_key_files: self.accept_cluster_key_file.clone(),
             insecure_open_cluster: self.insecure_open_cluster,
         };
         Ok(file.resolve(overrides, &name)?)
@@ -111,7 +118,12 @@ pub async fn run(settings: Settings) -> Result<()> {
     }
     let config = &settings.node;
     match &config.cluster_key {
-        Some(key) => info!(fingerprint = %key.fingerprint(), "cluster key: only nodes holding it can connect"),
+        Some(key) => {
+            let accepted: Vec<String> =
+                config.accepted_cluster_keys.iter().map(ClusterKey::fingerprint).collect();
+            info!(fingerprint = %key.fingerprint(), also_accepted = ?accepted,
+                "cluster key: only nodes holding it can connect")
+        }
         None if addrs.iter().all(crate::config::is_loopback) => info!(
             "no cluster key: listening on loopback only (create one with `causeway cluster init` \
              and set cluster_key_file to take part in a cluster across machines)"

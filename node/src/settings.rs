@@ -60,6 +60,9 @@ pub struct FileSettings {
     pub cluster: Option<String>,
     /// The cluster key file (`causeway cluster init`), mode 0600.
     pub cluster_key_file: Option<PathBuf>,
+    /// Further key files whose keys dialers may hold (a key rotation).
+    #[serde(default)]
+    pub accept_cluster_key_files: Vec<PathBuf>,
     /// `[network]`.
     #[serde(default)]
     pub network: NetworkSection,
@@ -197,6 +200,9 @@ pub struct Overrides {
     pub http_listen: Option<String>,
     /// `--cluster-key-file` / `CAUSEWAY_CLUSTER_KEY_FILE`.
     pub cluster_key_file: Option<PathBuf>,
+    /// `--accept-cluster-key-file` / `CAUSEWAY_ACCEPT_CLUSTER_KEY_FILES`
+    /// (replaces the file's list).
+    pub accept_cluster_key_files: Vec<PathBuf>,
     /// `--insecure-open-cluster` / `CAUSEWAY_INSECURE_OPEN_CLUSTER` (only
     /// turns the setting on).
     pub insecure_open_cluster: bool,
@@ -238,6 +244,9 @@ impl FileSettings {
         }
         self.http.listen = overrides.http_listen.or(self.http.listen);
         self.cluster_key_file = overrides.cluster_key_file.or(self.cluster_key_file);
+        if !overrides.accept_cluster_key_files.is_empty() {
+            self.accept_cluster_key_files = overrides.accept_cluster_key_files;
+        }
         if overrides.insecure_open_cluster {
             self.network.insecure_open_cluster = Some(true);
         }
@@ -258,8 +267,17 @@ impl FileSettings {
             ),
             None => None,
         };
-        let node =
+        let accepted = self
+            .accept_cluster_key_files
+            .iter()
+            .map(|path| ClusterKey::load(path))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| invalid("accept_cluster_key_files", e.to_string()))?;
+        let mut node =
             network(self.network, region, cluster, cluster_key).map_err(|(k, r)| invalid(k, r))?;
+        node.accepted_cluster_keys = accepted;
+        node.validate()
+            .map_err(|e| invalid(network_key(e.field), e.reason))?;
         let engine = engine(self.engine).map_err(|(k, r)| invalid(k, r))?;
         Ok(Settings {
             data_dir,

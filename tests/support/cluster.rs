@@ -60,6 +60,8 @@ pub struct Options<'a> {
     pub cluster: &'a str,
     /// The cluster key file, if the node holds one.
     pub cluster_key_file: Option<&'a Path>,
+    /// Further key files it accepts from dialers (a key rotation).
+    pub accept_cluster_key_files: &'a [&'a Path],
 }
 
 impl Default for Options<'_> {
@@ -70,6 +72,7 @@ impl Default for Options<'_> {
             listen: "/ip4/127.0.0.1/tcp/0",
             cluster: "test",
             cluster_key_file: None,
+            accept_cluster_key_files: &[],
         }
     }
 }
@@ -94,10 +97,18 @@ impl NodeProc {
             listen,
             cluster,
             cluster_key_file,
+            accept_cluster_key_files,
         } = options;
-        let key = cluster_key_file.map_or(String::new(), |k| {
+        let mut key = cluster_key_file.map_or(String::new(), |k| {
             format!("cluster_key_file = {:?}\n", k.display().to_string())
         });
+        if !accept_cluster_key_files.is_empty() {
+            let files: Vec<String> = accept_cluster_key_files
+                .iter()
+                .map(|k| format!("{:?}", k.display().to_string()))
+                .collect();
+            key += &format!("accept_cluster_key_files = [{}]\n", files.join(", "));
+        }
         let dir = root.join(name);
         std::fs::create_dir_all(&dir).unwrap();
         let config = dir.join("node.toml");

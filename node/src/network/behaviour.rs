@@ -20,6 +20,7 @@
 //! Every protocol name carries the cluster id, so nodes of different clusters
 //! cannot even open a stream to each other.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use causeway_engine::replication::ids::ClusterId;
@@ -27,11 +28,11 @@ use causeway_engine::replication::wire::MAX_GOSSIP_BYTES;
 use libp2p::core::muxing::StreamMuxerBox;
 use libp2p::core::transport::{Boxed, Transport};
 use libp2p::core::upgrade::Version;
+use libp2p::core::ConnectedPoint;
 use libp2p::futures::future::Either;
 use libp2p::gossipsub::{PeerScoreParams, PeerScoreThresholds, TopicScoreParams};
 use libp2p::identity::Keypair;
 use libp2p::kad::store::MemoryStore;
-use libp2p::pnet::PnetConfig;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::{
@@ -42,6 +43,7 @@ use prometheus_client::registry::Registry;
 use sha2::{Digest, Sha256};
 
 use super::codec::FrameCodec;
+use super::private_network;
 use crate::cluster_key::ClusterKey;
 use crate::config::NodeConfig;
 
@@ -51,6 +53,12 @@ use crate::config::NodeConfig;
 /// fill while the driver applies the previous one; at most this many
 /// gossip messages (256 KiB each at most) wait per connection.
 pub const EVENTS_PER_CONNECTION: usize = 64;
+
+/// How long a connection may take from TCP to a multiplexed, authenticated
+/// connection (the key's handshake, Noise, yamux); a peer that stalls in
+/// it is dropped, so stalled handshakes cannot hold the slots of
+/// `max_pending_incoming`.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Gossip messages one RPC may carry; more are dropped by gossipsub.
 pub const MAX_GOSSIP_MESSAGES_PER_RPC: usize = 256;
@@ -149,9 +157,13 @@ pub fn build_swarm(
     registry: &mut Registry,
 ) -> Result<Swarm<Behaviour>, BuildError> {
     let cluster_key = config.cluster_key;
+    let keys: Vec<ClusterKey> = cluster_key
+        .into_iter()
+        .chain(config.accepted_cluster_keys.iter().copied())
+        .collect();
     let swarm = SwarmBuilder::with_existing_identity(key)
         .with_tokio()
-        .with_other_transport(|key| transport(key, cluster_key))
+        .with_other_transport(|key| transport(key, keys))
         .map_err(|e| BuildError::Transport {
             what: if cluster_key.is_some() {
                 "TCP with the cluster key"
@@ -174,29 +186,44 @@ pub fn build_swarm(
     Ok(swarm)
 }
 
-/// The transport: with a cluster key, TCP whose connections begin with the
-/// private-network handshake under that key (and then Noise and yamux, as
-/// always); without one, TCP with Noise and yamux, and QUIC.
+/// The transport: with cluster keys (the node's own first, then the
+/// others it accepts), TCP whose connections begin with the private-network
+/// handshake ([`private_network`]): under the node's own key when it dials,
+/// under whichever of its keys the dialer holds when it accepts; then Noise
+/// and yamux, as always. Without one, TCP with Noise and yamux, and QUIC.
 fn transport(
     key: &Keypair,
-    cluster_key: Option<ClusterKey>,
+    cluster_keys: Vec<ClusterKey>,
 ) -> Result<Boxed<(PeerId, StreamMuxerBox)>, Box<dyn std::error::Error + Send + Sync>> {
     let tcp = tcp::tokio::Transport::new(tcp::Config::default().nodelay(true));
     let noise = noise::Config::new(key)?;
-    Ok(match cluster_key {
-        Some(cluster_key) => {
-            let psk = cluster_key.psk();
-            tcp.and_then(move |socket, _| PnetConfig::new(psk).handshake(socket))
-                .upgrade(Version::V1Lazy)
-                .authenticate(noise)
-                .multiplex(yamux::Config::default())
-                .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)))
-                .boxed()
+    Ok(match cluster_keys.first().copied() {
+        Some(own) => {
+            let keys = Arc::new(cluster_keys);
+            tcp.and_then(move |socket, endpoint: ConnectedPoint| {
+                let keys = Arc::clone(&keys);
+                async move {
+                    if endpoint.is_dialer() {
+                        private_network::dial(socket, &own).await
+                    } else {
+                        private_network::accept(socket, &keys)
+                            .await
+                            .map(|(stream, _)| stream)
+                    }
+                }
+            })
+            .upgrade(Version::V1Lazy)
+            .authenticate(noise)
+            .multiplex(yamux::Config::default())
+            .timeout(HANDSHAKE_TIMEOUT)
+            .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)))
+            .boxed()
         }
         None => tcp
             .upgrade(Version::V1Lazy)
             .authenticate(noise)
             .multiplex(yamux::Config::default())
+            .timeout(HANDSHAKE_TIMEOUT)
             .or_transport(quic::tokio::Transport::new(quic::Config::new(key)))
             .map(|either, _| match either {
                 Either::Left((peer, muxer)) => (peer, StreamMuxerBox::new(muxer)),

@@ -152,7 +152,10 @@ pub struct Driver {
     random: SplitMix64,
     targets: Vec<Target>,
     peers: BTreeMap<PeerId, Peer>,
+    /// Peers blocked now, by an operator or a sanction.
     blocked: BTreeSet<PeerId>,
+    /// Peers an operator blocked (a sanction ending does not unblock them).
+    operator_blocked: BTreeSet<PeerId>,
     /// Peers identified as members of another cluster: not rediscovered.
     foreign: BTreeSet<PeerId>,
     listen_addrs: Vec<Multiaddr>,
@@ -259,6 +262,7 @@ impl Driver {
             targets,
             peers: BTreeMap::new(),
             blocked,
+            operator_blocked: BTreeSet::new(),
             foreign: BTreeSet::new(),
             listen_addrs: Vec::new(),
             listeners: Vec::new(),
@@ -907,7 +911,9 @@ impl Driver {
             Ok(ended) => {
                 for peer in ended {
                     info!(%peer, "the block of a misbehaving peer ended");
-                    self.unblock_peer(peer);
+                    if !self.operator_blocked.contains(&peer) {
+                        self.unblock_peer(peer);
+                    }
                 }
             }
             Err(e) => warn!(error = %e, "cannot record the end of a block"),
@@ -918,9 +924,11 @@ impl Driver {
     /// An operator's block or unblock (an unblock also ends a sanction).
     fn block(&mut self, peer: PeerId, blocked: bool) {
         if blocked {
+            self.operator_blocked.insert(peer);
             self.block_peer(peer);
             info!(%peer, "blocked peer");
         } else {
+            self.operator_blocked.remove(&peer);
             if let Err(e) = self.sanctions.pardon(&peer) {
                 warn!(%peer, error = %e, "cannot record the end of a block");
             }

@@ -6,6 +6,8 @@
 //! * [`inbox`]: received messages waiting to be applied in one batch.
 //! * [`backoff`]: redial delays for unreachable peers.
 //! * [`outbox`]: at most a window of direct messages in flight per peer.
+//! * [`private_network`]: the handshake under the cluster key, accepting
+//!   several keys during a rotation.
 //! * [`sanctions`]: peers that keep sending refused messages are blocked,
 //!   across restarts.
 //! * [`status`]: what the task reports about the cluster.
@@ -18,6 +20,7 @@ pub mod codec;
 pub mod driver;
 pub mod inbox;
 pub mod outbox;
+pub mod private_network;
 pub mod progress;
 pub mod sanctions;
 pub mod status;
