@@ -13,7 +13,9 @@
 //       A client repo with Node filesystem storage at DIR and a WebSocket
 //       client adapter to ws://ADDR; finds every id in IDS_FILE, WINDOW at a
 //       time, flushes storage, prints {"done": true, "found": N, "seconds": S},
-//       then writes every document's contents to DUMP_FILE as {id: value}.
+//       waits for a line on stdin (or its end: the harness has read this
+//       process's CPU time and peak memory), then writes every document's
+//       contents to DUMP_FILE as {id: value} and prints {"dumped": N}.
 //       (All 10,000 at once fails: some finds reject with "Document ... is
 //       unavailable" after about 80 s.)
 //
@@ -78,6 +80,15 @@ function serve(dir) {
   wss.on("listening", () => print({ ready: true, port: wss.address().port }));
 }
 
+// Resolves once stdin yields a line or ends.
+function measured() {
+  return new Promise((resolve) => {
+    process.stdin.once("data", resolve);
+    process.stdin.once("end", resolve);
+    process.stdin.resume();
+  });
+}
+
 async function join(dir, addr, idsFile, dumpFile, window) {
   const started = process.hrtime.bigint();
   const ids = JSON.parse(readFileSync(idsFile, "utf8"));
@@ -97,6 +108,7 @@ async function join(dir, addr, idsFile, dumpFile, window) {
   await repo.flush();
   const seconds = Number(process.hrtime.bigint() - started) / 1e9;
   print({ done: true, found: handles.length, seconds });
+  await measured();
   const dump = {};
   for (const handle of handles) {
     dump[handle.documentId] = handle.doc();

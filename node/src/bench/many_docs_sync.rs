@@ -419,6 +419,9 @@ async fn peer_side(
     let joiner_cpu = cpu_seconds(joiner.pid()?)?;
     let server_cpu = cpu_seconds(server.pid()?)?;
     let joiner_peak_rss = proc_status_mib(joiner.pid()?, "VmHWM:")?;
+    // The joiner waits for this before it dumps and exits (reading a
+    // process that already exited found no VmHWM).
+    joiner.release().await?;
     joiner.next_json(timeout).await?;
     let status = joiner.child.wait().await?;
     ensure!(status.success(), "{name}: the client exited with {status}");

@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, BufReader, Lines};
-use tokio::process::{Child, ChildStdout, Command};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 
 /// Which engine a peer runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -158,6 +158,9 @@ pub struct PeerProcess {
     /// The child (killed when dropped).
     pub child: Child,
     lines: Lines<BufReader<ChildStdout>>,
+    /// Its stdin: a joining peer waits for a line on it after its result,
+    /// so that its CPU time and peak memory can be read before it exits.
+    stdin: Option<ChildStdin>,
 }
 
 impl PeerProcess {
@@ -174,6 +177,16 @@ impl PeerProcess {
     pub fn pid(&self) -> Result<u32> {
         self.child.id().context("the peer has exited")
     }
+
+    /// Lets a joining peer go on once it was measured (see
+    /// [`PeerProcess::stdin`]).
+    pub async fn release(&mut self) -> Result<()> {
+        if let Some(mut stdin) = self.stdin.take() {
+            stdin.write_all(b"measured\n").await?;
+            stdin.shutdown().await?;
+        }
+        Ok(())
+    }
 }
 
 impl Peer {
@@ -183,16 +196,18 @@ impl Peer {
             .args(&self.prefix)
             .arg(mode)
             .args(args)
-            .stdin(Stdio::null())
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(log)?)
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("cannot start the {} peer", self.kind.name()))?;
         let stdout = child.stdout.take().context("peer stdout")?;
+        let stdin = child.stdin.take();
         Ok(PeerProcess {
             child,
             lines: BufReader::new(stdout).lines(),
+            stdin,
         })
     }
 

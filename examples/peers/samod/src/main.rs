@@ -11,8 +11,10 @@
 //! samod-peer join DIR ADDR IDS_FILE DUMP_FILE WINDOW
 //!     A repo with filesystem storage at DIR dialing tcp://ADDR; finds every
 //!     id, WINDOW at a time (as the automerge-repo client does), stops the repo (which waits for storage), prints
-//!     {"done": true, "found": N, "seconds": S}, then writes every
-//!     document's contents to DUMP_FILE as {id: value}.
+//!     {"done": true, "found": N, "seconds": S}, waits for a line on stdin
+//!     (or its end: the harness has read this process's CPU time and peak
+//!     memory), then writes every document's contents to DUMP_FILE as
+//!     {id: value} and prints {"dumped": N}.
 //! ```
 //!
 //! Every setting is samod's default.
@@ -103,6 +105,10 @@ async fn join(dir: &str, addr: &str, ids_file: &str, dump_file: &str, window: us
     repo.stop().await;
     let seconds = started.elapsed().as_secs_f64();
     print(serde_json::json!({ "done": true, "found": handles.len(), "seconds": seconds }));
+    // The harness reads this process's CPU time and peak memory now, and
+    // then writes a line (or closes stdin): only then may it exit.
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line)?;
     let mut dump = serde_json::Map::new();
     for handle in &handles {
         let value = handle.with_document(|d| serde_json::to_value(AutoSerde::from(&*d)))?;
