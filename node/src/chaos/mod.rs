@@ -121,6 +121,7 @@ pub async fn run(args: &Args) -> Result<()> {
     if args.rate <= 0.0 || args.writers == 0 || args.docs == 0 {
         bail!("--rate, --writers and --docs must be positive");
     }
+    let _turn = machine_lock().await?;
     let regions = args.regions as usize;
     let names: Vec<String> = REGION_NAMES[..regions]
         .iter()
@@ -337,6 +338,38 @@ pub async fn run(args: &Args) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The file whose lock a chaos run holds, in the temporary directory.
+const LOCK_FILE: &str = "causeway-chaos.lock";
+
+/// Takes the machine-wide turn of chaos runs, waiting for a run that holds
+/// it: the namespaces, the bridge and the subnet have fixed names, and a run
+/// removes what it finds of them, so two at once would break each other
+/// (test runners start tests in parallel). Held until the file is dropped
+/// or the process ends.
+async fn machine_lock() -> Result<std::fs::File> {
+    let path = std::env::temp_dir().join(LOCK_FILE);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            eprintln!(
+                "waiting for another causeway chaos run on this machine to finish ({})",
+                path.display()
+            );
+            let file = tokio::task::spawn_blocking(move || file.lock().map(|()| file)).await??;
+            Ok(file)
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("cannot lock {}", path.display()))
+        }
+    }
 }
 
 /// Whether `node` holds `peer` in its list of blocked peers.
