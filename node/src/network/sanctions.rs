@@ -1,7 +1,9 @@
 //! Sanctions: a peer that keeps sending messages the replication core
 //! refuses is blocked for a while, and the block outlives a restart.
 //!
-//! Every refusal is counted per peer in a window of [`REFUSAL_WINDOW`].
+//! Every refusal is counted per peer in a window of [`REFUSAL_WINDOW`]
+//! (those an honest peer can cause, [`HONEST_REASONS`], never lead to a
+//! block).
 //! The first refusal of a window is logged; the rest are only counted, and
 //! one summary line per peer and window says how many there were and why,
 //! so a hostile peer cannot flood the log. A peer refused more than
@@ -9,10 +11,9 @@
 //! close, new ones are refused, in both directions) for [`FIRST_BLOCK`],
 //! twice as long for each later block, up to [`LONGEST_BLOCK`].
 //!
-//! Honest peers are not refused: the core refuses only messages that break
-//! the protocol (undecodable, beyond a limit, forged, bad changes). The
-//! threshold leaves room for a peer whose settings differ (a larger shape
-//! limit, say) to be refused now and then without being blocked.
+//! Honest peers are not refused for anything else: the core refuses only
+//! messages that break the protocol (undecodable, beyond a limit, forged,
+//! bad changes).
 //!
 //! Blocks are kept in a JSON file in the node's data directory, written
 //! (to a temporary file, synced, then renamed) whenever a block starts or
@@ -35,6 +36,11 @@ pub const REFUSALS_BEFORE_BLOCK: u32 = 50;
 pub const FIRST_BLOCK: Duration = Duration::from_secs(10 * 60);
 /// The longest block (each block of the same peer doubles, up to this).
 pub const LONGEST_BLOCK: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Refusal reasons an honest peer can cause, which never lead to a block
+/// (they are still counted and logged): a change beyond this node's shape
+/// limits (nodes may be configured differently) and a message of a newer
+/// protocol version (a rolling upgrade).
+pub const HONEST_REASONS: &[&str] = &["shape_limit", "unsupported_version"];
 /// Peers whose refusals are tracked at once; a refusal from a further peer
 /// takes the place of the peer with the oldest window that is not blocked.
 pub const MAX_TRACKED_PEERS: usize = 4096;
@@ -82,6 +88,8 @@ struct StoredSanctions {
 struct Record {
     window_start: Instant,
     refusals: u32,
+    /// Refusals in the window that count towards a block.
+    strikes: u32,
     reasons: BTreeMap<&'static str, u32>,
     /// Blocks so far.
     blocks: u32,
@@ -96,6 +104,7 @@ impl Record {
         Record {
             window_start: now,
             refusals: 0,
+            strikes: 0,
             reasons: BTreeMap::new(),
             blocks: 0,
             until: None,
@@ -216,15 +225,17 @@ impl Sanctions {
         if now.duration_since(r.window_start) >= REFUSAL_WINDOW {
             r.window_start = now;
             r.refusals = 0;
+            r.strikes = 0;
             r.reasons.clear();
         }
         r.refusals += 1;
+        r.strikes += u32::from(!HONEST_REASONS.contains(&reason));
         *r.reasons.entry(reason).or_default() += 1;
         if r.until.is_some_and(|u| u > wall) {
             // Messages already in flight when the block started.
             return Ok(Sanction::Counted);
         }
-        if r.refusals <= REFUSALS_BEFORE_BLOCK {
+        if r.strikes <= REFUSALS_BEFORE_BLOCK {
             return Ok(if r.refusals == 1 {
                 Sanction::First
             } else {
@@ -242,6 +253,7 @@ impl Sanctions {
             .collect();
         let reasons = std::mem::take(&mut r.reasons);
         r.refusals = 0;
+        r.strikes = 0;
         self.save()?;
         Ok(Sanction::Block { duration, reasons })
     }
@@ -289,6 +301,7 @@ impl Sanctions {
             }
             r.window_start = now;
             r.refusals = 0;
+            r.strikes = 0;
             r.reasons.clear();
         }
         // Peers with nothing left to remember.
@@ -390,6 +403,28 @@ mod tests {
         assert!(reloaded
             .blocked(later + FIRST_BLOCK * 2 + Duration::from_secs(2))
             .is_empty());
+    }
+
+    #[test]
+    fn refusals_an_honest_peer_can_cause_never_block() {
+        let mut s = Sanctions::in_memory();
+        let (now, wall) = (Instant::now(), SystemTime::now());
+        let peer = PeerId::random();
+        for i in 0..10 * REFUSALS_BEFORE_BLOCK {
+            let reason = HONEST_REASONS[i as usize % HONEST_REASONS.len()];
+            assert!(!matches!(
+                s.refused(now, wall, peer, reason).unwrap(),
+                Sanction::Block { .. }
+            ));
+        }
+        assert!(s.blocked(wall).is_empty());
+        // Other reasons still do, counted apart from those.
+        for _ in 0..REFUSALS_BEFORE_BLOCK {
+            let _ = s.refused(now, wall, peer, "malformed").unwrap();
+        }
+        assert!(s.blocked(wall).is_empty());
+        let _ = s.refused(now, wall, peer, "malformed").unwrap();
+        assert_eq!(s.blocked(wall), vec![peer]);
     }
 
     #[test]
