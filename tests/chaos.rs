@@ -1,6 +1,6 @@
-//! The short chaos schedule: `causeway chaos` against three real nodes in
+//! The short chaos schedules: `causeway chaos` against three real nodes in
 //! three network namespaces, one fault of every kind while clients write in
-//! every region, then the checker. Needs root (CI runs as root); elsewhere
+//! every region, then the checker; and a schedule with a hostile member. Needs root (CI runs as root); elsewhere
 //! it says so and stops, unless CAUSEWAY_CHAOS_REQUIRED is set, when it
 //! fails instead.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
@@ -12,38 +12,41 @@ use std::process::Command;
 use serde_json::Value;
 use support::cluster::causeway_bin;
 
-#[test]
-fn a_short_chaos_schedule_loses_no_acknowledged_write() {
+/// Runs `causeway chaos ARGS` and returns its report once it passed; `None`
+/// when not root (the test is skipped, unless CAUSEWAY_CHAOS_REQUIRED is
+/// set, when it fails). Stderr (schedule, faults as they happen, the table)
+/// goes to the test output.
+fn chaos(args: &[&str]) -> Option<Value> {
     if !causeway_node::chaos::is_root() {
         assert!(
             std::env::var_os("CAUSEWAY_CHAOS_REQUIRED").is_none(),
             "the chaos test needs root (network namespaces and nftables)"
         );
         eprintln!("SKIPPED: the chaos test needs root (network namespaces and nftables)");
-        return;
+        return None;
     }
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("report.json");
-    // Stderr (schedule, faults as they happen, the table) goes to the test
-    // output.
     let status = Command::new(causeway_bin())
-        .args([
-            "chaos",
-            "--seed",
-            "1",
-            "--duration",
-            "60",
-            "--max-fault-secs",
-            "6",
-        ])
+        .arg("chaos")
+        .args(args)
         .arg("--report")
         .arg(&path)
         .stdout(std::process::Stdio::null())
         .status()
         .unwrap();
-    let report: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let report = std::fs::read(&path)
+        .unwrap_or_else(|e| panic!("the chaos run ({status}) wrote no report: {e}"));
+    let report: Value = serde_json::from_slice(&report).unwrap();
     assert!(status.success(), "the chaos run failed: {report:#}");
+    Some(report)
+}
 
+#[test]
+fn a_short_chaos_schedule_loses_no_acknowledged_write() {
+    let Some(report) = chaos(&["--seed", "1", "--duration", "60", "--max-fault-secs", "6"]) else {
+        return;
+    };
     for (kind, n) in report["faults_by_kind"].as_object().unwrap() {
         assert!(n.as_u64().unwrap() >= 1, "no {kind} fault was injected");
     }
@@ -74,41 +77,26 @@ fn a_short_chaos_schedule_loses_no_acknowledged_write() {
 
 #[test]
 fn a_byzantine_member_is_cut_off_while_honest_writes_go_on() {
-    if !causeway_node::chaos::is_root() {
-        assert!(
-            std::env::var_os("CAUSEWAY_CHAOS_REQUIRED").is_none(),
-            "the chaos test needs root (network namespaces and nftables)"
-        );
-        eprintln!("SKIPPED: the chaos test needs root (network namespaces and nftables)");
+    let args = [
+        "--seed",
+        "2",
+        "--duration",
+        "40",
+        "--max-fault-secs",
+        "4",
+        "--byzantine",
+        "1",
+    ];
+    let Some(report) = chaos(&args) else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("report.json");
-    let status = Command::new(causeway_bin())
-        .args([
-            "chaos",
-            "--seed",
-            "2",
-            "--duration",
-            "40",
-            "--max-fault-secs",
-            "4",
-            "--byzantine",
-            "1",
-        ])
-        .arg("--report")
-        .arg(&path)
-        .stdout(std::process::Stdio::null())
-        .status()
-        .unwrap();
-    let report: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
-    assert!(status.success(), "the chaos run failed: {report:#}");
+    };
     assert_eq!(report["acked_lost"], 0, "{:#}", report["lost_examples"]);
     assert_eq!(report["divergent_replicas"], 0);
     assert_eq!(report["converged"], true);
     let b = &report["byzantine"];
-    // Every node holds the attacker in its list of blocked peers, and the
-    // attacker, trying again every 2 s, was let back in by none.
+    // Every node holds the attacker in its list of blocked peers and had
+    // cut it off by the end (a reconnection after a kill fault may have
+    // been admitted before the node blocked it).
     assert_eq!(b["blocked_by"].as_array().unwrap().len(), 3, "{b:#}");
     for t in b["attack"]["targets"].as_array().unwrap() {
         assert!(t["disconnected_after_ms"].is_u64(), "{t}");

@@ -885,18 +885,24 @@ impl Driver {
             .sanctions
             .refused(Instant::now(), SystemTime::now(), peer, name);
         match sanction {
-            Ok(Sanction::First) => {
+            Sanction::First => {
                 warn!(%peer, reason = name, detail = %reason,
                     "refused a message from a peer (further refusals are summarised each minute)");
             }
-            Ok(Sanction::Counted) => {}
-            Ok(Sanction::Block { duration, reasons }) => {
+            Sanction::Counted => {}
+            Sanction::Block {
+                duration,
+                reasons,
+                unsaved,
+            } => {
                 warn!(%peer, blocked_for = ?duration, refusals = ?reasons,
                     "blocked a peer that kept sending refused messages");
+                if let Some(e) = unsaved {
+                    warn!(%peer, error = %e, "cannot record the block; it holds until restart");
+                }
                 self.metrics.peers_sanctioned.inc();
                 self.block_peer(peer);
             }
-            Err(e) => warn!(%peer, error = %e, "cannot record a block; it holds until restart"),
         }
     }
 

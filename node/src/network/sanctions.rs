@@ -126,6 +126,9 @@ pub enum Sanction {
         duration: Duration,
         /// Refusals in the window, by reason.
         reasons: BTreeMap<&'static str, u32>,
+        /// Why the block could not be written to the file, if it could
+        /// not (it then holds until a restart).
+        unsaved: Option<String>,
     },
 }
 
@@ -205,7 +208,7 @@ impl Sanctions {
         wall: SystemTime,
         peer: PeerId,
         reason: &'static str,
-    ) -> Result<Sanction, SanctionsError> {
+    ) -> Sanction {
         if !self.peers.contains_key(&peer) && self.peers.len() >= MAX_TRACKED_PEERS {
             let oldest = self
                 .peers
@@ -218,7 +221,7 @@ impl Sanctions {
                     self.peers.remove(&p);
                 }
                 // Every tracked peer is blocked: nothing more to count.
-                None => return Ok(Sanction::Counted),
+                None => return Sanction::Counted,
             }
         }
         let r = self.peers.entry(peer).or_insert_with(|| Record::new(now));
@@ -233,14 +236,14 @@ impl Sanctions {
         *r.reasons.entry(reason).or_default() += 1;
         if r.until.is_some_and(|u| u > wall) {
             // Messages already in flight when the block started.
-            return Ok(Sanction::Counted);
+            return Sanction::Counted;
         }
         if r.strikes <= REFUSALS_BEFORE_BLOCK {
-            return Ok(if r.refusals == 1 {
+            return if r.refusals == 1 {
                 Sanction::First
             } else {
                 Sanction::Counted
-            });
+            };
         }
         let doubling = 2u32.saturating_pow(r.blocks.min(30));
         let duration = FIRST_BLOCK.saturating_mul(doubling).min(LONGEST_BLOCK);
@@ -254,8 +257,13 @@ impl Sanctions {
         let reasons = std::mem::take(&mut r.reasons);
         r.refusals = 0;
         r.strikes = 0;
-        self.save()?;
-        Ok(Sanction::Block { duration, reasons })
+        // The block holds in memory even if it could not be written down.
+        let unsaved = self.save().err().map(|e| e.to_string());
+        Sanction::Block {
+            duration,
+            reasons,
+            unsaved,
+        }
     }
 
     /// Ends the blocks that are over at `wall`; returns their peers.
@@ -362,21 +370,19 @@ mod tests {
         let (now, wall) = (Instant::now(), SystemTime::now());
         let mut s = Sanctions::load(&path, now).unwrap();
         let (bad, other) = (PeerId::random(), PeerId::random());
-        assert_eq!(
-            s.refused(now, wall, bad, "malformed").unwrap(),
-            Sanction::First
-        );
+        assert_eq!(s.refused(now, wall, bad, "malformed"), Sanction::First);
         for _ in 1..REFUSALS_BEFORE_BLOCK {
             assert_eq!(
-                s.refused(now, wall, bad, "forged_identity").unwrap(),
+                s.refused(now, wall, bad, "forged_identity"),
                 Sanction::Counted
             );
         }
-        assert_eq!(
-            s.refused(now, wall, other, "bad_change").unwrap(),
-            Sanction::First
-        );
-        let Sanction::Block { duration, reasons } = s.refused(now, wall, bad, "malformed").unwrap()
+        assert_eq!(s.refused(now, wall, other, "bad_change"), Sanction::First);
+        let Sanction::Block {
+            duration,
+            reasons,
+            unsaved: None,
+        } = s.refused(now, wall, bad, "malformed")
         else {
             panic!("not blocked past the threshold");
         };
@@ -395,7 +401,7 @@ mod tests {
             .is_empty());
         // A second offence blocks twice as long.
         for _ in 0..=REFUSALS_BEFORE_BLOCK {
-            let _ = s.refused(now, later, bad, "malformed").unwrap();
+            let _ = s.refused(now, later, bad, "malformed");
         }
         assert_eq!(s.blocked(later), vec![bad]);
         let reloaded = Sanctions::load(&path, now).unwrap();
@@ -413,17 +419,17 @@ mod tests {
         for i in 0..10 * REFUSALS_BEFORE_BLOCK {
             let reason = HONEST_REASONS[i as usize % HONEST_REASONS.len()];
             assert!(!matches!(
-                s.refused(now, wall, peer, reason).unwrap(),
+                s.refused(now, wall, peer, reason),
                 Sanction::Block { .. }
             ));
         }
         assert!(s.blocked(wall).is_empty());
         // Other reasons still do, counted apart from those.
         for _ in 0..REFUSALS_BEFORE_BLOCK {
-            let _ = s.refused(now, wall, peer, "malformed").unwrap();
+            let _ = s.refused(now, wall, peer, "malformed");
         }
         assert!(s.blocked(wall).is_empty());
-        let _ = s.refused(now, wall, peer, "malformed").unwrap();
+        let _ = s.refused(now, wall, peer, "malformed");
         assert_eq!(s.blocked(wall), vec![peer]);
     }
 
@@ -433,7 +439,7 @@ mod tests {
         let (now, wall) = (Instant::now(), SystemTime::now());
         let peer = PeerId::random();
         for _ in 0..REFUSALS_BEFORE_BLOCK {
-            let _ = s.refused(now, wall, peer, "shape_limit").unwrap();
+            let _ = s.refused(now, wall, peer, "shape_limit");
         }
         assert!(s.blocked(wall).is_empty());
         assert!(s.summaries(now).is_empty(), "the window is not over");
@@ -444,9 +450,6 @@ mod tests {
         // A new window starts over: the peer is not blocked for refusals
         // spread over time.
         let next = now + REFUSAL_WINDOW * 3;
-        assert_eq!(
-            s.refused(next, wall, peer, "shape_limit").unwrap(),
-            Sanction::First
-        );
+        assert_eq!(s.refused(next, wall, peer, "shape_limit"), Sanction::First);
     }
 }
