@@ -14,7 +14,7 @@ use crate::doc_id::{self, DocId};
 use crate::document::DocState;
 use crate::error::{Error, Result};
 use crate::events::{DocEvent, EventHub, Origin, Subscription};
-use crate::held::HeldLedger;
+use crate::held::{HeldBudget, HeldLedger};
 use crate::json;
 use crate::lineage;
 use crate::quarantine::Quarantine;
@@ -57,6 +57,12 @@ pub struct ApplyOutcome {
     /// [`held`](crate::held)); a client's are refused as a whole with
     /// [`Error::HeldLimit`] instead.
     pub refused: usize,
+    /// Of `refused`, the changes refused because the sender's share of held
+    /// changes was spent, not because of a limit.
+    pub over_budget: usize,
+    /// Changes of this call held now (not applied, not refused), and their
+    /// bytes.
+    pub newly_held: (usize, usize),
     /// Dependencies of the document's held changes that nobody has supplied
     /// yet, sorted, at most [`MAX_REPORTED_MISSING`](crate::MAX_REPORTED_MISSING): ask for them.
     pub missing_deps: Vec<ChangeHash>,
@@ -173,6 +179,9 @@ pub struct Engine {
     /// How this handle's writes of received changes wait for durability
     /// (local commits always wait). See [`Engine::deferring`].
     wait: Wait,
+    /// What a peer's changes written through this handle may newly hold
+    /// (see [`Engine::within_held_budget`]); `None`: only the limits apply.
+    pub(crate) held_budget: Option<HeldBudget>,
 }
 
 pub(crate) struct Inner {
@@ -226,6 +235,7 @@ impl Engine {
                 deferred_events: Mutex::new(Vec::new()),
             }),
             wait: Wait::Durable,
+            held_budget: None,
         })
     }
 
@@ -243,6 +253,18 @@ impl Engine {
         Engine {
             inner: Arc::clone(&self.inner),
             wait: Wait::Deferred,
+            held_budget: self.held_budget,
+        }
+    }
+
+    /// This handle, with a peer's changes written through it holding at
+    /// most `budget` new changes per call (the rest are refused and counted
+    /// in [`ApplyOutcome::over_budget`]).
+    pub(crate) fn within_held_budget(&self, budget: HeldBudget) -> Engine {
+        Engine {
+            inner: Arc::clone(&self.inner),
+            wait: self.wait,
+            held_budget: Some(budget),
         }
     }
 

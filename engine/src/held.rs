@@ -75,6 +75,16 @@ pub(crate) enum Overflow {
     Shed,
 }
 
+/// How many more changes, and bytes of them, one call may newly hold for
+/// the peer that sent them: what is left of that peer's share (see
+/// [`ReplicatorConfig::max_held_changes_per_peer`](crate::replication::ReplicatorConfig)).
+/// Changes beyond it are refused like those beyond a limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct HeldBudget {
+    pub(crate) changes: usize,
+    pub(crate) bytes: usize,
+}
+
 /// Which limit a refusal hit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HeldLimitKind {

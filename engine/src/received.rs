@@ -93,7 +93,11 @@ impl Engine {
             mut new,
         } = state.integrate(id, decoded, source)?;
         self.check_shape(id, state, &mut plan)?;
-        let reservation = self.limit_held(id, state, &mut plan, overflow)?;
+        let (reservation, over_budget) = self.limit_held(id, state, &mut plan, overflow)?;
+        let newly_held = (
+            plan.hold.len(),
+            plan.hold.iter().map(|(c, _, _)| c.raw_bytes().len()).sum(),
+        );
         if !plan.refused.is_empty() {
             self.inner
                 .held_refused
@@ -119,6 +123,8 @@ impl Engine {
             duplicates,
             held: state.held.len(),
             refused: plan.refused.len(),
+            over_budget,
+            newly_held,
             missing_deps: missing,
             heads: state.doc.get_heads(),
         };
@@ -252,17 +258,20 @@ impl Engine {
     /// Applies the held-change limits to `plan`: with [`Overflow::Refuse`]
     /// fails with [`Error::HeldLimit`] if any new change to hold does not
     /// fit; with [`Overflow::Shed`] moves the changes that do not fit (the
-    /// last ones) to `plan.refused`. Returns the engine-wide reservation
-    /// for what is held.
+    /// last ones) to `plan.refused`, after those beyond this handle's
+    /// [`HeldBudget`] (a peer's share). Returns the
+    /// engine-wide reservation for what is held, and how many changes the
+    /// budget refused.
     fn limit_held(
         &self,
         id: &DocId,
         state: &DocState,
         plan: &mut Plan,
         overflow: Overflow,
-    ) -> Result<Reservation> {
+    ) -> Result<(Reservation, usize)> {
+        let over_budget = self.shed_over_budget(plan, overflow);
         if plan.hold.is_empty() {
-            return Ok(Reservation::default());
+            return Ok((Reservation::default(), over_budget));
         }
         let limits = HeldLimits::of(&self.inner.config);
         let freed = (plan.released.len(), plan.released_bytes);
@@ -284,7 +293,7 @@ impl Engine {
             self.inner.held.reserve(&sizes[..fit], freed, &limits);
         let stop = engine_stop.or(stop);
         let Some(limit) = stop.filter(|_| fit < plan.hold.len()) else {
-            return Ok(reservation);
+            return Ok((reservation, over_budget));
         };
         if overflow == Overflow::Refuse {
             self.inner.held.cancel(reservation);
@@ -313,9 +322,27 @@ impl Engine {
             });
         }
         let refused = plan.hold.split_off(fit);
-        plan.refused = refused.into_iter().map(|(c, _, _)| c).collect();
+        plan.refused.extend(refused.into_iter().map(|(c, _, _)| c));
         tracing::debug!(doc = %id, %limit, refused = plan.refused.len(), "refused a peer's changes: the held-change limit is reached");
-        Ok(reservation)
+        Ok((reservation, over_budget))
+    }
+
+    /// Moves a peer's changes to hold beyond this handle's [`HeldBudget`]
+    /// (the last ones) to `plan.refused`; returns how many.
+    fn shed_over_budget(&self, plan: &mut Plan, overflow: Overflow) -> usize {
+        let Some(budget) = self.held_budget.filter(|_| overflow == Overflow::Shed) else {
+            return 0;
+        };
+        let sizes: Vec<usize> = plan
+            .hold
+            .iter()
+            .map(|(c, _, _)| c.raw_bytes().len())
+            .collect();
+        let (fit, _) = prefix_fit((0, 0), &sizes, (budget.changes, budget.bytes));
+        let over = plan.hold.split_off(fit);
+        let n = over.len();
+        plan.refused.extend(over.into_iter().map(|(c, _, _)| c));
+        n
     }
 
     /// What `id` holds back for missing dependencies (nothing if the

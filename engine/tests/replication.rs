@@ -14,7 +14,7 @@ use causeway_engine::replication::wire::{
     MAX_GOSSIP_BYTES, PROTOCOL_VERSION,
 };
 use causeway_engine::replication::{
-    reason_name, Channel, Inbound, Output, Replicator, ReplicatorConfig, Verdict,
+    reason_name, Channel, Inbound, Members, Output, Replicator, ReplicatorConfig, Verdict,
 };
 use causeway_engine::{Engine, SyncState};
 use common::{fresh, id};
@@ -298,6 +298,194 @@ fn every_kind_of_bad_message_is_refused_counted_and_changes_nothing() {
     assert_eq!(
         a.core.engine().get_json(&id("bad/doc")).unwrap(),
         json!({"a": 1})
+    );
+}
+
+#[test]
+fn with_a_membership_list_regions_come_from_the_list_and_strangers_are_ignored() {
+    let (good, _) = delta_bytes("test", "listed/doc");
+    let good = good.encode();
+    let mut a = node("a", "eu");
+    let (bn, cn, xn) = (
+        NodeId::new("b").unwrap(),
+        NodeId::new("c").unwrap(),
+        NodeId::new("x").unwrap(),
+    );
+    let region = |r: &str| Region::new(r).unwrap();
+    // b is listed in "us" but says "eu"; c (the delta's origin) is listed
+    // in "ap" while its delta says "eu"; x is not listed.
+    let members: Members = [
+        (NodeId::new("a").unwrap(), region("eu")),
+        (bn.clone(), region("us")),
+        (cn.clone(), region("ap")),
+    ]
+    .into_iter()
+    .collect();
+    // A region recorded before the list is corrected when the list comes.
+    let mut rng = SplitMix64::new(5);
+    a.core.handle_connect(Duration::ZERO, &bn, &mut rng);
+    let hello_from_b = Envelope {
+        cluster: ClusterId::new("test").unwrap(),
+        message: Message::Hello(Hello {
+            node: bn.clone(),
+            region: region("eu"),
+            version: PROTOCOL_VERSION,
+        }),
+    }
+    .encode();
+    a.core
+        .handle_message(Duration::ZERO, Inbound::direct(&bn, &hello_from_b))
+        .unwrap();
+    assert_eq!(
+        a.core.progress().peer(&bn).unwrap().region,
+        Some(region("eu"))
+    );
+    a.core.set_members(Duration::ZERO, Some(members));
+    assert_eq!(
+        a.core.progress().peer(&bn).unwrap().region,
+        Some(region("us"))
+    );
+    a.core
+        .handle_message(Duration::ZERO, Inbound::direct(&bn, &hello_from_b))
+        .unwrap();
+    assert_eq!(
+        a.core.progress().peer(&bn).unwrap().region,
+        Some(region("us"))
+    );
+    // A stranger's message, or a member's relayed by a stranger, changes
+    // nothing and is not a refusal (no sanction).
+    for (from, author) in [(&xn, &xn), (&xn, &cn), (&bn, &xn)] {
+        let verdict = a
+            .core
+            .handle_message(Duration::ZERO, Inbound::gossip(from, author, &good))
+            .unwrap();
+        assert_eq!(verdict, Verdict::Ignore);
+    }
+    assert_eq!(a.core.stats().not_members, 3);
+    assert!(a.core.stats().rejected.is_empty());
+    assert!(a.core.engine().heads(&id("listed/doc")).is_err());
+    assert!(a.core.progress().peer(&xn).is_none());
+    // A member's delta applies; its region is the list's.
+    let verdict = a
+        .core
+        .handle_message(Duration::ZERO, Inbound::gossip(&bn, &cn, &good))
+        .unwrap();
+    assert_eq!(verdict, Verdict::Accept);
+    assert!(a.core.engine().heads(&id("listed/doc")).is_ok());
+    assert_eq!(
+        a.core.progress().peer(&cn).unwrap().region,
+        Some(region("ap"))
+    );
+    assert_eq!(a.core.stats().region_claims_overridden, 2);
+    let holders = a
+        .core
+        .holders(
+            &id("listed/doc"),
+            &a.core.engine().heads(&id("listed/doc")).unwrap(),
+        )
+        .unwrap();
+    let c = holders.iter().find(|h| h.peer == cn).unwrap();
+    assert_eq!((c.region.clone(), c.holds), (Some(region("ap")), true));
+    // Without the list, claims are taken again.
+    a.core.set_members(Duration::ZERO, None);
+    a.core
+        .handle_message(Duration::ZERO, Inbound::direct(&bn, &hello_from_b))
+        .unwrap();
+    assert_eq!(
+        a.core.progress().peer(&bn).unwrap().region,
+        Some(region("eu"))
+    );
+}
+
+/// A delta from `origin` carrying `changes` of `doc`.
+fn delta_from(origin: &NodeId, doc: &str, changes: &[Vec<u8>]) -> Vec<u8> {
+    Envelope {
+        cluster: ClusterId::new("test").unwrap(),
+        message: Message::Delta(Delta {
+            origin: origin.clone(),
+            region: Region::new("eu").unwrap(),
+            doc: id(doc),
+            changes: changes.iter().cloned().map(Bytes).collect(),
+            heads: Heads::new(&[]),
+        }),
+    }
+    .encode()
+}
+
+/// The changes of a document written `n` times, in causal order: its
+/// genesis change (which every node derives from the id, see
+/// `causeway_engine::lineage`), then one per write.
+fn chain(doc: &str, n: usize) -> Vec<Vec<u8>> {
+    let (_dir, engine) = fresh();
+    for i in 0..n {
+        engine.merge_json(&id(doc), &json!({ "i": i })).unwrap();
+    }
+    engine.changes_since(&id(doc), &[]).unwrap()
+}
+
+#[test]
+fn one_peer_cannot_take_more_than_its_share_of_held_changes() {
+    let mut a = node_with("a", "eu", |c| {
+        c.max_held_changes_per_peer = 5;
+    });
+    let (bn, cn) = (NodeId::new("b").unwrap(), NodeId::new("c").unwrap());
+    // b sends ten changes whose first write it withholds: five are
+    // held, five refused, and the engine still has room for c.
+    let b_changes = chain("held/b", 11);
+    let verdict = a
+        .core
+        .handle_message(
+            Duration::ZERO,
+            Inbound::gossip(&bn, &bn, &delta_from(&bn, "held/b", &b_changes[2..])),
+        )
+        .unwrap();
+    assert_eq!(verdict, Verdict::Accept, "the held changes are new");
+    let stats = a.core.stats();
+    assert_eq!((stats.held_refused, stats.held_budget_refused), (5, 5));
+    assert_eq!(a.core.engine().stats().held_changes, 5);
+    // More from b, to another document: nothing fits its share.
+    let more = chain("held/b2", 3);
+    a.core
+        .handle_message(
+            Duration::ZERO,
+            Inbound::gossip(&bn, &bn, &delta_from(&bn, "held/b2", &more[2..])),
+        )
+        .unwrap();
+    assert_eq!(a.core.stats().held_budget_refused, 7);
+    // c's share is its own.
+    let c_changes = chain("held/c", 4);
+    a.core
+        .handle_message(
+            Duration::ZERO,
+            Inbound::gossip(&cn, &cn, &delta_from(&cn, "held/c", &c_changes[2..])),
+        )
+        .unwrap();
+    assert_eq!(a.core.stats().held_budget_refused, 7);
+    assert_eq!(a.core.engine().stats().held_changes, 8);
+    // b supplies the dependency: its held changes apply, its share is back,
+    // and the refused ones are accepted now.
+    a.core
+        .handle_message(
+            Duration::ZERO,
+            Inbound::gossip(&bn, &bn, &delta_from(&bn, "held/b", &b_changes[..2])),
+        )
+        .unwrap();
+    assert_eq!(a.core.engine().stats().held_changes, 3);
+    a.core
+        .handle_message(
+            Duration::ZERO,
+            Inbound::gossip(&bn, &bn, &delta_from(&bn, "held/b", &b_changes[7..])),
+        )
+        .unwrap();
+    assert_eq!(a.core.stats().held_budget_refused, 7);
+    assert_eq!(
+        a.core.engine().heads(&id("held/b")).unwrap().len(),
+        1,
+        "every change of b's document applied"
+    );
+    assert_eq!(
+        a.core.engine().get_json(&id("held/b")).unwrap(),
+        json!({ "i": 10 })
     );
 }
 

@@ -5,6 +5,7 @@
 //! ([`crate::settings`]). Every bound the networking layer keeps is a field
 //! here, with its default in the doc comment.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use causeway_engine::replication::ids::{ClusterId, Region};
@@ -12,6 +13,7 @@ use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
 
 use crate::cluster_key::ClusterKey;
+use crate::membership::Membership;
 
 /// Why a [`NodeConfig`] is not usable. A caller error: fix the named field.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -58,6 +60,24 @@ pub struct NodeConfig {
     /// When set, only these peers may connect or be connected to; an empty
     /// list admits nobody (fails closed). `None`: any peer of the cluster.
     pub allowlist: Option<Vec<PeerId>>,
+    /// The cluster's membership list (see [`crate::membership`]): only
+    /// listed peers may connect, and each node's region is the list's,
+    /// whatever the node claims. This node must be listed, in its own
+    /// region. Not together with `allowlist`. Default none.
+    pub membership: Option<Membership>,
+    /// The file `membership` was read from; the node reads it again when
+    /// it changes, so members are added and removed without restarts.
+    /// Default none (the list is fixed).
+    pub membership_file: Option<PathBuf>,
+    /// Messages a peer may send per second, gossip and direct together,
+    /// averaged over a second or two: beyond it, its messages wait (direct
+    /// streams are not read) or are dropped unforwarded (gossip, repaired
+    /// by anti-entropy), and are counted. Default
+    /// [`DEFAULT_PEER_MESSAGES_PER_SEC`].
+    pub max_peer_messages_per_sec: u32,
+    /// Bytes a peer may send per second, the same way. Default
+    /// [`DEFAULT_PEER_BYTES_PER_SEC`].
+    pub max_peer_bytes_per_sec: u64,
     /// Established connections in total. Default 256.
     pub max_connections: u32,
     /// Established connections per peer. Default 2.
@@ -84,7 +104,7 @@ pub struct NodeConfig {
     /// Where blocks of misbehaving peers are kept across restarts (see
     /// [`crate::network::sanctions`]); `None` keeps them in memory. The
     /// `causeway` binary uses `blocked-peers.json` in its data directory.
-    pub sanctions_file: Option<std::path::PathBuf>,
+    pub sanctions_file: Option<PathBuf>,
 }
 
 impl NodeConfig {
@@ -102,6 +122,10 @@ impl NodeConfig {
             insecure_open_cluster: false,
             bootstrap: Vec::new(),
             allowlist: None,
+            membership: None,
+            membership_file: None,
+            max_peer_messages_per_sec: DEFAULT_PEER_MESSAGES_PER_SEC,
+            max_peer_bytes_per_sec: DEFAULT_PEER_BYTES_PER_SEC,
             max_connections: 256,
             max_connections_per_peer: 2,
             max_pending_incoming: 64,
@@ -154,6 +178,19 @@ impl NodeConfig {
                 "further keys are accepted only beside the node's own cluster_key_file",
             );
         }
+        if self.allowlist.is_some() && self.membership.is_some() {
+            return fail(
+                "membership_file",
+                "a membership list is the allowlist too; use one of network.allowlist and \
+                 network.membership_file",
+            );
+        }
+        if self.max_peer_messages_per_sec == 0 || self.max_peer_bytes_per_sec == 0 {
+            return fail(
+                "max_peer_messages_per_sec",
+                "per-peer rates must be above zero",
+            );
+        }
         if self.max_connections == 0 {
             return fail("max_connections", "must be at least 1");
         }
@@ -194,7 +231,8 @@ impl NodeConfig {
                 "{addr}: QUIC cannot carry the cluster key's handshake; listen on TCP"
             ));
         }
-        let open = self.cluster_key.is_none() && self.allowlist.is_none();
+        let open =
+            self.cluster_key.is_none() && self.allowlist.is_none() && self.membership.is_none();
         if open && !self.insecure_open_cluster && !is_loopback(addr) {
             return Some(format!(
                 "{addr} is reachable beyond this machine, but the node has no cluster key, \
@@ -206,6 +244,15 @@ impl NodeConfig {
         None
     }
 }
+
+/// Messages per second a peer may send by default: several times what a
+/// peer sends while it hands a new node 10,000 documents (the
+/// `many-docs-sync` benchmark).
+pub const DEFAULT_PEER_MESSAGES_PER_SEC: u32 = 10_000;
+
+/// Bytes per second a peer may send by default (64 MiB/s, above what one
+/// WAN link carries).
+pub const DEFAULT_PEER_BYTES_PER_SEC: u64 = 64 << 20;
 
 /// Listen addresses of a node with a cluster key when none are named: TCP
 /// port 7700 on every interface.

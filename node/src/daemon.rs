@@ -54,6 +54,11 @@ pub struct Args {
     /// under its own key.
     #[arg(long, env = "CAUSEWAY_ACCEPT_CLUSTER_KEY_FILES", value_delimiter = ',')]
     pub accept_cluster_key_file: Vec<PathBuf>,
+    /// The membership list (TOML, `[[member]] peer_id, region`): only
+    /// listed peers may connect, each counted in its listed region. Read
+    /// again when the file changes.
+    #[arg(long, env = "CAUSEWAY_MEMBERSHIP_FILE")]
+    pub membership_file: Option<PathBuf>,
     /// Listen beyond loopback without a cluster key or allowlist: anyone
     /// who reaches the node can join the cluster and change any document.
     #[arg(long, env = "CAUSEWAY_INSECURE_OPEN_CLUSTER")]
@@ -76,6 +81,7 @@ impl Args {
             http_listen: self.http_listen.clone(),
             cluster_key_file: self.cluster_key_file.clone(),
             accept_cluster_key_files: self.accept_cluster_key_file.clone(),
+            membership_file: self.membership_file.clone(),
             insecure_open_cluster: self.insecure_open_cluster,
         };
         Ok(file.resolve(overrides, &name)?)
@@ -130,6 +136,10 @@ pub async fn run(settings: Settings) -> Result<()> {
         ),
         None if config.allowlist.is_some() => info!("no cluster key: only allowlisted peers can connect"),
         None => warn!("no cluster key and no allowlist: any peer that reaches this node can join the cluster (insecure_open_cluster)"),
+    }
+    if let (Some(list), Some(path)) = (&config.membership, &config.membership_file) {
+        info!(members = list.len(), file = %path.display(),
+            "membership list: only listed peers can connect, each in its listed region");
     }
     // The line operators and scripts look for, on stdout.
     println!(

@@ -35,6 +35,7 @@ pub mod demo;
 pub mod http;
 pub mod identity;
 pub mod local_cluster;
+pub mod membership;
 pub mod metrics;
 pub mod network;
 mod node;

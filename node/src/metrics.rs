@@ -46,7 +46,18 @@ pub struct NodeMetrics {
     syncs_abandoned: Counter,
     held_repairs: Counter,
     held_refused: Counter,
+    held_budget_refused: Counter,
+    not_members: Counter,
+    region_claims_overridden: Counter,
     reconcile_differences: Counter,
+    /// Members on the membership list (0 without one).
+    pub members: Gauge,
+    /// Changes of the membership file that could not be used (the node
+    /// kept its list).
+    pub membership_reload_failures: Counter,
+    /// Messages over a peer's rate, by channel (gossip: dropped unforwarded;
+    /// direct: read later).
+    pub rate_limited: Family<KindLabel, Counter>,
     /// Changes held for missing dependencies, in all documents.
     pub held_changes: Gauge,
     /// Bytes of those changes.
@@ -122,6 +133,12 @@ impl NodeMetrics {
             syncs_abandoned: Counter::default(),
             held_repairs: Counter::default(),
             held_refused: Counter::default(),
+            held_budget_refused: Counter::default(),
+            not_members: Counter::default(),
+            region_claims_overridden: Counter::default(),
+            members: Gauge::default(),
+            membership_reload_failures: Counter::default(),
+            rate_limited: Family::default(),
             reconcile_differences: Counter::default(),
             held_changes: Gauge::default(),
             held_bytes: Gauge::default(),
@@ -199,6 +216,31 @@ impl NodeMetrics {
             m.held_refused.clone(),
         );
         r.register(
+            "held_budget_refused_peer_changes",
+            "Peers' changes refused because their sender's held-change budget was spent",
+            m.held_budget_refused.clone(),
+        );
+        r.register(
+            "messages_from_non_members",
+            "Messages ignored because their author or relay is not on the membership list",
+            m.not_members.clone(),
+        );
+        r.register(
+            "region_claims_overridden",
+            "Region claims that differ from the membership list (the list's region is used)",
+            m.region_claims_overridden.clone(),
+        );
+        r.register(
+            "membership_reload_failures",
+            "Changes of the membership file that could not be used (the node kept its list)",
+            m.membership_reload_failures.clone(),
+        );
+        r.register(
+            "messages_rate_limited",
+            "Messages over their peer's rate, by channel (gossip dropped, direct read later)",
+            m.rate_limited.clone(),
+        );
+        r.register(
             "held_changes",
             "Changes held for missing dependencies, in all documents",
             m.held_changes.clone(),
@@ -257,6 +299,11 @@ impl NodeMetrics {
 
     fn register_gauges(&self, r: &mut Registry) {
         let m = self;
+        r.register(
+            "members",
+            "Members on the membership list (0 without one)",
+            m.members.clone(),
+        );
         r.register(
             "local_events_dropped",
             "Local commits missed by the networking task",
@@ -413,6 +460,12 @@ impl NodeMetrics {
             .inc_by(stats.held_repairs - self.last.held_repairs);
         self.held_refused
             .inc_by(stats.held_refused - self.last.held_refused);
+        self.held_budget_refused
+            .inc_by(stats.held_budget_refused - self.last.held_budget_refused);
+        self.not_members
+            .inc_by(stats.not_members - self.last.not_members);
+        self.region_claims_overridden
+            .inc_by(stats.region_claims_overridden - self.last.region_claims_overridden);
         self.reconcile_differences
             .inc_by(stats.reconcile_differences - self.last.reconcile_differences);
         for (kind, depth) in [

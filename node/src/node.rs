@@ -22,6 +22,7 @@ use prometheus_client::registry::Registry;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::{ConfigError, NodeConfig};
+use crate::membership::Membership;
 use crate::metrics::NodeMetrics;
 use crate::network::behaviour::{build_swarm, BuildError, Protocols};
 use crate::network::driver::{node_id, Command, Driver, Inputs, Parts};
@@ -116,6 +117,14 @@ impl Node {
     ) -> Result<NodeHandle, NodeError> {
         config.validate()?;
         let peer_id = key.public().to_peer_id();
+        if let Some(members) = &config.membership {
+            members
+                .admits_self(&peer_id, &config.region)
+                .map_err(|reason| ConfigError {
+                    field: "membership_file",
+                    reason,
+                })?;
+        }
         let region = config.region.to_string();
         let node = node_id(&peer_id);
         let mut registry = Registry::default();
@@ -134,7 +143,11 @@ impl Node {
             ReplicatorConfig::new(node, config.region.clone(), config.cluster.clone());
         core_config.anti_entropy_interval = config.anti_entropy_interval;
         let start = Instant::now();
-        let core = Replicator::new(engine.clone(), core_config, Duration::ZERO)?;
+        let mut core = Replicator::new(engine.clone(), core_config, Duration::ZERO)?;
+        core.set_members(
+            Duration::ZERO,
+            config.membership.as_ref().map(Membership::to_core),
+        );
         let (local_tx, local) = mpsc::channel(LOCAL_EVENT_QUEUE);
         let stopping = Arc::new(AtomicBool::new(false));
         let dropped = forward_local_commits(&engine, local_tx, Arc::clone(&stopping))?;

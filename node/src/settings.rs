@@ -16,6 +16,7 @@ use serde::Deserialize;
 use crate::cluster_key::ClusterKey;
 use crate::config::{NodeConfig, OPEN_LISTEN};
 use crate::http::HttpConfig;
+use crate::membership::Membership;
 
 /// Why settings could not be loaded. The node does not start.
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +64,9 @@ pub struct FileSettings {
     /// Further key files whose keys dialers may hold (a key rotation).
     #[serde(default)]
     pub accept_cluster_key_files: Vec<PathBuf>,
+    /// The membership list (see `causeway::membership`): listed peers only,
+    /// each in its listed region. Read again when it changes.
+    pub membership_file: Option<PathBuf>,
     /// `[network]`.
     #[serde(default)]
     pub network: NetworkSection,
@@ -86,6 +90,10 @@ pub struct NetworkSection {
     pub allowlist: Option<Vec<String>>,
     /// Listen beyond loopback without a cluster key or allowlist.
     pub insecure_open_cluster: Option<bool>,
+    /// Messages per second one peer may send.
+    pub max_peer_messages_per_sec: Option<u32>,
+    /// Bytes per second one peer may send.
+    pub max_peer_bytes_per_sec: Option<u64>,
     /// Established connections in total.
     pub max_connections: Option<u32>,
     /// Established connections per peer.
@@ -203,6 +211,8 @@ pub struct Overrides {
     /// `--accept-cluster-key-file` / `CAUSEWAY_ACCEPT_CLUSTER_KEY_FILES`
     /// (replaces the file's list).
     pub accept_cluster_key_files: Vec<PathBuf>,
+    /// `--membership-file` / `CAUSEWAY_MEMBERSHIP_FILE`.
+    pub membership_file: Option<PathBuf>,
     /// `--insecure-open-cluster` / `CAUSEWAY_INSECURE_OPEN_CLUSTER` (only
     /// turns the setting on).
     pub insecure_open_cluster: bool,
@@ -247,6 +257,7 @@ impl FileSettings {
         if !overrides.accept_cluster_key_files.is_empty() {
             self.accept_cluster_key_files = overrides.accept_cluster_key_files;
         }
+        self.membership_file = overrides.membership_file.or(self.membership_file);
         if overrides.insecure_open_cluster {
             self.network.insecure_open_cluster = Some(true);
         }
@@ -273,8 +284,16 @@ impl FileSettings {
             .map(|path| ClusterKey::load(path))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| invalid("accept_cluster_key_files", e.to_string()))?;
-        let mut node =
-            network(self.network, region, cluster, cluster_key).map_err(|(k, r)| invalid(k, r))?;
+        let membership = match self.membership_file {
+            Some(path) => {
+                let list = Membership::load(&path)
+                    .map_err(|e| invalid("membership_file", e.to_string()))?;
+                Some((path, list))
+            }
+            None => None,
+        };
+        let mut node = network(self.network, region, cluster, cluster_key, membership)
+            .map_err(|(k, r)| invalid(k, r))?;
         node.accepted_cluster_keys = accepted;
         node.validate()
             .map_err(|e| invalid(network_key(e.field), e.reason))?;
@@ -308,9 +327,18 @@ fn network(
     region: Region,
     cluster: ClusterId,
     cluster_key: Option<ClusterKey>,
+    membership: Option<(PathBuf, Membership)>,
 ) -> Result<NodeConfig, KeyError> {
     let mut c = NodeConfig::new(region, cluster);
     c.cluster_key = cluster_key;
+    if let Some((path, list)) = membership {
+        c.membership = Some(list);
+        c.membership_file = Some(path);
+    }
+    c.max_peer_messages_per_sec = n
+        .max_peer_messages_per_sec
+        .unwrap_or(c.max_peer_messages_per_sec);
+    c.max_peer_bytes_per_sec = n.max_peer_bytes_per_sec.unwrap_or(c.max_peer_bytes_per_sec);
     c.insecure_open_cluster = n.insecure_open_cluster.unwrap_or(false);
     match n.listen {
         Some(list) => c.listen = addrs("network.listen", list)?,
@@ -365,6 +393,7 @@ fn network_key(field: &'static str) -> &'static str {
         "anti_entropy_interval" => "network.anti_entropy_interval_secs",
         "request_timeout" => "network.request_timeout_secs",
         "idle_connection_timeout" => "network.idle_connection_timeout_secs",
+        "max_peer_messages_per_sec" => "network.max_peer_messages_per_sec",
         other => other,
     }
 }

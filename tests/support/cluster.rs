@@ -62,6 +62,8 @@ pub struct Options<'a> {
     pub cluster_key_file: Option<&'a Path>,
     /// Further key files it accepts from dialers (a key rotation).
     pub accept_cluster_key_files: &'a [&'a Path],
+    /// The membership list, if the node reads one.
+    pub membership_file: Option<&'a Path>,
 }
 
 impl Default for Options<'_> {
@@ -73,6 +75,7 @@ impl Default for Options<'_> {
             cluster: "test",
             cluster_key_file: None,
             accept_cluster_key_files: &[],
+            membership_file: None,
         }
     }
 }
@@ -98,6 +101,7 @@ impl NodeProc {
             cluster,
             cluster_key_file,
             accept_cluster_key_files,
+            membership_file,
         } = options;
         let mut key = cluster_key_file.map_or(String::new(), |k| {
             format!("cluster_key_file = {:?}\n", k.display().to_string())
@@ -108,6 +112,9 @@ impl NodeProc {
                 .map(|k| format!("{:?}", k.display().to_string()))
                 .collect();
             key += &format!("accept_cluster_key_files = [{}]\n", files.join(", "));
+        }
+        if let Some(m) = membership_file {
+            key += &format!("membership_file = {:?}\n", m.display().to_string());
         }
         let dir = root.join(name);
         std::fs::create_dir_all(&dir).unwrap();

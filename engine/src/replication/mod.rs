@@ -23,8 +23,11 @@
 //! * [`reconcile`]: range-based set reconciliation over `(document id,
 //!   digest of heads)`, which finds the documents two nodes disagree on.
 //! * [`progress`]: which heads each peer is known to hold.
+//! * `held_share`: each peer's share of the changes held for missing
+//!   dependencies.
 //! * [`random`]: randomness as an input.
 
+mod held_share;
 pub mod ids;
 pub mod progress;
 pub mod random;
@@ -33,6 +36,6 @@ mod replicator;
 pub mod wire;
 
 pub use self::replicator::{
-    reason_name, Channel, Holder, Inbound, Output, QueueDepths, Rejection, Replicator,
+    reason_name, Channel, Holder, Inbound, Members, Output, QueueDepths, Rejection, Replicator,
     ReplicatorConfig, Stats, Verdict,
 };

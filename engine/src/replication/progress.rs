@@ -161,6 +161,13 @@ impl Progress {
         }
     }
 
+    /// Forgets the region recorded for `peer` (it is not a member).
+    pub fn clear_region(&mut self, peer: &NodeId) {
+        if let Some(p) = self.peers.get_mut(peer) {
+            p.region = None;
+        }
+    }
+
     /// `peer` connected at `now`: it keeps its place in the table while
     /// connected.
     pub fn connected(&mut self, now: Duration, peer: &NodeId) {

@@ -22,6 +22,7 @@ use crate::doc_sync::SyncState;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 
+use super::held_share::HeldShares;
 use super::ids::{ClusterId, NodeId, Region};
 use super::progress::{Delay, Progress};
 use super::random::Random;
@@ -78,6 +79,14 @@ pub struct ReplicatorConfig {
     /// sooner); each later attempt waits twice as long, up to the
     /// anti-entropy interval, and asks the next peer. Default 1 s.
     pub held_repair_after: Duration,
+    /// Changes held for missing dependencies that one peer's messages may
+    /// have caused at once (see [`held_share`](super::held_share)); beyond
+    /// it, that peer's changes are refused and left to sync. Default
+    /// 10,000 (a tenth of the engine's default `max_held_changes`).
+    pub max_held_changes_per_peer: usize,
+    /// Bytes of such changes, the same way. Default 32 MiB (an eighth of
+    /// the engine's default `max_held_bytes`).
+    pub max_held_bytes_per_peer: usize,
     /// Reconciliation tuning.
     pub reconcile: Params,
 }
@@ -98,6 +107,8 @@ impl ReplicatorConfig {
             ack_interval: Duration::from_millis(100),
             held_repair_interval: Duration::from_secs(1),
             held_repair_after: Duration::from_secs(1),
+            max_held_changes_per_peer: 10_000,
+            max_held_bytes_per_peer: 32 << 20,
             reconcile: Params::default(),
         }
     }
@@ -107,6 +118,10 @@ impl ReplicatorConfig {
 /// [`ReplicatorConfig::held_repair_interval`]); the next look goes on from
 /// where this one stopped.
 pub const MAX_HELD_REPAIRS_PER_SCAN: usize = 64;
+
+/// A cluster's membership list: each member node and its region (see
+/// [`Replicator::set_members`]).
+pub type Members = BTreeMap<NodeId, Region>;
 
 /// What one peer is known to hold of a document (see
 /// [`Replicator::holders`]).
@@ -269,6 +284,15 @@ pub struct Stats {
     /// Peers' changes refused because holding them would have exceeded a
     /// held-change limit (left to sync and anti-entropy).
     pub held_refused: u64,
+    /// Of those, changes refused because their sender's share of held
+    /// changes was spent ([`ReplicatorConfig::max_held_changes_per_peer`]).
+    pub held_budget_refused: u64,
+    /// Messages ignored because their author or relay is not on the
+    /// membership list ([`Replicator::set_members`]).
+    pub not_members: u64,
+    /// Region claims (in a hello, delta or announcement) that differ from
+    /// the membership list, which was used instead.
+    pub region_claims_overridden: u64,
     /// Messages refused, by reason.
     pub rejected: BTreeMap<&'static str, u64>,
     /// Messages handed to the network, by kind: `(messages, bytes)`. A
@@ -293,6 +317,9 @@ impl Stats {
         self.syncs_abandoned += other.syncs_abandoned;
         self.held_repairs += other.held_repairs;
         self.held_refused += other.held_refused;
+        self.held_budget_refused += other.held_budget_refused;
+        self.not_members += other.not_members;
+        self.region_claims_overridden += other.region_claims_overridden;
         for (reason, n) in &other.rejected {
             *self.rejected.entry(reason).or_default() += n;
         }
@@ -440,6 +467,11 @@ pub struct Replicator {
     held_repairs: BTreeMap<DocId, HeldRepair>,
     /// Where the next look at held documents starts (exclusive).
     held_cursor: Option<DocId>,
+    /// The cluster's members and their regions, if the operator lists them
+    /// (see [`Replicator::set_members`]).
+    members: Option<Members>,
+    /// Held changes charged to the peers that sent them.
+    held_shares: HeldShares,
     stats: Stats,
 }
 
@@ -449,6 +481,10 @@ impl Replicator {
     pub fn new(engine: Engine, config: ReplicatorConfig, now: Duration) -> Result<Replicator> {
         let mut items = ItemSet::new();
         engine.for_each_digest(|id, digest| items.insert(id, &digest))?;
+        let held_shares = HeldShares::new(
+            config.max_held_changes_per_peer,
+            config.max_held_bytes_per_peer,
+        );
         Ok(Replicator {
             writer: engine.deferring(),
             engine,
@@ -462,8 +498,34 @@ impl Replicator {
             peers: BTreeMap::new(),
             progress: Progress::default(),
             outputs: VecDeque::new(),
+            members: None,
+            held_shares,
             stats: Stats::default(),
         })
+    }
+
+    /// Sets the cluster's membership list: the nodes allowed to replicate
+    /// and the region of each, as the operator wrote them down (`None`: no
+    /// list, every node that reaches this one is a member and gives its own
+    /// region).
+    ///
+    /// With a list, messages made or relayed by a node not on it are
+    /// ignored (counted in [`Stats::not_members`]), and a node's region is
+    /// only ever the list's: what a node says of its own region is not
+    /// used, so `min_regions`, [`Replicator::holders`] and lag by region
+    /// rest on what the operator wrote, not on what peers claim. Regions
+    /// recorded before are corrected at once.
+    pub fn set_members(&mut self, now: Duration, members: Option<Members>) {
+        if let Some(list) = &members {
+            let known: Vec<NodeId> = self.progress.peers().map(|(id, _)| id.clone()).collect();
+            for node in known {
+                match list.get(&node) {
+                    Some(region) => self.progress.set_region(now, &node, region),
+                    None => self.progress.clear_region(&node),
+                }
+            }
+        }
+        self.members = members;
     }
 
     /// The engine this core replicates.
@@ -766,9 +828,38 @@ impl Replicator {
         Err(self.reject(m.from, reason))
     }
 
+    /// Records the region `node` claims for itself (the caller checked that
+    /// the claim comes from `node`). With a membership list, the list's
+    /// region is recorded instead, and a claim that differs is counted in
+    /// [`Stats::region_claims_overridden`].
+    fn claim_region(&mut self, now: Duration, node: &NodeId, claimed: &Region) {
+        let region = match &self.members {
+            None => claimed.clone(),
+            Some(members) => match members.get(node) {
+                Some(listed) => {
+                    if listed != claimed {
+                        self.stats.region_claims_overridden += 1;
+                    }
+                    listed.clone()
+                }
+                None => return,
+            },
+        };
+        self.progress.set_region(now, node, &region);
+    }
+
     /// Decodes an envelope and checks its cluster; a refusal is the verdict.
     fn open(&mut self, m: Inbound<'_>) -> std::result::Result<Message, Verdict> {
         let (from, bytes) = (m.from, m.bytes);
+        if let Some(members) = &self.members {
+            if !members.contains_key(m.author) || !members.contains_key(from) {
+                // Not refused (no sanction): during a rolling change of the
+                // list, an honest member may relay a newcomer this node
+                // does not list yet.
+                self.stats.not_members += 1;
+                return Err(Verdict::Ignore);
+            }
+        }
         let limit = match m.channel {
             Channel::Gossip => MAX_GOSSIP_BYTES,
             Channel::Direct => MAX_FRAME_BYTES,
@@ -805,7 +896,7 @@ impl Replicator {
                 if let Err(verdict) = self.check_origin(m, &h.node) {
                     return Ok(verdict);
                 }
-                self.progress.set_region(now, &h.node, &h.region);
+                self.claim_region(now, &h.node, &h.region);
                 Ok(Verdict::Accept)
             }
             (Channel::Direct, Message::Sync(s)) => self.on_sync(now, from, s),
@@ -905,14 +996,17 @@ impl Replicator {
             return Ok(Verdict::Ignore);
         }
         let changes: Vec<Vec<u8>> = d.changes.into_iter().map(|b| b.0).collect();
-        let (outcome, new) = match self.writer.apply_peer_changes(&d.doc, &changes) {
+        let writer = self
+            .writer
+            .within_held_budget(self.held_shares.budget(&d.origin));
+        let (outcome, new) = match writer.apply_peer_changes(&d.doc, &changes) {
             Ok(o) => o,
             Err(e) if is_bad_change(&e) => return Ok(self.reject(from, rejection(&e))),
             Err(e) => return Err(e),
         };
-        self.progress.set_region(now, &d.origin, &d.region);
+        self.claim_region(now, &d.origin, &d.region);
         self.stats.delta_changes_applied += outcome.applied as u64;
-        self.stats.held_refused += outcome.refused as u64;
+        self.account_held(&d.doc, &outcome, &[&d.origin]);
         self.applied(now, &d.doc, &outcome, &[from, &d.origin]);
         let ours = (!outcome.heads.is_empty()).then_some(outcome.heads.as_slice());
         self.progress
@@ -968,7 +1062,12 @@ impl Replicator {
                 .iter()
                 .flat_map(|(_, _, d)| d.changes.iter().map(|b| b.0.as_slice()))
                 .collect();
-            self.writer.apply_peer_changes(doc, &changes)
+            let budget = self
+                .held_shares
+                .least_budget(run.iter().map(|(_, _, d)| &d.origin));
+            self.writer
+                .within_held_budget(budget)
+                .apply_peer_changes(doc, &changes)
         };
         let (outcome, new) = match result {
             Ok(o) => o,
@@ -981,7 +1080,10 @@ impl Replicator {
             Err(e) => return Err(e),
         };
         self.stats.delta_changes_applied += outcome.applied as u64;
-        self.stats.held_refused += outcome.refused as u64;
+        // Each origin of the run is charged with all it held: a share runs
+        // out early rather than late.
+        let origins: BTreeSet<NodeId> = run.iter().map(|(_, _, d)| d.origin.clone()).collect();
+        self.account_held(doc, &outcome, &origins.iter().collect::<Vec<_>>());
         // The peers that sent or relayed every delta of the run hold all of
         // its changes; a peer behind only some of them is not a source.
         let (first_from, first_origin) = (run[0].1.clone(), run[0].2.origin.clone());
@@ -993,7 +1095,7 @@ impl Replicator {
         self.applied(now, doc, &outcome, &sources);
         let ours = (!outcome.heads.is_empty()).then_some(outcome.heads.as_slice());
         for (_, _, d) in &run {
-            self.progress.set_region(now, &d.origin, &d.region);
+            self.claim_region(now, &d.origin, &d.region);
             self.progress
                 .record(now, &d.origin, doc, d.heads.to_vec(), ours);
         }
@@ -1028,7 +1130,7 @@ impl Replicator {
         if a.origin == self.config.node {
             return Ok(Verdict::Ignore);
         }
-        self.progress.set_region(now, &a.origin, &a.region);
+        self.claim_region(now, &a.origin, &a.region);
         self.record_progress(now, &a.origin, &a.doc, a.heads.to_vec(), None)?;
         let missing = match self.engine.heads(&a.doc) {
             Ok(_) => !self.holds_all(&a.doc, &a.heads.to_vec())?,
@@ -1089,6 +1191,7 @@ impl Replicator {
         state.sent_hashes.clear();
         let outcome = match self
             .writer
+            .within_held_budget(self.held_shares.budget(from))
             .receive_sync_message(&frame.doc, &mut state, message)
         {
             Ok(o) => o,
@@ -1104,7 +1207,7 @@ impl Replicator {
             "sync message received"
         );
         self.stats.sync_changes_applied += outcome.applied as u64;
-        self.stats.held_refused += outcome.refused as u64;
+        self.account_held(&frame.doc, &outcome, &[from]);
         self.applied(now, &frame.doc, &outcome, &[from]);
         self.record_progress(now, from, &frame.doc, their_heads, Some(&outcome.heads))?;
         if outcome.applied > 0 {
@@ -1430,6 +1533,18 @@ impl Replicator {
     /// Changes from `sources` were applied to `doc` at `now` (or none, if
     /// `outcome` says so): update the document's item and the peers'
     /// pending marks.
+    /// Counts what a peer's changes to `doc` held and refused, charges
+    /// what they newly held to `senders`, and lifts charges the document no
+    /// longer holds.
+    fn account_held(&mut self, doc: &DocId, outcome: &crate::ApplyOutcome, senders: &[&NodeId]) {
+        self.stats.held_refused += outcome.refused as u64;
+        self.stats.held_budget_refused += outcome.over_budget as u64;
+        for peer in senders {
+            self.held_shares.charge(peer, doc, outcome.newly_held);
+        }
+        self.held_shares.settle(doc, outcome.held);
+    }
+
     fn applied(
         &mut self,
         now: Duration,

@@ -240,10 +240,15 @@ fn behaviour(
     registry: &mut Registry,
 ) -> Result<Behaviour, Box<dyn std::error::Error + Send + Sync>> {
     let peer_id = key.public().to_peer_id();
-    let allowlist = config.allowlist.as_ref().map(|peers| {
+    let allowed: Option<Vec<PeerId>> = match (&config.allowlist, &config.membership) {
+        (Some(peers), _) => Some(peers.clone()),
+        (None, Some(members)) => Some(members.peers().copied().collect()),
+        (None, None) => None,
+    };
+    let allowlist = allowed.map(|peers| {
         let mut list = allow_block_list::Behaviour::<allow_block_list::AllowedPeers>::default();
         for peer in peers {
-            list.allow_peer(*peer);
+            list.allow_peer(peer);
         }
         list
     });

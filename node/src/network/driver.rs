@@ -41,10 +41,12 @@ use super::codec::Receipt;
 use super::inbox::{self, Inbox, Received, Reply};
 use super::outbox::{Offer, Outbox};
 use super::progress::{region_lags, PeerLag, RegionWaiter};
+use super::rate::{Offer as RateOffer, Rates};
 use super::sanctions::{Sanction, Sanctions};
 use super::status::{Behind, NetworkStatus, PeerState, PeerStatus};
 use crate::config::NodeConfig;
-use crate::metrics::NodeMetrics;
+use crate::membership::MembershipFile;
+use crate::metrics::{KindLabel, NodeMetrics};
 use crate::NodeError;
 
 /// Addresses remembered per peer.
@@ -169,6 +171,11 @@ pub struct Driver {
     /// [`RECENT_COMMITS_KEPT`].
     recent: VecDeque<(DocId, Vec<ChangeHash>)>,
     sanctions: Sanctions,
+    /// Each peer's message and byte rate, and its direct messages waiting
+    /// for it.
+    rates: Rates<Received>,
+    /// The membership file, watched for changes (if the list came from one).
+    membership_file: Option<MembershipFile>,
 }
 
 /// What a [`Driver`] is made of.
@@ -244,6 +251,11 @@ impl Driver {
         // Half the peer's inbound stream limit (assuming its settings are
         // ours), so two connections to it cannot exceed it either.
         let outbox = Outbox::new(config.max_concurrent_streams / 2);
+        let rates = Rates::new(
+            config.max_peer_messages_per_sec,
+            config.max_peer_bytes_per_sec,
+        );
+        let membership_file = config.membership_file.clone().map(MembershipFile::watching);
         let mut swarm = swarm;
         let blocked: BTreeSet<PeerId> = sanctions.blocked(SystemTime::now()).into_iter().collect();
         for peer in &blocked {
@@ -273,6 +285,8 @@ impl Driver {
             inbox: Inbox::default(),
             recent: VecDeque::new(),
             sanctions,
+            rates,
+            membership_file,
         }
     }
 
@@ -315,12 +329,16 @@ impl Driver {
                     let now = self.now();
                     self.core.handle_timeout(now, &mut self.random)?;
                 }
-                _ = tick.tick() => self.redial(),
+                _ = tick.tick() => {
+                    self.redial();
+                    self.release_waiting()?;
+                }
                 _ = discovery.tick() => self.discover(),
                 _ = metrics_tick.tick() => {
                     self.local_events_dropped = (inputs.local_dropped)();
                     self.observe();
                     self.review_sanctions();
+                    self.reload_membership();
                 }
             }
             self.drain();
@@ -577,6 +595,26 @@ impl Driver {
         };
         // Strict validation: gossipsub checked the author's signature, so
         // a message without one does not reach here; refuse it if it did.
+        if !self
+            .rates
+            .admit(&propagation_source, message.data.len(), Instant::now())
+        {
+            // Over the relay's rate: dropped unforwarded, not penalised;
+            // anti-entropy repairs what it carried.
+            self.metrics
+                .rate_limited
+                .get_or_create(&kind("gossip"))
+                .inc();
+            self.swarm
+                .behaviour_mut()
+                .gossip
+                .report_message_validation_result(
+                    &message_id,
+                    &propagation_source,
+                    inbox::acceptance(Verdict::Ignore),
+                );
+            return Ok(());
+        }
         let author = message.source;
         if let (true, Some(author)) = (message.topic == self.protocols.topic.hash(), author) {
             self.inbox.push(Received {
@@ -614,13 +652,30 @@ impl Driver {
                     // A request on this cluster's protocol proves the peer is
                     // a member, even before identify says so.
                     self.start_replicating(peer);
-                    self.inbox.push(Received {
+                    let len = request.len();
+                    let received = Received {
                         from: node_id(&peer),
                         author: node_id(&peer),
                         channel: Channel::Direct,
                         bytes: request,
                         reply: Reply::Direct(channel),
-                    });
+                    };
+                    match self.rates.offer(peer, len, received, Instant::now()) {
+                        RateOffer::Now(received) => self.inbox.push(received),
+                        RateOffer::Later => {
+                            self.metrics
+                                .rate_limited
+                                .get_or_create(&kind("direct"))
+                                .inc();
+                        }
+                        // Unanswered: the peer's core sends it again later.
+                        RateOffer::Dropped(_) => {
+                            self.metrics
+                                .rate_limited
+                                .get_or_create(&kind("direct_dropped"))
+                                .inc();
+                        }
+                    }
                 }
                 request_response::Message::Response { request_id, .. } => {
                     self.direct_completed(request_id);
@@ -663,6 +718,8 @@ impl Driver {
     }
 
     fn on_disconnected(&mut self, peer: PeerId, cause: String) {
+        // What waited for its rate cannot be answered any more.
+        drop(self.rates.forget(&peer));
         let dropped = self.outbox.disconnected(&peer);
         self.metrics.direct_dropped.inc_by(dropped as u64);
         let mut was_replicating = false;
@@ -876,6 +933,71 @@ impl Driver {
         }
     }
 
+    /// Hands the direct messages whose peers' rates allow it now to the
+    /// core.
+    fn release_waiting(&mut self) -> Result<(), DriverError> {
+        if !self.rates.is_waiting() {
+            return Ok(());
+        }
+        for received in self.rates.release(Instant::now()) {
+            self.inbox.push(received);
+        }
+        self.apply_received()?;
+        self.drain();
+        Ok(())
+    }
+
+    /// Reads the membership file again if it changed, and applies the new
+    /// list: newcomers may connect, removed members are disconnected, and
+    /// regions follow the list. A list that cannot be read, or that does
+    /// not list this node in its region, is not used (the node keeps its
+    /// list and says why).
+    fn reload_membership(&mut self) {
+        let Some(file) = &mut self.membership_file else {
+            return;
+        };
+        let Some(result) = file.reload() else {
+            return;
+        };
+        let path = file.path().display().to_string();
+        let local = *self.swarm.local_peer_id();
+        let list = match result.map_err(|e| e.to_string()).and_then(|list| {
+            list.admits_self(&local, &self.config.region)?;
+            Ok(list)
+        }) {
+            Ok(list) => list,
+            Err(reason) => {
+                warn!(file = %path, %reason, "the membership file changed but cannot be used; the node keeps its list");
+                self.metrics.membership_reload_failures.inc();
+                return;
+            }
+        };
+        let old = self.config.membership.take().unwrap_or_default();
+        if list == old {
+            self.config.membership = Some(old);
+            return;
+        }
+        let added: Vec<PeerId> = list.peers().filter(|p| !old.contains(p)).copied().collect();
+        let removed: Vec<PeerId> = old.peers().filter(|p| !list.contains(p)).copied().collect();
+        if let Some(allowlist) = self.swarm.behaviour_mut().allowlist.as_mut() {
+            for peer in &added {
+                allowlist.allow_peer(*peer);
+            }
+            for peer in &removed {
+                allowlist.disallow_peer(*peer);
+            }
+        }
+        for peer in &removed {
+            let _ = self.swarm.disconnect_peer_id(*peer);
+            self.targets.retain(|t| t.peer != Some(*peer));
+        }
+        self.core.set_members(self.now(), Some(list.to_core()));
+        self.metrics.members.set(list.len() as i64);
+        info!(file = %path, members = list.len(), added = ?added, removed = ?removed,
+            "membership list changed");
+        self.config.membership = Some(list);
+    }
+
     /// Counts a refused message of `peer`; blocks it past the threshold
     /// (see [`super::sanctions`]). Logs the first refusal of a window and
     /// each block, nothing else.
@@ -1000,6 +1122,8 @@ impl Driver {
     fn observe(&mut self) {
         let lags = self.lags();
         self.metrics.observe_lag(&lags, &region_lags(&lags));
+        let members = self.config.membership.as_ref().map_or(0, |m| m.len());
+        self.metrics.members.set(members as i64);
         let replicating = self.peers.values().filter(|p| p.replicating).count();
         self.metrics.peers_replicating.set(replicating as i64);
         self.metrics
@@ -1243,6 +1367,13 @@ pub fn node_id(peer: &PeerId) -> NodeId {
     // A base58 peer id is printable ASCII of at most 128 bytes.
     #[allow(clippy::expect_used)]
     NodeId::new(peer.to_base58()).expect("a peer id is a valid node id")
+}
+
+/// A metric label.
+fn kind(kind: &str) -> KindLabel {
+    KindLabel {
+        kind: kind.to_string(),
+    }
 }
 
 /// The peer id at the end of `addr`, if it names one.

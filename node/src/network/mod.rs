@@ -8,6 +8,7 @@
 //! * [`outbox`]: at most a window of direct messages in flight per peer.
 //! * [`private_network`]: the handshake under the cluster key, accepting
 //!   several keys during a rotation.
+//! * [`rate`]: per-peer message and byte rates on what is received.
 //! * [`sanctions`]: peers that keep sending refused messages are blocked,
 //!   across restarts.
 //! * [`status`]: what the task reports about the cluster.
@@ -22,6 +23,7 @@ pub mod inbox;
 pub mod outbox;
 pub mod private_network;
 pub mod progress;
+pub mod rate;
 pub mod sanctions;
 pub mod status;
 
