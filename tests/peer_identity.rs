@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use causeway_engine::replication::ids::{NodeId, Region};
 use causeway_engine::replication::wire::{
-    Announce, Bytes, Delta, Heads, Hello, Message, PROTOCOL_VERSION,
+    Ack, Announce, Bytes, Delta, Heads, Hello, Message, PROTOCOL_VERSION,
 };
 use causeway_engine::{DocId, Engine, EngineConfig};
 use rogue::Rogue;
@@ -266,6 +266,48 @@ fn throwaway_identities_do_not_keep_a_real_peer_out() {
         flood.as_secs_f64(),
         joined.as_secs_f64(),
         a.rss_kib() / 1024
+    );
+}
+
+#[test]
+fn a_peer_over_its_rate_waits_and_loses_nothing_while_others_replicate() {
+    let root = tempfile::tempdir().unwrap();
+    let key = cluster_key(root.path());
+    let options = Options {
+        cluster_key_file: Some(&key),
+        network: "max_peer_messages_per_sec = 50",
+        ..Options::default()
+    };
+    let a = NodeProc::start_with(root.path(), "a", "us", &[], options);
+    let b = node(root.path(), "b", "eu", &a.listen, &key);
+    let mut rogue = Rogue::connect(&key, "test", &a.listen[0], false);
+    // 100 messages of burst, then 50 a second: 300 valid (empty) acks, each
+    // awaited, are answered over about four seconds, none dropped; b's
+    // writes replicate meanwhile.
+    let sent = 300;
+    let flooding = std::thread::spawn(move || {
+        let start = Instant::now();
+        let accepted = (0..sent)
+            .filter(|_| {
+                let ack = rogue.envelope(Message::Ack(Ack { entries: vec![] }));
+                rogue.send(ack)
+            })
+            .count();
+        (accepted, start.elapsed())
+    });
+    b.write_doc("PUT", "during/flood", &json!({"from": "b"}));
+    let replicated = wait_until(CONVERGE, "a to hold b's write during the flood", || {
+        a.get_doc("during/flood").is_some()
+    });
+    let (accepted, took) = flooding.join().unwrap();
+    assert_eq!(accepted, sent, "an over-rate message was dropped or refused");
+    let waited = metric(&a, "causeway_messages_rate_limited_total", "kind=\"direct\"");
+    assert!(waited >= 1.0, "no message waited for the rate");
+    println!(
+        "{sent} direct messages from one peer at a rate of 50/s: all answered in {:.1} s, \
+         {waited} waited for the rate; another peer's write replicated within {:.1} s",
+        took.as_secs_f64(),
+        replicated.as_secs_f64()
     );
 }
 
