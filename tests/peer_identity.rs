@@ -300,8 +300,15 @@ fn a_peer_over_its_rate_waits_and_loses_nothing_while_others_replicate() {
         a.get_doc("during/flood").is_some()
     });
     let (accepted, took) = flooding.join().unwrap();
-    assert_eq!(accepted, sent, "an over-rate message was dropped or refused");
-    let waited = metric(&a, "causeway_messages_rate_limited_total", "kind=\"direct\"");
+    assert_eq!(
+        accepted, sent,
+        "an over-rate message was dropped or refused"
+    );
+    let waited = metric(
+        &a,
+        "causeway_messages_rate_limited_total",
+        "kind=\"direct\"",
+    );
     assert!(waited >= 1.0, "no message waited for the rate");
     println!(
         "{sent} direct messages from one peer at a rate of 50/s: all answered in {:.1} s, \

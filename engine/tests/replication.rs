@@ -15,6 +15,7 @@ use causeway_engine::replication::wire::{
 };
 use causeway_engine::replication::{
     reason_name, Channel, Inbound, Members, Output, Replicator, ReplicatorConfig, Verdict,
+    MAX_ACK_READS,
 };
 use causeway_engine::{Engine, SyncState};
 use common::{fresh, id};
@@ -486,6 +487,47 @@ fn one_peer_cannot_take_more_than_its_share_of_held_changes() {
     assert_eq!(
         a.core.engine().get_json(&id("held/b")).unwrap(),
         json!({ "i": 10 })
+    );
+}
+
+#[test]
+fn one_ack_reads_a_bounded_number_of_documents() {
+    let mut a = node("a", "eu");
+    let bn = NodeId::new("b").unwrap();
+    let engine = a.core.engine().clone();
+    let docs = MAX_ACK_READS + 36;
+    // The core's items are read when it is made: commit through it.
+    for i in 0..docs {
+        commit(&mut a, &format!("ack/{i}"), json!({ "i": i }));
+    }
+    let mut entries: Vec<AckEntry> = (0..docs)
+        .map(|i| AckEntry {
+            doc: id(&format!("ack/{i}")),
+            heads: Heads::new(&[]),
+        })
+        .collect();
+    // One more entry reports exactly our heads: recorded without a read.
+    let ours = engine.heads(&id("ack/0")).unwrap();
+    entries.push(AckEntry {
+        doc: id("ack/0"),
+        heads: Heads::new(&ours),
+    });
+    let ack = Envelope {
+        cluster: ClusterId::new("test").unwrap(),
+        message: Message::Ack(Ack { entries }),
+    }
+    .encode();
+    let mut rng = SplitMix64::new(9);
+    a.core.handle_connect(Duration::ZERO, &bn, &mut rng);
+    let verdict = a
+        .core
+        .handle_message(Duration::ZERO, Inbound::direct(&bn, &ack))
+        .unwrap();
+    assert_eq!(verdict, Verdict::Accept);
+    assert_eq!(a.core.stats().ack_entries_skipped, 36);
+    assert_eq!(
+        a.core.progress().known_heads(&bn, &id("ack/0")),
+        Some(ours.as_slice())
     );
 }
 

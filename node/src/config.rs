@@ -185,6 +185,12 @@ impl NodeConfig {
                  network.membership_file",
             );
         }
+        if self.membership_file.is_some() && self.membership.is_none() {
+            return fail(
+                "membership_file",
+                "the list read from the file is needed too (membership)",
+            );
+        }
         if self.max_peer_messages_per_sec == 0 || self.max_peer_bytes_per_sec == 0 {
             return fail(
                 "max_peer_messages_per_sec",

@@ -119,6 +119,11 @@ impl ReplicatorConfig {
 /// where this one stopped.
 pub const MAX_HELD_REPAIRS_PER_SCAN: usize = 64;
 
+/// Entries of one acknowledgement compared with their document's heads
+/// read from the engine, at most; entries that report exactly this node's
+/// heads are recorded without a read and do not count.
+pub const MAX_ACK_READS: usize = 64;
+
 /// A cluster's membership list: each member node and its region (see
 /// [`Replicator::set_members`]).
 pub type Members = BTreeMap<NodeId, Region>;
@@ -287,6 +292,9 @@ pub struct Stats {
     /// Of those, changes refused because their sender's share of held
     /// changes was spent ([`ReplicatorConfig::max_held_changes_per_peer`]).
     pub held_budget_refused: u64,
+    /// Acknowledgement entries not recorded because their message had
+    /// [`MAX_ACK_READS`] entries compared already.
+    pub ack_entries_skipped: u64,
     /// Messages ignored because their author or relay is not on the
     /// membership list ([`Replicator::set_members`]).
     pub not_members: u64,
@@ -319,6 +327,7 @@ impl Stats {
         self.held_refused += other.held_refused;
         self.held_budget_refused += other.held_budget_refused;
         self.not_members += other.not_members;
+        self.ack_entries_skipped += other.ack_entries_skipped;
         self.region_claims_overridden += other.region_claims_overridden;
         for (reason, n) in &other.rejected {
             *self.rejected.entry(reason).or_default() += n;
@@ -907,16 +916,37 @@ impl Replicator {
                 // are ignored (looked up in memory, in the reconciliation
                 // items, so that made-up ids cost no storage reads), and
                 // acks cannot grow this node's state.
+                //
+                // An entry reporting exactly our heads (the usual answer to
+                // what we sent) is recorded from the item's digest, without
+                // reading the document; at most MAX_ACK_READS others per
+                // message are compared with the document's heads (which may
+                // load it), the rest skipped and counted, so that one ack
+                // cannot make the network thread load thousands of
+                // documents.
+                let mut reads = 0;
                 for e in a.entries {
-                    if self.items.get(&e.doc).is_none() {
+                    let Some(digest) = self.items.get(&e.doc) else {
+                        continue;
+                    };
+                    let theirs = e.heads.to_vec();
+                    let full = crate::layout::heads_digest(&theirs);
+                    if full[..digest.len()] == digest[..] {
+                        let ours = theirs.clone();
+                        self.record_progress(now, from, &e.doc, theirs, Some(&ours))?;
                         continue;
                     }
+                    if reads == MAX_ACK_READS {
+                        self.stats.ack_entries_skipped += 1;
+                        continue;
+                    }
+                    reads += 1;
                     let ours = match self.engine.heads(&e.doc) {
                         Ok(h) => h,
                         Err(Error::NotFound(_) | Error::Quarantined { .. }) => continue,
                         Err(e) => return Err(e),
                     };
-                    self.record_progress(now, from, &e.doc, e.heads.to_vec(), Some(&ours))?;
+                    self.record_progress(now, from, &e.doc, theirs, Some(&ours))?;
                 }
                 Ok(Verdict::Accept)
             }

@@ -593,8 +593,6 @@ impl Driver {
         else {
             return Ok(());
         };
-        // Strict validation: gossipsub checked the author's signature, so
-        // a message without one does not reach here; refuse it if it did.
         if !self
             .rates
             .admit(&propagation_source, message.data.len(), Instant::now())
@@ -615,6 +613,8 @@ impl Driver {
                 );
             return Ok(());
         }
+        // Strict validation: gossipsub checked the author's signature, so
+        // a message without one does not reach here; refuse it if it did.
         let author = message.source;
         if let (true, Some(author)) = (message.topic == self.protocols.topic.hash(), author) {
             self.inbox.push(Received {
