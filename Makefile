@@ -12,12 +12,12 @@ deps:
 
 ## Run the multi-region demo: three nodes on loopback, a partition, a heal.
 demo: deps
-	$(CARGO) run -p causeway-node -- demo
+	$(CARGO) run -p causeway-cli -- demo
 
 ## The full test suite: unit, property, simulator, crash test, real-process
 ## network and HTTP tests (they run the causeway binary), doc tests.
 test: deps
-	$(CARGO) build -p causeway-node
+	$(CARGO) build -p causeway-cli
 	$(CARGO) nextest run --workspace --no-fail-fast
 	$(CARGO) test --workspace --doc
 
@@ -43,7 +43,7 @@ DURATION ?= 600
 SEED ?= 0
 BYZANTINE ?= 0
 chaos: deps
-	$(CARGO) build --release -p causeway-node
+	$(CARGO) build --release -p causeway-cli
 	$(RELEASE_BIN) chaos --seed $(SEED) --duration $(DURATION) --byzantine $(BYZANTINE) --report chaos-report.json > /dev/null
 
 ## Only the SIGKILL crash test, with its figures. CRASH_CYCLES=100 for a longer run.
@@ -56,15 +56,15 @@ bench: bench-ingest bench-durable-writes bench-reconcile bench-delta-path bench-
 ## Every scenario in one run (about 20 minutes); rewrites the summary table
 ## of docs/benchmarks.md. Installs the automerge-repo and samod peers.
 bench-all: deps
-	$(CARGO) build --release -p causeway-node
+	$(CARGO) build --release -p causeway-cli
 	$(RELEASE_BIN) bench all --update docs/benchmarks.md > bench-all.jsonl
 
 bench-ingest: deps
-	$(CARGO) build --release -p causeway-node
+	$(CARGO) build --release -p causeway-cli
 	$(RELEASE_BIN) bench ingest
 
 bench-durable-writes: deps
-	$(CARGO) build --release -p causeway-node
+	$(CARGO) build --release -p causeway-cli
 	$(RELEASE_BIN) bench durable-writes
 
 ## Long simulator run (release build): SEEDS seeds from FIRST. Prints one JSON
@@ -72,38 +72,38 @@ bench-durable-writes: deps
 SEEDS ?= 10000
 FIRST ?= 0
 sim: deps
-	$(CARGO) build --release -p causeway-node
+	$(CARGO) build --release -p causeway-cli
 	$(RELEASE_BIN) sim --seed $(FIRST) --seeds $(SEEDS) > sim-report.jsonl
 	@echo "per-run reports in sim-report.jsonl"
 
 bench-reconcile: deps
-	$(CARGO) build --release -p causeway-node
+	$(CARGO) build --release -p causeway-cli
 	$(RELEASE_BIN) bench reconcile
 
 bench-delta-path: deps
-	$(CARGO) build --release -p causeway-node
+	$(CARGO) build --release -p causeway-cli
 	$(RELEASE_BIN) bench delta-path
 
 bench-lag: deps
-	$(CARGO) build --release -p causeway-node
+	$(CARGO) build --release -p causeway-cli
 	$(RELEASE_BIN) bench lag
 
 bench-join: deps
-	$(CARGO) build --release -p causeway-node
+	$(CARGO) build --release -p causeway-cli
 	$(RELEASE_BIN) bench join
 
 bench-replicate-trace: deps
-	$(CARGO) build --release -p causeway-node
+	$(CARGO) build --release -p causeway-cli
 	$(RELEASE_BIN) bench replicate-trace
 
 bench-many-docs-sync: deps
-	$(CARGO) build --release -p causeway-node
+	$(CARGO) build --release -p causeway-cli
 	$(RELEASE_BIN) bench many-docs-sync
 
 bench-steady-state: deps
-	$(CARGO) build --release -p causeway-node
+	$(CARGO) build --release -p causeway-cli
 	$(RELEASE_BIN) bench steady-state
 
 bench-memory: deps
-	$(CARGO) build --release -p causeway-node
+	$(CARGO) build --release -p causeway-cli
 	$(RELEASE_BIN) bench memory

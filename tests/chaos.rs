@@ -17,7 +17,7 @@ use support::cluster::causeway_bin;
 /// set, when it fails). Stderr (schedule, faults as they happen, the table)
 /// goes to the test output.
 fn chaos(args: &[&str]) -> Option<Value> {
-    if !causeway_node::chaos::is_root() {
+    if !causeway_lab::chaos::is_root() {
         assert!(
             std::env::var_os("CAUSEWAY_CHAOS_REQUIRED").is_none(),
             "the chaos test needs root (network namespaces and nftables)"

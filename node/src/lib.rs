@@ -4,8 +4,10 @@
 //! configurable: the libp2p swarm that carries the replication core's
 //! messages between nodes ([`network`]), the embeddable [`Node`], the HTTP
 //! API ([`http`]), configuration ([`config`], [`settings`]), identity,
-//! metrics, and the `causeway` binary's subcommands (demo, benchmarks,
-//! simulator). All decisions about data stay in `causeway-engine`.
+//! metrics, and what the `causeway` binary's node, client, demo and
+//! simulator subcommands run. All decisions about data stay in
+//! `causeway-engine`; benchmarks and the chaos harness are in
+//! `causeway-lab`, the binary in `causeway-cli`.
 //!
 //! ## Running a peer inside an app
 //!
@@ -25,8 +27,6 @@
 //! # Ok(()) }
 //! ```
 
-pub mod bench;
-pub mod chaos;
 pub mod client;
 pub mod cluster_key;
 pub mod config;

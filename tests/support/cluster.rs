@@ -21,7 +21,7 @@ pub fn causeway_bin() -> PathBuf {
     let bin = dir.join("causeway");
     assert!(
         bin.exists(),
-        "{} is missing: build it first with `cargo build -p causeway-node`",
+        "{} is missing: build it first with `cargo build -p causeway-cli`",
         bin.display()
     );
     bin

@@ -1,5 +1,5 @@
 //! A hostile cluster member for tests: the node library's
-//! [`causeway_node::chaos::byzantine::Rogue`] (it holds the cluster key and
+//! [`causeway_lab::chaos::byzantine::Rogue`] (it holds the cluster key and
 //! sends whatever the test makes), with blocking calls over a runtime of
 //! its own.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, missing_docs)]
@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use causeway_engine::replication::ids::{ClusterId, NodeId};
 use causeway_engine::replication::wire::{Envelope, Message};
-use causeway_node::chaos::byzantine;
+use causeway_lab::chaos::byzantine;
 use causeway_node::cluster_key::ClusterKey;
 use libp2p::identity::Keypair;
 use libp2p::Multiaddr;

@@ -94,7 +94,7 @@ impl SimConfig {
     /// The command that replays this run.
     pub fn replay_command(&self) -> String {
         let mut cmd = format!(
-            "cargo run -p causeway-node -- sim --seed {} --nodes {} --regions {} --steps {}",
+            "cargo run -p causeway-cli -- sim --seed {} --nodes {} --regions {} --steps {}",
             self.seed, self.nodes, self.regions, self.steps
         );
         if !self.heal {

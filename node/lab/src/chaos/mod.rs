@@ -32,8 +32,8 @@ use self::report::{ByzantineReport, Injected, Latency, Report};
 use self::schedule::{Fault, FaultKind, ScheduleConfig};
 use self::topology::{node_addr, NetState, Topology};
 use self::workload::WorkloadConfig;
-use crate::cluster_key::ClusterKey;
 use causeway_engine::replication::ids::ClusterId;
+use causeway_node::cluster_key::ClusterKey;
 
 /// Region names, in order.
 const REGION_NAMES: [&str; 5] = ["eu", "us", "ap", "sa", "af"];
@@ -134,32 +134,8 @@ pub async fn run(args: &Args) -> Result<()> {
         regions,
         max_fault: Duration::from_secs(args.max_fault_secs),
     });
-    eprintln!("replay: {}", args.replay_command());
-    eprintln!("schedule ({} faults):", schedule.len());
-    for f in &schedule {
-        eprintln!(
-            "  {:>8.1} s  for {:>5.1} s  {}",
-            f.at.as_secs_f64(),
-            f.length.as_secs_f64(),
-            f.describe(&name_refs)
-        );
-    }
-
-    let (root, temp) = match &args.dir {
-        Some(d) => {
-            if d.exists() && std::fs::read_dir(d)?.next().is_some() {
-                bail!("{} is not empty", d.display());
-            }
-            std::fs::create_dir_all(d)?;
-            (d.clone(), None)
-        }
-        None => {
-            let t = tempfile::Builder::new()
-                .prefix("causeway-chaos-")
-                .tempdir()?;
-            (t.path().to_path_buf(), Some(t))
-        }
-    };
+    print_schedule(args, &schedule, &name_refs);
+    let (root, temp) = run_dir(args)?;
     let topology = Topology::create(regions).context("cannot build the chaos network")?;
     let (mut nodes, peer_addrs) = start_nodes(&root, &names).await?;
     let urls: Vec<String> = nodes.iter().map(NodeProcess::url).collect();
@@ -169,50 +145,16 @@ pub async fn run(args: &Args) -> Result<()> {
     // The fault phase: writers in every region, faults on schedule.
     let start = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
-    let config = WorkloadConfig {
-        writers: args.writers,
-        rate: args.rate,
-        docs: args.docs,
-        timeout: Duration::from_millis(args.write_timeout_ms),
-    };
-    let mut tasks = Vec::new();
-    for (i, name) in names.iter().enumerate() {
-        for w in 0..config.writers {
-            tasks.push(tokio::spawn(workload::writer(
-                urls[i].clone(),
-                i,
-                name.clone(),
-                w,
-                config.clone(),
-                start,
-                stop.clone(),
-            )));
-        }
-    }
+    let tasks = spawn_writers(args, &urls, &names, start, &stop);
     let attack_start = Duration::from_secs(args.duration) / 2;
     let attack_stop = Arc::new(AtomicBool::new(false));
-    let attacker = if args.byzantine > 0 {
-        let config = byzantine::AttackConfig {
-            key: ClusterKey::load(&root.join("cluster.key"))?,
-            cluster: ClusterId::new(CLUSTER)?,
-            targets: peer_addrs
-                .iter()
-                .map(|a| a.parse())
-                .collect::<Result<_, _>>()?,
-            rate: args.attack_rate,
-        };
-        let stop = attack_stop.clone();
-        Some(tokio::spawn(async move {
-            tokio::time::sleep_until((start + attack_start).into()).await;
-            eprintln!(
-                "[{:>7.1} s] a byzantine member attacks every node",
-                start.elapsed().as_secs_f64()
-            );
-            byzantine::attack(config, stop).await
-        }))
-    } else {
-        None
-    };
+    let attacker = spawn_attacker(
+        args,
+        &root,
+        &peer_addrs,
+        (start, attack_start),
+        &attack_stop,
+    )?;
     let mut injected = Vec::new();
     let phase = run_schedule(
         &schedule,
@@ -239,14 +181,7 @@ pub async fn run(args: &Args) -> Result<()> {
     phase?;
 
     // The final heal, then the checker.
-    topology.apply(&NetState::default())?;
-    for n in nodes.iter_mut() {
-        if n.is_running() {
-            n.signal("CONT")?;
-        } else {
-            n.start().await?;
-        }
-    }
+    heal(&topology, &mut nodes).await?;
     eprintln!(
         "[{:>7.1} s] healed everything; {} writes sent; waiting for convergence",
         start.elapsed().as_secs_f64(),
@@ -258,22 +193,8 @@ pub async fn run(args: &Args) -> Result<()> {
     let verdict = checker::check(&writes, &replicas);
     let documents = replicas.iter().map(|r| r.len()).max().unwrap_or(0);
     let byzantine = attack.map(|attack| {
-        let phase_end = Duration::from_secs(args.duration);
-        ByzantineReport {
-            attack_started_ms: attack_start.as_millis() as u64,
-            writes_before: Latency::of(&writes, Duration::ZERO, attack_start),
-            writes_during: Latency::of(&writes, attack_start, phase_end),
-            blocked_by: nodes
-                .iter()
-                .filter(|n| blocks(n, &attack.peer_id))
-                .map(|n| names[n.index].clone())
-                .collect(),
-            rss_mib_at_end: nodes
-                .iter()
-                .map(|n| (names[n.index].clone(), n.rss_kib().unwrap_or(0) / 1024))
-                .collect(),
-            attack,
-        }
+        let phase = (attack_start, Duration::from_secs(args.duration));
+        byzantine_report(attack, phase, &writes, &nodes, &names)
     });
     let mut inbound_streams_dropped = 0;
     for n in nodes.iter_mut() {
@@ -311,7 +232,9 @@ pub async fn run(args: &Args) -> Result<()> {
             "{} writers per region, {} writes/s each, {} documents, unknown after {} ms",
             args.writers, args.rate, args.docs, args.write_timeout_ms
         ),
-        node_timers: crate::settings::LAN_TIMERS.trim().replace('\n', ", "),
+        node_timers: causeway_node::settings::LAN_TIMERS
+            .trim()
+            .replace('\n', ", "),
         faults_by_kind: report::by_kind(&injected),
         faults: injected,
         writes: totals,
@@ -325,13 +248,159 @@ pub async fn run(args: &Args) -> Result<()> {
         data_dir,
         byzantine,
     };
-    let json = serde_json::to_string_pretty(&report)?;
+    publish(args, &report)
+}
+
+/// Prints the replay command and the schedule.
+fn print_schedule(args: &Args, schedule: &[Fault], names: &[&str]) {
+    eprintln!("replay: {}", args.replay_command());
+    eprintln!("schedule ({} faults):", schedule.len());
+    for f in schedule {
+        eprintln!(
+            "  {:>8.1} s  for {:>5.1} s  {}",
+            f.at.as_secs_f64(),
+            f.length.as_secs_f64(),
+            f.describe(names)
+        );
+    }
+}
+
+/// The run's directory: `--dir` (which must be empty), or a temporary one
+/// (kept if the run fails).
+fn run_dir(args: &Args) -> Result<(PathBuf, Option<tempfile::TempDir>)> {
+    match &args.dir {
+        Some(d) => {
+            if d.exists() && std::fs::read_dir(d)?.next().is_some() {
+                bail!("{} is not empty", d.display());
+            }
+            std::fs::create_dir_all(d)?;
+            Ok((d.clone(), None))
+        }
+        None => {
+            let t = tempfile::Builder::new()
+                .prefix("causeway-chaos-")
+                .tempdir()?;
+            Ok((t.path().to_path_buf(), Some(t)))
+        }
+    }
+}
+
+/// Starts `--writers` writers per region, writing until `stop`.
+fn spawn_writers(
+    args: &Args,
+    urls: &[String],
+    names: &[String],
+    start: Instant,
+    stop: &Arc<AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<Vec<workload::Write>>> {
+    let config = WorkloadConfig {
+        writers: args.writers,
+        rate: args.rate,
+        docs: args.docs,
+        timeout: Duration::from_millis(args.write_timeout_ms),
+    };
+    let mut tasks = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        for w in 0..config.writers {
+            tasks.push(tokio::spawn(workload::writer(
+                urls[i].clone(),
+                i,
+                name.clone(),
+                w,
+                config.clone(),
+                start,
+                stop.clone(),
+            )));
+        }
+    }
+    tasks
+}
+
+/// With `--byzantine`, a member holding the cluster key that attacks every
+/// node from `at` (the fault phase's start, and the offset into it) until
+/// `stop`.
+fn spawn_attacker(
+    args: &Args,
+    root: &std::path::Path,
+    peer_addrs: &[String],
+    at: (Instant, Duration),
+    stop: &Arc<AtomicBool>,
+) -> Result<Option<tokio::task::JoinHandle<byzantine::AttackReport>>> {
+    if args.byzantine == 0 {
+        return Ok(None);
+    }
+    let config = byzantine::AttackConfig {
+        key: ClusterKey::load(&root.join("cluster.key"))?,
+        cluster: ClusterId::new(CLUSTER)?,
+        targets: peer_addrs
+            .iter()
+            .map(|a| a.parse())
+            .collect::<Result<_, _>>()?,
+        rate: args.attack_rate,
+    };
+    let stop = stop.clone();
+    Ok(Some(tokio::spawn(async move {
+        let (start, offset) = at;
+        tokio::time::sleep_until((start + offset).into()).await;
+        eprintln!(
+            "[{:>7.1} s] a byzantine member attacks every node",
+            start.elapsed().as_secs_f64()
+        );
+        byzantine::attack(config, stop).await
+    })))
+}
+
+/// Lifts every fault: the network whole, stopped nodes continued, killed
+/// ones restarted.
+async fn heal(topology: &Topology, nodes: &mut [NodeProcess]) -> Result<()> {
+    topology.apply(&NetState::default())?;
+    for n in nodes.iter_mut() {
+        if n.is_running() {
+            n.signal("CONT")?;
+        } else {
+            n.start().await?;
+        }
+    }
+    Ok(())
+}
+
+/// What the attack did and what it cost the honest nodes: write latency
+/// before and during it (`phase`: attack start, fault phase end), who
+/// blocked the attacker, memory at the end.
+fn byzantine_report(
+    attack: byzantine::AttackReport,
+    phase: (Duration, Duration),
+    writes: &[workload::Write],
+    nodes: &[NodeProcess],
+    names: &[String],
+) -> ByzantineReport {
+    ByzantineReport {
+        attack_started_ms: phase.0.as_millis() as u64,
+        writes_before: Latency::of(writes, Duration::ZERO, phase.0),
+        writes_during: Latency::of(writes, phase.0, phase.1),
+        blocked_by: nodes
+            .iter()
+            .filter(|n| blocks(n, &attack.peer_id))
+            .map(|n| names[n.index].clone())
+            .collect(),
+        rss_mib_at_end: nodes
+            .iter()
+            .map(|n| (names[n.index].clone(), n.rss_kib().unwrap_or(0) / 1024))
+            .collect(),
+        attack,
+    }
+}
+
+/// Prints the report (JSON on stdout, a table on stderr), writes it to
+/// `--report`, and fails if the run did.
+fn publish(args: &Args, report: &Report) -> Result<()> {
+    let json = serde_json::to_string_pretty(report)?;
     println!("{json}");
     if let Some(path) = &args.report {
         std::fs::write(path, &json).with_context(|| format!("cannot write {}", path.display()))?;
     }
     eprint!("{}", report.table());
-    if !passed {
+    if !report.passed {
         bail!(
             "the chaos run failed; replay the schedule with: {}",
             args.replay_command()
@@ -374,7 +443,7 @@ async fn machine_lock() -> Result<std::fs::File> {
 
 /// Whether `node` holds `peer` in its list of blocked peers.
 fn blocks(node: &NodeProcess, peer: &str) -> bool {
-    std::fs::read_to_string(node.dir.join(crate::daemon::SANCTIONS_FILE))
+    std::fs::read_to_string(node.dir.join(causeway_node::daemon::SANCTIONS_FILE))
         .is_ok_and(|list| list.contains(peer))
 }
 
@@ -391,7 +460,7 @@ async fn start_nodes(
     for (i, name) in names.iter().enumerate() {
         let dir = root.join(name);
         std::fs::create_dir_all(&dir)?;
-        let (key, _) = crate::identity::load_or_create(&dir)?;
+        let (key, _) = causeway_node::identity::load_or_create(&dir)?;
         peers.push(format!(
             "/ip4/{}/tcp/{P2P_PORT}/p2p/{}",
             node_addr(i),

@@ -51,7 +51,7 @@ pub struct Peer {
 /// The directory holding the peers' sources (`examples/peers` of this
 /// repository) unless `--peers-dir` says otherwise.
 pub fn default_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/peers")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/peers")
 }
 
 /// Installs (npm install / cargo build --release) and describes one peer.

@@ -47,9 +47,10 @@ impl NodeProcess {
         // LAN timers, so that healing is bounded by seconds (the WAN
         // defaults redial after up to 60 s and run anti-entropy every 30 s).
         let dir = root.join(region);
-        crate::local_cluster::cluster_key(root)?;
+        causeway_node::local_cluster::cluster_key(root)?;
         let key = root.join("cluster.key");
-        let config = crate::settings::write_lan_settings(&dir, region, cluster, Some(&key))?;
+        let config =
+            causeway_node::settings::write_lan_settings(&dir, region, cluster, Some(&key))?;
         let addr = node_addr(index);
         let mut args = vec![
             "netns".to_string(),

@@ -20,7 +20,9 @@ use causeway_engine::replication::wire::{
 use causeway_engine::DocId;
 use serde_json::json;
 
+use super::summary::{self, f, thousands, Row};
 use super::{build_profile, Report};
+use serde_json::Value;
 
 /// Arguments of `causeway bench reconcile`.
 #[derive(Debug, clap::Args)]
@@ -191,4 +193,29 @@ fn item_bytes(id: &DocId) -> usize {
     };
     let mut out = Vec::new();
     ciborium::into_writer(&item, &mut out).map_or(0, |()| out.len())
+}
+
+/// This scenario's rows in the `causeway bench all` summary, from its JSON
+/// results.
+pub fn summary(results: &[Value]) -> Vec<Row> {
+    summary::each(results, |r| {
+        Row::new(
+            format!(
+                "reconcile, {} documents, {} differences",
+                thousands(f(r, "docs")),
+                r["differences"]
+            ),
+            format!(
+                "{} bytes, {} round trips",
+                thousands(f(r, "bytes")),
+                r["round_trips"]
+            ),
+            format!("floor {} bytes", thousands(f(r, "floor_bytes"))),
+            if f(r, "floor_bytes") > 0.0 {
+                format!("{:.1}x floor", f(r, "bytes_over_floor"))
+            } else {
+                "—".into()
+            },
+        )
+    })
 }

@@ -46,7 +46,7 @@ impl NodeProcess {
         bootstrap: &[String],
         tables: &str,
     ) -> Result<Self> {
-        let config = crate::settings::write_lan_settings(dir, region, "bench", None)?;
+        let config = causeway_node::settings::write_lan_settings(dir, region, "bench", None)?;
         if !tables.is_empty() {
             let mut text = std::fs::read_to_string(&config)?;
             text.push('\n');

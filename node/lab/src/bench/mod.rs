@@ -17,6 +17,7 @@ pub mod proxy;
 pub mod reconcile;
 pub mod replicate_trace;
 pub mod steady_state;
+pub mod summary;
 pub mod trace;
 
 use serde_json::Value;

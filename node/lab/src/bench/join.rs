@@ -14,7 +14,9 @@ use serde_json::json;
 
 use super::ingest::tempdir_in;
 use super::node_process::{count_docs, populate, NodeProcess};
+use super::summary::{f, thousands, Row};
 use super::{build_profile, Report};
+use serde_json::Value;
 
 /// Arguments of `causeway bench join`.
 #[derive(Debug, clap::Args)]
@@ -87,4 +89,39 @@ pub async fn run(args: &Args) -> Result<()> {
         "idle RSS MiB (with docs)",
     ]);
     Ok(())
+}
+
+/// This scenario's rows in the `causeway bench all` summary, from its JSON
+/// results.
+pub fn summary(results: &[Value]) -> Vec<Row> {
+    let mut rows = Vec::new();
+    for r in results {
+        rows.push(Row::new(
+            format!(
+                "join: a new node receives {} documents",
+                thousands(f(r, "docs"))
+            ),
+            format!(
+                "{:.1} s ({} documents/s)",
+                f(r, "join_seconds"),
+                thousands(f(r, "docs_per_s"))
+            ),
+            "—".into(),
+            "—".into(),
+        ));
+        rows.push(Row::new(
+            "idle memory of `causeway node`".into(),
+            format!(
+                "{:.1} MiB holding {} documents",
+                f(r, "idle_rss_mib_with_docs"),
+                thousands(f(r, "docs"))
+            ),
+            format!("empty node {:.1} MiB", f(r, "idle_rss_mib_empty")),
+            format!(
+                "{:.2}x",
+                f(r, "idle_rss_mib_with_docs") / f(r, "idle_rss_mib_empty")
+            ),
+        ));
+    }
+    rows
 }

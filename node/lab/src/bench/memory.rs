@@ -14,6 +14,7 @@ use serde_json::{json, Value};
 
 use super::ingest::tempdir_in;
 use super::node_process::{populate, proc_status_mib, NodeProcess};
+use super::summary::{self, f, thousands, Row};
 use super::{build_profile, Report};
 
 /// Arguments of `causeway bench memory`.
@@ -151,4 +152,31 @@ fn dir_size(dir: &std::path::Path) -> Result<u64> {
         };
     }
     Ok(total)
+}
+
+/// This scenario's rows in the `causeway bench all` summary, from its JSON
+/// results.
+pub fn summary(results: &[Value]) -> Vec<Row> {
+    summary::each(results, |r| {
+        Row::new(
+            format!(
+                "memory: {} documents stored, {} being written",
+                thousands(f(r, "docs")),
+                thousands(f(r, "written"))
+            ),
+            format!(
+                "RSS {:.0} MiB idle, {:.0} MiB writing, peak {:.0} MiB (cache budget {:.0} MiB); open {:.2} s",
+                f(r, "idle_rss_mib"),
+                f(r, "writing_rss_mib"),
+                f(r, "peak_rss_mib"),
+                f(r, "cache_budget_mib"),
+                f(r, "open_seconds")
+            ),
+            format!("empty node {:.0} MiB", f(r, "empty_node_idle_rss_mib")),
+            format!(
+                "{:.2}x (peak)",
+                f(r, "peak_rss_mib") / f(r, "empty_node_idle_rss_mib")
+            ),
+        )
+    })
 }

@@ -6,13 +6,14 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::{Parser, Subcommand, ValueEnum};
 
-use causeway_node::bench::{
+use causeway_lab::bench::{
     all, concurrent_editors, delta_path, durable_writes, ingest, join, lag, many_docs_sync, memory,
     reconcile, replicate_trace, steady_state,
 };
+use causeway_lab::chaos;
 use causeway_node::client::{self, DocCommand, Target};
 use causeway_node::cluster_key::ClusterKey;
-use causeway_node::{chaos, daemon, demo, sim};
+use causeway_node::{daemon, demo, sim};
 
 #[derive(Parser)]
 #[command(

@@ -19,8 +19,10 @@ use causeway_engine::{DocId, Subscription};
 use serde_json::json;
 
 use super::ingest::tempdir_in;
+use super::summary::{self, f, thousands, Row};
 use super::{build_profile, Report};
-use crate::local_cluster;
+use causeway_node::local_cluster;
+use serde_json::Value;
 
 /// Arguments of `causeway bench lag`.
 #[derive(Debug, clap::Args)]
@@ -185,4 +187,25 @@ fn print(
         "floor ms",
         "p50/floor",
     ]);
+}
+
+/// This scenario's rows in the `causeway bench all` summary, from its JSON
+/// results.
+pub fn summary(results: &[Value]) -> Vec<Row> {
+    summary::each(results, |r| {
+        Row::new(
+            format!(
+                "lag: write on A to durable on B and C ({} writes)",
+                thousands(f(r, "writes"))
+            ),
+            format!(
+                "p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+                f(r, "p50_ms"),
+                f(r, "p99_ms"),
+                f(r, "max_ms")
+            ),
+            format!("loopback RTT + one fsync {:.2} ms", f(r, "floor_p50_ms")),
+            format!("{:.1}x (p50)", f(r, "ratio_p50")),
+        )
+    })
 }

@@ -14,7 +14,9 @@ use causeway_engine::{DocId, Engine, EngineConfig};
 use serde_json::json;
 
 use super::ingest::tempdir_in;
+use super::summary::{self, f, thousands, Row};
 use super::{build_profile, Report};
+use serde_json::Value;
 
 /// Arguments of `causeway bench durable-writes`.
 #[derive(Debug, clap::Args)]
@@ -192,4 +194,20 @@ where
         Ok(())
     })?;
     Ok((count.load(Ordering::Relaxed), start.elapsed()))
+}
+
+/// This scenario's rows in the `causeway bench all` summary, from its JSON
+/// results.
+pub fn summary(results: &[Value]) -> Vec<Row> {
+    summary::each(results, |r| {
+        Row::new(
+            format!("durable writes, {} writers", r["writers"]),
+            format!("{} writes/s", thousands(f(r, "engine_writes_per_s"))),
+            format!(
+                "raw RocksDB synced writes {}/s",
+                thousands(f(r, "raw_rocksdb_writes_per_s"))
+            ),
+            format!("{:.2}x", f(r, "ratio")),
+        )
+    })
 }

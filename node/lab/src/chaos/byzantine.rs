@@ -30,11 +30,11 @@ use libp2p::swarm::SwarmEvent;
 use libp2p::{gossipsub, request_response, Multiaddr, PeerId, Swarm};
 use serde::Serialize;
 
-use crate::cluster_key::ClusterKey;
-use crate::network::behaviour::{build_swarm, Behaviour, BehaviourEvent, Protocols};
-use crate::network::codec::Receipt;
-use crate::network::driver::node_id;
-use crate::NodeConfig;
+use causeway_node::cluster_key::ClusterKey;
+use causeway_node::network::behaviour::{build_swarm, Behaviour, BehaviourEvent, Protocols};
+use causeway_node::network::codec::Receipt;
+use causeway_node::network::driver::node_id;
+use causeway_node::NodeConfig;
 
 /// How long a [`Rogue`] waits for a connection or a receipt.
 pub const ROGUE_WAIT: Duration = Duration::from_secs(20);

@@ -15,8 +15,10 @@ use causeway_engine::automerge::{Automerge, ObjId, ObjType, ReadDoc, ROOT};
 use causeway_engine::{DocId, Durability, Engine, EngineConfig};
 use serde_json::json;
 
+use super::summary::{f, thousands, Row};
 use super::trace::{Trace, DEFAULT_TRACE};
 use super::{build_profile, Report};
+use serde_json::Value;
 
 /// Arguments of `causeway bench ingest`.
 #[derive(Debug, clap::Args)]
@@ -186,4 +188,27 @@ pub fn tempdir_in(parent: Option<&Path>) -> Result<tempfile::TempDir> {
         None => tempfile::tempdir(),
     };
     dir.context("cannot create a temporary directory for the benchmark store")
+}
+
+/// This scenario's rows in the `causeway bench all` summary, from its JSON
+/// results.
+pub fn summary(results: &[Value]) -> Vec<Row> {
+    let mut rows = Vec::new();
+    let bare = results
+        .iter()
+        .find(|r| r["variant"] == "bare-automerge")
+        .map_or(f64::NAN, |r| f(r, "wall_s"));
+    for r in results.iter().filter(|r| r.get("durability").is_some()) {
+        rows.push(Row::new(
+            format!(
+                "ingest, `{}` ({} transactions, one change each)",
+                r["durability"].as_str().unwrap_or("?"),
+                thousands(f(r, "txns"))
+            ),
+            format!("{:.2} s", f(r, "wall_s")),
+            format!("bare Automerge in memory {bare:.2} s"),
+            format!("{:.2}x", f(r, "ratio_vs_bare")),
+        ));
+    }
+    rows
 }

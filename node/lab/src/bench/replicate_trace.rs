@@ -16,9 +16,11 @@ use causeway_engine::{DocId, Engine};
 use serde_json::json;
 
 use super::ingest::{apply_txn, start_text, tempdir_in};
+use super::summary::{f, thousands, Row};
 use super::trace::{Trace, TraceArgs};
 use super::{build_profile, Report};
-use crate::local_cluster;
+use causeway_node::local_cluster;
+use serde_json::Value;
 
 /// Arguments of `causeway bench replicate-trace`.
 #[derive(Debug, clap::Args)]
@@ -180,4 +182,23 @@ fn metric(node: &local_cluster::LocalNode, series: &str) -> f64 {
         .find_map(|l| l.strip_prefix(series))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0.0)
+}
+
+/// This scenario's rows in the `causeway bench all` summary, from its JSON
+/// results.
+pub fn summary(results: &[Value]) -> Vec<Row> {
+    let mut rows = Vec::new();
+    for r in results {
+        let slowest = f(r, "replicated_b_s").max(f(r, "replicated_c_s"));
+        rows.push(Row::new(
+            format!(
+                "replicate-trace: {} changes written on A; B and C hold A's heads",
+                thousands(f(r, "txns"))
+            ),
+            format!("{slowest:.1} s (slower of B, C)"),
+            format!("A's own ingest {:.1} s", f(r, "ingest_a_s")),
+            format!("{:.2}x (target 1.2x)", slowest / f(r, "ingest_a_s")),
+        ));
+    }
+    rows
 }

@@ -37,6 +37,7 @@ use tokio::sync::mpsc;
 
 use super::ingest::{apply_txn, tempdir_in};
 use super::node_process::NodeProcess;
+use super::summary::{self, f, thousands, Row};
 use super::trace::{Trace, TraceArgs};
 use super::{build_profile, Report};
 
@@ -552,10 +553,35 @@ async fn history(client: &reqwest::Client, url: &str, id: &DocId) -> Result<Hash
         .bytes()
         .await?;
     // A whole history: more changes than one request may carry.
-    let chunks =
-        crate::http::changes::split_chunks_up_to(&bytes, usize::MAX).map_err(anyhow::Error::msg)?;
+    let chunks = causeway_node::http::changes::split_chunks_up_to(&bytes, usize::MAX)
+        .map_err(anyhow::Error::msg)?;
     chunks
         .into_iter()
         .map(|c| Ok(Change::from_bytes(c.to_vec())?.hash()))
         .collect()
+}
+
+/// This scenario's rows in the `causeway bench all` summary, from its JSON
+/// results.
+pub fn summary(results: &[Value]) -> Vec<Row> {
+    summary::each(results, |r| {
+        Row::new(
+            format!(
+                "concurrent-editors: {} writers post {} trace changes to their own region's node (held limit {}, one node SIGKILLed)",
+                r["writers"],
+                thousands(f(r, "acknowledged")),
+                r["max_held_per_doc"]
+            ),
+            format!(
+                "{:.0} posts/s; held at peak {}, refused and retried {}, lost {}; converged {:.1} s after the last post",
+                f(r, "posts_per_second"),
+                thousands(f(r, "held_peak")),
+                thousands(f(r, "refused_and_retried")),
+                r["lost"],
+                f(r, "seconds_to_converge_after_posting")
+            ),
+            "—".into(),
+            "—".into(),
+        )
+    })
 }

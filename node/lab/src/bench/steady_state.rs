@@ -32,6 +32,7 @@ use serde_json::{json, Value};
 
 use super::ingest::tempdir_in;
 use super::node_process::{cpu_seconds, libp2p_bytes, proc_status_mib, NodeProcess};
+use super::summary::{f, thousands, Row};
 use super::{build_profile, Report};
 
 /// Arguments of `causeway bench steady-state`.
@@ -349,4 +350,58 @@ async fn watch(
         }
     }
     Ok(())
+}
+
+/// This scenario's rows in the `causeway bench all` summary, from its JSON
+/// results.
+pub fn summary(results: &[Value]) -> Vec<Row> {
+    let mut rows = Vec::new();
+    for r in results {
+        let list = |key: &str, digits: usize| {
+            r[key]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|v| format!("{:.*}", digits, v.as_f64().unwrap_or(f64::NAN)))
+                        .collect::<Vec<_>>()
+                        .join(" / ")
+                })
+                .unwrap_or_default()
+        };
+        let scenario = format!(
+            "steady-state: {} nodes x {} writes/s on {} documents for {:.0} s",
+            r["nodes"],
+            r["rate_per_node"],
+            thousands(f(r, "docs")),
+            f(r, "seconds")
+        );
+        rows.push(Row::new(
+            format!("{scenario}: propagation lag"),
+            format!(
+                "p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+                f(r, "lag_ms_p50"),
+                f(r, "lag_ms_p99"),
+                f(r, "lag_ms_max")
+            ),
+            "—".into(),
+            "—".into(),
+        ));
+        rows.push(Row::new(
+            format!("{scenario}: CPU s and peak RSS MiB per node"),
+            format!(
+                "{} s; {} MiB",
+                list("cpu_seconds", 1),
+                list("peak_rss_mib", 0)
+            ),
+            "—".into(),
+            "—".into(),
+        ));
+        rows.push(Row::new(
+            format!("{scenario}: bytes per change per peer (above Noise and yamux)"),
+            thousands(f(r, "wire_bytes_per_change_per_peer")),
+            "—".into(),
+            "—".into(),
+        ));
+    }
+    rows
 }

@@ -34,6 +34,7 @@ use super::node_process::{
 };
 use super::peers::{self, path, Peer, PeerKind};
 use super::proxy::ByteProxy;
+use super::summary::{f, thousands, Row};
 use super::{build_profile, Report};
 
 /// Arguments of `causeway bench many-docs-sync`.
@@ -452,6 +453,73 @@ async fn peer_side(
         versions: peer.versions.clone(),
         window: Some(window),
     })
+}
+
+/// This scenario's rows in the `causeway bench all` summary, from its JSON
+/// results.
+pub fn summary(results: &[Value]) -> Vec<Row> {
+    let mut rows = Vec::new();
+    let ours = results.iter().find(|r| r["engine"] == "causeway");
+    for r in results.iter().filter(|r| r["engine"] != "causeway") {
+        let Some(c) = ours else { break };
+        let versions = r["versions"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| format!("{k} {}", v.as_str().unwrap_or("?")))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+            .unwrap_or_default();
+        let docs = thousands(f(c, "docs"));
+        let engine = r["engine"].as_str().unwrap_or("?");
+        let setup = format!(
+            "{versions}; the client looks up {} documents at a time",
+            r["lookup_window"]
+        );
+        if r["failed"] == true {
+            rows.push(Row::new(
+                format!("many-docs-sync: {docs} documents to a new peer ({setup})"),
+                format!("{:.2} s", f(c, "seconds")),
+                format!(
+                    "{engine} **failed**: {}",
+                    r["reason"]
+                        .as_str()
+                        .unwrap_or("no reason given")
+                        .replace('|', "\\|")
+                        .replace('\n', " ")
+                ),
+                "—".into(),
+            ));
+            continue;
+        }
+        rows.push(Row::new(
+            format!("many-docs-sync: {docs} documents to a new peer, time ({setup})"),
+            format!("{:.2} s", f(c, "seconds")),
+            format!("{engine} {:.2} s", f(r, "seconds")),
+            format!("{:.2}x", f(c, "seconds") / f(r, "seconds")),
+        ));
+        rows.push(Row::new(
+            format!("many-docs-sync: {docs} documents to a new peer, bytes"),
+            format!("{} bytes/document", thousands(f(c, "bytes_per_doc"))),
+            format!(
+                "{engine} {} bytes/document",
+                thousands(f(r, "bytes_per_doc"))
+            ),
+            format!("{:.2}x", f(c, "bytes") / f(r, "bytes")),
+        ));
+    }
+    if results.len() == 1 {
+        if let Some(c) = ours {
+            rows.push(Row::new(
+                "many-docs-sync (no peers)".into(),
+                format!("{:.2} s", f(c, "seconds")),
+                "—".into(),
+                "—".into(),
+            ));
+        }
+    }
+    rows
 }
 
 #[cfg(test)]

@@ -14,7 +14,9 @@ use anyhow::{bail, ensure, Result};
 use causeway_engine::sim::{self, SimConfig};
 use serde_json::json;
 
+use super::summary::{self, f, thousands, Row};
 use super::Report;
+use serde_json::Value;
 
 /// Arguments of `causeway bench delta-path`.
 #[derive(Debug, clap::Args)]
@@ -136,4 +138,29 @@ pub fn run(args: &Args) -> Result<()> {
         "vs floor",
     ]);
     Ok(())
+}
+
+/// This scenario's rows in the `causeway bench all` summary, from its JSON
+/// results.
+pub fn summary(results: &[Value]) -> Vec<Row> {
+    summary::each(results, |r| {
+        Row::new(
+            format!(
+                "delta path (simulated), {} nodes in {} regions, {:.1}% loss",
+                r["nodes"],
+                r["regions"],
+                f(r, "loss_permille") / 10.0
+            ),
+            format!(
+                "{:.2} messages, {} bytes per delivered change",
+                f(r, "messages_per_change"),
+                thousands(f(r, "bytes_per_change"))
+            ),
+            format!(
+                "floor 1 message, {} bytes",
+                thousands(f(r, "floor_bytes_per_change"))
+            ),
+            format!("{:.1}x bytes", f(r, "ratio_to_floor")),
+        )
+    })
 }
