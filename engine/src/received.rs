@@ -34,7 +34,7 @@ impl Engine {
     /// publishes them.
     ///
     /// If holding them would exceed a held-change limit
-    /// ([`EngineConfig::max_held_changes_per_doc`] and the others), the call
+    /// ([`EngineConfig::max_held_changes_per_doc`](crate::EngineConfig::max_held_changes_per_doc) and the others), the call
     /// is refused with [`Error::HeldLimit`] and stores nothing: retry later,
     /// or send the missing dependencies too.
     pub fn apply_changes<B: AsRef<[u8]>>(&self, id: &DocId, changes: &[B]) -> Result<ApplyOutcome> {

@@ -1,0 +1,127 @@
+//! Acknowledgements: what this node tells peers it holds (batched, flushed
+//! every `ack_interval`), and what peers tell it, recorded as progress
+//! within the bounds one message may cost.
+
+use super::*;
+
+impl Replicator {
+    /// An acknowledgement: what the peer holds of this node's documents.
+    pub(super) fn on_ack(&mut self, now: Duration, from: &NodeId, a: Ack) -> Result<Verdict> {
+        // An acknowledgement reports what the peer holds of this
+        // node's documents: entries for documents not held here
+        // are ignored (looked up in memory, in the reconciliation
+        // items, so that made-up ids cost no storage reads), and
+        // acks cannot grow this node's state.
+        //
+        // An entry reporting exactly our heads (the usual answer to
+        // what we sent) is recorded from the item's digest, without
+        // reading the document; at most MAX_ACK_READS others per
+        // message are compared with the document's heads (which may
+        // load it), the rest skipped and counted, so that one ack
+        // cannot make the network thread load thousands of
+        // documents.
+        let mut reads = 0;
+        for e in a.entries {
+            let Some(digest) = self.items.get(&e.doc) else {
+                continue;
+            };
+            let theirs = e.heads.to_vec();
+            let full = crate::layout::heads_digest(&theirs);
+            if full[..digest.len()] == digest[..] {
+                let ours = theirs.clone();
+                self.record_progress(now, from, &e.doc, theirs, Some(&ours))?;
+                continue;
+            }
+            if reads == MAX_ACK_READS {
+                self.stats.ack_entries_skipped += 1;
+                continue;
+            }
+            reads += 1;
+            let ours = match self.engine.heads(&e.doc) {
+                Ok(h) => h,
+                Err(Error::NotFound(_) | Error::Quarantined { .. }) => continue,
+                Err(e) => return Err(e),
+            };
+            self.record_progress(now, from, &e.doc, theirs, Some(&ours))?;
+        }
+        Ok(Verdict::Accept)
+    }
+
+    /// Records a report of `peer`, comparing it with this node's heads
+    /// (`ours`, or read from the engine if not given and the document is here).
+    pub(super) fn record_progress(
+        &mut self,
+        now: Duration,
+        peer: &NodeId,
+        doc: &DocId,
+        heads: Vec<ChangeHash>,
+        ours: Option<&[ChangeHash]>,
+    ) -> Result<()> {
+        let read;
+        let ours = match ours {
+            Some(o) => Some(o),
+            None => {
+                read = match self.engine.heads(doc) {
+                    Ok(h) => Some(h),
+                    Err(Error::NotFound(_) | Error::Quarantined { .. }) => None,
+                    Err(e) => return Err(e),
+                };
+                read.as_deref()
+            }
+        };
+        let ours = ours.filter(|o| !o.is_empty());
+        if let Some(o) = ours {
+            // Direct messages travel on separate streams and can overtake
+            // each other, so a report can be older than the one recorded.
+            // If the peer is known to hold all of our heads (stores never
+            // lose changes), a report of heads that are all in our history
+            // yet leave some of ours out describes its past: keep what we
+            // know. Heads with a change we lack are news and are recorded.
+            let known_to_hold = self
+                .progress
+                .known_heads(peer, doc)
+                .is_some_and(|k| o.iter().all(|h| k.contains(h)));
+            if known_to_hold
+                && !o.iter().all(|h| heads.contains(h))
+                && self.holds_all(doc, &heads)?
+            {
+                return Ok(());
+            }
+        }
+        self.progress.record(now, peer, doc, heads, ours);
+        Ok(())
+    }
+
+    pub(super) fn queue_ack(&mut self, origin: &NodeId, doc: &DocId, heads: &[ChangeHash]) {
+        if let Some(p) = self.peers.get_mut(origin) {
+            if p.acks.len() < MAX_ACK_ENTRIES || p.acks.contains_key(doc) {
+                p.acks.insert(doc.clone(), Heads::new(heads));
+            }
+        }
+    }
+
+    pub(super) fn flush_acks(&mut self) {
+        let pending: Vec<(NodeId, BTreeMap<DocId, Heads>)> = self
+            .peers
+            .iter_mut()
+            .filter(|(_, p)| !p.acks.is_empty())
+            .map(|(id, p)| (id.clone(), std::mem::take(&mut p.acks)))
+            .collect();
+        for (peer, acks) in pending {
+            let entries = acks
+                .into_iter()
+                .map(|(doc, heads)| AckEntry { doc, heads })
+                .collect();
+            self.send(&peer, Message::Ack(Ack { entries }));
+        }
+    }
+
+    pub(super) fn holds_all(&self, doc: &DocId, heads: &[ChangeHash]) -> Result<bool> {
+        self.engine
+            .read(doc, |d| d.get_missing_deps(heads).is_empty())
+            .or_else(|e| match e {
+                Error::Deleted(_) => Ok(self.engine.heads(doc)?.iter().all(|h| heads.contains(h))),
+                e => Err(e),
+            })
+    }
+}
