@@ -1,0 +1,97 @@
+//! What the task reports: the cluster status for `causeway status` and
+//! `/v1/status`, and the metrics observed every second.
+
+use super::*;
+
+impl Driver {
+    pub(super) fn observe(&mut self) {
+        let lags = self.lags();
+        self.metrics.observe_lag(&lags, &region_lags(&lags));
+        let members = self.config.membership.as_ref().map_or(0, |m| m.len());
+        self.metrics.members.set(members as i64);
+        let replicating = self.peers.values().filter(|p| p.replicating).count();
+        self.metrics.peers_replicating.set(replicating as i64);
+        self.metrics
+            .local_events_dropped
+            .set(self.local_events_dropped as i64);
+        let stats = self.core.stats().clone();
+        self.metrics.observe(&stats, self.core.queue_depths());
+        let engine = self.core.engine().stats();
+        self.metrics.held_changes.set(engine.held_changes as i64);
+        self.metrics.held_bytes.set(engine.held_bytes as i64);
+        self.metrics.shape_refused.set(engine.shape_refused as i64);
+        self.metrics
+            .automerge_panics
+            .set(engine.automerge_panics as i64);
+        self.metrics
+            .quarantined_documents
+            .set(engine.quarantined_documents as i64);
+        self.metrics
+            .direct_queued
+            .set(self.traffic.outbox.longest_queue() as i64);
+    }
+
+    pub(super) fn status(&mut self) -> NetworkStatus {
+        let lags = self.lags();
+        let mut peers = Vec::new();
+        for (id, p) in &self.peers {
+            let node = node_id(id);
+            let progress = self.core.progress().peer(&node);
+            let region = progress.and_then(|pp| pp.region.as_ref().map(ToString::to_string));
+            let state = if self.guard.blocked.contains(id) {
+                PeerState::Blocked
+            } else if p.replicating {
+                PeerState::Replicating
+            } else if p.connections > 0 {
+                PeerState::Connected
+            } else {
+                PeerState::Disconnected
+            };
+            let target = self.dialer.targets.iter().find(|t| t.peer == Some(*id));
+            let behind = lags
+                .iter()
+                .find(|l| l.peer == node)
+                .map_or_else(Behind::default, |l| l.behind);
+            peers.push(PeerStatus {
+                peer_id: id.to_string(),
+                region,
+                state,
+                addresses: p.addrs.iter().map(ToString::to_string).collect(),
+                rtt_ms: p.rtt.map(|d| d.as_secs_f64() * 1000.0),
+                dial_failures: target.map_or(0, |t| t.backoff.failures()),
+                last_error: target.and_then(|t| t.last_error.clone()),
+                behind,
+            });
+        }
+        NetworkStatus {
+            peer_id: self.swarm.local_peer_id().to_string(),
+            region: self.config.region.to_string(),
+            cluster: self.config.cluster.to_string(),
+            listen_addrs: self.listen_addrs.iter().map(ToString::to_string).collect(),
+            peers,
+            regions: region_lags(&lags),
+            local_events_dropped: self.local_events_dropped,
+        }
+    }
+
+    /// How far behind every peer the core has heard from is.
+    pub(super) fn lags(&self) -> Vec<PeerLag> {
+        let now = self.now();
+        let progress = self.core.progress();
+        progress
+            .peers()
+            .map(|(node, p)| {
+                let lag = progress.lag(node);
+                PeerLag {
+                    peer: node.clone(),
+                    region: p.region.as_ref().map(ToString::to_string),
+                    behind: Behind {
+                        documents: lag.documents,
+                        changes: lag.changes,
+                        lag_seconds: lag.seconds(now),
+                    },
+                }
+            })
+            .collect()
+    }
+}
