@@ -71,7 +71,7 @@ impl Engine {
         max_change_bytes: usize,
     ) -> Result<Option<SyncMessage>> {
         self.with_doc(id, |state| {
-            let generated = crate::codec::catch(|| state.doc.generate_sync_message(sync));
+            let generated = crate::guarded::catch(|| state.doc.generate_sync_message(sync));
             let Ok(generated) = generated else {
                 // What the peer last said is suspect: forget it, keep only
                 // the heads both sides are known to share.
@@ -147,7 +147,7 @@ impl Engine {
             }
             let last_sent = next.last_sent_heads.clone();
             let doc = &mut state.doc;
-            match crate::codec::catch(|| doc.receive_sync_message(&mut next, message)) {
+            match crate::guarded::catch(|| doc.receive_sync_message(&mut next, message)) {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
                     return Err(Error::ChangeRejected {
@@ -182,7 +182,7 @@ impl Engine {
         validate_peer(peer)?;
         match self.inner.store.peer_sync(peer, id)? {
             None => Ok(SyncState::new()),
-            Some(bytes) => Ok(crate::codec::sync_state(&bytes).unwrap_or_else(|e| {
+            Some(bytes) => Ok(crate::guarded::sync_state(&bytes).unwrap_or_else(|e| {
                 // Only a shortcut is lost: the session starts from nothing,
                 // and its next save replaces the record.
                 let key =
@@ -336,7 +336,7 @@ fn truncate_changes(message: &mut SyncMessage, sync: &mut SyncState, budget: usi
     for (index, chunk) in message.changes.iter().enumerate() {
         if index < keep {
             kept.push(chunk.to_vec());
-        } else if let Ok(change) = crate::codec::change(chunk.to_vec()) {
+        } else if let Ok(change) = crate::guarded::change(chunk.to_vec()) {
             sync.sent_hashes.remove(&change.hash());
         }
     }

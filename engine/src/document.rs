@@ -83,7 +83,7 @@ impl DocState {
         };
         let snapshot_key = || layout::describe_key(layout::CF_SNAPSHOT, id.as_bytes());
         let mut doc = match store.snapshot(id)? {
-            Some(bytes) => crate::codec::document(&bytes)
+            Some(bytes) => crate::guarded::document(&bytes)
                 .map_err(|e| corrupt(snapshot_key(), format!("undecodable snapshot: {e}")))?,
             None if meta.snapshot_bytes > 0 => {
                 return Err(corrupt(snapshot_key(), "snapshot missing".into()))
@@ -103,7 +103,7 @@ impl DocState {
         }
         let mut changes = Vec::with_capacity(entries.len());
         for (key, bytes) in entries {
-            let change = crate::codec::change(bytes).map_err(|e| {
+            let change = crate::guarded::change(bytes).map_err(|e| {
                 corrupt(
                     layout::describe_key(layout::CF_CHANGE_LOG, &key),
                     format!("undecodable change: {e}"),
@@ -337,7 +337,7 @@ fn load_held(store: &Store, id: &DocId, doc: &Automerge) -> Result<Held> {
         };
         let source = Source::from_tag(tag)
             .ok_or_else(|| corrupt("unknown held-change source tag".into()))?;
-        let change = crate::codec::change(raw.to_vec())
+        let change = crate::guarded::change(raw.to_vec())
             .map_err(|e| corrupt(format!("undecodable held change: {e}")))?;
         if layout::parse_held_key(&key).map(|(_, h)| h) != Some(change.hash()) {
             return Err(corrupt("held change stored under another hash".into()));

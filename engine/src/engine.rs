@@ -14,13 +14,12 @@ use crate::doc_id::{self, DocId};
 use crate::document::DocState;
 use crate::error::{Error, Result};
 use crate::events::{DocEvent, EventHub, Origin, Subscription};
-use crate::held::{HeldBudget, HeldLedger};
+use crate::held::{load_held_ledger, HeldBudget, HeldLedger};
 use crate::json;
 use crate::lineage;
 use crate::quarantine::Quarantine;
-use crate::received::load_held_ledger;
-use crate::session::SessionToken;
 use crate::store::{Store, Wait};
+use crate::token::SessionToken;
 
 /// Largest page [`Engine::list`] returns.
 pub const MAX_LIST_LIMIT: usize = 1000;
@@ -387,7 +386,7 @@ impl Engine {
     /// reads behind the panic guard.
     fn render(&self, id: &DocId, doc: &Automerge, heads: Option<&[ChangeHash]>) -> Result<Json> {
         let limit = self.inner.config.shape.max_depth;
-        match crate::codec::catch(|| json::render(doc, heads, limit)) {
+        match crate::guarded::catch(|| json::render(doc, heads, limit)) {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(violation)) => Err(Error::ShapeLimit {
                 doc: id.clone(),
@@ -505,7 +504,7 @@ impl Engine {
             held_documents: held.documents,
             held_refused: self.inner.held_refused.load(Ordering::Relaxed),
             shape_refused: self.inner.shape_refused.load(Ordering::Relaxed),
-            automerge_panics: crate::codec::panics(),
+            automerge_panics: crate::guarded::panics(),
             quarantined_documents: self.inner.quarantine.len(),
             subscriptions: self.inner.events.len(),
         }

@@ -111,7 +111,7 @@ pub enum Error {
         /// The document.
         doc: DocId,
         /// The limit that would have been exceeded.
-        limit: crate::held::HeldLimitKind,
+        limit: HeldLimitKind,
         /// Dependencies the refused changes wait for that this node holds
         /// neither applied nor held, sorted, at most
         /// [`MAX_REPORTED_MISSING`](crate::MAX_REPORTED_MISSING).
@@ -250,4 +250,35 @@ pub enum Error {
 fn fmt_hashes(hashes: &[ChangeHash]) -> String {
     let parts: Vec<String> = hashes.iter().map(|h| h.to_string()).collect();
     parts.join(",")
+}
+
+/// Which limit a refusal hit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeldLimitKind {
+    /// [`EngineConfig::max_held_changes_per_doc`].
+    DocumentChanges,
+    /// [`EngineConfig::max_held_bytes_per_doc`].
+    DocumentBytes,
+    /// [`EngineConfig::max_held_changes`].
+    EngineChanges,
+    /// [`EngineConfig::max_held_bytes`].
+    EngineBytes,
+}
+
+impl HeldLimitKind {
+    /// A stable name, for error bodies and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            HeldLimitKind::DocumentChanges => "max_held_changes_per_doc",
+            HeldLimitKind::DocumentBytes => "max_held_bytes_per_doc",
+            HeldLimitKind::EngineChanges => "max_held_changes",
+            HeldLimitKind::EngineBytes => "max_held_bytes",
+        }
+    }
+}
+
+impl std::fmt::Display for HeldLimitKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }

@@ -31,6 +31,9 @@ use automerge::{Change, ChangeHash};
 
 use crate::config::EngineConfig;
 use crate::doc_id::DocId;
+use crate::error::{HeldLimitKind, Result};
+use crate::layout;
+use crate::store::Store;
 
 /// Missing dependencies named in one refusal or one report, at most. The
 /// count of all of them is given beside the list.
@@ -83,37 +86,6 @@ pub(crate) enum Overflow {
 pub(crate) struct HeldBudget {
     pub(crate) changes: usize,
     pub(crate) bytes: usize,
-}
-
-/// Which limit a refusal hit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HeldLimitKind {
-    /// [`EngineConfig::max_held_changes_per_doc`].
-    DocumentChanges,
-    /// [`EngineConfig::max_held_bytes_per_doc`].
-    DocumentBytes,
-    /// [`EngineConfig::max_held_changes`].
-    EngineChanges,
-    /// [`EngineConfig::max_held_bytes`].
-    EngineBytes,
-}
-
-impl HeldLimitKind {
-    /// A stable name, for error bodies and metrics.
-    pub fn name(self) -> &'static str {
-        match self {
-            HeldLimitKind::DocumentChanges => "max_held_changes_per_doc",
-            HeldLimitKind::DocumentBytes => "max_held_bytes_per_doc",
-            HeldLimitKind::EngineChanges => "max_held_changes",
-            HeldLimitKind::EngineBytes => "max_held_bytes",
-        }
-    }
-}
-
-impl std::fmt::Display for HeldLimitKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
 }
 
 /// One held change.
@@ -533,4 +505,31 @@ impl HeldLedger {
     fn lock(&self) -> MutexGuard<'_, LedgerInner> {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
+}
+
+/// Builds the engine-wide held-change ledger from the store. A key that
+/// is not a held-change key is reported and left alone (it holds nothing
+/// this engine can apply).
+pub(crate) fn load_held_ledger(store: &Store) -> Result<HeldLedger> {
+    let ledger = HeldLedger::default();
+    let mut docs: std::collections::BTreeMap<DocId, (usize, usize)> = Default::default();
+    store.for_each_held(|key, len| {
+        let parsed = layout::parse_held_key(key)
+            .and_then(|(doc, _)| DocId::new(String::from_utf8_lossy(doc).into_owned()).ok());
+        match parsed {
+            Some(doc) => {
+                let e = docs.entry(doc).or_default();
+                e.0 += 1;
+                e.1 += len.saturating_sub(1);
+            }
+            None => tracing::error!(
+                key = %layout::describe_key(layout::CF_HELD, key),
+                "corrupt held-change key; ignored"
+            ),
+        }
+    })?;
+    for (doc, (changes, bytes)) in docs {
+        ledger.load(doc, changes, bytes);
+    }
+    Ok(ledger)
 }

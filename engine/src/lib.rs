@@ -63,7 +63,6 @@
 #![forbid(unsafe_code)]
 
 mod cache;
-mod codec;
 mod config;
 mod doc_id;
 mod doc_sync;
@@ -74,6 +73,7 @@ mod events;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 mod group_commit;
+mod guarded;
 pub mod held;
 pub mod json;
 pub mod layout;
@@ -86,6 +86,7 @@ pub mod shape;
 #[cfg(feature = "sim")]
 pub mod sim;
 mod store;
+pub mod token;
 
 pub use automerge;
 pub use config::{CompactionPolicy, Durability, EngineConfig};
@@ -94,9 +95,10 @@ pub use doc_sync::{SyncMessage, SyncState, MAX_PEER_ID_LEN};
 pub use engine::{
     ApplyOutcome, Committed, DocInfo, Engine, EngineStats, HeldInfo, ListPage, MAX_LIST_LIMIT,
 };
+pub use error::HeldLimitKind;
 pub use error::{Error, Result};
 pub use events::{DocEvent, Origin, Subscription};
-pub use held::{HeldLimitKind, MAX_REPORTED_MISSING};
+pub use held::MAX_REPORTED_MISSING;
 pub use quarantine::Quarantined;
-pub use session::{SessionToken, TokenError, TokenKey};
 pub use shape::{ShapeLimits, ShapeViolation};
+pub use token::{SessionToken, TokenError, TokenKey};

@@ -13,15 +13,13 @@ use automerge::{Change, ChangeHash};
 use crate::doc_id::DocId;
 use crate::document::{DocState, Integration};
 use crate::engine::{doc_event, lock_events, ApplyOutcome, Engine, HeldInfo};
-use crate::error::{Error, Result};
+use crate::error::{Error, HeldLimitKind, Result};
 use crate::events::Origin;
 use crate::held::{
-    prefix_fit, Bound, HeldLedger, HeldLimitKind, HeldLimits, Overflow, Plan, Reservation, Source,
-    MAX_REPORTED_MISSING,
+    prefix_fit, Bound, HeldLimits, Overflow, Plan, Reservation, Source, MAX_REPORTED_MISSING,
 };
-use crate::layout;
 use crate::shape::{self, ShapeViolation};
-use crate::store::{Store, Wait};
+use crate::store::Wait;
 
 impl Engine {
     /// Applies changes a client hands over (received from elsewhere, or
@@ -141,7 +139,7 @@ impl Engine {
         }
         let ready: Vec<Change> = plan.ready.iter().map(|r| r.change.clone()).collect();
         if !ready.is_empty() {
-            crate::codec::apply(&mut state.doc, ready.iter().cloned()).map_err(|reason| {
+            crate::guarded::apply(&mut state.doc, ready.iter().cloned()).map_err(|reason| {
                 Error::ChangeRejected {
                     doc: id.clone(),
                     reason,
@@ -394,7 +392,7 @@ impl Engine {
                     index,
                     reason,
                 };
-                let change = crate::codec::change(bytes.to_vec()).map_err(invalid)?;
+                let change = crate::guarded::change(bytes.to_vec()).map_err(invalid)?;
                 // `Change::from_bytes` does not compare the header checksum
                 // (bytes 4..8, after the magic) with the hash of the content,
                 // so a change altered in transit would otherwise decode under
@@ -408,31 +406,4 @@ impl Engine {
             })
             .collect()
     }
-}
-
-/// Builds the engine-wide held-change ledger from the store. A key that
-/// is not a held-change key is reported and left alone (it holds nothing
-/// this engine can apply).
-pub(crate) fn load_held_ledger(store: &Store) -> Result<HeldLedger> {
-    let ledger = HeldLedger::default();
-    let mut docs: std::collections::BTreeMap<DocId, (usize, usize)> = Default::default();
-    store.for_each_held(|key, len| {
-        let parsed = layout::parse_held_key(key)
-            .and_then(|(doc, _)| DocId::new(String::from_utf8_lossy(doc).into_owned()).ok());
-        match parsed {
-            Some(doc) => {
-                let e = docs.entry(doc).or_default();
-                e.0 += 1;
-                e.1 += len.saturating_sub(1);
-            }
-            None => tracing::error!(
-                key = %layout::describe_key(layout::CF_HELD, key),
-                "corrupt held-change key; ignored"
-            ),
-        }
-    })?;
-    for (doc, (changes, bytes)) in docs {
-        ledger.load(doc, changes, bytes);
-    }
-    Ok(ledger)
 }

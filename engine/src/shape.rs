@@ -212,7 +212,7 @@ impl<'a> Depths<'a> {
                 .and_then(|exid| self.doc.parents(&exid).ok())
                 .map(|parents| parents.count())
         };
-        crate::codec::catch(walk).ok().flatten().unwrap_or(1)
+        crate::guarded::catch(walk).ok().flatten().unwrap_or(1)
     }
 }
 

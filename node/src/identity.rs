@@ -11,7 +11,9 @@ use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use causeway_engine::replication::ids::NodeId;
 use libp2p::identity::Keypair;
+use libp2p::PeerId;
 
 /// Name of the key file inside the data directory.
 pub const KEY_FILE: &str = "node.key";
@@ -90,6 +92,13 @@ pub fn load_or_create(dir: &Path) -> Result<(Keypair, bool), IdentityError> {
         }
         Err(e) => Err(io(e)),
     }
+}
+
+/// The replication core's name for `peer`: its base58 peer id.
+pub fn node_id(peer: &PeerId) -> NodeId {
+    // A base58 peer id is printable ASCII of at most 128 bytes.
+    #[allow(clippy::expect_used)]
+    NodeId::new(peer.to_base58()).expect("a peer id is a valid node id")
 }
 
 #[cfg(test)]

@@ -36,10 +36,11 @@ pub mod http;
 pub mod identity;
 pub mod local_cluster;
 pub mod membership;
-pub mod metrics;
 pub mod network;
 mod node;
 pub mod settings;
+
+pub use self::network::metrics;
 pub mod sim;
 
 pub use self::config::{ConfigError, NodeConfig};

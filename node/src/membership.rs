@@ -38,7 +38,7 @@ use causeway_engine::replication::Members;
 use libp2p::PeerId;
 use serde::Deserialize;
 
-use crate::network::driver::node_id;
+use crate::identity::node_id;
 
 /// Members one list may name, at most.
 pub const MAX_MEMBERS: usize = 10_000;

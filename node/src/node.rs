@@ -23,9 +23,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::{ConfigError, NodeConfig};
 use crate::membership::Membership;
-use crate::metrics::NodeMetrics;
 use crate::network::behaviour::{build_swarm, BuildError, Protocols};
 use crate::network::driver::{node_id, Command, Driver, Inputs, Parts};
+use crate::network::metrics::NodeMetrics;
 use crate::network::sanctions::Sanctions;
 use crate::network::{NetworkStatus, RegionNeed, RegionWaiter};
 

@@ -342,7 +342,7 @@ fn message(spec: &MessageSpec, known: &Known) -> Option<SyncMessage> {
     message.need = hashes(&spec.need, known);
     message.have = have;
     message.changes = ChunkList::from(changes);
-    crate::codec::sync_message(&message.encode()).ok()
+    crate::guarded::sync_message(&message.encode()).ok()
 }
 
 fn receive(engine: &Engine, doc: &DocId, sync: &mut SyncState, message: Option<SyncMessage>) {
@@ -384,7 +384,7 @@ fn generate(
     if let Err(reason) = check_bounds(&message) {
         panic!("the engine generated a message its peers refuse: {reason}");
     }
-    let decoded = crate::codec::sync_message(&message.encode())
+    let decoded = crate::guarded::sync_message(&message.encode())
         .unwrap_or_else(|e| panic!("a generated message does not decode: {e}"));
     let sizes: Vec<usize> = decoded.changes.iter().map(<[u8]>::len).collect();
     assert!(

@@ -17,9 +17,9 @@
 //! the fuzzer found a 190-byte change that does so (see `fuzz/README.md`). The
 //! target holds them to that ceiling rather than to the input size.
 
-use crate::codec;
 use crate::doc_id::DocId;
 use crate::doc_sync::{normalise, SyncMessage};
+use crate::guarded;
 use crate::replication::wire::{
     Envelope, Message, RangeBody, MAX_ACK_ENTRIES, MAX_CHANGES_PER_DELTA, MAX_FRAME_BYTES,
     MAX_GOSSIP_BYTES, MAX_HEADS, MAX_ITEMS, MAX_RANGES,
@@ -59,15 +59,15 @@ pub fn run_with(data: &[u8], entering: &mut dyn FnMut(Decoder)) {
         }
     }
     entering(Decoder::Automerge);
-    if let Ok(mut message) = codec::sync_message(data) {
+    if let Ok(mut message) = guarded::sync_message(data) {
         // What the engine does to every received message before Automerge
         // sees it; after that, encoding (as a persisted state will be) holds.
         normalise(&mut message);
         let again = SyncMessage::decode(&message.clone().encode());
         assert!(again.is_ok(), "re-encoded sync message does not decode");
     }
-    let _ = codec::sync_state(data);
-    let _ = codec::change(data.to_vec());
+    let _ = guarded::sync_state(data);
+    let _ = guarded::change(data.to_vec());
     entering(Decoder::Causeway);
     if let Ok(text) = std::str::from_utf8(data) {
         token(text);
@@ -112,11 +112,11 @@ fn decode_inner(message: &Message) {
         Message::Delta(d) => {
             assert_eq!(d.heads.to_vec().len(), d.heads.len());
             for change in &d.changes {
-                let _ = codec::change(change.0.clone());
+                let _ = guarded::change(change.0.clone());
             }
         }
         Message::Sync(frame) => {
-            let _ = codec::sync_message(&frame.msg.0);
+            let _ = guarded::sync_message(&frame.msg.0);
         }
         Message::Ack(a) => a.entries.iter().for_each(|e| {
             assert_eq!(e.heads.to_vec().len(), e.heads.len());

@@ -15,8 +15,8 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::docs::{doc_id, parse_heads};
 use super::error::ApiError;
+use super::names::{doc_id, parse_heads};
 use super::session::{query, ReadQuery, ReadSession, WriteQuery, WriteSession};
 use super::{blocking, AppState};
 

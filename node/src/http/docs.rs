@@ -1,11 +1,10 @@
 //! Documents as JSON: read (heads in a header), replace, merge-patch,
 //! delete, list by prefix.
 
-use automerge::ChangeHash;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, HeaderName, StatusCode};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use causeway_engine::{Committed, DocId, Engine, MAX_LIST_LIMIT};
@@ -13,41 +12,9 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use super::error::ApiError;
+use super::names::doc_id;
 use super::session::{query, ReadQuery, ReadSession, WriteQuery, WriteSession};
 use super::{blocking, AppState};
-
-/// The response header that carries a document's heads: hex change hashes,
-/// comma-separated.
-pub const HEADS_HEADER: HeaderName = HeaderName::from_static("causeway-heads");
-
-/// Parses a document id from the path.
-pub fn doc_id(id: &str) -> Result<DocId, ApiError> {
-    DocId::new(id).map_err(|e| ApiError::bad_request("invalid_doc_id", e.to_string()))
-}
-
-/// Heads as the header value and JSON use them.
-pub fn heads_string(heads: &[ChangeHash]) -> String {
-    heads
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
-/// Parses comma-separated hex heads (empty: no heads).
-pub fn parse_heads(s: &str) -> Result<Vec<ChangeHash>, ApiError> {
-    s.split(',')
-        .filter(|h| !h.is_empty())
-        .map(|h| {
-            h.parse::<ChangeHash>().map_err(|_| {
-                ApiError::bad_request(
-                    "invalid_heads",
-                    format!("{h:?} is not a change hash (64 hex digits)"),
-                )
-            })
-        })
-        .collect()
-}
 
 /// Reads a JSON request body; malformed or oversized bodies get their own
 /// codes.

@@ -11,6 +11,7 @@
 //! * [`auth`]: optional bearer tokens, read-only or read-write.
 //! * [`admission`]: allowed origins, request slots, body deadline.
 //! * [`connections`]: connection limits, idle timeout, graceful shutdown.
+//! * [`names`]: document ids and heads as requests and answers write them.
 //! * [`error`]: every failure as a status and a JSON body with a stable code.
 //!
 //! Engine calls block (a write waits for its fsync), so handlers run them
@@ -23,6 +24,7 @@ pub mod cluster;
 pub mod connections;
 pub mod docs;
 pub mod error;
+pub mod names;
 pub mod session;
 pub mod watch;
 

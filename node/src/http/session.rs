@@ -30,8 +30,8 @@ use causeway_engine::{DocId, Engine, SessionToken};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
-use super::docs::{doc_id, heads_string, parse_heads};
 use super::error::ApiError;
+use super::names::{doc_id, heads_string, parse_heads};
 use super::{blocking, AppState};
 use crate::network::RegionNeed;
 
@@ -314,7 +314,7 @@ impl WriteSession {
 pub fn session_headers(heads: &[ChangeHash], token: &str) -> HeaderMap {
     let mut headers = HeaderMap::new();
     if let Ok(v) = HeaderValue::from_str(&heads_string(heads)) {
-        headers.insert(super::docs::HEADS_HEADER, v);
+        headers.insert(super::names::HEADS_HEADER, v);
     }
     if let Ok(v) = HeaderValue::from_str(token) {
         headers.insert(SESSION_HEADER, v);

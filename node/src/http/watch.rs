@@ -32,8 +32,8 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
 
-use super::docs::{doc_id, heads_string};
 use super::error::ApiError;
+use super::names::{doc_id, heads_string};
 use super::AppState;
 
 /// Events buffered per watcher between the engine and the HTTP stream.

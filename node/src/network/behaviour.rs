@@ -42,7 +42,7 @@ use libp2p::{
 use prometheus_client::registry::Registry;
 use sha2::{Digest, Sha256};
 
-use super::codec::FrameCodec;
+use super::frame::FrameCodec;
 use super::private_network;
 use crate::cluster_key::ClusterKey;
 use crate::config::NodeConfig;

@@ -13,7 +13,7 @@ use causeway_engine::replication::ids::NodeId;
 use causeway_engine::replication::{Channel, Inbound, Verdict};
 use libp2p::{gossipsub, request_response, PeerId};
 
-use super::codec::Receipt;
+use super::frame::Receipt;
 
 /// Messages applied in one batch at most (one WAL fsync for all of them).
 pub const MAX_BATCH_MESSAGES: usize = 256;

@@ -1,8 +1,9 @@
 //! The networking layer: libp2p around the engine's replication core.
 //!
 //! * [`behaviour`]: the libp2p behaviours and how the swarm is built.
-//! * [`codec`]: length-prefixed frames for direct messages.
+//! * [`frame`]: length-prefixed frames for direct messages.
 //! * [`driver`]: the task that owns the swarm and the core.
+//! * [`metrics`]: the node's `causeway_*` metrics.
 //! * [`inbox`]: received messages waiting to be applied in one batch.
 //! * [`backoff`]: redial delays for unreachable peers.
 //! * [`outbox`]: at most a window of direct messages in flight per peer.
@@ -12,20 +13,21 @@
 //! * [`sanctions`]: peers that keep sending refused messages are blocked,
 //!   across restarts.
 //! * [`status`]: what the task reports about the cluster.
-//! * [`progress`]: writes waiting for other regions; lag per peer and
+//! * [`regions`]: writes waiting for other regions; lag per peer and
 //!   region.
 
 pub mod backoff;
 pub mod behaviour;
-pub mod codec;
 pub mod driver;
+pub mod frame;
 pub mod inbox;
+pub mod metrics;
 pub mod outbox;
 pub mod private_network;
-pub mod progress;
 pub mod rate;
+pub mod regions;
 pub mod sanctions;
 pub mod status;
 
-pub use self::progress::{PeerLag, RegionNeed, RegionWaiter};
+pub use self::regions::{PeerLag, RegionNeed, RegionWaiter};
 pub use self::status::{Behind, NetworkStatus, PeerState, PeerStatus, RegionStatus};

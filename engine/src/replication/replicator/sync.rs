@@ -69,7 +69,7 @@ impl Replicator {
             self.start_queued(now, from)?;
             return Ok(Verdict::Accept);
         }
-        let message = match crate::codec::sync_message(&frame.msg.0) {
+        let message = match crate::guarded::sync_message(&frame.msg.0) {
             Ok(m) => m,
             Err(e) => {
                 let reason = Rejection::Wire(WireError::Malformed(format!("sync message: {e}")));

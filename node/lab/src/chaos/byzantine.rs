@@ -32,8 +32,8 @@ use serde::Serialize;
 
 use causeway_node::cluster_key::ClusterKey;
 use causeway_node::network::behaviour::{build_swarm, Behaviour, BehaviourEvent, Protocols};
-use causeway_node::network::codec::Receipt;
 use causeway_node::network::driver::node_id;
+use causeway_node::network::frame::Receipt;
 use causeway_node::NodeConfig;
 
 /// How long a [`Rogue`] waits for a connection or a receipt.

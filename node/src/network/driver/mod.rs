@@ -51,14 +51,14 @@ use tracing::{debug, info, warn};
 
 use crate::config::NodeConfig;
 use crate::membership::MembershipFile;
-use crate::metrics::{KindLabel, NodeMetrics};
 use crate::network::backoff::Backoff;
 use crate::network::behaviour::{Behaviour, BehaviourEvent, Protocols};
-use crate::network::codec::Receipt;
+use crate::network::frame::Receipt;
 use crate::network::inbox::{self, Inbox, Received, Reply};
+use crate::network::metrics::{KindLabel, NodeMetrics};
 use crate::network::outbox::{Offer, Outbox};
-use crate::network::progress::{region_lags, PeerLag, RegionWaiter};
 use crate::network::rate::{Offer as RateOffer, Rates};
+use crate::network::regions::{region_lags, PeerLag, RegionWaiter};
 use crate::network::sanctions::{Sanction, Sanctions};
 use crate::network::status::{Behind, NetworkStatus, PeerState, PeerStatus};
 use crate::NodeError;
@@ -554,12 +554,7 @@ fn burst(first: DocEvent, local: &mut mpsc::Receiver<DocEvent>) -> Vec<DocEvent>
     events
 }
 
-/// The replication core's name for `peer`: its base58 peer id.
-pub fn node_id(peer: &PeerId) -> NodeId {
-    // A base58 peer id is printable ASCII of at most 128 bytes.
-    #[allow(clippy::expect_used)]
-    NodeId::new(peer.to_base58()).expect("a peer id is a valid node id")
-}
+pub use crate::identity::node_id;
 
 /// A metric label.
 pub(super) fn kind(kind: &str) -> KindLabel {

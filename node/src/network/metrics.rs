@@ -17,7 +17,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-use crate::network::{PeerLag, RegionStatus};
+use super::{PeerLag, RegionStatus};
 
 /// A label with one value.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]

@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use automerge::{Automerge, Change};
 
-use crate::doc_sync::{SyncMessage, SyncState};
+use automerge::sync::{Message as SyncMessage, State as SyncState};
 
 /// Panics caught in Automerge since the process started.
 static PANICS: AtomicU64 = AtomicU64::new(0);
