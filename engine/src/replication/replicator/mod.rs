@@ -50,11 +50,13 @@ use super::wire::{
 };
 
 mod acks;
+mod deadlines;
 mod delta;
 mod reconciliation;
 mod sync;
 mod types;
 
+use self::deadlines::Deadlines;
 use self::delta::BatchedDelta;
 pub use self::sync::MAX_HELD_REPAIRS_PER_SCAN;
 use self::sync::{DocSync, HeldRepair};
@@ -178,6 +180,8 @@ pub struct Replicator {
     members: Option<Members>,
     /// Held changes charged to the peers that sent them.
     held_shares: HeldShares,
+    /// Sync messages awaiting an answer, by the time they were sent.
+    deadlines: Deadlines,
     stats: Stats,
 }
 
@@ -206,6 +210,7 @@ impl Replicator {
             outputs: VecDeque::new(),
             members: None,
             held_shares,
+            deadlines: Deadlines::default(),
             stats: Stats::default(),
         })
     }
@@ -320,15 +325,16 @@ impl Replicator {
 
     /// When [`handle_timeout`](Self::handle_timeout) is next due.
     pub fn poll_timeout(&self) -> Duration {
+        let sync = self
+            .deadlines
+            .iter()
+            .find(|(at, peer, doc)| self.awaits(*at, peer, doc))
+            .map(|(at, _, _)| *at);
         let retry = self
             .peers
             .values()
-            .flat_map(|p| {
-                p.syncs
-                    .values()
-                    .filter_map(|s| s.sent_at)
-                    .chain(p.reconcile_sent_at.map(|(_, at)| at))
-            })
+            .filter_map(|p| p.reconcile_sent_at.map(|(_, at)| at))
+            .chain(sync)
             .map(|at| at + self.config.retry_after)
             .min();
         let mut next = self.next_anti_entropy.min(self.next_held_scan);
@@ -367,6 +373,7 @@ impl Replicator {
     /// anti-entropy repairs whatever it would have done.
     pub fn handle_disconnect(&mut self, peer: &NodeId) {
         self.peers.remove(peer);
+        self.deadlines.forget_peer(peer);
         self.progress.disconnected(peer);
     }
 
@@ -541,6 +548,7 @@ impl Replicator {
             self.next_held_scan = now + self.config.held_repair_interval;
         }
         let retry_after = self.config.retry_after;
+        let mut due = self.take_unanswered(now);
         let peers: Vec<NodeId> = self.peers.keys().cloned().collect();
         for peer in &peers {
             let Some(p) = self.peers.get_mut(peer) else {
@@ -552,7 +560,8 @@ impl Replicator {
                 p.reconcile_sent_at = None;
                 self.start_reconcile(now, peer, random);
             }
-            self.resend_unanswered(now, peer)?;
+            let docs = due.remove(peer).unwrap_or_default();
+            self.resend_unanswered(now, peer, docs)?;
             self.start_queued(now, peer)?;
         }
         self.engine.sync_deferred()

@@ -57,10 +57,13 @@ impl Replicator {
         if frame.msg.0.is_empty() {
             // "In sync": the answer to our last message. Nothing to send back.
             let session = self
-                .peer_mut(from)
+                .peers
+                .get_mut(from)
                 .and_then(|p| p.syncs.get_mut(&frame.doc));
             if let Some(s) = session {
-                s.sent_at = None;
+                if let Some(at) = s.sent_at.take() {
+                    self.deadlines.settled(at, from, &frame.doc);
+                }
                 s.retries = 0;
             }
             // Sends only if our heads moved since; otherwise the session goes
@@ -245,7 +248,10 @@ impl Replicator {
                     changes = m.changes.len(),
                     "sync message"
                 );
-                sync.sent_at = Some(now);
+                if let Some(at) = sync.sent_at.replace(now) {
+                    self.deadlines.settled(at, peer, doc);
+                }
+                self.deadlines.sent(now, peer, doc);
                 m.encode()
             }
             // Nothing due: either we still await the peer's answer, or the
@@ -369,17 +375,44 @@ impl Replicator {
         ahead.extend(rest);
         Ok(ahead)
     }
-    /// Sends again, from the shared heads, every sync message to `peer`
-    /// unanswered for `retry_after`; gives up sessions resent
-    /// `max_sync_retries` times (counted).
-    pub(super) fn resend_unanswered(&mut self, now: Duration, peer: &NodeId) -> Result<()> {
-        let retry_after = self.config.retry_after;
-        let stale: Vec<DocId> = self.peers[peer]
-            .syncs
-            .iter()
-            .filter(|(_, s)| s.sent_at.is_some_and(|at| now >= at + retry_after))
-            .map(|(d, _)| d.clone())
-            .collect();
+    /// Whether the sync message for `doc` sent to `peer` at `at` still
+    /// awaits its answer.
+    pub(super) fn awaits(&self, at: Duration, peer: &NodeId, doc: &DocId) -> bool {
+        self.peers
+            .get(peer)
+            .and_then(|p| p.syncs.get(doc))
+            .is_some_and(|s| s.sent_at == Some(at))
+    }
+
+    /// Takes out of the deadline table every sync message unanswered for
+    /// `retry_after` at `now`: per peer, the documents whose message still
+    /// awaits its answer, in id order (entries left behind by a session
+    /// that went away are dropped).
+    pub(super) fn take_unanswered(&mut self, now: Duration) -> BTreeMap<NodeId, Vec<DocId>> {
+        let mut due: BTreeMap<NodeId, Vec<DocId>> = BTreeMap::new();
+        let Some(cutoff) = now.checked_sub(self.config.retry_after) else {
+            return due;
+        };
+        for (at, peer, doc) in self.deadlines.take_sent_by(cutoff) {
+            if self.awaits(at, &peer, &doc) {
+                due.entry(peer).or_default().push(doc);
+            }
+        }
+        for docs in due.values_mut() {
+            docs.sort_unstable();
+        }
+        due
+    }
+
+    /// Sends again, from the shared heads, the unanswered sync messages to
+    /// `peer` for `stale` (see [`Replicator::take_unanswered`]); gives up
+    /// sessions resent `max_sync_retries` times (counted).
+    pub(super) fn resend_unanswered(
+        &mut self,
+        now: Duration,
+        peer: &NodeId,
+        stale: Vec<DocId>,
+    ) -> Result<()> {
         let max_retries = self.config.max_sync_retries;
         for doc in stale {
             let Some(p) = self.peer_mut(peer) else {
