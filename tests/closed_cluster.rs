@@ -197,15 +197,7 @@ fn members_join_and_leave_under_load_without_losing_writes() {
     let took = wait_until(CONVERGE, "the remaining members to converge", || {
         (0..docs).all(|n| support::cluster::converged(&remaining, &format!("load/{n}")))
     });
-    let mut lost = 0;
-    for (doc, k) in &acked {
-        for member in remaining {
-            let (value, _) = member.get_doc(doc).unwrap();
-            if value.get(k).is_none() {
-                lost += 1;
-            }
-        }
-    }
+    let lost = support::cluster::lost_writes(&acked, &remaining);
     assert_eq!(lost, 0, "acknowledged writes missing on a remaining member");
     println!(
         "{} writes acknowledged in {:.1} s while c joined, b left (SIGTERM) and d joined \

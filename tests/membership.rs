@@ -8,7 +8,7 @@
 mod rogue;
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -17,20 +17,9 @@ use causeway_engine::replication::wire::{Announce, Hello, Message, PROTOCOL_VERS
 use libp2p::identity::Keypair;
 use rogue::Rogue;
 use serde_json::{json, Value};
-use support::cluster::{causeway_bin, wait_until, NodeProc, Options};
+use support::cluster::{causeway_bin, cluster_key, wait_until, NodeProc, Options};
 
 const CONVERGE: Duration = Duration::from_secs(60);
-
-fn cluster_key(root: &Path) -> PathBuf {
-    let path = root.join("cluster.key");
-    let out = Command::new(causeway_bin())
-        .args(["cluster", "init", "--out"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    path
-}
 
 /// The peer id of the node whose data will be in `root/name` (its identity
 /// is created now, as an operator does before the first start).
@@ -69,17 +58,6 @@ fn node(
         ..Options::default()
     };
     NodeProc::start_with(root, name, region, bootstrap, options)
-}
-
-/// The sum of every sample of metric `name` (with `labels`, if any).
-fn metric(node: &NodeProc, name: &str, labels: &str) -> f64 {
-    let text = node.request("GET", "/metrics", &[], b"").text();
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| l.strip_prefix(name))
-        .filter(|rest| rest.starts_with([' ', '{']) && rest.contains(labels))
-        .filter_map(|rest| rest.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 #[test]
@@ -185,7 +163,7 @@ fn a_region_claim_against_the_list_does_not_satisfy_min_regions() {
     let (body, lies) = lie_about_region(&a, &key, liar);
     assert_eq!(body["durability"]["satisfied"], false, "{body}");
     assert_eq!(body["durability"]["regions"], json!([]), "{body}");
-    assert!(metric(&a, "causeway_region_claims_overridden_total", "") >= 1.0);
+    assert!(a.metric("causeway_region_claims_overridden_total", "") >= 1.0);
     let status = a.status();
     let peer = status["node"]["peers"]
         .as_array()
@@ -255,17 +233,9 @@ fn the_list_changes_under_load_without_restarts_or_lost_writes() {
     let took = wait_until(CONVERGE, "a and c to converge", || {
         (0..docs).all(|n| support::cluster::converged(&remaining, &format!("load/{n}")))
     });
-    let mut lost = 0;
-    for (doc, k) in &acked {
-        for member in remaining {
-            let (value, _) = member.get_doc(doc).unwrap();
-            if value.get(k).is_none() {
-                lost += 1;
-            }
-        }
-    }
+    let lost = support::cluster::lost_writes(&acked, &remaining);
     assert_eq!(lost, 0, "acknowledged writes missing on a or c");
-    assert_eq!(metric(&a, "causeway_members", ""), 2.0);
+    assert_eq!(a.metric("causeway_members", ""), 2.0);
     // b is not readmitted by a later write.
     let late = a.write_doc("PATCH", "load/0", &json!({"late": true}));
     std::thread::sleep(Duration::from_secs(2));

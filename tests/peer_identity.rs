@@ -10,7 +10,6 @@ mod rogue;
 mod support;
 
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use causeway_engine::replication::ids::{NodeId, Region};
@@ -20,20 +19,9 @@ use causeway_engine::replication::wire::{
 use causeway_engine::{DocId, Engine, EngineConfig};
 use rogue::Rogue;
 use serde_json::{json, Value};
-use support::cluster::{causeway_bin, wait_until, NodeProc, Options};
+use support::cluster::{cluster_key, wait_until, NodeProc, Options};
 
 const CONVERGE: Duration = Duration::from_secs(60);
-
-fn cluster_key(root: &Path) -> std::path::PathBuf {
-    let path = root.join("cluster.key");
-    let out = Command::new(causeway_bin())
-        .args(["cluster", "init", "--out"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    path
-}
 
 fn node(root: &Path, name: &str, region: &str, bootstrap: &[String], key: &Path) -> NodeProc {
     let options = Options {
@@ -41,17 +29,6 @@ fn node(root: &Path, name: &str, region: &str, bootstrap: &[String], key: &Path)
         ..Options::default()
     };
     NodeProc::start_with(root, name, region, bootstrap, options)
-}
-
-/// The sum of every sample of metric `name` (with `labels`, if any).
-fn metric(node: &NodeProc, name: &str, labels: &str) -> f64 {
-    let text = node.request("GET", "/metrics", &[], b"").text();
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| l.strip_prefix(name))
-        .filter(|rest| rest.starts_with([' ', '{']) && rest.contains(labels))
-        .filter_map(|rest| rest.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 /// Valid changes creating `doc` with `value`, made in a store of their own,
@@ -127,7 +104,7 @@ fn a_member_cannot_speak_for_another_node() {
     })));
     rogue.pump(Duration::from_secs(1));
 
-    let refused = metric(&a, "causeway_messages_rejected_total", "forged_identity");
+    let refused = a.metric("causeway_messages_rejected_total", "forged_identity");
     assert_eq!(refused, 3.0, "forged messages refused by a");
     assert_eq!(a.get_doc("forged/x"), None);
     assert_eq!(region_of(&a, &b.peer_id).as_deref(), Some("eu"));
@@ -158,7 +135,7 @@ fn a_member_cannot_speak_for_another_node() {
         a.get_doc("forged/x").is_some()
     });
     assert_eq!(
-        metric(&a, "causeway_messages_rejected_total", "forged_identity"),
+        a.metric("causeway_messages_rejected_total", "forged_identity"),
         3.0
     );
     println!(
@@ -210,7 +187,7 @@ fn a_forged_report_does_not_satisfy_min_regions() {
     assert_eq!(body["durability"]["satisfied"], false, "{body}");
     assert_eq!(body["durability"]["regions"], json!([]), "{body}");
     assert_eq!(
-        metric(&a, "causeway_messages_rejected_total", "forged_identity"),
+        a.metric("causeway_messages_rejected_total", "forged_identity"),
         forged as f64
     );
     println!(
@@ -258,7 +235,7 @@ fn throwaway_identities_do_not_keep_a_real_peer_out() {
     });
     let replicating = a.replicating();
     assert!(replicating.contains(&b.peer_id), "{replicating:?}");
-    let forgotten = metric(&a, "causeway_peers_forgotten_total", "");
+    let forgotten = a.metric("causeway_peers_forgotten_total", "");
     assert!(forgotten >= 1.0, "the peer table made no room");
     println!(
         "{THROWAWAY} throwaway identities connected, said hello and left in {:.1} s; \
@@ -304,11 +281,7 @@ fn a_peer_over_its_rate_waits_and_loses_nothing_while_others_replicate() {
         accepted, sent,
         "an over-rate message was dropped or refused"
     );
-    let waited = metric(
-        &a,
-        "causeway_messages_rate_limited_total",
-        "kind=\"direct\"",
-    );
+    let waited = a.metric("causeway_messages_rate_limited_total", "kind=\"direct\"");
     assert!(waited >= 1.0, "no message waited for the rate");
     println!(
         "{sent} direct messages from one peer at a rate of 50/s: all answered in {:.1} s, \
@@ -344,9 +317,9 @@ fn a_peer_that_keeps_sending_refused_messages_is_blocked_across_restarts() {
         "disconnected after {sent} messages"
     );
     wait_until(CONVERGE, "a to count the block", || {
-        metric(&a, "causeway_peers_blocked", "") == 1.0
+        a.metric("causeway_peers_blocked", "") == 1.0
     });
-    assert_eq!(metric(&a, "causeway_peers_sanctioned_total", ""), 1.0);
+    assert_eq!(a.metric("causeway_peers_sanctioned_total", ""), 1.0);
     let log = std::fs::read_to_string(a.dir.join("node.log")).unwrap();
     let lines = |needle: &str| log.lines().filter(|l| l.contains(needle)).count();
     assert_eq!(

@@ -280,6 +280,18 @@ impl NodeProc {
     }
 
     /// The node's `/v1/status`.
+    /// The sum of every sample of metric `name` on this node whose labels
+    /// contain `labels` (all of them for "").
+    pub fn metric(&self, name: &str, labels: &str) -> f64 {
+        let text = self.request("GET", "/metrics", &[], b"").text();
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.strip_prefix(name))
+            .filter(|rest| rest.starts_with([' ', '{']) && rest.contains(labels))
+            .filter_map(|rest| rest.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
     pub fn status(&self) -> Value {
         self.request("GET", "/v1/status", &[], b"").json()
     }
@@ -464,4 +476,31 @@ pub fn three(root: &std::path::Path) -> (NodeProc, NodeProc, NodeProc) {
         t.as_secs_f64() * 1e3
     );
     (a, b, c)
+}
+
+/// A new cluster key in `root/cluster.key` (`causeway cluster init`).
+pub fn cluster_key(root: &Path) -> PathBuf {
+    let path = root.join("cluster.key");
+    let out = Command::new(causeway_bin())
+        .args(["cluster", "init", "--out"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    path
+}
+
+/// Acknowledged writes (document, key) missing on any of `nodes`, counted
+/// once per node that lacks them.
+pub fn lost_writes(acked: &[(String, String)], nodes: &[&NodeProc]) -> usize {
+    let mut lost = 0;
+    for (doc, k) in acked {
+        for node in nodes {
+            let (value, _) = node.get_doc(doc).unwrap();
+            if value.get(k).is_none() {
+                lost += 1;
+            }
+        }
+    }
+    lost
 }

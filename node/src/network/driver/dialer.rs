@@ -13,6 +13,15 @@ pub(super) struct Dialer {
     pub(super) foreign: BTreeSet<PeerId>,
 }
 
+impl Dialer {
+    /// The targets naming `peer`.
+    pub(super) fn targets_of(&mut self, peer: PeerId) -> impl Iterator<Item = &mut Target> {
+        self.targets
+            .iter_mut()
+            .filter(move |t| t.peer == Some(peer))
+    }
+}
+
 /// A dial target: a bootstrap address, or a peer learnt from discovery.
 #[derive(Debug)]
 pub(super) struct Target {
@@ -120,12 +129,7 @@ impl Driver {
     /// waits for the backoff.
     pub(super) fn fail_targets(&mut self, peer: PeerId, error: &str) {
         let now = Instant::now();
-        for t in self
-            .dialer
-            .targets
-            .iter_mut()
-            .filter(|t| t.peer == Some(peer))
-        {
+        for t in self.dialer.targets_of(peer) {
             t.next_dial = now + t.backoff.fail();
             t.last_error = Some(error.to_string());
         }
@@ -207,12 +211,7 @@ impl Driver {
         self.core
             .handle_connect(now, &node_id(&peer), &mut self.random);
         self.dialer.foreign.remove(&peer);
-        for t in self
-            .dialer
-            .targets
-            .iter_mut()
-            .filter(|t| t.peer == Some(peer))
-        {
+        for t in self.dialer.targets_of(peer) {
             t.backoff.reset();
             t.last_error = None;
         }

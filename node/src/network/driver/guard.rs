@@ -146,12 +146,7 @@ impl Driver {
         self.swarm.behaviour_mut().blocklist.unblock_peer(peer);
         self.guard.blocked.remove(&peer);
         let now = Instant::now();
-        for t in self
-            .dialer
-            .targets
-            .iter_mut()
-            .filter(|t| t.peer == Some(peer))
-        {
+        for t in self.dialer.targets_of(peer) {
             t.backoff.reset();
             t.next_dial = now;
         }
