@@ -757,7 +757,11 @@ mod tests {
         let events = b.subscribe("deferred/").unwrap();
         let syncs = b.stats().wal_syncs;
 
-        let (outcome, _) = b.deferring().apply_peer_changes(&id, &changes).unwrap();
+        let outcome = b
+            .deferring()
+            .apply_peer_changes(&id, &changes)
+            .unwrap()
+            .outcome;
         assert_eq!(outcome.applied, changes.len());
         assert_eq!(
             b.stats().wal_syncs,

@@ -21,6 +21,17 @@ use crate::held::{
 use crate::shape::{self, ShapeViolation};
 use crate::store::Wait;
 
+/// What applying a peer's changes did, overall and to each input change.
+pub(crate) struct PeerApplied {
+    /// The call's outcome.
+    pub(crate) outcome: ApplyOutcome,
+    /// For each input change, in order: new here (applied or held) rather
+    /// than a duplicate or refused.
+    pub(crate) new: Vec<bool>,
+    /// For each input change, in order: held now for missing dependencies.
+    pub(crate) held: Vec<bool>,
+}
+
 impl Engine {
     /// Applies changes a client hands over (received from elsewhere, or
     /// made by the caller's own Automerge document): validated (size,
@@ -38,9 +49,9 @@ impl Engine {
     pub fn apply_changes<B: AsRef<[u8]>>(&self, id: &DocId, changes: &[B]) -> Result<ApplyOutcome> {
         let decoded = self.decode_changes(id, changes)?;
         self.with_doc(id, |state| {
-            let (outcome, _) =
+            let applied =
                 self.integrate_decoded(id, state, decoded, Source::Client, Overflow::Refuse)?;
-            Ok(outcome)
+            Ok(applied.outcome)
         })
     }
 
@@ -48,12 +59,13 @@ impl Engine {
     /// refusing, one by one, changes that would exceed a held-change limit
     /// (counted in [`ApplyOutcome::refused`]; anti-entropy delivers them
     /// again). Also says for each input change, in order, whether it was new
-    /// (applied or held) rather than a duplicate or refused.
+    /// (applied or held) rather than a duplicate or refused, and whether it
+    /// is held now.
     pub(crate) fn apply_peer_changes<B: AsRef<[u8]>>(
         &self,
         id: &DocId,
         changes: &[B],
-    ) -> Result<(ApplyOutcome, Vec<bool>)> {
+    ) -> Result<PeerApplied> {
         let decoded = self.decode_changes(id, changes)?;
         self.with_doc(id, |state| {
             self.integrate_decoded(id, state, decoded, Source::Peer, Overflow::Shed)
@@ -68,9 +80,8 @@ impl Engine {
         state: &mut DocState,
         decoded: Vec<Change>,
     ) -> Result<ApplyOutcome> {
-        let (outcome, _) =
-            self.integrate_decoded(id, state, decoded, Source::Peer, Overflow::Shed)?;
-        Ok(outcome)
+        let applied = self.integrate_decoded(id, state, decoded, Source::Peer, Overflow::Shed)?;
+        Ok(applied.outcome)
     }
 
     /// Integrates validated, decoded changes into a loaded document: applies
@@ -84,7 +95,7 @@ impl Engine {
         decoded: Vec<Change>,
         source: Source,
         overflow: Overflow,
-    ) -> Result<(ApplyOutcome, Vec<bool>)> {
+    ) -> Result<PeerApplied> {
         let Integration {
             mut plan,
             duplicates,
@@ -96,6 +107,7 @@ impl Engine {
             plan.hold.len(),
             plan.hold.iter().map(|(c, _, _)| c.raw_bytes().len()).sum(),
         );
+        let holding: HashSet<ChangeHash> = plan.hold.iter().map(|(c, _, _)| c.hash()).collect();
         if !plan.refused.is_empty() {
             self.inner
                 .held_refused
@@ -126,7 +138,15 @@ impl Engine {
             missing_deps: missing,
             heads: state.doc.get_heads(),
         };
-        Ok((outcome, new.into_iter().map(|(_, fresh)| fresh).collect()))
+        let held = new
+            .iter()
+            .map(|(hash, fresh)| *fresh && holding.contains(hash))
+            .collect();
+        Ok(PeerApplied {
+            outcome,
+            new: new.into_iter().map(|(_, fresh)| fresh).collect(),
+            held,
+        })
     }
 
     /// Applies a plan's ready changes to the document and writes them, with

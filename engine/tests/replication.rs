@@ -491,6 +491,52 @@ fn one_peer_cannot_take_more_than_its_share_of_held_changes() {
 }
 
 #[test]
+fn in_a_batch_each_origin_is_charged_only_with_what_it_held() {
+    let mut a = node_with("a", "eu", |c| {
+        c.max_held_changes_per_peer = 3;
+    });
+    let (bn, cn) = (NodeId::new("b").unwrap(), NodeId::new("c").unwrap());
+    // One document's history: b sends its start (applies), c three later
+    // changes whose dependencies nobody sent (held). Both deltas arrive in
+    // one batch.
+    let x = chain("batch/x", 7);
+    let from_b = delta_from(&bn, "batch/x", &x[..2]);
+    let from_c = delta_from(&cn, "batch/x", &x[5..]);
+    a.core
+        .handle_messages(
+            Duration::ZERO,
+            [
+                Inbound::gossip(&bn, &bn, &from_b),
+                Inbound::gossip(&cn, &cn, &from_c),
+            ],
+        )
+        .unwrap();
+    assert_eq!(
+        a.core.engine().stats().held_changes,
+        3,
+        "x[5..] wait for x[2..5]"
+    );
+    // b held nothing, so its whole share is left (three more held); c's is
+    // spent (all four refused).
+    let y = chain("batch/y", 4);
+    a.core
+        .handle_message(
+            Duration::ZERO,
+            Inbound::gossip(&bn, &bn, &delta_from(&bn, "batch/y", &y[2..])),
+        )
+        .unwrap();
+    assert_eq!(a.core.stats().held_budget_refused, 0);
+    let z = chain("batch/z", 5);
+    a.core
+        .handle_message(
+            Duration::ZERO,
+            Inbound::gossip(&cn, &cn, &delta_from(&cn, "batch/z", &z[2..])),
+        )
+        .unwrap();
+    assert_eq!(a.core.stats().held_budget_refused, 4);
+}
+
+#[test]
 fn one_ack_reads_a_bounded_number_of_documents() {
     let mut a = node("a", "eu");
     let bn = NodeId::new("b").unwrap();

@@ -146,13 +146,13 @@ impl Replicator {
             .writer
             .within_held_budget(self.held_shares.budget(&d.origin));
         let (outcome, new) = match writer.apply_peer_changes(&d.doc, &changes) {
-            Ok(o) => o,
+            Ok(a) => (a.outcome, a.new),
             Err(e) if is_bad_change(&e) => return Ok(self.reject(from, rejection(&e))),
             Err(e) => return Err(e),
         };
         self.claim_region(now, &d.origin, &d.region);
         self.stats.delta_changes_applied += outcome.applied as u64;
-        self.account_held(&d.doc, &outcome, &[&d.origin]);
+        self.account_held_from(&d.doc, &outcome, &d.origin);
         self.applied(now, &d.doc, &outcome, &[from, &d.origin]);
         let ours = (!outcome.heads.is_empty()).then_some(outcome.heads.as_slice());
         self.progress
@@ -215,8 +215,8 @@ impl Replicator {
                 .within_held_budget(budget)
                 .apply_peer_changes(doc, &changes)
         };
-        let (outcome, new) = match result {
-            Ok(o) => o,
+        let (outcome, new, held) = match result {
+            Ok(a) => (a.outcome, a.new, a.held),
             Err(e) if is_bad_change(&e) => {
                 for (i, from, d) in run {
                     verdicts[i] = self.on_delta(now, &from, d)?;
@@ -226,10 +226,22 @@ impl Replicator {
             Err(e) => return Err(e),
         };
         self.stats.delta_changes_applied += outcome.applied as u64;
-        // Each origin of the run is charged with all it held: a share runs
-        // out early rather than late.
-        let origins: BTreeSet<NodeId> = run.iter().map(|(_, _, d)| d.origin.clone()).collect();
-        self.account_held(doc, &outcome, &origins.iter().collect::<Vec<_>>());
+        // Each origin is charged with the changes of its own deltas that
+        // are held now (the run as a whole stayed within the smallest
+        // remaining share).
+        let mut charges: BTreeMap<NodeId, (usize, usize)> = BTreeMap::new();
+        let mut at = 0;
+        for (_, _, d) in &run {
+            for (k, change) in d.changes.iter().enumerate() {
+                if held.get(at + k) == Some(&true) {
+                    let c = charges.entry(d.origin.clone()).or_default();
+                    c.0 += 1;
+                    c.1 += change.0.len();
+                }
+            }
+            at += d.changes.len();
+        }
+        self.account_held(doc, &outcome, &charges);
         // The peers that sent or relayed every delta of the run hold all of
         // its changes; a peer behind only some of them is not a source.
         let (first_from, first_origin) = (run[0].1.clone(), run[0].2.origin.clone());
@@ -298,21 +310,32 @@ impl Replicator {
     /// Changes from `sources` were applied to `doc` at `now` (or none, if
     /// `outcome` says so): update the document's item and the peers'
     /// pending marks.
-    /// Counts what a peer's changes to `doc` held and refused, charges
-    /// what they newly held to `senders`, and lifts charges the document no
-    /// longer holds.
+    /// Counts what peers' changes to `doc` held and refused, charges each
+    /// sender with what it newly held (changes, bytes), and lifts charges
+    /// the document no longer holds.
     pub(super) fn account_held(
         &mut self,
         doc: &DocId,
         outcome: &crate::ApplyOutcome,
-        senders: &[&NodeId],
+        charges: &BTreeMap<NodeId, (usize, usize)>,
     ) {
         self.stats.held_refused += outcome.refused as u64;
         self.stats.held_budget_refused += outcome.over_budget as u64;
-        for peer in senders {
-            self.held_shares.charge(peer, doc, outcome.newly_held);
+        for (peer, held) in charges {
+            self.held_shares.charge(peer, doc, *held);
         }
         self.held_shares.settle(doc, outcome.held);
+    }
+
+    /// [`Replicator::account_held`] for changes from one sender.
+    pub(super) fn account_held_from(
+        &mut self,
+        doc: &DocId,
+        outcome: &crate::ApplyOutcome,
+        sender: &NodeId,
+    ) {
+        let charges = BTreeMap::from([(sender.clone(), outcome.newly_held)]);
+        self.account_held(doc, outcome, &charges);
     }
 
     pub(super) fn applied(

@@ -119,7 +119,7 @@ impl Replicator {
             "sync message received"
         );
         self.stats.sync_changes_applied += outcome.applied as u64;
-        self.account_held(&frame.doc, &outcome, &[from]);
+        self.account_held_from(&frame.doc, &outcome, from);
         self.applied(now, &frame.doc, &outcome, &[from]);
         self.record_progress(now, from, &frame.doc, their_heads, Some(&outcome.heads))?;
         if outcome.applied > 0 {
