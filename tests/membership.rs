@@ -214,13 +214,7 @@ fn the_list_changes_under_load_without_restarts_or_lost_writes() {
         };
         let doc = format!("load/{}", i % docs);
         let k = format!("k{i}");
-        let r = node.request(
-            "PATCH",
-            &format!("/v1/docs/{doc}"),
-            &[("content-type", "application/json")],
-            json!({ k.clone(): i }).to_string().as_bytes(),
-        );
-        assert_eq!(r.status, 200, "write {i}: {}", r.text());
+        node.write_doc("PATCH", &doc, &json!({ k.clone(): i }));
         acked.push((doc, k));
     }
     let writing = start.elapsed();

@@ -413,6 +413,15 @@ fn delta_from(origin: &NodeId, doc: &str, changes: &[Vec<u8>]) -> Vec<u8> {
     .encode()
 }
 
+/// Hands `node` a delta of `changes` to `doc` that `from` made and sent
+/// itself; its verdict.
+fn gossip_delta(node: &mut Node, from: &NodeId, doc: &str, changes: &[Vec<u8>]) -> Verdict {
+    let bytes = delta_from(from, doc, changes);
+    node.core
+        .handle_message(Duration::ZERO, Inbound::gossip(from, from, &bytes))
+        .unwrap()
+}
+
 /// The changes of a document written `n` times, in causal order: its
 /// genesis change (which every node derives from the id, see
 /// `causeway_engine::lineage`), then one per write.
@@ -433,51 +442,25 @@ fn one_peer_cannot_take_more_than_its_share_of_held_changes() {
     // b sends ten changes whose first write it withholds: five are
     // held, five refused, and the engine still has room for c.
     let b_changes = chain("held/b", 11);
-    let verdict = a
-        .core
-        .handle_message(
-            Duration::ZERO,
-            Inbound::gossip(&bn, &bn, &delta_from(&bn, "held/b", &b_changes[2..])),
-        )
-        .unwrap();
+    let verdict = gossip_delta(&mut a, &bn, "held/b", &b_changes[2..]);
     assert_eq!(verdict, Verdict::Accept, "the held changes are new");
     let stats = a.core.stats();
     assert_eq!((stats.held_refused, stats.held_budget_refused), (5, 5));
     assert_eq!(a.core.engine().stats().held_changes, 5);
     // More from b, to another document: nothing fits its share.
     let more = chain("held/b2", 3);
-    a.core
-        .handle_message(
-            Duration::ZERO,
-            Inbound::gossip(&bn, &bn, &delta_from(&bn, "held/b2", &more[2..])),
-        )
-        .unwrap();
+    gossip_delta(&mut a, &bn, "held/b2", &more[2..]);
     assert_eq!(a.core.stats().held_budget_refused, 7);
     // c's share is its own.
     let c_changes = chain("held/c", 4);
-    a.core
-        .handle_message(
-            Duration::ZERO,
-            Inbound::gossip(&cn, &cn, &delta_from(&cn, "held/c", &c_changes[2..])),
-        )
-        .unwrap();
+    gossip_delta(&mut a, &cn, "held/c", &c_changes[2..]);
     assert_eq!(a.core.stats().held_budget_refused, 7);
     assert_eq!(a.core.engine().stats().held_changes, 8);
     // b supplies the dependency: its held changes apply, its share is back,
     // and the refused ones are accepted now.
-    a.core
-        .handle_message(
-            Duration::ZERO,
-            Inbound::gossip(&bn, &bn, &delta_from(&bn, "held/b", &b_changes[..2])),
-        )
-        .unwrap();
+    gossip_delta(&mut a, &bn, "held/b", &b_changes[..2]);
     assert_eq!(a.core.engine().stats().held_changes, 3);
-    a.core
-        .handle_message(
-            Duration::ZERO,
-            Inbound::gossip(&bn, &bn, &delta_from(&bn, "held/b", &b_changes[7..])),
-        )
-        .unwrap();
+    gossip_delta(&mut a, &bn, "held/b", &b_changes[7..]);
     assert_eq!(a.core.stats().held_budget_refused, 7);
     assert_eq!(
         a.core.engine().heads(&id("held/b")).unwrap().len(),
@@ -519,20 +502,10 @@ fn in_a_batch_each_origin_is_charged_only_with_what_it_held() {
     // b held nothing, so its whole share is left (three more held); c's is
     // spent (all four refused).
     let y = chain("batch/y", 4);
-    a.core
-        .handle_message(
-            Duration::ZERO,
-            Inbound::gossip(&bn, &bn, &delta_from(&bn, "batch/y", &y[2..])),
-        )
-        .unwrap();
+    gossip_delta(&mut a, &bn, "batch/y", &y[2..]);
     assert_eq!(a.core.stats().held_budget_refused, 0);
     let z = chain("batch/z", 5);
-    a.core
-        .handle_message(
-            Duration::ZERO,
-            Inbound::gossip(&cn, &cn, &delta_from(&cn, "batch/z", &z[2..])),
-        )
-        .unwrap();
+    gossip_delta(&mut a, &cn, "batch/z", &z[2..]);
     assert_eq!(a.core.stats().held_budget_refused, 4);
 }
 

@@ -252,12 +252,6 @@ mod tests {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
 
-    fn peer() -> PeerId {
-        libp2p::identity::Keypair::generate_ed25519()
-            .public()
-            .to_peer_id()
-    }
-
     fn write(path: &Path, text: &str, mode: u32) -> std::io::Result<()> {
         let _ = fs::remove_file(path);
         let mut f = fs::OpenOptions::new()
@@ -271,7 +265,7 @@ mod tests {
 
     #[test]
     fn a_list_parses_and_maps_peers_to_regions() -> Result<(), Box<dyn std::error::Error>> {
-        let (a, b) = (peer(), peer());
+        let (a, b) = (PeerId::random(), PeerId::random());
         let text = format!(
             "[[member]]\npeer_id = \"{a}\"\nregion = \"eu\"\n\n[[member]]\npeer_id = \"{b}\"\nregion = \"us-east\"\n"
         );
@@ -279,17 +273,19 @@ mod tests {
         assert_eq!(list.len(), 2);
         assert_eq!(list.region(&a), Some(&Region::new("eu")?));
         assert_eq!(list.region(&b), Some(&Region::new("us-east")?));
-        assert!(!list.contains(&peer()));
+        assert!(!list.contains(&PeerId::random()));
         assert_eq!(list.admits_self(&a, &Region::new("eu")?), Ok(()));
         assert!(list.admits_self(&a, &Region::new("us-east")?).is_err());
-        assert!(list.admits_self(&peer(), &Region::new("eu")?).is_err());
+        assert!(list
+            .admits_self(&PeerId::random(), &Region::new("eu")?)
+            .is_err());
         assert_eq!(list.to_core().len(), 2);
         Ok(())
     }
 
     #[test]
     fn bad_entries_are_named() {
-        let a = peer();
+        let a = PeerId::random();
         let cases = [
             ("[[member]]\npeer_id = \"nope\"\nregion = \"eu\"\n", "not a peer id"),
             (&format!("[[member]]\npeer_id = \"{a}\"\nregion = \"EU\"\n"), "region"),
@@ -314,7 +310,7 @@ mod tests {
     ) -> Result<(), Box<dyn std::error::Error>> {
         let dir = tempfile::tempdir()?;
         let path = dir.path().join("members.toml");
-        let (a, b) = (peer(), peer());
+        let (a, b) = (PeerId::random(), PeerId::random());
         let one = format!("[[member]]\npeer_id = \"{a}\"\nregion = \"eu\"\n");
         write(&path, &one, 0o666)?;
         assert!(matches!(

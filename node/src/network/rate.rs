@@ -147,17 +147,11 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
-    fn peer() -> PeerId {
-        libp2p::identity::Keypair::generate_ed25519()
-            .public()
-            .to_peer_id()
-    }
-
     #[test]
     fn a_peer_gets_its_burst_then_its_rate_and_others_are_unaffected() {
         let t0 = Instant::now();
         let mut rates: Rates<u32> = Rates::new(10, 1_000_000);
-        let (p, q) = (peer(), peer());
+        let (p, q) = (PeerId::random(), PeerId::random());
         let burst = (0..100).filter(|_| rates.admit(&p, 10, t0)).count();
         assert_eq!(burst, 20, "two seconds of 10 per second");
         assert!(rates.admit(&q, 10, t0));
@@ -170,7 +164,7 @@ mod tests {
     fn bytes_are_limited_too_and_a_huge_message_still_passes_when_full() {
         let t0 = Instant::now();
         let mut rates: Rates<u32> = Rates::new(1000, 100);
-        let p = peer();
+        let p = PeerId::random();
         assert!(rates.admit(&p, 150, t0));
         assert!(!rates.admit(&p, 100, t0), "50 bytes left");
         assert!(
@@ -184,7 +178,7 @@ mod tests {
     fn direct_messages_over_the_rate_wait_in_order_and_are_released() {
         let t0 = Instant::now();
         let mut rates: Rates<usize> = Rates::new(1, 1_000_000);
-        let p = peer();
+        let p = PeerId::random();
         let mut now = Vec::new();
         let mut later = 0;
         for i in 0..(2 + MAX_WAITING_PER_PEER + 3) {

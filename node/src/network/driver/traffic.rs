@@ -116,10 +116,7 @@ impl Driver {
         for (message, verdict) in batch.into_iter().zip(verdicts) {
             match message.reply {
                 Reply::Gossip { id, source } => {
-                    self.swarm
-                        .behaviour_mut()
-                        .gossip
-                        .report_message_validation_result(&id, &source, inbox::acceptance(verdict));
+                    self.report_gossip(&id, &source, verdict);
                 }
                 Reply::Direct(channel) => {
                     // The peer may be gone already; nothing to do then.
@@ -187,14 +184,7 @@ impl Driver {
                 .rate_limited
                 .get_or_create(&kind("gossip"))
                 .inc();
-            self.swarm
-                .behaviour_mut()
-                .gossip
-                .report_message_validation_result(
-                    &message_id,
-                    &propagation_source,
-                    inbox::acceptance(Verdict::Ignore),
-                );
+            self.report_gossip(&message_id, &propagation_source, Verdict::Ignore);
             return Ok(());
         }
         // Strict validation: gossipsub checked the author's signature, so
@@ -212,14 +202,7 @@ impl Driver {
                 },
             });
         } else {
-            self.swarm
-                .behaviour_mut()
-                .gossip
-                .report_message_validation_result(
-                    &message_id,
-                    &propagation_source,
-                    inbox::acceptance(Verdict::Reject),
-                );
+            self.report_gossip(&message_id, &propagation_source, Verdict::Reject);
         }
         Ok(())
     }
@@ -299,5 +282,20 @@ impl Driver {
         self.apply_received()?;
         self.drain();
         Ok(())
+    }
+
+    /// Tells gossipsub what became of a received message: forward it
+    /// (`Accept`), drop it (`Ignore`), or drop it and penalise `source`
+    /// (`Reject`).
+    pub(super) fn report_gossip(
+        &mut self,
+        id: &gossipsub::MessageId,
+        source: &PeerId,
+        verdict: Verdict,
+    ) {
+        self.swarm
+            .behaviour_mut()
+            .gossip
+            .report_message_validation_result(id, source, inbox::acceptance(verdict));
     }
 }
