@@ -27,6 +27,7 @@ use automerge::ChangeHash;
 use crate::doc_id::DocId;
 use crate::engine::{ApplyOutcome, Engine};
 use crate::error::{Error, Result};
+use crate::held::Source;
 use crate::layout;
 
 pub use automerge::sync::{Message as SyncMessage, State as SyncState};
@@ -119,7 +120,34 @@ impl Engine {
         &self,
         id: &DocId,
         sync: &mut SyncState,
+        message: SyncMessage,
+    ) -> Result<ApplyOutcome> {
+        self.receive_sync(id, sync, message, Source::Peer)
+    }
+
+    /// Receives a sync message for `id` from a client (an Automerge
+    /// application that is not a Causeway peer, such as an automerge-repo
+    /// client), as [`Engine::receive_sync_message`] but with its changes
+    /// taken as [`Engine::apply_changes`] takes them: checked for lineage
+    /// (a new root for a document with history is
+    /// [`Error::WrongDocument`]), refused whole at a held-change limit, and
+    /// announced to subscribers as [`Origin::Client`](crate::Origin) so a
+    /// node publishes them.
+    pub fn receive_client_sync_message(
+        &self,
+        id: &DocId,
+        sync: &mut SyncState,
+        message: SyncMessage,
+    ) -> Result<ApplyOutcome> {
+        self.receive_sync(id, sync, message, Source::Client)
+    }
+
+    fn receive_sync(
+        &self,
+        id: &DocId,
+        sync: &mut SyncState,
         mut message: SyncMessage,
+        source: Source,
     ) -> Result<ApplyOutcome> {
         message.flags = None;
         check_bounds(&message).map_err(|reason| Error::InvalidSyncMessage {
@@ -139,7 +167,7 @@ impl Engine {
                     ..ApplyOutcome::default()
                 }
             } else {
-                self.apply_decoded(id, state, decoded)?
+                self.apply_decoded(id, state, decoded, source)?
             };
             let mut next = sync.clone();
             if outcome.applied > 0 {

@@ -171,9 +171,15 @@ impl DocState {
     /// Plans the integration of `incoming` (already validated and decoded)
     /// from `source`: duplicates are set aside, and the rest either applies
     /// now (with the held changes it releases) or is to be held. Changes
-    /// nothing. Refuses a root change that is not this document's genesis;
-    /// a change that depends on the genesis brings it along, since every
-    /// replica can make it.
+    /// nothing. A change that depends on this document's genesis brings the
+    /// genesis along, since every replica can make it.
+    ///
+    /// Lineage (see [`lineage`]): a client may not add a root change to a
+    /// document that already has history, unless it is the document's
+    /// genesis; the call is refused with [`Error::WrongDocument`]. A document
+    /// without history takes any roots (an import), and a peer's root is
+    /// always taken, so replicas that accepted different roots for one id
+    /// during a partition still converge.
     pub(crate) fn integrate(
         &self,
         id: &DocId,
@@ -184,11 +190,11 @@ impl DocState {
         let mut duplicates = 0;
         let mut seen = HashSet::new();
         let mut fresh = Vec::with_capacity(incoming.len());
-        // The genesis is made only when needed: to check a root change, or
-        // to bring it along for a document that has no history here yet.
-        let empty = self.doc.get_heads().is_empty();
+        let has_history = !self.doc.get_heads().is_empty();
+        // The genesis is made only when needed: to allow a client's root
+        // change, or to find a dependency that nothing else supplies.
         let mut genesis: Option<Change> = None;
-        let mut needs_genesis = false;
+        let mut unsupplied = Vec::new();
         for change in incoming {
             let hash = change.hash();
             if self.has_change(&hash) || !seen.insert(hash) || self.held.contains(&hash) {
@@ -198,22 +204,29 @@ impl DocState {
             }
             new.push((hash, true));
             let deps = change.deps();
-            if deps.is_empty() || (empty && !needs_genesis) {
-                let g = genesis
-                    .get_or_insert_with(|| lineage::genesis_change(id))
-                    .hash();
-                if deps.is_empty() && hash != g {
-                    return Err(Error::WrongDocument {
-                        doc: id.clone(),
-                        hash,
-                    });
-                }
-                needs_genesis |= deps.contains(&g);
+            if deps.is_empty()
+                && source == Source::Client
+                && has_history
+                && hash != genesis_of(&mut genesis, id)
+            {
+                return Err(Error::WrongDocument {
+                    doc: id.clone(),
+                    hash,
+                });
             }
+            unsupplied.extend(
+                deps.iter()
+                    .filter(|d| !self.has_change(d) && !self.held.contains(d))
+                    .copied(),
+            );
             fresh.push(change);
         }
-        if let Some(genesis) = genesis.filter(|g| needs_genesis && !seen.contains(&g.hash())) {
-            fresh.insert(0, genesis);
+        unsupplied.retain(|d| !seen.contains(d));
+        if !unsupplied.is_empty() {
+            let g = genesis_of(&mut genesis, id);
+            if let Some(genesis) = genesis.filter(|_| unsupplied.contains(&g)) {
+                fresh.insert(0, genesis);
+            }
         }
         let plan = self.held.plan(fresh, source, |h| self.has_change(h));
         Ok(Integration {
@@ -352,4 +365,10 @@ fn load_held(store: &Store, id: &DocId, doc: &Automerge) -> Result<Held> {
 fn sorted(mut heads: Vec<ChangeHash>) -> Vec<ChangeHash> {
     heads.sort_unstable();
     heads
+}
+
+/// `id`'s genesis change's hash, making the change into `slot` the first time.
+fn genesis_of(slot: &mut Option<Change>, id: &DocId) -> ChangeHash {
+    slot.get_or_insert_with(|| lineage::genesis_change(id))
+        .hash()
 }

@@ -192,6 +192,8 @@ pub(crate) struct Inner {
     /// `EngineConfig::actor` names one), so a change lost in a crash can never
     /// have its (actor, seq) reused by another.
     actor: ActorId,
+    /// This store's id (see [`Engine::store_id`]).
+    store_id: String,
     /// Engine-wide count of held changes and the documents that have some.
     pub(crate) held: HeldLedger,
     pub(crate) held_refused: AtomicU64,
@@ -220,6 +222,7 @@ impl Engine {
             "engine opened"
         );
         let actor = config.actor.clone().unwrap_or_else(ActorId::random);
+        let store_id = store.store_id(random_uuid)?;
         Ok(Engine {
             inner: Arc::new(Inner {
                 store,
@@ -227,6 +230,7 @@ impl Engine {
                 events: Arc::default(),
                 config,
                 actor,
+                store_id,
                 held,
                 held_refused: AtomicU64::new(0),
                 shape_refused: AtomicU64::new(0),
@@ -298,6 +302,15 @@ impl Engine {
     /// [`EngineConfig::actor`] names one).
     pub fn actor(&self) -> &ActorId {
         &self.inner.actor
+    }
+
+    /// This store's id: a UUID v4 made when the store was first opened by a
+    /// version that has one, and kept in it. It names the store, not the
+    /// node or its process: it survives restarts, and a copy of the
+    /// directory has the same id. automerge-repo clients key what they know
+    /// a server holds by it (their `storageId`).
+    pub fn store_id(&self) -> &str {
+        &self.inner.store_id
     }
 
     /// Creates `id` with a transaction. Fails with [`Error::AlreadyExists`] if
@@ -738,6 +751,23 @@ fn require_heads(state: &DocState, id: &DocId, heads: &[ChangeHash]) -> Result<(
             missing,
         })
     }
+}
+
+/// A random UUID v4 in its hyphenated form.
+fn random_uuid() -> String {
+    let mut b = [0u8; 16];
+    b.copy_from_slice(ActorId::random().to_bytes());
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    )
 }
 
 #[cfg(test)]

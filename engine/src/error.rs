@@ -76,8 +76,10 @@ pub enum Error {
 
     /// A change starts a history that is not this document's: its root is not
     /// the document's genesis change, so it was made for another document.
-    /// Caller error or misbehaving peer; nothing was applied.
-    #[error("change {hash} is not part of document {doc}: it starts another document's history")]
+    /// A client gave a document that already has history a new root change
+    /// (one without dependencies): it starts an unrelated history. Caller
+    /// error; nothing was applied. See [`lineage`](crate::lineage).
+    #[error("change {hash} is not part of document {doc}: it has no dependencies, so it starts another history, and {doc} already has one (a client may give root changes only to a document without history)")]
     WrongDocument {
         /// The document the changes were sent to.
         doc: DocId,

@@ -71,6 +71,10 @@ pub const COLUMN_FAMILIES: [&str; 6] = [
 /// Key of the format version in [`CF_NODE`].
 pub const KEY_FORMAT_VERSION: &[u8] = b"format_version";
 
+/// Key of the store id in [`CF_NODE`]: a UUID v4 string, made the first time
+/// it is asked for (see `Engine::store_id`).
+pub const KEY_STORE_ID: &[u8] = b"store_id";
+
 /// Version tag of [`DocMeta`] records.
 const DOC_META_VERSION: u8 = 1;
 

@@ -1,14 +1,31 @@
-//! Document lineage: the genesis change that roots every document's history,
-//! and the tombstone changes that mark deletion.
+//! Document lineage: which root changes a document takes, the genesis change
+//! that roots documents Causeway creates, and the tombstone changes that mark
+//! deletion.
 //!
-//! **Genesis.** Automerge changes carry no document id, so nothing in a change
-//! says which document it belongs to. Causeway roots every document in a
-//! *genesis change* computed from the document id alone: an empty change by an
-//! actor derived from the id, with timestamp 0 and a fixed message. Every replica
-//! computes the byte-identical change, so documents created independently on
-//! two partitioned nodes share their root and merge as one document. A change
-//! without dependencies that is not this document's genesis starts some other
-//! history and is refused as [`Error::WrongDocument`](crate::Error).
+//! **Roots.** Automerge changes carry no document id, so nothing in a change
+//! says which document it belongs to. A document's history may start from any
+//! root change (a change without dependencies), made by any Automerge
+//! implementation: a document created by `@automerge/automerge` or samod is
+//! imported with its change hashes unchanged. Roots are checked where a
+//! mistake can still be refused, at the client boundary: a client may give a
+//! document without history any roots (an import), but a root change for a
+//! document that already has history, other than the document's genesis, is
+//! refused as [`Error::WrongDocument`](crate::Error): it starts another
+//! history, which would merge into this one as unrelated data. Replication
+//! does not check roots. Two clients may import different histories under one
+//! id on two sides of a partition, each accepted by its side; if peers refused
+//! each other's roots, the replicas would never converge. Every replica
+//! therefore takes a peer's roots, and the two histories merge as Automerge
+//! merges any two documents.
+//!
+//! **Genesis.** A document that Causeway itself creates (a JSON write, a
+//! delete, a write through the embedded API, to an id without history) is
+//! rooted in a *genesis change* computed from the document id alone: an empty
+//! change by an actor derived from the id, with timestamp 0 and a fixed
+//! message. Every replica computes the byte-identical change, so documents
+//! created independently on two partitioned nodes share their root, and a
+//! change that depends on the genesis brings it along: a sender may leave it
+//! out. The genesis of a document is never a foreign root to it.
 //!
 //! **Tombstones.** Deleting a document commits a change that removes every root
 //! key, with the message [`TOMBSTONE_MESSAGE`]. The change replicates like any

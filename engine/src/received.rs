@@ -72,15 +72,21 @@ impl Engine {
         })
     }
 
-    /// Integrates a peer's validated, decoded changes into a loaded document
-    /// (see [`Engine::apply_peer_changes`]).
+    /// Integrates validated, decoded changes from `source` into a loaded
+    /// document: a client's as [`Engine::apply_changes`] (refused whole at a
+    /// held-change limit), a peer's as [`Engine::apply_peer_changes`].
     pub(crate) fn apply_decoded(
         &self,
         id: &DocId,
         state: &mut DocState,
         decoded: Vec<Change>,
+        source: Source,
     ) -> Result<ApplyOutcome> {
-        let applied = self.integrate_decoded(id, state, decoded, Source::Peer, Overflow::Shed)?;
+        let overflow = match source {
+            Source::Client => Overflow::Refuse,
+            Source::Peer => Overflow::Shed,
+        };
+        let applied = self.integrate_decoded(id, state, decoded, source, overflow)?;
         Ok(applied.outcome)
     }
 
@@ -185,12 +191,19 @@ impl Engine {
             return Ok(());
         }
         // Changes a client handed over are published by the node once they
-        // apply (now, or later when their dependencies arrived). The genesis
-        // is not: every replica makes it.
+        // apply (now, or later when their dependencies arrived), their root
+        // changes too. The genesis is not: every replica makes it.
+        let mut genesis = None;
         let from_client: Vec<Vec<u8>> = plan
             .ready
             .iter()
-            .filter(|r| r.source == Source::Client && !r.change.deps().is_empty())
+            .filter(|r| {
+                r.source == Source::Client
+                    && (!r.change.deps().is_empty()
+                        || r.change.hash()
+                            != *genesis
+                                .get_or_insert_with(|| crate::lineage::genesis_change(id).hash()))
+            })
             .map(|r| r.change.raw_bytes().to_vec())
             .collect();
         let (origin, changes): (Origin, Arc<[Vec<u8>]>) = if from_client.is_empty() {

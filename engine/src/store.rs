@@ -149,6 +149,32 @@ impl Store {
         }
     }
 
+    /// This store's id (see [`layout::KEY_STORE_ID`]), made from `fresh`
+    /// and written durably if the store has none yet. A record that is not
+    /// a UUID string is reported as corrupt.
+    pub(crate) fn store_id(&self, fresh: impl FnOnce() -> String) -> Result<String> {
+        let cf = self.cf(layout::CF_NODE);
+        let stored = self
+            .db
+            .get_cf(cf, layout::KEY_STORE_ID)
+            .map_err(|e| self.fatal(e))?;
+        if let Some(bytes) = stored {
+            return String::from_utf8(bytes)
+                .ok()
+                .filter(|s| is_uuid(s))
+                .ok_or_else(|| Error::Corrupt {
+                    doc: String::new(),
+                    key: layout::describe_key(layout::CF_NODE, layout::KEY_STORE_ID),
+                    reason: "the store id is not a UUID".into(),
+                });
+        }
+        let id = fresh();
+        let mut batch = WriteBatch::default();
+        batch.put_cf(cf, layout::KEY_STORE_ID, id.as_bytes());
+        self.write(batch, Wait::Durable)?;
+        Ok(id)
+    }
+
     /// Rewrites a marker file that names an older format than the record.
     fn upgrade_marker(&self, marker: Option<u32>) -> Result<()> {
         if marker == Some(layout::FORMAT_VERSION) {
@@ -570,6 +596,15 @@ fn cf_options(name: &str) -> Options {
         opts.set_block_based_table_factory(&table);
     }
     opts
+}
+
+/// Whether `s` is a UUID in its 36-character hyphenated form.
+fn is_uuid(s: &str) -> bool {
+    s.len() == 36
+        && s.char_indices().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => c == '-',
+            _ => c.is_ascii_hexdigit(),
+        })
 }
 
 #[cfg(test)]

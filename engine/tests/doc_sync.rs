@@ -129,7 +129,7 @@ fn bad_peer_ids_are_refused_and_unknown_states_start_fresh() {
 }
 
 #[test]
-fn a_sync_message_with_a_foreign_change_is_refused_and_changes_nothing() {
+fn a_client_sync_message_with_a_foreign_root_is_refused_and_changes_nothing() {
     let (_da, a) = fresh();
     let (_db, b) = fresh();
     let (mine, other) = (id("doc/mine"), id("doc/other"));
@@ -150,8 +150,10 @@ fn a_sync_message_with_a_foreign_change_is_refused_and_changes_nothing() {
         .unwrap();
     assert!(!carrying.changes.is_empty());
     let mut sb = SyncState::new();
+    // From a client, a second root is refused (from a peer it would merge:
+    // see engine/tests/foreign_documents.rs).
     let err = b
-        .receive_sync_message(&mine, &mut sb, carrying)
+        .receive_client_sync_message(&mine, &mut sb, carrying)
         .unwrap_err();
     assert!(matches!(err, Error::WrongDocument { .. }), "{err}");
     assert_eq!(b.heads(&mine).unwrap(), before);
