@@ -3,7 +3,7 @@
 //! Everything around the engine that is networked, asynchronous or
 //! configurable: the libp2p swarm that carries the replication core's
 //! messages between nodes ([`network`]), the embeddable [`Node`], the HTTP
-//! API ([`http`]), configuration ([`config`], [`settings`]), identity,
+//! API ([`http`]), the automerge-repo sync server ([`automerge_repo`]), configuration ([`config`], [`settings`]), identity,
 //! metrics, and what the `causeway` binary's node, client, demo and
 //! simulator subcommands run. All decisions about data stay in
 //! `causeway-engine`; benchmarks and the chaos harness are in
@@ -27,6 +27,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod automerge_repo;
 pub mod client;
 pub mod cluster_key;
 pub mod config;

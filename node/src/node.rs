@@ -19,12 +19,13 @@ use causeway_engine::{DocEvent, DocId, Engine, Origin};
 use libp2p::identity::Keypair;
 use libp2p::{Multiaddr, PeerId};
 use prometheus_client::registry::Registry;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use crate::config::{ConfigError, NodeConfig};
 use crate::membership::Membership;
 use crate::network::behaviour::{build_swarm, BuildError, Protocols};
 use crate::network::driver::{node_id, Command, Driver, Inputs, Parts};
+use crate::network::ephemeral::{EphemeralRelay, EPHEMERAL_QUEUE};
 use crate::network::metrics::NodeMetrics;
 use crate::network::sanctions::Sanctions;
 use crate::network::{NetworkStatus, RegionNeed, RegionWaiter};
@@ -103,6 +104,7 @@ pub struct NodeHandle {
     registry: Arc<Registry>,
     done: watch::Receiver<Option<Result<(), String>>>,
     thread: Arc<Mutex<Option<JoinHandle<()>>>>,
+    ephemeral: broadcast::Sender<Arc<EphemeralRelay>>,
 }
 
 impl Node {
@@ -157,8 +159,10 @@ impl Node {
             Some(path) => Sanctions::load(path, Instant::now())?,
             None => Sanctions::in_memory(),
         };
+        let (ephemeral, _) = broadcast::channel(EPHEMERAL_QUEUE);
         let mut driver = Driver::new(Parts {
             sanctions,
+            ephemeral: ephemeral.clone(),
             swarm,
             core,
             config,
@@ -195,6 +199,7 @@ impl Node {
             registry: Arc::new(registry),
             done,
             thread: Arc::new(Mutex::new(Some(thread))),
+            ephemeral,
         })
     }
 }
@@ -323,6 +328,31 @@ impl NodeHandle {
                 })
             }
         }
+    }
+
+    /// Asks connected peers for `doc` (at most
+    /// [`MAX_FETCH_PEERS`](crate::network::driver::MAX_FETCH_PEERS): some of
+    /// this node's region, one of each other region). Returns how many were
+    /// asked; the document arrives, if any of them has it, like any other
+    /// replicated change.
+    pub async fn fetch(&self, doc: DocId) -> Result<usize, NodeError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Fetch { doc, reply }).await?;
+        rx.await.map_err(|_| self.stopped())
+    }
+
+    /// Publishes an automerge-repo client's ephemeral message to the other
+    /// nodes; fails only if the node stopped. Drops the message (counted in
+    /// the `unsent` metric) when no other node is reachable.
+    pub async fn publish_ephemeral(&self, relay: EphemeralRelay) -> Result<(), NodeError> {
+        self.send(Command::PublishEphemeral(relay)).await
+    }
+
+    /// Ephemeral messages that clients of other nodes publish, from now on.
+    /// A receiver that falls [`EPHEMERAL_QUEUE`] messages behind misses the
+    /// oldest.
+    pub fn ephemeral(&self) -> broadcast::Receiver<Arc<EphemeralRelay>> {
+        self.ephemeral.subscribe()
     }
 
     /// This node's region.

@@ -13,6 +13,7 @@ use causeway_engine::{Durability, EngineConfig, ShapeLimits};
 use libp2p::{Multiaddr, PeerId};
 use serde::Deserialize;
 
+use crate::automerge_repo::RepoConfig;
 use crate::cluster_key::ClusterKey;
 use crate::config::{NodeConfig, OPEN_LISTEN};
 use crate::http::HttpConfig;
@@ -76,6 +77,33 @@ pub struct FileSettings {
     /// `[engine]`.
     #[serde(default)]
     pub engine: EngineSection,
+    /// `[automerge_repo]`.
+    #[serde(default)]
+    pub automerge_repo: AutomergeRepoSection,
+}
+
+/// `[automerge_repo]` of the settings file: the automerge-repo WebSocket
+/// endpoint on the HTTP listener.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AutomergeRepoSection {
+    /// Serve the endpoint (default true).
+    pub enabled: Option<bool>,
+    /// Its HTTP path (default `/automerge-repo`).
+    pub path: Option<String>,
+    /// Connections open at once.
+    pub max_connections: Option<usize>,
+    /// Documents one connection may sync.
+    pub max_documents_per_connection: Option<usize>,
+    /// Largest message from a client, bytes.
+    pub max_message_bytes: Option<usize>,
+    /// Changes per sync message to a client, bytes.
+    pub max_sync_change_bytes: Option<usize>,
+    /// Ping interval, milliseconds.
+    pub ping_interval_ms: Option<u64>,
+    /// How long a request for a missing document waits for peers,
+    /// milliseconds.
+    pub missing_document_wait_ms: Option<u64>,
 }
 
 /// `[network]` of the settings file.
@@ -270,6 +298,8 @@ impl FileSettings {
         let cluster = ClusterId::new(self.cluster.unwrap_or_else(|| "causeway".into()))
             .map_err(|e| invalid("cluster", e.to_string()))?;
         let mut http = http(self.http).map_err(|(k, r)| invalid(k, r))?;
+        http.automerge_repo =
+            automerge_repo(self.automerge_repo).map_err(|(k, r)| invalid(k, r))?;
         http.session_secret
             .get_or_insert_with(|| format!("causeway-session/cluster/{cluster}"));
         let cluster_key = match &self.cluster_key_file {
@@ -481,6 +511,64 @@ fn http(h: HttpSection) -> Result<HttpConfig, KeyError> {
     for origin in &c.allowed_origins {
         crate::http::admission::check_origin_setting(origin)
             .map_err(|reason| ("http.allowed_origins", reason))?;
+    }
+    Ok(c)
+}
+
+fn automerge_repo(a: AutomergeRepoSection) -> Result<RepoConfig, KeyError> {
+    let mut c = RepoConfig::default();
+    c.enabled = a.enabled.unwrap_or(c.enabled);
+    if let Some(path) = a.path {
+        let reserved = ["/v1", "/metrics", "/health", "/ready"];
+        let clash = reserved
+            .iter()
+            .any(|r| path == *r || path.starts_with(&format!("{r}/")));
+        if !path.starts_with('/') || clash || path.contains(['{', '}', '*', '?', '#']) {
+            return Err((
+                "automerge_repo.path",
+                format!(
+                    "{path:?} must start with / and not be under /v1, /metrics, /health or /ready"
+                ),
+            ));
+        }
+        c.path = path;
+    }
+    c.max_connections = a.max_connections.unwrap_or(c.max_connections);
+    c.max_documents_per_connection = a
+        .max_documents_per_connection
+        .unwrap_or(c.max_documents_per_connection);
+    c.max_message_bytes = a.max_message_bytes.unwrap_or(c.max_message_bytes);
+    c.max_sync_change_bytes = a.max_sync_change_bytes.unwrap_or(c.max_sync_change_bytes);
+    for (key, value) in [
+        ("automerge_repo.max_connections", c.max_connections),
+        (
+            "automerge_repo.max_documents_per_connection",
+            c.max_documents_per_connection,
+        ),
+        ("automerge_repo.max_message_bytes", c.max_message_bytes),
+        (
+            "automerge_repo.max_sync_change_bytes",
+            c.max_sync_change_bytes,
+        ),
+    ] {
+        if value == 0 {
+            return Err((key, "must be at least 1".into()));
+        }
+    }
+    if c.max_connections > MAX_CONNECTIONS_CEILING {
+        return Err((
+            "automerge_repo.max_connections",
+            format!("must not exceed {MAX_CONNECTIONS_CEILING}"),
+        ));
+    }
+    let ms = |v: Option<u64>, d: Duration| v.map_or(d, Duration::from_millis);
+    c.ping_interval = ms(a.ping_interval_ms, c.ping_interval);
+    c.missing_document_wait = ms(a.missing_document_wait_ms, c.missing_document_wait);
+    if c.ping_interval < Duration::from_millis(100) {
+        return Err((
+            "automerge_repo.ping_interval_ms",
+            "must be at least 100".into(),
+        ));
     }
     Ok(c)
 }

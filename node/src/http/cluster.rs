@@ -131,6 +131,13 @@ pub async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError
             "# HELP causeway_http_{name} {help}.\n# TYPE causeway_http_{name} gauge\ncauseway_http_{name} {value}\n"
         ));
     }
+    if let Some(repo) = &state.repo {
+        for (name, help, value) in repo.stats.figures() {
+            text.push_str(&format!(
+                "# HELP causeway_automerge_repo_{name} {help}.\n# TYPE causeway_automerge_repo_{name} gauge\ncauseway_automerge_repo_{name} {value}\n"
+            ));
+        }
+    }
     text.push_str(EOF);
     let content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8";
     Ok(([(header::CONTENT_TYPE, content_type)], text).into_response())

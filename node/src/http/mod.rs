@@ -92,6 +92,8 @@ pub struct HttpConfig {
     /// How long a request's body may take to arrive; slower ones get 408
     /// `request_timeout` and change nothing. Default 30 s.
     pub body_timeout: Duration,
+    /// The automerge-repo WebSocket endpoint on this listener.
+    pub automerge_repo: crate::automerge_repo::RepoConfig,
     /// Web origins (`scheme://host[:port]`) whose pages may call the API.
     /// A request with any other `Origin` header gets 403
     /// `origin_not_allowed`, so a web page cannot use a node on the
@@ -129,6 +131,7 @@ impl Default for HttpConfig {
             max_requests: 512,
             body_timeout: Duration::from_secs(30),
             allowed_origins: Vec::new(),
+            automerge_repo: crate::automerge_repo::RepoConfig::default(),
         }
     }
 }
@@ -161,6 +164,8 @@ pub struct AppState {
     pub closing: tokio::sync::watch::Receiver<bool>,
     /// Connection figures, filled by [`connections::serve`].
     pub connections: Arc<ConnectionStats>,
+    /// The automerge-repo endpoint, when enabled.
+    pub repo: Option<Arc<crate::automerge_repo::Hub>>,
 }
 
 /// An HTTP API ready to serve: its router and what the connection layer
@@ -181,7 +186,12 @@ pub fn router(
     closing: tokio::sync::watch::Receiver<bool>,
 ) -> Api {
     let connections = Arc::new(ConnectionStats::default());
+    let repo_config = &config.automerge_repo;
+    let repo = repo_config.enabled.then(|| {
+        crate::automerge_repo::Hub::start(engine.clone(), node.clone(), repo_config.clone())
+    });
     let state = AppState {
+        repo,
         engine,
         node,
         tokens: Arc::new(Tokens::new(&config.read_tokens, &config.write_tokens)),
@@ -237,9 +247,15 @@ pub fn router(
             state.clone(),
             auth::check,
         ));
-    let router = Router::new()
+    let mut router = Router::new()
         .route("/health", get(cluster::health))
-        .route("/ready", get(cluster::ready))
+        .route("/ready", get(cluster::ready));
+    if repo_config.enabled {
+        // Its own token check (the query string may carry the token) and
+        // connection limit; no request slot, since a connection lasts.
+        router = router.route(&repo_config.path, get(crate::automerge_repo::upgrade));
+    }
+    let router = router
         .merge(api)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

@@ -95,6 +95,9 @@ pub struct Protocols {
     pub identify: String,
     /// The gossip topic for deltas.
     pub topic: gossipsub::IdentTopic,
+    /// The gossip topic for automerge-repo clients' ephemeral messages
+    /// (see [`ephemeral`](super::ephemeral)).
+    pub ephemeral_topic: gossipsub::IdentTopic,
 }
 
 impl Protocols {
@@ -113,6 +116,7 @@ impl Protocols {
             kad: name("kad/1")?,
             identify: format!("/causeway/{cluster}/1"),
             topic: gossipsub::IdentTopic::new(format!("causeway/{cluster}/deltas")),
+            ephemeral_topic: gossipsub::IdentTopic::new(format!("causeway/{cluster}/ephemeral")),
         })
     }
 }
@@ -284,6 +288,7 @@ fn behaviour(
     let mut gossip = gossip(key, registry)?;
     gossip.with_peer_score(peer_score(protocols), PeerScoreThresholds::default())?;
     gossip.subscribe(&protocols.topic)?;
+    gossip.subscribe(&protocols.ephemeral_topic)?;
     Ok(Behaviour {
         allowlist: Toggle::from(allowlist),
         blocklist: Default::default(),
@@ -324,7 +329,12 @@ fn peer_score(protocols: &Protocols) -> PeerScoreParams {
         ..TopicScoreParams::default()
     };
     PeerScoreParams {
-        topics: [(protocols.topic.hash(), topic)].into_iter().collect(),
+        topics: [
+            (protocols.topic.hash(), topic.clone()),
+            (protocols.ephemeral_topic.hash(), topic),
+        ]
+        .into_iter()
+        .collect(),
         app_specific_weight: 0.0,
         ip_colocation_factor_weight: 0.0,
         behaviour_penalty_weight: -1.0,

@@ -58,6 +58,10 @@ pub struct NodeMetrics {
     /// Messages over a peer's rate, by channel (gossip: dropped unforwarded;
     /// direct: read later).
     pub rate_limited: Family<KindLabel, Counter>,
+    /// automerge-repo ephemeral messages between nodes, by what happened:
+    /// `published`, `received` (relayed to this node's clients), `refused`
+    /// (malformed or from a non-member), `unsent` (gossip had no peer).
+    pub ephemeral: Family<KindLabel, Counter>,
     /// Changes held for missing dependencies, in all documents.
     pub held_changes: Gauge,
     /// Bytes of those changes.
@@ -139,6 +143,7 @@ impl NodeMetrics {
             members: Gauge::default(),
             membership_reload_failures: Counter::default(),
             rate_limited: Family::default(),
+            ephemeral: Family::default(),
             reconcile_differences: Counter::default(),
             held_changes: Gauge::default(),
             held_bytes: Gauge::default(),
@@ -239,6 +244,11 @@ impl NodeMetrics {
             "messages_rate_limited",
             "Messages over their peer's rate, by channel (gossip dropped, direct read later)",
             m.rate_limited.clone(),
+        );
+        r.register(
+            "ephemeral_messages",
+            "automerge-repo ephemeral messages between nodes (published, received, refused, unsent)",
+            m.ephemeral.clone(),
         );
         r.register(
             "held_changes",

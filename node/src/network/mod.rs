@@ -3,6 +3,8 @@
 //! * [`behaviour`]: the libp2p behaviours and how the swarm is built.
 //! * [`frame`]: length-prefixed frames for direct messages.
 //! * [`driver`]: the task that owns the swarm and the core.
+//! * [`ephemeral`]: automerge-repo clients' ephemeral messages between
+//!   nodes.
 //! * [`metrics`]: the node's `causeway_*` metrics.
 //! * [`inbox`]: received messages waiting to be applied in one batch.
 //! * [`backoff`]: redial delays for unreachable peers.
@@ -19,6 +21,7 @@
 pub mod backoff;
 pub mod behaviour;
 pub mod driver;
+pub mod ephemeral;
 pub mod frame;
 pub mod inbox;
 pub mod metrics;

@@ -239,6 +239,14 @@ impl Replicator {
         self.members = members;
     }
 
+    /// Whether `node` may take part in replication: it is listed, or there
+    /// is no membership list.
+    pub fn admits(&self, node: &NodeId) -> bool {
+        self.members
+            .as_ref()
+            .is_none_or(|members| members.contains_key(node))
+    }
+
     /// The engine this core replicates.
     pub fn engine(&self) -> &Engine {
         &self.engine

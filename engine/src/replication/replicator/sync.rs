@@ -146,6 +146,35 @@ impl Replicator {
         Ok(Verdict::Accept)
     }
 
+    /// Asks connected peers for `doc`, which a client of this node wants and
+    /// this node may lack: queues a sync of it with at most `max_peers` of
+    /// them: up to half of them (at least one) from this node's region, the
+    /// rest one per other region, each in node id order. A peer that has it
+    /// sends it; one that lacks it answers that it has nothing. Returns how
+    /// many peers were asked.
+    pub fn fetch(&mut self, now: Duration, doc: &DocId, max_peers: usize) -> Result<usize> {
+        let own = &self.config.region;
+        let region_of = |peer: &NodeId| self.progress.peer(peer).and_then(|p| p.region.clone());
+        let mut chosen: Vec<NodeId> = Vec::new();
+        let mut regions_seen: BTreeSet<Option<Region>> = BTreeSet::new();
+        let (local, remote): (Vec<&NodeId>, Vec<&NodeId>) = self
+            .peers
+            .keys()
+            .partition(|p| region_of(p).as_ref() == Some(own));
+        chosen.extend(local.into_iter().take((max_peers / 2).max(1)).cloned());
+        for peer in remote {
+            if regions_seen.insert(region_of(peer)) {
+                chosen.push(peer.clone());
+            }
+        }
+        chosen.truncate(max_peers);
+        for peer in &chosen {
+            self.enqueue_sync(peer, doc);
+            self.start_queued(now, peer)?;
+        }
+        Ok(chosen.len())
+    }
+
     /// Queues a per-document sync with `peer` (bounded; overflow is counted
     /// and left to anti-entropy).
     pub(super) fn enqueue_sync(&mut self, peer: &NodeId, doc: &DocId) {

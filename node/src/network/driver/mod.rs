@@ -64,6 +64,7 @@ use crate::network::status::{Behind, NetworkStatus, PeerState, PeerStatus};
 use crate::NodeError;
 
 mod dialer;
+mod ephemeral;
 mod guard;
 mod report;
 mod traffic;
@@ -72,6 +73,7 @@ mod waiters;
 use self::dialer::{peer_of, Dialer, Target};
 use self::guard::Guard;
 use self::traffic::Traffic;
+use crate::network::ephemeral::EphemeralRelay;
 
 /// Addresses remembered per peer.
 pub const MAX_ADDRS_PER_PEER: usize = 8;
@@ -103,6 +105,8 @@ pub const MAX_LOCAL_BURST: usize = 1024;
 
 /// Writes waiting at once for other regions to hold them; more are refused.
 pub const MAX_REGION_WAITERS: usize = 1024;
+/// Peers asked for a document a client wants and this node lacks.
+pub const MAX_FETCH_PEERS: usize = 4;
 
 /// A request from a [`NodeHandle`](crate::NodeHandle) to the task.
 #[derive(Debug)]
@@ -133,6 +137,17 @@ pub enum Command {
     },
     /// Answer once other regions hold a write.
     AwaitRegions(RegionWaiter),
+    /// Ask connected peers for a document a client wants (see
+    /// [`Replicator::fetch`]); answered with how many were asked.
+    Fetch {
+        /// The document.
+        doc: DocId,
+        /// How many peers were asked.
+        reply: oneshot::Sender<usize>,
+    },
+    /// Publish an automerge-repo client's ephemeral message to the other
+    /// nodes.
+    PublishEphemeral(EphemeralRelay),
     /// Stop listening, flush, close connections and end the task.
     Shutdown,
 }
@@ -169,6 +184,8 @@ pub struct Driver {
     waiters: Vec<RegionWaiter>,
     /// Who may take part: membership, sanctions, blocks.
     guard: Guard,
+    /// Ephemeral messages from other nodes, to this node's clients.
+    ephemeral: tokio::sync::broadcast::Sender<Arc<EphemeralRelay>>,
 }
 
 /// What a [`Driver`] is made of.
@@ -191,6 +208,8 @@ pub struct Parts {
     pub seed: u64,
     /// Blocks of misbehaving peers (those in force are applied at once).
     pub sanctions: Sanctions,
+    /// Where ephemeral messages from other nodes go.
+    pub ephemeral: tokio::sync::broadcast::Sender<Arc<EphemeralRelay>>,
 }
 
 /// The inputs of the task besides the swarm.
@@ -235,6 +254,7 @@ impl Driver {
             start,
             seed,
             sanctions,
+            ephemeral,
         } = parts;
         let targets = config
             .bootstrap
@@ -286,6 +306,7 @@ impl Driver {
                 sanctions,
                 membership_file,
             },
+            ephemeral,
         }
     }
 
@@ -469,6 +490,18 @@ impl Driver {
                 let _ = reply.send(holders);
             }
             Command::AwaitRegions(waiter) => self.await_regions(waiter),
+            Command::Fetch { doc, reply } => {
+                let now = self.now();
+                let asked = match self.core.fetch(now, &doc, MAX_FETCH_PEERS) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        warn!(%doc, error = %e, "cannot ask peers for a document");
+                        0
+                    }
+                };
+                let _ = reply.send(asked);
+            }
+            Command::PublishEphemeral(relay) => self.publish_ephemeral(&relay),
             Command::Shutdown => {}
         }
     }

@@ -190,6 +190,10 @@ impl Driver {
         // Strict validation: gossipsub checked the author's signature, so
         // a message without one does not reach here; refuse it if it did.
         let author = message.source;
+        if message.topic == self.protocols.ephemeral_topic.hash() {
+            self.on_ephemeral_gossip(&message_id, &propagation_source, author, &message.data);
+            return Ok(());
+        }
         if let (true, Some(author)) = (message.topic == self.protocols.topic.hash(), author) {
             self.traffic.inbox.push(Received {
                 from: node_id(&propagation_source),
