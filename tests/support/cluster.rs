@@ -279,7 +279,6 @@ impl NodeProc {
         (ms[n / 2], ms[(n * 99 / 100).min(n - 1)])
     }
 
-    /// The node's `/v1/status`.
     /// The sum of every sample of metric `name` on this node whose labels
     /// contain `labels` (all of them for "").
     pub fn metric(&self, name: &str, labels: &str) -> f64 {
@@ -292,6 +291,7 @@ impl NodeProc {
             .sum()
     }
 
+    /// The node's `/v1/status`.
     pub fn status(&self) -> Value {
         self.request("GET", "/v1/status", &[], b"").json()
     }
