@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use support::cluster::{three, wait_until, NodeProc};
-use support::js_client::{heads, node_heads, JsClient};
+use support::repo_client::{heads, node_heads, Library, RepoClient};
 
 const CONVERGE: Duration = Duration::from_secs(30);
 
@@ -36,31 +36,33 @@ fn fresh_document_id(seed: u8) -> String {
     causeway_node::automerge_repo::document_id::encode(&bytes)
 }
 
-#[test]
-fn a_js_document_made_in_one_region_is_found_and_edited_from_another() {
-    let root = tempfile::tempdir().unwrap();
-    let (a, b, c) = three(root.path());
-    let mut at_a = JsClient::connect(&a.http, None);
-    let mut at_c = JsClient::connect(&c.http, None);
-
-    let (id, created) = at_a.create(json!({"title": "from eu", "items": [1, 2]}));
+/// A client of `creator` makes a document at the node in eu; a client of
+/// `finder` in ap finds it with identical heads; changes made by either
+/// reach the other, and every region holds them.
+fn made_in_one_region_found_and_edited_in_another(
+    nodes: &[&NodeProc; 3],
+    creator: Library,
+    finder: Library,
+) {
+    let [a, b, c] = *nodes;
+    let mut at_a = RepoClient::of(creator, &a.http);
+    let mut at_c = RepoClient::of(finder, &c.http);
+    let content = json!({"title": "from eu", "n": 1});
+    let (id, created) = at_a.create(content.clone());
     let started = Instant::now();
     let found = at_c.call(json!({"cmd": "find", "id": id}));
     println!(
-        "find() in ap of a document created in eu: {:.0} ms (client's own figure {:.0} ms)",
+        "{creator:?} creates in eu, {finder:?} finds in ap: {:.0} ms (client's own figure {:.0} ms)",
         started.elapsed().as_secs_f64() * 1e3,
         found["ms"].as_f64().unwrap()
     );
     assert_eq!(heads(&found), created, "found with identical heads");
-    assert_eq!(found["value"], json!({"title": "from eu", "items": [1, 2]}));
+    assert_eq!(found["value"], content);
 
     // An ordinary Causeway document: every region holds it, the HTTP API
     // shows it.
-    nodes_reach(&[&a, &b, &c], &id, &created);
-    assert_eq!(
-        b.get_doc(&id).unwrap().0,
-        json!({"title": "from eu", "items": [1, 2]})
-    );
+    nodes_reach(nodes, &id, &created);
+    assert_eq!(b.get_doc(&id).unwrap().0, content);
 
     // Changes made by either client reach the other.
     let from_c = heads(&at_c.call(json!({"cmd": "change", "id": id, "set": {"by_c": true}})));
@@ -69,7 +71,7 @@ fn a_js_document_made_in_one_region_is_found_and_edited_from_another() {
     let from_a = heads(&at_a.call(json!({"cmd": "change", "id": id, "set": {"by_a": 1}})));
     let value = at_c.wait_heads(&id, &from_a, CONVERGE);
     assert_eq!(value["by_a"], 1);
-    nodes_reach(&[&a, &b, &c], &id, &from_a);
+    nodes_reach(nodes, &id, &from_a);
 
     // Where it is held: the other regions report holding it (their
     // progress reports arrive shortly after the change).
@@ -89,10 +91,38 @@ fn a_js_document_made_in_one_region_is_found_and_edited_from_another() {
 }
 
 #[test]
+fn a_js_document_made_in_one_region_is_found_and_edited_from_another() {
+    let root = tempfile::tempdir().unwrap();
+    let (a, b, c) = three(root.path());
+    made_in_one_region_found_and_edited_in_another(&[&a, &b, &c], Library::Js, Library::Js);
+}
+
+#[test]
+fn samod_clients_interoperate_with_nodes_and_js_clients() {
+    let root = tempfile::tempdir().unwrap();
+    let (a, b, c) = three(root.path());
+    let nodes = [&a, &b, &c];
+    made_in_one_region_found_and_edited_in_another(&nodes, Library::Samod, Library::Samod);
+    made_in_one_region_found_and_edited_in_another(&nodes, Library::Samod, Library::Js);
+    made_in_one_region_found_and_edited_in_another(&nodes, Library::Js, Library::Samod);
+
+    // An unknown document is unavailable to samod too, and a document
+    // written through the HTTP API is found.
+    let mut at_b = RepoClient::samod(&b.http);
+    let answer = at_b.call(json!({"cmd": "find", "id": fresh_document_id(3)}));
+    assert_eq!(answer["unavailable"], true, "{answer}");
+    assert!(answer["ms"].as_f64().unwrap() < 2000.0, "{answer}");
+    let id = fresh_document_id(4);
+    let written = a.write_doc("PUT", &id, &json!({"via": "http"}));
+    let found = at_b.call(json!({"cmd": "find", "id": id}));
+    assert_eq!(heads(&found), vec![written]);
+}
+
+#[test]
 fn an_unknown_document_is_unavailable_quickly_and_pushed_when_it_appears() {
     let root = tempfile::tempdir().unwrap();
     let (a, _b, c) = three(root.path());
-    let mut at_c = JsClient::connect(&c.http, None);
+    let mut at_c = RepoClient::js(&c.http, None);
     let id = fresh_document_id(1);
     let answer = at_c.call(json!({"cmd": "find", "id": id}));
     let ms = answer["ms"].as_f64().unwrap();
@@ -113,9 +143,9 @@ fn an_unknown_document_is_unavailable_quickly_and_pushed_when_it_appears() {
 fn ephemeral_messages_cross_regions() {
     let root = tempfile::tempdir().unwrap();
     let (a, b, c) = three(root.path());
-    let mut at_a = JsClient::connect(&a.http, None);
-    let mut at_b = JsClient::connect(&b.http, None);
-    let mut at_c = JsClient::connect(&c.http, None);
+    let mut at_a = RepoClient::js(&a.http, None);
+    let mut at_b = RepoClient::js(&b.http, None);
+    let mut at_c = RepoClient::js(&c.http, None);
     let (id, created) = at_a.create(json!({"doc": "presence"}));
     nodes_reach(&[&a, &b, &c], &id, &created);
     at_b.call(json!({"cmd": "find", "id": id}));
@@ -153,7 +183,7 @@ fn http_and_js_clients_read_each_others_documents() {
     // Written through the HTTP API in us, read by a JS client in ap.
     let id = fresh_document_id(2);
     let written = b.write_doc("PUT", &id, &json!({"from": "http", "n": 1}));
-    let mut at_c = JsClient::connect(&c.http, None);
+    let mut at_c = RepoClient::js(&c.http, None);
     let found = at_c.call(json!({"cmd": "find", "id": id}));
     assert_eq!(found["value"], json!({"from": "http", "n": 1}));
     assert_eq!(heads(&found), vec![written]);
@@ -206,7 +236,7 @@ fn a_client_that_reconnects_mid_sync_converges() {
     let root = tempfile::tempdir().unwrap();
     let (a, b, c) = three(root.path());
     let storage = root.path().join("client-storage");
-    let mut first = JsClient::connect(&a.http, Some(&storage));
+    let mut first = RepoClient::js(&a.http, Some(&storage));
     let (id, _) = first.create(json!({"log": []}));
     // Many changes, flushed to the client's storage, then the client is
     // killed while it is still sending them.
@@ -228,7 +258,7 @@ fn a_client_that_reconnects_mid_sync_converges() {
         }
     );
     // The same client (same storage) connects again, to another region.
-    let mut again = JsClient::connect(&c.http, Some(&storage));
+    let mut again = RepoClient::js(&c.http, Some(&storage));
     let state = again.call(json!({"cmd": "find", "id": id}));
     assert_eq!(heads(&state), last, "the client kept its changes");
     nodes_reach(&[&a, &b, &c], &id, &last);

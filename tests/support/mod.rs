@@ -1,4 +1,4 @@
 //! Helpers shared by the integration tests.
 
 pub mod cluster;
-pub mod js_client;
+pub mod repo_client;

@@ -51,6 +51,7 @@ function answer(obj) {
 }
 
 function plain(value) {
+  if (A.isImmutableString(value)) return value.toString();
   if (value instanceof Uint8Array) return Array.from(value);
   if (value instanceof Date) return value.getTime();
   if (value instanceof A.Counter) return value.value;

@@ -1,6 +1,8 @@
-//! automerge-repo clients in Node.js (`tests/interop/js/client.mjs`), the
-//! real npm libraries at the versions of `tests/interop/js/package-lock.json`,
-//! installed on first use, driven one JSON command per line.
+//! automerge-repo clients driven one JSON command per line: in Node.js
+//! (`tests/interop/js/client.mjs`, the real npm libraries at the versions of
+//! `tests/interop/js/package-lock.json`) and in Rust with samod
+//! (`tests/interop/samod`, at the versions of its `Cargo.lock`). Each is
+//! installed or built on first use.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::fs::File;
@@ -20,13 +22,51 @@ pub fn js_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop/js")
 }
 
+/// The samod client's crate.
+pub fn samod_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop/samod")
+}
+
+/// Which library a client uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Library {
+    /// `@automerge/automerge-repo` in Node.js.
+    Js,
+    /// samod in Rust.
+    Samod,
+}
+
+/// Test processes run in parallel: one installs or builds while the others
+/// wait on a lock file.
+fn install_lock(name: &str) -> File {
+    let lock =
+        File::create(std::env::temp_dir().join(format!("causeway-interop-{name}.lock"))).unwrap();
+    lock.lock().unwrap();
+    lock
+}
+
+/// Builds the samod client (its own workspace and lock file; a debug build
+/// in `target/interop-samod`).
+pub fn build_samod() -> PathBuf {
+    let target = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/interop-samod");
+    let lock = install_lock("samod");
+    let status = Command::new(env!("CARGO"))
+        .args(["build", "--locked", "--quiet", "--manifest-path"])
+        .arg(samod_dir().join("Cargo.toml"))
+        .arg("--target-dir")
+        .arg(&target)
+        .status()
+        .expect("cargo");
+    assert!(status.success(), "building the samod client");
+    drop(lock);
+    target.join("debug/causeway-interop-samod-client")
+}
+
 /// Installs the clients' npm packages unless they are there at the pinned
-/// versions. Test processes run in parallel, so one installs while the
-/// others wait on a lock file.
+/// versions.
 pub fn install() {
     let dir = js_dir();
-    let lock = File::create(std::env::temp_dir().join("causeway-interop-npm.lock")).unwrap();
-    lock.lock().unwrap();
+    let lock = install_lock("npm");
     let installed = |package: &str, version: &str| {
         let manifest = dir.join("node_modules").join(package).join("package.json");
         std::fs::read_to_string(manifest)
@@ -52,33 +92,47 @@ pub fn install() {
 }
 
 /// One automerge-repo client process connected to a node.
-pub struct JsClient {
+pub struct RepoClient {
     child: Child,
     stdin: ChildStdin,
     lines: mpsc::Receiver<String>,
 }
 
-impl JsClient {
-    /// A client of the node whose HTTP address is `http` (`host:port`),
-    /// with filesystem storage in `storage` if given.
-    pub fn connect(http: &str, storage: Option<&Path>) -> JsClient {
-        Self::connect_url(&format!("ws://{http}/automerge-repo"), storage)
-    }
-
-    /// A client of the WebSocket `url`.
-    pub fn connect_url(url: &str, storage: Option<&Path>) -> JsClient {
+impl RepoClient {
+    /// A JavaScript client of the node whose HTTP address is `http`
+    /// (`host:port`), with filesystem storage in `storage` if given.
+    pub fn js(http: &str, storage: Option<&Path>) -> RepoClient {
         install();
         let mut command = Command::new("node");
-        command.arg(js_dir().join("client.mjs")).arg(url);
+        command.arg(js_dir().join("client.mjs")).arg(endpoint(http));
         if let Some(dir) = storage {
             command.arg(dir);
         }
+        Self::spawn(command)
+    }
+
+    /// A samod client of the node whose HTTP address is `http`.
+    pub fn samod(http: &str) -> RepoClient {
+        let mut command = Command::new(build_samod());
+        command.arg(endpoint(http));
+        Self::spawn(command)
+    }
+
+    /// A client of `library`, without storage.
+    pub fn of(library: Library, http: &str) -> RepoClient {
+        match library {
+            Library::Js => Self::js(http, None),
+            Library::Samod => Self::samod(http),
+        }
+    }
+
+    fn spawn(mut command: Command) -> RepoClient {
         let mut child = command
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
-            .expect("node (install Node.js: make deps)");
+            .expect("the client (Node.js: make deps)");
         let stdin = child.stdin.take().unwrap();
         let stdout = child.stdout.take().unwrap();
         let (tx, lines) = mpsc::channel();
@@ -90,7 +144,7 @@ impl JsClient {
                 }
             }
         });
-        JsClient {
+        RepoClient {
             child,
             stdin,
             lines,
@@ -141,7 +195,12 @@ impl JsClient {
     }
 }
 
-impl Drop for JsClient {
+/// The automerge-repo endpoint of the node at `http`.
+pub fn endpoint(http: &str) -> String {
+    format!("ws://{http}/automerge-repo")
+}
+
+impl Drop for RepoClient {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
