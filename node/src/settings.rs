@@ -750,5 +750,22 @@ mod tests {
             .contains("key engine.durability"));
         assert!(err("region = \"eu\"").contains("key data_dir: is required"));
         assert!(err("data_dir = 3").contains("invalid type"));
+        for path in ["v1", "/v1/sync", "/metrics", "/ws/{id}"] {
+            let text = format!("data_dir = \"/a\"\n[automerge_repo]\npath = \"{path}\"");
+            assert!(err(&text).contains("key automerge_repo.path"), "{path}");
+        }
+        assert!(
+            err("data_dir = \"/a\"\n[automerge_repo]\nmax_documents_per_connection = 0")
+                .contains("key automerge_repo.max_documents_per_connection")
+        );
+        let ok = parse(
+            "data_dir = \"/a\"\n[automerge_repo]\npath = \"/sync\"\nmissing_document_wait_ms = 250",
+        );
+        let repo = ok.map(|s| s.http.automerge_repo).ok();
+        assert_eq!(repo.as_ref().map(|r| r.path.as_str()), Some("/sync"));
+        assert_eq!(
+            repo.map(|r| r.missing_document_wait),
+            Some(Duration::from_millis(250))
+        );
     }
 }

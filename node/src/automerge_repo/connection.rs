@@ -61,7 +61,7 @@ struct Connection {
 /// Serves one upgraded connection until it closes, the client is replaced
 /// by a newer connection with the same peer id, or `closing` turns true.
 /// `slot` is the connection's place under `max_connections`.
-pub(crate) async fn serve(
+pub async fn serve(
     hub: Arc<Hub>,
     mut socket: WebSocket,
     mode: Mode,
@@ -72,7 +72,7 @@ pub(crate) async fn serve(
     hub.stats.accepted.fetch_add(1, Ordering::Relaxed);
     let joined = tokio::select! {
         joined = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&hub, &mut socket)) => joined,
-        () = crate::http::connections::until_closing(&mut closing) => Ok(None),
+        () = until_closing(&mut closing) => Ok(None),
     };
     if let Ok(Some(peer)) = joined {
         let (id, link) = hub.register(&peer);
@@ -184,7 +184,7 @@ impl Connection {
                     debug!(peer = %self.peer, "automerge-repo connection replaced by a newer one");
                     Flow::Close
                 }
-                () = crate::http::connections::until_closing(closing) => Flow::Close,
+                () = until_closing(closing) => Flow::Close,
             };
             if matches!(flow, Flow::Close) {
                 let _ = self.socket.send(Message::Close(None)).await;
@@ -601,4 +601,9 @@ async fn sleep_until(at: Option<Instant>) {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
     }
+}
+
+/// Resolves once `closing` is true (or its sender is gone).
+async fn until_closing(closing: &mut watch::Receiver<bool>) {
+    let _ = closing.wait_for(|c| *c).await;
 }

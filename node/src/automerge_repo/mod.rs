@@ -12,6 +12,9 @@
 //!   every change is pushed), the ephemeral relay, figures.
 //! * [`config`]: the settings.
 //!
+//! The HTTP route that upgrades to this endpoint is in
+//! `http::automerge_repo`.
+//!
 //! Documents synced here are ordinary Causeway documents: stored,
 //! replicated to every region, visible in the HTTP API. See `docs/api.md`,
 //! "automerge-repo clients".
@@ -22,98 +25,6 @@ pub mod document_id;
 pub mod hub;
 pub mod wire;
 
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
-
-use axum::extract::rejection::QueryRejection;
-use axum::extract::ws::rejection::WebSocketUpgradeRejection;
-use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::{Query, State};
-use axum::http::{header, HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
-use serde::Deserialize;
-
 pub use self::config::RepoConfig;
-use self::connection::Mode;
+pub use self::connection::{serve, Mode};
 pub use self::hub::{Hub, RepoStats};
-use crate::http::auth::Access;
-use crate::http::error::ApiError;
-use crate::http::AppState;
-
-/// The query string of the endpoint: browsers cannot set an
-/// `Authorization` header on a WebSocket, so the token may come here.
-#[derive(Debug, Deserialize)]
-pub struct EndpointQuery {
-    /// A read or write token.
-    token: Option<String>,
-}
-
-/// `GET <path>`: upgrades to a WebSocket and serves one automerge-repo
-/// client. With tokens configured, a token is needed (`?token=` or
-/// `Authorization: Bearer`): a write token syncs both ways, a read token
-/// only receives (its messages that carry changes are dropped).
-pub async fn upgrade(
-    State(state): State<AppState>,
-    query: Result<Query<EndpointQuery>, QueryRejection>,
-    headers: HeaderMap,
-    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
-) -> Response {
-    let Some(hub) = state.repo.clone() else {
-        return ApiError::new(StatusCode::NOT_FOUND, "no_route", "no such route").into_response();
-    };
-    let mode = match access(&state, query.ok().and_then(|q| q.0.token), &headers) {
-        Ok(mode) => mode,
-        Err(e) => return e.into_response(),
-    };
-    let ws = match ws {
-        Ok(ws) => ws,
-        Err(e) => {
-            return ApiError::bad_request(
-                "not_a_websocket",
-                format!("this endpoint speaks automerge-repo over WebSocket: {e}"),
-            )
-            .into_response()
-        }
-    };
-    let Ok(slot) = Arc::clone(&hub.slots).try_acquire_owned() else {
-        hub.stats.refused.fetch_add(1, Ordering::Relaxed);
-        return ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "too_many_connections",
-            format!(
-                "this node serves at most {} automerge-repo connections",
-                hub.config.max_connections
-            ),
-        )
-        .into_response();
-    };
-    let max = hub.config.max_message_bytes;
-    let closing = state.closing.clone();
-    ws.max_message_size(max)
-        .max_frame_size(max)
-        .on_upgrade(move |socket| connection::serve(hub, socket, mode, slot, closing))
-}
-
-/// What the request's token allows on this endpoint.
-fn access(state: &AppState, token: Option<String>, headers: &HeaderMap) -> Result<Mode, ApiError> {
-    if !state.tokens.enabled() {
-        return Ok(Mode::ReadWrite);
-    }
-    let bearer = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::to_string);
-    let unauthorized =
-        |message: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message);
-    let Some(token) = token.or(bearer) else {
-        return Err(unauthorized(
-            "this node requires a token: ?token= or an Authorization: Bearer header",
-        ));
-    };
-    match state.tokens.access(&token) {
-        Some(Access::Write) => Ok(Mode::ReadWrite),
-        Some(Access::Read) => Ok(Mode::ReadOnly),
-        None => Err(unauthorized("the token is not valid")),
-    }
-}

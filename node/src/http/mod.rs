@@ -10,6 +10,8 @@
 //! * [`cluster`]: status, `/metrics`, `/health`, `/ready`.
 //! * [`auth`]: optional bearer tokens, read-only or read-write.
 //! * [`admission`]: allowed origins, request slots, body deadline.
+//! * [`automerge_repo`]: the upgrade to the automerge-repo WebSocket
+//!   endpoint.
 //! * [`connections`]: connection limits, idle timeout, graceful shutdown.
 //! * [`names`]: document ids and heads as requests and answers write them.
 //! * [`error`]: every failure as a status and a JSON body with a stable code.
@@ -19,6 +21,7 @@
 
 pub mod admission;
 pub mod auth;
+pub mod automerge_repo;
 pub mod changes;
 pub mod cluster;
 pub mod connections;
@@ -253,7 +256,7 @@ pub fn router(
     if repo_config.enabled {
         // Its own token check (the query string may carry the token) and
         // connection limit; no request slot, since a connection lasts.
-        router = router.route(&repo_config.path, get(crate::automerge_repo::upgrade));
+        router = router.route(&repo_config.path, get(automerge_repo::upgrade));
     }
     let router = router
         .merge(api)
