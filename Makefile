@@ -4,7 +4,7 @@ RELEASE_BIN := target/release/causeway
 
 FUZZ_SECONDS ?= 60
 
-.PHONY: demo test lint fmt fuzz chaos bench bench-all bench-ingest bench-durable-writes bench-reconcile bench-delta-path bench-lag bench-join bench-replicate-trace bench-many-docs-sync bench-steady-state bench-memory deps crash sim
+.PHONY: demo example-automerge-repo test lint fmt fuzz chaos bench bench-all bench-ingest bench-durable-writes bench-reconcile bench-delta-path bench-lag bench-join bench-replicate-trace bench-many-docs-sync bench-steady-state bench-memory deps crash sim
 
 ## Install missing system packages (as root) and cargo-nextest.
 deps:
@@ -13,6 +13,11 @@ deps:
 ## Run the multi-region demo: three nodes on loopback, a partition, a heal.
 demo: deps
 	$(CARGO) run -p causeway-cli -- demo
+
+## A small Node.js app using automerge-repo against a local three-region
+## cluster (examples/automerge-repo-app/).
+example-automerge-repo: deps
+	bash examples/automerge-repo-app/run.sh
 
 ## The full test suite: unit, property, simulator, crash test, real-process
 ## network and HTTP tests (they run the causeway binary), doc tests.

@@ -285,3 +285,26 @@ fn same_json(a: &serde_json::Value, b: &serde_json::Value) -> bool {
         _ => a == b,
     }
 }
+
+/// `make example-automerge-repo` keeps working: the example app against its
+/// own three-region cluster (on ports shifted away from the defaults).
+#[test]
+fn the_automerge_repo_example_app_runs() {
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/automerge-repo-app/run.sh");
+    let base = 200 + std::process::id() % 500;
+    let out = std::process::Command::new("bash")
+        .arg(script)
+        .env("EXAMPLE_PORT_BASE", base.to_string())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}");
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("eu and ap converged"), "{stdout}");
+    assert!(stdout.contains("us (HTTP API)"), "{stdout}");
+}
