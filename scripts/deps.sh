@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Installs what building and testing Causeway needs beyond the Rust toolchain:
 # libclang (bindgen for librocksdb-sys), a C++ compiler, cargo-nextest,
-# Node.js and npm (the automerge-repo peer of `causeway bench
-# many-docs-sync`), and (as root, for the chaos harness) iproute2 and nftables.
+# Node.js and npm (the automerge-repo clients of the interop tests and of
+# `causeway bench many-docs-sync`), pkg-config and OpenSSL's headers (samod's
+# WebSocket dialer, built by the interop tests, links native-tls), and (as
+# root, for the chaos harness) iproute2 and nftables.
 # As root it installs missing Debian packages with apt-get; otherwise it says
 # what to install and stops.
 set -euo pipefail
@@ -18,6 +20,8 @@ command -v g++ >/dev/null || missing+=(g++)
 command -v make >/dev/null || missing+=(make)
 command -v node >/dev/null || missing+=(nodejs)
 command -v npm >/dev/null || missing+=(npm)
+command -v pkg-config >/dev/null || missing+=(pkg-config)
+[[ -e /usr/include/openssl/ssl.h ]] || missing+=(libssl-dev)
 # The chaos harness (network namespaces, nftables) runs only as root; as
 # root, make sure its tools are there.
 if [[ $(id -u) -eq 0 ]]; then

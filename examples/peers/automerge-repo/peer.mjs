@@ -18,6 +18,11 @@
 //       contents to DUMP_FILE as {id: value} and prints {"dumped": N}.
 //       (All 10,000 at once fails: some finds reject with "Document ... is
 //       unavailable" after about 80 s.)
+//   node peer.mjs find-latency URL_A URL_C DOCS
+//       Two client repos without storage, on WebSocket URLs URL_A and URL_C
+//       (the same server, or two nodes of a cluster): DOCS times, A creates
+//       a document ({n, owner}) and C finds it at once; prints
+//       {"find_ms": [...]}, the time of each find() in milliseconds.
 //
 // Settings are the libraries' defaults except the server's share policy,
 // which is the sync server's.
@@ -118,7 +123,29 @@ async function join(dir, addr, idsFile, dumpFile, window) {
   process.exit(0);
 }
 
+async function findLatency(urlA, urlC, docs) {
+  const a = new Repo({ network: [new WebSocketClientAdapter(urlA)] });
+  const c = new Repo({ network: [new WebSocketClientAdapter(urlC)] });
+  // Both connected before the clock starts: a first find() before the
+  // handshake would be answered "unavailable" by the client itself.
+  await Promise.all([a.networkSubsystem.whenReady(), c.networkSubsystem.whenReady()]);
+  const findMs = [];
+  for (let i = 0; i < docs; i++) {
+    const handle = a.create({ n: i, owner: `user-${i % 97}` });
+    const started = performance.now();
+    await c.find(handle.url);
+    findMs.push(performance.now() - started);
+  }
+  print({ find_ms: findMs });
+  await a.shutdown();
+  await c.shutdown();
+  process.exit(0);
+}
+
 switch (mode) {
+  case "find-latency":
+    await findLatency(args[0], args[1], Number(args[2]));
+    break;
   case "populate":
     await populate(args[0], Number(args[1]), args[2]);
     break;

@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use causeway_lab::bench::{
     all, concurrent_editors, delta_path, durable_writes, ingest, join, lag, many_docs_sync, memory,
-    reconcile, replicate_trace, steady_state,
+    reconcile, replicate_trace, repo_clients, steady_state,
 };
 use causeway_lab::chaos;
 use causeway_node::client::{self, DocCommand, Target};
@@ -129,6 +129,11 @@ enum BenchCommand {
     /// A new peer joins one holding N small documents: time and bytes until
     /// it holds them all, for Causeway, automerge-repo and samod.
     ManyDocsSync(many_docs_sync::Args),
+    /// automerge-repo clients against a three-region cluster and against
+    /// automerge-repo's own sync server: find() latency, and a new client
+    /// fetching N documents.
+    #[command(name = "automerge-repo")]
+    AutomergeRepo(repo_clients::Args),
     /// Clients writing at a fixed rate on every node of a three-region
     /// cluster: propagation lag, CPU, peak memory, bytes per change.
     SteadyState(steady_state::Args),
@@ -196,6 +201,9 @@ fn run(command: Command) -> Result<()> {
         }
         Command::Bench(BenchCommand::ManyDocsSync(args)) => {
             runtime()?.block_on(many_docs_sync::run(&args))
+        }
+        Command::Bench(BenchCommand::AutomergeRepo(args)) => {
+            runtime()?.block_on(repo_clients::run(&args))
         }
         Command::Bench(BenchCommand::SteadyState(args)) => {
             runtime()?.block_on(steady_state::run(&args))

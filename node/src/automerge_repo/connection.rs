@@ -22,6 +22,12 @@ use crate::network::ephemeral::{EphemeralRelay, MAX_EPHEMERAL_DATA_BYTES};
 /// How long a client has after connecting to send `join`.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Ephemeral messages one connection may send per second; more are dropped
+/// (counted in `ephemeral_dropped`), so one client cannot flood every node
+/// of the cluster. automerge-repo's presence sends one per 15 s per
+/// document, plus one per local state change.
+pub const MAX_EPHEMERAL_PER_SEC: u32 = 100;
+
 /// Whether a connection may write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -56,6 +62,35 @@ struct Connection {
     peer: String,
     docs: HashMap<DocId, DocSession>,
     last_pong: Instant,
+    /// Ephemeral messages the client sent in the current second.
+    ephemeral_rate: WindowRate,
+}
+
+/// At most `max` events per one-second window.
+struct WindowRate {
+    start: Instant,
+    count: u32,
+    max: u32,
+}
+
+impl WindowRate {
+    fn new(max: u32, now: Instant) -> WindowRate {
+        WindowRate {
+            start: now,
+            count: 0,
+            max,
+        }
+    }
+
+    /// Counts an event at `now`; whether it is within the rate.
+    fn admit(&mut self, now: Instant) -> bool {
+        if now.saturating_duration_since(self.start) >= Duration::from_secs(1) {
+            self.start = now;
+            self.count = 0;
+        }
+        self.count = self.count.saturating_add(1);
+        self.count <= self.max
+    }
 }
 
 /// Serves one upgraded connection until it closes, the client is replaced
@@ -85,6 +120,7 @@ pub async fn serve(
             peer,
             docs: HashMap::new(),
             last_pong: Instant::now(),
+            ephemeral_rate: WindowRate::new(MAX_EPHEMERAL_PER_SEC, Instant::now()),
         };
         conn.run(&mut closing).await;
         let docs: Vec<DocId> = conn.docs.keys().cloned().collect();
@@ -466,8 +502,9 @@ impl Connection {
         count: u64,
         data: Vec<u8>,
     ) -> Flow {
+        let within_rate = self.ephemeral_rate.admit(Instant::now());
         let doc = match document_id::parse(document) {
-            Ok(doc) if data.len() <= MAX_EPHEMERAL_DATA_BYTES => doc,
+            Ok(doc) if data.len() <= MAX_EPHEMERAL_DATA_BYTES && within_rate => doc,
             _ => {
                 self.hub
                     .stats
@@ -606,4 +643,22 @@ async fn sleep_until(at: Option<Instant>) {
 /// Resolves once `closing` is true (or its sender is gone).
 async fn until_closing(closing: &mut watch::Receiver<bool>) {
     let _ = closing.wait_for(|c| *c).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ephemeral_rate_allows_its_maximum_per_second() {
+        let start = Instant::now();
+        let mut rate = WindowRate::new(3, start);
+        let admitted = (0..5).filter(|_| rate.admit(start)).count();
+        assert_eq!(admitted, 3);
+        let later = start + Duration::from_millis(999);
+        assert!(!rate.admit(later), "still the same second");
+        let next = start + Duration::from_secs(1);
+        assert!((0..3).all(|_| rate.admit(next)));
+        assert!(!rate.admit(next));
+    }
 }

@@ -16,7 +16,7 @@ use serde_json::Value;
 use super::summary;
 use super::{
     concurrent_editors, delta_path, durable_writes, ingest, join, lag, many_docs_sync, memory,
-    reconcile, replicate_trace, steady_state,
+    reconcile, replicate_trace, repo_clients, steady_state,
 };
 
 /// Arguments of `causeway bench all`.
@@ -82,6 +82,12 @@ const SCENARIOS: &[(&str, &[&str], &[&str], Summary)] = &[
         &[],
         &["--docs", "50"],
         many_docs_sync::summary,
+    ),
+    (
+        "automerge-repo",
+        &[],
+        &["--finds", "5", "--docs", "20", "--window", "10"],
+        repo_clients::summary,
     ),
     (
         "steady-state",

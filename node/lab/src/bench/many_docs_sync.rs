@@ -130,7 +130,7 @@ fn last_error_line(log: &Path) -> Option<String> {
 }
 
 /// Checks that `values` are exactly documents 0..docs of `small_document`.
-fn check_contents(
+pub(crate) fn check_contents(
     engine: &str,
     values: impl IntoIterator<Item = Value>,
     docs: usize,

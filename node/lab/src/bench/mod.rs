@@ -16,6 +16,7 @@ pub mod peers;
 pub mod proxy;
 pub mod reconcile;
 pub mod replicate_trace;
+pub mod repo_clients;
 pub mod steady_state;
 pub mod summary;
 pub mod trace;

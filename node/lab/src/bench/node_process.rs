@@ -184,10 +184,16 @@ pub async fn count_docs(client: &reqwest::Client, http: &str, prefix: &str) -> R
 pub async fn list_docs(client: &reqwest::Client, http: &str, prefix: &str) -> Result<Vec<String>> {
     let mut ids = Vec::new();
     let mut after: Option<String> = None;
+    // `prefix/`, or every document for "".
+    let prefix = if prefix.is_empty() {
+        String::new()
+    } else {
+        format!("{prefix}/")
+    };
     loop {
         let mut req = client
             .get(format!("{http}/v1/docs"))
-            .query(&[("prefix", format!("{prefix}/").as_str()), ("limit", "1000")]);
+            .query(&[("prefix", prefix.as_str()), ("limit", "1000")]);
         if let Some(a) = &after {
             req = req.query(&[("after", a)]);
         }
