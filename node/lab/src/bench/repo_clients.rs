@@ -57,6 +57,8 @@ pub struct Args {
 
 /// What one server set-up measured.
 struct Side {
+    /// `causeway` or `automerge-repo`.
+    engine: &'static str,
     server: &'static str,
     find_ms: Vec<f64>,
     join_seconds: f64,
@@ -68,7 +70,8 @@ impl Side {
             percentile(&self.find_ms, 0.50),
             percentile(&self.find_ms, 0.99),
         );
-        json!({"bench": "automerge-repo", "server": self.server, "finds": args.finds,
+        json!({"bench": "automerge-repo", "engine": self.engine, "server": self.server,
+               "finds": args.finds,
                "find_ms_p50": p50, "find_ms_p99": p99,
                "find_ms_max": self.find_ms.iter().copied().fold(0.0, f64::max),
                "docs": args.docs, "lookup_window": args.window,
@@ -140,6 +143,7 @@ async fn causeway_side(args: &Args, peer: &Peer, dir: &Path, timeout: Duration) 
     let addr = format!("{}/automerge-repo", c.http.trim_start_matches("http://"));
     let join_seconds = join(peer, dir, &addr, &ids, args, timeout).await?;
     Ok(Side {
+        engine: "causeway",
         server: "causeway (3 regions)",
         find_ms,
         join_seconds,
@@ -163,6 +167,7 @@ async fn sync_server_side(args: &Args, peer: &Peer, dir: &Path, timeout: Duratio
     let (_server, port) = serve(peer, &dir.join("server")).await?;
     let join_seconds = join(peer, dir, &format!("127.0.0.1:{port}"), &ids, args, timeout).await?;
     Ok(Side {
+        engine: "automerge-repo",
         server: "automerge-repo sync server",
         find_ms,
         join_seconds,
@@ -276,17 +281,12 @@ fn percentile(values: &[f64], q: f64) -> f64 {
 
 /// This scenario's rows in the `causeway bench all` summary.
 pub fn summary(results: &[Value]) -> Vec<Row> {
-    let side = |name: &str| {
-        results
-            .iter()
-            .find(|r| r["bench"] == "automerge-repo" && r["server"].as_str() == Some(name))
-    };
-    let (Some(ours), Some(theirs)) = (
-        side("causeway (3 regions)"),
-        side("automerge-repo sync server"),
-    ) else {
+    let side = |engine: &str| results.iter().find(|r| r["engine"] == engine);
+    let Some(ours) = side("causeway") else {
         return Vec::new();
     };
+    let none = Value::Null;
+    let theirs = side("automerge-repo").unwrap_or(&none);
     let ms = |v: &Value| format!("{:.1} / {:.1} ms", f(v, "find_ms_p50"), f(v, "find_ms_p99"));
     vec![
         Row::new(
