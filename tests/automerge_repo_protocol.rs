@@ -117,6 +117,26 @@ fn opening_with_content() -> Vec<u8> {
     message.encode()
 }
 
+/// A node whose settings file ends with `tables`.
+fn node_with(root: &std::path::Path, tables: &str) -> NodeProc {
+    let options = Options {
+        tables,
+        ..Options::default()
+    };
+    NodeProc::start_with(root, "a", "eu", &[], options)
+}
+
+/// A client's sync message for `document` carrying what it has.
+fn push(peer: &str, document: &str) -> RepoMessage {
+    RepoMessage::Sync {
+        request: false,
+        sender: peer.into(),
+        target: "server".into(),
+        document: document.into(),
+        data: opening_with_content(),
+    }
+}
+
 fn id(seed: u8) -> String {
     document_id::encode(&[seed; 16])
 }
@@ -240,16 +260,27 @@ fn an_id_that_is_not_an_automerge_repo_id_is_unavailable_and_the_connection_stay
             next(&mut s).await,
             Some(RepoMessage::DocUnavailable { .. })
         ));
+        // Remote-heads messages are accepted and ignored.
+        let heads = ciborium::Value::Map(vec![
+            (
+                ciborium::Value::Text("type".into()),
+                ciborium::Value::Text("remote-heads-changed".into()),
+            ),
+            (
+                ciborium::Value::Text("senderId".into()),
+                ciborium::Value::Text("c".into()),
+            ),
+            (
+                ciborium::Value::Text("newHeads".into()),
+                ciborium::Value::Map(vec![]),
+            ),
+        ]);
+        let mut frame = Vec::new();
+        ciborium::into_writer(&heads, &mut frame).unwrap();
+        s.send(Message::Binary(frame.into())).await.unwrap();
         // The connection still works: a client pushing a new document gets
         // a sync answer asking for it.
-        let push = RepoMessage::Sync {
-            request: false,
-            sender: "c".into(),
-            target: "server".into(),
-            document: id(5),
-            data: opening_with_content(),
-        };
-        send(&mut s, &push).await;
+        send(&mut s, &push("c", &id(5))).await;
         assert!(matches!(
             next(&mut s).await,
             Some(RepoMessage::Sync { request: false, .. })
@@ -261,16 +292,7 @@ fn an_id_that_is_not_an_automerge_repo_id_is_unavailable_and_the_connection_stay
 fn tokens_in_the_query_string_decide_who_connects_and_who_writes() {
     let root = tempfile::tempdir().unwrap();
     let tables = "[http]\nread_tokens = [\"reader-0123456789abcdef\"]\nwrite_tokens = [\"writer-0123456789abcdef\"]\n";
-    let node = NodeProc::start_with(
-        root.path(),
-        "a",
-        "eu",
-        &[],
-        Options {
-            tables,
-            ..Options::default()
-        },
-    );
+    let node = node_with(root.path(), tables);
     let rt = runtime();
     rt.block_on(async {
         assert_eq!(connect(&node, "").await.err(), Some(401));
@@ -348,29 +370,13 @@ fn tokens_in_the_query_string_decide_who_connects_and_who_writes() {
 #[test]
 fn limits_hold_per_connection_and_a_peer_id_has_one_connection() {
     let root = tempfile::tempdir().unwrap();
-    let tables = "[automerge_repo]\nmax_documents_per_connection = 2\nmax_connections = 3\nping_interval_ms = 200\n";
-    let node = NodeProc::start_with(
-        root.path(),
-        "a",
-        "eu",
-        &[],
-        Options {
-            tables,
-            ..Options::default()
-        },
-    );
+    let tables = "[automerge_repo]\nmax_documents_per_connection = 2\nmax_connections = 3\nping_interval_ms = 200\nmax_message_bytes = 65536\n";
+    let node = node_with(root.path(), tables);
     let rt = runtime();
     rt.block_on(async {
         let (mut s, _) = joined(&node, "c").await;
         for seed in 10..12 {
-            let push = RepoMessage::Sync {
-                request: false,
-                sender: "c".into(),
-                target: "server".into(),
-                document: id(seed),
-                data: opening_with_content(),
-            };
-            send(&mut s, &push).await;
+            send(&mut s, &push("c", &id(seed))).await;
             assert!(matches!(next(&mut s).await, Some(RepoMessage::Sync { .. })));
         }
         // A third document is refused on this connection.
@@ -401,6 +407,22 @@ fn limits_hold_per_connection_and_a_peer_id_has_one_connection() {
         let (_two, _) = joined(&node, "d").await;
         let (_three, _) = joined(&node, "e").await;
         assert_eq!(connect(&node, "").await.err(), Some(503));
+
+        // A message over max_message_bytes (64 KiB here) closes the
+        // connection.
+        let big = RepoMessage::Ephemeral {
+            sender: "c".into(),
+            target: "server".into(),
+            document: id(13),
+            session: "s".into(),
+            count: 1,
+            data: vec![0; 70_000],
+        };
+        send(&mut again, &big).await;
+        assert!(
+            next(&mut again).await.is_none(),
+            "closed after an oversized message"
+        );
     });
     assert_eq!(
         node.metric("causeway_automerge_repo_connections_replaced", ""),

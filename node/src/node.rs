@@ -14,7 +14,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use causeway_engine::automerge::ChangeHash;
-use causeway_engine::replication::{Replicator, ReplicatorConfig};
+use causeway_engine::replication::{Replicator, ReplicatorConfig, MAX_PENDING_FETCHES};
 use causeway_engine::{DocEvent, DocId, Engine, Origin};
 use libp2p::identity::Keypair;
 use libp2p::{Multiaddr, PeerId};
@@ -105,6 +105,7 @@ pub struct NodeHandle {
     done: watch::Receiver<Option<Result<(), String>>>,
     thread: Arc<Mutex<Option<JoinHandle<()>>>>,
     ephemeral: broadcast::Sender<Arc<EphemeralRelay>>,
+    fetch_misses: broadcast::Sender<DocId>,
 }
 
 impl Node {
@@ -160,9 +161,11 @@ impl Node {
             None => Sanctions::in_memory(),
         };
         let (ephemeral, _) = broadcast::channel(EPHEMERAL_QUEUE);
+        let (fetch_misses, _) = broadcast::channel(MAX_PENDING_FETCHES);
         let mut driver = Driver::new(Parts {
             sanctions,
             ephemeral: ephemeral.clone(),
+            fetch_misses: fetch_misses.clone(),
             swarm,
             core,
             config,
@@ -200,6 +203,7 @@ impl Node {
             done,
             thread: Arc::new(Mutex::new(Some(thread))),
             ephemeral,
+            fetch_misses,
         })
     }
 }
@@ -334,11 +338,20 @@ impl NodeHandle {
     /// [`MAX_FETCH_PEERS`](crate::network::driver::MAX_FETCH_PEERS): some of
     /// this node's region, one of each other region). Returns how many were
     /// asked; the document arrives, if any of them has it, like any other
-    /// replicated change.
+    /// replicated change, and if none has it, [`NodeHandle::fetch_misses`]
+    /// names it once the last one said so.
     pub async fn fetch(&self, doc: DocId) -> Result<usize, NodeError> {
         let (reply, rx) = oneshot::channel();
         self.send(Command::Fetch { doc, reply }).await?;
         rx.await.map_err(|_| self.stopped())
+    }
+
+    /// Documents asked for with [`NodeHandle::fetch`] that every asked peer
+    /// said it lacks, from now on (at most
+    /// [`MAX_PENDING_FETCHES`] waiting; a receiver further behind misses
+    /// the oldest).
+    pub fn fetch_misses(&self) -> broadcast::Receiver<DocId> {
+        self.fetch_misses.subscribe()
     }
 
     /// Publishes an automerge-repo client's ephemeral message to the other

@@ -465,9 +465,18 @@ pub const MESH_TIMEOUT: Duration = Duration::from_secs(60);
 /// and find each other by discovery. Returns once all three replicate with
 /// each other.
 pub fn three(root: &std::path::Path) -> (NodeProc, NodeProc, NodeProc) {
-    let a = NodeProc::start(root, "a", "eu", &[]);
-    let b = NodeProc::start(root, "b", "us", &a.listen);
-    let c = NodeProc::start(root, "c", "ap", &a.listen);
+    three_with(root, "")
+}
+
+/// [`three`], with `tables` at the end of every node's settings file.
+pub fn three_with(root: &std::path::Path, tables: &str) -> (NodeProc, NodeProc, NodeProc) {
+    let options = || Options {
+        tables,
+        ..Options::default()
+    };
+    let a = NodeProc::start_with(root, "a", "eu", &[], options());
+    let b = NodeProc::start_with(root, "b", "us", &a.listen, options());
+    let c = NodeProc::start_with(root, "c", "ap", &a.listen, options());
     let t = wait_until(MESH_TIMEOUT, "a full mesh", || {
         [&a, &b, &c].iter().all(|n| n.replicating().len() == 2)
     });

@@ -38,4 +38,5 @@ pub mod wire;
 pub use self::replicator::{
     reason_name, Channel, Holder, Inbound, Members, Output, QueueDepths, Rejection, Replicator,
     ReplicatorConfig, Stats, Verdict, MAX_ACK_READS, MAX_HELD_REPAIRS_PER_SCAN,
+    MAX_PENDING_FETCHES,
 };

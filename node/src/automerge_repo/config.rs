@@ -25,8 +25,11 @@ pub struct RepoConfig {
     /// How often the node pings each client; a client that has not
     /// answered two pings is disconnected. Default 15 s.
     pub ping_interval: Duration,
-    /// How long a request for a document this node lacks waits for the
-    /// peers it asked before `doc-unavailable` is answered. Default 1 s.
+    /// The longest a request for a document this node lacks waits for the
+    /// peers it asked before `doc-unavailable` is answered (sooner once
+    /// every asked peer said it lacks it, after
+    /// [`MISSING_DOCUMENT_GRACE`](super::connection::MISSING_DOCUMENT_GRACE)).
+    /// Default 1 s.
     pub missing_document_wait: Duration,
 }
 

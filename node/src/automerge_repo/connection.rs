@@ -22,6 +22,12 @@ use crate::network::ephemeral::{EphemeralRelay, MAX_EPHEMERAL_DATA_BYTES};
 /// How long a client has after connecting to send `join`.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The least time a request for a document this node lacks waits before
+/// `doc-unavailable`, even when every peer asked said at once that it lacks
+/// it too: a client that just created the document elsewhere may still be
+/// sending it to its node (at most `missing_document_wait`).
+pub const MISSING_DOCUMENT_GRACE: Duration = Duration::from_millis(250);
+
 /// Ephemeral messages one connection may send per second; more are dropped
 /// (counted in `ephemeral_dropped`), so one client cannot flood every node
 /// of the cluster. automerge-repo's presence sends one per 15 s per
@@ -43,6 +49,8 @@ struct DocSession {
     /// While the cluster is asked for a document this node lacks: when to
     /// give up and answer `doc-unavailable`, and the fetch slot held.
     waiting: Option<(Instant, OwnedSemaphorePermit)>,
+    /// When the cluster was last asked for it.
+    asked_at: Option<Instant>,
 }
 
 /// What to do after handling something.
@@ -323,6 +331,7 @@ impl Connection {
                 DocSession {
                     sync: SyncState::new(),
                     waiting: None,
+                    asked_at: None,
                 },
             );
         }
@@ -424,9 +433,11 @@ impl Connection {
         match (asked, permit) {
             (1.., Some(permit)) => {
                 self.hub.stats.fetches.fetch_add(1, Ordering::Relaxed);
-                let until = Instant::now() + self.hub.config.missing_document_wait;
+                let now = Instant::now();
+                let until = now + self.hub.config.missing_document_wait;
                 if let Some(session) = self.docs.get_mut(doc) {
                     session.waiting = Some((until, permit));
+                    session.asked_at = Some(now);
                 }
                 Flow::Continue
             }
@@ -465,8 +476,28 @@ impl Connection {
         Flow::Continue
     }
 
-    /// Documents changed and ephemeral messages arrived: send what is due.
+    /// Documents changed, ephemeral messages arrived, or no peer has a
+    /// document being waited for: send what is due.
     async fn on_notice(&mut self) -> Flow {
+        let missed = std::mem::take(&mut *lock(&self.link.missed));
+        if !missed.is_empty() {
+            // Every peer asked lacks it: answer once the grace is over
+            // (never later than the deadline already set).
+            let now = Instant::now();
+            let grace = MISSING_DOCUMENT_GRACE.min(self.hub.config.missing_document_wait);
+            for doc in &missed {
+                let Some(session) = self.docs.get_mut(doc) else {
+                    continue;
+                };
+                let earliest = session.asked_at.map_or(now, |asked| asked + grace);
+                if let Some((at, _)) = session.waiting.as_mut() {
+                    *at = (*at).min(earliest.max(now));
+                }
+            }
+            if let Flow::Close = self.on_waits_due().await {
+                return Flow::Close;
+            }
+        }
         let dirty = std::mem::take(&mut *lock(&self.link.dirty));
         for doc in dirty {
             if let Flow::Close = self.exchange(&doc, None, false).await {

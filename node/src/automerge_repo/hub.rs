@@ -156,6 +156,8 @@ pub(crate) struct Link {
     pub(crate) dirty: Mutex<BTreeSet<DocId>>,
     /// Ephemeral messages to send.
     pub(crate) ephemeral: Mutex<VecDeque<Arc<EphemeralRelay>>>,
+    /// Documents asked of the cluster that no asked peer has.
+    pub(crate) missed: Mutex<BTreeSet<DocId>>,
     /// Wakes the task.
     pub(crate) notify: Notify,
     /// Set when a newer connection of the same peer replaced this one.
@@ -167,6 +169,7 @@ impl Link {
         Link {
             dirty: Mutex::new(BTreeSet::new()),
             ephemeral: Mutex::new(VecDeque::new()),
+            missed: Mutex::new(BTreeSet::new()),
             notify: Notify::new(),
             replaced: Notify::new(),
         }
@@ -231,6 +234,22 @@ impl Hub {
         });
         spawn_change_feed(&hub);
         if let (Some(node), Ok(runtime)) = (&hub.node, tokio::runtime::Handle::try_current()) {
+            let mut misses = node.fetch_misses();
+            let weak = Arc::downgrade(&hub);
+            runtime.spawn(async move {
+                use tokio::sync::broadcast::error::RecvError;
+                loop {
+                    let doc = match misses.recv().await {
+                        Ok(doc) => doc,
+                        // A connection that misses the news waits out its
+                        // deadline instead.
+                        Err(RecvError::Lagged(_)) => continue,
+                        Err(RecvError::Closed) => return,
+                    };
+                    let Some(hub) = weak.upgrade() else { return };
+                    hub.missed(&doc);
+                }
+            });
             let mut relays = node.ephemeral();
             let weak = Arc::downgrade(&hub);
             runtime.spawn(async move {
@@ -310,6 +329,21 @@ impl Hub {
             .filter_map(|id| r.links.get(id))
         {
             link.mark(doc);
+        }
+    }
+
+    /// No peer asked has `doc`: connections waiting for it answer now.
+    fn missed(&self, doc: &DocId) {
+        let r = lock(&self.registry);
+        for link in r
+            .interest
+            .get(doc)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| r.links.get(id))
+        {
+            lock(&link.missed).insert(doc.clone());
+            link.notify.notify_one();
         }
     }
 

@@ -52,12 +52,15 @@ use super::wire::{
 mod acks;
 mod deadlines;
 mod delta;
+mod fetches;
 mod reconciliation;
 mod sync;
 mod types;
 
 use self::deadlines::Deadlines;
 use self::delta::BatchedDelta;
+use self::fetches::Fetches;
+pub use self::fetches::MAX_PENDING_FETCHES;
 pub use self::sync::MAX_HELD_REPAIRS_PER_SCAN;
 use self::sync::{DocSync, HeldRepair};
 pub use self::types::{
@@ -182,6 +185,8 @@ pub struct Replicator {
     held_shares: HeldShares,
     /// Sync messages awaiting an answer, by the time they were sent.
     deadlines: Deadlines,
+    /// Documents asked of peers for this node's clients.
+    fetches: Fetches,
     stats: Stats,
 }
 
@@ -211,6 +216,7 @@ impl Replicator {
             members: None,
             held_shares,
             deadlines: Deadlines::default(),
+            fetches: Fetches::default(),
             stats: Stats::default(),
         })
     }
@@ -382,6 +388,7 @@ impl Replicator {
     pub fn handle_disconnect(&mut self, peer: &NodeId) {
         self.peers.remove(peer);
         self.deadlines.forget_peer(peer);
+        self.fetches.forget_peer(peer);
         self.progress.disconnected(peer);
     }
 

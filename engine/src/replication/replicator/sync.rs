@@ -66,6 +66,9 @@ impl Replicator {
                 }
                 s.retries = 0;
             }
+            // Nothing to add to what we said: a peer asked for a document
+            // we lack, and that has nothing to send, lacks it too.
+            self.fetch_answered(from, &frame.doc, true)?;
             // Sends only if our heads moved since; otherwise the session goes
             // idle and its shared heads are persisted.
             self.pump_sync(now, from, &frame.doc, false)?;
@@ -121,6 +124,7 @@ impl Replicator {
         self.stats.sync_changes_applied += outcome.applied as u64;
         self.account_held_from(&frame.doc, &outcome, from);
         self.applied(now, &frame.doc, &outcome, &[from]);
+        self.fetch_answered(from, &frame.doc, their_heads.is_empty())?;
         self.record_progress(now, from, &frame.doc, their_heads, Some(&outcome.heads))?;
         if outcome.applied > 0 {
             // Changes that came by sync (a repair, a join) reach other peers
@@ -144,35 +148,6 @@ impl Replicator {
         self.pump_sync(now, from, &frame.doc, true)?;
         self.start_queued(now, from)?;
         Ok(Verdict::Accept)
-    }
-
-    /// Asks connected peers for `doc`, which a client of this node wants and
-    /// this node may lack: queues a sync of it with at most `max_peers` of
-    /// them: up to half of them (at least one) from this node's region, the
-    /// rest one per other region, each in node id order. A peer that has it
-    /// sends it; one that lacks it answers that it has nothing. Returns how
-    /// many peers were asked.
-    pub fn fetch(&mut self, now: Duration, doc: &DocId, max_peers: usize) -> Result<usize> {
-        let own = &self.config.region;
-        let region_of = |peer: &NodeId| self.progress.peer(peer).and_then(|p| p.region.clone());
-        let mut chosen: Vec<NodeId> = Vec::new();
-        let mut regions_seen: BTreeSet<Option<Region>> = BTreeSet::new();
-        let (local, remote): (Vec<&NodeId>, Vec<&NodeId>) = self
-            .peers
-            .keys()
-            .partition(|p| region_of(p).as_ref() == Some(own));
-        chosen.extend(local.into_iter().take((max_peers / 2).max(1)).cloned());
-        for peer in remote {
-            if regions_seen.insert(region_of(peer)) {
-                chosen.push(peer.clone());
-            }
-        }
-        chosen.truncate(max_peers);
-        for peer in &chosen {
-            self.enqueue_sync(peer, doc);
-            self.start_queued(now, peer)?;
-        }
-        Ok(chosen.len())
     }
 
     /// Queues a per-document sync with `peer` (bounded; overflow is counted

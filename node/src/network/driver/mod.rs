@@ -186,6 +186,8 @@ pub struct Driver {
     guard: Guard,
     /// Ephemeral messages from other nodes, to this node's clients.
     ephemeral: tokio::sync::broadcast::Sender<Arc<EphemeralRelay>>,
+    /// Documents fetched for clients that no asked peer has.
+    fetch_misses: tokio::sync::broadcast::Sender<DocId>,
 }
 
 /// What a [`Driver`] is made of.
@@ -210,6 +212,9 @@ pub struct Parts {
     pub sanctions: Sanctions,
     /// Where ephemeral messages from other nodes go.
     pub ephemeral: tokio::sync::broadcast::Sender<Arc<EphemeralRelay>>,
+    /// Where documents that no asked peer has go (see
+    /// [`Replicator::take_fetch_misses`]).
+    pub fetch_misses: tokio::sync::broadcast::Sender<DocId>,
 }
 
 /// The inputs of the task besides the swarm.
@@ -255,6 +260,7 @@ impl Driver {
             seed,
             sanctions,
             ephemeral,
+            fetch_misses,
         } = parts;
         let targets = config
             .bootstrap
@@ -307,6 +313,7 @@ impl Driver {
                 membership_file,
             },
             ephemeral,
+            fetch_misses,
         }
     }
 
@@ -365,6 +372,10 @@ impl Driver {
             self.check_waiters();
             for d in self.core.take_delays() {
                 self.metrics.observe_delay(d.region.as_ref(), d.delay);
+            }
+            for doc in self.core.take_fetch_misses() {
+                // No receiver (no automerge-repo endpoint) is not an error.
+                let _ = self.fetch_misses.send(doc);
             }
         }
         self.shutdown(inputs).await;
