@@ -376,11 +376,12 @@ impl Connection {
         };
         session.sync = step.sync;
         match step.outcome {
-            Err(e) if is_client_fault(&e) => {
-                // Its changes were refused: start this document's sync over,
-                // so the next exchange does not build on them.
+            Err(e) if concerns_document_only(&e) => {
+                // The client's changes were refused, or the document is
+                // quarantined: start this document's sync over, so the next
+                // exchange does not build on what failed.
                 self.hub.stats.sync_refused.fetch_add(1, Ordering::Relaxed);
-                warn!(peer = %self.peer, %doc, error = %e, "automerge-repo sync message refused");
+                warn!(peer = %self.peer, %doc, error = %e, "automerge-repo sync step refused; the document's sync starts over");
                 session.sync = SyncState::new();
                 return Flow::Continue;
             }
@@ -648,8 +649,9 @@ fn has_history(engine: &Engine, doc: &DocId) -> bool {
     engine.heads(doc).is_ok_and(|h| !h.is_empty())
 }
 
-/// Engine errors caused by what the client sent, not by this node.
-fn is_client_fault(e: &EngineError) -> bool {
+/// Engine errors about what the client sent or about this one document
+/// (quarantined), not about the node: the connection goes on.
+fn concerns_document_only(e: &EngineError) -> bool {
     matches!(
         e,
         EngineError::InvalidChange { .. }
