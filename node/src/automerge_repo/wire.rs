@@ -21,6 +21,13 @@ pub const MAX_ID_LEN: usize = 256;
 /// Most protocol versions a `join` may list.
 const MAX_VERSIONS: usize = 16;
 
+/// Most CBOR items (each header: a map, a key, a number, a string) one
+/// frame may hold; byte and text strings count once whatever their length.
+/// Protocol messages hold a few dozen. Decoding builds a value per item, so
+/// without this bound a 16 MiB frame of one-byte items would cost hundreds
+/// of MiB of memory.
+pub const MAX_FRAME_ITEMS: usize = 4096;
+
 /// What a peer says about itself in `join` and `peer`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PeerMetadata {
@@ -141,6 +148,12 @@ impl RepoMessage {
 
     /// Decodes one frame.
     pub fn decode(frame: &[u8]) -> Result<RepoMessage, WireError> {
+        let items = count_items(frame, MAX_FRAME_ITEMS)?;
+        if items > MAX_FRAME_ITEMS {
+            return Err(WireError(format!(
+                "more than {MAX_FRAME_ITEMS} CBOR items in one message"
+            )));
+        }
         let value: Value =
             ciborium::from_reader(frame).map_err(|e| WireError(format!("not CBOR: {e}")))?;
         let Value::Map(entries) = value else {
@@ -268,6 +281,43 @@ impl RepoMessage {
         let _ = ciborium::into_writer(&Value::Map(map), &mut out);
         out
     }
+}
+
+/// Counts the CBOR items of `bytes` by their headers, stopping once more
+/// than `max` were seen (the count is then `max + 1`). The payloads of byte
+/// and text strings are skipped, not looked at; a truncated item is an
+/// error. Nesting is not checked here (the decoder does that).
+fn count_items(mut bytes: &[u8], max: usize) -> Result<usize, WireError> {
+    let truncated = || WireError("not CBOR: truncated".into());
+    let mut count = 0;
+    while let Some((&initial, rest)) = bytes.split_first() {
+        count += 1;
+        if count > max {
+            return Ok(count);
+        }
+        let (major, info) = (initial >> 5, initial & 0x1f);
+        let extra = match info {
+            0..=23 | 31 => 0,
+            24 => 1,
+            25 => 2,
+            26 => 4,
+            27 => 8,
+            _ => return Err(WireError("not CBOR: reserved header".into())),
+        };
+        let (argument, rest) = rest.split_at_checked(extra).ok_or_else(truncated)?;
+        let value = if extra == 0 {
+            u64::from(info)
+        } else {
+            argument.iter().fold(0u64, |v, b| (v << 8) | u64::from(*b))
+        };
+        bytes = rest;
+        // Byte and text strings of definite length: skip the payload.
+        if matches!(major, 2 | 3) && info != 31 {
+            let len = usize::try_from(value).map_err(|_| truncated())?;
+            bytes = bytes.get(len..).ok_or_else(truncated)?;
+        }
+    }
+    Ok(count)
 }
 
 fn metadata_value(m: &PeerMetadata) -> Value {
@@ -497,6 +547,28 @@ mod tests {
                 kind: "remote-heads-changed".into()
             }
         );
+    }
+
+    #[test]
+    fn a_frame_of_too_many_items_is_refused_before_it_is_decoded() {
+        // A map of 5,000 one-byte keys and values: small, but 10,001 items.
+        let mut frame = vec![0xb9, 0x13, 0x88];
+        frame.extend(std::iter::repeat_n([0x00, 0x00], 5000).flatten());
+        let err = RepoMessage::decode(&frame).unwrap_err();
+        assert!(err.to_string().contains("CBOR items"), "{err}");
+        // Long strings count once: a sync message with 1 MiB of data is fine.
+        let sync = RepoMessage::Sync {
+            request: false,
+            sender: "a".into(),
+            target: "b".into(),
+            document: "d".into(),
+            data: vec![7; 1 << 20],
+        };
+        assert_eq!(RepoMessage::decode(&sync.encode()).unwrap(), sync);
+        assert_eq!(count_items(&sync.encode(), 100).unwrap(), 11);
+        // Truncated headers and strings are errors.
+        assert!(count_items(&[0x19, 0x01], 10).is_err());
+        assert!(count_items(&[0x45, 0x01, 0x02], 10).is_err());
     }
 
     #[test]
