@@ -175,8 +175,9 @@ impl Link {
         }
     }
 
-    fn mark(&self, doc: &DocId) {
-        lock(&self.dirty).insert(doc.clone());
+    /// Adds `doc` to `set` (one of this link's) and wakes the task.
+    fn note(&self, set: &Mutex<BTreeSet<DocId>>, doc: &DocId) {
+        lock(set).insert(doc.clone());
         self.notify.notify_one();
     }
 }
@@ -192,6 +193,14 @@ struct Registry {
     /// Latest ephemeral count per `(sender, session)`, and their age order.
     ephemeral_seen: HashMap<(String, String), u64>,
     ephemeral_order: VecDeque<(String, String)>,
+}
+
+impl Registry {
+    /// The connections that asked for `doc`, with their ids.
+    fn links_of<'a>(&'a self, doc: &DocId) -> impl Iterator<Item = (u64, &'a Arc<Link>)> + 'a {
+        let ids = self.interest.get(doc).into_iter().flatten();
+        ids.filter_map(|id| Some((*id, self.links.get(id)?)))
+    }
 }
 
 /// The automerge-repo endpoint's shared state. See the [module docs](self).
@@ -234,41 +243,28 @@ impl Hub {
         });
         spawn_change_feed(&hub);
         if let (Some(node), Ok(runtime)) = (&hub.node, tokio::runtime::Handle::try_current()) {
-            let mut misses = node.fetch_misses();
-            let weak = Arc::downgrade(&hub);
-            runtime.spawn(async move {
-                use tokio::sync::broadcast::error::RecvError;
-                loop {
-                    let doc = match misses.recv().await {
-                        Ok(doc) => doc,
-                        // A connection that misses the news waits out its
-                        // deadline instead.
-                        Err(RecvError::Lagged(_)) => continue,
-                        Err(RecvError::Closed) => return,
-                    };
-                    let Some(hub) = weak.upgrade() else { return };
-                    hub.missed(&doc);
-                }
-            });
-            let mut relays = node.ephemeral();
-            let weak = Arc::downgrade(&hub);
-            runtime.spawn(async move {
-                use tokio::sync::broadcast::error::RecvError;
-                loop {
-                    let relay = match relays.recv().await {
-                        Ok(relay) => relay,
-                        Err(RecvError::Lagged(n)) => {
-                            if let Some(hub) = weak.upgrade() {
-                                hub.stats.ephemeral_dropped.fetch_add(n, Ordering::Relaxed);
-                            }
-                            continue;
-                        }
-                        Err(RecvError::Closed) => return,
-                    };
-                    let Some(hub) = weak.upgrade() else { return };
+            // A connection that misses a fetch miss waits out its deadline
+            // instead; a lost ephemeral message is counted.
+            follow(
+                &runtime,
+                &hub,
+                node.fetch_misses(),
+                |hub, doc| hub.missed(&doc),
+                |_, _| {},
+            );
+            follow(
+                &runtime,
+                &hub,
+                node.ephemeral(),
+                |hub, relay| {
                     hub.relay_ephemeral(None, relay);
-                }
-            });
+                },
+                |hub, lost| {
+                    hub.stats
+                        .ephemeral_dropped
+                        .fetch_add(lost, Ordering::Relaxed);
+                },
+            );
         }
         hub
     }
@@ -321,29 +317,16 @@ impl Hub {
     /// `doc` changed: every connection that asked for it looks again.
     fn changed(&self, doc: &DocId) {
         let r = lock(&self.registry);
-        for link in r
-            .interest
-            .get(doc)
-            .into_iter()
-            .flatten()
-            .filter_map(|id| r.links.get(id))
-        {
-            link.mark(doc);
+        for (_, link) in r.links_of(doc) {
+            link.note(&link.dirty, doc);
         }
     }
 
     /// No peer asked has `doc`: connections waiting for it answer now.
     fn missed(&self, doc: &DocId) {
         let r = lock(&self.registry);
-        for link in r
-            .interest
-            .get(doc)
-            .into_iter()
-            .flatten()
-            .filter_map(|id| r.links.get(id))
-        {
-            lock(&link.missed).insert(doc.clone());
-            link.notify.notify_one();
+        for (_, link) in r.links_of(doc) {
+            link.note(&link.missed, doc);
         }
     }
 
@@ -353,7 +336,7 @@ impl Hub {
         let r = lock(&self.registry);
         for (doc, ids) in &r.interest {
             for link in ids.iter().filter_map(|id| r.links.get(id)) {
-                link.mark(doc);
+                link.note(&link.dirty, doc);
             }
         }
     }
@@ -383,12 +366,9 @@ impl Hub {
         }
         r.ephemeral_seen.insert(key, relay.count);
         let targets: Vec<Arc<Link>> = r
-            .interest
-            .get(&relay.doc)
-            .into_iter()
-            .flatten()
-            .filter(|id| Some(**id) != from)
-            .filter_map(|id| r.links.get(id).cloned())
+            .links_of(&relay.doc)
+            .filter(|(id, _)| Some(*id) != from)
+            .map(|(_, link)| Arc::clone(link))
             .collect();
         drop(r);
         for link in targets {
@@ -403,6 +383,31 @@ impl Hub {
         }
         true
     }
+}
+
+/// Hands what `items` receives to `on_item` with the hub, and the count of
+/// items lost by falling behind to `on_lag`, on `runtime`, until the sender
+/// or the hub is gone.
+fn follow<T: Clone + Send + 'static>(
+    runtime: &tokio::runtime::Handle,
+    hub: &Arc<Hub>,
+    mut items: tokio::sync::broadcast::Receiver<T>,
+    on_item: impl Fn(&Hub, T) + Send + 'static,
+    on_lag: impl Fn(&Hub, u64) + Send + 'static,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    let weak = Arc::downgrade(hub);
+    runtime.spawn(async move {
+        loop {
+            let item = items.recv().await;
+            let Some(hub) = weak.upgrade() else { return };
+            match item {
+                Ok(item) => on_item(&hub, item),
+                Err(RecvError::Lagged(lost)) => on_lag(&hub, lost),
+                Err(RecvError::Closed) => return,
+            }
+        }
+    });
 }
 
 /// Pushes the engine's changes to the connections that asked for the
