@@ -192,3 +192,40 @@ fn regression_lines_round_trip() {
     assert_eq!(parsed, c);
     assert!(parse_line("# a comment").is_none());
 }
+
+/// A run at scale: 60 nodes in 6 regions of the WAN matrix, with loss and
+/// faults. Every check of a seeded run holds, and the dissemination figures
+/// are measured (printed with `--no-capture`).
+#[test]
+fn a_run_at_scale_converges_and_measures_how_writes_spread() {
+    let config = SimConfig::at_scale(11, 60, 6, 120, 10, 20);
+    let report = sim::run(&config).unwrap();
+    let json = report.to_json();
+    println!("{}", serde_json::to_string_pretty(&json["spread"]).unwrap());
+    println!("reconciliation {}", json["reconciliation"]);
+    assert!(
+        report.passed(),
+        "{:?}\n{}",
+        report.violations,
+        report.replay
+    );
+    assert_eq!(report.writes_lost, 0);
+    assert!(report.writes_acked > 100, "{}", report.writes_acked);
+    let spread = &report.spread;
+    let pairs = spread["replica_pairs"].as_u64().unwrap();
+    let reached = spread["reached_by_broadcast"].as_u64().unwrap();
+    assert!(pairs > 0 && reached <= pairs, "{spread}");
+    // Six regions spanning the continents: the farthest replica of a write
+    // is 60 to 120 ms away one way.
+    let floor = spread["floor_ms"]["p50"].as_f64().unwrap();
+    assert!((60.0..=120.0).contains(&floor), "{spread}");
+    // Every region holds every write in the end; deltas carried most of
+    // them into every region.
+    assert!(
+        spread["copies_into_remote_region"]["mean"]
+            .as_f64()
+            .unwrap()
+            >= 1.0
+    );
+    assert!(report.replay.contains("--scale --loss 10 --faults 20"));
+}

@@ -46,6 +46,21 @@ impl Default for CompactionPolicy {
     }
 }
 
+/// How much memory and disk the store reserves up front.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Footprint {
+    /// RocksDB's defaults for a server: a 64 MiB write buffer per column
+    /// family, and write-ahead log files preallocated to about 70 MiB.
+    #[default]
+    Server,
+    /// For devices, tests and the simulator, where many stores share one
+    /// machine (or live on tmpfs, where preallocated space is memory): a
+    /// 1 MiB write buffer per column family, write-ahead log files
+    /// preallocated to about 1 MiB, manifest files to 64 KiB. Flushes and
+    /// compactions come sooner; durability is the same.
+    Small,
+}
+
 /// Configuration of an [`Engine`](crate::Engine).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EngineConfig {
@@ -86,6 +101,8 @@ pub struct EngineConfig {
     pub subscriber_capacity: usize,
     /// Create the store if the directory is missing or empty. Default `true`.
     pub create_if_missing: bool,
+    /// What the store reserves up front. Default [`Footprint::Server`].
+    pub footprint: Footprint,
     /// Actor id for this open's local changes. `None` (the default) draws a
     /// fresh random actor on every open, so a change lost in a crash can never
     /// have its (actor, sequence) reused. Set it only when the caller derives a
@@ -108,6 +125,7 @@ impl Default for EngineConfig {
             shape: ShapeLimits::default(),
             subscriber_capacity: 4096,
             create_if_missing: true,
+            footprint: Footprint::Server,
             actor: None,
         }
     }

@@ -89,7 +89,7 @@ mod store;
 pub mod token;
 
 pub use automerge;
-pub use config::{CompactionPolicy, Durability, EngineConfig};
+pub use config::{CompactionPolicy, Durability, EngineConfig, Footprint};
 pub use doc_id::{validate_prefix, DocId, DocIdError, DOC_ID_PUNCTUATION, MAX_DOC_ID_LEN};
 pub use doc_sync::{SyncMessage, SyncState, MAX_PEER_ID_LEN};
 pub use engine::{

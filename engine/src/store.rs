@@ -18,7 +18,7 @@ use rocksdb::{
     Direction, ErrorKind, IteratorMode, Options, ReadOptions, WriteBatch, WriteOptions, DB,
 };
 
-use crate::config::{Durability, EngineConfig};
+use crate::config::{Durability, EngineConfig, Footprint};
 use crate::doc_id::DocId;
 use crate::error::{Error, Result};
 use crate::group_commit::GroupCommit;
@@ -92,7 +92,7 @@ impl Store {
         if create && !fresh {
             check_only_marker(&path)?;
         }
-        let db = open_db(&path, create)?;
+        let db = open_db(&path, create, config.footprint)?;
         let store = Store {
             db,
             path,
@@ -555,8 +555,18 @@ fn io_fatal(path: &Path, what: &str, e: std::io::Error) -> Error {
     Error::Storage(format!("cannot {what} in {}: {e}", path.display()))
 }
 
-fn open_db(path: &Path, create: bool) -> Result<DB> {
+/// Write buffer per column family with [`Footprint::Small`]; RocksDB
+/// preallocates write-ahead log files to 1.1 times the largest.
+const SMALL_WRITE_BUFFER_BYTES: usize = 1 << 20;
+
+/// Manifest preallocation with [`Footprint::Small`].
+const SMALL_MANIFEST_PREALLOCATION_BYTES: usize = 64 << 10;
+
+fn open_db(path: &Path, create: bool, footprint: Footprint) -> Result<DB> {
     let mut opts = Options::default();
+    if footprint == Footprint::Small {
+        opts.set_manifest_preallocation_size(SMALL_MANIFEST_PREALLOCATION_BYTES);
+    }
     opts.create_if_missing(create);
     opts.create_missing_column_families(true);
     opts.set_max_background_jobs(2);
@@ -566,9 +576,12 @@ fn open_db(path: &Path, create: bool) -> Result<DB> {
     // another (a sync state after the changes it covers) never survives
     // without it.
     opts.set_wal_recovery_mode(DBRecoveryMode::PointInTime);
-    let cfs = layout::COLUMN_FAMILIES
-        .iter()
-        .map(|name| ColumnFamilyDescriptor::new(*name, cf_options(name)));
+    // The default column family is named too: unnamed, RocksDB would open
+    // it with default options, whose write buffer sizes the log's
+    // preallocation.
+    let cfs = std::iter::once(&rocksdb::DEFAULT_COLUMN_FAMILY_NAME)
+        .chain(layout::COLUMN_FAMILIES.iter())
+        .map(|name| ColumnFamilyDescriptor::new(*name, cf_options(name, footprint)));
     DB::open_cf_descriptors(&opts, path, cfs).map_err(|e| {
         let msg = e.to_string();
         if msg.contains("lock") || msg.contains("LOCK") {
@@ -587,8 +600,11 @@ fn open_db(path: &Path, create: bool) -> Result<DB> {
     })
 }
 
-fn cf_options(name: &str) -> Options {
+fn cf_options(name: &str, footprint: Footprint) -> Options {
     let mut opts = Options::default();
+    if footprint == Footprint::Small {
+        opts.set_write_buffer_size(SMALL_WRITE_BUFFER_BYTES);
+    }
     opts.set_compression_type(DBCompressionType::Lz4);
     if name == layout::CF_DOC_META || name == layout::CF_SNAPSHOT {
         let mut table = BlockBasedOptions::default();

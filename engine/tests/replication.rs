@@ -10,8 +10,8 @@ use std::time::Duration;
 use causeway_engine::replication::ids::{ClusterId, NodeId, Region};
 use causeway_engine::replication::random::SplitMix64;
 use causeway_engine::replication::wire::{
-    Ack, AckEntry, Bytes, Delta, Envelope, Heads, Hello, Message, SyncFrame, MAX_CHANGES_PER_DELTA,
-    MAX_GOSSIP_BYTES, PROTOCOL_VERSION,
+    Ack, AckEntry, Bytes, Delta, Envelope, Heads, Hello, Message, Reconcile, SyncFrame,
+    MAX_CHANGES_PER_DELTA, MAX_GOSSIP_BYTES, PROTOCOL_VERSION,
 };
 use causeway_engine::replication::{
     reason_name, Channel, Inbound, Members, Output, Replicator, ReplicatorConfig, Verdict,
@@ -992,4 +992,115 @@ fn a_quarantined_document_stops_nothing_else_and_repair_refetches_it() {
         a.core.engine().get_json(&bad).unwrap()
     );
     assert!(!engine.is_quarantined(&bad));
+}
+
+/// The peers `n` started reconciliation sessions with in its outputs; each
+/// session is then answered (with nothing to compare), so it is over.
+fn reconciled_with(n: &mut Node, now: Duration) -> Vec<NodeId> {
+    let mut sessions = Vec::new();
+    while let Some(out) = n.core.poll_output() {
+        if let Output::Send { to, bytes } = out {
+            let envelope = Envelope::decode(&bytes, usize::MAX).unwrap();
+            if let Message::Reconcile(r) = envelope.message {
+                sessions.push((to, r.session));
+            }
+        }
+    }
+    for (peer, session) in &sessions {
+        let answer = Envelope {
+            cluster: ClusterId::new("test").unwrap(),
+            message: Message::Reconcile(Reconcile {
+                session: *session,
+                ranges: Vec::new(),
+            }),
+        }
+        .encode();
+        n.core
+            .handle_message(now, Inbound::direct(peer, &answer))
+            .unwrap();
+    }
+    while n.core.poll_output().is_some() {}
+    sessions.into_iter().map(|(peer, _)| peer).collect()
+}
+
+#[test]
+fn with_a_fanout_each_round_reconciles_with_a_few_peers_and_every_peer_gets_its_turn() {
+    use causeway_engine::replication::Fanout;
+    use std::collections::BTreeSet;
+    let fanout = Fanout {
+        local: 2,
+        remote: 1,
+    };
+    let mut a = node_with("a", "eu", |c| c.reconcile_fanout = Some(fanout));
+    let region = |r: &str| Region::new(r).unwrap();
+    // Five peers in a's region, and two in each of three other regions.
+    let mut members: Members = [(NodeId::new("a").unwrap(), region("eu"))].into();
+    let mut local = BTreeSet::new();
+    for i in 0..5 {
+        let n = NodeId::new(format!("eu{i}")).unwrap();
+        members.insert(n.clone(), region("eu"));
+        local.insert(n);
+    }
+    for r in ["us", "ap", "sa"] {
+        for i in 0..2 {
+            members.insert(NodeId::new(format!("{r}{i}")).unwrap(), region(r));
+        }
+    }
+    let mut rng = SplitMix64::new(9);
+    // On connect, sessions start only while fewer than the fanout are
+    // under way.
+    for p in members.keys().filter(|n| n.as_str() != "a") {
+        a.core.handle_connect(Duration::ZERO, p, &mut rng);
+    }
+    a.core.set_members(Duration::ZERO, Some(members.clone()));
+    let at_connect = reconciled_with(&mut a, Duration::ZERO);
+    assert_eq!(at_connect.len(), fanout.total(), "{at_connect:?}");
+
+    let interval = Duration::from_secs(30);
+    let (mut seen_local, mut seen_regions) = (BTreeSet::new(), BTreeSet::new());
+    for round in 1..=3u32 {
+        let now = interval * 2 * round;
+        a.core.handle_timeout(now, &mut rng).unwrap();
+        let chosen = reconciled_with(&mut a, now);
+        let (here, there): (Vec<NodeId>, Vec<NodeId>) =
+            chosen.into_iter().partition(|p| local.contains(p));
+        assert_eq!(here.len(), fanout.local, "round {round}: {here:?}");
+        assert_eq!(there.len(), fanout.remote, "round {round}: {there:?}");
+        seen_local.extend(here);
+        seen_regions.extend(there.iter().map(|p| members[p].clone()));
+    }
+    // Never-reconciled peers first: within ceil(5 / 2) rounds every peer of
+    // the region, within three rounds every other region.
+    assert_eq!(seen_local, local);
+    assert_eq!(seen_regions.len(), 3, "{seen_regions:?}");
+
+    // A peer a change is pending for comes before staler peers: every peer
+    // of the region but one reports the change, and that one is among the
+    // next round's, however recently it was reconciled with.
+    commit(&mut a, "fanout/doc", json!({"k": 1}));
+    let heads = a.core.engine().heads(&id("fanout/doc")).unwrap();
+    let now = interval * 9;
+    while a.core.poll_output().is_some() {}
+    a.core.handle_timeout(now, &mut rng).unwrap();
+    let latest = reconciled_with(&mut a, now);
+    let pending = latest.iter().find(|p| local.contains(*p)).unwrap().clone();
+    for p in local.iter().filter(|p| **p != pending) {
+        let ack = Envelope {
+            cluster: ClusterId::new("test").unwrap(),
+            message: Message::Ack(Ack {
+                entries: vec![AckEntry {
+                    doc: id("fanout/doc"),
+                    heads: Heads::new(&heads),
+                }],
+            }),
+        }
+        .encode();
+        a.core
+            .handle_message(now, Inbound::direct(p, &ack))
+            .unwrap();
+    }
+    let now = interval * 12;
+    a.core.handle_timeout(now, &mut rng).unwrap();
+    let chosen = reconciled_with(&mut a, now);
+    assert!(chosen.contains(&pending), "{pending} not in {chosen:?}");
 }

@@ -7,8 +7,12 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Result};
+use causeway_engine::replication::Fanout;
 use causeway_engine::sim::{self, SimConfig, Summary};
 use serde_json::json;
+
+/// Most nodes in one run.
+pub const MAX_NODES: usize = 1000;
 
 /// Arguments of `causeway sim`.
 #[derive(clap::Args, Debug)]
@@ -31,6 +35,23 @@ pub struct Args {
     /// Keep the faults after the fault phase (the checks must then fail).
     #[arg(long)]
     pub no_heal: bool,
+    /// The scale profile: links from the 19-region WAN matrix, about 20
+    /// client writes a second, no faults besides `--loss` and `--faults`
+    /// (default 300 nodes in 19 regions, 600 steps).
+    #[arg(long)]
+    pub scale: bool,
+    /// With `--scale`: chance that a message is lost, per thousand.
+    #[arg(long, default_value_t = 0, requires = "scale")]
+    pub loss: u32,
+    /// With `--scale`: chance that a step is a fault action (partition,
+    /// region cut off, crash, restart) rather than a write, per thousand.
+    #[arg(long, default_value_t = 0, requires = "scale")]
+    pub faults: u32,
+    /// Each anti-entropy round reconciles with LOCAL peers of the node's
+    /// region and REMOTE peers of other regions, instead of every peer
+    /// (`LOCAL,REMOTE`, for example `2,1`).
+    #[arg(long, value_delimiter = ',', value_name = "LOCAL,REMOTE")]
+    pub reconcile_fanout: Option<Vec<usize>>,
     /// Directory for the nodes' stores (default: /dev/shm, else the system
     /// temporary directory).
     #[arg(long)]
@@ -40,7 +61,11 @@ pub struct Args {
 impl Args {
     /// The configuration of the run for `seed`.
     pub fn config(&self, seed: u64) -> SimConfig {
-        let mut c = SimConfig::from_seed(seed);
+        let mut c = if self.scale {
+            SimConfig::at_scale(seed, 300, 19, 600, self.loss, self.faults)
+        } else {
+            SimConfig::from_seed(seed)
+        };
         if let Some(n) = self.nodes {
             c.nodes = n;
         }
@@ -50,6 +75,12 @@ impl Args {
         if let Some(s) = self.steps {
             c.steps = s;
         }
+        if let Some([local, remote]) = self.reconcile_fanout.as_deref() {
+            c.reconcile_fanout = Some(Fanout {
+                local: *local,
+                remote: *remote,
+            });
+        }
         c.heal = !self.no_heal;
         c.dir.clone_from(&self.dir);
         c
@@ -58,16 +89,31 @@ impl Args {
 
 /// Runs the seeds.
 pub fn run(args: &Args) -> Result<()> {
-    if args.nodes.is_some_and(|n| !(2..=64).contains(&n)) {
-        bail!("--nodes must be between 2 and 64");
+    if args.nodes.is_some_and(|n| !(2..=MAX_NODES).contains(&n)) {
+        bail!("--nodes must be between 2 and {MAX_NODES}");
     }
     if args.regions.is_some_and(|r| r == 0) {
         bail!("--regions must be at least 1");
     }
+    if args.scale && args.regions.is_some_and(|r| r > SimConfig::MAX_WAN_REGIONS) {
+        bail!(
+            "--scale has {} regions at most (the WAN matrix)",
+            SimConfig::MAX_WAN_REGIONS
+        );
+    }
+    if args.reconcile_fanout.as_ref().is_some_and(|f| f.len() != 2) {
+        bail!("--reconcile-fanout takes two numbers: LOCAL,REMOTE");
+    }
+    if args.loss > 1000 || args.faults > 1000 {
+        bail!("--loss and --faults are per thousand: at most 1000");
+    }
     let started = Instant::now();
     let mut summary = Summary::default();
+    let mut node_seconds = 0.0;
     for seed in args.seed..args.seed.saturating_add(args.seeds) {
-        let report = sim::run(&args.config(seed))?;
+        let config = args.config(seed);
+        let report = sim::run(&config)?;
+        node_seconds += config.nodes as f64 * report.simulated.as_secs_f64();
         println!("{}", report.to_json());
         if !report.passed() {
             eprintln!("seed {seed} FAILED: {:?}", report.violations);
@@ -76,7 +122,11 @@ pub fn run(args: &Args) -> Result<()> {
         summary.add(&report);
     }
     eprintln!("{}", summary.describe());
-    eprintln!("wall time {:.1} s", started.elapsed().as_secs_f64());
+    let wall = started.elapsed().as_secs_f64();
+    eprintln!(
+        "wall time {wall:.1} s; {:.0} simulated node-seconds per wall second",
+        node_seconds / wall.max(1e-9)
+    );
     println!("{}", json!({"summary": summary.to_json()}));
     if !summary.failed.is_empty() {
         bail!("{} of {} runs failed", summary.failed.len(), summary.runs);

@@ -94,6 +94,7 @@ pub fn run(data: &[u8]) {
             max_log_bytes: 4 << 20,
         },
         actor: Some(ActorId::from([9u8; 16])),
+        footprint: crate::config::Footprint::Small,
         ..EngineConfig::default()
     };
     #[allow(clippy::expect_used)]

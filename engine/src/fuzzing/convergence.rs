@@ -231,6 +231,7 @@ impl Cluster {
                 (r.incarnation >> 8) as u8,
                 r.incarnation as u8,
             ])),
+            footprint: crate::config::Footprint::Small,
             ..EngineConfig::default()
         };
         let engine = Engine::open(&r.dir, config).unwrap_or_else(|e| panic!("open n{i}: {e}"));

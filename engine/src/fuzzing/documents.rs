@@ -198,6 +198,7 @@ fn open(path: &std::path::Path, shape: ShapeLimits) -> Engine {
         cache_budget_bytes: 0,
         actor: Some(ActorId::from([7u8; 16])),
         shape,
+        footprint: crate::config::Footprint::Small,
         ..EngineConfig::default()
     };
     #[allow(clippy::expect_used)]

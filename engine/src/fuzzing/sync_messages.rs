@@ -186,6 +186,7 @@ fn open(path: &std::path::Path, actor: u8) -> Engine {
         // Each check of memory against the store reloads the document.
         cache_budget_bytes: 0,
         actor: Some(ActorId::from([actor; 16])),
+        footprint: crate::config::Footprint::Small,
         ..EngineConfig::default()
     };
     #[allow(clippy::expect_used)]

@@ -36,7 +36,7 @@ mod replicator;
 pub mod wire;
 
 pub use self::replicator::{
-    reason_name, Channel, Holder, Inbound, Members, Output, QueueDepths, Rejection, Replicator,
-    ReplicatorConfig, Stats, Verdict, MAX_ACK_READS, MAX_HELD_REPAIRS_PER_SCAN,
+    reason_name, Channel, Fanout, Holder, Inbound, Members, Output, QueueDepths, Rejection,
+    Replicator, ReplicatorConfig, Stats, Verdict, MAX_ACK_READS, MAX_HELD_REPAIRS_PER_SCAN,
     MAX_PENDING_FETCHES,
 };

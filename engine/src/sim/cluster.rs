@@ -1,7 +1,7 @@
 //! One run: nodes (a real engine and core each), the network, the clients
 //! and the fault schedule, driven by the event queue in simulated time.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::time::Duration;
@@ -21,8 +21,10 @@ use crate::replication::wire::MAX_ACK_ENTRIES;
 use crate::replication::{Channel, Inbound, Output, Replicator, ReplicatorConfig, Stats, Verdict};
 
 use super::config::SimConfig;
-use super::network::{chance, message_id, Event, Network, Packet};
+use super::mesh::Meshes;
+use super::network::{chance, message_id, Event, Latency, Network, Packet};
 use super::report::Report;
+use super::spread::Spread;
 use super::workload::{self, Write};
 use super::SimError;
 
@@ -49,6 +51,9 @@ struct SimNode {
     events: Option<Subscription>,
     /// Counters of earlier incarnations, folded into the report.
     retired: Stats,
+    /// Changes its core had applied when last looked at (see
+    /// [`Cluster::converged`]).
+    applied_seen: u64,
 }
 
 impl SimNode {
@@ -72,12 +77,21 @@ pub(crate) struct Cluster {
     config: SimConfig,
     rng: SplitMix64,
     net: Network,
+    meshes: Meshes,
+    spread: Spread,
     nodes: Vec<SimNode>,
+    /// Each node's position in `nodes`, by id.
+    index: BTreeMap<NodeId, usize>,
     docs: Vec<DocId>,
     now: Duration,
     ledger: Vec<Write>,
     writes: u64,
     trace: Sha256,
+    /// Bumped whenever some replica's documents may have changed: a write,
+    /// a core that applied changes, a node started or crashed.
+    state_epoch: u64,
+    /// The last answer of [`Cluster::converged`] and the epoch it was for.
+    converged_at_epoch: Option<(u64, bool)>,
     report: Report,
     _dir: tempfile::TempDir,
 }
@@ -85,16 +99,28 @@ pub(crate) struct Cluster {
 impl Cluster {
     /// Opens every node's store in a fresh temporary directory.
     pub(crate) fn new(config: &SimConfig) -> Result<Cluster, SimError> {
+        if config.latency == Latency::Wan && config.regions > SimConfig::MAX_WAN_REGIONS {
+            return Err(SimError::Config(format!(
+                "{} regions; the WAN matrix has {}",
+                config.regions,
+                SimConfig::MAX_WAN_REGIONS
+            )));
+        }
         let dir = super::scratch_dir(config.dir.as_deref(), "causeway-sim-")?;
         let mut rng = SplitMix64::new(config.seed);
         let regions = config.regions.max(1);
         let region_of: Vec<usize> = (0..config.nodes).map(|i| i % regions).collect();
-        let net = Network::new(&region_of, regions, &mut rng);
+        let net = Network::new(&region_of, regions, config.latency, &mut rng);
+        let meshes = Meshes::new(config.nodes, config.seed);
+        let spread = Spread::new(&region_of, regions);
         let mut nodes = Vec::with_capacity(config.nodes);
         for (i, region) in region_of.iter().enumerate() {
             nodes.push(SimNode {
                 id: NodeId::new(format!("n{i}"))?,
-                region: Region::new(format!("r{region}"))?,
+                region: Region::new(match config.latency {
+                    Latency::Wan => super::wan::SITES[*region].code.to_string(),
+                    Latency::Drawn => format!("r{region}"),
+                })?,
                 dir: dir.path().join(format!("n{i}")),
                 incarnation: 0,
                 core: None,
@@ -104,6 +130,7 @@ impl Cluster {
                 timer_at: None,
                 events: None,
                 retired: Stats::default(),
+                applied_seen: 0,
             });
         }
         let docs = (0..config.docs())
@@ -113,16 +140,26 @@ impl Cluster {
             })
             .collect::<Result<Vec<_>, _>>()
             .map_err(crate::Error::from)?;
+        let index = nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.id.clone(), i))
+            .collect();
         let mut cluster = Cluster {
             config: config.clone(),
             rng,
             net,
+            meshes,
+            spread,
             nodes,
+            index,
             docs,
             now: Duration::ZERO,
             ledger: Vec::new(),
             writes: 0,
             trace: Sha256::new(),
+            state_epoch: 0,
+            converged_at_epoch: None,
             report: Report::for_config(config),
             _dir: dir,
         };
@@ -168,6 +205,9 @@ impl Cluster {
         self.net.loss_permille = self.config.loss_permille;
         self.net.duplicate_permille = self.config.duplicate_permille;
         self.net.delay_permille = self.config.delay_permille;
+        self.spread.start();
+        let stats = self.total_stats();
+        self.report.reconciliations = (stats.reconciliations_started, stats.anti_entropy_rounds);
         for _ in 0..self.config.steps {
             let gap = self
                 .rng
@@ -246,7 +286,7 @@ impl Cluster {
     fn settle(&mut self, deadline: Duration) -> Result<Option<Duration>, SimError> {
         let mut converged = None;
         loop {
-            if converged.is_none() && self.converged()? {
+            if converged.is_none() && self.converged_now()? {
                 converged = Some(self.now);
             }
             if converged.is_some() && self.is_quiet() {
@@ -305,6 +345,7 @@ impl Cluster {
         self.trace
             .update([p.from as u8, p.to as u8, p.channel as u8]);
         self.trace.update(&p.bytes);
+        self.spread.delivered(self.now, p.from, p.to, &p.bytes);
         let from_id = self.nodes[p.from].id.clone();
         let author_id = self.nodes[p.author].id.clone();
         let node = &mut self.nodes[p.to];
@@ -322,7 +363,8 @@ impl Cluster {
         };
         let verdict = core.handle_message(self.now, inbound)?;
         if p.channel == Channel::Gossip && verdict == Verdict::Accept {
-            for peer in self.net.peers_of(p.to) {
+            let connected = self.net.peers_of(p.to);
+            for peer in self.meshes.mesh_of(p.to, &connected) {
                 if peer != p.from {
                     self.net.send(
                         self.now,
@@ -358,6 +400,11 @@ impl Cluster {
                 );
             }
         }
+        let applied = core.stats().delta_changes_applied + core.stats().sync_changes_applied;
+        if applied != node.applied_seen {
+            node.applied_seen = applied;
+            self.state_epoch += 1;
+        }
         let depths = core.queue_depths();
         self.report.max_queues = self.report.max_queues.max(depths);
         let mut outputs = Vec::new();
@@ -375,7 +422,7 @@ impl Cluster {
                     }
                 }
                 Output::Send { to, bytes } => {
-                    if let Some(peer) = self.nodes.iter().position(|n| n.id == to) {
+                    if let Some(&peer) = self.index.get(&to) {
                         self.send(i, peer, Channel::Direct, bytes.into());
                     }
                 }
@@ -453,6 +500,7 @@ impl Cluster {
         self.ledger.push(write);
         self.report.writes_acked += 1;
         let changes = engine.changes_since(&doc, &before)?;
+        self.track(i, &changes);
         self.commit(i, &doc, changes, &heads)
     }
 
@@ -479,19 +527,39 @@ impl Cluster {
             self.violation(format!("{doc} has no shared text on n{source} after setup"));
             return Ok(());
         };
-        let outcome = match self.engine(i)?.apply_changes(&doc, &[change]) {
+        let outcome = match self
+            .engine(i)?
+            .apply_changes(&doc, std::slice::from_ref(&change))
+        {
             Ok(outcome) => outcome,
             Err(Error::HeldLimit { .. }) => return Ok(()),
             Err(e) => return Err(e.into()),
         };
+        self.state_epoch += 1;
         self.trace
             .update(format!("client {i} {source} {token}").as_bytes());
         self.ledger.push(Write::Text { doc: d, token });
         self.report.writes_acked += 1;
         self.report.client_changes += 1;
+        self.track(i, &[change]);
         self.report.client_changes_held +=
             u64::from(outcome.applied == 0 && outcome.duplicates == 0);
         self.drain(i)
+    }
+
+    /// Tracks how a client write's `changes`, acknowledged on node `i`,
+    /// spread (see [`Spread`]).
+    fn track(&mut self, i: usize, changes: &[Vec<u8>]) {
+        let up: Vec<usize> = (0..self.nodes.len())
+            .filter(|&j| self.nodes[j].core.is_some())
+            .collect();
+        let floor = up
+            .iter()
+            .filter(|&&j| j != i)
+            .map(|&j| self.net.base_latency(i, j))
+            .max()
+            .unwrap_or_default();
+        self.spread.track(i, self.now, changes, up.len(), floor);
     }
 
     /// Reports a local commit to node `i`'s core and sends what it publishes.
@@ -502,6 +570,7 @@ impl Cluster {
         changes: Vec<Vec<u8>>,
         heads: &[automerge::ChangeHash],
     ) -> Result<(), SimError> {
+        self.state_epoch += 1;
         self.report.committed.0 += changes.len() as u64;
         self.report.committed.1 += changes.iter().map(|c| c.len() as u64).sum::<u64>();
         if let Some(core) = self.nodes[i].core.as_mut() {
@@ -517,8 +586,7 @@ impl Cluster {
             0 | 1 => {
                 // Full partition: a random split, or one region cut off.
                 let side: Vec<bool> = if self.rng.below(2) == 0 {
-                    let mask = 1 + self.rng.below((1u64 << n) - 2);
-                    (0..n).map(|i| mask >> i & 1 == 1).collect()
+                    random_split(&mut self.rng, n)
                 } else {
                     let regions = self.config.regions.max(1);
                     let cut = self.rng.below(regions as u64) as usize;
@@ -568,7 +636,9 @@ impl Cluster {
 
     /// Opens node `i`'s store and starts a core over it.
     fn start(&mut self, i: usize) -> Result<(), SimError> {
+        self.state_epoch += 1;
         let node = &mut self.nodes[i];
+        node.applied_seen = 0;
         let mut actor = Sha256::new();
         actor.update(self.config.seed.to_be_bytes());
         actor.update((i as u64).to_be_bytes());
@@ -578,6 +648,7 @@ impl Cluster {
             EngineConfig {
                 durability: Durability::Sync,
                 actor: Some(ActorId::from(&actor.finalize()[..16])),
+                footprint: crate::config::Footprint::Small,
                 ..EngineConfig::default()
             },
         )?;
@@ -587,6 +658,7 @@ impl Cluster {
         config.retry_after = self.config.retry_after;
         config.max_active_syncs_per_peer = self.config.max_active_syncs_per_peer;
         config.max_queued_syncs_per_peer = self.config.max_queued_syncs_per_peer;
+        config.reconcile_fanout = self.config.reconcile_fanout;
         node.events = Some(engine.subscribe("")?);
         node.core = Some(Replicator::new(engine, config, self.now)?);
         node.timer_at = None;
@@ -596,6 +668,7 @@ impl Cluster {
     /// Node `i` crashes: its core, its unsent outputs, its gossip cache and
     /// every connection go; its store stays on disk.
     fn crash(&mut self, i: usize) {
+        self.state_epoch += 1;
         for peer in 0..self.nodes.len() {
             self.disconnect(i, peer);
         }
@@ -604,6 +677,7 @@ impl Cluster {
             node.retired.add(core.stats());
         }
         node.events = None;
+        self.meshes.forget(i);
         node.seen.clear();
         node.seen_order.clear();
         node.timer_at = None;
@@ -653,6 +727,20 @@ impl Cluster {
                 core.handle_disconnect(&y_id);
             }
         }
+    }
+
+    /// [`Cluster::converged`], asked of the engines only when some replica
+    /// may have changed since the last answer (most events are
+    /// acknowledgements and reconciliation messages that change nothing).
+    fn converged_now(&mut self) -> Result<bool, SimError> {
+        if let Some((epoch, answer)) = self.converged_at_epoch {
+            if epoch == self.state_epoch {
+                return Ok(answer);
+            }
+        }
+        let answer = self.converged()?;
+        self.converged_at_epoch = Some((self.state_epoch, answer));
+        Ok(answer)
     }
 
     /// Whether every live replica holds the same heads for every document.
@@ -748,8 +836,8 @@ impl Cluster {
         Ok(())
     }
 
-    fn finish(mut self) -> Result<Report, SimError> {
-        self.report.simulated = self.now;
+    /// Every core's counters, retired incarnations included.
+    fn total_stats(&self) -> Stats {
         let mut total = Stats::default();
         for node in &self.nodes {
             total.add(&node.retired);
@@ -757,11 +845,23 @@ impl Cluster {
                 total.add(core.stats());
             }
         }
+        total
+    }
+
+    fn finish(mut self) -> Result<Report, SimError> {
+        self.report.simulated = self.now;
+        let total = self.total_stats();
+        let (sessions, rounds) = self.report.reconciliations;
+        self.report.reconciliations = (
+            total.reconciliations_started.saturating_sub(sessions),
+            total.anti_entropy_rounds.saturating_sub(rounds),
+        );
         self.report.sent = total.sent;
         self.report.changes_applied = (total.delta_changes_applied, total.sync_changes_applied);
         self.report.syncs_dropped = total.syncs_dropped;
         self.report.syncs_abandoned = total.syncs_abandoned;
         self.report.trace = hex(&self.trace.finalize());
+        self.report.spread = self.spread.to_json();
         Ok(self.report)
     }
 
@@ -781,6 +881,20 @@ impl Cluster {
             Ok(h) => Ok(h),
             Err(Error::NotFound(_)) => Ok(Vec::new()),
             Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// A random split of `n` nodes into two non-empty sides.
+fn random_split(rng: &mut SplitMix64, n: usize) -> Vec<bool> {
+    if n < 64 {
+        let mask = 1 + rng.below((1u64 << n) - 2);
+        return (0..n).map(|i| mask >> i & 1 == 1).collect();
+    }
+    loop {
+        let side: Vec<bool> = (0..n).map(|_| rng.below(2) == 1).collect();
+        if side.contains(&true) && side.contains(&false) {
+            return side;
         }
     }
 }

@@ -7,6 +7,9 @@ use std::time::Duration;
 
 use crate::replication::random::{Random, SplitMix64};
 
+use super::network::Latency;
+use crate::replication::Fanout;
+
 /// One simulation run. Chances are in parts per thousand.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SimConfig {
@@ -16,6 +19,9 @@ pub struct SimConfig {
     pub nodes: usize,
     /// Regions; node `i` is in region `i % regions`.
     pub regions: usize,
+    /// Where link latencies come from. With [`Latency::Wan`], at most
+    /// [`SimConfig::MAX_WAN_REGIONS`] regions.
+    pub latency: Latency,
     /// Steps of the fault phase; each is a client write or a fault action.
     pub steps: usize,
     /// Documents with a shared text, created before the fault phase; clients
@@ -49,6 +55,8 @@ pub struct SimConfig {
     pub anti_entropy_interval: Duration,
     /// Passed to every core.
     pub retry_after: Duration,
+    /// Passed to every core (`None`: every connected peer each round).
+    pub reconcile_fanout: Option<Fanout>,
     /// Whether the network heals after the fault phase. `false` keeps the
     /// partitions, crashes and loss in place, which must make the checks
     /// fail; it exists to test the checks themselves.
@@ -70,6 +78,7 @@ impl SimConfig {
             seed,
             nodes,
             regions,
+            latency: Latency::Drawn,
             steps: between(200, 400) as usize,
             text_docs: between(1, 3) as usize,
             key_docs: between(2, 6) as usize,
@@ -82,6 +91,7 @@ impl SimConfig {
             max_queued_syncs_per_peer: between(2, 64) as usize,
             anti_entropy_interval: Duration::from_secs(between(10, 30)),
             retry_after: Duration::from_secs(between(2, 5)),
+            reconcile_fanout: None,
             client_change_permille: 0,
             heal: true,
             dir: None,
@@ -91,12 +101,64 @@ impl SimConfig {
         config
     }
 
+    /// Regions the WAN matrix has.
+    pub const MAX_WAN_REGIONS: usize = super::wan::SITES.len();
+
+    /// A run at scale for `seed`: `nodes` in `regions` of the WAN matrix,
+    /// about 20 client writes a second over 100 key documents and 2 texts
+    /// for `steps` steps, messages lost at `loss_permille`, and no other
+    /// fault unless `fault_permille` asks for them (partitions, regions cut
+    /// off, crashes and restarts, as in seeded runs). Each anti-entropy
+    /// round reconciles with every connected peer; set `reconcile_fanout`
+    /// to bound that (see `docs/testing.md`, "Runs at scale", for what
+    /// that does to lag marks today).
+    pub fn at_scale(
+        seed: u64,
+        nodes: usize,
+        regions: usize,
+        steps: usize,
+        loss_permille: u32,
+        fault_permille: u32,
+    ) -> SimConfig {
+        SimConfig {
+            seed,
+            nodes,
+            regions,
+            latency: Latency::Wan,
+            steps,
+            text_docs: 2,
+            key_docs: 100,
+            max_step_gap: Duration::from_millis(100),
+            loss_permille,
+            duplicate_permille: 0,
+            delay_permille: 0,
+            fault_permille,
+            client_change_permille: 100,
+            max_active_syncs_per_peer: 32,
+            max_queued_syncs_per_peer: 10_000,
+            anti_entropy_interval: Duration::from_secs(30),
+            retry_after: Duration::from_secs(5),
+            reconcile_fanout: None,
+            heal: true,
+            dir: None,
+        }
+    }
+
     /// The command that replays this run.
     pub fn replay_command(&self) -> String {
         let mut cmd = format!(
             "cargo run -p causeway-cli -- sim --seed {} --nodes {} --regions {} --steps {}",
             self.seed, self.nodes, self.regions, self.steps
         );
+        if self.latency == Latency::Wan {
+            cmd.push_str(&format!(
+                " --scale --loss {} --faults {}",
+                self.loss_permille, self.fault_permille
+            ));
+        }
+        if let Some(f) = self.reconcile_fanout {
+            cmd.push_str(&format!(" --reconcile-fanout {},{}", f.local, f.remote));
+        }
         if !self.heal {
             cmd.push_str(" --no-heal");
         }

@@ -32,13 +32,17 @@
 
 mod cluster;
 mod config;
+mod mesh;
 mod network;
 mod report;
+mod spread;
+mod wan;
 mod workload;
 
 use std::path::{Path, PathBuf};
 
 pub use self::config::SimConfig;
+pub use self::network::Latency;
 pub use self::report::{quantile, Faults, Report, Summary};
 
 #[cfg(feature = "fuzzing")]
@@ -65,6 +69,9 @@ pub enum SimError {
     /// A client write was routed to a node that is down (a bug).
     #[error("node {0} is down")]
     NodeDown(usize),
+    /// The configuration cannot be run (it names what is wrong).
+    #[error("configuration: {0}")]
+    Config(String),
 }
 
 /// A fresh temporary directory for stores under `base`, or by default under

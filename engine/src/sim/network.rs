@@ -17,6 +17,30 @@ use sha2::{Digest, Sha256};
 use crate::replication::Channel;
 
 use super::report::Faults;
+use super::wan;
+
+/// Where link latencies come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Latency {
+    /// Drawn per region pair from the seed: 1 to 5 ms inside a region, 20
+    /// to 150 ms between regions; each message up to 25% slower.
+    Drawn,
+    /// The WAN matrix of 19 real regions (see `docs/testing.md`): region `r`
+    /// of the run is the matrix's `r`-th; each message 1.0 to 1.15 times
+    /// its link's one-way latency.
+    Wan,
+}
+
+impl Latency {
+    /// The largest per-message slowdown, in thousandths of the link's
+    /// latency.
+    fn jitter_permille(self) -> u64 {
+        match self {
+            Latency::Drawn => 250,
+            Latency::Wan => wan::JITTER_PERMILLE,
+        }
+    }
+}
 
 /// A message on its way.
 pub(crate) struct Packet {
@@ -42,12 +66,17 @@ pub(crate) enum Event {
 /// Links, their faults, and the event queue.
 pub(crate) struct Network {
     n: usize,
-    /// One-way latency per ordered node pair.
+    /// One-way latency per ordered region pair (`a * regions + b`).
     latency: Vec<Duration>,
+    regions: usize,
+    region_of: Vec<usize>,
+    jitter_permille: u64,
     /// Messages from `a` to `b` are dropped (`a * n + b`).
     blocked: Vec<bool>,
     /// A connection is open between `a` and `b` (both entries kept equal).
     connected: Vec<bool>,
+    /// Per node, the nodes it has an open connection to, in order.
+    peers: Vec<Vec<usize>>,
     /// Connection number per node pair (both entries kept equal).
     epoch: Vec<u64>,
     pub(crate) loss_permille: u32,
@@ -59,33 +88,37 @@ pub(crate) struct Network {
 }
 
 impl Network {
-    /// `n` nodes; node `i` in region `region_of[i]`; latencies drawn per
-    /// region pair: 1 to 5 ms inside a region, 20 to 150 ms between regions.
-    pub(crate) fn new(region_of: &[usize], regions: usize, rng: &mut SplitMix64) -> Network {
-        let mut region_latency = vec![Duration::ZERO; regions * regions];
+    /// `n` nodes; node `i` in region `region_of[i]`, with latencies from
+    /// `model` (for [`Latency::Wan`], at most as many regions as the
+    /// matrix has).
+    pub(crate) fn new(
+        region_of: &[usize],
+        regions: usize,
+        model: Latency,
+        rng: &mut SplitMix64,
+    ) -> Network {
+        let mut latency = vec![Duration::ZERO; regions * regions];
         for a in 0..regions {
             for b in a..regions {
-                let ms = if a == b {
-                    1 + rng.below(5)
-                } else {
-                    20 + rng.below(131)
+                let one_way = match model {
+                    Latency::Drawn if a == b => Duration::from_millis(1 + rng.below(5)),
+                    Latency::Drawn => Duration::from_millis(20 + rng.below(131)),
+                    Latency::Wan => wan::one_way(a, b),
                 };
-                region_latency[a * regions + b] = Duration::from_millis(ms);
-                region_latency[b * regions + a] = Duration::from_millis(ms);
+                latency[a * regions + b] = one_way;
+                latency[b * regions + a] = one_way;
             }
         }
         let n = region_of.len();
-        let mut latency = vec![Duration::ZERO; n * n];
-        for a in 0..n {
-            for b in 0..n {
-                latency[a * n + b] = region_latency[region_of[a] * regions + region_of[b]];
-            }
-        }
         Network {
             n,
             latency,
+            regions,
+            region_of: region_of.to_vec(),
+            jitter_permille: model.jitter_permille(),
             blocked: vec![false; n * n],
             connected: vec![false; n * n],
+            peers: vec![Vec::new(); n],
             epoch: vec![0; n * n],
             loss_permille: 0,
             duplicate_permille: 0,
@@ -94,6 +127,12 @@ impl Network {
             next_seq: 0,
             in_flight: 0,
         }
+    }
+
+    /// The one-way latency from `a` to `b` before jitter: the floor of a
+    /// direct message.
+    pub(crate) fn base_latency(&self, a: usize, b: usize) -> Duration {
+        self.latency[self.region_of[a] * self.regions + self.region_of[b]]
     }
 
     /// Whether a connection between `a` and `b` is open.
@@ -108,13 +147,25 @@ impl Network {
 
     /// Nodes `a` has an open connection to, in order.
     pub(crate) fn peers_of(&self, a: usize) -> Vec<usize> {
-        (0..self.n).filter(|&b| self.is_connected(a, b)).collect()
+        self.peers[a].clone()
     }
 
     /// Opens or closes the connection between `a` and `b`; either way the
     /// epoch moves on, so messages sent before are dropped on arrival.
     pub(crate) fn set_connected(&mut self, a: usize, b: usize, open: bool) {
         let (ab, ba) = (a * self.n + b, b * self.n + a);
+        if self.connected[ab] != open {
+            for (x, y) in [(a, b), (b, a)] {
+                let list = &mut self.peers[x];
+                match (list.binary_search(&y), open) {
+                    (Err(at), true) => list.insert(at, y),
+                    (Ok(at), false) => {
+                        list.remove(at);
+                    }
+                    _ => {}
+                }
+            }
+        }
         self.connected[ab] = open;
         self.connected[ba] = open;
         self.epoch[ab] += 1;
@@ -164,8 +215,8 @@ impl Network {
             1
         };
         for _ in 0..copies {
-            let base = self.latency[i];
-            let jitter = rng.below(base.as_micros() as u64 / 4 + 1);
+            let base = self.base_latency(from, to);
+            let jitter = rng.below(base.as_micros() as u64 * self.jitter_permille / 1000 + 1);
             let mut at = now + base + Duration::from_micros(jitter);
             if chance(rng, self.delay_permille) {
                 faults.messages_delayed += 1;

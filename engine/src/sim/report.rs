@@ -117,6 +117,12 @@ pub struct Report {
     /// SHA-256 over every delivered message and client write, in order: two
     /// runs of one seed must agree on it.
     pub trace: String,
+    /// How the fault phase's client writes spread (see `docs/testing.md`,
+    /// "Dissemination figures").
+    pub spread: Value,
+    /// Reconciliation sessions started and anti-entropy rounds run, from
+    /// the fault phase on, over every node.
+    pub reconciliations: (u64, u64),
     /// Checks that failed; empty when the run passed.
     pub violations: Vec<String>,
 }
@@ -157,8 +163,23 @@ impl Report {
             "syncs_dropped": self.syncs_dropped,
             "syncs_abandoned": self.syncs_abandoned,
             "trace": self.trace,
+            "spread": self.spread,
+            "reconciliation": self.reconciliation_json(),
             "violations": self.violations,
             "replay": self.replay,
+        })
+    }
+
+    /// Reconciliation sessions started, anti-entropy rounds run, and
+    /// sessions per round (those started on connect or after an unanswered
+    /// message included).
+    fn reconciliation_json(&self) -> Value {
+        let (sessions, rounds) = self.reconciliations;
+        let per_round = sessions as f64 / (rounds.max(1) as f64);
+        json!({
+            "sessions": sessions,
+            "rounds": rounds,
+            "per_node_per_round": (per_round * 100.0).round() / 100.0,
         })
     }
 

@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use causeway_lab::bench::{
     all, concurrent_editors, delta_path, durable_writes, ingest, join, lag, many_docs_sync, memory,
-    reconcile, replicate_trace, repo_clients, steady_state,
+    reconcile, replicate_trace, repo_clients, scale, steady_state,
 };
 use causeway_lab::chaos;
 use causeway_node::client::{self, DocCommand, Target};
@@ -120,6 +120,10 @@ enum BenchCommand {
     /// Time from a write on node A to its visibility on nodes B and C of a
     /// three-region loopback cluster, next to loopback RTT plus fsync.
     Lag(lag::Args),
+    /// How changes spread through 300 simulated nodes in 19 WAN regions:
+    /// copies into each region, receptions and bytes per replica, delay to
+    /// the last replica against the direct path, simulator speed.
+    Scale(scale::Args),
     /// Idle memory of a `causeway node` process, and the time for a new
     /// node to receive N existing documents.
     Join(join::Args),
@@ -195,6 +199,7 @@ fn run(command: Command) -> Result<()> {
         Command::Bench(BenchCommand::Reconcile(args)) => reconcile::run(&args),
         Command::Bench(BenchCommand::DeltaPath(args)) => delta_path::run(&args),
         Command::Bench(BenchCommand::Lag(args)) => runtime()?.block_on(lag::run(&args)),
+        Command::Bench(BenchCommand::Scale(args)) => scale::run(&args),
         Command::Bench(BenchCommand::Join(args)) => runtime()?.block_on(join::run(&args)),
         Command::Bench(BenchCommand::ReplicateTrace(args)) => {
             runtime()?.block_on(replicate_trace::run(&args))

@@ -61,6 +61,7 @@ use self::deadlines::Deadlines;
 use self::delta::BatchedDelta;
 use self::fetches::Fetches;
 pub use self::fetches::MAX_PENDING_FETCHES;
+pub use self::reconciliation::Fanout;
 pub use self::sync::MAX_HELD_REPAIRS_PER_SCAN;
 use self::sync::{DocSync, HeldRepair};
 pub use self::types::{
@@ -124,6 +125,9 @@ pub struct ReplicatorConfig {
     pub max_held_bytes_per_peer: usize,
     /// Reconciliation tuning.
     pub reconcile: Params,
+    /// Peers each anti-entropy round reconciles with (see [`Fanout`]).
+    /// `None` (the default): every connected peer.
+    pub reconcile_fanout: Option<Fanout>,
 }
 
 impl ReplicatorConfig {
@@ -145,6 +149,7 @@ impl ReplicatorConfig {
             max_held_changes_per_peer: 10_000,
             max_held_bytes_per_peer: 32 << 20,
             reconcile: Params::default(),
+            reconcile_fanout: None,
         }
     }
 }
@@ -155,6 +160,10 @@ struct Peer {
     queued: BTreeSet<DocId>,
     queue: VecDeque<DocId>,
     reconcile_sent_at: Option<(u64, Duration)>,
+    /// When a reconciliation session with this peer was last under way:
+    /// started by this node, or a message of one the peer started (`None`:
+    /// not since it connected).
+    reconciled_at: Option<Duration>,
     acks: BTreeMap<DocId, Heads>,
 }
 
@@ -187,6 +196,10 @@ pub struct Replicator {
     deadlines: Deadlines,
     /// Documents asked of peers for this node's clients.
     fetches: Fetches,
+    /// When a reconciliation session with a peer of each other region last
+    /// began (for [`Fanout`]); pruned to the regions of connected peers
+    /// whenever it has more entries than there are peers.
+    region_reconciled: BTreeMap<Region, Duration>,
     stats: Stats,
 }
 
@@ -217,6 +230,7 @@ impl Replicator {
             held_shares,
             deadlines: Deadlines::default(),
             fetches: Fetches::default(),
+            region_reconciled: BTreeMap::new(),
             stats: Stats::default(),
         })
     }
@@ -361,7 +375,9 @@ impl Replicator {
         next
     }
 
-    /// A connection to `peer` opened: say hello and reconcile.
+    /// A connection to `peer` opened: say hello and reconcile (with a
+    /// [`Fanout`], only while fewer sessions than it allows per round are
+    /// under way; the peer is then first in line at the next round).
     pub fn handle_connect(&mut self, now: Duration, peer: &NodeId, random: &mut dyn Random) {
         self.peers.insert(
             peer.clone(),
@@ -370,6 +386,7 @@ impl Replicator {
                 queued: BTreeSet::new(),
                 queue: VecDeque::new(),
                 reconcile_sent_at: None,
+                reconciled_at: None,
                 acks: BTreeMap::new(),
             },
         );
@@ -380,7 +397,14 @@ impl Replicator {
             version: PROTOCOL_VERSION,
         });
         self.send(peer, hello);
-        self.start_reconcile(now, peer, random);
+        if self.reconciling()
+            < self
+                .config
+                .reconcile_fanout
+                .map_or(usize::MAX, Fanout::total)
+        {
+            self.start_reconcile(now, peer, random);
+        }
     }
 
     /// The connection to `peer` closed. In-flight work with it is dropped;
@@ -546,7 +570,8 @@ impl Replicator {
     /// messages, flush acknowledgements, and start queued syncs.
     pub fn handle_timeout(&mut self, now: Duration, random: &mut dyn Random) -> Result<()> {
         if now >= self.next_anti_entropy {
-            let peers: Vec<NodeId> = self.peers.keys().cloned().collect();
+            self.stats.anti_entropy_rounds += 1;
+            let peers = self.round_peers(random);
             for peer in &peers {
                 self.start_reconcile(now, peer, random);
             }

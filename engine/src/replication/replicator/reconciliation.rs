@@ -1,9 +1,42 @@
 //! Range-based set reconciliation sessions with each peer (see
 //! [`reconcile`](crate::replication::reconcile) for the algorithm): started
 //! on connect and every anti-entropy round, answered, and turned into
-//! document syncs for the differences found.
+//! document syncs for the differences found. With a [`Fanout`], each round
+//! reconciles with a bounded number of peers, chosen by need and staleness.
 
 use super::*;
+
+/// How many peers one anti-entropy round reconciles with, whatever the size
+/// of the cluster: `local` peers of this node's region and `remote` peers of
+/// other regions.
+///
+/// Peers whose session with this node is still under way are left out.
+/// Peers of the region come in order of need (documents pending for them:
+/// changed here and not reported by them since), then staleness (longest
+/// since a session with them began, either side's; never first), then at
+/// random. The remote peers come one per region, from the regions whose
+/// last session is oldest, each the stalest peer of its region. Over rounds
+/// every connected peer's turn comes: a node reconciles with each peer of
+/// its region within `ceil(region peers / local)` rounds and with each
+/// other region within `ceil(other regions / remote)` rounds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fanout {
+    /// Peers of this node's region per round.
+    pub local: usize,
+    /// Peers of other regions per round (one per region).
+    pub remote: usize,
+}
+
+impl Fanout {
+    /// Sessions per round at most.
+    pub fn total(self) -> usize {
+        self.local + self.remote
+    }
+}
+
+/// A candidate of a round: not needed first, then never or longest ago
+/// reconciled, then a random draw, then the id (so the order is total).
+type Rank = (bool, Option<Duration>, u64, NodeId);
 
 impl Replicator {
     pub(super) fn on_reconcile(
@@ -14,6 +47,14 @@ impl Replicator {
     ) -> Result<Verdict> {
         if !self.peers.contains_key(from) {
             return Ok(Verdict::Ignore);
+        }
+        let ours = self
+            .peers
+            .get(from)
+            .and_then(|p| p.reconcile_sent_at)
+            .is_some_and(|(id, _)| id == r.session);
+        if !ours {
+            self.reconciled(now, from);
         }
         let processed = reconcile::process(&self.items, &r.ranges, &self.config.reconcile);
         self.stats.reconcile_differences += processed.to_sync.len() as u64;
@@ -67,6 +108,76 @@ impl Replicator {
         Ok(Verdict::Accept)
     }
 
+    /// The peers this anti-entropy round reconciles with.
+    pub(super) fn round_peers(&mut self, random: &mut dyn Random) -> Vec<NodeId> {
+        let Some(fanout) = self.config.reconcile_fanout else {
+            return self.peers.keys().cloned().collect();
+        };
+        let mut local: Vec<Rank> = Vec::new();
+        let mut remote: BTreeMap<Option<Region>, Vec<Rank>> = BTreeMap::new();
+        // A peer whose session with us is still under way waits its turn.
+        let idle = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.reconcile_sent_at.is_none());
+        for (id, p) in idle {
+            let needed = self.progress.lag(id).documents > 0;
+            let rank = (!needed, p.reconciled_at, random.next_u64(), id.clone());
+            let region = self.progress.peer(id).and_then(|q| q.region.clone());
+            if region.as_ref() == Some(&self.config.region) {
+                local.push(rank);
+            } else {
+                remote.entry(region).or_default().push(rank);
+            }
+        }
+        local.sort();
+        let mut chosen: Vec<NodeId> = local.into_iter().take(fanout.local).map(|r| r.3).collect();
+        let mut regions: Vec<(Option<Duration>, u64, Vec<Rank>)> = remote
+            .into_iter()
+            .map(|(region, mut ranks)| {
+                ranks.sort_by_key(|r| (r.1, r.2));
+                let last = region.and_then(|r| self.region_reconciled.get(&r).copied());
+                (last, random.next_u64(), ranks)
+            })
+            .collect();
+        regions.sort_by_key(|r| (r.0, r.1));
+        chosen.extend(
+            regions
+                .into_iter()
+                .take(fanout.remote)
+                .filter_map(|(_, _, ranks)| ranks.into_iter().next().map(|r| r.3)),
+        );
+        chosen
+    }
+
+    /// Reconciliation sessions this node started that await an answer.
+    pub(super) fn reconciling(&self) -> usize {
+        self.peers
+            .values()
+            .filter(|p| p.reconcile_sent_at.is_some())
+            .count()
+    }
+
+    /// A session with `peer` began at `now` (either side's).
+    fn reconciled(&mut self, now: Duration, peer: &NodeId) {
+        if let Some(p) = self.peers.get_mut(peer) {
+            p.reconciled_at = Some(now);
+        }
+        let region = self.progress.peer(peer).and_then(|q| q.region.clone());
+        if let Some(region) = region.filter(|r| *r != self.config.region) {
+            self.region_reconciled.insert(region, now);
+        }
+        if self.region_reconciled.len() > self.peers.len() {
+            // Regions no connected peer is in any more.
+            let live: BTreeSet<Region> = self
+                .peers
+                .keys()
+                .filter_map(|id| self.progress.peer(id).and_then(|q| q.region.clone()))
+                .collect();
+            self.region_reconciled.retain(|r, _| live.contains(r));
+        }
+    }
+
     pub(super) fn start_reconcile(
         &mut self,
         now: Duration,
@@ -81,6 +192,8 @@ impl Replicator {
             return;
         }
         p.reconcile_sent_at = Some((session, now));
+        self.stats.reconciliations_started += 1;
+        self.reconciled(now, peer);
         let ranges = reconcile::initiate(&self.items, &self.config.reconcile);
         self.send(peer, Message::Reconcile(Reconcile { session, ranges }));
     }

@@ -176,6 +176,11 @@ impl Replicator {
             let Some(p) = self.peers.get_mut(peer) else {
                 return Ok(());
             };
+            if p.queue.is_empty() {
+                // Checked first: counting active sessions walks every
+                // session with the peer, idle ones included.
+                return Ok(());
+            }
             let active = p.syncs.values().filter(|s| s.sent_at.is_some()).count();
             if active >= max {
                 return Ok(());

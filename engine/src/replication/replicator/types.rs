@@ -163,6 +163,11 @@ pub struct Stats {
     pub sync_changes_applied: u64,
     /// Documents found to differ by reconciliation.
     pub reconcile_differences: u64,
+    /// Reconciliation sessions this node started (on connect, in
+    /// anti-entropy rounds, and again after an unanswered message).
+    pub reconciliations_started: u64,
+    /// Anti-entropy rounds this node ran.
+    pub anti_entropy_rounds: u64,
     /// Documents not queued for sync because a queue was full.
     pub syncs_dropped: u64,
     /// Peer messages ignored because every sync session with the peer was
@@ -207,6 +212,8 @@ impl Stats {
         self.delta_changes_applied += other.delta_changes_applied;
         self.sync_changes_applied += other.sync_changes_applied;
         self.reconcile_differences += other.reconcile_differences;
+        self.reconciliations_started += other.reconciliations_started;
+        self.anti_entropy_rounds += other.anti_entropy_rounds;
         self.syncs_dropped += other.syncs_dropped;
         self.syncs_refused += other.syncs_refused;
         self.syncs_abandoned += other.syncs_abandoned;

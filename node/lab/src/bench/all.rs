@@ -16,7 +16,7 @@ use serde_json::Value;
 use super::summary;
 use super::{
     concurrent_editors, delta_path, durable_writes, ingest, join, lag, many_docs_sync, memory,
-    reconcile, replicate_trace, repo_clients, steady_state,
+    reconcile, replicate_trace, repo_clients, scale, steady_state,
 };
 
 /// Arguments of `causeway bench all`.
@@ -70,6 +70,21 @@ const SCENARIOS: &[(&str, &[&str], &[&str], Summary)] = &[
         delta_path::summary,
     ),
     ("lag", &[], &["--writes", "30"], lag::summary),
+    (
+        "scale",
+        &[],
+        &[
+            "--nodes",
+            "30",
+            "--regions",
+            "6",
+            "--writes",
+            "20",
+            "--loss-permille",
+            "0",
+        ],
+        scale::summary,
+    ),
     ("join", &[], &["--docs", "100"], join::summary),
     (
         "replicate-trace",

@@ -30,12 +30,9 @@ pub struct Args {
     /// Client writes.
     #[arg(long, default_value_t = 2000)]
     pub writes: usize,
-    /// Loss rates to measure, in parts per thousand, comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "0,10,50")]
-    pub loss_permille: Vec<u32>,
-    /// Seed of the runs.
-    #[arg(long, default_value_t = 1)]
-    pub seed: u64,
+    /// Loss rates and seed.
+    #[command(flatten)]
+    pub runs: super::SimRuns,
 }
 
 /// Runs the benchmark.
@@ -45,11 +42,11 @@ pub fn run(args: &Args) -> Result<()> {
     }
     eprintln!(
         "delta path: {} nodes in {} regions, {} writes, seed {} (simulated network)",
-        args.nodes, args.regions, args.writes, args.seed
+        args.nodes, args.regions, args.writes, args.runs.seed
     );
     let mut report = Report::default();
-    for &loss in &args.loss_permille {
-        let mut config = SimConfig::from_seed(args.seed);
+    for &loss in &args.runs.loss_permille {
+        let mut config = SimConfig::from_seed(args.runs.seed);
         config.nodes = args.nodes;
         config.regions = args.regions;
         config.steps = args.writes;

@@ -17,11 +17,24 @@ pub mod proxy;
 pub mod reconcile;
 pub mod replicate_trace;
 pub mod repo_clients;
+pub mod scale;
 pub mod steady_state;
 pub mod summary;
 pub mod trace;
 
 use serde_json::Value;
+
+/// The simulated runs of a simulator benchmark: one per loss rate, all from
+/// one seed.
+#[derive(Debug, clap::Args)]
+pub struct SimRuns {
+    /// Loss rates to measure, in parts per thousand, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "0,10,50")]
+    pub loss_permille: Vec<u32>,
+    /// Seed of the runs.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+}
 
 /// Collects results, printing each as a JSON line on stdout as it arrives.
 #[derive(Default)]
