@@ -559,7 +559,7 @@ impl Cluster {
             .map(|&j| self.net.base_latency(i, j))
             .max()
             .unwrap_or_default();
-        self.spread.track(i, self.now, changes, up.len(), floor);
+        self.spread.track(i, self.now, changes, &up, floor);
     }
 
     /// Reports a local commit to node `i`'s core and sends what it publishes.

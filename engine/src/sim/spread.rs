@@ -25,6 +25,9 @@ struct Tracked {
     at: Duration,
     /// Which nodes received it (bit per node).
     reached: Vec<u64>,
+    /// Which nodes were up when it was written (bit per node); only their
+    /// receptions count as reached.
+    up: Vec<u64>,
     /// Nodes up when it was written, the origin aside.
     replicas: usize,
     reached_count: usize,
@@ -52,7 +55,8 @@ pub(crate) struct Spread {
     /// Of those, the ones that carried a tracked change.
     payload_messages: u64,
     payload_bytes: u64,
-    /// Delay of every first reception.
+    /// Delay of every first reception at a replica that was up at the
+    /// write.
     delays: Vec<Duration>,
     recording: bool,
 }
@@ -83,14 +87,14 @@ impl Spread {
     }
 
     /// A client write of `changes` committed on `origin` at `at`, while
-    /// `up` nodes were up; `floor` is the largest direct latency from
+    /// nodes `up` were up; `floor` is the largest direct latency from
     /// `origin` to one of them.
     pub(crate) fn track(
         &mut self,
         origin: usize,
         at: Duration,
         changes: &[Vec<u8>],
-        up: usize,
+        up: &[usize],
         floor: Duration,
     ) {
         if !self.recording || changes.is_empty() {
@@ -103,11 +107,16 @@ impl Spread {
             self.changes += 1;
         }
         let n = self.region_of.len();
+        let mut up_bits = vec![0u64; n.div_ceil(64)];
+        for &node in up.iter().filter(|&&node| node != origin) {
+            up_bits[node / 64] |= 1 << (node % 64);
+        }
         self.writes.push(Tracked {
             origin,
             at,
             reached: vec![0; n.div_ceil(64)],
-            replicas: up.saturating_sub(1),
+            replicas: up.iter().filter(|&&node| node != origin).count(),
+            up: up_bits,
             reached_count: 0,
             last: Duration::ZERO,
             floor,
@@ -153,7 +162,7 @@ impl Spread {
                 t.copies_into[self.region_of[to]] += 1;
             }
             let (word, bit) = (to / 64, 1u64 << (to % 64));
-            if t.reached[word] & bit == 0 {
+            if t.up[word] & bit != 0 && t.reached[word] & bit == 0 {
                 t.reached[word] |= bit;
                 t.reached_count += 1;
                 let delay = now.saturating_sub(t.at);
