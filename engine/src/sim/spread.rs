@@ -47,7 +47,8 @@ pub(crate) struct Spread {
     writes: Vec<Tracked>,
     change_bytes: u64,
     changes: u64,
-    /// Receptions of tracked payloads at nodes other than the origin.
+    /// Receptions of tracked payloads at replicas that were up at the
+    /// write (the origin aside).
     receptions: u64,
     /// Messages and bytes delivered since tracking began, of every kind.
     messages: u64,
@@ -148,21 +149,24 @@ impl Spread {
         if writes.is_empty() {
             return;
         }
+        writes.sort_unstable();
         writes.dedup();
         self.payload_messages += 1;
         self.payload_bytes += bytes.len() as u64;
         let across = self.region_of[from] != self.region_of[to];
+        let (word, bit) = (to / 64, 1u64 << (to % 64));
         for w in writes {
             let t = &mut self.writes[w];
-            if t.origin == to {
+            // The origin and replicas that were down at the write are not
+            // among the pairs counted.
+            if t.up[word] & bit == 0 {
                 continue;
             }
             self.receptions += 1;
             if across {
                 t.copies_into[self.region_of[to]] += 1;
             }
-            let (word, bit) = (to / 64, 1u64 << (to % 64));
-            if t.up[word] & bit != 0 && t.reached[word] & bit == 0 {
+            if t.reached[word] & bit == 0 {
                 t.reached[word] |= bit;
                 t.reached_count += 1;
                 let delay = now.saturating_sub(t.at);
