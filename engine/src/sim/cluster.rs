@@ -92,6 +92,9 @@ pub(crate) struct Cluster {
     state_epoch: u64,
     /// The last answer of [`Cluster::converged`] and the epoch it was for.
     converged_at_epoch: Option<(u64, bool)>,
+    /// Reconciliation sessions started and rounds run, over every core,
+    /// when the fault phase began (the report counts from there).
+    reconciliations_before: (u64, u64),
     report: Report,
     _dir: tempfile::TempDir,
 }
@@ -160,6 +163,7 @@ impl Cluster {
             trace: Sha256::new(),
             state_epoch: 0,
             converged_at_epoch: None,
+            reconciliations_before: (0, 0),
             report: Report::for_config(config),
             _dir: dir,
         };
@@ -207,7 +211,7 @@ impl Cluster {
         self.net.delay_permille = self.config.delay_permille;
         self.spread.start();
         let stats = self.total_stats();
-        self.report.reconciliations = (stats.reconciliations_started, stats.anti_entropy_rounds);
+        self.reconciliations_before = (stats.reconciliations_started, stats.anti_entropy_rounds);
         for _ in 0..self.config.steps {
             let gap = self
                 .rng
@@ -345,7 +349,8 @@ impl Cluster {
         self.trace
             .update([p.from as u8, p.to as u8, p.channel as u8]);
         self.trace.update(&p.bytes);
-        self.spread.delivered(self.now, p.from, p.to, &p.bytes);
+        self.spread
+            .delivered(self.now, (p.from, p.to), p.channel, &p.bytes);
         let from_id = self.nodes[p.from].id.clone();
         let author_id = self.nodes[p.author].id.clone();
         let node = &mut self.nodes[p.to];
@@ -851,7 +856,7 @@ impl Cluster {
     fn finish(mut self) -> Result<Report, SimError> {
         self.report.simulated = self.now;
         let total = self.total_stats();
-        let (sessions, rounds) = self.report.reconciliations;
+        let (sessions, rounds) = self.reconciliations_before;
         self.report.reconciliations = (
             total.reconciliations_started.saturating_sub(sessions),
             total.anti_entropy_rounds.saturating_sub(rounds),

@@ -15,7 +15,8 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use crate::replication::wire::{Envelope, Message, MAX_FRAME_BYTES};
+use crate::replication::wire::{Envelope, Message, MAX_GOSSIP_BYTES};
+use crate::replication::Channel;
 
 use super::report::quantile;
 
@@ -125,17 +126,25 @@ impl Spread {
         });
     }
 
-    /// `bytes` were delivered from `from` to `to` at `now`.
-    pub(crate) fn delivered(&mut self, now: Duration, from: usize, to: usize, bytes: &[u8]) {
+    /// `bytes` were delivered from `from` to `to` at `now` on `channel`.
+    /// Only gossip is decoded: deltas, the only messages that carry a
+    /// change as its origin wrote it, travel nowhere else.
+    pub(crate) fn delivered(
+        &mut self,
+        now: Duration,
+        (from, to): (usize, usize),
+        channel: Channel,
+        bytes: &[u8],
+    ) {
         if !self.recording {
             return;
         }
         self.messages += 1;
         self.bytes += bytes.len() as u64;
-        if self.writes.is_empty() {
+        if self.writes.is_empty() || channel != Channel::Gossip {
             return;
         }
-        let Ok(envelope) = Envelope::decode(bytes, MAX_FRAME_BYTES) else {
+        let Ok(envelope) = Envelope::decode(bytes, MAX_GOSSIP_BYTES) else {
             return;
         };
         let Message::Delta(delta) = envelope.message else {

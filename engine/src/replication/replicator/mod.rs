@@ -397,12 +397,11 @@ impl Replicator {
             version: PROTOCOL_VERSION,
         });
         self.send(peer, hello);
-        if self.reconciling()
-            < self
-                .config
-                .reconcile_fanout
-                .map_or(usize::MAX, Fanout::total)
-        {
+        let room = match self.config.reconcile_fanout {
+            None => true,
+            Some(fanout) => self.reconciling() < fanout.total(),
+        };
+        if room {
             self.start_reconcile(now, peer, random);
         }
     }

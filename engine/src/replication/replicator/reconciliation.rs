@@ -13,9 +13,10 @@ use super::*;
 /// Peers whose session with this node is still under way are left out.
 /// Peers of the region come in order of need (documents pending for them:
 /// changed here and not reported by them since), then staleness (longest
-/// since a session with them began, either side's; never first), then at
+/// since a session with them was under way, either side's; never first), then at
 /// random. The remote peers come one per region, from the regions whose
-/// last session is oldest, each the stalest peer of its region. Over rounds
+/// last session is oldest, each the stalest peer of its region (need is
+/// not weighed there). Over rounds
 /// every connected peer's turn comes: a node reconciles with each peer of
 /// its region within `ceil(region peers / local)` rounds and with each
 /// other region within `ceil(other regions / remote)` rounds.
@@ -158,7 +159,8 @@ impl Replicator {
             .count()
     }
 
-    /// A session with `peer` began at `now` (either side's).
+    /// A session with `peer` is under way at `now`: this node started it,
+    /// or a message of one the peer started arrived.
     fn reconciled(&mut self, now: Duration, peer: &NodeId) {
         if let Some(p) = self.peers.get_mut(peer) {
             p.reconciled_at = Some(now);
