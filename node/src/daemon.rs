@@ -130,7 +130,9 @@ pub async fn run(settings: Settings) -> Result<()> {
             info!(fingerprint = %key.fingerprint(), also_accepted = ?accepted,
                 "cluster key: only nodes holding it can connect")
         }
-        None if addrs.iter().all(crate::config::is_loopback) => info!(
+        // Judged by the configured addresses: a wildcard reports one
+        // address per interface, and the first may be loopback alone.
+        None if config.listen.iter().all(crate::config::is_loopback) => info!(
             "no cluster key: listening on loopback only (create one with `causeway cluster init` \
              and set cluster_key_file to take part in a cluster across machines)"
         ),
