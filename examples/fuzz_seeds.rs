@@ -12,8 +12,8 @@ use std::path::Path;
 use causeway_engine::replication::ids::{ClusterId, NodeId, Region};
 use causeway_engine::replication::reconcile::{initiate, ItemSet, Params};
 use causeway_engine::replication::wire::{
-    Ack, AckEntry, Announce, Bytes, Delta, Envelope, Heads, Hello, Message, Reconcile, SyncFrame,
-    PROTOCOL_VERSION,
+    Ack, AckEntry, Announce, Bytes, Delta, Envelope, Heads, Hello, Message, Push, Reconcile,
+    SyncFrame, PROTOCOL_VERSION,
 };
 use causeway_engine::{DocId, Engine, EngineConfig, SessionToken, SyncState, TokenKey};
 use serde_json::json;
@@ -53,7 +53,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             heads: heads.clone(),
         }),
         Message::Announce(Announce {
-            origin: node,
+            origin: node.clone(),
             region,
             doc: doc.clone(),
             heads: heads.clone(),
@@ -71,6 +71,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 doc: doc.clone(),
                 heads,
             }],
+        }),
+        Message::Push(Push {
+            root: NodeId::new("n2")?,
+            origin: node,
+            doc: doc.clone(),
+            changes: changes.clone(),
         }),
     ];
     let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/wire_decode");

@@ -194,8 +194,9 @@ fn regression_lines_round_trip() {
 }
 
 /// A run at scale: 60 nodes in 6 regions of the WAN matrix, with loss and
-/// faults. Every check of a seeded run holds, and the dissemination figures
-/// are measured (printed with `--no-capture`).
+/// faults, writes pushed along region trees. Every check of a seeded run
+/// holds, and the dissemination figures are measured (printed with
+/// `--no-capture`).
 #[test]
 fn a_run_at_scale_converges_and_measures_how_writes_spread() {
     let config = SimConfig::at_scale(11, 60, 6, 120, 10, 20);
@@ -219,13 +220,16 @@ fn a_run_at_scale_converges_and_measures_how_writes_spread() {
     // is 60 to 120 ms away one way.
     let floor = spread["floor_ms"]["p50"].as_f64().unwrap();
     assert!((60.0..=120.0).contains(&floor), "{spread}");
-    // Every region holds every write in the end; deltas carried most of
-    // them into every region.
-    assert!(
-        spread["copies_into_remote_region"]["mean"]
-            .as_f64()
-            .unwrap()
-            >= 1.0
-    );
+    // Writes are pushed along region trees: each enters another region
+    // about once and reaches a replica about once (losses and partitions
+    // leave some to repair, resends and a second bridge add a few), and
+    // the push path carried most of them.
+    let copies = spread["copies_into_remote_region"]["mean"]
+        .as_f64()
+        .unwrap();
+    assert!((0.5..=1.2).contains(&copies), "{spread}");
+    let receptions = spread["payload_receptions_per_replica"].as_f64().unwrap();
+    assert!((0.5..=1.2).contains(&receptions), "{spread}");
+    assert!(reached * 2 > pairs, "{spread}");
     assert!(report.replay.contains("--scale --loss 10 --faults 20"));
 }

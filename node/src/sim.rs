@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Result};
-use causeway_engine::replication::Fanout;
+use causeway_engine::replication::{Dissemination, Fanout};
 use causeway_engine::sim::{self, SimConfig, Summary};
 use serde_json::json;
 
@@ -52,6 +52,12 @@ pub struct Args {
     /// (`LOCAL,REMOTE`, for example `2,1`).
     #[arg(long, value_delimiter = ',', value_name = "LOCAL,REMOTE")]
     pub reconcile_fanout: Option<Vec<usize>>,
+    /// How writes leave their node: `gossip` (published to every peer and
+    /// relayed by meshes) or `regions` (pushed along region trees, one copy
+    /// into each other region). Default: drawn from the seed; `regions`
+    /// with `--scale`.
+    #[arg(long, value_parser = ["gossip", "regions"])]
+    pub dissemination: Option<String>,
     /// Directory for the nodes' stores (default: /dev/shm, else the system
     /// temporary directory).
     #[arg(long)]
@@ -80,6 +86,11 @@ impl Args {
                 local: *local,
                 remote: *remote,
             });
+        }
+        match self.dissemination.as_deref() {
+            Some("gossip") => c.dissemination = Dissemination::Gossip,
+            Some("regions") => c.dissemination = Dissemination::Regions,
+            _ => {}
         }
         c.heal = !self.no_heal;
         c.dir.clone_from(&self.dir);

@@ -86,6 +86,7 @@ fn check_limits(message: &Message) {
             assert!(d.heads.len() <= MAX_HEADS);
         }
         Message::Announce(a) => assert!(a.heads.len() <= MAX_HEADS),
+        Message::Push(p) => assert!(p.changes.len() <= MAX_CHANGES_PER_DELTA),
         Message::Reconcile(r) => {
             assert!(r.ranges.len() <= MAX_RANGES);
             let items: usize = r
@@ -112,6 +113,11 @@ fn decode_inner(message: &Message) {
         Message::Delta(d) => {
             assert_eq!(d.heads.to_vec().len(), d.heads.len());
             for change in &d.changes {
+                let _ = guarded::change(change.0.clone());
+            }
+        }
+        Message::Push(p) => {
+            for change in &p.changes {
                 let _ = guarded::change(change.0.clone());
             }
         }

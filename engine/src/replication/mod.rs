@@ -25,6 +25,7 @@
 //! * [`progress`]: which heads each peer is known to hold.
 //! * `held_share`: each peer's share of the changes held for missing
 //!   dependencies.
+//! * [`topology`]: the region trees and bridges pushed writes travel.
 //! * [`random`]: randomness as an input.
 
 mod held_share;
@@ -33,10 +34,11 @@ pub mod progress;
 pub mod random;
 pub mod reconcile;
 mod replicator;
+pub mod topology;
 pub mod wire;
 
 pub use self::replicator::{
-    reason_name, Channel, Fanout, Holder, Inbound, Members, Output, QueueDepths, Rejection,
-    Replicator, ReplicatorConfig, Stats, Verdict, MAX_ACK_READS, MAX_HELD_REPAIRS_PER_SCAN,
-    MAX_PENDING_FETCHES,
+    reason_name, Channel, Dissemination, Fanout, Holder, Inbound, Members, Output, QueueDepths,
+    Rejection, Replicator, ReplicatorConfig, Stats, Verdict, MAX_ACK_READS,
+    MAX_HELD_REPAIRS_PER_SCAN, MAX_PENDING_FETCHES, MAX_UNACKED_PUSHES, MAX_UNACKED_PUSH_BYTES,
 };

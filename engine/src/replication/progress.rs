@@ -41,8 +41,10 @@ pub const MAX_PENDING_DOCS_PER_PEER: usize = 100_000;
 /// (its reports are forgotten); if every tracked node is connected, the
 /// report is not recorded (counted in [`Progress::untracked`]). So nodes
 /// that appear once (throwaway identities, departed peers) cannot crowd
-/// out the peers this node replicates with.
-pub const MAX_TRACKED_NODES: usize = 256;
+/// out the peers this node replicates with. Above the largest cluster the
+/// simulator runs (1,000 nodes): a member whose progress is not kept counts
+/// as never heard from.
+pub const MAX_TRACKED_NODES: usize = 1024;
 /// Propagation-delay samples kept until the caller takes them; older ones
 /// are dropped (counted in [`Progress::delays_dropped`]).
 pub const MAX_DELAY_SAMPLES: usize = 4096;

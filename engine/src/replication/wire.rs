@@ -29,7 +29,7 @@ pub const MAX_FRAME_BYTES: usize = 10 << 20;
 pub const MAX_SYNC_CHANGE_BYTES: usize = 1 << 20;
 /// Most heads listed for one document.
 pub const MAX_HEADS: usize = 256;
-/// Most changes in one delta.
+/// Most changes in one delta or push.
 pub const MAX_CHANGES_PER_DELTA: usize = 1024;
 /// Most ranges in one reconciliation message.
 pub const MAX_RANGES: usize = 4096;
@@ -114,6 +114,10 @@ pub enum Message {
     /// Which heads the sender now holds, for progress tracking.
     #[serde(rename = "ack")]
     Ack(Ack),
+    /// New changes to one document, pushed to one peer along the region
+    /// trees (see `topology`).
+    #[serde(rename = "push")]
+    Push(Push),
 }
 
 /// Identifies a node to a peer it has just connected to.
@@ -140,6 +144,49 @@ pub struct Delta {
     pub changes: Vec<Bytes>,
     /// The document's heads at the origin after these changes.
     pub heads: Heads,
+}
+
+/// New changes to one document pushed to one peer: by their origin to the
+/// children of its region's tree and to one bridge per other region, then
+/// by each receiver to its own children in the tree rooted at `root`. On
+/// the wire: `[root, origin, doc, changes]`.
+///
+/// A push carries no heads: the receiver learns the changes' place from the
+/// changes, and answers with an acknowledgement of its own heads.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(
+    from = "(NodeId, NodeId, DocId, Vec<Bytes>)",
+    into = "(NodeId, NodeId, DocId, Vec<Bytes>)"
+)]
+pub struct Push {
+    /// The root of the tree this copy travels in the receiver's region:
+    /// the origin in its own region, the bridge in another.
+    pub root: NodeId,
+    /// The node where the changes were committed, as the sender says (a
+    /// direct message authenticates only its sender: nothing is trusted
+    /// to the origin on this claim).
+    pub origin: NodeId,
+    /// The document.
+    pub doc: DocId,
+    /// Raw Automerge changes, in causal order.
+    pub changes: Vec<Bytes>,
+}
+
+impl From<(NodeId, NodeId, DocId, Vec<Bytes>)> for Push {
+    fn from((root, origin, doc, changes): (NodeId, NodeId, DocId, Vec<Bytes>)) -> Self {
+        Push {
+            root,
+            origin,
+            doc,
+            changes,
+        }
+    }
+}
+
+impl From<Push> for (NodeId, NodeId, DocId, Vec<Bytes>) {
+    fn from(p: Push) -> Self {
+        (p.root, p.origin, p.doc, p.changes)
+    }
 }
 
 /// Announces new heads of a document whose delta was too large to gossip.
@@ -480,6 +527,7 @@ impl Message {
                 d.heads.check()
             }
             Message::Announce(a) => a.heads.check(),
+            Message::Push(p) => limit("push changes", p.changes.len(), MAX_CHANGES_PER_DELTA),
             Message::Reconcile(r) => {
                 limit("reconcile ranges", r.ranges.len(), MAX_RANGES)?;
                 let mut items = 0;
@@ -583,6 +631,35 @@ mod tests {
         };
         let bytes = env.encode();
         assert_eq!(Envelope::decode(&bytes, MAX_GOSSIP_BYTES).unwrap(), env);
+    }
+
+    #[test]
+    fn a_push_round_trips_as_a_tuple_and_is_held_to_the_delta_limit() {
+        let push = Push {
+            root: NodeId::new("n2").unwrap(),
+            origin: NodeId::new("n1").unwrap(),
+            doc: DocId::new("a/b").unwrap(),
+            changes: vec![Bytes(vec![1, 2, 3])],
+        };
+        let env = Envelope {
+            cluster: cluster(),
+            message: Message::Push(push.clone()),
+        };
+        let bytes = env.encode();
+        assert_eq!(Envelope::decode(&bytes, MAX_FRAME_BYTES).unwrap(), env);
+        // [1, "test", {"push": ["n2", "n1", "a/b", [h'010203']]}]
+        assert!(bytes.windows(7).any(|w| w == b"\x64push\x84b"));
+        let too_many = Envelope {
+            cluster: cluster(),
+            message: Message::Push(Push {
+                changes: vec![Bytes(vec![0]); MAX_CHANGES_PER_DELTA + 1],
+                ..push
+            }),
+        };
+        assert!(matches!(
+            Envelope::decode(&too_many.encode(), MAX_FRAME_BYTES),
+            Err(WireError::LimitExceeded { .. })
+        ));
     }
 
     #[test]

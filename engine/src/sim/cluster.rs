@@ -405,7 +405,9 @@ impl Cluster {
                 );
             }
         }
-        let applied = core.stats().delta_changes_applied + core.stats().sync_changes_applied;
+        let stats = core.stats();
+        let applied =
+            stats.delta_changes_applied + stats.push_changes_applied + stats.sync_changes_applied;
         if applied != node.applied_seen {
             node.applied_seen = applied;
             self.state_epoch += 1;
@@ -664,6 +666,7 @@ impl Cluster {
         config.max_active_syncs_per_peer = self.config.max_active_syncs_per_peer;
         config.max_queued_syncs_per_peer = self.config.max_queued_syncs_per_peer;
         config.reconcile_fanout = self.config.reconcile_fanout;
+        config.dissemination = self.config.dissemination;
         node.events = Some(engine.subscribe("")?);
         node.core = Some(Replicator::new(engine, config, self.now)?);
         node.timer_at = None;
@@ -862,7 +865,10 @@ impl Cluster {
             total.anti_entropy_rounds.saturating_sub(rounds),
         );
         self.report.sent = total.sent;
-        self.report.changes_applied = (total.delta_changes_applied, total.sync_changes_applied);
+        self.report.changes_applied = (
+            total.delta_changes_applied + total.push_changes_applied,
+            total.sync_changes_applied,
+        );
         self.report.syncs_dropped = total.syncs_dropped;
         self.report.syncs_abandoned = total.syncs_abandoned;
         self.report.trace = hex(&self.trace.finalize());

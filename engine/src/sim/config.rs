@@ -8,7 +8,7 @@ use std::time::Duration;
 use crate::replication::random::{Random, SplitMix64};
 
 use super::network::Latency;
-use crate::replication::Fanout;
+use crate::replication::{Dissemination, Fanout};
 
 /// One simulation run. Chances are in parts per thousand.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,6 +57,9 @@ pub struct SimConfig {
     pub retry_after: Duration,
     /// Passed to every core (`None`: every connected peer each round).
     pub reconcile_fanout: Option<Fanout>,
+    /// Passed to every core: how writes leave their node (gossip, or pushed
+    /// along region trees).
+    pub dissemination: Dissemination,
     /// Whether the network heals after the fault phase. `false` keeps the
     /// partitions, crashes and loss in place, which must make the checks
     /// fail; it exists to test the checks themselves.
@@ -92,12 +95,16 @@ impl SimConfig {
             anti_entropy_interval: Duration::from_secs(between(10, 30)),
             retry_after: Duration::from_secs(between(2, 5)),
             reconcile_fanout: None,
+            dissemination: Dissemination::Gossip,
             client_change_permille: 0,
             heal: true,
             dir: None,
         };
         // Drawn last, so the fields above keep their values per seed.
         config.client_change_permille = between(100, 500) as u32;
+        if between(0, 1) == 1 {
+            config.dissemination = Dissemination::Regions;
+        }
         config
     }
 
@@ -108,7 +115,8 @@ impl SimConfig {
     /// about 20 client writes a second over 100 key documents and 2 texts
     /// for `steps` steps, messages lost at `loss_permille`, and no other
     /// fault unless `fault_permille` asks for them (partitions, regions cut
-    /// off, crashes and restarts, as in seeded runs). Each anti-entropy
+    /// off, crashes and restarts, as in seeded runs). Writes are pushed
+    /// along region trees ([`Dissemination::Regions`]). Each anti-entropy
     /// round reconciles with every connected peer; set `reconcile_fanout`
     /// to bound that (see `docs/testing.md`, "Runs at scale", for what
     /// that does to lag marks today).
@@ -139,6 +147,7 @@ impl SimConfig {
             anti_entropy_interval: Duration::from_secs(30),
             retry_after: Duration::from_secs(5),
             reconcile_fanout: None,
+            dissemination: Dissemination::Regions,
             heal: true,
             dir: None,
         }
@@ -155,6 +164,16 @@ impl SimConfig {
                 " --scale --loss {} --faults {}",
                 self.loss_permille, self.fault_permille
             ));
+        }
+        let derived = match self.latency {
+            Latency::Wan => Dissemination::Regions,
+            Latency::Drawn => SimConfig::from_seed(self.seed).dissemination,
+        };
+        if self.dissemination != derived {
+            cmd.push_str(match self.dissemination {
+                Dissemination::Gossip => " --dissemination gossip",
+                Dissemination::Regions => " --dissemination regions",
+            });
         }
         if let Some(f) = self.reconcile_fanout {
             cmd.push_str(&format!(" --reconcile-fanout {},{}", f.local, f.remote));

@@ -106,7 +106,8 @@ pub struct Report {
     /// Messages handed to the network by the cores, by kind:
     /// `(messages, bytes)`, summed over nodes and incarnations.
     pub sent: BTreeMap<&'static str, (u64, u64)>,
-    /// Changes applied from deltas and from sync messages, over all nodes.
+    /// Changes applied from the broadcast path (deltas and pushes) and
+    /// from sync messages, over all nodes.
     pub changes_applied: (u64, u64),
     /// Largest queue depths seen in any core.
     pub max_queues: QueueDepths,
@@ -154,7 +155,7 @@ impl Report {
             "delivered_by_channel": pairs(&self.delivered_by_channel),
             "committed": {"changes": self.committed.0, "bytes": self.committed.1},
             "sent": sent,
-            "changes_applied": {"delta": self.changes_applied.0, "sync": self.changes_applied.1},
+            "changes_applied": {"broadcast": self.changes_applied.0, "sync": self.changes_applied.1},
             "max_queues": {
                 "queued_syncs": self.max_queues.queued_syncs,
                 "open_syncs": self.max_queues.open_syncs,
@@ -217,7 +218,8 @@ pub struct Summary {
     pub delivered: (u64, u64),
     /// Messages sent by kind, summed.
     pub sent: BTreeMap<&'static str, (u64, u64)>,
-    /// Changes applied from deltas and from sync, summed.
+    /// Changes applied from the broadcast path (deltas and pushes) and from
+    /// sync, summed.
     pub changes_applied: (u64, u64),
 }
 
@@ -263,7 +265,7 @@ impl Summary {
             "converged_after_heal_ms": {"p50": ms(0.5), "p99": ms(0.99), "max": ms(1.0)},
             "delivered": {"messages": self.delivered.0, "bytes": self.delivered.1},
             "sent": sent,
-            "changes_applied": {"delta": self.changes_applied.0, "sync": self.changes_applied.1},
+            "changes_applied": {"broadcast": self.changes_applied.0, "sync": self.changes_applied.1},
         })
     }
 

@@ -1,13 +1,14 @@
 //! How client writes spread: for every change a client wrote during the
 //! fault phase, which replicas received it in a message that carries its
-//! bytes (a delta), how often, across which region boundaries, and how soon
-//! against the direct path's floor; and what all traffic cost per change.
+//! bytes as its origin wrote it (a delta by gossip, or a push), how often,
+//! across which region boundaries, and how soon against the direct path's
+//! floor; and what all traffic cost per change.
 //!
-//! A change is recognised by the digest of its bytes, which a delta carries
-//! unchanged from its origin. A replica that never receives one of a write's
-//! changes in a delta got it by repair (sync after reconciliation, an
-//! announcement or a held-change pull): it counts as not delivered by
-//! broadcast.
+//! A change is recognised by the digest of its bytes, which deltas and
+//! pushes carry unchanged from its origin. A replica that never receives
+//! one of a write's changes in either got it by repair (sync after
+//! reconciliation, an announcement or a held-change pull): it counts as not
+//! delivered by broadcast.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -15,7 +16,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use crate::replication::wire::{Envelope, Message, MAX_GOSSIP_BYTES};
+use crate::replication::wire::{Envelope, Message, MAX_FRAME_BYTES};
 use crate::replication::Channel;
 
 use super::report::quantile;
@@ -127,8 +128,8 @@ impl Spread {
     }
 
     /// `bytes` were delivered from `from` to `to` at `now` on `channel`.
-    /// Only gossip is decoded: deltas, the only messages that carry a
-    /// change as its origin wrote it, travel nowhere else.
+    /// Only deltas (on gossip) and pushes (direct) are decoded: no other
+    /// message carries a change as its origin wrote it.
     pub(crate) fn delivered(
         &mut self,
         now: Duration,
@@ -141,17 +142,21 @@ impl Spread {
         }
         self.messages += 1;
         self.bytes += bytes.len() as u64;
-        if self.writes.is_empty() || channel != Channel::Gossip {
+        if self.writes.is_empty() {
             return;
         }
-        let Ok(envelope) = Envelope::decode(bytes, MAX_GOSSIP_BYTES) else {
+        if channel == Channel::Direct && !names_push(bytes) {
+            return;
+        }
+        let Ok(envelope) = Envelope::decode(bytes, MAX_FRAME_BYTES) else {
             return;
         };
-        let Message::Delta(delta) = envelope.message else {
-            return;
+        let changes = match (channel, envelope.message) {
+            (Channel::Gossip, Message::Delta(d)) => d.changes,
+            (Channel::Direct, Message::Push(p)) => p.changes,
+            _ => return,
         };
-        let mut writes: Vec<usize> = delta
-            .changes
+        let mut writes: Vec<usize> = changes
             .iter()
             .filter_map(|c| self.by_change.get(&digest(&c.0)).copied())
             .collect();
@@ -239,6 +244,17 @@ impl Spread {
             "last_over_floor": {"p50": round(fquantile(&ratios, 0.5)), "p99": round(fquantile(&ratios, 0.99))},
         })
     }
+}
+
+/// Whether an envelope may hold a push: its message key, the CBOR text
+/// `"push"`, appears right after the version and cluster id (so sync and
+/// reconciliation frames are not decoded for nothing).
+fn names_push(bytes: &[u8]) -> bool {
+    const KEY: &[u8] = b"\x64push";
+    bytes.len() > KEY.len()
+        && bytes[..bytes.len().min(80)]
+            .windows(KEY.len())
+            .any(|w| w == KEY)
 }
 
 fn digest(change: &[u8]) -> [u8; 16] {

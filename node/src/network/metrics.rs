@@ -462,6 +462,9 @@ impl NodeMetrics {
         applied
             .get_or_create(&label("sync"))
             .inc_by(stats.sync_changes_applied - self.last.sync_changes_applied);
+        applied
+            .get_or_create(&label("push"))
+            .inc_by(stats.push_changes_applied - self.last.push_changes_applied);
         self.syncs_dropped
             .inc_by(stats.syncs_dropped - self.last.syncs_dropped);
         self.syncs_abandoned

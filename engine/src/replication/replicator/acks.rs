@@ -27,7 +27,11 @@ impl Replicator {
             };
             let theirs = e.heads.to_vec();
             let full = crate::layout::heads_digest(&theirs);
-            if full[..digest.len()] == digest[..] {
+            let current = full[..digest.len()] == digest[..];
+            if !self.unacked.is_empty() {
+                self.unacked.acked(from, &e.doc, &theirs, current);
+            }
+            if current {
                 let ours = theirs.clone();
                 self.record_progress(now, from, &e.doc, theirs, Some(&ours))?;
                 continue;

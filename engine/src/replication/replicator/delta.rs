@@ -51,8 +51,10 @@ impl Replicator {
     /// change bytes each, in the order given (a client may hand over more
     /// than one delta holds); each carries `heads`, which the origin holds
     /// once it committed them all. A write with a change too large to
-    /// gossip on its own is announced instead, and pulled. Every known peer
-    /// has the document pending until it reports these heads.
+    /// gossip on its own is announced instead, and pulled. With
+    /// [`Dissemination::Regions`], the parts are pushed instead (see the
+    /// `push` module). Every known peer has the document pending until it
+    /// reports these heads.
     pub fn handle_local_commit(
         &mut self,
         now: Duration,
@@ -64,6 +66,16 @@ impl Replicator {
             .insert(doc.clone(), &crate::layout::heads_digest(heads));
         self.progress
             .local_change(now, doc, heads, changes.len() as u64, &[]);
+        if self.config.dissemination == Dissemination::Regions {
+            // Direct messages take a part of any size up to a frame, so
+            // nothing is announced.
+            for part in delta_parts(changes) {
+                if !part.is_empty() {
+                    self.push_local(now, doc, part.into_iter().map(Bytes).collect(), heads);
+                }
+            }
+            return;
+        }
         let deltas: Vec<Vec<u8>> = delta_parts(changes)
             .into_iter()
             .map(|part| {

@@ -53,6 +53,7 @@ mod acks;
 mod deadlines;
 mod delta;
 mod fetches;
+mod push;
 mod reconciliation;
 mod sync;
 mod types;
@@ -61,6 +62,8 @@ use self::deadlines::Deadlines;
 use self::delta::BatchedDelta;
 use self::fetches::Fetches;
 pub use self::fetches::MAX_PENDING_FETCHES;
+use self::push::Unackeds;
+pub use self::push::{Dissemination, MAX_UNACKED_PUSHES, MAX_UNACKED_PUSH_BYTES};
 pub use self::reconciliation::Fanout;
 pub use self::sync::MAX_HELD_REPAIRS_PER_SCAN;
 use self::sync::{DocSync, HeldRepair};
@@ -128,6 +131,19 @@ pub struct ReplicatorConfig {
     /// Peers each anti-entropy round reconciles with (see [`Fanout`]).
     /// `None` (the default): every connected peer.
     pub reconcile_fanout: Option<Fanout>,
+    /// How this node's own writes reach the cluster. Default
+    /// [`Dissemination::Gossip`]. Pushes from peers are applied and relayed
+    /// whatever this says.
+    pub dissemination: Dissemination,
+    /// Children of each node in a region's push tree. Default 4.
+    pub tree_fanout: usize,
+    /// A push not acknowledged this long is sent again (into another
+    /// region, to the next bridge). It should exceed the longest round
+    /// trip between regions plus `ack_interval`. Default 500 ms.
+    pub push_retry_after: Duration,
+    /// Sends of one push, the first included, before what it carries is
+    /// left to repair. Default 3.
+    pub max_push_sends: u32,
 }
 
 impl ReplicatorConfig {
@@ -150,12 +166,19 @@ impl ReplicatorConfig {
             max_held_bytes_per_peer: 32 << 20,
             reconcile: Params::default(),
             reconcile_fanout: None,
+            dissemination: Dissemination::Gossip,
+            tree_fanout: 4,
+            push_retry_after: Duration::from_millis(500),
+            max_push_sends: 3,
         }
     }
 }
 
 /// What the core knows about one connected peer.
 struct Peer {
+    /// Its region, once known (see [`Replicator::claim_region`]); kept here
+    /// as well as in the progress table, which may forget a node.
+    region: Option<Region>,
     syncs: BTreeMap<DocId, DocSync>,
     queued: BTreeSet<DocId>,
     queue: VecDeque<DocId>,
@@ -200,6 +223,8 @@ pub struct Replicator {
     /// began (for [`Fanout`]); pruned to the regions of connected peers
     /// whenever it has more entries than there are peers.
     region_reconciled: BTreeMap<Region, Duration>,
+    /// Pushes awaiting acknowledgement.
+    unacked: Unackeds,
     stats: Stats,
 }
 
@@ -231,6 +256,7 @@ impl Replicator {
             deadlines: Deadlines::default(),
             fetches: Fetches::default(),
             region_reconciled: BTreeMap::new(),
+            unacked: Unackeds::default(),
             stats: Stats::default(),
         })
     }
@@ -254,6 +280,9 @@ impl Replicator {
                     Some(region) => self.progress.set_region(now, &node, region),
                     None => self.progress.clear_region(&node),
                 }
+            }
+            for (id, p) in &mut self.peers {
+                p.region = list.get(id).cloned();
             }
         }
         self.members = members;
@@ -353,11 +382,10 @@ impl Replicator {
 
     /// When [`handle_timeout`](Self::handle_timeout) is next due.
     pub fn poll_timeout(&self) -> Duration {
-        let sync = self
-            .deadlines
-            .iter()
-            .find(|(at, peer, doc)| self.awaits(*at, peer, doc))
-            .map(|(at, _, _)| *at);
+        // The oldest entry, even if its session went away since: that
+        // costs one early wake-up, which drops it, where checking each
+        // entry here would cost a look per entry on every call.
+        let sync = self.deadlines.iter().next().map(|(at, _, _)| *at);
         let retry = self
             .peers
             .values()
@@ -372,6 +400,9 @@ impl Replicator {
         if let Some(r) = retry {
             next = next.min(r);
         }
+        if let Some(oldest) = self.unacked.oldest() {
+            next = next.min(oldest + self.config.push_retry_after);
+        }
         next
     }
 
@@ -382,6 +413,7 @@ impl Replicator {
         self.peers.insert(
             peer.clone(),
             Peer {
+                region: None,
                 syncs: BTreeMap::new(),
                 queued: BTreeSet::new(),
                 queue: VecDeque::new(),
@@ -504,6 +536,9 @@ impl Replicator {
                 None => return,
             },
         };
+        if let Some(p) = self.peers.get_mut(node) {
+            p.region = Some(region.clone());
+        }
         self.progress.set_region(now, node, &region);
     }
 
@@ -561,6 +596,7 @@ impl Replicator {
             (Channel::Direct, Message::Sync(s)) => self.on_sync(now, from, s),
             (Channel::Direct, Message::Reconcile(r)) => self.on_reconcile(now, from, r),
             (Channel::Direct, Message::Ack(a)) => self.on_ack(now, from, a),
+            (Channel::Direct, Message::Push(p)) => self.on_push(now, from, p),
             (_, m) => Ok(self.reject(from, Rejection::WrongChannel(kind(&m)))),
         }
     }
@@ -582,6 +618,7 @@ impl Replicator {
             self.flush_acks();
             self.next_ack_flush = now + self.config.ack_interval;
         }
+        self.resend_pushes(now);
         if now >= self.next_held_scan {
             self.repair_held(now)?;
             self.next_held_scan = now + self.config.held_repair_interval;
@@ -693,5 +730,6 @@ pub(super) fn kind(m: &Message) -> &'static str {
         Message::Sync(_) => "sync",
         Message::Reconcile(_) => "reconcile",
         Message::Ack(_) => "ack",
+        Message::Push(_) => "push",
     }
 }

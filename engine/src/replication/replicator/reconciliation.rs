@@ -124,7 +124,7 @@ impl Replicator {
         for (id, p) in idle {
             let needed = self.progress.lag(id).documents > 0;
             let rank = (!needed, p.reconciled_at, random.next_u64(), id.clone());
-            let region = self.progress.peer(id).and_then(|q| q.region.clone());
+            let region = self.peers.get(id).and_then(|q| q.region.clone());
             if region.as_ref() == Some(&self.config.region) {
                 local.push(rank);
             } else {
@@ -165,7 +165,7 @@ impl Replicator {
         if let Some(p) = self.peers.get_mut(peer) {
             p.reconciled_at = Some(now);
         }
-        let region = self.progress.peer(peer).and_then(|q| q.region.clone());
+        let region = self.peers.get(peer).and_then(|q| q.region.clone());
         if let Some(region) = region.filter(|r| *r != self.config.region) {
             self.region_reconciled.insert(region, now);
         }
@@ -174,7 +174,7 @@ impl Replicator {
             let live: BTreeSet<Region> = self
                 .peers
                 .keys()
-                .filter_map(|id| self.progress.peer(id).and_then(|q| q.region.clone()))
+                .filter_map(|id| self.peers.get(id).and_then(|q| q.region.clone()))
                 .collect();
             self.region_reconciled.retain(|r, _| live.contains(r));
         }

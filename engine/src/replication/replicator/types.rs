@@ -161,6 +161,16 @@ pub struct Stats {
     pub delta_changes_applied: u64,
     /// Changes applied from sync messages.
     pub sync_changes_applied: u64,
+    /// Changes applied from pushes.
+    pub push_changes_applied: u64,
+    /// Pushes sent again for want of an acknowledgement (to the same
+    /// peer, its stand-ins in the tree, or the next bridge).
+    pub pushes_resent: u64,
+    /// Pushes given up after `max_push_sends`, left to repair.
+    pub pushes_abandoned: u64,
+    /// Pushes not kept for a resend because [`MAX_UNACKED_PUSHES`] or
+    /// [`MAX_UNACKED_PUSH_BYTES`] were reached.
+    pub pushes_untracked: u64,
     /// Documents found to differ by reconciliation.
     pub reconcile_differences: u64,
     /// Reconciliation sessions this node started (on connect, in
@@ -202,7 +212,7 @@ pub struct Stats {
 
 impl Stats {
     /// Messages of `kind` (`hello`, `delta`, `announce`, `sync`, `reconcile`,
-    /// `ack`) sent.
+    /// `ack`, `push`) sent.
     pub fn messages_sent(&self, kind: &str) -> u64 {
         self.sent.get(kind).map_or(0, |(messages, _)| *messages)
     }
@@ -211,6 +221,10 @@ impl Stats {
     pub fn add(&mut self, other: &Stats) {
         self.delta_changes_applied += other.delta_changes_applied;
         self.sync_changes_applied += other.sync_changes_applied;
+        self.push_changes_applied += other.push_changes_applied;
+        self.pushes_resent += other.pushes_resent;
+        self.pushes_abandoned += other.pushes_abandoned;
+        self.pushes_untracked += other.pushes_untracked;
         self.reconcile_differences += other.reconcile_differences;
         self.reconciliations_started += other.reconciliations_started;
         self.anti_entropy_rounds += other.anti_entropy_rounds;
