@@ -270,3 +270,55 @@ fn connection_limits_refuse_peers_beyond_the_maximum() {
         "a with max_connections = 1: b replicates, c was refused for 3 s ({failures} failed dials)"
     );
 }
+
+#[test]
+fn nodes_that_push_along_region_trees_converge_without_gossiping_deltas() {
+    let root = tempfile::tempdir().unwrap();
+    let push = Options {
+        network: "dissemination = \"regions\"",
+        ..Options::default()
+    };
+    let start = |name, region, bootstrap: &[String]| {
+        NodeProc::start_with(root.path(), name, region, bootstrap, Options { ..push })
+    };
+    let a = start("a", "eu", &[]);
+    let b = start("b", "eu", &a.listen);
+    let c = start("c", "us", &a.listen);
+    let d = start("d", "us", &a.listen);
+    let nodes = [&a, &b, &c, &d];
+    wait_until(CONVERGE, "a full mesh of 4", || {
+        nodes.iter().all(|n| n.replicating().len() == 3)
+    });
+    let start = Instant::now();
+    for (i, n) in nodes.iter().enumerate() {
+        n.write_doc("PATCH", "orders/1", &json!({ format!("n{i}"): i }));
+    }
+    let want = json!({"n0": 0, "n1": 1, "n2": 2, "n3": 3});
+    let t = wait_until(CONVERGE, "orders/1 on every node", || {
+        converged(&nodes, "orders/1") && a.get_doc("orders/1").unwrap().0 == want
+    });
+    println!(
+        "4 writes pushed at 4 nodes in 2 regions converged {:.0} ms after the last ({:.0} ms after the first)",
+        t.as_secs_f64() * 1e3,
+        start.elapsed().as_secs_f64() * 1e3
+    );
+    // Metrics are observed every second.
+    let applied = |n: &NodeProc, kind: &str| {
+        n.metric(
+            "causeway_changes_applied_total",
+            &format!("kind=\"{kind}\""),
+        )
+    };
+    wait_until(CONVERGE, "every node's metrics to show pushes", || {
+        nodes.iter().all(|n| applied(n, "push") >= 3.0)
+    });
+    for n in nodes {
+        println!(
+            "changes applied from pushes {}, from deltas {}, from sync {}",
+            applied(n, "push"),
+            applied(n, "delta"),
+            applied(n, "sync")
+        );
+        assert_eq!(applied(n, "delta"), 0.0, "nothing was gossiped");
+    }
+}

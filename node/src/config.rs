@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use causeway_engine::replication::ids::{ClusterId, Region};
+use causeway_engine::replication::Dissemination;
 use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
 
@@ -94,6 +95,11 @@ pub struct NodeConfig {
     pub discovery_interval: Duration,
     /// Time between anti-entropy rounds with every peer. Default 30 s.
     pub anti_entropy_interval: Duration,
+    /// How this node's own writes reach its peers: gossip (published to
+    /// every peer, relayed by gossipsub meshes) or pushed along region
+    /// trees over direct connections (see `docs/protocol.md`,
+    /// "Dissemination by region"). Default gossip.
+    pub dissemination: Dissemination,
     /// A direct message unanswered this long fails (and the replication core
     /// retries the work). Default 30 s.
     pub request_timeout: Duration,
@@ -133,6 +139,7 @@ impl NodeConfig {
             reconnect_max: Duration::from_secs(60),
             discovery_interval: Duration::from_secs(30),
             anti_entropy_interval: Duration::from_secs(30),
+            dissemination: Dissemination::Gossip,
             request_timeout: Duration::from_secs(30),
             max_concurrent_streams: 64,
             idle_connection_timeout: Duration::from_secs(60),

@@ -145,6 +145,7 @@ impl Node {
         let mut core_config =
             ReplicatorConfig::new(node, config.region.clone(), config.cluster.clone());
         core_config.anti_entropy_interval = config.anti_entropy_interval;
+        core_config.dissemination = config.dissemination;
         let start = Instant::now();
         let mut core = Replicator::new(engine.clone(), core_config, Duration::ZERO)?;
         core.set_members(

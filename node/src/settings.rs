@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use causeway_engine::replication::ids::{ClusterId, Region};
+use causeway_engine::replication::Dissemination;
 use causeway_engine::{Durability, EngineConfig, ShapeLimits};
 use libp2p::{Multiaddr, PeerId};
 use serde::Deserialize;
@@ -136,6 +137,8 @@ pub struct NetworkSection {
     pub discovery_interval_secs: Option<u64>,
     /// Anti-entropy interval, seconds.
     pub anti_entropy_interval_secs: Option<u64>,
+    /// How this node's writes reach its peers: `"gossip"` or `"regions"`.
+    pub dissemination: Option<String>,
     /// Direct message timeout, seconds.
     pub request_timeout_secs: Option<u64>,
     /// Idle connection timeout, seconds.
@@ -405,6 +408,17 @@ fn network(
         .map_or(c.reconnect_max, Duration::from_millis);
     c.discovery_interval = secs(n.discovery_interval_secs, c.discovery_interval);
     c.anti_entropy_interval = secs(n.anti_entropy_interval_secs, c.anti_entropy_interval);
+    c.dissemination = match n.dissemination.as_deref() {
+        None => c.dissemination,
+        Some("gossip") => Dissemination::Gossip,
+        Some("regions") => Dissemination::Regions,
+        Some(other) => {
+            return Err((
+                "network.dissemination",
+                format!("{other:?} is not a dissemination: use \"gossip\" or \"regions\""),
+            ))
+        }
+    };
     c.request_timeout = secs(n.request_timeout_secs, c.request_timeout);
     c.idle_connection_timeout = secs(n.idle_connection_timeout_secs, c.idle_connection_timeout);
     c.validate().map_err(|e| (network_key(e.field), e.reason))?;

@@ -1,7 +1,9 @@
 //! `causeway bench scale`: how changes spread through a large cluster, from
 //! the deterministic simulator (`causeway sim --scale`): 300 replication
 //! cores over real stores in 19 regions of the WAN matrix, about 20 client
-//! writes a second, at several message-loss rates.
+//! writes a second, at several message-loss rates, with writes pushed
+//! along region trees and, as the reference in the same run, gossiped as
+//! gossipsub does.
 //!
 //! Each figure is per client write, against its floor in the same run: one
 //! copy of a change into each remote region, one reception per replica, the
@@ -12,6 +14,7 @@
 use std::time::Instant;
 
 use anyhow::{bail, Result};
+use causeway_engine::replication::Dissemination;
 use causeway_engine::sim::{self, SimConfig};
 use serde_json::{json, Value};
 
@@ -30,6 +33,10 @@ pub struct Args {
     /// Client writes (about 20 a second).
     #[arg(long, default_value_t = 200)]
     pub writes: usize,
+    /// How writes leave their node, each run at every loss rate: `regions`
+    /// (pushed along region trees) and `gossip` (the reference).
+    #[arg(long, value_delimiter = ',', default_value = "regions,gossip", value_parser = ["regions", "gossip"])]
+    pub dissemination: Vec<String>,
     /// Loss rates and seed.
     #[command(flatten)]
     pub runs: super::SimRuns,
@@ -41,8 +48,14 @@ pub fn run(args: &Args) -> Result<()> {
         bail!("--regions must be 1 to {}", SimConfig::MAX_WAN_REGIONS);
     }
     let mut report = Report::default();
-    for &loss in &args.runs.loss_permille {
-        let config = SimConfig::at_scale(
+    let runs = args.dissemination.iter().flat_map(|mode| {
+        args.runs
+            .loss_permille
+            .iter()
+            .map(move |&loss| (mode, loss))
+    });
+    for (mode, loss) in runs {
+        let mut config = SimConfig::at_scale(
             args.runs.seed,
             args.nodes,
             args.regions,
@@ -50,6 +63,11 @@ pub fn run(args: &Args) -> Result<()> {
             loss,
             0,
         );
+        config.dissemination = if mode == "gossip" {
+            Dissemination::Gossip
+        } else {
+            Dissemination::Regions
+        };
         let started = Instant::now();
         let outcome = sim::run(&config)?;
         let wall = started.elapsed().as_secs_f64();
@@ -58,7 +76,7 @@ pub fn run(args: &Args) -> Result<()> {
         let speed = node_seconds / wall.max(1e-9);
         let result = json!({
             "bench": "scale",
-            "dissemination": "gossip",
+            "dissemination": mode,
             "nodes": args.nodes,
             "regions": args.regions,
             "loss_permille": loss,
@@ -78,9 +96,11 @@ pub fn run(args: &Args) -> Result<()> {
         report.record(
             result,
             vec![
+                mode.clone(),
                 format!("{}", loss as f64 / 10.0),
                 format!("{}", s["copies_into_remote_region"]["mean"]),
                 format!("{}", s["payload_receptions_per_replica"]),
+                format!("{}", s["payload_bytes_per_replica_x_change"]),
                 format!("{}", s["bytes_per_replica_x_change"]),
                 format!("{}", s["last_over_floor"]["p99"]),
                 format!("{}", s["delivered_by_broadcast"]),
@@ -101,10 +121,12 @@ pub fn run(args: &Args) -> Result<()> {
         }
     }
     report.print_table(&[
+        "writes",
         "loss %",
         "copies into remote region",
         "receptions / replica",
-        "bytes / replica (x change)",
+        "payload bytes / replica (x change)",
+        "all bytes / replica (x change)",
         "last replica p99 (x floor)",
         "by broadcast",
         "reconciliations / node / round",
