@@ -41,4 +41,5 @@ pub use self::replicator::{
     reason_name, Channel, Dissemination, Fanout, Holder, Inbound, Members, Output, QueueDepths,
     Rejection, Replicator, ReplicatorConfig, Stats, Verdict, MAX_ACK_READS,
     MAX_HELD_REPAIRS_PER_SCAN, MAX_PENDING_FETCHES, MAX_UNACKED_PUSHES, MAX_UNACKED_PUSH_BYTES,
+    MIN_PUSH_RETRY,
 };

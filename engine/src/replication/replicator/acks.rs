@@ -29,7 +29,10 @@ impl Replicator {
             let full = crate::layout::heads_digest(&theirs);
             let current = full[..digest.len()] == digest[..];
             if !self.unacked.is_empty() {
-                self.unacked.acked(from, &e.doc, &theirs, current);
+                let samples = self.unacked.acked(from, &e.doc, &theirs, current);
+                for sent in samples {
+                    self.time_round_trip(from, sent, now);
+                }
             }
             if current {
                 let ours = theirs.clone();
@@ -112,12 +115,30 @@ impl Replicator {
             .map(|(id, p)| (id.clone(), std::mem::take(&mut p.acks)))
             .collect();
         for (peer, acks) in pending {
-            let entries = acks
-                .into_iter()
-                .map(|(doc, heads)| AckEntry { doc, heads })
-                .collect();
-            self.send(&peer, Message::Ack(Ack { entries }));
+            self.send_acks(&peer, acks);
         }
+    }
+
+    /// Sends at once what is pending for the peers whose pushes were
+    /// applied in this call: they wait for it before sending again.
+    pub(super) fn flush_urgent_acks(&mut self) {
+        for peer in std::mem::take(&mut self.acks_now) {
+            let Some(p) = self.peers.get_mut(&peer) else {
+                continue;
+            };
+            let acks = std::mem::take(&mut p.acks);
+            if !acks.is_empty() {
+                self.send_acks(&peer, acks);
+            }
+        }
+    }
+
+    fn send_acks(&mut self, peer: &NodeId, acks: BTreeMap<DocId, Heads>) {
+        let entries = acks
+            .into_iter()
+            .map(|(doc, heads)| AckEntry { doc, heads })
+            .collect();
+        self.send(peer, Message::Ack(Ack { entries }));
     }
 
     pub(super) fn holds_all(&self, doc: &DocId, heads: &[ChangeHash]) -> Result<bool> {

@@ -55,6 +55,7 @@ mod delta;
 mod fetches;
 mod push;
 mod reconciliation;
+mod round_trip;
 mod sync;
 mod types;
 
@@ -65,6 +66,8 @@ pub use self::fetches::MAX_PENDING_FETCHES;
 use self::push::Unackeds;
 pub use self::push::{Dissemination, MAX_UNACKED_PUSHES, MAX_UNACKED_PUSH_BYTES};
 pub use self::reconciliation::Fanout;
+use self::round_trip::RoundTrip;
+pub use self::round_trip::MIN_PUSH_RETRY;
 pub use self::sync::MAX_HELD_REPAIRS_PER_SCAN;
 use self::sync::{DocSync, HeldRepair};
 pub use self::types::{
@@ -138,8 +141,11 @@ pub struct ReplicatorConfig {
     /// Children of each node in a region's push tree. Default 4.
     pub tree_fanout: usize,
     /// A push not acknowledged this long is sent again (into another
-    /// region, to the next bridge). It should exceed the longest round
-    /// trip between regions plus `ack_interval`. Default 500 ms.
+    /// region, to the next bridge), before any acknowledgement from its
+    /// peer was timed; after that, the peer's measured round trip plus four
+    /// times its variation, at least [`MIN_PUSH_RETRY`] and at most this.
+    /// Each resend waits twice as long as the one before. It should exceed
+    /// the longest round trip between regions. Default 500 ms.
     pub push_retry_after: Duration,
     /// Sends of one push, the first included, before what it carries is
     /// left to repair. Default 3.
@@ -179,6 +185,8 @@ struct Peer {
     /// Its region, once known (see [`Replicator::claim_region`]); kept here
     /// as well as in the progress table, which may forget a node.
     region: Option<Region>,
+    /// How long its acknowledgements of pushes take.
+    round_trip: RoundTrip,
     syncs: BTreeMap<DocId, DocSync>,
     queued: BTreeSet<DocId>,
     queue: VecDeque<DocId>,
@@ -223,8 +231,14 @@ pub struct Replicator {
     /// began (for [`Fanout`]); pruned to the regions of connected peers
     /// whenever it has more entries than there are peers.
     region_reconciled: BTreeMap<Region, Duration>,
+    /// Round trips of pushes to each region's peers, pooled (for a peer
+    /// with no sample of its own); one entry per region a peer was in.
+    region_round_trip: BTreeMap<Region, RoundTrip>,
     /// Pushes awaiting acknowledgement.
     unacked: Unackeds,
+    /// Peers whose pushes this call applied: their acknowledgements go
+    /// out when it ends, not at the next flush.
+    acks_now: BTreeSet<NodeId>,
     stats: Stats,
 }
 
@@ -256,7 +270,9 @@ impl Replicator {
             deadlines: Deadlines::default(),
             fetches: Fetches::default(),
             region_reconciled: BTreeMap::new(),
+            region_round_trip: BTreeMap::new(),
             unacked: Unackeds::default(),
+            acks_now: BTreeSet::new(),
             stats: Stats::default(),
         })
     }
@@ -400,8 +416,8 @@ impl Replicator {
         if let Some(r) = retry {
             next = next.min(r);
         }
-        if let Some(oldest) = self.unacked.oldest() {
-            next = next.min(oldest + self.config.push_retry_after);
+        if let Some(due) = self.unacked.next_due() {
+            next = next.min(due);
         }
         next
     }
@@ -414,6 +430,7 @@ impl Replicator {
             peer.clone(),
             Peer {
                 region: None,
+                round_trip: RoundTrip::default(),
                 syncs: BTreeMap::new(),
                 queued: BTreeSet::new(),
                 queue: VecDeque::new(),
@@ -457,6 +474,7 @@ impl Replicator {
             Err(verdict) => verdict,
         };
         self.engine.sync_deferred()?;
+        self.flush_urgent_acks();
         Ok(verdict)
     }
 
@@ -501,6 +519,7 @@ impl Replicator {
             )?;
         }
         self.engine.sync_deferred()?;
+        self.flush_urgent_acks();
         Ok(verdicts)
     }
 

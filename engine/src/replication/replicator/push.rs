@@ -40,6 +40,8 @@ pub(super) struct Unacked {
     /// the push.
     heads: Vec<ChangeHash>,
     sent_at: Duration,
+    /// When it is sent again if still unacknowledged.
+    due: Duration,
     /// Times sent so far, to this peer and the ones it stood for.
     sends: u32,
     /// For a copy into another region: the region and the bridges tried.
@@ -70,24 +72,28 @@ impl Unackeds {
     }
 
     /// `peer` acknowledged `heads` of `doc`; `current` says whether those
-    /// are this node's current heads. Drops the pushes they cover.
+    /// are this node's current heads. Drops the pushes they cover and
+    /// returns when the ones sent once were sent (round-trip samples).
     pub(super) fn acked(
         &mut self,
         peer: &NodeId,
         doc: &DocId,
         heads: &[ChangeHash],
         current: bool,
-    ) {
+    ) -> Vec<Duration> {
         let key = (peer.clone(), doc.clone());
         let Some(list) = self.by_peer.get_mut(&key) else {
-            return;
+            return Vec::new();
         };
-        let (mut count, mut bytes) = (0, 0);
+        let (mut count, mut bytes, mut samples) = (0, 0, Vec::new());
         list.retain(|u| {
             let covered = current || u.heads.iter().all(|h| heads.contains(h));
             if covered {
                 count += 1;
                 bytes += u.bytes;
+                if u.sends == 1 {
+                    samples.push(u.sent_at);
+                }
             }
             !covered
         });
@@ -96,20 +102,22 @@ impl Unackeds {
         }
         self.count -= count;
         self.bytes -= bytes;
+        samples
     }
 
-    /// When the oldest tracked push was sent.
-    pub(super) fn oldest(&self) -> Option<Duration> {
-        self.by_peer.values().flatten().map(|u| u.sent_at).min()
+    /// When the next resend is due.
+    pub(super) fn next_due(&self) -> Option<Duration> {
+        self.by_peer.values().flatten().map(|u| u.due).min()
     }
 
-    /// Removes and returns the pushes sent at or before `cutoff`.
-    fn take_sent_by(&mut self, cutoff: Duration) -> Vec<(NodeId, Unacked)> {
+    /// Removes and returns the pushes due for a resend at `now`.
+    fn take_due(&mut self, now: Duration) -> Vec<(NodeId, Unacked)> {
+        let cutoff = now;
         let mut out = Vec::new();
         let keys: Vec<(NodeId, DocId)> = self
             .by_peer
             .iter()
-            .filter(|(_, list)| list.iter().any(|u| u.sent_at <= cutoff))
+            .filter(|(_, list)| list.iter().any(|u| u.due <= cutoff))
             .map(|(k, _)| k.clone())
             .collect();
         for key in keys {
@@ -117,7 +125,7 @@ impl Unackeds {
                 continue;
             };
             let (due, keep): (Vec<Unacked>, Vec<Unacked>) =
-                list.into_iter().partition(|u| u.sent_at <= cutoff);
+                list.into_iter().partition(|u| u.due <= cutoff);
             for u in due {
                 self.count -= 1;
                 self.bytes -= u.bytes;
@@ -239,6 +247,7 @@ impl Replicator {
         }
         if outcome.applied > 0 || outcome.duplicates > 0 {
             self.queue_ack(from, &p.doc, &outcome.heads);
+            self.acks_now.insert(from.clone());
             if p.origin != *from {
                 self.queue_ack(&p.origin, &p.doc, &outcome.heads);
             }
@@ -265,8 +274,26 @@ impl Replicator {
         }
     }
 
-    /// Sends `push` to `to` and keeps it for a resend until `to`
-    /// acknowledges `heads`.
+    /// A message to `peer` sent at `sent` was answered at `now` (a push
+    /// acknowledged after its first send, or a reconciliation step): one
+    /// round-trip sample for the peer and its region.
+    pub(super) fn time_round_trip(&mut self, peer: &NodeId, sent: Duration, now: Duration) {
+        let Some(p) = self.peers.get_mut(peer) else {
+            return;
+        };
+        p.round_trip.sample(sent, now);
+        if let Some(region) = p.region.clone() {
+            self.region_round_trip
+                .entry(region)
+                .or_default()
+                .sample(sent, now);
+        }
+    }
+
+    /// Sends `push` to `to` (sent `sends` times before, to it or to the
+    /// peers it stands for) and keeps it for a resend, after `to`'s
+    /// [`RoundTrip::retry_after`] (its region's while it has no sample of
+    /// its own), until `to` acknowledges `heads`.
     fn send_push(
         &mut self,
         now: Duration,
@@ -278,10 +305,22 @@ impl Replicator {
     ) {
         let bytes = push.changes.iter().map(|c| c.0.len()).sum();
         self.send(to, Message::Push(push.clone()));
+        // A peer not timed yet is taken to be as far as its region.
+        let round_trip = match self.peers.get(to) {
+            Some(p) if p.round_trip.is_timed() => p.round_trip,
+            Some(p) => p
+                .region
+                .as_ref()
+                .and_then(|r| self.region_round_trip.get(r).copied())
+                .unwrap_or_default(),
+            None => RoundTrip::default(),
+        };
+        let wait = round_trip.retry_after(self.config.push_retry_after, sends);
         let tracked = Unacked {
             push,
             heads: heads.to_vec(),
             sent_at: now,
+            due: now + wait,
             sends: sends + 1,
             bridges,
             bytes,
@@ -291,12 +330,9 @@ impl Replicator {
         }
     }
 
-    /// Sends again every push unacknowledged for `push_retry_after`.
+    /// Sends again every push whose acknowledgement is overdue.
     pub(super) fn resend_pushes(&mut self, now: Duration) {
-        let Some(cutoff) = now.checked_sub(self.config.push_retry_after) else {
-            return;
-        };
-        for (to, u) in self.unacked.take_sent_by(cutoff) {
+        for (to, u) in self.unacked.take_due(now) {
             self.resend_push(now, &to, u);
         }
     }

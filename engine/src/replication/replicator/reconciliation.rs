@@ -80,6 +80,16 @@ impl Replicator {
         for doc in &processed.to_sync {
             self.enqueue_sync(from, doc);
         }
+        if let Some((_, sent)) = self
+            .peers
+            .get(from)
+            .and_then(|p| p.reconcile_sent_at)
+            .filter(|(id, _)| *id == r.session)
+        {
+            // A step of our own session answered: as good a round trip as
+            // a push's (a resent step starts a new session).
+            self.time_round_trip(from, sent, now);
+        }
         let Some(p) = self.peer_mut(from) else {
             return Ok(Verdict::Ignore);
         };
