@@ -29,7 +29,7 @@ impl RoundTrip {
                 self.variation = r / 2;
             }
             Some(s) => {
-                let diff = if s > r { s - r } else { r - s };
+                let diff = s.abs_diff(r);
                 self.variation = (self.variation * 3 + diff) / 4;
                 self.smoothed = Some((s * 7 + r) / 8);
             }
