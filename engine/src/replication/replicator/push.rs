@@ -292,8 +292,9 @@ impl Replicator {
 
     /// Sends `push` to `to` (sent `sends` times before, to it or to the
     /// peers it stands for) and keeps it for a resend, after `to`'s
-    /// [`RoundTrip::retry_after`] (its region's while it has no sample of
-    /// its own), until `to` acknowledges `heads`.
+    /// [`RoundTrip::retry_after`] (its region's while that has more samples
+    /// and the peer few, see [`RoundTrip::or_pooled`]), until `to`
+    /// acknowledges `heads`.
     fn send_push(
         &mut self,
         now: Duration,
@@ -305,14 +306,14 @@ impl Replicator {
     ) {
         let bytes = push.changes.iter().map(|c| c.0.len()).sum();
         self.send(to, Message::Push(push.clone()));
-        // A peer not timed yet is taken to be as far as its region.
         let round_trip = match self.peers.get(to) {
-            Some(p) if p.round_trip.is_timed() => p.round_trip,
-            Some(p) => p
-                .region
-                .as_ref()
-                .and_then(|r| self.region_round_trip.get(r).copied())
-                .unwrap_or_default(),
+            Some(p) => {
+                let pooled = p
+                    .region
+                    .as_ref()
+                    .and_then(|r| self.region_round_trip.get(r));
+                p.round_trip.or_pooled(pooled.copied())
+            }
             None => RoundTrip::default(),
         };
         let wait = round_trip.retry_after(self.config.push_retry_after, sends);

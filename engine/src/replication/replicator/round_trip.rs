@@ -12,17 +12,22 @@ use std::time::Duration;
 /// an fsync).
 pub const MIN_PUSH_RETRY: Duration = Duration::from_millis(10);
 
-/// Round-trip samples of one peer.
+/// Samples after which a peer is timed by its own round trips only.
+const SETTLED_SAMPLES: u32 = 8;
+
+/// Round-trip samples of one peer (or one region).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(super) struct RoundTrip {
     smoothed: Option<Duration>,
     variation: Duration,
+    samples: u32,
 }
 
 impl RoundTrip {
     /// A push sent at `sent` was acknowledged at `now`.
     pub(super) fn sample(&mut self, sent: Duration, now: Duration) {
         let r = now.saturating_sub(sent);
+        self.samples = self.samples.saturating_add(1);
         match self.smoothed {
             None => {
                 self.smoothed = Some(r);
@@ -36,9 +41,16 @@ impl RoundTrip {
         }
     }
 
-    /// Whether any sample was taken.
-    pub(super) fn is_timed(&self) -> bool {
-        self.smoothed.is_some()
+    /// Of `self` (a peer's) and `pooled` (its region's), the one to time a
+    /// push by: the peer's once it has [`SETTLED_SAMPLES`], else whichever
+    /// has more samples. A first sample sets the variation to half the
+    /// round trip, so a peer timed once waits three round trips; its
+    /// region's peers, timed alike, usually know better.
+    pub(super) fn or_pooled(self, pooled: Option<RoundTrip>) -> RoundTrip {
+        match pooled {
+            Some(p) if self.samples < SETTLED_SAMPLES && p.samples > self.samples => p,
+            _ => self,
+        }
     }
 
     /// The wait before resending a push sent `sends` times already: the
@@ -71,6 +83,17 @@ mod tests {
             rt.sample(ms(t * 10), ms(t * 10 + 4));
         }
         assert_eq!(rt.retry_after(ms(500), 0), MIN_PUSH_RETRY);
+        // A peer timed once defers to its region, timed more often.
+        let mut once = RoundTrip::default();
+        once.sample(ms(0), ms(100));
+        let mut region = RoundTrip::default();
+        for t in 0..10 {
+            region.sample(ms(t * 1000), ms(t * 1000 + 100));
+        }
+        assert_eq!(once.retry_after(ms(500), 0), ms(300));
+        assert!(once.or_pooled(Some(region)).retry_after(ms(500), 0) < ms(150));
+        assert_eq!(once.or_pooled(None), once);
+        assert_eq!(rt.or_pooled(Some(region)), rt);
         let mut far = RoundTrip::default();
         far.sample(ms(0), ms(900));
         assert_eq!(far.retry_after(ms(500), 0), ms(500));
