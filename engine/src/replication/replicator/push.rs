@@ -253,20 +253,14 @@ impl Replicator {
             }
         }
         if new.contains(&true) {
-            // Held changes leave the heads where they were: nothing the
-            // children acknowledge would show they got this push, so it is
-            // relayed without being kept (what they miss, they repair as
-            // this node does).
-            let heads = (outcome.applied > 0).then_some(outcome.heads.as_slice());
-            self.relay_push(now, from, p, heads);
+            self.relay_push(now, from, p, &outcome.heads);
         }
         Ok(Verdict::Accept)
     }
 
     /// Sends `p` on to this node's children in its tree, unless its root is
-    /// neither this node nor a member of this node's region; kept for a
-    /// resend until they acknowledge `heads`, if given.
-    fn relay_push(&mut self, now: Duration, from: &NodeId, p: Push, heads: Option<&[ChangeHash]>) {
+    /// neither this node nor a member of this node's region.
+    fn relay_push(&mut self, now: Duration, from: &NodeId, p: Push, heads: &[ChangeHash]) {
         let me = self.config.node.clone();
         let home = self.region_members(&self.config.region);
         if p.root != me && !home.contains(&p.root) {
@@ -276,10 +270,7 @@ impl Replicator {
             self.peers.contains_key(m) && m != from && *m != p.origin
         });
         for child in children {
-            match heads {
-                Some(heads) => self.send_push(now, &child, p.clone(), heads, 0, None),
-                None => self.send(&child, Message::Push(p.clone())),
-            }
+            self.send_push(now, &child, p.clone(), heads, 0, None);
         }
     }
 
