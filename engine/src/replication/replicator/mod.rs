@@ -185,7 +185,8 @@ struct Peer {
     /// Its region, once known (see [`Replicator::claim_region`]); kept here
     /// as well as in the progress table, which may forget a node.
     region: Option<Region>,
-    /// How long its acknowledgements of pushes take.
+    /// How long its answers take (acknowledgements of pushes, steps of
+    /// reconciliation sessions this node started).
     round_trip: RoundTrip,
     syncs: BTreeMap<DocId, DocSync>,
     queued: BTreeSet<DocId>,
@@ -231,8 +232,9 @@ pub struct Replicator {
     /// began (for [`Fanout`]); pruned to the regions of connected peers
     /// whenever it has more entries than there are peers.
     region_reconciled: BTreeMap<Region, Duration>,
-    /// Round trips of pushes to each region's peers, pooled (for a peer
-    /// with no sample of its own); one entry per region a peer was in.
+    /// Round trips to each region's peers, pooled (for a peer with few
+    /// samples of its own, see `RoundTrip::or_pooled`); one entry per
+    /// region a peer was in.
     region_round_trip: BTreeMap<Region, RoundTrip>,
     /// Pushes awaiting acknowledgement.
     unacked: Unackeds,
