@@ -112,12 +112,11 @@ impl Unackeds {
 
     /// Removes and returns the pushes due for a resend at `now`.
     fn take_due(&mut self, now: Duration) -> Vec<(NodeId, Unacked)> {
-        let cutoff = now;
         let mut out = Vec::new();
         let keys: Vec<(NodeId, DocId)> = self
             .by_peer
             .iter()
-            .filter(|(_, list)| list.iter().any(|u| u.due <= cutoff))
+            .filter(|(_, list)| list.iter().any(|u| u.due <= now))
             .map(|(k, _)| k.clone())
             .collect();
         for key in keys {
@@ -125,7 +124,7 @@ impl Unackeds {
                 continue;
             };
             let (due, keep): (Vec<Unacked>, Vec<Unacked>) =
-                list.into_iter().partition(|u| u.due <= cutoff);
+                list.into_iter().partition(|u| u.due <= now);
             for u in due {
                 self.count -= 1;
                 self.bytes -= u.bytes;
