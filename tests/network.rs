@@ -274,8 +274,9 @@ fn connection_limits_refuse_peers_beyond_the_maximum() {
 #[test]
 fn nodes_that_push_along_region_trees_converge_without_gossiping_deltas() {
     let root = tempfile::tempdir().unwrap();
+    // Rounds reconcile with one peer of the region and one of the other.
     let push = Options {
-        network: "dissemination = \"regions\"",
+        network: "dissemination = \"regions\"\nreconcile_fanout = \"1,1\"",
         ..Options::default()
     };
     let start = |name, region, bootstrap: &[String]| {

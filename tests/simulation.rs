@@ -194,7 +194,8 @@ fn regression_lines_round_trip() {
 }
 
 /// A run at scale: 60 nodes in 6 regions of the WAN matrix, with loss and
-/// faults, writes pushed along region trees. Every check of a seeded run
+/// faults, writes pushed along region trees, reconciliation with 3 peers a
+/// round. Every check of a seeded run
 /// holds, and the dissemination figures are measured (printed with
 /// `--no-capture`).
 #[test]
@@ -231,5 +232,12 @@ fn a_run_at_scale_converges_and_measures_how_writes_spread() {
     let receptions = spread["payload_receptions_per_replica"].as_f64().unwrap();
     assert!((0.5..=1.2).contains(&receptions), "{spread}");
     assert!(reached * 2 > pairs, "{spread}");
+    // Each round reconciles with 2 peers of the region and 1 of another;
+    // sessions started on reconnects and resent after a loss add a few.
+    // Reconciling with every peer would be 59 a round.
+    let per_round = json["reconciliation"]["per_node_per_round"]
+        .as_f64()
+        .unwrap();
+    assert!(per_round < 10.0, "{}", json["reconciliation"]);
     assert!(report.replay.contains("--scale --loss 10 --faults 20"));
 }

@@ -319,3 +319,31 @@ fn members_that_went_away_are_skipped_and_their_subtrees_still_get_the_write() {
     c.tick(WAIT, |_, _, _| true);
     assert!(c.everyone_has("doc/2", &json!({"v": 2})));
 }
+
+#[test]
+fn a_child_that_never_acknowledges_gets_a_sync_and_its_children_the_push() {
+    let mut c = Cluster::new(&["eu"], 8, 2);
+    // Every push from the origin to one of its children is lost: after
+    // `max_push_sends` sends the origin gives up pushing to it, syncs the
+    // document with it, and pushes to its children in its place, all well
+    // before an anti-entropy round (30 s) could repair them.
+    let child = c.write_losing_first_push(0, "doc/1", json!({"v": 1}), 0..8);
+    let lose = |from: usize, to: usize, m: &Message| {
+        !(from == 0 && to == child && matches!(m, Message::Push(_)))
+    };
+    for _ in 0..6 {
+        c.tick(WAIT, lose);
+    }
+    assert!(c.now < Duration::from_secs(10));
+    assert!(c.everyone_has("doc/1", &json!({"v": 1})));
+    assert_eq!(c.nodes[0].core.stats().pushes_abandoned, 1);
+    assert!(c.nodes[child].core.stats().sync_changes_applied >= 1);
+    // The origin's own two children, and the lost child's children.
+    let targets: std::collections::BTreeSet<usize> = c
+        .pushes
+        .iter()
+        .filter(|&&(from, _)| from == 0)
+        .map(|&(_, to)| to)
+        .collect();
+    assert!(targets.len() > 2, "the origin pushed to {targets:?}");
+}

@@ -13,7 +13,10 @@ use std::time::Duration;
 
 use causeway_engine::replication::ids::{ClusterId, NodeId, Region};
 use causeway_engine::replication::random::SplitMix64;
-use causeway_engine::replication::{Channel, Inbound, Output, Replicator, ReplicatorConfig};
+use causeway_engine::replication::wire::{Envelope, Message};
+use causeway_engine::replication::{
+    Channel, Fanout, Inbound, Output, Replicator, ReplicatorConfig,
+};
 use causeway_engine::{DocId, SessionToken};
 use common::{fresh, id};
 use serde_json::json;
@@ -25,23 +28,31 @@ struct Net {
     names: Vec<NodeId>,
     /// Nodes cut off from every other node.
     isolated: BTreeSet<usize>,
+    /// Directed pairs whose acknowledgements are lost.
+    drop_acks: BTreeSet<(usize, usize)>,
     now: Duration,
     rng: SplitMix64,
 }
 
 impl Net {
     fn new(regions: &[&str]) -> Net {
+        Net::with(regions, |_| {})
+    }
+
+    /// Cores in `regions`, each configured by `tune`.
+    fn with(regions: &[&str], tune: impl Fn(&mut ReplicatorConfig)) -> Net {
         let mut dirs = Vec::new();
         let mut cores = Vec::new();
         let mut names = Vec::new();
         for (i, region) in regions.iter().enumerate() {
             let (dir, engine) = fresh();
             let name = NodeId::new(format!("n{i}")).unwrap();
-            let config = ReplicatorConfig::new(
+            let mut config = ReplicatorConfig::new(
                 name.clone(),
                 Region::new(*region).unwrap(),
                 ClusterId::new("test").unwrap(),
             );
+            tune(&mut config);
             cores.push(Replicator::new(engine, config, Duration::ZERO).unwrap());
             dirs.push(dir);
             names.push(name);
@@ -51,6 +62,7 @@ impl Net {
             cores,
             names,
             isolated: BTreeSet::new(),
+            drop_acks: BTreeSet::new(),
             now: Duration::ZERO,
             rng: SplitMix64::new(7),
         };
@@ -128,7 +140,12 @@ impl Net {
                 .collect(),
             Output::Send { to, bytes } => {
                 let b = self.names.iter().position(|n| *n == to).unwrap();
-                if self.linked(src, b) {
+                let lost = self.drop_acks.contains(&(src, b))
+                    && matches!(
+                        Envelope::decode(&bytes, usize::MAX).map(|e| e.message),
+                        Ok(Message::Ack(_))
+                    );
+                if self.linked(src, b) && !lost {
                     vec![(b, Channel::Direct, bytes)]
                 } else {
                     Vec::new()
@@ -267,4 +284,47 @@ fn a_peer_that_got_a_write_through_a_third_node_is_cleared_by_reconciliation() {
     net.settle();
     assert_eq!(net.cores[0].progress().lag(&net.names[1]).documents, 0);
     assert!(net.regions_holding(0, &doc, &token).contains("us"));
+}
+
+#[test]
+fn a_write_whose_acknowledgement_was_lost_is_confirmed_at_the_next_round() {
+    // n0 and n1 share a region; rounds reconcile only with another region,
+    // so n0 never reconciles with n1. n1 gets n0's write, but every
+    // acknowledgement it sends n0 is lost: n0 must ask n1 at its next
+    // round (a document sync), whose "in sync" answer confirms the write.
+    let mut net = Net::with(&["eu", "eu", "ap"], |c| {
+        c.reconcile_fanout = Some(Fanout {
+            local: 0,
+            remote: 1,
+        })
+    });
+    net.settle();
+    net.drop_acks.insert((1, 0));
+    let doc = id("doc/unacked");
+    let token = net.write(0, &doc, json!({"x": 1}));
+    net.settle();
+    let n1 = net.names[1].clone();
+    assert_eq!(
+        net.cores[1].engine().heads(&doc).unwrap(),
+        token.heads(&doc).unwrap()
+    );
+    assert_eq!(net.cores[0].progress().lag(&n1).documents, 1);
+    assert_eq!(net.cores[0].stats().confirmations, 0);
+    // The next round, then the answer.
+    net.drop_acks.clear();
+    let round = ReplicatorConfig::new(
+        n1.clone(),
+        Region::new("eu").unwrap(),
+        ClusterId::new("test").unwrap(),
+    )
+    .anti_entropy_interval;
+    net.now += round * 5 / 4;
+    net.settle();
+    assert_eq!(net.cores[0].stats().confirmations, 1);
+    assert_eq!(net.cores[0].progress().lag(&n1).documents, 0);
+    assert!(net.cores[0]
+        .holders(&doc, token.heads(&doc).unwrap())
+        .unwrap()
+        .iter()
+        .any(|h| h.peer == n1 && h.holds));
 }

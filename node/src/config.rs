@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use causeway_engine::replication::ids::{ClusterId, Region};
-use causeway_engine::replication::Dissemination;
+use causeway_engine::replication::{Dissemination, Fanout};
 use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
 
@@ -100,6 +100,10 @@ pub struct NodeConfig {
     /// trees over direct connections (see `docs/protocol.md`,
     /// "Dissemination by region"). Default gossip.
     pub dissemination: Dissemination,
+    /// Peers each anti-entropy round reconciles with: a few of this node's
+    /// region and of other regions (see `docs/protocol.md`,
+    /// "Reconciliation"), or, `None`, every connected peer. Default `None`.
+    pub reconcile_fanout: Option<Fanout>,
     /// A direct message unanswered this long fails (and the replication core
     /// retries the work). Default 30 s.
     pub request_timeout: Duration,
@@ -140,6 +144,7 @@ impl NodeConfig {
             discovery_interval: Duration::from_secs(30),
             anti_entropy_interval: Duration::from_secs(30),
             dissemination: Dissemination::Gossip,
+            reconcile_fanout: None,
             request_timeout: Duration::from_secs(30),
             max_concurrent_streams: 64,
             idle_connection_timeout: Duration::from_secs(60),

@@ -146,6 +146,7 @@ impl Node {
             ReplicatorConfig::new(node, config.region.clone(), config.cluster.clone());
         core_config.anti_entropy_interval = config.anti_entropy_interval;
         core_config.dissemination = config.dissemination;
+        core_config.reconcile_fanout = config.reconcile_fanout;
         let start = Instant::now();
         let mut core = Replicator::new(engine.clone(), core_config, Duration::ZERO)?;
         core.set_members(

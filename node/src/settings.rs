@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use causeway_engine::replication::ids::{ClusterId, Region};
-use causeway_engine::replication::Dissemination;
+use causeway_engine::replication::{Dissemination, Fanout};
 use causeway_engine::{Durability, EngineConfig, ShapeLimits};
 use libp2p::{Multiaddr, PeerId};
 use serde::Deserialize;
@@ -139,6 +139,8 @@ pub struct NetworkSection {
     pub anti_entropy_interval_secs: Option<u64>,
     /// How this node's writes reach its peers: `"gossip"` or `"regions"`.
     pub dissemination: Option<String>,
+    /// Peers per anti-entropy round: `"LOCAL,REMOTE"` or `"all"`.
+    pub reconcile_fanout: Option<String>,
     /// Direct message timeout, seconds.
     pub request_timeout_secs: Option<u64>,
     /// Idle connection timeout, seconds.
@@ -418,6 +420,14 @@ fn network(
                 format!("{other:?} is not a dissemination: use \"gossip\" or \"regions\""),
             ))
         }
+    };
+    c.reconcile_fanout = match n.reconcile_fanout.as_deref() {
+        None => c.reconcile_fanout,
+        Some("all") => None,
+        Some(f) => Some(
+            f.parse::<Fanout>()
+                .map_err(|e| ("network.reconcile_fanout", format!("{e}, or \"all\"")))?,
+        ),
     };
     c.request_timeout = secs(n.request_timeout_secs, c.request_timeout);
     c.idle_connection_timeout = secs(n.idle_connection_timeout_secs, c.idle_connection_timeout);
@@ -772,6 +782,26 @@ mod tests {
             err("data_dir = \"/a\"\n[automerge_repo]\nmax_documents_per_connection = 0")
                 .contains("key automerge_repo.max_documents_per_connection")
         );
+        for fanout in ["0,0", "2", "two,one", "2,1,1"] {
+            let text = format!("data_dir = \"/a\"\n[network]\nreconcile_fanout = \"{fanout}\"");
+            assert!(
+                err(&text).contains("key network.reconcile_fanout"),
+                "{fanout}"
+            );
+        }
+        let fanout = |text: &str| parse(text).map(|s| s.node.reconcile_fanout).ok();
+        assert_eq!(
+            fanout("data_dir = \"/a\"\n[network]\nreconcile_fanout = \"2,1\""),
+            Some(Some(Fanout {
+                local: 2,
+                remote: 1
+            }))
+        );
+        assert_eq!(
+            fanout("data_dir = \"/a\"\n[network]\nreconcile_fanout = \"all\""),
+            Some(None)
+        );
+        assert_eq!(fanout("data_dir = \"/a\""), Some(None));
         let ok = parse(
             "data_dir = \"/a\"\n[automerge_repo]\npath = \"/sync\"\nmissing_document_wait_ms = 250",
         );

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Result};
-use causeway_engine::replication::{Dissemination, Fanout};
+use causeway_engine::replication::{BadFanout, Dissemination, Fanout};
 use causeway_engine::sim::{self, SimConfig, Summary};
 use serde_json::json;
 
@@ -48,10 +48,11 @@ pub struct Args {
     #[arg(long, default_value_t = 0, requires = "scale")]
     pub faults: u32,
     /// Each anti-entropy round reconciles with LOCAL peers of the node's
-    /// region and REMOTE peers of other regions, instead of every peer
-    /// (`LOCAL,REMOTE`, for example `2,1`).
-    #[arg(long, value_delimiter = ',', value_name = "LOCAL,REMOTE")]
-    pub reconcile_fanout: Option<Vec<usize>>,
+    /// region and REMOTE peers of other regions (`LOCAL,REMOTE`, for
+    /// example `2,1`), or with every connected peer (`all`). Default: drawn
+    /// from the seed; `2,1` with `--scale`.
+    #[arg(long, value_name = "LOCAL,REMOTE|all", value_parser = parse_fanout)]
+    pub reconcile_fanout: Option<FanoutArg>,
     /// How writes leave their node: `gossip` (published to every peer and
     /// relayed by meshes) or `regions` (pushed along region trees, one copy
     /// into each other region). Default: drawn from the seed; `regions`
@@ -62,6 +63,19 @@ pub struct Args {
     /// temporary directory).
     #[arg(long)]
     pub dir: Option<PathBuf>,
+}
+
+/// A `--reconcile-fanout` value (`None`: every connected peer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FanoutArg(pub Option<Fanout>);
+
+fn parse_fanout(s: &str) -> Result<FanoutArg, String> {
+    if s == "all" {
+        return Ok(FanoutArg(None));
+    }
+    s.parse()
+        .map(|f| FanoutArg(Some(f)))
+        .map_err(|e: BadFanout| e.to_string())
 }
 
 impl Args {
@@ -81,11 +95,8 @@ impl Args {
         if let Some(s) = self.steps {
             c.steps = s;
         }
-        if let Some([local, remote]) = self.reconcile_fanout.as_deref() {
-            c.reconcile_fanout = Some(Fanout {
-                local: *local,
-                remote: *remote,
-            });
+        if let Some(FanoutArg(f)) = self.reconcile_fanout {
+            c.reconcile_fanout = f;
         }
         match self.dissemination.as_deref() {
             Some("gossip") => c.dissemination = Dissemination::Gossip,
@@ -111,9 +122,6 @@ pub fn run(args: &Args) -> Result<()> {
             "--scale has {} regions at most (the WAN matrix)",
             SimConfig::MAX_WAN_REGIONS
         );
-    }
-    if args.reconcile_fanout.as_ref().is_some_and(|f| f.len() != 2) {
-        bail!("--reconcile-fanout takes two numbers: LOCAL,REMOTE");
     }
     if args.loss > 1000 || args.faults > 1000 {
         bail!("--loss and --faults are per thousand: at most 1000");

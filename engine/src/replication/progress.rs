@@ -1,22 +1,24 @@
 //! Progress tracking: which heads of each document each peer is known to
 //! hold, learned from its deltas, its sync messages, its acknowledgements and
-//! reconciliation, and what this node holds that a peer is not known to have
-//! yet (replication lag).
+//! reconciliation, and which of this node's own writes a peer has not
+//! confirmed yet (replication lag).
 //!
 //! The record is the latest report per peer and document, with the time it
 //! arrived. Reports travel on different paths (gossip, sync, ack) and may
 //! arrive out of order, so a record can briefly show older heads than the
 //! peer holds; it never shows heads the peer did not report.
 //!
-//! Lag is kept incrementally. When this node's heads of a document change
-//! (a local commit, or changes applied from a peer), every known peer whose
-//! last report does not include those heads gets the document marked
-//! *pending* from that moment, counting the changes since; the peers the
-//! changes came from hold them and get no new mark. A report that
-//! includes this node's current heads clears the mark and yields one
-//! propagation-delay sample (the time the oldest pending change waited).
-//! Documents that did not change since a peer was first heard from are not
-//! counted: "behind" means known to lack.
+//! Lag is kept for this node's own writes only: a node answers for what it
+//! wrote, and the nodes it wrote to answer to it. A local commit marks the
+//! document *pending* for every known peer from that moment, with the
+//! commit's heads as its target (a later commit moves the target and adds
+//! to the count, the time stays). A report that includes the target, or
+//! that the caller finds covers it by causal history, ends the mark and
+//! yields one propagation-delay sample (the time the oldest unconfirmed
+//! write waited). Changes applied from peers mark nothing, so the work of a
+//! change is one walk over the peers at its origin, not at every replica,
+//! and a mark never waits for a report about someone else's change.
+//! "Behind" means not known to hold this node's writes.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
@@ -62,13 +64,16 @@ pub struct Report {
     pub at: Duration,
 }
 
-/// A document this node changed that a peer is not known to hold yet.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A document this node wrote that a peer has not confirmed yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pending {
-    /// When the oldest change the peer is not known to have arrived here.
+    /// When the oldest write the peer has not confirmed was committed.
     pub since: Duration,
-    /// Changes this node made or received since, for the document.
+    /// Changes this node committed since, for the document.
     pub changes: u64,
+    /// The heads of this node's latest commit to the document: a report
+    /// covering them confirms every write the mark counts.
+    pub target: Vec<ChangeHash>,
 }
 
 /// What one peer is known to hold.
@@ -78,7 +83,7 @@ pub struct PeerProgress {
     pub region: Option<Region>,
     /// Latest report per document.
     pub docs: BTreeMap<DocId, Report>,
-    /// Documents it is known to lack changes of.
+    /// Documents with writes of this node it has not confirmed.
     pub pending: BTreeMap<DocId, Pending>,
     /// When this node last heard of it (the caller's `now`).
     pub heard: Duration,
@@ -186,8 +191,10 @@ impl Progress {
     }
 
     /// Records that `peer` holds `heads` of `doc`, learnt at `now`. `ours`
-    /// are this node's current heads of `doc`, if it holds the document:
-    /// a report that includes them ends the document's pending mark.
+    /// are this node's current heads of `doc`, if it holds the document: a
+    /// report that includes them, or the pending mark's target, ends the
+    /// mark. Returns the target of a mark the report leaves pending, for
+    /// the caller to judge by causal history (then [`Progress::confirm`]).
     pub fn record(
         &mut self,
         now: Duration,
@@ -195,12 +202,12 @@ impl Progress {
         doc: &DocId,
         heads: Vec<ChangeHash>,
         ours: Option<&[ChangeHash]>,
-    ) {
+    ) -> Option<Vec<ChangeHash>> {
         self.touch(doc);
-        let Some(entry) = self.entry(now, peer) else {
-            return;
-        };
+        let entry = self.entry(now, peer)?;
         let holds_ours = ours.is_some_and(|ours| includes(&heads, ours));
+        let target = entry.pending.get(doc).map(|p| p.target.clone());
+        let holds_target = target.as_ref().is_some_and(|t| includes(&heads, t));
         let report = Report { heads, at: now };
         let recorded = if let Some(known) = entry.docs.get_mut(doc) {
             *known = report;
@@ -214,53 +221,59 @@ impl Progress {
         if !recorded {
             self.untracked += 1;
         }
-        if holds_ours {
-            self.clear(now, peer, doc);
+        if holds_ours || holds_target {
+            self.confirm(now, peer, doc);
+            return None;
         }
+        target
     }
 
-    /// This node's heads of `doc` became `ours` at `now`, with `changes` new
-    /// changes: every peer not known to hold them has the document pending.
-    /// `sources` are the peers the changes came from (empty for a local
-    /// commit): they hold them, so they get no new mark (a mark they already
-    /// have, for changes of this node they lack, stays).
-    pub fn local_change(
-        &mut self,
-        now: Duration,
-        doc: &DocId,
-        ours: &[ChangeHash],
-        changes: u64,
-        sources: &[&NodeId],
-    ) {
-        let mut cleared = Vec::new();
-        for (id, p) in &mut self.peers {
-            let holds = p.docs.get(doc).is_some_and(|r| includes(&r.heads, ours));
-            if holds {
-                cleared.push(id.clone());
-            } else if let Some(pending) = p.pending.get_mut(doc) {
+    /// This node committed `changes` changes to `doc` at `now`, giving it
+    /// `heads`: every known peer has the document pending until it confirms
+    /// them (one walk over the peers, at the origin of a write only).
+    pub fn local_change(&mut self, now: Duration, doc: &DocId, heads: &[ChangeHash], changes: u64) {
+        for p in self.peers.values_mut() {
+            if let Some(pending) = p.pending.get_mut(doc) {
                 pending.changes += changes;
-            } else if sources.contains(&id) {
-                continue;
+                pending.target = heads.to_vec();
             } else if p.pending.len() < MAX_PENDING_DOCS_PER_PEER {
                 p.pending.insert(
                     doc.clone(),
                     Pending {
                         since: now,
                         changes,
+                        target: heads.to_vec(),
                     },
                 );
             } else {
                 self.untracked += 1;
             }
         }
-        for id in cleared {
-            self.clear(now, &id, doc);
-        }
     }
 
-    /// Ends the pending mark of `doc` for `peer` (it holds this node's
-    /// heads), taking a delay sample.
-    fn clear(&mut self, now: Duration, peer: &NodeId, doc: &DocId) {
+    /// Connected peers with documents pending since `before` or earlier
+    /// (writes unconfirmed for that long): at most `per_peer` documents
+    /// each, in id order.
+    pub fn unconfirmed(&self, before: Duration, per_peer: usize) -> Vec<(NodeId, Vec<DocId>)> {
+        self.peers
+            .iter()
+            .filter(|(_, p)| p.connected)
+            .filter_map(|(id, p)| {
+                let docs: Vec<DocId> = p
+                    .pending
+                    .iter()
+                    .filter(|(_, m)| m.since <= before)
+                    .take(per_peer)
+                    .map(|(doc, _)| doc.clone())
+                    .collect();
+                (!docs.is_empty()).then(|| (id.clone(), docs))
+            })
+            .collect()
+    }
+
+    /// Ends the pending mark of `doc` for `peer` (it was found to hold this
+    /// node's writes), taking a delay sample.
+    pub fn confirm(&mut self, now: Duration, peer: &NodeId, doc: &DocId) {
         let Some(p) = self.peers.get_mut(peer) else {
             return;
         };
@@ -370,37 +383,70 @@ mod tests {
     }
 
     #[test]
-    fn pending_until_a_report_includes_our_heads() {
+    fn pending_until_a_report_covers_our_latest_write() {
         let mut p = Progress::default();
         let (b, doc) = (NodeId::new("b").unwrap(), DocId::new("d").unwrap());
         let ms = Duration::from_millis;
         p.set_region(ms(0), &b, &Region::new("eu").unwrap());
-        p.local_change(ms(10), &doc, &[h(1)], 1, &[]);
-        p.local_change(ms(20), &doc, &[h(2)], 2, &[]);
+        p.local_change(ms(10), &doc, &[h(1)], 1);
+        p.local_change(ms(20), &doc, &[h(2)], 2);
         let lag = p.lag(&b);
         assert_eq!(
             (lag.documents, lag.changes, lag.oldest),
             (1, 3, Some(ms(10)))
         );
         assert!((lag.seconds(ms(1010)) - 1.0).abs() < 1e-9);
-        // An older report does not clear it; one with our heads does.
-        p.record(ms(30), &b, &doc, vec![h(1)], Some(&[h(2)]));
+        // A report without the latest commit's heads leaves the mark, and
+        // hands its target back for a check by causal history.
+        assert_eq!(
+            p.record(ms(30), &b, &doc, vec![h(1)], None),
+            Some(vec![h(2)])
+        );
         assert_eq!(p.lag(&b).documents, 1);
-        p.record(ms(50), &b, &doc, vec![h(2), h(9)], Some(&[h(2)]));
+        assert_eq!(p.record(ms(50), &b, &doc, vec![h(2), h(9)], None), None);
         assert_eq!(p.lag(&b), Lag::default());
         let delays = p.take_delays();
         assert_eq!(delays.len(), 1);
         assert_eq!(delays[0].delay, ms(40));
         assert_eq!(p.report(&b, &doc).unwrap().at, ms(50));
-        // Our heads catching up with the peer's also clears.
-        p.local_change(ms(60), &doc, &[h(3)], 1, &[]);
-        p.record(ms(70), &b, &doc, vec![h(4)], Some(&[h(3)]));
-        p.local_change(ms(80), &doc, &[h(4)], 1, &[]);
+        // A report of this node's current heads confirms whatever the
+        // target, and so does the caller, having judged a report.
+        p.local_change(ms(60), &doc, &[h(3)], 1);
+        assert_eq!(p.record(ms(70), &b, &doc, vec![h(4)], Some(&[h(4)])), None);
+        assert_eq!(p.lag(&b), Lag::default());
+        p.local_change(ms(80), &doc, &[h(5)], 1);
+        assert_eq!(
+            p.record(ms(90), &b, &doc, vec![h(6)], Some(&[h(7)])),
+            Some(vec![h(5)])
+        );
+        p.confirm(ms(95), &b, &doc);
         assert_eq!(p.lag(&b), Lag::default());
         let (touched, overflow) = p.take_touched();
         assert!(touched.contains(&doc) && !overflow);
-        // Changes that came from the peer itself do not mark it.
-        p.local_change(ms(90), &doc, &[h(5)], 1, &[&b]);
-        assert_eq!(p.lag(&b), Lag::default());
+    }
+
+    #[test]
+    fn writes_unconfirmed_for_a_while_are_listed_for_connected_peers() {
+        let mut p = Progress::default();
+        let ms = Duration::from_millis;
+        let (b, c) = (NodeId::new("b").unwrap(), NodeId::new("c").unwrap());
+        p.connected(ms(0), &b);
+        p.set_region(ms(0), &c, &Region::new("eu").unwrap());
+        let docs: Vec<DocId> = (0..4)
+            .map(|i| DocId::new(format!("d{i}")).unwrap())
+            .collect();
+        for (i, doc) in docs.iter().enumerate() {
+            p.local_change(ms(10 * i as u64), doc, &[h(i as u8)], 1);
+        }
+        // c is known but not connected: nothing to ask it.
+        assert_eq!(
+            p.unconfirmed(ms(20), 10),
+            vec![(b.clone(), docs[..3].to_vec())]
+        );
+        assert_eq!(
+            p.unconfirmed(ms(30), 2),
+            vec![(b.clone(), docs[..2].to_vec())]
+        );
+        assert!(p.unconfirmed(ms(5), 10)[0].1 == docs[..1]);
     }
 }

@@ -69,6 +69,13 @@ pub struct SimConfig {
     pub dir: Option<PathBuf>,
 }
 
+/// The reconciliation fanout of runs at scale: 2 peers of the region and 1
+/// of another per round.
+pub const SCALE_FANOUT: Fanout = Fanout {
+    local: 2,
+    remote: 1,
+};
+
 impl SimConfig {
     /// The run for `seed`: 3 to 5 nodes in 2 or 3 regions, 200 to 400 steps,
     /// fault rates and core limits drawn per seed.
@@ -105,6 +112,12 @@ impl SimConfig {
         if between(0, 1) == 1 {
             config.dissemination = Dissemination::Regions;
         }
+        if between(0, 1) == 1 {
+            config.reconcile_fanout = Some(Fanout {
+                local: between(1, 2) as usize,
+                remote: 1,
+            });
+        }
         config
     }
 
@@ -116,10 +129,9 @@ impl SimConfig {
     /// for `steps` steps, messages lost at `loss_permille`, and no other
     /// fault unless `fault_permille` asks for them (partitions, regions cut
     /// off, crashes and restarts, as in seeded runs). Writes are pushed
-    /// along region trees ([`Dissemination::Regions`]). Each anti-entropy
-    /// round reconciles with every connected peer; set `reconcile_fanout`
-    /// to bound that (see `docs/testing.md`, "Runs at scale", for what
-    /// that does to lag marks today).
+    /// along region trees ([`Dissemination::Regions`]), and each
+    /// anti-entropy round reconciles with 2 peers of the node's region and
+    /// 1 of another ([`Fanout`]).
     pub fn at_scale(
         seed: u64,
         nodes: usize,
@@ -146,7 +158,7 @@ impl SimConfig {
             max_queued_syncs_per_peer: 10_000,
             anti_entropy_interval: Duration::from_secs(30),
             retry_after: Duration::from_secs(5),
-            reconcile_fanout: None,
+            reconcile_fanout: Some(SCALE_FANOUT),
             dissemination: Dissemination::Regions,
             heal: true,
             dir: None,
@@ -175,8 +187,15 @@ impl SimConfig {
                 Dissemination::Regions => " --dissemination regions",
             });
         }
-        if let Some(f) = self.reconcile_fanout {
-            cmd.push_str(&format!(" --reconcile-fanout {},{}", f.local, f.remote));
+        let derived = match self.latency {
+            Latency::Wan => Some(SCALE_FANOUT),
+            Latency::Drawn => SimConfig::from_seed(self.seed).reconcile_fanout,
+        };
+        if self.reconcile_fanout != derived {
+            match self.reconcile_fanout {
+                Some(f) => cmd.push_str(&format!(" --reconcile-fanout {},{}", f.local, f.remote)),
+                None => cmd.push_str(" --reconcile-fanout all"),
+            }
         }
         if !self.heal {
             cmd.push_str(" --no-heal");

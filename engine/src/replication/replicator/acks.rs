@@ -4,9 +4,23 @@
 
 use super::*;
 
+/// Documents per peer whose unconfirmed writes one anti-entropy round asks
+/// the peer about (see [`Replicator::confirm_writes`]); the next round asks
+/// about the rest.
+pub const MAX_CONFIRMATIONS_PER_PEER: usize = 256;
+
 impl Replicator {
     /// An acknowledgement: what the peer holds of this node's documents.
     pub(super) fn on_ack(&mut self, now: Duration, from: &NodeId, a: Ack) -> Result<Verdict> {
+        if a.entries.is_empty() {
+            // The answer to our hello (acknowledgements of documents are
+            // never empty): the first round trip to the peer.
+            let hello = self.peers.get_mut(from).and_then(|p| p.hello_at.take());
+            if let Some(sent) = hello {
+                self.time_round_trip(from, sent, now);
+            }
+            return Ok(Verdict::Accept);
+        }
         // An acknowledgement reports what the peer holds of this
         // node's documents: entries for documents not held here
         // are ignored (looked up in memory, in the reconciliation
@@ -95,7 +109,40 @@ impl Replicator {
                 return Ok(());
             }
         }
-        self.progress.record(now, peer, doc, heads, ours);
+        if let Some(target) = self.progress.record(now, peer, doc, heads.clone(), ours) {
+            // The report leaves out our latest write's heads; it may still
+            // hold them, under later changes.
+            let covers = match self.engine.heads_cover(doc, &heads, &target) {
+                Ok(covers) => covers,
+                Err(Error::NotFound(_) | Error::Deleted(_) | Error::Quarantined { .. }) => false,
+                Err(e) => return Err(e),
+            };
+            if covers {
+                self.progress.confirm(now, peer, doc);
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes of this node a connected peer has not confirmed within
+    /// `retry_after` (their acknowledgement was lost, or the peer got them
+    /// by a repair whose report went elsewhere), asked about once per
+    /// anti-entropy round: a document sync with the peer. Its answer
+    /// confirms them, or carries what the peer lacks.
+    pub(super) fn confirm_writes(&mut self, now: Duration) -> Result<()> {
+        let Some(before) = now.checked_sub(self.config.retry_after) else {
+            return Ok(());
+        };
+        for (peer, docs) in self
+            .progress
+            .unconfirmed(before, MAX_CONFIRMATIONS_PER_PEER)
+        {
+            for doc in &docs {
+                self.enqueue_sync(&peer, doc);
+            }
+            self.stats.confirmations += docs.len() as u64;
+            self.start_queued(now, &peer)?;
+        }
         Ok(())
     }
 

@@ -54,7 +54,7 @@ impl Replicator {
     /// gossip on its own is announced instead, and pulled. With
     /// [`Dissemination::Regions`], the parts are pushed instead (see the
     /// `push` module). Every known peer has the document pending until it
-    /// reports these heads.
+    /// confirms these heads.
     pub fn handle_local_commit(
         &mut self,
         now: Duration,
@@ -65,7 +65,7 @@ impl Replicator {
         self.items
             .insert(doc.clone(), &crate::layout::heads_digest(heads));
         self.progress
-            .local_change(now, doc, heads, changes.len() as u64, &[]);
+            .local_change(now, doc, heads, changes.len() as u64);
         if self.config.dissemination == Dissemination::Regions {
             // Direct messages take a part of any size up to a frame, so
             // nothing is announced.
@@ -165,9 +165,12 @@ impl Replicator {
         self.claim_region(now, &d.origin, &d.region);
         self.stats.delta_changes_applied += outcome.applied as u64;
         self.account_held_from(&d.doc, &outcome, &d.origin);
-        self.applied(now, &d.doc, &outcome, &[from, &d.origin]);
+        self.applied(&d.doc, &outcome);
         let ours = (!outcome.heads.is_empty()).then_some(outcome.heads.as_slice());
-        self.progress
+        // A write of ours this report leaves unconfirmed waits for the
+        // origin's acknowledgement or a confirmation round.
+        let _ = self
+            .progress
             .record(now, &d.origin, &d.doc, d.heads.to_vec(), ours);
         if !outcome.missing_deps.is_empty() || outcome.refused > 0 {
             self.enqueue_sync(from, &d.doc);
@@ -254,19 +257,12 @@ impl Replicator {
             at += d.changes.len();
         }
         self.account_held(doc, &outcome, &charges);
-        // The peers that sent or relayed every delta of the run hold all of
-        // its changes; a peer behind only some of them is not a source.
-        let (first_from, first_origin) = (run[0].1.clone(), run[0].2.origin.clone());
-        let sources: Vec<NodeId> = [first_from, first_origin]
-            .into_iter()
-            .filter(|p| run.iter().all(|(_, f, d)| f == p || d.origin == *p))
-            .collect();
-        let sources: Vec<&NodeId> = sources.iter().collect();
-        self.applied(now, doc, &outcome, &sources);
+        self.applied(doc, &outcome);
         let ours = (!outcome.heads.is_empty()).then_some(outcome.heads.as_slice());
         for (_, _, d) in &run {
             self.claim_region(now, &d.origin, &d.region);
-            self.progress
+            let _ = self
+                .progress
                 .record(now, &d.origin, doc, d.heads.to_vec(), ours);
         }
         if !outcome.missing_deps.is_empty() || outcome.refused > 0 {
@@ -350,21 +346,15 @@ impl Replicator {
         self.account_held(doc, outcome, &charges);
     }
 
-    pub(super) fn applied(
-        &mut self,
-        now: Duration,
-        doc: &DocId,
-        outcome: &crate::ApplyOutcome,
-        sources: &[&NodeId],
-    ) {
+    /// Changes of peers were applied to `doc`: it is an item with its new
+    /// heads. (They mark no peer pending: lag is kept for own writes.)
+    pub(super) fn applied(&mut self, doc: &DocId, outcome: &crate::ApplyOutcome) {
         if outcome.applied == 0 {
             return;
         }
         // Only documents the engine holds are items (not held changes).
         self.items
             .insert(doc.clone(), &crate::layout::heads_digest(&outcome.heads));
-        self.progress
-            .local_change(now, doc, &outcome.heads, outcome.applied as u64, sources);
     }
 }
 

@@ -59,13 +59,14 @@ mod round_trip;
 mod sync;
 mod types;
 
+pub use self::acks::MAX_CONFIRMATIONS_PER_PEER;
 use self::deadlines::Deadlines;
 use self::delta::BatchedDelta;
 use self::fetches::Fetches;
 pub use self::fetches::MAX_PENDING_FETCHES;
 use self::push::Unackeds;
 pub use self::push::{Dissemination, MAX_UNACKED_PUSHES, MAX_UNACKED_PUSH_BYTES};
-pub use self::reconciliation::Fanout;
+pub use self::reconciliation::{BadFanout, Fanout};
 use self::round_trip::RoundTrip;
 pub use self::round_trip::MIN_PUSH_RETRY;
 pub use self::sync::MAX_HELD_REPAIRS_PER_SCAN;
@@ -185,16 +186,19 @@ struct Peer {
     /// Its region, once known (see [`Replicator::claim_region`]); kept here
     /// as well as in the progress table, which may forget a node.
     region: Option<Region>,
-    /// How long its answers take (acknowledgements of pushes, steps of
-    /// reconciliation sessions this node started).
+    /// How long its answers take (the acknowledgement of this node's hello,
+    /// acknowledgements of pushes, steps of reconciliation sessions this
+    /// node started).
     round_trip: RoundTrip,
+    /// When this node's hello went out, until the peer's empty
+    /// acknowledgement of it arrives.
+    hello_at: Option<Duration>,
     syncs: BTreeMap<DocId, DocSync>,
     queued: BTreeSet<DocId>,
     queue: VecDeque<DocId>,
     reconcile_sent_at: Option<(u64, Duration)>,
-    /// When a reconciliation session with this peer was last under way:
-    /// started by this node, or a message of one the peer started (`None`:
-    /// not since it connected).
+    /// When a message of a reconciliation session with this peer (either
+    /// side's) last arrived (`None`: not since it connected).
     reconciled_at: Option<Duration>,
     acks: BTreeMap<DocId, Heads>,
 }
@@ -426,13 +430,15 @@ impl Replicator {
 
     /// A connection to `peer` opened: say hello and reconcile (with a
     /// [`Fanout`], only while fewer sessions than it allows per round are
-    /// under way; the peer is then first in line at the next round).
+    /// under way; otherwise the next round comes within `retry_after`, and
+    /// the peer, never reconciled with, is early in line).
     pub fn handle_connect(&mut self, now: Duration, peer: &NodeId, random: &mut dyn Random) {
         self.peers.insert(
             peer.clone(),
             Peer {
                 region: None,
                 round_trip: RoundTrip::default(),
+                hello_at: Some(now),
                 syncs: BTreeMap::new(),
                 queued: BTreeSet::new(),
                 queue: VecDeque::new(),
@@ -454,6 +460,10 @@ impl Replicator {
         };
         if room {
             self.start_reconcile(now, peer, random);
+        } else {
+            // Connections come in bursts (a start, a healed partition): a
+            // round soon picks among them by need, not by who came first.
+            self.next_anti_entropy = self.next_anti_entropy.min(now + self.config.retry_after);
         }
     }
 
@@ -612,6 +622,14 @@ impl Replicator {
                     return Ok(verdict);
                 }
                 self.claim_region(now, &h.node, &h.region);
+                // An empty acknowledgement answers it, so that the peer
+                // times its round trip to this node from the start.
+                self.send(
+                    &h.node,
+                    Message::Ack(Ack {
+                        entries: Vec::new(),
+                    }),
+                );
                 Ok(Verdict::Accept)
             }
             (Channel::Direct, Message::Sync(s)) => self.on_sync(now, from, s),
@@ -631,6 +649,7 @@ impl Replicator {
             for peer in &peers {
                 self.start_reconcile(now, peer, random);
             }
+            self.confirm_writes(now)?;
             let interval = self.config.anti_entropy_interval;
             let jitter = random.below(interval.as_millis() as u64 / 4 + 1);
             self.next_anti_entropy = now + interval + Duration::from_millis(jitter);

@@ -239,7 +239,7 @@ impl Replicator {
         self.account_held_from(&p.doc, &outcome, from);
         // Only the sender is known to hold the changes: the origin is its
         // claim.
-        self.applied(now, &p.doc, &outcome, &[from]);
+        self.applied(&p.doc, &outcome);
         if !outcome.missing_deps.is_empty() || outcome.refused > 0 {
             self.enqueue_sync(from, &p.doc);
             self.start_queued(now, from)?;
@@ -340,10 +340,17 @@ impl Replicator {
     /// Sends `u`, unacknowledged by `to`, again: into another region to the
     /// next connected bridge (the same one if no other is), within the
     /// region to `to` if still connected, else to `to`'s children in the
-    /// tree. Given up after [`ReplicatorConfig::max_push_sends`].
+    /// tree. After [`ReplicatorConfig::max_push_sends`] it is given up:
+    /// within the region, `to` gets a document sync (which has its own
+    /// resends) and its children the push, so that one unreachable child
+    /// does not leave its subtree to the next anti-entropy round.
     fn resend_push(&mut self, now: Duration, to: &NodeId, u: Unacked) {
         if u.sends >= self.config.max_push_sends {
             self.stats.pushes_abandoned += 1;
+            if u.bridges.is_none() && self.peers.contains_key(to) {
+                self.enqueue_sync(to, &u.push.doc);
+                self.push_to_stand_ins(now, to, u.push, &u.heads, 0);
+            }
             return;
         }
         self.stats.pushes_resent += 1;
@@ -378,6 +385,22 @@ impl Replicator {
             self.send_push(now, to, push, &heads, sends, None);
             return;
         }
+        if !self.push_to_stand_ins(now, to, push, &heads, sends) {
+            self.stats.pushes_abandoned += 1;
+        }
+    }
+
+    /// Sends `push` to the connected children of `to` in its region's tree
+    /// (theirs, for children not connected), as `to` would have relayed
+    /// it. False if `to` has no place in the tree.
+    fn push_to_stand_ins(
+        &mut self,
+        now: Duration,
+        to: &NodeId,
+        push: Push,
+        heads: &[ChangeHash],
+        sends: u32,
+    ) -> bool {
         // Without a membership list, a peer that went away has left this
         // node's view of the region: put it back to find its place.
         let mut home = self.region_members(&self.config.region);
@@ -386,13 +409,13 @@ impl Replicator {
         }
         let order = tree_order(&push.root, &home);
         let Some(at) = order.iter().position(|m| m == to) else {
-            self.stats.pushes_abandoned += 1;
-            return;
+            return false;
         };
         let reachable = |m: &NodeId| self.peers.contains_key(m);
         let stand_ins = children_of(&order, at, self.config.tree_fanout, &reachable);
         for child in stand_ins {
-            self.send_push(now, &child, push.clone(), &heads, sends, None);
+            self.send_push(now, &child, push.clone(), heads, sends, None);
         }
+        true
     }
 }

@@ -11,10 +11,9 @@ use super::*;
 /// other regions.
 ///
 /// Peers whose session with this node is still under way are left out.
-/// Peers of the region come in order of need (documents pending for them:
-/// changed here and not reported by them since), then staleness (longest
-/// since a session with them was under way, either side's; never first), then at
-/// random. The remote peers come one per region, from the regions whose
+/// Peers of the region come in order of need (this node's writes they have
+/// not confirmed), then staleness (longest since a message of a session
+/// with them arrived, either side's; never first), then at random. The remote peers come one per region, from the regions whose
 /// last session is oldest, each the stalest peer of its region (need is
 /// not weighed there). Over rounds
 /// every connected peer's turn comes: a node reconciles with each peer of
@@ -35,6 +34,30 @@ impl Fanout {
     }
 }
 
+/// Why a fanout did not parse (see [`Fanout`]'s `FromStr`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not a fanout: give LOCAL,REMOTE peers per round, for example \"2,1\", at least one in all")]
+pub struct BadFanout(pub String);
+
+impl std::str::FromStr for Fanout {
+    type Err = BadFanout;
+
+    /// `LOCAL,REMOTE`, for example `2,1`; at least one peer in all.
+    fn from_str(s: &str) -> std::result::Result<Fanout, BadFanout> {
+        let bad = || BadFanout(s.to_string());
+        let (local, remote) = s.split_once(',').ok_or_else(bad)?;
+        let number = |p: &str| p.trim().parse::<usize>().map_err(|_| bad());
+        let fanout = Fanout {
+            local: number(local)?,
+            remote: number(remote)?,
+        };
+        if fanout.total() == 0 {
+            return Err(bad());
+        }
+        Ok(fanout)
+    }
+}
+
 /// A candidate of a round: not needed first, then never or longest ago
 /// reconciled, then a random draw, then the id (so the order is total).
 type Rank = (bool, Option<Duration>, u64, NodeId);
@@ -49,14 +72,7 @@ impl Replicator {
         if !self.peers.contains_key(from) {
             return Ok(Verdict::Ignore);
         }
-        let ours = self
-            .peers
-            .get(from)
-            .and_then(|p| p.reconcile_sent_at)
-            .is_some_and(|(id, _)| id == r.session);
-        if !ours {
-            self.reconciled(now, from);
-        }
+        self.reconciled(now, from);
         let processed = reconcile::process(&self.items, &r.ranges, &self.config.reconcile);
         self.stats.reconcile_differences += processed.to_sync.len() as u64;
         // Pending documents the peer turned out to hold as they are here.
@@ -73,7 +89,8 @@ impl Replicator {
                     Err(Error::Quarantined { .. }) => continue,
                     Err(e) => return Err(e),
                 };
-                self.progress
+                let _ = self
+                    .progress
                     .record(now, from, &doc, ours.clone(), Some(&ours));
             }
         }
@@ -169,8 +186,10 @@ impl Replicator {
             .count()
     }
 
-    /// A session with `peer` is under way at `now`: this node started it,
-    /// or a message of one the peer started arrived.
+    /// A session with `peer` is under way at `now`: a message of it (one
+    /// this node started or one the peer started) arrived. A session sent
+    /// into a partition does not count, so the cut-off peers and regions
+    /// stay stalest and come first once it heals.
     fn reconciled(&mut self, now: Duration, peer: &NodeId) {
         if let Some(p) = self.peers.get_mut(peer) {
             p.reconciled_at = Some(now);
@@ -205,7 +224,6 @@ impl Replicator {
         }
         p.reconcile_sent_at = Some((session, now));
         self.stats.reconciliations_started += 1;
-        self.reconciled(now, peer);
         let ranges = reconcile::initiate(&self.items, &self.config.reconcile);
         self.send(peer, Message::Reconcile(Reconcile { session, ranges }));
     }

@@ -123,7 +123,7 @@ impl Replicator {
         );
         self.stats.sync_changes_applied += outcome.applied as u64;
         self.account_held_from(&frame.doc, &outcome, from);
-        self.applied(now, &frame.doc, &outcome, &[from]);
+        self.applied(&frame.doc, &outcome);
         self.fetch_answered(from, &frame.doc, their_heads.is_empty())?;
         self.record_progress(now, from, &frame.doc, their_heads, Some(&outcome.heads))?;
         if outcome.applied > 0 {
@@ -267,6 +267,17 @@ impl Replicator {
             // peer's message left us in sync.
             None => Vec::new(),
         };
+        if msg.is_empty() && answering {
+            // "In sync" says which heads we hold only to a peer that knows
+            // which of its messages it answers; an acknowledgement says it
+            // plainly (a peer asking whether we hold its writes waits for
+            // this, see `confirm_writes`).
+            match self.engine.heads(doc) {
+                Ok(heads) => self.queue_ack(peer, doc, &heads),
+                Err(Error::NotFound(_) | Error::Quarantined { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
         if !msg.is_empty() || answering {
             let frame = Message::Sync(SyncFrame {
                 doc: doc.clone(),

@@ -178,6 +178,9 @@ pub struct Stats {
     pub reconciliations_started: u64,
     /// Anti-entropy rounds this node ran.
     pub anti_entropy_rounds: u64,
+    /// Documents a peer was asked about (by a document sync) because it
+    /// had not confirmed this node's writes to them for a round.
+    pub confirmations: u64,
     /// Documents not queued for sync because a queue was full.
     pub syncs_dropped: u64,
     /// Peer messages ignored because every sync session with the peer was
@@ -228,6 +231,7 @@ impl Stats {
         self.reconcile_differences += other.reconcile_differences;
         self.reconciliations_started += other.reconciliations_started;
         self.anti_entropy_rounds += other.anti_entropy_rounds;
+        self.confirmations += other.confirmations;
         self.syncs_dropped += other.syncs_dropped;
         self.syncs_refused += other.syncs_refused;
         self.syncs_abandoned += other.syncs_abandoned;
