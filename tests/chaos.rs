@@ -113,3 +113,58 @@ fn a_byzantine_member_is_cut_off_while_honest_writes_go_on() {
         assert!(mib.as_u64().unwrap() < 1024, "{region} grew to {mib} MiB");
     }
 }
+
+/// Three nodes in each of three region namespaces, the same schedule twice:
+/// writes pushed along region trees with bounded reconciliation, then
+/// gossiped with reconciliation with every peer. Both lose nothing through
+/// partitions, loss and a killed node; pushing carries a write into another
+/// region for fewer bytes at the namespace boundary.
+#[test]
+fn three_nodes_a_region_push_through_bridges_and_lose_nothing() {
+    let run = |dissemination: &str, fanout: &str| {
+        let args = [
+            "--seed",
+            "3",
+            "--duration",
+            "30",
+            "--max-fault-secs",
+            "4",
+            "--nodes-per-region",
+            "3",
+            "--writers",
+            "3",
+            "--rate",
+            "5",
+            "--dissemination",
+            dissemination,
+            "--reconcile-fanout",
+            fanout,
+        ];
+        chaos(&args)
+    };
+    let Some(pushed) = run("regions", "2,1") else {
+        return;
+    };
+    let gossiped = run("gossip", "all").unwrap();
+    for report in [&pushed, &gossiped] {
+        assert_eq!(report["nodes"].as_array().unwrap().len(), 9);
+        assert_eq!(report["acked_lost"], 0, "{:#}", report["lost_examples"]);
+        assert_eq!(report["divergent_replicas"], 0);
+        assert_eq!(report["converged"], true);
+        assert!(report["writes"]["ok"].as_u64().unwrap() > 500);
+        let kinds = report["faults_by_kind"].as_object().unwrap();
+        assert!(kinds["partition"].as_u64().unwrap() >= 1, "{kinds:?}");
+        assert!(kinds["kill"].as_u64().unwrap() >= 1, "{kinds:?}");
+    }
+    let per_write = |r: &Value| {
+        r["wan"]["bytes_per_write_and_region_over_idle"]
+            .as_f64()
+            .unwrap()
+    };
+    println!(
+        "bytes between regions per write and region, over idle: pushed {:.0}, gossiped {:.0}",
+        per_write(&pushed),
+        per_write(&gossiped)
+    );
+    assert!(per_write(&pushed) < per_write(&gossiped));
+}

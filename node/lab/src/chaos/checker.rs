@@ -191,6 +191,7 @@ mod tests {
     fn write(key: &str, value: u64, outcome: Outcome) -> Write {
         Write {
             region: 0,
+            node: 0,
             doc: "chaos/0".into(),
             key: key.into(),
             value,

@@ -27,13 +27,16 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use self::process::{NodeProcess, P2P_PORT};
+use self::process::{ports, NodeProcess};
 use self::report::{ByzantineReport, Injected, Latency, Report};
 use self::schedule::{Fault, FaultKind, ScheduleConfig};
 use self::topology::{node_addr, NetState, Topology};
 use self::workload::WorkloadConfig;
 use causeway_engine::replication::ids::ClusterId;
 use causeway_node::cluster_key::ClusterKey;
+
+/// How long traffic between regions is counted before the first write.
+const IDLE_MEASURE: Duration = Duration::from_secs(2);
 
 /// Region names, in order.
 const REGION_NAMES: [&str; 5] = ["eu", "us", "ap", "sa", "af"];
@@ -47,9 +50,22 @@ pub struct Args {
     /// Length of the fault phase, seconds.
     #[arg(long, default_value_t = 600)]
     pub duration: u64,
-    /// Regions, one node each (3 to 5).
+    /// Regions (3 to 5), each its own network namespace.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(3..=5))]
     pub regions: u64,
+    /// Nodes in each region (1 to 3); a region's nodes share its
+    /// namespace and address, on consecutive ports. Writers take turns
+    /// over them; a pause or kill hits one of them.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=3))]
+    pub nodes_per_region: u64,
+    /// How the nodes' writes reach their peers (`network.dissemination`):
+    /// `gossip` or `regions`.
+    #[arg(long, default_value = "gossip", value_parser = ["gossip", "regions"])]
+    pub dissemination: String,
+    /// Peers each anti-entropy round reconciles with
+    /// (`network.reconcile_fanout`): `LOCAL,REMOTE` or `all`.
+    #[arg(long, default_value = "all")]
+    pub reconcile_fanout: String,
     /// Longest fault, seconds; each lasts between half of this and this.
     #[arg(long, default_value_t = 15)]
     pub max_fault_secs: u64,
@@ -94,6 +110,15 @@ impl Args {
             "causeway chaos --seed {} --duration {} --regions {} --max-fault-secs {} --writers {} --rate {} --docs {}",
             self.seed, self.duration, self.regions, self.max_fault_secs, self.writers, self.rate, self.docs
         );
+        if self.nodes_per_region > 1 {
+            command += &format!(" --nodes-per-region {}", self.nodes_per_region);
+        }
+        if self.dissemination != "gossip" {
+            command += &format!(" --dissemination {}", self.dissemination);
+        }
+        if self.reconcile_fanout != "all" {
+            command += &format!(" --reconcile-fanout {}", self.reconcile_fanout);
+        }
         if self.byzantine > 0 {
             command += &format!(
                 " --byzantine {} --attack-rate {}",
@@ -121,8 +146,17 @@ pub async fn run(args: &Args) -> Result<()> {
     if args.rate <= 0.0 || args.writers == 0 || args.docs == 0 {
         bail!("--rate, --writers and --docs must be positive");
     }
+    if args.reconcile_fanout != "all"
+        && args
+            .reconcile_fanout
+            .parse::<causeway_engine::replication::Fanout>()
+            .is_err()
+    {
+        bail!("--reconcile-fanout takes LOCAL,REMOTE (for example 2,1) or all");
+    }
     let _turn = machine_lock().await?;
     let regions = args.regions as usize;
+    let per_region = args.nodes_per_region as usize;
     let names: Vec<String> = REGION_NAMES[..regions]
         .iter()
         .map(ToString::to_string)
@@ -133,18 +167,34 @@ pub async fn run(args: &Args) -> Result<()> {
         duration: Duration::from_secs(args.duration),
         regions,
         max_fault: Duration::from_secs(args.max_fault_secs),
+        nodes_per_region: per_region,
     });
     print_schedule(args, &schedule, &name_refs);
     let (root, temp) = run_dir(args)?;
     let topology = Topology::create(regions).context("cannot build the chaos network")?;
-    let (mut nodes, peer_addrs) = start_nodes(&root, &names).await?;
+    let network = format!(
+        "dissemination = {:?}\nreconcile_fanout = {:?}\n",
+        args.dissemination, args.reconcile_fanout
+    );
+    let (mut nodes, peer_addrs) = start_nodes(&root, &names, per_region, &network).await?;
     let urls: Vec<String> = nodes.iter().map(NodeProcess::url).collect();
+    let node_names: Vec<String> = nodes.iter().map(|n| n.name.clone()).collect();
     let mesh = await_mesh(&urls, Duration::from_secs(60)).await?;
-    eprintln!("full mesh of {regions} nodes after {} ms", mesh.as_millis());
+    eprintln!(
+        "full mesh of {} nodes after {} ms",
+        nodes.len(),
+        mesh.as_millis()
+    );
+
+    // Traffic between regions with no write yet.
+    let idle_from = topology.wan_in()?;
+    tokio::time::sleep(IDLE_MEASURE).await;
+    let idle = report::traffic_between(&idle_from, &topology.wan_in()?);
 
     // The fault phase: writers in every region, faults on schedule.
     let start = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
+    let wan_before = topology.wan_in()?;
     let tasks = spawn_writers(args, &urls, &names, start, &stop);
     let attack_start = Duration::from_secs(args.duration) / 2;
     let attack_stop = Arc::new(AtomicBool::new(false));
@@ -159,7 +209,7 @@ pub async fn run(args: &Args) -> Result<()> {
     let phase = run_schedule(
         &schedule,
         &topology,
-        &mut nodes,
+        (&mut nodes, per_region),
         &name_refs,
         start,
         &mut injected,
@@ -187,14 +237,23 @@ pub async fn run(args: &Args) -> Result<()> {
         start.elapsed().as_secs_f64(),
         writes.len()
     );
-    let (replicas, took) =
-        checker::await_convergence(&urls, &names, Duration::from_secs(args.converge_timeout))
-            .await?;
+    let (replicas, took) = checker::await_convergence(
+        &urls,
+        &node_names,
+        Duration::from_secs(args.converge_timeout),
+    )
+    .await?;
+    let wan = report::Wan::of(
+        report::traffic_between(&wan_before, &topology.wan_in()?),
+        start.elapsed(),
+        (&idle, IDLE_MEASURE),
+        &writes,
+    );
     let verdict = checker::check(&writes, &replicas);
     let documents = replicas.iter().map(|r| r.len()).max().unwrap_or(0);
     let byzantine = attack.map(|attack| {
         let phase = (attack_start, Duration::from_secs(args.duration));
-        byzantine_report(attack, phase, &writes, &nodes, &names)
+        byzantine_report(attack, phase, &writes, &nodes)
     });
     let mut inbound_streams_dropped = 0;
     for n in nodes.iter_mut() {
@@ -217,7 +276,7 @@ pub async fn run(args: &Args) -> Result<()> {
         && verdict.failed_present == 0
         && byzantine
             .as_ref()
-            .is_none_or(|b| b.blocked_by.len() == names.len());
+            .is_none_or(|b| b.blocked_by.len() == nodes.len());
     let data_dir = match temp {
         Some(t) if !passed => Some(t.keep().display().to_string()),
         Some(_) => None,
@@ -228,6 +287,9 @@ pub async fn run(args: &Args) -> Result<()> {
         seed: args.seed,
         duration_s: args.duration,
         regions: names.clone(),
+        nodes: node_names,
+        network: network.trim().replace('\n', ", "),
+        wan,
         workload: format!(
             "{} writers per region, {} writes/s each, {} documents, unknown after {} ms",
             args.writers, args.rate, args.docs, args.write_timeout_ms
@@ -260,7 +322,7 @@ fn print_schedule(args: &Args, schedule: &[Fault], names: &[&str]) {
             "  {:>8.1} s  for {:>5.1} s  {}",
             f.at.as_secs_f64(),
             f.length.as_secs_f64(),
-            f.describe(names)
+            f.describe(names, args.nodes_per_region as usize)
         );
     }
 }
@@ -299,12 +361,15 @@ fn spawn_writers(
         docs: args.docs,
         timeout: Duration::from_millis(args.write_timeout_ms),
     };
+    let per_region = args.nodes_per_region as usize;
     let mut tasks = Vec::new();
     for (i, name) in names.iter().enumerate() {
         for w in 0..config.writers {
+            // The region's nodes in turn.
+            let node = w % per_region;
             tasks.push(tokio::spawn(workload::writer(
-                urls[i].clone(),
-                i,
+                urls[i * per_region + node].clone(),
+                (i, node),
                 name.clone(),
                 w,
                 config.clone(),
@@ -372,7 +437,6 @@ fn byzantine_report(
     phase: (Duration, Duration),
     writes: &[workload::Write],
     nodes: &[NodeProcess],
-    names: &[String],
 ) -> ByzantineReport {
     ByzantineReport {
         attack_started_ms: phase.0.as_millis() as u64,
@@ -381,11 +445,11 @@ fn byzantine_report(
         blocked_by: nodes
             .iter()
             .filter(|n| blocks(n, &attack.peer_id))
-            .map(|n| names[n.index].clone())
+            .map(|n| n.name.clone())
             .collect(),
         rss_mib_at_end: nodes
             .iter()
-            .map(|n| (names[n.index].clone(), n.rss_kib().unwrap_or(0) / 1024))
+            .map(|n| (n.name.clone(), n.rss_kib().unwrap_or(0) / 1024))
             .collect(),
         attack,
     }
@@ -455,25 +519,41 @@ const CLUSTER: &str = "chaos";
 async fn start_nodes(
     root: &std::path::Path,
     names: &[String],
+    per_region: usize,
+    network: &str,
 ) -> Result<(Vec<NodeProcess>, Vec<String>)> {
+    // Region by region, its nodes in turn.
+    let slots: Vec<(usize, usize, String)> = (0..names.len())
+        .flat_map(|i| {
+            (0..per_region).map(move |k| (i, k, schedule::node_name(&names[i], k, per_region)))
+        })
+        .collect();
     let mut peers = Vec::new();
-    for (i, name) in names.iter().enumerate() {
+    for (i, k, name) in &slots {
         let dir = root.join(name);
         std::fs::create_dir_all(&dir)?;
         let (key, _) = causeway_node::identity::load_or_create(&dir)?;
         peers.push(format!(
-            "/ip4/{}/tcp/{P2P_PORT}/p2p/{}",
-            node_addr(i),
+            "/ip4/{}/tcp/{}/p2p/{}",
+            node_addr(*i),
+            ports(*k).0,
             key.public().to_peer_id()
         ));
     }
     let mut nodes = Vec::new();
-    for (i, name) in names.iter().enumerate() {
-        let others: Vec<String> = (0..names.len())
-            .filter(|&j| j != i)
+    for (n, (i, k, name)) in slots.iter().enumerate() {
+        let others: Vec<String> = (0..slots.len())
+            .filter(|&j| j != n)
             .map(|j| peers[j].clone())
             .collect();
-        let mut node = NodeProcess::prepare(root, i, name, CLUSTER, &others)?;
+        let mut node = NodeProcess::prepare(
+            root,
+            (*i, *k),
+            (&names[*i], name),
+            CLUSTER,
+            &others,
+            network,
+        )?;
         node.start().await?;
         nodes.push(node);
     }
@@ -514,16 +594,16 @@ async fn await_mesh(urls: &[String], timeout: Duration) -> Result<Duration> {
 async fn run_schedule(
     schedule: &[Fault],
     topology: &Topology,
-    nodes: &mut [NodeProcess],
+    (nodes, per_region): (&mut [NodeProcess], usize),
     names: &[&str],
     start: Instant,
     injected: &mut Vec<Injected>,
 ) -> Result<()> {
-    let regions = nodes.len();
+    let regions = names.len();
     for fault in schedule {
         tokio::time::sleep_until((start + fault.at).into()).await;
         let started = start.elapsed();
-        let node = &mut nodes[fault.region];
+        let node = &mut nodes[fault.region * per_region + fault.node];
         match fault.kind {
             FaultKind::Pause => node.signal("STOP")?,
             FaultKind::Kill => node.kill().await?,
@@ -532,7 +612,7 @@ async fn run_schedule(
         eprintln!(
             "[{:>7.1} s] {}",
             started.as_secs_f64(),
-            fault.describe(names)
+            fault.describe(names, per_region)
         );
         tokio::time::sleep_until((start + fault.at + fault.length).into()).await;
         match fault.kind {

@@ -1,6 +1,7 @@
 //! A real `causeway node` process in a region's network namespace, with the
 //! signals the harness sends it.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -11,19 +12,24 @@ use tokio::process::{Child, ChildStdout, Command};
 
 use super::topology::{namespace, node_addr};
 
-/// Port of every node's libp2p listener (each node has its own address).
+/// Port of the libp2p listener of a region's first node; its `k`-th node
+/// listens on the next `k` (the nodes of a region share its address).
 pub const P2P_PORT: u16 = 7700;
-/// Port of every node's HTTP API.
+/// Port of the HTTP API of a region's first node, the same way.
 pub const HTTP_PORT: u16 = 7780;
 
 /// How long a node may take to print its ready line.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// One region's node.
+/// One node of a region.
 #[derive(Debug)]
 pub struct NodeProcess {
     /// Region index.
     pub index: usize,
+    /// Which of the region's nodes (0 for the first).
+    pub slot: usize,
+    /// Its name in reports (see [`super::schedule::node_name`]).
+    pub name: String,
     /// Data directory (store, identity, settings, log).
     pub dir: PathBuf,
     args: Vec<String>,
@@ -33,25 +39,33 @@ pub struct NodeProcess {
 }
 
 impl NodeProcess {
-    /// Writes the settings of region `index`'s node (named `region`, of
-    /// `cluster`, holding the cluster key in `root/cluster.key`, which is
-    /// created on first use) under `root`; returns the process, not yet
-    /// started.
+    /// Writes the settings of node `slot` of region `index` (the region
+    /// named `region`; the node named `name`, of `cluster`, holding the
+    /// cluster key in `root/cluster.key`, which is created on first use,
+    /// with `network` as extra lines of its `[network]` table) under
+    /// `root/name`; returns the process, not yet started.
     pub fn prepare(
         root: &Path,
-        index: usize,
-        region: &str,
+        (index, slot): (usize, usize),
+        (region, name): (&str, &str),
         cluster: &str,
         bootstrap: &[String],
+        network: &str,
     ) -> Result<NodeProcess> {
         // LAN timers, so that healing is bounded by seconds (the WAN
         // defaults redial after up to 60 s and run anti-entropy every 30 s).
-        let dir = root.join(region);
+        let dir = root.join(name);
         causeway_node::local_cluster::cluster_key(root)?;
         let key = root.join("cluster.key");
         let config =
             causeway_node::settings::write_lan_settings(&dir, region, cluster, Some(&key))?;
+        // The `[network]` table is the file's last.
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&config)?
+            .write_all(network.as_bytes())?;
         let addr = node_addr(index);
+        let (p2p, http) = ports(slot);
         let mut args = vec![
             "netns".to_string(),
             "exec".into(),
@@ -61,9 +75,9 @@ impl NodeProcess {
             "--config".into(),
             config.display().to_string(),
             "--listen".into(),
-            format!("/ip4/{addr}/tcp/{P2P_PORT}"),
+            format!("/ip4/{addr}/tcp/{p2p}"),
             "--http-listen".into(),
-            format!("{addr}:{HTTP_PORT}"),
+            format!("{addr}:{http}"),
         ];
         for b in bootstrap {
             args.push("--bootstrap".into());
@@ -71,6 +85,8 @@ impl NodeProcess {
         }
         Ok(NodeProcess {
             index,
+            slot,
+            name: name.to_string(),
             dir,
             args,
             child: None,
@@ -80,7 +96,7 @@ impl NodeProcess {
 
     /// The node's HTTP API base URL.
     pub fn url(&self) -> String {
-        format!("http://{}:{HTTP_PORT}", node_addr(self.index))
+        format!("http://{}:{}", node_addr(self.index), ports(self.slot).1)
     }
 
     /// Starts the process (`ip netns exec` replaces itself with the node, so
@@ -103,7 +119,8 @@ impl NodeProcess {
         match tokio::time::timeout(START_TIMEOUT, lines.next_line()).await {
             Ok(Ok(Some(line))) if line.starts_with('{') => {}
             _ => bail!(
-                "the node in {} did not start; see {}",
+                "node {} in {} did not start; see {}",
+                self.name,
                 namespace(self.index),
                 self.dir.join("node.log").display()
             ),
@@ -159,4 +176,9 @@ impl NodeProcess {
     pub fn is_running(&self) -> bool {
         self.child.is_some()
     }
+}
+
+/// The libp2p and HTTP ports of a region's node `slot`.
+pub fn ports(slot: usize) -> (u16, u16) {
+    (P2P_PORT + slot as u16, HTTP_PORT + slot as u16)
 }

@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use super::checker::Verdict;
 use super::schedule::{Fault, FaultKind};
+use super::topology::Traffic;
 use super::workload::{Outcome, Write};
 
 /// Writes by outcome.
@@ -66,7 +67,7 @@ pub struct RegionWrites {
     /// Writes sent while a network fault (partition, one-way, bridge or
     /// loss) was in force: every node was running, so each must succeed.
     pub during_network_faults: Counts,
-    /// Writes sent while this region's own node was paused or killed.
+    /// Writes sent while the node that took them was paused or killed.
     pub during_own_process_faults: Counts,
 }
 
@@ -79,8 +80,15 @@ pub struct Report {
     pub seed: u64,
     /// Length of the fault phase, seconds.
     pub duration_s: u64,
-    /// Region names, one node each.
+    /// Region names.
     pub regions: Vec<String>,
+    /// Node names, region by region.
+    pub nodes: Vec<String>,
+    /// The nodes' `[network]` settings besides the timers.
+    pub network: String,
+    /// Traffic between regions, counted where it enters a region's
+    /// namespace.
+    pub wan: Wan,
     /// Writers per region, writes per second per writer, documents.
     pub workload: String,
     /// Network timers of every node.
@@ -114,6 +122,72 @@ pub struct Report {
     /// The hostile member's run (`--byzantine 1`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub byzantine: Option<ByzantineReport>,
+}
+
+/// Traffic that crossed region boundaries from the start of the fault
+/// phase until convergence: node-to-node packets entering each region's
+/// namespace from another region's nodes (after the fault rules; clients
+/// and traffic inside a region are not counted).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Wan {
+    /// Into each region, in region order.
+    pub into_region: Vec<Traffic>,
+    /// Into every region.
+    pub total: Traffic,
+    /// Bytes a second between regions before any write (connection
+    /// keep-alives, discovery, idle anti-entropy rounds).
+    pub idle_bytes_per_second: f64,
+    /// Bytes per acknowledged write and other region: what carrying one
+    /// write into one region cost, acknowledgements, reconciliation and
+    /// repair included.
+    pub bytes_per_write_and_region: f64,
+    /// The same, less the idle rate over the measured time.
+    pub bytes_per_write_and_region_over_idle: f64,
+}
+
+/// Traffic counted from `before` to `after`, region by region.
+pub fn traffic_between(before: &[Traffic], after: &[Traffic]) -> Vec<Traffic> {
+    after
+        .iter()
+        .zip(before)
+        .map(|(a, b)| Traffic {
+            packets: a.packets.saturating_sub(b.packets),
+            bytes: a.bytes.saturating_sub(b.bytes),
+        })
+        .collect()
+}
+
+fn sum(traffic: &[Traffic]) -> Traffic {
+    traffic.iter().fold(Traffic::default(), |t, r| Traffic {
+        packets: t.packets + r.packets,
+        bytes: t.bytes + r.bytes,
+    })
+}
+
+impl Wan {
+    /// The traffic `into_region` counted over `took`, per acknowledged
+    /// write of `writes`, next to the `idle` traffic counted over its
+    /// length.
+    pub fn of(
+        into_region: Vec<Traffic>,
+        took: Duration,
+        idle: (&[Traffic], Duration),
+        writes: &[Write],
+    ) -> Wan {
+        let total = sum(&into_region);
+        let idle_rate = sum(idle.0).bytes as f64 / idle.1.as_secs_f64().max(1e-3);
+        let acked = writes.iter().filter(|w| w.outcome == Outcome::Ok).count();
+        let others = into_region.len().saturating_sub(1);
+        let per = (acked * others).max(1) as f64;
+        let over_idle = (total.bytes as f64 - idle_rate * took.as_secs_f64()).max(0.0);
+        Wan {
+            into_region,
+            total,
+            idle_bytes_per_second: idle_rate,
+            bytes_per_write_and_region: total.bytes as f64 / per,
+            bytes_per_write_and_region_over_idle: over_idle / per,
+        }
+    }
 }
 
 /// Latency of acknowledged writes in a period.
@@ -195,9 +269,10 @@ pub fn region_writes(names: &[String], writes: &[Write], faults: &[Injected]) ->
                 {
                     r.during_network_faults.add(w.outcome);
                 }
+                let own = |f: &Injected| f.fault.region == i && f.fault.node == w.node;
                 if faults
                     .iter()
-                    .any(|f| !f.fault.kind.is_network() && f.fault.region == i && during(w, f))
+                    .any(|f| !f.fault.kind.is_network() && own(f) && during(w, f))
                 {
                     r.during_own_process_faults.add(w.outcome);
                 }
@@ -268,6 +343,16 @@ impl Report {
             t,
             "converged after   {}",
             ms(self.convergence_ms.map(Duration::from_millis))
+        );
+        let _ = writeln!(
+            t,
+            "between regions   {} packets, {} bytes: {:.0} bytes per write and other region, {:.0} over the idle {:.0} bytes/s ({})",
+            self.wan.total.packets,
+            self.wan.total.bytes,
+            self.wan.bytes_per_write_and_region,
+            self.wan.bytes_per_write_and_region_over_idle,
+            self.wan.idle_bytes_per_second,
+            self.network
         );
         let _ = writeln!(
             t,

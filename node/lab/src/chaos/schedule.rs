@@ -67,6 +67,24 @@ pub struct Fault {
     /// The share of packets `loss` drops, percent.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub loss_percent: Option<u8>,
+    /// For `pause` and `kill`, which of the region's nodes (0 with one node
+    /// per region).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub node: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
+/// The name of node `node` of region `name`: the region's name when it has
+/// one node, else `name-node`.
+pub fn node_name(name: &str, node: usize, per_region: usize) -> String {
+    if per_region > 1 {
+        format!("{name}-{node}")
+    } else {
+        name.to_string()
+    }
 }
 
 fn millis<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -106,9 +124,11 @@ impl Fault {
         state
     }
 
-    /// A one-line description naming the regions.
-    pub fn describe(&self, names: &[&str]) -> String {
+    /// A one-line description naming the regions (of `per_region` nodes
+    /// each).
+    pub fn describe(&self, names: &[&str], per_region: usize) -> String {
         let r = names[self.region];
+        let n = node_name(r, self.node, per_region);
         let o = self.other.map_or("?", |o| names[o]);
         match self.kind {
             FaultKind::Partition => format!("partition: {r} cut off from every other region"),
@@ -117,8 +137,8 @@ impl Fault {
                 "loss: {}% of packets to and from {r} dropped",
                 self.loss_percent.unwrap_or(0)
             ),
-            FaultKind::Pause => format!("pause: {r}'s node stopped (SIGSTOP)"),
-            FaultKind::Kill => format!("kill: {r}'s node killed (SIGKILL), restarted after"),
+            FaultKind::Pause => format!("pause: node {n} stopped (SIGSTOP)"),
+            FaultKind::Kill => format!("kill: node {n} killed (SIGKILL), restarted after"),
             FaultKind::Bridge => {
                 format!("bridge: {r} and {o} cut from each other, both reach the rest")
             }
@@ -137,6 +157,8 @@ pub struct ScheduleConfig {
     pub regions: usize,
     /// The longest fault; each lasts between half of this and this.
     pub max_fault: Duration,
+    /// Nodes in each region (`pause` and `kill` hit one of them).
+    pub nodes_per_region: usize,
 }
 
 /// Calm time before the first fault, so that writes start on a healthy
@@ -171,6 +193,13 @@ pub fn generate(config: ScheduleConfig) -> Vec<Fault> {
         let other = matches!(kind, FaultKind::OneWay | FaultKind::Bridge)
             .then(|| (region + 1 + rng.below(regions - 1) as usize) % config.regions);
         let loss_percent = (kind == FaultKind::Loss).then(|| 10 + rng.below(41) as u8);
+        // Drawn only with several nodes a region, so that schedules of one
+        // node a region stay what they were.
+        let node = if config.nodes_per_region > 1 && !kind.is_network() {
+            rng.below(config.nodes_per_region as u64) as usize
+        } else {
+            0
+        };
         faults.push(Fault {
             at,
             length,
@@ -178,6 +207,7 @@ pub fn generate(config: ScheduleConfig) -> Vec<Fault> {
             region,
             other,
             loss_percent,
+            node,
         });
         at += length + gap;
     }
@@ -207,6 +237,7 @@ mod tests {
             duration: Duration::from_secs(secs),
             regions: 3,
             max_fault: Duration::from_secs(6),
+            nodes_per_region: 1,
         }
     }
 
@@ -237,6 +268,25 @@ mod tests {
     }
 
     #[test]
+    fn several_nodes_a_region_pick_the_node_and_keep_the_network_faults() {
+        let one = generate(config(5, 120));
+        let three = generate(ScheduleConfig {
+            nodes_per_region: 3,
+            ..config(5, 120)
+        });
+        assert!(one.iter().all(|f| f.node == 0));
+        assert!(three.iter().all(|f| f.node < 3));
+        assert!(three.iter().any(|f| f.node > 0), "{three:?}");
+        assert!(three
+            .iter()
+            .filter(|f| f.kind.is_network())
+            .all(|f| f.node == 0));
+        // The first six faults are one of each kind, drawn alike.
+        let kinds = |s: &[Fault]| s.iter().take(6).map(|f| f.kind).collect::<Vec<_>>();
+        assert_eq!(kinds(&one), kinds(&three));
+    }
+
+    #[test]
     fn a_bridge_leaves_both_regions_reaching_the_third() {
         let f = Fault {
             at: Duration::ZERO,
@@ -245,6 +295,7 @@ mod tests {
             region: 0,
             other: Some(2),
             loss_percent: None,
+            node: 0,
         };
         let state = f.net_state(3);
         assert_eq!(state.blocked, [(0, 2), (2, 0)].into_iter().collect());

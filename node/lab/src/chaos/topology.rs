@@ -22,6 +22,10 @@ const BRIDGE: &str = "cw-chaos";
 pub const HOST_ADDR: Ipv4Addr = Ipv4Addr::new(10, 231, 0, 1);
 /// The nftables table the harness owns in each region's namespace.
 const TABLE: &str = "causeway_chaos";
+/// The table counting what enters a region's namespace from other regions'
+/// nodes: made once, never replaced by [`Topology::apply`], and after the
+/// fault rules, so it counts what got through.
+const WAN_TABLE: &str = "causeway_chaos_wan";
 /// At most this many regions (addresses and interface names are per index).
 pub const MAX_REGIONS: usize = 8;
 
@@ -118,7 +122,50 @@ impl Topology {
             run(&["ip", "-n", &ns, "link", "set", "lo", "up"])?;
         }
         topology.apply(&NetState::default())?;
+        for to in 0..regions {
+            let others: Vec<String> = (0..regions)
+                .filter(|&r| r != to)
+                .map(|r| node_addr(r).to_string())
+                .collect();
+            let script = format!(
+                "table inet {WAN_TABLE} {{\n  counter wan_in {{ }}\n  chain input {{\n    type filter hook input priority 10; policy accept;\n    ip saddr {{ {} }} counter name wan_in\n  }}\n}}\n",
+                others.join(", ")
+            );
+            nft(to, &script)?;
+        }
         Ok(topology)
+    }
+
+    /// Packets and bytes that entered each region's namespace from another
+    /// region's nodes since the network was made (what the fault rules let
+    /// through), in region order.
+    pub fn wan_in(&self) -> Result<Vec<Traffic>> {
+        (0..self.regions)
+            .map(|r| {
+                let out = Command::new("ip")
+                    .args([
+                        "netns",
+                        "exec",
+                        &namespace(r),
+                        "nft",
+                        "list",
+                        "counter",
+                        "inet",
+                    ])
+                    .args([WAN_TABLE, "wan_in"])
+                    .output()
+                    .context("cannot run nft")?;
+                if !out.status.success() {
+                    bail!(
+                        "cannot read the WAN counter of {}: {}",
+                        namespace(r),
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    );
+                }
+                Traffic::parse(&String::from_utf8_lossy(&out.stdout))
+                    .context("the WAN counter did not parse")
+            })
+            .collect()
     }
 
     /// Replaces every region's rules with those of `state`, one atomic
@@ -132,29 +179,59 @@ impl Topology {
                 script.push_str(&format!("    {rule}\n"));
             }
             script.push_str("  }\n}\n");
-            let ns = namespace(to);
-            let mut child = Command::new("ip")
-                .args(["netns", "exec", &ns, "nft", "-f", "-"])
-                .stdin(Stdio::piped())
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-                .context("cannot run nft")?;
-            child
-                .stdin
-                .take()
-                .context("nft stdin")?
-                .write_all(script.as_bytes())?;
-            let out = child.wait_with_output()?;
-            if !out.status.success() {
-                bail!(
-                    "nft in {ns} failed: {}\n{script}",
-                    String::from_utf8_lossy(&out.stderr).trim()
-                );
-            }
+            nft(to, &script)?;
         }
         Ok(())
     }
+}
+
+/// Packets and bytes counted by nftables.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Traffic {
+    /// Packets.
+    pub packets: u64,
+    /// Bytes (IP packets, headers included).
+    pub bytes: u64,
+}
+
+impl Traffic {
+    /// Reads `packets N bytes M` from `nft list counter` output.
+    fn parse(text: &str) -> Option<Traffic> {
+        let words: Vec<&str> = text.split_whitespace().collect();
+        let after = |key: &str| {
+            let i = words.iter().position(|w| *w == key)?;
+            words.get(i + 1)?.parse().ok()
+        };
+        Some(Traffic {
+            packets: after("packets")?,
+            bytes: after("bytes")?,
+        })
+    }
+}
+
+/// Runs an nftables script in region `to`'s namespace.
+fn nft(to: usize, script: &str) -> Result<()> {
+    let ns = namespace(to);
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &ns, "nft", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("cannot run nft")?;
+    child
+        .stdin
+        .take()
+        .context("nft stdin")?
+        .write_all(script.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "nft in {ns} failed: {}\n{script}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
 }
 
 impl Drop for Topology {
@@ -199,6 +276,19 @@ fn run(args: &[&str]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn counters_parse_from_nft_output() {
+        let text = "table inet causeway_chaos_wan {\n\tcounter wan_in {\n\t\tpackets 12 bytes 3456\n\t}\n}\n";
+        assert_eq!(
+            Traffic::parse(text),
+            Some(Traffic {
+                packets: 12,
+                bytes: 3456
+            })
+        );
+        assert_eq!(Traffic::parse("table inet x {}"), None);
+    }
 
     #[test]
     fn rules_match_only_other_nodes_and_sit_at_the_receiver() {

@@ -32,6 +32,8 @@ pub enum Outcome {
 pub struct Write {
     /// The region whose node took the write.
     pub region: usize,
+    /// Which of the region's nodes.
+    pub node: usize,
     /// Document id.
     pub doc: String,
     /// The key, unique in the whole run.
@@ -65,10 +67,11 @@ pub fn doc_id(i: usize) -> String {
 }
 
 /// One writer: until `stop`, merge-patches `{"<region>-<writer>-<seq>": seq}`
-/// into document `seq mod docs` at `url`; returns every write.
+/// into document `seq mod docs` at `url` (node `node` of region `region`);
+/// returns every write.
 pub async fn writer(
     url: String,
-    region: usize,
+    (region, node): (usize, usize),
     region_name: String,
     writer: usize,
     config: WorkloadConfig,
@@ -103,6 +106,7 @@ pub async fn writer(
         };
         writes.push(Write {
             region,
+            node,
             doc,
             key,
             value: seq,
