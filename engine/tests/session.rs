@@ -328,3 +328,25 @@ fn a_write_whose_acknowledgement_was_lost_is_confirmed_at_the_next_round() {
         .iter()
         .any(|h| h.peer == n1 && h.holds));
 }
+
+#[test]
+fn peak_queue_depths_keep_the_largest_queues_seen() {
+    let mut net = Net::new(&["eu", "us", "ap"]);
+    net.settle();
+    let doc = id("doc/peaks");
+    net.write(0, &doc, json!({"x": 1}));
+    // The delta waits in the outputs until the caller takes it.
+    assert!(net.cores[0].queue_depths().outputs >= 1);
+    net.settle();
+    for core in &net.cores {
+        let (now, peak) = (core.queue_depths(), core.peak_queue_depths());
+        assert_eq!(now.outputs, 0);
+        assert!(peak.outputs >= 1, "{peak:?}");
+        assert!(peak.queued_syncs >= now.queued_syncs && peak.open_syncs >= now.open_syncs);
+    }
+    // The replicas queued an acknowledgement to the origin; it went out.
+    for core in &net.cores[1..] {
+        assert_eq!(core.queue_depths().pending_acks, 0);
+        assert!(core.peak_queue_depths().pending_acks >= 1);
+    }
+}

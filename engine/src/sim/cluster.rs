@@ -1,7 +1,7 @@
 //! One run: nodes (a real engine and core each), the network, the clients
 //! and the fault schedule, driven by the event queue in simulated time.
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::time::Duration;
@@ -92,6 +92,14 @@ pub(crate) struct Cluster {
     state_epoch: u64,
     /// The last answer of [`Cluster::converged`] and the epoch it was for.
     converged_at_epoch: Option<(u64, bool)>,
+    /// Documents some replica changed since [`Cluster::converged`] last
+    /// looked (from the engines' events).
+    dirty: BTreeSet<DocId>,
+    /// Every document may have changed (a node started or crashed, or a
+    /// subscription dropped events).
+    dirty_all: bool,
+    /// Documents whose replicas differed when last looked at.
+    unconverged: BTreeSet<DocId>,
     /// Reconciliation sessions started and rounds run, over every core,
     /// when the fault phase began (the report counts from there).
     reconciliations_before: (u64, u64),
@@ -163,6 +171,9 @@ impl Cluster {
             trace: Sha256::new(),
             state_epoch: 0,
             converged_at_epoch: None,
+            dirty: BTreeSet::new(),
+            dirty_all: true,
+            unconverged: BTreeSet::new(),
             reconciliations_before: (0, 0),
             report: Report::for_config(config),
             _dir: dir,
@@ -396,6 +407,7 @@ impl Cluster {
             return Ok(());
         };
         while let Some(event) = node.events.as_ref().and_then(Subscription::try_recv) {
+            self.dirty.insert(event.doc.clone());
             if event.origin == Origin::Client {
                 core.handle_local_commit(
                     self.now,
@@ -405,6 +417,9 @@ impl Cluster {
                 );
             }
         }
+        if node.events.as_ref().is_some_and(|e| e.dropped() > 0) {
+            self.dirty_all = true;
+        }
         let stats = core.stats();
         let applied =
             stats.delta_changes_applied + stats.push_changes_applied + stats.sync_changes_applied;
@@ -412,7 +427,8 @@ impl Cluster {
             node.applied_seen = applied;
             self.state_epoch += 1;
         }
-        let depths = core.queue_depths();
+        // Kept by the core as its queues grow: O(1) per event.
+        let depths = core.peak_queue_depths();
         self.report.max_queues = self.report.max_queues.max(depths);
         let mut outputs = Vec::new();
         while let Some(out) = core.poll_output() {
@@ -644,6 +660,7 @@ impl Cluster {
     /// Opens node `i`'s store and starts a core over it.
     fn start(&mut self, i: usize) -> Result<(), SimError> {
         self.state_epoch += 1;
+        self.dirty_all = true;
         let node = &mut self.nodes[i];
         node.applied_seen = 0;
         let mut actor = Sha256::new();
@@ -677,6 +694,7 @@ impl Cluster {
     /// every connection go; its store stays on disk.
     fn crash(&mut self, i: usize) {
         self.state_epoch += 1;
+        self.dirty_all = true;
         for peer in 0..self.nodes.len() {
             self.disconnect(i, peer);
         }
@@ -752,23 +770,53 @@ impl Cluster {
     }
 
     /// Whether every live replica holds the same heads for every document.
-    fn converged(&self) -> Result<bool, SimError> {
+    /// Only the documents changed since the last look are read again; a
+    /// "yes" is confirmed by reading every document, so a change the events
+    /// missed cannot make it wrong.
+    fn converged(&mut self) -> Result<bool, SimError> {
+        let docs: Vec<DocId> = if std::mem::take(&mut self.dirty_all) {
+            self.dirty.clear();
+            self.docs.clone()
+        } else {
+            std::mem::take(&mut self.dirty).into_iter().collect()
+        };
+        for doc in docs {
+            if !self.docs.contains(&doc) {
+                continue;
+            }
+            if self.doc_converged(&doc)? {
+                self.unconverged.remove(&doc);
+            } else {
+                self.unconverged.insert(doc);
+            }
+        }
+        if !self.unconverged.is_empty() {
+            return Ok(false);
+        }
         for doc in &self.docs {
-            let mut first: Option<Option<Vec<automerge::ChangeHash>>> = None;
-            for node in &self.nodes {
-                let Some(core) = &node.core else {
-                    continue;
-                };
-                let heads = match core.engine().heads(doc) {
-                    Ok(h) => Some(h),
-                    Err(Error::NotFound(_)) => None,
-                    Err(e) => return Err(e.into()),
-                };
-                match &first {
-                    None => first = Some(heads),
-                    Some(f) if *f != heads => return Ok(false),
-                    Some(_) => {}
-                }
+            if !self.doc_converged(doc)? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Whether every live replica holds the same heads of `doc`.
+    fn doc_converged(&self, doc: &DocId) -> Result<bool, SimError> {
+        let mut first: Option<Option<Vec<automerge::ChangeHash>>> = None;
+        for node in &self.nodes {
+            let Some(core) = &node.core else {
+                continue;
+            };
+            let heads = match core.engine().heads(doc) {
+                Ok(h) => Some(h),
+                Err(Error::NotFound(_)) => None,
+                Err(e) => return Err(e.into()),
+            };
+            match &first {
+                None => first = Some(heads),
+                Some(f) if *f != heads => return Ok(false),
+                Some(_) => {}
             }
         }
         Ok(true)

@@ -152,6 +152,7 @@ impl Replicator {
                 p.acks.insert(doc.clone(), Heads::new(heads));
             }
         }
+        self.note_depths(origin);
     }
 
     pub(super) fn flush_acks(&mut self) {

@@ -215,6 +215,9 @@ pub struct Replicator {
     peers: BTreeMap<NodeId, Peer>,
     progress: Progress,
     outputs: VecDeque<Output>,
+    /// The largest each queue has been (see
+    /// [`Replicator::peak_queue_depths`]).
+    peaks: QueueDepths,
     next_anti_entropy: Duration,
     next_ack_flush: Duration,
     next_held_scan: Duration,
@@ -261,6 +264,7 @@ impl Replicator {
         Ok(Replicator {
             writer: engine.deferring(),
             engine,
+            peaks: QueueDepths::default(),
             next_anti_entropy: now + config.anti_entropy_interval,
             next_ack_flush: now + config.ack_interval,
             next_held_scan: now + config.held_repair_interval,
@@ -371,6 +375,29 @@ impl Replicator {
     /// Connected peers, in id order.
     pub fn connected(&self) -> impl Iterator<Item = &NodeId> {
         self.peers.keys()
+    }
+
+    /// The largest each queue has been since this core started (see
+    /// [`Replicator::queue_depths`]), kept as they grow: O(1), for callers
+    /// that check the bounds after every call.
+    pub fn peak_queue_depths(&self) -> QueueDepths {
+        self.peaks.max(QueueDepths {
+            outputs: self.outputs.len(),
+            ..QueueDepths::default()
+        })
+    }
+
+    /// Notes the queues of `peer` for [`Replicator::peak_queue_depths`]
+    /// (called where they grow).
+    fn note_depths(&mut self, peer: &NodeId) {
+        if let Some(p) = self.peers.get(peer) {
+            self.peaks = self.peaks.max(QueueDepths {
+                queued_syncs: p.queue.len(),
+                open_syncs: p.syncs.len(),
+                pending_acks: p.acks.len(),
+                outputs: 0,
+            });
+        }
     }
 
     /// Current queue sizes (largest over all peers).
@@ -705,6 +732,7 @@ impl Replicator {
         sent.0 += 1;
         sent.1 += len;
         self.outputs.push_back(out);
+        self.peaks.outputs = self.peaks.outputs.max(self.outputs.len());
     }
 
     fn send(&mut self, to: &NodeId, message: Message) {

@@ -145,6 +145,7 @@ impl Replicator {
             };
             p.syncs.insert(frame.doc.clone(), sync);
         }
+        self.note_depths(from);
         self.pump_sync(now, from, &frame.doc, true)?;
         self.start_queued(now, from)?;
         Ok(Verdict::Accept)
@@ -167,6 +168,7 @@ impl Replicator {
         }
         p.queued.insert(doc.clone());
         p.queue.push_back(doc.clone());
+        self.note_depths(peer);
     }
 
     /// Starts queued syncs while fewer than the limit are active.
@@ -209,6 +211,7 @@ impl Replicator {
             if let Some(p) = self.peers.get_mut(peer) {
                 p.syncs.insert(doc.clone(), sync);
             }
+            self.note_depths(peer);
             self.pump_sync(now, peer, &doc, false)?;
         }
     }
