@@ -235,8 +235,8 @@ pub struct Replicator {
     deadlines: Deadlines,
     /// Documents asked of peers for this node's clients.
     fetches: Fetches,
-    /// When a reconciliation session with a peer of each other region last
-    /// began (for [`Fanout`]); pruned to the regions of connected peers
+    /// When a message of a reconciliation session with a peer of each other
+    /// region last arrived (for [`Fanout`]); pruned to the regions of connected peers
     /// whenever it has more entries than there are peers.
     region_reconciled: BTreeMap<Region, Duration>,
     /// Round trips to each region's peers, pooled (for a peer with few

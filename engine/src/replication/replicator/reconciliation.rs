@@ -13,12 +13,13 @@ use super::*;
 /// Peers whose session with this node is still under way are left out.
 /// Peers of the region come in order of need (this node's writes they have
 /// not confirmed), then staleness (longest since a message of a session
-/// with them arrived, either side's; never first), then at random. The remote peers come one per region, from the regions whose
-/// last session is oldest, each the stalest peer of its region (need is
-/// not weighed there). Over rounds
-/// every connected peer's turn comes: a node reconciles with each peer of
-/// its region within `ceil(region peers / local)` rounds and with each
-/// other region within `ceil(other regions / remote)` rounds.
+/// with them arrived, either side's; never first), then at random. The
+/// remote peers come one per region, from the regions whose last session
+/// message is oldest, each the stalest peer of its region (need is not
+/// weighed there). Over rounds every connected peer's turn comes: a node
+/// reconciles with each peer of its region within
+/// `ceil(region peers / local)` rounds and with each other region within
+/// `ceil(other regions / remote)` rounds (once their sessions get through).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Fanout {
     /// Peers of this node's region per round.
