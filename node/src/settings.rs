@@ -421,14 +421,10 @@ fn network(
             ))
         }
     };
-    c.reconcile_fanout = match n.reconcile_fanout.as_deref() {
-        None => c.reconcile_fanout,
-        Some("all") => None,
-        Some(f) => Some(
-            f.parse::<Fanout>()
-                .map_err(|e| ("network.reconcile_fanout", format!("{e}, or \"all\"")))?,
-        ),
-    };
+    if let Some(f) = n.reconcile_fanout.as_deref() {
+        c.reconcile_fanout =
+            Fanout::parse_setting(f).map_err(|e| ("network.reconcile_fanout", e.to_string()))?;
+    }
     c.request_timeout = secs(n.request_timeout_secs, c.request_timeout);
     c.idle_connection_timeout = secs(n.idle_connection_timeout_secs, c.idle_connection_timeout);
     c.validate().map_err(|e| (network_key(e.field), e.reason))?;

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Result};
-use causeway_engine::replication::{BadFanout, Dissemination, Fanout};
+use causeway_engine::replication::{Dissemination, Fanout};
 use causeway_engine::sim::{self, SimConfig, Summary};
 use serde_json::json;
 
@@ -70,12 +70,9 @@ pub struct Args {
 pub struct FanoutArg(pub Option<Fanout>);
 
 fn parse_fanout(s: &str) -> Result<FanoutArg, String> {
-    if s == "all" {
-        return Ok(FanoutArg(None));
-    }
-    s.parse()
-        .map(|f| FanoutArg(Some(f)))
-        .map_err(|e: BadFanout| e.to_string())
+    Fanout::parse_setting(s)
+        .map(FanoutArg)
+        .map_err(|e| e.to_string())
 }
 
 impl Args {

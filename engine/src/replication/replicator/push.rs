@@ -237,8 +237,6 @@ impl Replicator {
         };
         self.stats.push_changes_applied += outcome.applied as u64;
         self.account_held_from(&p.doc, &outcome, from);
-        // Only the sender is known to hold the changes: the origin is its
-        // claim.
         self.applied(&p.doc, &outcome);
         if !outcome.missing_deps.is_empty() || outcome.refused > 0 {
             self.enqueue_sync(from, &p.doc);

@@ -35,10 +35,21 @@ impl Fanout {
     }
 }
 
-/// Why a fanout did not parse (see [`Fanout`]'s `FromStr`).
+/// Why a fanout did not parse (see [`Fanout::parse_setting`]).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0:?} is not a fanout: give LOCAL,REMOTE peers per round, for example \"2,1\", at least one in all")]
+#[error("{0:?} is not a fanout: give LOCAL,REMOTE peers per round, for example \"2,1\", at least one in all, or \"all\"")]
 pub struct BadFanout(pub String);
+
+impl Fanout {
+    /// A fanout as settings and command lines give it: `LOCAL,REMOTE`, or
+    /// `all` (`None`: every connected peer).
+    pub fn parse_setting(s: &str) -> std::result::Result<Option<Fanout>, BadFanout> {
+        if s == "all" {
+            return Ok(None);
+        }
+        s.parse().map(Some)
+    }
+}
 
 impl std::str::FromStr for Fanout {
     type Err = BadFanout;

@@ -146,14 +146,8 @@ pub async fn run(args: &Args) -> Result<()> {
     if args.rate <= 0.0 || args.writers == 0 || args.docs == 0 {
         bail!("--rate, --writers and --docs must be positive");
     }
-    if args.reconcile_fanout != "all"
-        && args
-            .reconcile_fanout
-            .parse::<causeway_engine::replication::Fanout>()
-            .is_err()
-    {
-        bail!("--reconcile-fanout takes LOCAL,REMOTE (for example 2,1) or all");
-    }
+    causeway_engine::replication::Fanout::parse_setting(&args.reconcile_fanout)
+        .map_err(|e| anyhow::anyhow!("--reconcile-fanout: {e}"))?;
     let _turn = machine_lock().await?;
     let regions = args.regions as usize;
     let per_region = args.nodes_per_region as usize;
