@@ -347,3 +347,52 @@ fn a_child_that_never_acknowledges_gets_a_sync_and_its_children_the_push() {
         .collect();
     assert!(targets.len() > 2, "the origin pushed to {targets:?}");
 }
+
+#[test]
+fn a_child_cut_off_is_passed_over_until_it_speaks_again() {
+    let mut c = Cluster::new(&["eu"], 8, 2);
+    // The origin and one of its children are cut off from each other,
+    // both ways. The origin gives up a push to it and silences it.
+    let child = c.write_losing_first_push(0, "doc/1", json!({"v": 1}), 0..8);
+    let cut = move |from: usize, to: usize, _: &Message| {
+        !((from == 0 && to == child) || (from == child && to == 0))
+    };
+    for _ in 0..6 {
+        c.tick(WAIT, cut);
+    }
+    assert_eq!(c.nodes[0].core.stats().peers_silenced, 1);
+    // The next write goes around it at once: no push into the cut, none
+    // resent, and every other node has it.
+    let resent = c.nodes[0].core.stats().pushes_resent;
+    let mut into_cut = 0;
+    let mut watch = |from: usize, to: usize, m: &Message| {
+        if from == 0 && to == child && matches!(m, Message::Push(_)) {
+            into_cut += 1;
+        }
+        cut(from, to, m)
+    };
+    c.write(0, "doc/2", json!({"v": 2}));
+    c.run(&mut watch);
+    for _ in 0..4 {
+        c.tick(WAIT, &mut watch);
+    }
+    assert_eq!(into_cut, 0);
+    assert_eq!(c.nodes[0].core.stats().pushes_resent, resent);
+    let others_have = |c: &Cluster| {
+        (0..8)
+            .filter(|&i| i != child)
+            .all(|i| c.nodes[i].core.engine().get_json(&id("doc/2")).ok() == Some(json!({"v": 2})))
+    };
+    assert!(others_have(&c));
+    // The cut heals: the child answers the origin's sync of doc/1, is
+    // pushed to again, and has everything.
+    for _ in 0..8 {
+        c.tick(WAIT, |_, _, _| true);
+    }
+    c.pushes.clear();
+    c.write(0, "doc/3", json!({"v": 3}));
+    c.tick(WAIT, |_, _, _| true);
+    assert!(c.pushes.contains(&(0, child)), "{:?}", c.pushes);
+    assert!(c.everyone_has("doc/1", &json!({"v": 1})));
+    assert!(c.everyone_has("doc/3", &json!({"v": 3})));
+}

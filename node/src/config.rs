@@ -104,6 +104,13 @@ pub struct NodeConfig {
     /// region and of other regions (see `docs/protocol.md`,
     /// "Reconciliation"), or, `None`, every connected peer. Default `None`.
     pub reconcile_fanout: Option<Fanout>,
+    /// The shortest wait before a push not acknowledged is sent again,
+    /// however quick the peer's measured round trip (see
+    /// [`ReplicatorConfig::min_push_retry`](causeway_engine::replication::ReplicatorConfig::min_push_retry)).
+    /// A node's acknowledgements wait for its disk and its turn on a core,
+    /// so this is well above a LAN round trip. Default
+    /// [`DEFAULT_MIN_PUSH_RETRY`].
+    pub min_push_retry: Duration,
     /// A direct message unanswered this long fails (and the replication core
     /// retries the work). Default 30 s.
     pub request_timeout: Duration,
@@ -145,6 +152,7 @@ impl NodeConfig {
             anti_entropy_interval: Duration::from_secs(30),
             dissemination: Dissemination::Gossip,
             reconcile_fanout: None,
+            min_push_retry: DEFAULT_MIN_PUSH_RETRY,
             request_timeout: Duration::from_secs(30),
             max_concurrent_streams: 64,
             idle_connection_timeout: Duration::from_secs(60),
@@ -229,6 +237,7 @@ impl NodeConfig {
             ("anti_entropy_interval", self.anti_entropy_interval),
             ("request_timeout", self.request_timeout),
             ("idle_connection_timeout", self.idle_connection_timeout),
+            ("min_push_retry", self.min_push_retry),
         ] {
             if value.is_zero() {
                 return fail(field, "must be above zero");
@@ -271,6 +280,13 @@ pub const DEFAULT_PEER_MESSAGES_PER_SEC: u32 = 10_000;
 /// Bytes per second a peer may send by default (64 MiB/s, above what one
 /// WAN link carries).
 pub const DEFAULT_PEER_BYTES_PER_SEC: u64 = 64 << 20;
+
+/// A node's shortest wait before resending an unacknowledged push by
+/// default: Linux's floor for TCP retransmissions. A peer's push is
+/// acknowledged once it is durable there (an fsync and a turn on a core),
+/// and a resend sooner than that mostly duplicates a copy already on its
+/// way; a push that was lost costs at most this beyond the round trip.
+pub const DEFAULT_MIN_PUSH_RETRY: Duration = Duration::from_millis(200);
 
 /// Listen addresses of a node with a cluster key when none are named: TCP
 /// port 7700 on every interface.

@@ -147,6 +147,7 @@ impl Node {
         core_config.anti_entropy_interval = config.anti_entropy_interval;
         core_config.dissemination = config.dissemination;
         core_config.reconcile_fanout = config.reconcile_fanout;
+        core_config.min_push_retry = config.min_push_retry;
         let start = Instant::now();
         let mut core = Replicator::new(engine.clone(), core_config, Duration::ZERO)?;
         core.set_members(

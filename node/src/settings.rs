@@ -141,6 +141,9 @@ pub struct NetworkSection {
     pub dissemination: Option<String>,
     /// Peers per anti-entropy round: `"LOCAL,REMOTE"` or `"all"`.
     pub reconcile_fanout: Option<String>,
+    /// Shortest wait before an unacknowledged push is sent again,
+    /// milliseconds.
+    pub min_push_retry_ms: Option<u64>,
     /// Direct message timeout, seconds.
     pub request_timeout_secs: Option<u64>,
     /// Idle connection timeout, seconds.
@@ -425,6 +428,9 @@ fn network(
         c.reconcile_fanout =
             Fanout::parse_setting(f).map_err(|e| ("network.reconcile_fanout", e.to_string()))?;
     }
+    c.min_push_retry = n
+        .min_push_retry_ms
+        .map_or(c.min_push_retry, Duration::from_millis);
     c.request_timeout = secs(n.request_timeout_secs, c.request_timeout);
     c.idle_connection_timeout = secs(n.idle_connection_timeout_secs, c.idle_connection_timeout);
     c.validate().map_err(|e| (network_key(e.field), e.reason))?;
@@ -443,6 +449,7 @@ fn network_key(field: &'static str) -> &'static str {
         "anti_entropy_interval" => "network.anti_entropy_interval_secs",
         "request_timeout" => "network.request_timeout_secs",
         "idle_connection_timeout" => "network.idle_connection_timeout_secs",
+        "min_push_retry" => "network.min_push_retry_ms",
         "max_peer_messages_per_sec" => "network.max_peer_messages_per_sec",
         other => other,
     }
@@ -798,6 +805,17 @@ mod tests {
             Some(None)
         );
         assert_eq!(fanout("data_dir = \"/a\""), Some(None));
+        assert!(err("data_dir = \"/a\"\n[network]\nmin_push_retry_ms = 0")
+            .contains("key network.min_push_retry_ms"));
+        let retry = |text: &str| parse(text).map(|s| s.node.min_push_retry).ok();
+        assert_eq!(
+            retry("data_dir = \"/a\"\n[network]\nmin_push_retry_ms = 50"),
+            Some(Duration::from_millis(50))
+        );
+        assert_eq!(
+            retry("data_dir = \"/a\""),
+            Some(crate::config::DEFAULT_MIN_PUSH_RETRY)
+        );
         let ok = parse(
             "data_dir = \"/a\"\n[automerge_repo]\npath = \"/sync\"\nmissing_document_wait_ms = 250",
         );

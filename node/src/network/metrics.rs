@@ -50,6 +50,10 @@ pub struct NodeMetrics {
     not_members: Counter,
     region_claims_overridden: Counter,
     reconcile_differences: Counter,
+    pushes: Family<KindLabel, Counter>,
+    confirmations: Counter,
+    reconciliations: Counter,
+    silenced: Counter,
     /// Members on the membership list (0 without one).
     pub members: Gauge,
     /// Changes of the membership file that could not be used (the node
@@ -145,6 +149,10 @@ impl NodeMetrics {
             rate_limited: Family::default(),
             ephemeral: Family::default(),
             reconcile_differences: Counter::default(),
+            pushes: Family::default(),
+            confirmations: Counter::default(),
+            reconciliations: Counter::default(),
+            silenced: Counter::default(),
             held_changes: Gauge::default(),
             held_bytes: Gauge::default(),
             shape_refused: Gauge::default(),
@@ -279,6 +287,28 @@ impl NodeMetrics {
             "reconcile_differences",
             "Documents found to differ by reconciliation",
             m.reconcile_differences.clone(),
+        );
+        r.register(
+            "pushes",
+            "Pushes sent again for want of an acknowledgement (resent), given up and left \
+             to repair (abandoned), or not kept for a resend at a bound (untracked)",
+            m.pushes.clone(),
+        );
+        r.register(
+            "peers_silenced",
+            "Times a peer was passed over by pushes after one to it was given up (until it spoke)",
+            m.silenced.clone(),
+        );
+        r.register(
+            "confirmations",
+            "Documents a peer was asked about because it had not confirmed this node's \
+             writes to them for a round",
+            m.confirmations.clone(),
+        );
+        r.register(
+            "reconciliations_started",
+            "Reconciliation sessions this node started (on connect, in rounds, resent)",
+            m.reconciliations.clone(),
         );
         r.register(
             "publish_failures",
@@ -481,6 +511,29 @@ impl NodeMetrics {
             .inc_by(stats.region_claims_overridden - self.last.region_claims_overridden);
         self.reconcile_differences
             .inc_by(stats.reconcile_differences - self.last.reconcile_differences);
+        for (outcome, now, before) in [
+            ("resent", stats.pushes_resent, self.last.pushes_resent),
+            (
+                "abandoned",
+                stats.pushes_abandoned,
+                self.last.pushes_abandoned,
+            ),
+            (
+                "untracked",
+                stats.pushes_untracked,
+                self.last.pushes_untracked,
+            ),
+        ] {
+            self.pushes
+                .get_or_create(&label(outcome))
+                .inc_by(now - before);
+        }
+        self.confirmations
+            .inc_by(stats.confirmations - self.last.confirmations);
+        self.silenced
+            .inc_by(stats.peers_silenced - self.last.peers_silenced);
+        self.reconciliations
+            .inc_by(stats.reconciliations_started - self.last.reconciliations_started);
         for (kind, depth) in [
             ("queued_syncs", depths.queued_syncs),
             ("open_syncs", depths.open_syncs),

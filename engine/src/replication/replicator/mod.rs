@@ -144,10 +144,17 @@ pub struct ReplicatorConfig {
     /// A push not acknowledged this long is sent again (into another
     /// region, to the next bridge), before any acknowledgement from its
     /// peer was timed; after that, the peer's measured round trip plus four
-    /// times its variation, at least [`MIN_PUSH_RETRY`] and at most this.
+    /// times its variation, at least [`Self::min_push_retry`] and at most
+    /// this.
     /// Each resend waits twice as long as the one before. It should exceed
     /// the longest round trip between regions. Default 500 ms.
     pub push_retry_after: Duration,
+    /// The shortest wait before a push is sent again, however quick its
+    /// peer's measured round trip. Default [`MIN_PUSH_RETRY`] (10 ms), for
+    /// peers whose acknowledgements come back within it; a node whose
+    /// acknowledgements wait for a busy disk or core wants more (a node's
+    /// `network.min_push_retry_ms`).
+    pub min_push_retry: Duration,
     /// Sends of one push, the first included, before what it carries is
     /// left to repair. Default 3.
     pub max_push_sends: u32,
@@ -176,6 +183,7 @@ impl ReplicatorConfig {
             dissemination: Dissemination::Gossip,
             tree_fanout: 4,
             push_retry_after: Duration::from_millis(500),
+            min_push_retry: MIN_PUSH_RETRY,
             max_push_sends: 3,
         }
     }
@@ -201,6 +209,12 @@ struct Peer {
     /// side's) last arrived (`None`: not since it connected).
     reconciled_at: Option<Duration>,
     acks: BTreeMap<DocId, Heads>,
+    /// A push to it was given up unacknowledged: pushes go around it (to
+    /// its children in a tree, to the next bridge of its region) until a
+    /// message from it arrives. What it misses meanwhile is left to the
+    /// document syncs, confirmations and reconciliation that also tell
+    /// this node when it answers again.
+    silent: bool,
 }
 
 /// The replication state machine of one node. See the [module docs](self).
@@ -472,6 +486,7 @@ impl Replicator {
                 reconcile_sent_at: None,
                 reconciled_at: None,
                 acks: BTreeMap::new(),
+                silent: false,
             },
         );
         self.progress.connected(now, peer);
@@ -626,6 +641,9 @@ impl Replicator {
                 found: envelope.cluster,
             };
             return Err(self.reject(from, reason));
+        }
+        if let Some(p) = self.peers.get_mut(from) {
+            p.silent = false;
         }
         Ok(envelope.message)
     }

@@ -7,7 +7,10 @@
 //! to the same child, past a child that went away to that child's
 //! children, and into another region to the next bridge. What is still
 //! missing after [`ReplicatorConfig::max_push_sends`] is left to repair
-//! (held-change pulls and anti-entropy).
+//! (held-change pulls and anti-entropy), and the peer it was last sent to
+//! is passed over by later pushes until it is heard from again, so that
+//! writes made while a peer is cut off do not each wait out their resends
+//! into the cut.
 
 use super::super::topology::{bridge_order, children_of, tree_children, tree_order};
 use super::super::wire::Push;
@@ -144,6 +147,22 @@ impl Unackeds {
 }
 
 impl Replicator {
+    /// Whether pushes go to `peer`: connected, and not found silent since
+    /// it last spoke.
+    fn pushable(&self, peer: &NodeId) -> bool {
+        self.peers.get(peer).is_some_and(|p| !p.silent)
+    }
+
+    /// A push to `peer` was given up: it is passed over until it speaks.
+    fn silence(&mut self, peer: &NodeId) {
+        if let Some(p) = self.peers.get_mut(peer) {
+            if !p.silent {
+                p.silent = true;
+                self.stats.peers_silenced += 1;
+            }
+        }
+    }
+
     /// The members of `region` as this node knows them: from the
     /// membership list if there is one, else this node (if in `region`)
     /// and the connected peers whose region is known to be `region`.
@@ -186,8 +205,8 @@ impl Replicator {
     }
 
     /// Pushes a local write's `changes` to `doc` (leaving `heads`): to the
-    /// children of this node's region tree, and to the first connected
-    /// bridge of every other region.
+    /// children of this node's region tree, and to the first bridge of
+    /// every other region that is connected and not silent.
     pub(super) fn push_local(
         &mut self,
         now: Duration,
@@ -204,14 +223,14 @@ impl Replicator {
         };
         let home = self.region_members(&self.config.region);
         let children = tree_children(&me, &me, &home, self.config.tree_fanout, |m| {
-            self.peers.contains_key(m)
+            self.pushable(m)
         });
         for child in children {
             self.send_push(now, &child, push.clone(), heads, 0, None);
         }
         for (region, members) in self.remote_regions() {
             let order = bridge_order(&me, &members);
-            let Some(bridge) = order.into_iter().find(|m| self.peers.contains_key(m)) else {
+            let Some(bridge) = order.into_iter().find(|m| self.pushable(m)) else {
                 continue;
             };
             let mut copy = push.clone();
@@ -264,7 +283,7 @@ impl Replicator {
             return;
         }
         let children = tree_children(&p.root, &me, &home, self.config.tree_fanout, |m| {
-            self.peers.contains_key(m) && m != from && *m != p.origin
+            self.pushable(m) && m != from && *m != p.origin
         });
         for child in children {
             self.send_push(now, &child, p.clone(), heads, 0, None);
@@ -313,7 +332,10 @@ impl Replicator {
             }
             None => RoundTrip::default(),
         };
-        let wait = round_trip.retry_after(self.config.push_retry_after, sends);
+        let wait = round_trip.retry_after(
+            (self.config.min_push_retry, self.config.push_retry_after),
+            sends,
+        );
         let tracked = Unacked {
             push,
             heads: heads.to_vec(),
@@ -336,15 +358,17 @@ impl Replicator {
     }
 
     /// Sends `u`, unacknowledged by `to`, again: into another region to the
-    /// next connected bridge (the same one if no other is), within the
-    /// region to `to` if still connected, else to `to`'s children in the
-    /// tree. After [`ReplicatorConfig::max_push_sends`] it is given up:
-    /// within the region, `to` gets a document sync (which has its own
-    /// resends) and its children the push, so that one unreachable child
-    /// does not leave its subtree to the next anti-entropy round.
+    /// next pushable bridge (the same one if no other is), within the
+    /// region to `to` if still pushable, else to `to`'s children in the
+    /// tree. After [`ReplicatorConfig::max_push_sends`] it is given up and
+    /// `to` is silenced: within the region, `to` gets a document sync
+    /// (which has its own resends) and its children the push, so that one
+    /// unreachable child does not leave its subtree to the next
+    /// anti-entropy round.
     fn resend_push(&mut self, now: Duration, to: &NodeId, u: Unacked) {
         if u.sends >= self.config.max_push_sends {
             self.stats.pushes_abandoned += 1;
+            self.silence(to);
             if u.bridges.is_none() && self.peers.contains_key(to) {
                 self.enqueue_sync(to, &u.push.doc);
                 self.push_to_stand_ins(now, to, u.push, &u.heads, 0);
@@ -361,10 +385,7 @@ impl Replicator {
         } = u;
         if let Some((region, mut tried)) = bridges {
             let order = bridge_order(&self.config.node, &self.region_members(&region));
-            let connected: Vec<&NodeId> = order
-                .iter()
-                .filter(|m| self.peers.contains_key(*m))
-                .collect();
+            let connected: Vec<&NodeId> = order.iter().filter(|m| self.pushable(m)).collect();
             let next = connected
                 .iter()
                 .find(|m| !tried.contains(m))
@@ -379,7 +400,7 @@ impl Replicator {
             self.send_push(now, &next, push, &heads, sends, Some((region, tried)));
             return;
         }
-        if self.peers.contains_key(to) {
+        if self.pushable(to) {
             self.send_push(now, to, push, &heads, sends, None);
             return;
         }
@@ -409,7 +430,7 @@ impl Replicator {
         let Some(at) = order.iter().position(|m| m == to) else {
             return false;
         };
-        let reachable = |m: &NodeId| self.peers.contains_key(m);
+        let reachable = |m: &NodeId| self.pushable(m);
         let stand_ins = children_of(&order, at, self.config.tree_fanout, &reachable);
         for child in stand_ins {
             self.send_push(now, &child, push.clone(), heads, sends, None);

@@ -7,9 +7,10 @@
 
 use std::time::Duration;
 
-/// The shortest wait before a resend, however quick the peer: below it, a
-/// resend would race an acknowledgement that is merely late (scheduling,
-/// an fsync).
+/// The default shortest wait before a resend, however quick the peer
+/// ([`ReplicatorConfig::min_push_retry`](super::ReplicatorConfig::min_push_retry)):
+/// below it, a resend would race an acknowledgement that is merely late
+/// (scheduling, an fsync).
 pub const MIN_PUSH_RETRY: Duration = Duration::from_millis(10);
 
 /// Samples after which a peer is timed by its own round trips only.
@@ -54,13 +55,17 @@ impl RoundTrip {
     }
 
     /// The wait before resending a push sent `sends` times already: the
-    /// smoothed round trip plus four times its variation, within
-    /// [`MIN_PUSH_RETRY`] and `ceiling` (also the wait before any sample),
-    /// doubled for every earlier send.
-    pub(super) fn retry_after(&self, ceiling: Duration, sends: u32) -> Duration {
+    /// smoothed round trip plus four times its variation, within `floor`
+    /// and `ceiling` (also the wait before any sample), doubled for every
+    /// earlier send.
+    pub(super) fn retry_after(
+        &self,
+        (floor, ceiling): (Duration, Duration),
+        sends: u32,
+    ) -> Duration {
         let base = match self.smoothed {
-            None => ceiling,
-            Some(s) => (s + self.variation * 4).clamp(MIN_PUSH_RETRY, ceiling.max(MIN_PUSH_RETRY)),
+            None => ceiling.max(floor),
+            Some(s) => (s + self.variation * 4).clamp(floor, ceiling.max(floor)),
         };
         base * 2u32.saturating_pow(sends.min(8))
     }
@@ -73,16 +78,17 @@ mod tests {
     #[test]
     fn the_wait_follows_the_measured_round_trip_within_its_bounds() {
         let ms = Duration::from_millis;
+        let b = |ceiling| (MIN_PUSH_RETRY, ms(ceiling));
         let mut rt = RoundTrip::default();
-        assert_eq!(rt.retry_after(ms(500), 0), ms(500));
+        assert_eq!(rt.retry_after(b(500), 0), ms(500));
         rt.sample(ms(0), ms(4));
         // 4 ms + 4 x 2 ms.
-        assert_eq!(rt.retry_after(ms(500), 0), ms(12));
-        assert_eq!(rt.retry_after(ms(500), 2), ms(48));
+        assert_eq!(rt.retry_after(b(500), 0), ms(12));
+        assert_eq!(rt.retry_after(b(500), 2), ms(48));
         for t in 0..50 {
             rt.sample(ms(t * 10), ms(t * 10 + 4));
         }
-        assert_eq!(rt.retry_after(ms(500), 0), MIN_PUSH_RETRY);
+        assert_eq!(rt.retry_after(b(500), 0), MIN_PUSH_RETRY);
         // A peer timed once defers to its region, timed more often.
         let mut once = RoundTrip::default();
         once.sample(ms(0), ms(100));
@@ -90,12 +96,18 @@ mod tests {
         for t in 0..10 {
             region.sample(ms(t * 1000), ms(t * 1000 + 100));
         }
-        assert_eq!(once.retry_after(ms(500), 0), ms(300));
-        assert!(once.or_pooled(Some(region)).retry_after(ms(500), 0) < ms(150));
+        assert_eq!(once.retry_after(b(500), 0), ms(300));
+        assert!(once.or_pooled(Some(region)).retry_after(b(500), 0) < ms(150));
         assert_eq!(once.or_pooled(None), once);
         assert_eq!(rt.or_pooled(Some(region)), rt);
         let mut far = RoundTrip::default();
         far.sample(ms(0), ms(900));
-        assert_eq!(far.retry_after(ms(500), 0), ms(500));
+        assert_eq!(far.retry_after(b(500), 0), ms(500));
+        // A floor above the measured wait (a node's setting) holds.
+        assert_eq!(rt.retry_after((ms(200), ms(500)), 0), ms(200));
+        assert_eq!(
+            RoundTrip::default().retry_after((ms(800), ms(500)), 0),
+            ms(800)
+        );
     }
 }

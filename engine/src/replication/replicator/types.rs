@@ -168,6 +168,9 @@ pub struct Stats {
     pub pushes_resent: u64,
     /// Pushes given up after `max_push_sends`, left to repair.
     pub pushes_abandoned: u64,
+    /// Times a peer was found silent (a push to it given up): pushes went
+    /// around it until it next spoke.
+    pub peers_silenced: u64,
     /// Pushes not kept for a resend because [`MAX_UNACKED_PUSHES`] or
     /// [`MAX_UNACKED_PUSH_BYTES`] were reached.
     pub pushes_untracked: u64,

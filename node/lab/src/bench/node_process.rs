@@ -212,6 +212,30 @@ pub async fn list_docs(client: &reqwest::Client, http: &str, prefix: &str) -> Re
     }
 }
 
+/// The series of the /metrics of the node at `http` whose names start with
+/// one of `prefixes`, by series (name and labels as written).
+pub async fn metric_series(
+    client: &reqwest::Client,
+    http: &str,
+    prefixes: &[&str],
+) -> Result<std::collections::BTreeMap<String, f64>> {
+    let text = client
+        .get(format!("{http}/metrics"))
+        .send()
+        .await?
+        .error_for_status()?
+        .text()
+        .await?;
+    Ok(text
+        .lines()
+        .filter(|l| prefixes.iter().any(|p| l.starts_with(p)))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            Some((series.to_string(), value.parse::<f64>().ok()?))
+        })
+        .collect())
+}
+
 /// The sum of libp2p's transport byte counters in the /metrics of the node
 /// at `http`: both directions, or only `"Outbound"` / `"Inbound"`. They
 /// count what the node's connections carry above Noise and yamux.
@@ -220,19 +244,12 @@ pub async fn libp2p_bytes(
     http: &str,
     direction: Option<&str>,
 ) -> Result<u64> {
-    let text = client
-        .get(format!("{http}/metrics"))
-        .send()
-        .await?
-        .error_for_status()?
-        .text()
-        .await?;
+    let series = metric_series(client, http, &["libp2p_bandwidth_bytes_total{"]).await?;
     let wanted = direction.map(|d| format!("direction=\"{d}\""));
-    let total: f64 = text
-        .lines()
-        .filter(|l| l.starts_with("libp2p_bandwidth_bytes_total{"))
-        .filter(|l| wanted.as_ref().is_none_or(|w| l.contains(w.as_str())))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+    let total: f64 = series
+        .iter()
+        .filter(|(name, _)| wanted.as_ref().is_none_or(|w| name.contains(w.as_str())))
+        .map(|(_, value)| value)
         .sum();
     Ok(total as u64)
 }

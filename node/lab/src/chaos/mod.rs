@@ -66,9 +66,17 @@ pub struct Args {
     /// (`network.reconcile_fanout`): `LOCAL,REMOTE` or `all`.
     #[arg(long, default_value = "all")]
     pub reconcile_fanout: String,
+    /// The nodes' shortest wait before resending an unacknowledged push
+    /// (`network.min_push_retry_ms`; default: the node's).
+    #[arg(long)]
+    pub min_push_retry_ms: Option<u64>,
     /// Longest fault, seconds; each lasts between half of this and this.
     #[arg(long, default_value_t = 15)]
     pub max_fault_secs: u64,
+    /// No faults: the workload alone, a baseline for the traffic figures
+    /// (the run still checks that nothing was lost).
+    #[arg(long)]
+    pub no_faults: bool,
     /// Writers per region.
     #[arg(long, default_value_t = 2)]
     pub writers: usize,
@@ -119,6 +127,12 @@ impl Args {
         if self.reconcile_fanout != "all" {
             command += &format!(" --reconcile-fanout {}", self.reconcile_fanout);
         }
+        if self.no_faults {
+            command += " --no-faults";
+        }
+        if let Some(ms) = self.min_push_retry_ms {
+            command += &format!(" --min-push-retry-ms {ms}");
+        }
         if self.byzantine > 0 {
             command += &format!(
                 " --byzantine {} --attack-rate {}",
@@ -156,20 +170,27 @@ pub async fn run(args: &Args) -> Result<()> {
         .map(ToString::to_string)
         .collect();
     let name_refs: Vec<&str> = names.iter().map(String::as_str).collect();
-    let schedule = schedule::generate(ScheduleConfig {
-        seed: args.seed,
-        duration: Duration::from_secs(args.duration),
-        regions,
-        max_fault: Duration::from_secs(args.max_fault_secs),
-        nodes_per_region: per_region,
-    });
+    let schedule = if args.no_faults {
+        Vec::new()
+    } else {
+        schedule::generate(ScheduleConfig {
+            seed: args.seed,
+            duration: Duration::from_secs(args.duration),
+            regions,
+            max_fault: Duration::from_secs(args.max_fault_secs),
+            nodes_per_region: per_region,
+        })
+    };
     print_schedule(args, &schedule, &name_refs);
     let (root, temp) = run_dir(args)?;
     let topology = Topology::create(regions).context("cannot build the chaos network")?;
-    let network = format!(
+    let mut network = format!(
         "dissemination = {:?}\nreconcile_fanout = {:?}\n",
         args.dissemination, args.reconcile_fanout
     );
+    if let Some(ms) = args.min_push_retry_ms {
+        network += &format!("min_push_retry_ms = {ms}\n");
+    }
     let (mut nodes, peer_addrs) = start_nodes(&root, &names, per_region, &network).await?;
     let urls: Vec<String> = nodes.iter().map(NodeProcess::url).collect();
     let node_names: Vec<String> = nodes.iter().map(|n| n.name.clone()).collect();
@@ -243,6 +264,7 @@ pub async fn run(args: &Args) -> Result<()> {
         (&idle, IDLE_MEASURE),
         &writes,
     );
+    let sent = report::NodeCounters::of(&urls).await;
     let verdict = checker::check(&writes, &replicas);
     let documents = replicas.iter().map(|r| r.len()).max().unwrap_or(0);
     let byzantine = attack.map(|attack| {
@@ -284,6 +306,7 @@ pub async fn run(args: &Args) -> Result<()> {
         nodes: node_names,
         network: network.trim().replace('\n', ", "),
         wan,
+        sent,
         workload: format!(
             "{} writers per region, {} writes/s each, {} documents, unknown after {} ms",
             args.writers, args.rate, args.docs, args.write_timeout_ms

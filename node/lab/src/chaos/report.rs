@@ -89,6 +89,8 @@ pub struct Report {
     /// Traffic between regions, counted where it enters a region's
     /// namespace.
     pub wan: Wan,
+    /// What the nodes' replication cores sent, by their own counters.
+    pub sent: NodeCounters,
     /// Writers per region, writes per second per writer, documents.
     pub workload: String,
     /// Network timers of every node.
@@ -143,6 +145,78 @@ pub struct Wan {
     pub bytes_per_write_and_region: f64,
     /// The same, less the idle rate over the measured time.
     pub bytes_per_write_and_region_over_idle: f64,
+}
+
+/// Counters of the nodes' `/metrics` at the end of a run, summed over the
+/// nodes: messages and bytes the replication cores handed to the network
+/// by kind, pushes resent, abandoned or untracked, and confirmations. A
+/// node killed and restarted counts from its restart, so with kills these
+/// are lower bounds.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct NodeCounters {
+    /// `causeway_messages_sent_total` by kind.
+    pub messages: BTreeMap<String, u64>,
+    /// `causeway_bytes_sent_total` by kind.
+    pub bytes: BTreeMap<String, u64>,
+    /// `causeway_pushes_total` by kind (`resent`, `abandoned`, `untracked`).
+    pub pushes: BTreeMap<String, u64>,
+    /// `causeway_confirmations_total`.
+    pub confirmations: u64,
+    /// `causeway_peers_silenced_total`.
+    pub silenced: u64,
+    /// Nodes whose metrics could not be read.
+    pub unread: usize,
+}
+
+impl NodeCounters {
+    /// Reads and sums the counters of the nodes at `urls`.
+    pub async fn of(urls: &[String]) -> NodeCounters {
+        const PREFIXES: [&str; 5] = [
+            "causeway_messages_sent_total{",
+            "causeway_bytes_sent_total{",
+            "causeway_pushes_total{",
+            "causeway_confirmations_total",
+            "causeway_peers_silenced_total",
+        ];
+        let client = reqwest::Client::new();
+        let mut c = NodeCounters::default();
+        for url in urls {
+            let Ok(series) =
+                crate::bench::node_process::metric_series(&client, url, &PREFIXES).await
+            else {
+                c.unread += 1;
+                continue;
+            };
+            for (name, value) in series {
+                c.add(&name, value as u64);
+            }
+        }
+        c
+    }
+
+    /// Adds one series' value (`name{kind="..."}`).
+    fn add(&mut self, series: &str, value: u64) {
+        let kind = series
+            .split_once("kind=\"")
+            .and_then(|(_, rest)| rest.split_once('"'))
+            .map(|(kind, _)| kind.to_string());
+        let map = if series.starts_with("causeway_messages_sent_total") {
+            &mut self.messages
+        } else if series.starts_with("causeway_bytes_sent_total") {
+            &mut self.bytes
+        } else if series.starts_with("causeway_pushes_total") {
+            &mut self.pushes
+        } else if series.starts_with("causeway_peers_silenced_total") {
+            self.silenced += value;
+            return;
+        } else {
+            self.confirmations += value;
+            return;
+        };
+        if let Some(kind) = kind {
+            *map.entry(kind).or_default() += value;
+        }
+    }
 }
 
 /// Traffic counted from `before` to `after`, region by region.
@@ -356,6 +430,25 @@ impl Report {
         );
         let _ = writeln!(
             t,
+            "nodes sent        {} ({} bytes); pushes {:?}; {} peers silenced; {} confirmations{}",
+            self.sent
+                .messages
+                .iter()
+                .map(|(k, n)| format!("{n} {k}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            self.sent.bytes.values().sum::<u64>(),
+            self.sent.pushes,
+            self.sent.silenced,
+            self.sent.confirmations,
+            if self.sent.unread > 0 {
+                format!(" ({} nodes unread)", self.sent.unread)
+            } else {
+                String::new()
+            }
+        );
+        let _ = writeln!(
+            t,
             "{:<8} {:>22} {:>26} {:>24}",
             "region", "writes ok/attempted", "during network faults", "own node paused/killed"
         );
@@ -402,5 +495,33 @@ impl Report {
         }
         let _ = writeln!(t, "{}", if self.passed { "PASSED" } else { "FAILED" });
         t
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_counters_sum_series_by_kind() {
+        let mut c = NodeCounters::default();
+        for (series, value) in [
+            ("causeway_messages_sent_total{kind=\"push\"}", 3),
+            ("causeway_messages_sent_total{kind=\"push\"}", 4),
+            ("causeway_messages_sent_total{kind=\"ack\"}", 5),
+            ("causeway_bytes_sent_total{kind=\"push\"}", 700),
+            ("causeway_pushes_total{kind=\"resent\"}", 2),
+            ("causeway_confirmations_total", 6),
+            ("causeway_confirmations_total", 1),
+            ("causeway_peers_silenced_total", 2),
+        ] {
+            c.add(series, value);
+        }
+        assert_eq!(c.messages["push"], 7);
+        assert_eq!(c.messages["ack"], 5);
+        assert_eq!(c.bytes["push"], 700);
+        assert_eq!(c.pushes["resent"], 2);
+        assert_eq!(c.confirmations, 7);
+        assert_eq!(c.silenced, 2);
     }
 }
