@@ -385,7 +385,8 @@ fn a_child_cut_off_is_passed_over_until_it_speaks_again() {
     };
     assert!(others_have(&c));
     // The cut heals: the child answers the origin's sync of doc/1, is
-    // pushed to again, and has everything.
+    // asked at once about doc/2, which it missed, is pushed to again, and
+    // has everything, well before an anti-entropy round (30 s).
     for _ in 0..8 {
         c.tick(WAIT, |_, _, _| true);
     }
@@ -393,6 +394,8 @@ fn a_child_cut_off_is_passed_over_until_it_speaks_again() {
     c.write(0, "doc/3", json!({"v": 3}));
     c.tick(WAIT, |_, _, _| true);
     assert!(c.pushes.contains(&(0, child)), "{:?}", c.pushes);
+    assert!(c.now < Duration::from_secs(10));
     assert!(c.everyone_has("doc/1", &json!({"v": 1})));
+    assert!(c.everyone_has("doc/2", &json!({"v": 2})));
     assert!(c.everyone_has("doc/3", &json!({"v": 3})));
 }

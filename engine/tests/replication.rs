@@ -1104,3 +1104,65 @@ fn with_a_fanout_each_round_reconciles_with_a_few_peers_and_every_peer_gets_its_
     let chosen = reconciled_with(&mut a, now);
     assert!(chosen.contains(&pending), "{pending} not in {chosen:?}");
 }
+
+#[test]
+fn a_fanout_gives_the_slots_one_side_cannot_fill_to_the_other() {
+    use causeway_engine::replication::Fanout;
+    let fanout = Fanout {
+        local: 2,
+        remote: 1,
+    };
+    let region = |r: &str| Region::new(r).unwrap();
+    let mut rng = SplitMix64::new(3);
+    let interval = Duration::from_secs(30);
+    // Alone in its region, with one peer in each of four other regions: 3
+    // regions a round. Alone in a cluster of one region: 3 peers a round.
+    for regions in [["us", "ap", "sa", "af"], ["eu", "eu", "eu", "eu"]] {
+        let mut a = node_with("a", "eu", |c| c.reconcile_fanout = Some(fanout));
+        let mut members: Members = [(NodeId::new("a").unwrap(), region("eu"))].into();
+        for (i, r) in regions.iter().enumerate() {
+            members.insert(NodeId::new(format!("p{i}")).unwrap(), region(r));
+        }
+        for p in members.keys().filter(|n| n.as_str() != "a") {
+            a.core.handle_connect(Duration::ZERO, p, &mut rng);
+        }
+        a.core.set_members(Duration::ZERO, Some(members.clone()));
+        let _ = reconciled_with(&mut a, Duration::ZERO);
+        for round in 1..=2u32 {
+            let now = interval * 2 * round;
+            a.core.handle_timeout(now, &mut rng).unwrap();
+            let chosen = reconciled_with(&mut a, now);
+            assert_eq!(
+                chosen.len(),
+                fanout.total(),
+                "{regions:?} round {round}: {chosen:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_write_made_while_a_peer_was_away_is_asked_about_when_it_connects() {
+    let mut a = node("a", "eu");
+    let b = NodeId::new("b").unwrap();
+    let mut rng = SplitMix64::new(1);
+    a.core.handle_connect(Duration::ZERO, &b, &mut rng);
+    a.core.handle_disconnect(&b);
+    commit(&mut a, "away/doc", json!({"k": 1}));
+    while a.core.poll_output().is_some() {}
+    // b comes back one second later, long before the next round (30 s): a
+    // asks it about the write at once with a document sync.
+    let now = Duration::from_secs(1);
+    a.core.handle_connect(now, &b, &mut rng);
+    assert_eq!(a.core.poll_timeout(), Duration::ZERO);
+    a.core.handle_timeout(now, &mut rng).unwrap();
+    let mut synced = Vec::new();
+    while let Some(out) = a.core.poll_output() {
+        if let Output::Send { to, bytes } = out {
+            if let Message::Sync(s) = Envelope::decode(&bytes, usize::MAX).unwrap().message {
+                synced.push((to, s.doc));
+            }
+        }
+    }
+    assert_eq!(synced, vec![(b, id("away/doc"))]);
+}

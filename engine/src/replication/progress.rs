@@ -258,16 +258,29 @@ impl Progress {
         self.peers
             .iter()
             .filter(|(_, p)| p.connected)
-            .filter_map(|(id, p)| {
-                let docs: Vec<DocId> = p
-                    .pending
-                    .iter()
-                    .filter(|(_, m)| m.since <= before)
-                    .take(per_peer)
-                    .map(|(doc, _)| doc.clone())
-                    .collect();
+            .filter_map(|(id, _)| {
+                let docs = self.unconfirmed_by(id, Some(before), per_peer);
                 (!docs.is_empty()).then(|| (id.clone(), docs))
             })
+            .collect()
+    }
+
+    /// The documents pending for `peer` since `before` or earlier (`None`:
+    /// however recent), at most `limit`, in id order.
+    pub fn unconfirmed_by(
+        &self,
+        peer: &NodeId,
+        before: Option<Duration>,
+        limit: usize,
+    ) -> Vec<DocId> {
+        let Some(p) = self.peers.get(peer) else {
+            return Vec::new();
+        };
+        p.pending
+            .iter()
+            .filter(|(_, m)| before.is_none_or(|b| m.since <= b))
+            .take(limit)
+            .map(|(doc, _)| doc.clone())
             .collect()
     }
 

@@ -146,6 +146,32 @@ impl Replicator {
         Ok(())
     }
 
+    /// Peers came back: connected again (a node that restarted, a
+    /// connection that was lost), or silenced and heard from again (a cut
+    /// that healed). What this node wrote meanwhile did not reach them:
+    /// every write they are marked for, however recent, is asked about
+    /// now (a document sync each, as at a round) rather than at the next
+    /// round.
+    pub(super) fn confirm_heard_again(&mut self, now: Duration) -> Result<()> {
+        for peer in std::mem::take(&mut self.heard_again) {
+            if !self.peers.contains_key(&peer) {
+                continue;
+            }
+            let docs = self
+                .progress
+                .unconfirmed_by(&peer, None, MAX_CONFIRMATIONS_PER_PEER);
+            if docs.is_empty() {
+                continue;
+            }
+            for doc in &docs {
+                self.enqueue_sync(&peer, doc);
+            }
+            self.stats.confirmations += docs.len() as u64;
+            self.start_queued(now, &peer)?;
+        }
+        Ok(())
+    }
+
     pub(super) fn queue_ack(&mut self, origin: &NodeId, doc: &DocId, heads: &[ChangeHash]) {
         if let Some(p) = self.peers.get_mut(origin) {
             if p.acks.len() < MAX_ACK_ENTRIES || p.acks.contains_key(doc) {

@@ -262,6 +262,9 @@ pub struct Replicator {
     /// Peers whose pushes this call applied: their acknowledgements go
     /// out when it ends, not at the next flush.
     acks_now: BTreeSet<NodeId>,
+    /// Peers back since the last call: connected again, or silenced and
+    /// heard from (see [`Replicator::confirm_heard_again`]).
+    heard_again: Vec<NodeId>,
     stats: Stats,
 }
 
@@ -297,6 +300,7 @@ impl Replicator {
             region_round_trip: BTreeMap::new(),
             unacked: Unackeds::default(),
             acks_now: BTreeSet::new(),
+            heard_again: Vec::new(),
             stats: Stats::default(),
         })
     }
@@ -445,6 +449,10 @@ impl Replicator {
 
     /// When [`handle_timeout`](Self::handle_timeout) is next due.
     pub fn poll_timeout(&self) -> Duration {
+        if !self.heard_again.is_empty() {
+            // Peers came back (see `confirm_heard_again`): due now.
+            return Duration::ZERO;
+        }
         // The oldest entry, even if its session went away since: that
         // costs one early wake-up, which drops it, where checking each
         // entry here would cost a look per entry on every call.
@@ -490,6 +498,9 @@ impl Replicator {
             },
         );
         self.progress.connected(now, peer);
+        // Writes of this node made while it was away are asked about at
+        // the next call, not at the next round.
+        self.heard_again.push(peer.clone());
         let hello = Message::Hello(Hello {
             node: self.config.node.clone(),
             region: self.config.region.clone(),
@@ -527,6 +538,7 @@ impl Replicator {
             Ok(message) => skip_quarantined(self.dispatch(now, m, message))?,
             Err(verdict) => verdict,
         };
+        self.confirm_heard_again(now)?;
         self.engine.sync_deferred()?;
         self.flush_urgent_acks();
         Ok(verdict)
@@ -572,6 +584,7 @@ impl Replicator {
                     .map(|()| Verdict::Ignore),
             )?;
         }
+        self.confirm_heard_again(now)?;
         self.engine.sync_deferred()?;
         self.flush_urgent_acks();
         Ok(verdicts)
@@ -642,8 +655,9 @@ impl Replicator {
             };
             return Err(self.reject(from, reason));
         }
-        if let Some(p) = self.peers.get_mut(from) {
+        if let Some(p) = self.peers.get_mut(from).filter(|p| p.silent) {
             p.silent = false;
+            self.heard_again.push(from.clone());
         }
         Ok(envelope.message)
     }
@@ -704,6 +718,7 @@ impl Replicator {
             self.next_ack_flush = now + self.config.ack_interval;
         }
         self.resend_pushes(now);
+        self.confirm_heard_again(now)?;
         if now >= self.next_held_scan {
             self.repair_held(now)?;
             self.next_held_scan = now + self.config.held_repair_interval;

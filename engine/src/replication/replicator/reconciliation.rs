@@ -20,6 +20,8 @@ use super::*;
 /// reconciles with each peer of its region within
 /// `ceil(region peers / local)` rounds and with each other region within
 /// `ceil(other regions / remote)` rounds (once their sessions get through).
+/// Slots one side cannot fill go to the other (a node alone in its region
+/// reconciles with `local + remote` other regions a round).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Fanout {
     /// Peers of this node's region per round.
@@ -171,7 +173,16 @@ impl Replicator {
             }
         }
         local.sort();
-        let mut chosen: Vec<NodeId> = local.into_iter().take(fanout.local).map(|r| r.3).collect();
+        // Slots one side cannot use go to the other: a node alone in its
+        // region reconciles with `local + remote` other regions, a
+        // cluster of one region with `local + remote` peers.
+        let spare_local = fanout.local.saturating_sub(local.len());
+        let spare_remote = fanout.remote.saturating_sub(remote.len());
+        let mut chosen: Vec<NodeId> = local
+            .into_iter()
+            .take(fanout.local + spare_remote)
+            .map(|r| r.3)
+            .collect();
         let mut regions: Vec<(Option<Duration>, u64, Vec<Rank>)> = remote
             .into_iter()
             .map(|(region, mut ranks)| {
@@ -184,7 +195,7 @@ impl Replicator {
         chosen.extend(
             regions
                 .into_iter()
-                .take(fanout.remote)
+                .take(fanout.remote + spare_local)
                 .filter_map(|(_, _, ranks)| ranks.into_iter().next().map(|r| r.3)),
         );
         chosen
