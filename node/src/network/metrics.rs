@@ -302,7 +302,7 @@ impl NodeMetrics {
         r.register(
             "confirmations",
             "Documents a peer was asked about because it had not confirmed this node's \
-             writes to them for a round",
+             writes to them for a round, or came back with them unconfirmed",
             m.confirmations.clone(),
         );
         r.register(

@@ -182,7 +182,9 @@ pub struct Stats {
     /// Anti-entropy rounds this node ran.
     pub anti_entropy_rounds: u64,
     /// Documents a peer was asked about (by a document sync) because it
-    /// had not confirmed this node's writes to them for a round.
+    /// had not confirmed this node's writes to them for a round, or came
+    /// back (connected again, or spoke after being silenced) with writes
+    /// of this node unconfirmed.
     pub confirmations: u64,
     /// Documents not queued for sync because a queue was full.
     pub syncs_dropped: u64,
