@@ -154,9 +154,6 @@ impl Replicator {
     /// round.
     pub(super) fn confirm_heard_again(&mut self, now: Duration) -> Result<()> {
         for peer in std::mem::take(&mut self.heard_again) {
-            if !self.peers.contains_key(&peer) {
-                continue;
-            }
             let docs = self
                 .progress
                 .unconfirmed_by(&peer, None, MAX_CONFIRMATIONS_PER_PEER);

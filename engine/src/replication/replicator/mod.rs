@@ -263,8 +263,10 @@ pub struct Replicator {
     /// out when it ends, not at the next flush.
     acks_now: BTreeSet<NodeId>,
     /// Peers back since the last call: connected again, or silenced and
-    /// heard from (see [`Replicator::confirm_heard_again`]).
-    heard_again: Vec<NodeId>,
+    /// heard from (see [`Replicator::confirm_heard_again`]). Connected
+    /// peers only (a disconnect removes its peer), so bounded by the peer
+    /// table however often a peer reconnects.
+    heard_again: BTreeSet<NodeId>,
     stats: Stats,
 }
 
@@ -300,7 +302,7 @@ impl Replicator {
             region_round_trip: BTreeMap::new(),
             unacked: Unackeds::default(),
             acks_now: BTreeSet::new(),
-            heard_again: Vec::new(),
+            heard_again: BTreeSet::new(),
             stats: Stats::default(),
         })
     }
@@ -500,7 +502,7 @@ impl Replicator {
         self.progress.connected(now, peer);
         // Writes of this node made while it was away are asked about at
         // the next call, not at the next round.
-        self.heard_again.push(peer.clone());
+        self.heard_again.insert(peer.clone());
         let hello = Message::Hello(Hello {
             node: self.config.node.clone(),
             region: self.config.region.clone(),
@@ -524,6 +526,7 @@ impl Replicator {
     /// anti-entropy repairs whatever it would have done.
     pub fn handle_disconnect(&mut self, peer: &NodeId) {
         self.peers.remove(peer);
+        self.heard_again.remove(peer);
         self.deadlines.forget_peer(peer);
         self.fetches.forget_peer(peer);
         self.progress.disconnected(peer);
@@ -657,7 +660,7 @@ impl Replicator {
         }
         if let Some(p) = self.peers.get_mut(from).filter(|p| p.silent) {
             p.silent = false;
-            self.heard_again.push(from.clone());
+            self.heard_again.insert(from.clone());
         }
         Ok(envelope.message)
     }
