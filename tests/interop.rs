@@ -269,12 +269,41 @@ fn a_client_that_reconnects_mid_sync_converges() {
     // The same client (same storage) connects again, to another region.
     let mut again = RepoClient::js(&c.http, Some(&storage));
     let state = again.call(json!({"cmd": "find", "id": id}));
-    assert_eq!(heads(&state), last, "the client kept its changes");
+    assert_eq!(
+        heads(&state),
+        last,
+        "the client kept its changes; its storage: {:?}",
+        storage_files(&storage)
+    );
     nodes_reach(&[&a, &b, &c], &id, &last);
     assert_eq!(
         c.get_doc(&id).unwrap().0["k199"].as_str().unwrap().len(),
         2000
     );
+}
+
+/// Every file under `dir` with its size, for a failure message.
+fn storage_files(dir: &std::path::Path) -> Vec<(String, u64)> {
+    let mut files = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(at) = pending.pop() {
+        for entry in std::fs::read_dir(&at).into_iter().flatten().flatten() {
+            let path = entry.path();
+            match entry.metadata() {
+                Ok(meta) if meta.is_dir() => pending.push(path),
+                Ok(meta) => files.push((
+                    path.strip_prefix(dir)
+                        .unwrap_or(&path)
+                        .display()
+                        .to_string(),
+                    meta.len(),
+                )),
+                Err(_) => {}
+            }
+        }
+    }
+    files.sort();
+    files
 }
 
 /// JSON equality with numbers compared by value: Automerge's floats with an

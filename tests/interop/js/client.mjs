@@ -21,7 +21,9 @@
 //        branch), its changes concatenated, base64
 //   {"cmd":"load","changes":B64}          -> {"heads","value"}: what Automerge
 //        loads from concatenated changes
-//   {"cmd":"flush"}                       -> {}  (storage written)
+//   {"cmd":"flush"}                       -> {}  (storage written: every
+//        document saved and no storage write still running, so a kill
+//        after the answer leaves no half-written file)
 //   {"cmd":"quit"}                        -> exits
 //
 // Heads are hex change hashes. Values are shown as JSON with bytes as
@@ -37,10 +39,59 @@ import { NodeFSStorageAdapter } from "@automerge/automerge-repo-storage-nodefs";
 // Stdout carries only answers; the libraries log with console.log.
 console.log = console.error;
 
+// Node filesystem storage that knows which of its writes are still running.
+// `repo.flush()` saves every document but does not wait for a throttled save
+// that started before it (measured: one write still running in about one
+// flush of five after a burst of changes). The adapter writes files in
+// place, so a kill during such a write leaves a truncated chunk, and
+// Automerge's incremental load drops it and every chunk after it.
+class SettlingStorage {
+  #inner;
+  #running = new Set();
+
+  constructor(dir) {
+    this.#inner = new NodeFSStorageAdapter(dir);
+  }
+
+  #track(promise) {
+    this.#running.add(promise);
+    const done = () => this.#running.delete(promise);
+    promise.then(done, done);
+    return promise;
+  }
+
+  load(key) {
+    return this.#inner.load(key);
+  }
+  loadRange(prefix) {
+    return this.#inner.loadRange(prefix);
+  }
+  save(key, data) {
+    return this.#track(this.#inner.save(key, data));
+  }
+  remove(key) {
+    return this.#track(this.#inner.remove(key));
+  }
+  removeRange(prefix) {
+    return this.#track(this.#inner.removeRange(prefix));
+  }
+
+  // Resolves once no write is running. A write that finishes may start the
+  // next one (a snapshot's save, then removing the chunks it replaces), so
+  // the check is repeated after the continuations have run.
+  async settled() {
+    while (this.#running.size > 0) {
+      await Promise.allSettled([...this.#running]);
+      await new Promise((resolve) => setImmediate(resolve));
+    }
+  }
+}
+
 const [url, storageDir] = process.argv.slice(2);
+const storage = storageDir ? new SettlingStorage(storageDir) : undefined;
 const repo = new Repo({
   network: [new WebSocketClientAdapter(url)],
-  storage: storageDir ? new NodeFSStorageAdapter(storageDir) : undefined,
+  storage,
 });
 
 const handles = new Map();
@@ -186,6 +237,7 @@ async function run(cmd) {
     }
     case "flush":
       await repo.flush();
+      await storage?.settled();
       return {};
     case "quit":
       await repo.shutdown();
