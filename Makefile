@@ -4,7 +4,7 @@ RELEASE_BIN := target/release/causeway
 
 FUZZ_SECONDS ?= 60
 
-.PHONY: demo example-automerge-repo test lint fmt fuzz chaos bench bench-all bench-ingest bench-durable-writes bench-reconcile bench-delta-path bench-scale bench-lag bench-join bench-replicate-trace bench-many-docs-sync bench-steady-state bench-memory deps crash sim
+.PHONY: demo example-automerge-repo test lint fmt fuzz chaos bench bench-all bench-ingest bench-durable-writes bench-reconcile bench-delta-path bench-scale bench-lag bench-join bench-backup bench-replicate-trace bench-many-docs-sync bench-steady-state bench-memory deps crash sim
 
 ## Install missing system packages (as root) and cargo-nextest.
 deps:
@@ -56,7 +56,7 @@ crash: deps
 	$(CARGO) nextest run -p causeway-tests --no-capture
 
 ## Benchmarks (release build); figures go to stdout (JSON) and stderr (table).
-bench: bench-ingest bench-durable-writes bench-reconcile bench-delta-path bench-scale bench-lag bench-join bench-replicate-trace bench-many-docs-sync bench-steady-state bench-memory
+bench: bench-ingest bench-durable-writes bench-reconcile bench-delta-path bench-scale bench-lag bench-join bench-backup bench-replicate-trace bench-many-docs-sync bench-steady-state bench-memory
 
 ## Every scenario in one run (about 20 minutes); rewrites the summary table
 ## of docs/benchmarks.md. Installs the automerge-repo and samod peers.
@@ -100,6 +100,10 @@ bench-lag: deps
 bench-join: deps
 	$(CARGO) build --release -p causeway-cli
 	$(RELEASE_BIN) bench join
+
+bench-backup: deps
+	$(CARGO) build --release -p causeway-cli
+	$(RELEASE_BIN) bench backup
 
 bench-replicate-trace: deps
 	$(CARGO) build --release -p causeway-cli

@@ -111,6 +111,7 @@ fn lie_about_region(target: &NodeProc, key: &Path, rogue_key: Keypair) -> (Value
         node: rogue.node_id(),
         region: Region::new("ap").unwrap(),
         version: PROTOCOL_VERSION,
+        store: None,
     }));
     assert!(rogue.send(hello));
     let http = target.http.clone();

@@ -82,6 +82,7 @@ fn a_member_cannot_speak_for_another_node() {
         node: b_id.clone(),
         region: region("ap"),
         version: PROTOCOL_VERSION,
+        store: None,
     }));
     assert!(!rogue.send(hello), "a hello naming b was accepted");
     // A delta b did not make, and an announcement that b holds a's write
@@ -217,6 +218,7 @@ fn throwaway_identities_do_not_keep_a_real_peer_out() {
                         node: r.node_id(),
                         region: region("eu"),
                         version: PROTOCOL_VERSION,
+                        store: None,
                     }));
                     assert!(r.send(hello), "a refused a member's own hello");
                     r.disconnect();
@@ -347,6 +349,7 @@ fn a_peer_that_keeps_sending_refused_messages_is_blocked_across_restarts() {
         node: member.node_id(),
         region: region("eu"),
         version: PROTOCOL_VERSION,
+        store: None,
     }));
     assert!(member.send(hello));
     a.write_doc("PUT", "after/block", &json!({"ok": true}));

@@ -109,6 +109,11 @@ pub struct EngineConfig {
     /// value that is unique per open, as the deterministic simulator does from
     /// its seed, the node and the node's incarnation.
     pub actor: Option<ActorId>,
+    /// Id given to the store if this open creates it (a UUID in its
+    /// hyphenated form). `None` (the default) draws a random one. An
+    /// existing store keeps its id. Set it only to make runs reproducible,
+    /// as the deterministic simulator does.
+    pub store_id: Option<String>,
 }
 
 impl Default for EngineConfig {
@@ -127,6 +132,7 @@ impl Default for EngineConfig {
             create_if_missing: true,
             footprint: Footprint::Server,
             actor: None,
+            store_id: None,
         }
     }
 }
@@ -136,7 +142,7 @@ impl EngineConfig {
     /// calls this first.
     pub fn validate(&self) -> Result<(), Error> {
         let shape = &self.shape;
-        let checks: [(bool, &str); 12] = [
+        let checks: [(bool, &str); 13] = [
             (
                 self.compaction.max_log_changes > 0,
                 "compaction.max_log_changes must be at least 1",
@@ -184,6 +190,12 @@ impl EngineConfig {
             (
                 self.subscriber_capacity > 0,
                 "subscriber_capacity must be at least 1",
+            ),
+            (
+                self.store_id
+                    .as_deref()
+                    .is_none_or(crate::layout::is_store_id),
+                "store_id must be a UUID in its hyphenated form",
             ),
         ];
         match checks.iter().find(|(ok, _)| !ok) {

@@ -238,6 +238,22 @@ impl Engine {
         store.write(batch, self.wait())
     }
 
+    /// Deletes every sync state saved with `peer` (one range delete), as
+    /// the configured durability requires: for a peer whose store was
+    /// renewed, whose shared heads may name changes it no longer holds, or
+    /// for one that left the cluster.
+    pub fn forget_sync_states(&self, peer: &str) -> Result<()> {
+        validate_peer(peer)?;
+        let store = &self.inner.store;
+        let mut from = peer.as_bytes().to_vec();
+        from.push(0);
+        let mut to = peer.as_bytes().to_vec();
+        to.push(1);
+        let mut batch = rocksdb::WriteBatch::default();
+        batch.delete_range_cf(store.cf(layout::CF_PEER_SYNC), from, to);
+        store.write(batch, self.wait())
+    }
+
     /// Calls `f` with every stored document's id and digest of heads, in id
     /// order, deleted documents included (a delete is a change to replicate).
     /// Quarantined documents are left out, and a metadata entry that does

@@ -222,7 +222,7 @@ impl Engine {
             "engine opened"
         );
         let actor = config.actor.clone().unwrap_or_else(ActorId::random);
-        let store_id = store.store_id(random_uuid)?;
+        let store_id = store.store_id(|| config.store_id.clone().unwrap_or_else(random_uuid))?;
         Ok(Engine {
             inner: Arc::new(Inner {
                 store,
@@ -307,8 +307,12 @@ impl Engine {
     /// This store's id: a UUID v4 made when the store was first opened by a
     /// version that has one, and kept in it. It names the store, not the
     /// node or its process: it survives restarts, and a copy of the
-    /// directory has the same id. automerge-repo clients key what they know
-    /// a server holds by it (their `storageId`).
+    /// directory has the same id until it is restored
+    /// ([`backup::renew`](crate::backup::renew) gives it a new one). It is
+    /// the store's incarnation: nodes announce it in their hello, and a
+    /// peer that sees it change forgets what the node reported before.
+    /// automerge-repo clients key what they know a server holds by it
+    /// (their `storageId`).
     pub fn store_id(&self) -> &str {
         &self.inner.store_id
     }
@@ -754,20 +758,10 @@ fn require_heads(state: &DocState, id: &DocId, heads: &[ChangeHash]) -> Result<(
 }
 
 /// A random UUID v4 in its hyphenated form.
-fn random_uuid() -> String {
+pub(crate) fn random_uuid() -> String {
     let mut b = [0u8; 16];
     b.copy_from_slice(ActorId::random().to_bytes());
-    b[6] = (b[6] & 0x0f) | 0x40;
-    b[8] = (b[8] & 0x3f) | 0x80;
-    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &hex[..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..]
-    )
+    crate::layout::store_id_from(b)
 }
 
 #[cfg(test)]

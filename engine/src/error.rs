@@ -244,6 +244,17 @@ pub enum Error {
     #[error("storage failure, the engine has stopped: {0}")]
     Storage(String),
 
+    /// A backup could not be taken, checked or prepared for restoring: the
+    /// target exists, a file is missing or damaged, the disk is full. The
+    /// open store (if any) is unaffected and keeps working.
+    #[error("backup at {}: {reason}", path.display())]
+    Backup {
+        /// The backup's store directory.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+
     /// The configuration breaks a rule; see the message.
     #[error("invalid engine configuration: {0}")]
     Config(String),

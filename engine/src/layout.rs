@@ -75,6 +75,32 @@ pub const KEY_FORMAT_VERSION: &[u8] = b"format_version";
 /// it is asked for (see `Engine::store_id`).
 pub const KEY_STORE_ID: &[u8] = b"store_id";
 
+/// Whether `s` has the form of a store id: a UUID in its 36-character
+/// hyphenated form.
+pub fn is_store_id(s: &str) -> bool {
+    s.len() == 36
+        && s.char_indices().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => c == '-',
+            _ => c.is_ascii_hexdigit(),
+        })
+}
+
+/// A store id made from 16 bytes: a UUID v4 (its version and variant bits
+/// set) in its hyphenated form.
+pub fn store_id_from(mut bytes: [u8; 16]) -> String {
+    bytes[6] = (bytes[6] & 0x0f) | 0x40;
+    bytes[8] = (bytes[8] & 0x3f) | 0x80;
+    let hex: String = bytes.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    )
+}
+
 /// Version tag of [`DocMeta`] records.
 const DOC_META_VERSION: u8 = 1;
 

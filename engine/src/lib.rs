@@ -62,6 +62,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod backup;
 mod cache;
 mod config;
 mod doc_id;

@@ -105,6 +105,76 @@ impl Store {
         Ok(store)
     }
 
+    /// Opens the store at `path` for reading only, writing nothing to the
+    /// directory (RocksDB's info log goes to `log_dir`): for checking a
+    /// backup in place. Only the current format is accepted.
+    pub(crate) fn open_read_only(path: &Path, log_dir: &Path) -> Result<Store> {
+        let path = path.to_path_buf();
+        match inspect(&path)? {
+            DirState::Marked(layout::FORMAT_VERSION) => {}
+            DirState::Marked(found) => {
+                return Err(Error::NotAStore {
+                    path,
+                    reason: format!(
+                        "storage format {found}; only format {} is read in place",
+                        layout::FORMAT_VERSION
+                    ),
+                })
+            }
+            DirState::Fresh => {
+                return Err(Error::NotAStore {
+                    path,
+                    reason: "the directory is missing or empty".into(),
+                })
+            }
+        }
+        let mut opts = Options::default();
+        opts.set_db_log_dir(log_dir);
+        let cfs = std::iter::once(&rocksdb::DEFAULT_COLUMN_FAMILY_NAME)
+            .chain(layout::COLUMN_FAMILIES.iter())
+            .map(|name| ColumnFamilyDescriptor::new(*name, cf_options(name, Footprint::Small)));
+        let db = DB::open_cf_descriptors_read_only(&opts, &path, cfs, false)
+            .map_err(|e| open_error(&path, e))?;
+        Ok(Store {
+            db,
+            path,
+            durability: Durability::Sync,
+            group: GroupCommit::default(),
+            deferred: AtomicU64::new(0),
+            failed: OnceLock::new(),
+        })
+    }
+
+    /// A consistent copy of the store in `dir` (which must not exist):
+    /// RocksDB flushes its memtables, then hard-links the table files
+    /// (copying them across file systems) and writes a new manifest; the
+    /// marker file follows. Holds every write made before the call.
+    pub(crate) fn checkpoint(&self, dir: &Path) -> Result<()> {
+        self.check_alive()?;
+        rocksdb::checkpoint::Checkpoint::new(&self.db)
+            .and_then(|c| c.create_checkpoint(dir))
+            .map_err(|e| Error::Backup {
+                path: dir.to_path_buf(),
+                reason: format!("RocksDB could not create a checkpoint: {e}"),
+            })?;
+        write_marker(dir).map_err(|e| Error::Backup {
+            path: dir.to_path_buf(),
+            reason: e.to_string(),
+        })
+    }
+
+    /// Replaces this store's id (see [`layout::KEY_STORE_ID`]) with `id`,
+    /// durably.
+    pub(crate) fn set_store_id(&self, id: &str) -> Result<()> {
+        let mut batch = WriteBatch::default();
+        batch.put_cf(
+            self.cf(layout::CF_NODE),
+            layout::KEY_STORE_ID,
+            id.as_bytes(),
+        );
+        self.write(batch, Wait::Durable)
+    }
+
     /// Confirms the format version recorded inside the database, writing it
     /// on first open. The marker file and this record must agree. An older
     /// format this build opens is upgraded: the record first (synced), then
@@ -153,26 +223,33 @@ impl Store {
     /// and written durably if the store has none yet. A record that is not
     /// a UUID string is reported as corrupt.
     pub(crate) fn store_id(&self, fresh: impl FnOnce() -> String) -> Result<String> {
-        let cf = self.cf(layout::CF_NODE);
-        let stored = self
-            .db
-            .get_cf(cf, layout::KEY_STORE_ID)
-            .map_err(|e| self.fatal(e))?;
-        if let Some(bytes) = stored {
-            return String::from_utf8(bytes)
-                .ok()
-                .filter(|s| is_uuid(s))
-                .ok_or_else(|| Error::Corrupt {
-                    doc: String::new(),
-                    key: layout::describe_key(layout::CF_NODE, layout::KEY_STORE_ID),
-                    reason: "the store id is not a UUID".into(),
-                });
+        if let Some(id) = self.recorded_store_id()? {
+            return Ok(id);
         }
         let id = fresh();
-        let mut batch = WriteBatch::default();
-        batch.put_cf(cf, layout::KEY_STORE_ID, id.as_bytes());
-        self.write(batch, Wait::Durable)?;
+        self.set_store_id(&id)?;
         Ok(id)
+    }
+
+    /// The store id recorded in the store, if any; a record that is not a
+    /// UUID string is reported as corrupt.
+    pub(crate) fn recorded_store_id(&self) -> Result<Option<String>> {
+        let stored = self
+            .db
+            .get_cf(self.cf(layout::CF_NODE), layout::KEY_STORE_ID)
+            .map_err(|e| self.fatal(e))?;
+        let Some(bytes) = stored else {
+            return Ok(None);
+        };
+        String::from_utf8(bytes)
+            .ok()
+            .filter(|s| layout::is_store_id(s))
+            .map(Some)
+            .ok_or_else(|| Error::Corrupt {
+                doc: String::new(),
+                key: layout::describe_key(layout::CF_NODE, layout::KEY_STORE_ID),
+                reason: "the store id is not a UUID".into(),
+            })
     }
 
     /// Rewrites a marker file that names an older format than the record.
@@ -582,22 +659,24 @@ fn open_db(path: &Path, create: bool, footprint: Footprint) -> Result<DB> {
     let cfs = std::iter::once(&rocksdb::DEFAULT_COLUMN_FAMILY_NAME)
         .chain(layout::COLUMN_FAMILIES.iter())
         .map(|name| ColumnFamilyDescriptor::new(*name, cf_options(name, footprint)));
-    DB::open_cf_descriptors(&opts, path, cfs).map_err(|e| {
-        let msg = e.to_string();
-        if msg.contains("lock") || msg.contains("LOCK") {
-            Error::Locked {
-                path: path.to_path_buf(),
-            }
-        } else if e.kind() == ErrorKind::Corruption {
-            Error::Corrupt {
-                doc: String::new(),
-                key: "(database manifest)".into(),
-                reason: msg,
-            }
-        } else {
-            Error::Storage(format!("cannot open RocksDB in {}: {msg}", path.display()))
+    DB::open_cf_descriptors(&opts, path, cfs).map_err(|e| open_error(path, e))
+}
+
+fn open_error(path: &Path, e: rocksdb::Error) -> Error {
+    let msg = e.to_string();
+    if msg.contains("lock") || msg.contains("LOCK") {
+        Error::Locked {
+            path: path.to_path_buf(),
         }
-    })
+    } else if e.kind() == ErrorKind::Corruption {
+        Error::Corrupt {
+            doc: String::new(),
+            key: "(database manifest)".into(),
+            reason: msg,
+        }
+    } else {
+        Error::Storage(format!("cannot open RocksDB in {}: {msg}", path.display()))
+    }
 }
 
 fn cf_options(name: &str, footprint: Footprint) -> Options {
@@ -612,15 +691,6 @@ fn cf_options(name: &str, footprint: Footprint) -> Options {
         opts.set_block_based_table_factory(&table);
     }
     opts
-}
-
-/// Whether `s` is a UUID in its 36-character hyphenated form.
-fn is_uuid(s: &str) -> bool {
-    s.len() == 36
-        && s.char_indices().all(|(i, c)| match i {
-            8 | 13 | 18 | 23 => c == '-',
-            _ => c.is_ascii_hexdigit(),
-        })
 }
 
 #[cfg(test)]

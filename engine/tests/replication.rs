@@ -215,6 +215,7 @@ fn every_kind_of_bad_message_is_refused_counted_and_changes_nothing() {
             node: NodeId::new("c").unwrap(),
             region: Region::new("eu").unwrap(),
             version: PROTOCOL_VERSION,
+            store: None,
         }),
     }
     .encode();
@@ -331,6 +332,7 @@ fn with_a_membership_list_regions_come_from_the_list_and_strangers_are_ignored()
             node: bn.clone(),
             region: region("eu"),
             version: PROTOCOL_VERSION,
+            store: None,
         }),
     }
     .encode();
@@ -1165,4 +1167,42 @@ fn a_write_made_while_a_peer_was_away_is_asked_about_when_it_connects() {
         }
     }
     assert_eq!(synced, vec![(b, id("away/doc"))]);
+}
+
+#[test]
+fn a_peer_back_with_a_new_store_id_is_not_believed_to_hold_what_it_had() {
+    let (an, bn) = (NodeId::new("a").unwrap(), NodeId::new("b").unwrap());
+    let mut a = node("a", "eu");
+    let mut b = node("b", "us");
+    let mut rng = SplitMix64::new(1);
+    let now = Duration::ZERO;
+    a.core.handle_connect(now, &bn, &mut rng);
+    b.core.handle_connect(now, &an, &mut rng);
+    commit(&mut a, "kept/doc", json!({"k": 1}));
+    pump(&mut a, &an, &mut b, &bn, now);
+    let doc = id("kept/doc");
+    let heads = a.core.engine().heads(&doc).unwrap();
+    assert_eq!(a.core.progress().known_heads(&bn, &doc), Some(&heads[..]));
+    // The same store again (a reconnect): what b reported stands.
+    a.core.handle_disconnect(&bn);
+    b.core.handle_disconnect(&an);
+    a.core.handle_connect(now, &bn, &mut rng);
+    b.core.handle_connect(now, &an, &mut rng);
+    pump(&mut a, &an, &mut b, &bn, now);
+    assert_eq!(a.core.stats().peer_stores_renewed, 0);
+    // b comes back with an empty store of its own (a lost disk; a restored
+    // backup looks the same to a): its hello names a new store id, and a
+    // forgets b's reports until b makes new ones.
+    a.core.handle_disconnect(&bn);
+    let mut b = node("b", "us");
+    let later = Duration::from_secs(1);
+    a.core.handle_connect(later, &bn, &mut rng);
+    b.core.handle_connect(later, &an, &mut rng);
+    deliver(&mut b, &bn, &mut a, later);
+    assert_eq!(a.core.stats().peer_stores_renewed, 1);
+    assert_eq!(a.core.progress().known_heads(&bn, &doc), None);
+    // Reconciliation gives b the document back.
+    pump(&mut a, &an, &mut b, &bn, later);
+    assert_eq!(b.core.engine().heads(&doc).unwrap(), heads);
+    assert_eq!(a.core.progress().known_heads(&bn, &doc), Some(&heads[..]));
 }

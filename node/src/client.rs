@@ -315,7 +315,7 @@ async fn watch(
 }
 
 /// The response if it succeeded; otherwise the node's error code and message.
-async fn checked(resp: reqwest::Result<Response>) -> Result<Response> {
+pub(crate) async fn checked(resp: reqwest::Result<Response>) -> Result<Response> {
     let resp = resp.context("cannot reach the node (is `causeway node` running? see --url)")?;
     if resp.status().is_success() {
         return Ok(resp);

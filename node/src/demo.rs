@@ -77,11 +77,60 @@ pub async fn run(dir: Option<PathBuf>) -> Result<()> {
 
     carry_token(&replicas[0], &replicas[1], &doc).await?;
     write_through_a_partition(&replicas, &doc).await?;
+    let replicas = lose_a_disk_and_restore(replicas, &root, &doc).await?;
     let value = replicas[0].engine.get_json(&doc)?;
     println!("{}", serde_json::to_string_pretty(&value)?);
     local_cluster::shutdown(&replicas).await?;
     say("all replicas converged; nodes shut down cleanly");
     Ok(())
+}
+
+/// Backs the last region up while it runs, writes on, stops it and wipes
+/// its store, restores the backup and starts it again: it comes back with
+/// a new store id and gets what was written after the backup from its
+/// peers.
+async fn lose_a_disk_and_restore(
+    mut replicas: Vec<Replica>,
+    root: &std::path::Path,
+    doc: &DocId,
+) -> Result<Vec<Replica>> {
+    let lost = replicas.pop().context("three replicas")?;
+    let (region, notes_before) = (lost.region.clone(), notes(&lost, doc)?);
+    let backup_dir = root.join(format!("backup-{region}"));
+    let node = Some((lost.node.peer_id().to_string(), region.clone()));
+    let taken = crate::backup::take_from_engine(&lost.engine, &backup_dir, None, node)?;
+    say(format!(
+        "backed up {region} while it ran: {} documents, {} bytes, verified, in {}",
+        taken.documents,
+        taken.bytes,
+        backup_dir.display()
+    ));
+    write(&replicas[0], doc, "after-backup")?;
+    replicas.push(lost);
+    converge(&replicas, doc, notes_before + 1).await?;
+    let lost = replicas.pop().context("three replicas")?;
+    lost.node.shutdown().await?;
+    drop(lost);
+    let data_dir = root.join(&region);
+    std::fs::remove_dir_all(data_dir.join(crate::backup::STORE_DIR))?;
+    say(format!(
+        "{region} stopped and its store deleted (a lost disk); restoring the backup"
+    ));
+    let restored = crate::backup::restore(&backup_dir, &data_dir)?;
+    let key = local_cluster::cluster_key(root)?;
+    let cluster = ClusterId::new("demo")?;
+    let back = local_cluster::start_node(root, &cluster, key, &region, &replicas[0].addrs).await?;
+    let held = notes(&back, doc)?;
+    replicas.push(back);
+    let took = converge(&replicas, doc, notes_before + 1).await?;
+    say(format!(
+        "{region} restarted from the backup with a new store id ({}) holding {held} of {} notes; \
+         it had the note written after the backup {:.0} ms later",
+        restored.store_id,
+        notes_before + 1,
+        ms(took)
+    ));
+    Ok(replicas)
 }
 
 /// Cuts the last region off, writes on both sides, heals, and waits for

@@ -28,6 +28,7 @@
 //! ```
 
 pub mod automerge_repo;
+pub mod backup;
 pub mod client;
 pub mod cluster_key;
 pub mod config;

@@ -90,6 +90,10 @@ pub struct PeerProgress {
     /// Whether it is connected to this node (then it is never forgotten to
     /// make room).
     pub connected: bool,
+    /// The id of the store it announced in its latest hello: its
+    /// incarnation. A store restored from a backup, or rebuilt empty, has a
+    /// new one (see `backup`).
+    pub store: Option<String>,
 }
 
 /// How far behind one peer is.
@@ -166,6 +170,29 @@ impl Progress {
         if let Some(p) = self.entry(now, peer) {
             p.region = Some(region.clone());
         }
+    }
+
+    /// Records the store id `peer` announced in its hello at `now`. If it
+    /// differs from the one recorded before, the peer's store went back (a
+    /// restore from a backup) or started over (a new disk): every report it
+    /// made is forgotten, so it is not believed to hold what it may have
+    /// lost, and `true` is returned. Its pending marks stay: this node's
+    /// writes it never confirmed are still unconfirmed. Writes it confirmed
+    /// before are not marked again; reconciliation brings them back to it.
+    pub fn set_store(&mut self, now: Duration, peer: &NodeId, store: &str) -> bool {
+        let Some(p) = self.entry(now, peer) else {
+            return false;
+        };
+        let renewed = p.store.as_deref().is_some_and(|known| known != store);
+        p.store = Some(store.to_string());
+        if !renewed {
+            return false;
+        }
+        let docs = std::mem::take(&mut p.docs);
+        for doc in docs.keys() {
+            self.touch(doc);
+        }
+        true
     }
 
     /// Forgets the region recorded for `peer` (it is not a member).
@@ -436,6 +463,32 @@ mod tests {
         assert_eq!(p.lag(&b), Lag::default());
         let (touched, overflow) = p.take_touched();
         assert!(touched.contains(&doc) && !overflow);
+    }
+
+    #[test]
+    fn a_peer_with_a_new_store_id_is_not_believed_to_hold_what_it_reported() {
+        let mut p = Progress::default();
+        let (b, doc, other) = (
+            NodeId::new("b").unwrap(),
+            DocId::new("d").unwrap(),
+            DocId::new("e").unwrap(),
+        );
+        let ms = Duration::from_millis;
+        assert!(!p.set_store(ms(0), &b, "store-1"));
+        p.record(ms(10), &b, &doc, vec![h(1)], None);
+        p.local_change(ms(20), &other, &[h(2)], 1);
+        // The same store again (a reconnect, a restart): nothing forgotten.
+        assert!(!p.set_store(ms(30), &b, "store-1"));
+        assert_eq!(p.known_heads(&b, &doc), Some(&[h(1)][..]));
+        p.take_touched();
+        // A restored store: its reports go, its pending marks stay, and
+        // the documents it reported on are touched for the caller.
+        assert!(p.set_store(ms(40), &b, "store-2"));
+        assert_eq!(p.known_heads(&b, &doc), None);
+        assert_eq!(p.lag(&b).documents, 1);
+        let (touched, _) = p.take_touched();
+        assert!(touched.contains(&doc));
+        assert_eq!(p.peer(&b).unwrap().store.as_deref(), Some("store-2"));
     }
 
     #[test]

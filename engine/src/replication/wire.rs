@@ -129,6 +129,12 @@ pub struct Hello {
     pub region: Region,
     /// The highest protocol version the sender speaks.
     pub version: u32,
+    /// The id of the sender's store (a UUID): its incarnation, new when
+    /// the store is created or restored from a backup, so a peer that sees
+    /// it change stops believing the sender holds what it reported before.
+    /// Absent from nodes that predate it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<String>,
 }
 
 /// Changes to one document, as committed (durably) at their origin.
@@ -521,7 +527,13 @@ impl Message {
     /// Checks every count against its limit.
     fn check(&self) -> Result<(), WireError> {
         match self {
-            Message::Hello(_) | Message::Sync(_) => Ok(()),
+            Message::Hello(h) => match &h.store {
+                Some(store) if !crate::layout::is_store_id(store) => {
+                    Err(WireError::Malformed("hello store id is not a UUID".into()))
+                }
+                _ => Ok(()),
+            },
+            Message::Sync(_) => Ok(()),
             Message::Delta(d) => {
                 limit("delta changes", d.changes.len(), MAX_CHANGES_PER_DELTA)?;
                 d.heads.check()

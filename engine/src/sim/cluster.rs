@@ -672,6 +672,7 @@ impl Cluster {
             EngineConfig {
                 durability: Durability::Sync,
                 actor: Some(ActorId::from(&actor.finalize()[..16])),
+                store_id: Some(sim_store_id(self.config.seed, i)),
                 footprint: crate::config::Footprint::Small,
                 ..EngineConfig::default()
             },
@@ -942,6 +943,18 @@ impl Cluster {
             Err(e) => Err(e.into()),
         }
     }
+}
+
+/// The store id of node `i` in a run with `seed`: fixed, so that hellos
+/// (which carry it) are the same bytes in every run of the seed.
+fn sim_store_id(seed: u64, i: usize) -> String {
+    let mut h = Sha256::new();
+    h.update(b"store");
+    h.update(seed.to_be_bytes());
+    h.update((i as u64).to_be_bytes());
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&h.finalize()[..16]);
+    crate::layout::store_id_from(bytes)
 }
 
 /// A random split of `n` nodes into two non-empty sides.

@@ -7,13 +7,13 @@ use anyhow::Result;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use causeway_lab::bench::{
-    all, concurrent_editors, delta_path, durable_writes, ingest, join, lag, many_docs_sync, memory,
-    reconcile, replicate_trace, repo_clients, scale, steady_state,
+    all, backup as backup_bench, concurrent_editors, delta_path, durable_writes, ingest, join, lag,
+    many_docs_sync, memory, reconcile, replicate_trace, repo_clients, scale, steady_state,
 };
 use causeway_lab::chaos;
 use causeway_node::client::{self, DocCommand, Target};
 use causeway_node::cluster_key::ClusterKey;
-use causeway_node::{daemon, demo, sim};
+use causeway_node::{backup, daemon, demo, sim};
 
 #[derive(Parser)]
 #[command(
@@ -80,6 +80,43 @@ enum Command {
     Status {
         #[command(flatten)]
         target: Target,
+    },
+    /// Take a backup of a node into a new directory: through its HTTP API
+    /// while it runs (--url; needs a write token if the node has tokens),
+    /// or from its data directory while it is stopped (--data-dir; the
+    /// node's identity, node.key, is included). The copy is verified
+    /// before its manifest is written. Prints a JSON summary.
+    Backup {
+        /// The new backup directory (missing or empty).
+        #[arg(long)]
+        to: PathBuf,
+        /// The running node's HTTP API.
+        #[arg(
+            long,
+            required_unless_present = "data_dir",
+            conflicts_with = "data_dir"
+        )]
+        url: Option<String>,
+        /// A stopped node's data directory.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Bearer token, if the node requires one.
+        #[arg(long, env = "CAUSEWAY_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+    },
+    /// Restore a backup into a node's data directory, which must hold no
+    /// store: checks every file against the manifest and every document,
+    /// copies the store and gives it a new store id (a new incarnation:
+    /// peers stop trusting what the node reported before, and
+    /// reconciliation brings back what the cluster holds). Then start the
+    /// node. Prints a JSON summary.
+    Restore {
+        /// The backup directory.
+        #[arg(long)]
+        from: PathBuf,
+        /// The node's data directory.
+        #[arg(long)]
+        data_dir: PathBuf,
     },
     /// Run three nodes in three regions on loopback, cut one region off,
     /// keep writing on both sides, heal, and show convergence.
@@ -148,6 +185,9 @@ enum BenchCommand {
     /// A node with a million small documents stored and a thousand being
     /// written: resident memory, open time, cache budget.
     Memory(memory::Args),
+    /// Taking and restoring a backup of N documents against `cp -r` of the
+    /// stopped store, and a restored node catching up.
+    Backup(backup_bench::Args),
     /// Every scenario in turn; writes a markdown summary.
     All(all::Args),
 }
@@ -191,6 +231,27 @@ fn run(command: Command) -> Result<()> {
         }
         Command::Doc { target, command } => runtime()?.block_on(client::doc(&target, command)),
         Command::Status { target } => runtime()?.block_on(client::status(&target)),
+        Command::Backup {
+            to,
+            url,
+            data_dir,
+            token,
+        } => {
+            let summary = match (url, data_dir) {
+                (Some(url), _) => {
+                    runtime()?.block_on(backup::take_from_node(&url, token.as_deref(), &to))?
+                }
+                (None, Some(dir)) => backup::take_from_data_dir(&dir, &to)?,
+                (None, None) => anyhow::bail!("give --url or --data-dir"),
+            };
+            println!("{}", serde_json::to_string(&summary)?);
+            Ok(())
+        }
+        Command::Restore { from, data_dir } => {
+            let summary = backup::restore(&from, &data_dir)?;
+            println!("{}", serde_json::to_string(&summary)?);
+            Ok(())
+        }
         Command::Demo { dir } => runtime()?.block_on(demo::run(dir)),
         Command::Sim(args) => sim::run(&args),
         Command::Chaos(args) => runtime()?.block_on(chaos::run(&args)),
@@ -217,6 +278,7 @@ fn run(command: Command) -> Result<()> {
         Command::Bench(BenchCommand::ConcurrentEditors(args)) => {
             runtime()?.block_on(concurrent_editors::run(&args))
         }
+        Command::Bench(BenchCommand::Backup(args)) => runtime()?.block_on(backup_bench::run(&args)),
         Command::Bench(BenchCommand::All(args)) => all::run(&args),
     }
 }

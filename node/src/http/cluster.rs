@@ -40,6 +40,7 @@ pub async fn ready(State(state): State<AppState>) -> Response {
 pub async fn status(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     let stats = state.engine.stats();
     let engine = json!({
+        "store_id": state.engine.store_id(),
         "cached_documents": stats.cached_documents,
         "cache_bytes": stats.cache_bytes,
         "cache_budget_bytes": stats.cache_budget_bytes,

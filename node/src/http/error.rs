@@ -93,6 +93,7 @@ impl From<EngineError> for ApiError {
             EngineError::Quarantined { .. } => (S::SERVICE_UNAVAILABLE, "quarantined"),
             EngineError::NotQuarantined(_) => (S::CONFLICT, "not_quarantined"),
             EngineError::Storage(_) => (S::INTERNAL_SERVER_ERROR, "storage_failure"),
+            EngineError::Backup { .. } => (S::INTERNAL_SERVER_ERROR, "backup_failed"),
             EngineError::NotAStore { .. }
             | EngineError::FormatTooNew { .. }
             | EngineError::Locked { .. }
@@ -107,6 +108,10 @@ impl From<EngineError> for ApiError {
             | EngineError::Config(_) => {
                 tracing::error!(error = %e, "a request failed in the engine");
                 ApiError::new(status, code, "the node's storage failed; its log says why")
+            }
+            EngineError::Backup { .. } => {
+                tracing::error!(error = %e, "a backup failed");
+                ApiError::new(status, code, "the backup failed; the node's log says why")
             }
             EngineError::Quarantined { doc, .. } => ApiError::new(
                 status,

@@ -8,6 +8,7 @@
 //! * [`session`]: session tokens, cross-region durability, "where is my
 //!   write?".
 //! * [`cluster`]: status, `/metrics`, `/health`, `/ready`.
+//! * [`backup`]: a consistent copy of the store, streamed.
 //! * [`auth`]: optional bearer tokens, read-only or read-write.
 //! * [`admission`]: allowed origins, request slots, body deadline.
 //! * [`automerge_repo`]: the upgrade to the automerge-repo WebSocket
@@ -22,6 +23,7 @@
 pub mod admission;
 pub mod auth;
 pub mod automerge_repo;
+pub mod backup;
 pub mod changes;
 pub mod cluster;
 pub mod connections;
@@ -235,6 +237,7 @@ pub fn router(
         .route("/v1/watch/{*id}", get(watch::document))
         .route("/v1/status", get(cluster::status))
         .route("/v1/repair/{*id}", axum::routing::post(docs::repair))
+        .route("/v1/backup", axum::routing::post(backup::backup))
         .route(
             "/v1/blocked/{peer}",
             axum::routing::put(cluster::block).delete(cluster::block),

@@ -54,6 +54,7 @@ pub struct NodeMetrics {
     confirmations: Counter,
     reconciliations: Counter,
     silenced: Counter,
+    stores_renewed: Counter,
     /// Members on the membership list (0 without one).
     pub members: Gauge,
     /// Changes of the membership file that could not be used (the node
@@ -153,6 +154,7 @@ impl NodeMetrics {
             confirmations: Counter::default(),
             reconciliations: Counter::default(),
             silenced: Counter::default(),
+            stores_renewed: Counter::default(),
             held_changes: Gauge::default(),
             held_bytes: Gauge::default(),
             shape_refused: Gauge::default(),
@@ -298,6 +300,12 @@ impl NodeMetrics {
             "peers_silenced",
             "Times a peer was passed over by pushes after one to it was given up (until it spoke)",
             m.silenced.clone(),
+        );
+        r.register(
+            "peer_stores_renewed",
+            "Hellos announcing a different store id than the peer had (restored from a backup \
+             or rebuilt empty): its reports were forgotten and its sync states deleted",
+            m.stores_renewed.clone(),
         );
         r.register(
             "confirmations",
@@ -532,6 +540,8 @@ impl NodeMetrics {
             .inc_by(stats.confirmations - self.last.confirmations);
         self.silenced
             .inc_by(stats.peers_silenced - self.last.peers_silenced);
+        self.stores_renewed
+            .inc_by(stats.peer_stores_renewed - self.last.peer_stores_renewed);
         self.reconciliations
             .inc_by(stats.reconciliations_started - self.last.reconciliations_started);
         for (kind, depth) in [

@@ -507,6 +507,7 @@ impl Replicator {
             node: self.config.node.clone(),
             region: self.config.region.clone(),
             version: PROTOCOL_VERSION,
+            store: Some(self.engine.store_id().to_string()),
         });
         self.send(peer, hello);
         let room = match self.config.reconcile_fanout {
@@ -684,6 +685,12 @@ impl Replicator {
                     return Ok(verdict);
                 }
                 self.claim_region(now, &h.node, &h.region);
+                if let Some(store) = &h.store {
+                    if self.progress.set_store(now, &h.node, store) {
+                        self.stats.peer_stores_renewed += 1;
+                        self.engine.forget_sync_states(h.node.as_str())?;
+                    }
+                }
                 // An empty acknowledgement answers it, so that the peer
                 // times its round trip to this node from the start.
                 self.send(

@@ -171,6 +171,10 @@ pub struct Stats {
     /// Times a peer was found silent (a push to it given up): pushes went
     /// around it until it next spoke.
     pub peers_silenced: u64,
+    /// Hellos from a peer announcing a different store id than before (its
+    /// store was restored from a backup or started over): what it reported
+    /// was forgotten and the sync states kept with it deleted.
+    pub peer_stores_renewed: u64,
     /// Pushes not kept for a resend because [`MAX_UNACKED_PUSHES`] or
     /// [`MAX_UNACKED_PUSH_BYTES`] were reached.
     pub pushes_untracked: u64,

@@ -15,8 +15,8 @@ use serde_json::Value;
 
 use super::summary;
 use super::{
-    concurrent_editors, delta_path, durable_writes, ingest, join, lag, many_docs_sync, memory,
-    reconcile, replicate_trace, repo_clients, scale, steady_state,
+    backup, concurrent_editors, delta_path, durable_writes, ingest, join, lag, many_docs_sync,
+    memory, reconcile, replicate_trace, repo_clients, scale, steady_state,
 };
 
 /// Arguments of `causeway bench all`.
@@ -86,6 +86,12 @@ const SCENARIOS: &[(&str, &[&str], &[&str], Summary)] = &[
         scale::summary,
     ),
     ("join", &[], &["--docs", "100"], join::summary),
+    (
+        "backup",
+        &[],
+        &["--docs", "200", "--later-docs", "20"],
+        backup::summary,
+    ),
     (
         "replicate-trace",
         &[],

@@ -3,6 +3,7 @@
 //! stderr. Build with `--release`; figures from debug builds are meaningless.
 
 pub mod all;
+pub mod backup;
 pub mod concurrent_editors;
 pub mod delta_path;
 pub mod durable_writes;
