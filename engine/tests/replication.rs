@@ -1206,3 +1206,106 @@ fn a_peer_back_with_a_new_store_id_is_not_believed_to_hold_what_it_had() {
     assert_eq!(b.core.engine().heads(&doc).unwrap(), heads);
     assert_eq!(a.core.progress().known_heads(&bn, &doc), Some(&heads[..]));
 }
+
+#[test]
+fn a_new_node_catches_up_with_a_peer_of_its_region_before_it_counts_as_ready() {
+    let (an, bn, dn) = (
+        NodeId::new("a").unwrap(),
+        NodeId::new("b").unwrap(),
+        NodeId::new("d").unwrap(),
+    );
+    let mut a = node("a", "us");
+    let mut d = node("d", "eu");
+    // d holds a few documents of its own: b receives d's list of them and
+    // syncs them itself, and d syncs the rest, which it lacks.
+    for i in 0..40 {
+        commit(&mut a, &format!("held/{i}"), json!({ "i": i }));
+    }
+    for i in 0..5 {
+        commit(&mut d, &format!("held/{i}"), json!({ "d": i }));
+    }
+    while a.core.poll_output().is_some() {}
+    while d.core.poll_output().is_some() {}
+    // b is new and empty, in eu, connected to a (us) and d (eu).
+    let mut b = node("b", "eu");
+    let mut rng = SplitMix64::new(7);
+    let now = Duration::ZERO;
+    assert_eq!(b.core.catch_up().done_at, None);
+    for (x, xn) in [(&mut a, &an), (&mut d, &dn)] {
+        b.core.handle_connect(now, xn, &mut rng);
+        x.core.handle_connect(now, &bn, &mut rng);
+    }
+    // d's hello (and its session's first step) reach b; b's outputs to d
+    // wait; everything with a goes through: a session
+    // with another region's peer does not count while one of its own
+    // region is connected.
+    deliver(&mut d, &dn, &mut b, now);
+    let mut to_d = Vec::new();
+    loop {
+        let mut moved = 0;
+        while let Some(out) = b.core.poll_output() {
+            moved += 1;
+            match out {
+                Output::Send { to, bytes } if to == dn => to_d.push(bytes),
+                Output::Send { bytes, .. } => {
+                    a.core.handle_message(now, direct(&bn, &bytes)).unwrap();
+                }
+                Output::Publish(_) => {}
+                Output::Misbehaving { peer, reason } => panic!("{peer}: {reason}"),
+            }
+        }
+        moved += deliver(&mut a, &an, &mut b, now);
+        if moved == 0 {
+            break;
+        }
+    }
+    assert_eq!(
+        b.core.engine().list("held/", None, 100).unwrap().ids.len(),
+        40
+    );
+    let waiting = b.core.catch_up();
+    assert_eq!((waiting.done_at, waiting.from), (None, None));
+    // With d: caught up once its session ended and its syncs are done,
+    // so b holds d's changes to every document by then.
+    for bytes in to_d {
+        d.core.handle_message(now, direct(&bn, &bytes)).unwrap();
+    }
+    let holds_d = |b: &Node, d: &Node| {
+        (0..40).all(|i| {
+            let doc = id(&format!("held/{i}"));
+            let ours = b.core.engine().heads(&doc).unwrap();
+            let theirs = d.core.engine().heads(&doc).unwrap_or_default();
+            theirs.iter().all(|h| ours.contains(h))
+        })
+    };
+    // One message at a time, so that b's state is seen after each.
+    loop {
+        let mut moved = deliver(&mut b, &bn, &mut d, now);
+        while let Some(out) = d.core.poll_output() {
+            moved += 1;
+            if let Output::Send { bytes, .. } = out {
+                b.core.handle_message(now, direct(&dn, &bytes)).unwrap();
+                if b.core.catch_up().done_at.is_some() {
+                    assert!(holds_d(&b, &d), "caught up before the syncs were done");
+                }
+            }
+        }
+        if moved == 0 {
+            break;
+        }
+    }
+    assert!(holds_d(&b, &d));
+    let done = b.core.catch_up();
+    assert_eq!(done.from, Some(dn));
+    assert_eq!(done.done_at, Some(now));
+    assert_eq!(done.documents_left, 0);
+}
+
+fn direct<'a>(from: &'a NodeId, bytes: &'a [u8]) -> Inbound<'a> {
+    Inbound {
+        from,
+        author: from,
+        channel: Channel::Direct,
+        bytes,
+    }
+}

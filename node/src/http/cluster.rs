@@ -22,17 +22,32 @@ pub async fn ready(State(state): State<AppState>) -> Response {
     let Some(node) = &state.node else {
         return Json(json!({"status": "ready"})).into_response();
     };
-    match node.listening().await {
-        Ok(addrs) if !addrs.is_empty() => Json(json!({"status": "ready"})).into_response(),
-        Ok(_) => ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not_ready",
-            "not listening yet",
-        )
-        .into_response(),
-        Err(e) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", e.to_string())
-            .into_response(),
+    let not_ready =
+        |message: String| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", message);
+    let status = match node.status().await {
+        Ok(status) => status,
+        Err(e) => return not_ready(e.to_string()).into_response(),
+    };
+    let catch_up = &status.catch_up;
+    if status.listen_addrs.is_empty() {
+        return not_ready("not listening yet".into()).into_response();
     }
+    if catch_up.ready {
+        return Json(json!({"status": "ready", "catch_up": catch_up})).into_response();
+    }
+    let message = match &catch_up.from {
+        Some(peer) => format!(
+            "catching up from {peer}: {} documents left to sync",
+            catch_up.documents_left
+        ),
+        None => format!(
+            "catching up: no reconciliation with a peer of region {} has ended yet",
+            status.region
+        ),
+    };
+    not_ready(message)
+        .with_detail(json!({"catch_up": catch_up}))
+        .into_response()
 }
 
 /// `GET /v1/status`: this node, its peers and how far behind each is, and

@@ -33,4 +33,4 @@ pub mod sanctions;
 pub mod status;
 
 pub use self::regions::{PeerLag, RegionNeed, RegionWaiter};
-pub use self::status::{Behind, NetworkStatus, PeerState, PeerStatus, RegionStatus};
+pub use self::status::{Behind, CatchUpStatus, NetworkStatus, PeerState, PeerStatus, RegionStatus};

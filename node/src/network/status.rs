@@ -20,6 +20,29 @@ pub struct NetworkStatus {
     /// Local commits the networking task missed because its event queue was
     /// full (anti-entropy repairs them).
     pub local_events_dropped: u64,
+    /// Whether this node has caught up with its region since it started.
+    pub catch_up: CatchUpStatus,
+}
+
+/// Catching up after a start (see
+/// `causeway_engine::replication::CatchUp`): a node is ready for clients
+/// once it has reconciled with a peer of its region (any peer if none of
+/// its region is connected) and synced every document found differing.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct CatchUpStatus {
+    /// Caught up, or nothing to catch up from (no bootstrap peers and no
+    /// membership list: the node is on its own).
+    pub ready: bool,
+    /// When it caught up, milliseconds after the networking task started.
+    pub caught_up_after_ms: Option<f64>,
+    /// The peer it is catching up from, once a session with one ended.
+    pub from: Option<String>,
+    /// Documents queued or being synced with any peer.
+    pub documents_left: usize,
+    /// Changes applied from document syncs since the start (what has been
+    /// fetched; how much is still to come is not known in advance: an
+    /// Automerge sync learns it as it goes).
+    pub sync_changes_applied: u64,
 }
 
 /// How far behind a region is: that of its best-replicated known peer

@@ -50,6 +50,7 @@ use super::wire::{
 };
 
 mod acks;
+mod catch_up;
 mod deadlines;
 mod delta;
 mod fetches;
@@ -60,6 +61,8 @@ mod sync;
 mod types;
 
 pub use self::acks::MAX_CONFIRMATIONS_PER_PEER;
+use self::catch_up::CatchingUp;
+pub use self::catch_up::{CatchUp, MAX_CATCH_UP_DOCS, STALL_ROUNDS};
 use self::deadlines::Deadlines;
 use self::delta::BatchedDelta;
 use self::fetches::Fetches;
@@ -267,6 +270,8 @@ pub struct Replicator {
     /// peers only (a disconnect removes its peer), so bounded by the peer
     /// table however often a peer reconnects.
     heard_again: BTreeSet<NodeId>,
+    /// Whether this node has caught up since it started (see `catch_up`).
+    catching_up: CatchingUp,
     stats: Stats,
 }
 
@@ -303,6 +308,7 @@ impl Replicator {
             unacked: Unackeds::default(),
             acks_now: BTreeSet::new(),
             heard_again: BTreeSet::new(),
+            catching_up: CatchingUp::default(),
             stats: Stats::default(),
         })
     }
@@ -545,6 +551,7 @@ impl Replicator {
         self.confirm_heard_again(now)?;
         self.engine.sync_deferred()?;
         self.flush_urgent_acks();
+        self.check_caught_up(now);
         Ok(verdict)
     }
 
@@ -591,6 +598,7 @@ impl Replicator {
         self.confirm_heard_again(now)?;
         self.engine.sync_deferred()?;
         self.flush_urgent_acks();
+        self.check_caught_up(now);
         Ok(verdicts)
     }
 
@@ -750,6 +758,7 @@ impl Replicator {
             self.resend_unanswered(now, peer, docs)?;
             self.start_queued(now, peer)?;
         }
+        self.check_caught_up(now);
         self.engine.sync_deferred()
     }
 

@@ -138,6 +138,11 @@ impl Replicator {
             // for one; otherwise the session is over.
             p.reconcile_sent_at =
                 reconcile::expects_answer(&processed.reply).then_some((r.session, now));
+            let ended = p.reconcile_sent_at.is_none();
+            self.learned_while_catching_up(from, &processed.learned);
+            if ended {
+                self.own_session_ended(now, from);
+            }
         }
         if !processed.reply.is_empty() {
             let msg = Message::Reconcile(Reconcile {

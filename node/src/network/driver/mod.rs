@@ -60,7 +60,7 @@ use crate::network::outbox::{Offer, Outbox};
 use crate::network::rate::{Offer as RateOffer, Rates};
 use crate::network::regions::{region_lags, PeerLag, RegionWaiter};
 use crate::network::sanctions::{Sanction, Sanctions};
-use crate::network::status::{Behind, NetworkStatus, PeerState, PeerStatus};
+use crate::network::status::{Behind, CatchUpStatus, NetworkStatus, PeerState, PeerStatus};
 use crate::NodeError;
 
 mod dialer;

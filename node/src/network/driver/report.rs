@@ -71,6 +71,21 @@ impl Driver {
             peers,
             regions: region_lags(&lags),
             local_events_dropped: self.local_events_dropped,
+            catch_up: self.catch_up_status(),
+        }
+    }
+
+    /// Catching up: ready once the core caught up, or at once for a node
+    /// given no one to catch up from.
+    fn catch_up_status(&self) -> CatchUpStatus {
+        let core = self.core.catch_up();
+        let alone = self.config.bootstrap.is_empty() && self.config.membership.is_none();
+        CatchUpStatus {
+            ready: alone || core.done_at.is_some(),
+            caught_up_after_ms: core.done_at.map(|d| d.as_secs_f64() * 1000.0),
+            from: core.from.map(|n| n.to_string()),
+            documents_left: core.documents_left,
+            sync_changes_applied: self.core.stats().sync_changes_applied,
         }
     }
 
