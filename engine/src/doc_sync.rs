@@ -139,6 +139,9 @@ impl Engine {
         sync: &mut SyncState,
         message: SyncMessage,
     ) -> Result<ApplyOutcome> {
+        if !message.changes.is_empty() {
+            self.check_not_draining()?;
+        }
         self.receive_sync(id, sync, message, Source::Client)
     }
 

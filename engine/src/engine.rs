@@ -199,6 +199,9 @@ pub(crate) struct Inner {
     pub(crate) held_refused: AtomicU64,
     pub(crate) shape_refused: AtomicU64,
     pub(crate) quarantine: Quarantine,
+    /// Set by [`Engine::start_draining`]: local and client writes are
+    /// refused.
+    pub(crate) draining: std::sync::atomic::AtomicBool,
     /// Events of writes made through a deferring handle, published once
     /// [`Engine::sync_deferred`] made them durable (subscribers only ever
     /// see durable changes). At most one replicator call's worth.
@@ -235,6 +238,7 @@ impl Engine {
                 held_refused: AtomicU64::new(0),
                 shape_refused: AtomicU64::new(0),
                 quarantine: Quarantine::default(),
+                draining: std::sync::atomic::AtomicBool::new(false),
                 deferred_events: Mutex::new(Vec::new()),
             }),
             wait: Wait::Durable,
@@ -315,6 +319,29 @@ impl Engine {
     /// (their `storageId`).
     pub fn store_id(&self) -> &str {
         &self.inner.store_id
+    }
+
+    /// From now on, refuses every write this engine's own users make
+    /// (transactions, JSON writes, deletes, [`Engine::apply_changes`], and
+    /// client sync messages that carry changes) with [`Error::Draining`],
+    /// for the rest of this open; reads, and changes from peers, go on. A
+    /// node calls it before it hands everything it holds to its peers and
+    /// stops.
+    pub fn start_draining(&self) {
+        self.inner.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether [`Engine::start_draining`] was called.
+    pub fn is_draining(&self) -> bool {
+        self.inner.draining.load(Ordering::SeqCst)
+    }
+
+    /// Fails with [`Error::Draining`] if the engine is draining.
+    pub(crate) fn check_not_draining(&self) -> Result<()> {
+        if self.is_draining() {
+            return Err(Error::Draining);
+        }
+        Ok(())
     }
 
     /// Creates `id` with a transaction. Fails with [`Error::AlreadyExists`] if
@@ -534,6 +561,7 @@ impl Engine {
         message: Option<&'static str>,
         f: impl FnOnce(&mut Transaction<'_>) -> Result<O, AutomergeError>,
     ) -> Result<Committed<O>> {
+        self.check_not_draining()?;
         self.with_doc(id, |state| {
             check_mode(state, id, mode)?;
             // Writing to a deleted document recreates it, even when the write

@@ -244,6 +244,12 @@ pub enum Error {
     #[error("storage failure, the engine has stopped: {0}")]
     Storage(String),
 
+    /// The engine is draining (see [`Engine::start_draining`](crate::Engine::start_draining)):
+    /// it takes no new writes from clients; reads and changes from peers
+    /// go on. Nothing was written; write at another node.
+    #[error("this node is draining: it takes no new writes; write at another node")]
+    Draining,
+
     /// A backup could not be taken, checked or prepared for restoring: the
     /// target exists, a file is missing or damaged, the disk is full. The
     /// open store (if any) is unaffected and keeps working.

@@ -1264,7 +1264,7 @@ fn a_new_node_catches_up_with_a_peer_of_its_region_before_it_counts_as_ready() {
         40
     );
     let waiting = b.core.catch_up();
-    assert_eq!((waiting.done_at, waiting.from), (None, None));
+    assert_eq!((waiting.done_at, waiting.peer), (None, None));
     // With d: caught up once its session ended and its syncs are done,
     // so b holds d's changes to every document by then.
     for bytes in to_d {
@@ -1296,7 +1296,7 @@ fn a_new_node_catches_up_with_a_peer_of_its_region_before_it_counts_as_ready() {
     }
     assert!(holds_d(&b, &d));
     let done = b.core.catch_up();
-    assert_eq!(done.from, Some(dn));
+    assert_eq!(done.peer, Some(dn));
     assert_eq!(done.done_at, Some(now));
     assert_eq!(done.documents_left, 0);
 }

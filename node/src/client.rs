@@ -232,6 +232,35 @@ pub async fn status(target: &Target) -> Result<()> {
     print_json(&resp.json::<Value>().await?)
 }
 
+/// `causeway node drain`: asks the node to drain and waits for its answer,
+/// which comes once a peer holds everything it held (then it exits), and
+/// prints the drain's status.
+pub async fn drain(target: &Target) -> Result<()> {
+    let client = Client::new();
+    eprintln!("draining: the node takes no new writes and hands what it holds to a peer");
+    let started = std::time::Instant::now();
+    let resp = checked(
+        target
+            .request(&client, Method::POST, "/v1/drain")
+            .send()
+            .await,
+    )
+    .await?;
+    let done = resp.status() == reqwest::StatusCode::OK;
+    let answer: Value = resp.json().await?;
+    if !done {
+        bail!(
+            "not drained yet (the drain goes on; run this again to wait): {}",
+            answer["drain"]
+        );
+    }
+    eprintln!(
+        "drained in {:.1} s: a peer holds everything the node held; it stops",
+        started.elapsed().as_secs_f64()
+    );
+    print_json(&answer["drain"])
+}
+
 async fn write(
     target: &Target,
     client: &Client,

@@ -173,12 +173,16 @@ pub async fn run(settings: Settings) -> Result<()> {
     network.map_err(Into::into)
 }
 
+/// How often the daemon looks whether a drain is done.
+const DRAIN_POLL: std::time::Duration = std::time::Duration::from_millis(200);
+
 async fn wait_for_stop(node: &crate::NodeHandle) -> Result<String> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     Ok(tokio::select! {
         _ = term.recv() => "SIGTERM".to_string(),
         _ = int.recv() => "SIGINT".to_string(),
+        Ok(()) = node.drained(DRAIN_POLL) => "drained: a peer holds everything this node held".to_string(),
         result = node.stopped_with() => {
             let reason = result.err().unwrap_or_else(|| "the networking task ended".into());
             warn!(%reason, "the networking layer stopped");

@@ -256,6 +256,28 @@ impl NodeHandle {
         }
     }
 
+    /// Starts draining: the engine takes no new writes, and the node hands
+    /// everything it holds to a peer; [`NodeHandle::status`]'s `drain`
+    /// says when a peer holds all of it. Calling it again changes nothing.
+    pub async fn drain(&self) -> Result<(), NodeError> {
+        let (done, rx) = oneshot::channel();
+        self.send(Command::Drain(done)).await?;
+        rx.await.map_err(|_| self.stopped())
+    }
+
+    /// Waits until a drain started by [`NodeHandle::drain`] is done,
+    /// looking every `every`.
+    pub async fn drained(&self, every: Duration) -> Result<(), NodeError> {
+        loop {
+            let (reply, rx) = oneshot::channel();
+            self.send(Command::Drained(reply)).await?;
+            if rx.await.map_err(|_| self.stopped())? {
+                return Ok(());
+            }
+            tokio::time::sleep(every).await;
+        }
+    }
+
     /// Blocks (`true`) or unblocks (`false`) `peers`: their connections close
     /// and new ones are refused in both directions until unblocked.
     pub async fn block(&self, peers: Vec<PeerId>, blocked: bool) -> Result<(), NodeError> {

@@ -51,12 +51,33 @@ enum ClusterCommand {
     },
 }
 
+/// `causeway node ...` on a running node.
+#[derive(Subcommand)]
+enum NodeAction {
+    /// Drain a running node before decommissioning it: it stops taking
+    /// writes (503 `draining`), hands everything it holds to a peer
+    /// (confirmed by a reconciliation with that peer and the syncs it
+    /// found), and exits. Waits for that (up to 10 minutes; the drain goes
+    /// on) and prints the drain's status.
+    Drain {
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run a node: the store, the libp2p networking layer and the HTTP API.
     /// Settings come from --config (TOML), CAUSEWAY_* variables and flags
-    /// (flags win). Stops gracefully on SIGTERM or SIGINT.
-    Node(daemon::Args),
+    /// (flags win). Stops gracefully on SIGTERM or SIGINT. `causeway node
+    /// drain` drains a running node instead.
+    #[command(args_conflicts_with_subcommands = true)]
+    Node {
+        #[command(subcommand)]
+        action: Option<NodeAction>,
+        #[command(flatten)]
+        args: daemon::Args,
+    },
     /// Print this node's peer id, creating its identity (DATA_DIR/node.key,
     /// mode 0600) if there is none yet. Use it to build allowlists before
     /// the first start.
@@ -195,7 +216,7 @@ enum BenchCommand {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let default_level = match cli.command {
-        Command::Node(_) => "info,yamux=error",
+        Command::Node { action: None, .. } => "info,yamux=error",
         _ => "warn,yamux=error",
     };
     init_logging(cli.log_format, default_level);
@@ -210,7 +231,11 @@ fn main() -> std::process::ExitCode {
 
 fn run(command: Command) -> Result<()> {
     match command {
-        Command::Node(args) => {
+        Command::Node {
+            action: Some(NodeAction::Drain { target }),
+            ..
+        } => runtime()?.block_on(client::drain(&target)),
+        Command::Node { action: None, args } => {
             let settings = args.settings()?;
             runtime()?.block_on(daemon::run(settings))
         }

@@ -32,6 +32,15 @@ pub async fn ready(State(state): State<AppState>) -> Response {
     if status.listen_addrs.is_empty() {
         return not_ready("not listening yet".into()).into_response();
     }
+    if let Some(drain) = &status.drain {
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "draining",
+            "this node is draining: it takes no new writes and stops once a peer holds everything it holds",
+        )
+        .with_detail(json!({"drain": drain}))
+        .into_response();
+    }
     if catch_up.ready {
         return Json(json!({"status": "ready", "catch_up": catch_up})).into_response();
     }
@@ -48,6 +57,42 @@ pub async fn ready(State(state): State<AppState>) -> Response {
     not_ready(message)
         .with_detail(json!({"catch_up": catch_up}))
         .into_response()
+}
+
+/// How long `POST /v1/drain` waits for the drain to be done before it
+/// answers 202 (the drain goes on).
+pub const DRAIN_WAIT: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// `POST /v1/drain`: stop taking writes and hand everything this node holds
+/// to a peer. Answers 200 with the drain's status once a peer holds it all
+/// (the daemon then stops), or 202 after [`DRAIN_WAIT`].
+pub async fn drain(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let Some(node) = &state.node else {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "no_network",
+            "this node runs no networking layer: there is no peer to drain to",
+        ));
+    };
+    let unavailable = |e: crate::NodeError| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "node_unavailable",
+            e.to_string(),
+        )
+    };
+    node.drain().await.map_err(unavailable)?;
+    let done = tokio::time::timeout(
+        DRAIN_WAIT,
+        node.drained(std::time::Duration::from_millis(100)),
+    )
+    .await;
+    let drain = node.status().await.map_err(unavailable)?.drain;
+    let code = match done {
+        Ok(Ok(())) => StatusCode::OK,
+        _ => StatusCode::ACCEPTED,
+    };
+    Ok((code, Json(json!({"drain": drain}))).into_response())
 }
 
 /// `GET /v1/status`: this node, its peers and how far behind each is, and

@@ -94,6 +94,7 @@ impl From<EngineError> for ApiError {
             EngineError::NotQuarantined(_) => (S::CONFLICT, "not_quarantined"),
             EngineError::Storage(_) => (S::INTERNAL_SERVER_ERROR, "storage_failure"),
             EngineError::Backup { .. } => (S::INTERNAL_SERVER_ERROR, "backup_failed"),
+            EngineError::Draining => (S::SERVICE_UNAVAILABLE, "draining"),
             EngineError::NotAStore { .. }
             | EngineError::FormatTooNew { .. }
             | EngineError::Locked { .. }

@@ -238,6 +238,7 @@ pub fn router(
         .route("/v1/status", get(cluster::status))
         .route("/v1/repair/{*id}", axum::routing::post(docs::repair))
         .route("/v1/backup", axum::routing::post(backup::backup))
+        .route("/v1/drain", axum::routing::post(cluster::drain))
         .route(
             "/v1/blocked/{peer}",
             axum::routing::put(cluster::block).delete(cluster::block),

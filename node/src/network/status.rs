@@ -22,6 +22,21 @@ pub struct NetworkStatus {
     pub local_events_dropped: u64,
     /// Whether this node has caught up with its region since it started.
     pub catch_up: CatchUpStatus,
+    /// The drain, once `causeway node drain` (`POST /v1/drain`) started it.
+    pub drain: Option<DrainStatus>,
+}
+
+/// A drain: the node takes no writes and hands everything it holds to a
+/// peer; once `done`, that peer holds all of it and the node stops.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct DrainStatus {
+    /// A peer holds everything this node holds.
+    pub done: bool,
+    /// The peer, once a session with it ended.
+    pub peer: Option<String>,
+    /// Documents queued or being synced, and those the peer has yet to
+    /// sync.
+    pub documents_left: usize,
 }
 
 /// Catching up after a start (see

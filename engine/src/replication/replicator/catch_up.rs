@@ -1,115 +1,197 @@
-//! Catching up after a start. A node has caught up once a reconciliation
-//! session it started with a peer of its own region (with any peer, if no
-//! connected peer is of its region, or of a region not known yet, when the
-//! session ends) has ended and every document that session found differing
-//! has been synced with that peer: those this node syncs (it received the
-//! peer's list of them) and those the peer syncs (this node learned of
-//! them from the peer's answers), each done once a sync message about it
-//! from the peer has been answered and this node's session for it is idle.
-//! Until then the node is not ready for clients: one rebuilt on an empty
-//! disk or restored from an old backup would otherwise answer 404s and
-//! stale documents while it fetches what its region holds. Catching up
-//! happens once per start; a later partition does not undo it.
+//! Settling with a peer: a reconciliation session this node started has
+//! ended, and every document it found differing has been synced with that
+//! peer, both those this node syncs (it received the peer's list of them)
+//! and those the peer syncs (this node learned of them from the peer's
+//! answers), each done once a sync message about it from the peer has been
+//! handled and this node's session for it is idle. Both stores then hold
+//! each other's changes to those documents, and their other documents
+//! were equal.
+//!
+//! Two things wait for a settlement. **Catching up** after a start: the
+//! first own session with a peer of this node's region (with any peer, if
+//! no connected peer is of its region, or of a region not known yet) whose
+//! documents all get synced. Until then the node is not ready for clients:
+//! one rebuilt on an empty disk or restored from an old backup would
+//! otherwise answer 404s and stale documents. It happens once per start; a
+//! later partition does not undo it. **Draining** ([`Replicator::start_drain`]):
+//! with writes stopped, a fresh session with every connected peer; the
+//! first of them to settle (any region) holds everything this node holds,
+//! so the node can stop without losing a write.
 //!
 //! If syncs were dropped at the queue bound or given up unanswered, more
 //! documents were learned of than [`MAX_CATCH_UP_DOCS`], the peer went
 //! away, or the peer synced none of the documents it was awaited for
 //! within [`STALL_ROUNDS`] times `retry_after` (it may have dropped them
-//! at its own bound), the documents may still be missing, so the node does
-//! not count itself caught up: the next anti-entropy round comes at once,
-//! and the next session that ends starts the count again.
+//! at its own bound), the documents may still be missing, so that
+//! settlement does not count and the wait starts over: for catching up the
+//! next anti-entropy round comes at once and the next session that ends
+//! starts the count again; a drain starts fresh sessions.
 
 use super::*;
 
-/// Documents one catch-up waits for the peer to sync; a session that
+/// Documents one settlement waits for the peer to sync; a session that
 /// learns of more does not count (the next one, after these are synced,
 /// learns of fewer).
 pub const MAX_CATCH_UP_DOCS: usize = 100_000;
 
-/// How many `retry_after` intervals catching up waits for the peer to sync
+/// How many `retry_after` intervals a settlement waits for the peer to sync
 /// one more of the documents it is awaited for before starting over.
 pub const STALL_ROUNDS: u32 = 4;
 
-/// Where catching up stands (see the [module docs](self)).
+/// Where a settlement stands (see the [module docs](self)).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct CatchUp {
-    /// When this node caught up (the core's `now`); `None` while it has
-    /// not.
+pub struct Settlement {
+    /// When it was reached (the core's `now`); `None` while it was not.
     pub done_at: Option<Duration>,
-    /// The peer it is catching up from: the one whose session ended first
-    /// while it counts (see the module docs); `None` before.
-    pub from: Option<NodeId>,
+    /// The peer it is with: the one whose counting session ended first;
+    /// `None` before.
+    pub peer: Option<NodeId>,
     /// Documents left: queued or being synced with any peer, and those the
-    /// peer it catches up from has yet to sync.
+    /// peer has yet to sync.
     pub documents_left: usize,
 }
 
-/// What catching up remembers between calls.
+/// What one settlement remembers between calls.
 #[derive(Debug, Clone, Default)]
-pub(super) struct CatchingUp {
+pub(super) struct Settling {
     done_at: Option<Duration>,
-    from: Option<NodeId>,
-    /// Syncs dropped and given up when `from` was chosen.
+    peer: Option<NodeId>,
+    /// For a drain: the sessions that count (started after writes
+    /// stopped; at most one a peer at a time, and a drain lasts until it
+    /// is done). `None`: any own session of a peer of this region.
+    sessions: Option<BTreeSet<u64>>,
+    /// Syncs dropped and given up when `peer` was chosen.
     losses_at_start: u64,
     /// Documents learned to differ from answers in this node's own session
     /// with each peer, while it is under way (the peer syncs them).
     learning: BTreeMap<NodeId, BTreeSet<DocId>>,
     /// Peers whose session learned of more than [`MAX_CATCH_UP_DOCS`].
     overflowed: BTreeSet<NodeId>,
-    /// Of those, the ones `from` has yet to sync.
+    /// Of those, the ones `peer` has yet to sync.
     awaiting: BTreeSet<DocId>,
-    /// When `from` was chosen or last synced one of `awaiting`.
+    /// When `peer` was chosen or last synced one of `awaiting`.
     progressed_at: Duration,
 }
 
+/// What a look at a settlement found.
+enum Look {
+    Waiting,
+    Done,
+    StartOver,
+}
+
+impl Settling {
+    fn active(&self) -> bool {
+        self.done_at.is_none()
+    }
+
+    fn counts(&self, session: u64) -> bool {
+        self.sessions.as_ref().is_none_or(|s| s.contains(&session))
+    }
+
+    fn start_over(&mut self) {
+        self.peer = None;
+        self.awaiting.clear();
+    }
+}
+
 impl Replicator {
-    /// Where catching up stands.
-    pub fn catch_up(&self) -> CatchUp {
-        let state = &self.catching_up;
-        let mut left = state.awaiting.len();
+    /// Catching up after this start: done once `done_at` is set.
+    pub fn catch_up(&self) -> Settlement {
+        self.settlement(&self.catching_up)
+    }
+
+    /// The drain, once [`Replicator::start_drain`] was called.
+    pub fn drain(&self) -> Option<Settlement> {
+        self.draining.as_ref().map(|d| self.settlement(d))
+    }
+
+    /// Starts draining at `now`: the caller has stopped local writes
+    /// ([`Engine::start_draining`]). Starts a fresh reconciliation session
+    /// with every connected peer (dropping any under way); the first that
+    /// settles holds everything this node holds ([`Replicator::drain`]).
+    pub fn start_drain(&mut self, now: Duration, random: &mut dyn Random) {
+        self.draining = Some(Settling {
+            sessions: Some(BTreeSet::new()),
+            ..Settling::default()
+        });
+        self.drain_sessions(now, random);
+    }
+
+    /// Fresh sessions with every connected peer (peers that connect later
+    /// get theirs on connect; every session started while draining counts).
+    fn drain_sessions(&mut self, now: Duration, random: &mut dyn Random) {
+        let peers: Vec<NodeId> = self.peers.keys().cloned().collect();
+        for peer in peers {
+            if let Some(p) = self.peers.get_mut(&peer) {
+                p.reconcile_sent_at = None;
+            }
+            self.start_reconcile(now, &peer, random);
+        }
+    }
+
+    /// Session `session` starts: while a drain waits, it counts for it.
+    /// Sessions no longer under way are forgotten, so the set is bounded by
+    /// the peer table.
+    pub(super) fn session_started(&mut self, session: u64) {
+        let live: BTreeSet<u64> = self
+            .peers
+            .values()
+            .filter_map(|p| p.reconcile_sent_at.map(|(id, _)| id))
+            .collect();
+        if let Some(d) = self.draining.as_mut().filter(|d| d.active()) {
+            let sessions = d.sessions.get_or_insert_with(BTreeSet::new);
+            sessions.insert(session);
+            sessions.retain(|id| live.contains(id));
+        }
+    }
+
+    fn settlement(&self, s: &Settling) -> Settlement {
+        let mut left = s.awaiting.len();
         for (id, p) in &self.peers {
-            let ours = state.from.as_ref() == Some(id);
-            let counted = |doc: &DocId| ours && state.awaiting.contains(doc);
+            let theirs = s.peer.as_ref() == Some(id);
+            let counted = |doc: &DocId| theirs && s.awaiting.contains(doc);
             left += p.queue.iter().filter(|d| !counted(d)).count();
             left += p
                 .syncs
                 .iter()
-                .filter(|(d, s)| s.sent_at.is_some() && !counted(d))
+                .filter(|(d, st)| st.sent_at.is_some() && !counted(d))
                 .count();
         }
-        CatchUp {
-            done_at: state.done_at,
-            from: state.from.clone(),
+        Settlement {
+            done_at: s.done_at,
+            peer: s.peer.clone(),
             documents_left: left,
         }
     }
 
-    /// Documents a message of this node's own session with `peer` showed
-    /// the peer syncs.
-    pub(super) fn learned_while_catching_up(&mut self, peer: &NodeId, docs: &[DocId]) {
-        let state = &mut self.catching_up;
-        if state.done_at.is_some() || docs.is_empty() {
+    /// Documents a message of this node's own session `session` with
+    /// `peer` showed the peer syncs.
+    pub(super) fn learned_while_settling(&mut self, peer: &NodeId, session: u64, docs: &[DocId]) {
+        if docs.is_empty() {
             return;
         }
-        let learning = state.learning.entry(peer.clone()).or_default();
-        learning.extend(docs.iter().cloned());
-        if learning.len() > MAX_CATCH_UP_DOCS {
-            state.learning.remove(peer);
-            state.overflowed.insert(peer.clone());
+        for s in [Some(&mut self.catching_up), self.draining.as_mut()]
+            .into_iter()
+            .flatten()
+        {
+            if !s.active() || !s.counts(session) {
+                continue;
+            }
+            let learning = s.learning.entry(peer.clone()).or_default();
+            learning.extend(docs.iter().cloned());
+            if learning.len() > MAX_CATCH_UP_DOCS {
+                s.learning.remove(peer);
+                s.overflowed.insert(peer.clone());
+            }
         }
     }
 
-    /// A reconciliation session this node started with `peer` ended.
-    pub(super) fn own_session_ended(&mut self, now: Duration, peer: &NodeId) {
-        let learned = self.catching_up.learning.remove(peer).unwrap_or_default();
-        let overflowed = self.catching_up.overflowed.remove(peer);
-        let state = &self.catching_up;
-        if state.done_at.is_some() || state.from.is_some() {
-            return;
-        }
+    /// This node's own session `session` with `peer` ended.
+    pub(super) fn own_session_ended(&mut self, now: Duration, peer: &NodeId, session: u64) {
         // A peer whose hello has not arrived may be of this region.
         let own = Some(&self.config.region);
-        let counts = self
+        let of_region = self
             .peers
             .get(peer)
             .is_some_and(|p| p.region.as_ref() == own)
@@ -117,75 +199,124 @@ impl Replicator {
                 .peers
                 .values()
                 .any(|p| p.region.is_none() || p.region.as_ref() == own);
-        if !counts {
-            return;
+        let losses = self.sync_losses();
+        let mut again = false;
+        for (s, counts) in [
+            (Some(&mut self.catching_up), of_region),
+            (self.draining.as_mut(), true),
+        ] {
+            let Some(s) = s else { continue };
+            let learned = s.learning.remove(peer).unwrap_or_default();
+            let overflowed = s.overflowed.remove(peer);
+            if !s.active() || s.peer.is_some() || !counts || !s.counts(session) {
+                continue;
+            }
+            if overflowed {
+                again = true;
+                continue;
+            }
+            s.peer = Some(peer.clone());
+            s.losses_at_start = losses;
+            s.awaiting = learned;
+            s.progressed_at = now;
         }
-        if overflowed {
+        if again {
             self.next_anti_entropy = self.next_anti_entropy.min(now);
-            return;
         }
-        self.catching_up.from = Some(peer.clone());
-        self.catching_up.losses_at_start = self.sync_losses();
-        self.catching_up.awaiting = learned;
-        self.catching_up.progressed_at = now;
-        self.check_caught_up(now);
+        self.check_settled(now);
     }
 
-    /// A sync message about `doc` from `peer` was handled: if `peer` is the
-    /// one this node catches up from and this node's session for `doc` is
-    /// idle, `doc` is synced.
-    pub(super) fn synced_while_catching_up(&mut self, now: Duration, peer: &NodeId, doc: &DocId) {
-        if self.catching_up.from.as_ref() != Some(peer) {
-            return;
-        }
+    /// A sync message about `doc` from `peer` was handled: if a settlement
+    /// is with `peer` and this node's session for `doc` is idle, `doc` is
+    /// synced.
+    pub(super) fn synced_while_settling(&mut self, now: Duration, peer: &NodeId, doc: &DocId) {
         let idle = self
             .peers
             .get(peer)
             .and_then(|p| p.syncs.get(doc))
             .is_none_or(|s| s.sent_at.is_none());
-        if idle && self.catching_up.awaiting.remove(doc) {
-            self.catching_up.progressed_at = now;
-        }
-    }
-
-    /// Ends catching up if everything the chosen peer's session found is
-    /// synced; starts over if the peer went away or syncs were lost
-    /// meanwhile.
-    pub(super) fn check_caught_up(&mut self, now: Duration) {
-        let Some(from) = &self.catching_up.from else {
-            return;
-        };
-        if self.catching_up.done_at.is_some() {
+        if !idle {
             return;
         }
-        let Some(p) = self.peers.get(from) else {
-            self.start_catching_up_again(now);
-            return;
-        };
-        if !p.queue.is_empty() || p.syncs.values().any(|s| s.sent_at.is_some()) {
-            return;
-        }
-        if !self.catching_up.awaiting.is_empty() {
-            let stall = self.config.retry_after * STALL_ROUNDS;
-            if now >= self.catching_up.progressed_at + stall {
-                self.start_catching_up_again(now);
+        for s in [Some(&mut self.catching_up), self.draining.as_mut()]
+            .into_iter()
+            .flatten()
+        {
+            if s.peer.as_ref() == Some(peer) && s.awaiting.remove(doc) {
+                s.progressed_at = now;
             }
-            return;
         }
-        if self.sync_losses() > self.catching_up.losses_at_start {
-            self.start_catching_up_again(now);
-            return;
-        }
-        self.catching_up.done_at = Some(now);
-        self.catching_up.learning.clear();
-        self.catching_up.overflowed.clear();
-        tracing::info!(peer = %from, "caught up");
     }
 
-    fn start_catching_up_again(&mut self, now: Duration) {
-        self.catching_up.from = None;
-        self.catching_up.awaiting.clear();
-        self.next_anti_entropy = self.next_anti_entropy.min(now);
+    /// Ends each settlement whose peer's syncs are all done; starts over
+    /// those whose peer went away, stalled or lost syncs meanwhile.
+    pub(super) fn check_settled(&mut self, now: Duration) {
+        let catch_up = self.look(now, &self.catching_up);
+        let drain = self.draining.as_ref().map(|d| self.look(now, d));
+        match catch_up {
+            Look::Done => {
+                let s = &mut self.catching_up;
+                s.done_at = Some(now);
+                s.learning.clear();
+                s.overflowed.clear();
+                tracing::info!(peer = ?s.peer, "caught up");
+            }
+            Look::StartOver => {
+                self.catching_up.start_over();
+                self.next_anti_entropy = self.next_anti_entropy.min(now);
+            }
+            Look::Waiting => {}
+        }
+        match drain {
+            Some(Look::Done) => {
+                if let Some(d) = self.draining.as_mut() {
+                    d.done_at = Some(now);
+                    tracing::info!(peer = ?d.peer, "drained: a peer holds everything this node holds");
+                }
+            }
+            Some(Look::StartOver) => {
+                if let Some(d) = self.draining.as_mut() {
+                    d.start_over();
+                }
+                self.drain_restart_due = true;
+            }
+            _ => {}
+        }
+    }
+
+    fn look(&self, now: Duration, s: &Settling) -> Look {
+        let Some(peer) = s.peer.as_ref().filter(|_| s.active()) else {
+            return Look::Waiting;
+        };
+        let Some(p) = self.peers.get(peer) else {
+            return Look::StartOver;
+        };
+        if !p.queue.is_empty() || p.syncs.values().any(|st| st.sent_at.is_some()) {
+            return Look::Waiting;
+        }
+        if !s.awaiting.is_empty() {
+            let stall = self.config.retry_after * STALL_ROUNDS;
+            return if now >= s.progressed_at + stall {
+                Look::StartOver
+            } else {
+                Look::Waiting
+            };
+        }
+        if self.sync_losses() > s.losses_at_start {
+            return Look::StartOver;
+        }
+        Look::Done
+    }
+
+    /// A drain that started over gets fresh sessions (called with a source
+    /// of randomness, from `handle_timeout`).
+    pub(super) fn restart_drain_if_due(&mut self, now: Duration, random: &mut dyn Random) {
+        if std::mem::take(&mut self.drain_restart_due) {
+            if let Some(d) = self.draining.as_mut() {
+                d.sessions = Some(BTreeSet::new());
+            }
+            self.drain_sessions(now, random);
+        }
     }
 
     fn sync_losses(&self) -> u64 {

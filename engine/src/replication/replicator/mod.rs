@@ -61,8 +61,8 @@ mod sync;
 mod types;
 
 pub use self::acks::MAX_CONFIRMATIONS_PER_PEER;
-use self::catch_up::CatchingUp;
-pub use self::catch_up::{CatchUp, MAX_CATCH_UP_DOCS, STALL_ROUNDS};
+use self::catch_up::Settling;
+pub use self::catch_up::{Settlement, MAX_CATCH_UP_DOCS, STALL_ROUNDS};
 use self::deadlines::Deadlines;
 use self::delta::BatchedDelta;
 use self::fetches::Fetches;
@@ -271,7 +271,12 @@ pub struct Replicator {
     /// table however often a peer reconnects.
     heard_again: BTreeSet<NodeId>,
     /// Whether this node has caught up since it started (see `catch_up`).
-    catching_up: CatchingUp,
+    catching_up: Settling,
+    /// The drain, once started (see `catch_up`).
+    draining: Option<Settling>,
+    /// A drain's settlement started over: fresh sessions at the next
+    /// timeout.
+    drain_restart_due: bool,
     stats: Stats,
 }
 
@@ -308,7 +313,9 @@ impl Replicator {
             unacked: Unackeds::default(),
             acks_now: BTreeSet::new(),
             heard_again: BTreeSet::new(),
-            catching_up: CatchingUp::default(),
+            catching_up: Settling::default(),
+            draining: None,
+            drain_restart_due: false,
             stats: Stats::default(),
         })
     }
@@ -551,7 +558,7 @@ impl Replicator {
         self.confirm_heard_again(now)?;
         self.engine.sync_deferred()?;
         self.flush_urgent_acks();
-        self.check_caught_up(now);
+        self.check_settled(now);
         Ok(verdict)
     }
 
@@ -598,7 +605,7 @@ impl Replicator {
         self.confirm_heard_again(now)?;
         self.engine.sync_deferred()?;
         self.flush_urgent_acks();
-        self.check_caught_up(now);
+        self.check_settled(now);
         Ok(verdicts)
     }
 
@@ -758,7 +765,8 @@ impl Replicator {
             self.resend_unanswered(now, peer, docs)?;
             self.start_queued(now, peer)?;
         }
-        self.check_caught_up(now);
+        self.check_settled(now);
+        self.restart_drain_if_due(now, random);
         self.engine.sync_deferred()
     }
 

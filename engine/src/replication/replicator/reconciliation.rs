@@ -139,9 +139,9 @@ impl Replicator {
             p.reconcile_sent_at =
                 reconcile::expects_answer(&processed.reply).then_some((r.session, now));
             let ended = p.reconcile_sent_at.is_none();
-            self.learned_while_catching_up(from, &processed.learned);
+            self.learned_while_settling(from, r.session, &processed.learned);
             if ended {
-                self.own_session_ended(now, from);
+                self.own_session_ended(now, from, r.session);
             }
         }
         if !processed.reply.is_empty() {
@@ -252,6 +252,7 @@ impl Replicator {
         }
         p.reconcile_sent_at = Some((session, now));
         self.stats.reconciliations_started += 1;
+        self.session_started(session);
         let ranges = reconcile::initiate(&self.items, &self.config.reconcile);
         self.send(peer, Message::Reconcile(Reconcile { session, ranges }));
     }

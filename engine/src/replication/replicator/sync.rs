@@ -72,7 +72,7 @@ impl Replicator {
             // Sends only if our heads moved since; otherwise the session goes
             // idle and its shared heads are persisted.
             self.pump_sync(now, from, &frame.doc, false)?;
-            self.synced_while_catching_up(now, from, &frame.doc);
+            self.synced_while_settling(now, from, &frame.doc);
             self.start_queued(now, from)?;
             return Ok(Verdict::Accept);
         }
@@ -148,7 +148,7 @@ impl Replicator {
         }
         self.note_depths(from);
         self.pump_sync(now, from, &frame.doc, true)?;
-        self.synced_while_catching_up(now, from, &frame.doc);
+        self.synced_while_settling(now, from, &frame.doc);
         self.start_queued(now, from)?;
         Ok(Verdict::Accept)
     }

@@ -60,7 +60,9 @@ use crate::network::outbox::{Offer, Outbox};
 use crate::network::rate::{Offer as RateOffer, Rates};
 use crate::network::regions::{region_lags, PeerLag, RegionWaiter};
 use crate::network::sanctions::{Sanction, Sanctions};
-use crate::network::status::{Behind, CatchUpStatus, NetworkStatus, PeerState, PeerStatus};
+use crate::network::status::{
+    Behind, CatchUpStatus, DrainStatus, NetworkStatus, PeerState, PeerStatus,
+};
 use crate::NodeError;
 
 mod dialer;
@@ -148,6 +150,11 @@ pub enum Command {
     /// Publish an automerge-repo client's ephemeral message to the other
     /// nodes.
     PublishEphemeral(EphemeralRelay),
+    /// Stop taking writes and hand everything this node holds to a peer
+    /// (see [`Replicator::start_drain`]); answered once started.
+    Drain(oneshot::Sender<()>),
+    /// Whether a drain was started and is done (cheap; polled).
+    Drained(oneshot::Sender<bool>),
     /// Stop listening, flush, close connections and end the task.
     Shutdown,
 }
@@ -513,6 +520,19 @@ impl Driver {
                 let _ = reply.send(asked);
             }
             Command::PublishEphemeral(relay) => self.publish_ephemeral(&relay),
+            Command::Drain(done) => {
+                if self.core.drain().is_none() {
+                    info!("draining: no new writes; handing everything this node holds to a peer");
+                    self.core.engine().start_draining();
+                    let now = self.now();
+                    self.core.start_drain(now, &mut self.random);
+                }
+                let _ = done.send(());
+            }
+            Command::Drained(reply) => {
+                let done = self.core.drain().is_some_and(|d| d.done_at.is_some());
+                let _ = reply.send(done);
+            }
             Command::Shutdown => {}
         }
     }

@@ -72,6 +72,11 @@ impl Driver {
             regions: region_lags(&lags),
             local_events_dropped: self.local_events_dropped,
             catch_up: self.catch_up_status(),
+            drain: self.core.drain().map(|d| DrainStatus {
+                done: d.done_at.is_some(),
+                peer: d.peer.map(|n| n.to_string()),
+                documents_left: d.documents_left,
+            }),
         }
     }
 
@@ -83,7 +88,7 @@ impl Driver {
         CatchUpStatus {
             ready: alone || core.done_at.is_some(),
             caught_up_after_ms: core.done_at.map(|d| d.as_secs_f64() * 1000.0),
-            from: core.from.map(|n| n.to_string()),
+            from: core.peer.map(|n| n.to_string()),
             documents_left: core.documents_left,
             sync_changes_applied: self.core.stats().sync_changes_applied,
         }
