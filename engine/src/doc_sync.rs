@@ -140,7 +140,7 @@ impl Engine {
         message: SyncMessage,
     ) -> Result<ApplyOutcome> {
         if !message.changes.is_empty() {
-            self.check_not_draining()?;
+            self.check_writable()?;
         }
         self.receive_sync(id, sync, message, Source::Client)
     }

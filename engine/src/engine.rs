@@ -202,6 +202,9 @@ pub(crate) struct Inner {
     /// Set by [`Engine::start_draining`]: local and client writes are
     /// refused.
     pub(crate) draining: std::sync::atomic::AtomicBool,
+    /// Set by [`Engine::set_low_disk`]: local and client writes are
+    /// refused until it is cleared.
+    pub(crate) low_disk: std::sync::atomic::AtomicBool,
     /// Events of writes made through a deferring handle, published once
     /// [`Engine::sync_deferred`] made them durable (subscribers only ever
     /// see durable changes). At most one replicator call's worth.
@@ -239,6 +242,7 @@ impl Engine {
                 shape_refused: AtomicU64::new(0),
                 quarantine: Quarantine::default(),
                 draining: std::sync::atomic::AtomicBool::new(false),
+                low_disk: std::sync::atomic::AtomicBool::new(false),
                 deferred_events: Mutex::new(Vec::new()),
             }),
             wait: Wait::Durable,
@@ -336,10 +340,28 @@ impl Engine {
         self.inner.draining.load(Ordering::SeqCst)
     }
 
-    /// Fails with [`Error::Draining`] if the engine is draining.
-    pub(crate) fn check_not_draining(&self) -> Result<()> {
+    /// Refuses (`true`) or accepts again (`false`) the writes
+    /// [`Engine::start_draining`] refuses, with [`Error::LowDisk`]: for a
+    /// caller that watches the free space of the store's disk and stops
+    /// local writes before it runs out (a full disk stops the engine,
+    /// invariant 7). Reads and changes from peers go on.
+    pub fn set_low_disk(&self, low: bool) {
+        self.inner.low_disk.store(low, Ordering::SeqCst);
+    }
+
+    /// Whether writes are refused for low disk space.
+    pub fn is_low_disk(&self) -> bool {
+        self.inner.low_disk.load(Ordering::SeqCst)
+    }
+
+    /// Fails with [`Error::Draining`] or [`Error::LowDisk`] if local and
+    /// client writes are refused.
+    pub(crate) fn check_writable(&self) -> Result<()> {
         if self.is_draining() {
             return Err(Error::Draining);
+        }
+        if self.is_low_disk() {
+            return Err(Error::LowDisk);
         }
         Ok(())
     }
@@ -561,7 +583,7 @@ impl Engine {
         message: Option<&'static str>,
         f: impl FnOnce(&mut Transaction<'_>) -> Result<O, AutomergeError>,
     ) -> Result<Committed<O>> {
-        self.check_not_draining()?;
+        self.check_writable()?;
         self.with_doc(id, |state| {
             check_mode(state, id, mode)?;
             // Writing to a deleted document recreates it, even when the write

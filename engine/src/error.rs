@@ -250,6 +250,13 @@ pub enum Error {
     #[error("this node is draining: it takes no new writes; write at another node")]
     Draining,
 
+    /// The disk holding the store is nearly full (see
+    /// [`Engine::set_low_disk`](crate::Engine::set_low_disk)): no new
+    /// writes from clients until space is freed; reads and changes from
+    /// peers go on. Nothing was written.
+    #[error("the disk holding this node's store is nearly full: it takes no new writes until space is freed")]
+    LowDisk,
+
     /// A backup could not be taken, checked or prepared for restoring: the
     /// target exists, a file is missing or damaged, the disk is full. The
     /// open store (if any) is unaffected and keeps working.

@@ -47,7 +47,7 @@ impl Engine {
     /// is refused with [`Error::HeldLimit`] and stores nothing: retry later,
     /// or send the missing dependencies too.
     pub fn apply_changes<B: AsRef<[u8]>>(&self, id: &DocId, changes: &[B]) -> Result<ApplyOutcome> {
-        self.check_not_draining()?;
+        self.check_writable()?;
         let decoded = self.decode_changes(id, changes)?;
         self.with_doc(id, |state| {
             let applied =

@@ -122,7 +122,22 @@ pub struct NodeConfig {
     /// [`crate::network::sanctions`]); `None` keeps them in memory. The
     /// `causeway` binary uses `blocked-peers.json` in its data directory.
     pub sanctions_file: Option<PathBuf>,
+    /// Free space on the store's file system below which the node refuses
+    /// writes from clients (507 `insufficient_storage`) while reads and
+    /// replication go on; it takes writes again once free space is back
+    /// above it by [`LOW_DISK_MARGIN_DIVISOR`]. Checked every second. Default
+    /// [`DEFAULT_MIN_FREE_BYTES`] (1 GiB); 0 turns the check off.
+    pub min_free_bytes: u64,
 }
+
+/// Default of [`NodeConfig::min_free_bytes`]: 1 GiB, room for RocksDB to
+/// finish a compaction of a store of a few GiB.
+pub const DEFAULT_MIN_FREE_BYTES: u64 = 1 << 30;
+
+/// Free space above [`NodeConfig::min_free_bytes`] a node waits for before it
+/// takes writes again, so it does not flap at the threshold: an eighth of
+/// it.
+pub const LOW_DISK_MARGIN_DIVISOR: u64 = 8;
 
 impl NodeConfig {
     /// Defaults for a WAN node of `cluster` in `region`.
@@ -157,6 +172,7 @@ impl NodeConfig {
             max_concurrent_streams: 64,
             idle_connection_timeout: Duration::from_secs(60),
             sanctions_file: None,
+            min_free_bytes: DEFAULT_MIN_FREE_BYTES,
         }
     }
 

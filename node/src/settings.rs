@@ -212,6 +212,10 @@ pub struct EngineSection {
     pub max_objects_per_change: Option<usize>,
     /// Largest stored size of one document, MiB.
     pub max_document_mib: Option<u64>,
+    /// Free space on the store's file system below which client writes are
+    /// refused (507), MiB; 0 turns the check off (see
+    /// `NodeConfig::min_free_bytes`).
+    pub min_free_mib: Option<u64>,
 }
 
 /// Everything `causeway node` needs.
@@ -333,6 +337,9 @@ impl FileSettings {
         let mut node = network(self.network, region, cluster, cluster_key, membership)
             .map_err(|(k, r)| invalid(k, r))?;
         node.accepted_cluster_keys = accepted;
+        if let Some(mib) = self.engine.min_free_mib {
+            node.min_free_bytes = mib.saturating_mul(1 << 20);
+        }
         node.validate()
             .map_err(|e| invalid(network_key(e.field), e.reason))?;
         let engine = engine(self.engine).map_err(|(k, r)| invalid(k, r))?;
@@ -690,6 +697,18 @@ mod tests {
             message: e.to_string(),
         })?;
         file.resolve(Overrides::default(), "test.toml")
+    }
+
+    #[test]
+    fn the_free_space_threshold_defaults_to_a_gib_and_zero_turns_it_off() {
+        let threshold = |extra: &str| {
+            parse(&format!("data_dir = \"/a\"\n{extra}"))
+                .map(|s| s.node.min_free_bytes)
+                .ok()
+        };
+        assert_eq!(threshold(""), Some(1 << 30));
+        assert_eq!(threshold("[engine]\nmin_free_mib = 300"), Some(300 << 20));
+        assert_eq!(threshold("[engine]\nmin_free_mib = 0"), Some(0));
     }
 
     #[test]

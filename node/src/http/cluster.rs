@@ -32,6 +32,15 @@ pub async fn ready(State(state): State<AppState>) -> Response {
     if status.listen_addrs.is_empty() {
         return not_ready("not listening yet".into()).into_response();
     }
+    if status.disk.low {
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "low_disk",
+            "the disk holding this node's store is nearly full: it takes no writes until space is freed",
+        )
+        .with_detail(json!({"disk": status.disk}))
+        .into_response();
+    }
     if let Some(drain) = &status.drain {
         return ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,

@@ -95,6 +95,7 @@ impl From<EngineError> for ApiError {
             EngineError::Storage(_) => (S::INTERNAL_SERVER_ERROR, "storage_failure"),
             EngineError::Backup { .. } => (S::INTERNAL_SERVER_ERROR, "backup_failed"),
             EngineError::Draining => (S::SERVICE_UNAVAILABLE, "draining"),
+            EngineError::LowDisk => (S::INSUFFICIENT_STORAGE, "insufficient_storage"),
             EngineError::NotAStore { .. }
             | EngineError::FormatTooNew { .. }
             | EngineError::Locked { .. }

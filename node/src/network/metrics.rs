@@ -67,6 +67,12 @@ pub struct NodeMetrics {
     /// `published`, `received` (relayed to this node's clients), `refused`
     /// (malformed or from a non-member), `unsent` (gossip had no peer).
     pub ephemeral: Family<KindLabel, Counter>,
+    /// Free bytes on the store's file system (for unprivileged users).
+    pub disk_free_bytes: Gauge,
+    /// Bytes of the store's files.
+    pub store_bytes: Gauge,
+    /// 1 while writes are refused for low disk space.
+    pub low_disk: Gauge,
     /// Changes held for missing dependencies, in all documents.
     pub held_changes: Gauge,
     /// Bytes of those changes.
@@ -155,6 +161,9 @@ impl NodeMetrics {
             reconciliations: Counter::default(),
             silenced: Counter::default(),
             stores_renewed: Counter::default(),
+            disk_free_bytes: Gauge::default(),
+            store_bytes: Gauge::default(),
+            low_disk: Gauge::default(),
             held_changes: Gauge::default(),
             held_bytes: Gauge::default(),
             shape_refused: Gauge::default(),
@@ -259,6 +268,21 @@ impl NodeMetrics {
             "ephemeral_messages",
             "automerge-repo ephemeral messages between nodes (published, received, refused, unsent)",
             m.ephemeral.clone(),
+        );
+        r.register(
+            "disk_free_bytes",
+            "Free bytes on the file system of the store (for unprivileged users)",
+            m.disk_free_bytes.clone(),
+        );
+        r.register(
+            "store_bytes",
+            "Bytes of the store's files",
+            m.store_bytes.clone(),
+        );
+        r.register(
+            "low_disk",
+            "1 while writes are refused because free space is below min_free_mib",
+            m.low_disk.clone(),
         );
         r.register(
             "held_changes",

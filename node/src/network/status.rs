@@ -24,6 +24,22 @@ pub struct NetworkStatus {
     pub catch_up: CatchUpStatus,
     /// The drain, once `causeway node drain` (`POST /v1/drain`) started it.
     pub drain: Option<DrainStatus>,
+    /// The store's disk.
+    pub disk: DiskStatus,
+}
+
+/// The store's disk, looked at every second.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct DiskStatus {
+    /// Free bytes on its file system for unprivileged users (`None`: not
+    /// known yet, or the look failed).
+    pub free_bytes: Option<u64>,
+    /// Bytes of the store's files.
+    pub store_bytes: u64,
+    /// The setting below which writes are refused (0: no check).
+    pub min_free_bytes: u64,
+    /// Writes are refused for low disk space.
+    pub low: bool,
 }
 
 /// A drain: the node takes no writes and hands everything it holds to a

@@ -291,16 +291,23 @@ impl Replicator {
         let Some(p) = self.peers.get(peer) else {
             return Look::StartOver;
         };
-        if !p.queue.is_empty() || p.syncs.values().any(|st| st.sent_at.is_some()) {
+        // Cheap checks first: this runs after every message, and a walk of
+        // the peer's sync sessions (up to `max_sync_sessions_per_peer`) is
+        // left for when nothing else is outstanding.
+        if !p.queue.is_empty() {
             return Look::Waiting;
         }
+        let syncing = || p.syncs.values().any(|st| st.sent_at.is_some());
         if !s.awaiting.is_empty() {
-            let stall = self.config.retry_after * STALL_ROUNDS;
-            return if now >= s.progressed_at + stall {
+            let stalled = now >= s.progressed_at + self.config.retry_after * STALL_ROUNDS;
+            return if stalled && !syncing() {
                 Look::StartOver
             } else {
                 Look::Waiting
             };
+        }
+        if syncing() {
+            return Look::Waiting;
         }
         if self.sync_losses() > s.losses_at_start {
             return Look::StartOver;

@@ -49,7 +49,7 @@ use libp2p::{gossipsub, identify, kad, request_response, Multiaddr, PeerId, Swar
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
-use crate::config::NodeConfig;
+use crate::config::{NodeConfig, LOW_DISK_MARGIN_DIVISOR};
 use crate::membership::MembershipFile;
 use crate::network::backoff::Backoff;
 use crate::network::behaviour::{Behaviour, BehaviourEvent, Protocols};
@@ -61,7 +61,7 @@ use crate::network::rate::{Offer as RateOffer, Rates};
 use crate::network::regions::{region_lags, PeerLag, RegionWaiter};
 use crate::network::sanctions::{Sanction, Sanctions};
 use crate::network::status::{
-    Behind, CatchUpStatus, DrainStatus, NetworkStatus, PeerState, PeerStatus,
+    Behind, CatchUpStatus, DiskStatus, DrainStatus, NetworkStatus, PeerState, PeerStatus,
 };
 use crate::NodeError;
 
@@ -188,6 +188,8 @@ pub struct Driver {
     /// Messages received and sent, and local commits published.
     traffic: Traffic,
     local_events_dropped: u64,
+    /// The store's disk, as last looked at (see `report`).
+    disk: DiskStatus,
     waiters: Vec<RegionWaiter>,
     /// Who may take part: membership, sanctions, blocks.
     guard: Guard,
@@ -312,6 +314,7 @@ impl Driver {
                 rates,
             },
             local_events_dropped: 0,
+            disk: DiskStatus::default(),
             waiters: Vec::new(),
             guard: Guard {
                 blocked,

@@ -5,6 +5,7 @@ use super::*;
 
 impl Driver {
     pub(super) fn observe(&mut self) {
+        self.watch_disk();
         let lags = self.lags();
         self.metrics.observe_lag(&lags, &region_lags(&lags));
         let members = self.config.membership.as_ref().map_or(0, |m| m.len());
@@ -29,6 +30,46 @@ impl Driver {
         self.metrics
             .direct_queued
             .set(self.traffic.outbox.longest_queue() as i64);
+    }
+
+    /// Looks at the store's disk: free space and the store's size, into
+    /// the metrics and the status; refuses writes below
+    /// `min_free_bytes`, and takes them again once free space is back above
+    /// it by a margin.
+    fn watch_disk(&mut self) {
+        let engine = self.core.engine().clone();
+        let path = engine.path();
+        let free = rustix::fs::statvfs(path)
+            .map(|s| s.f_bavail.saturating_mul(s.f_frsize))
+            .ok();
+        let store_bytes = store_bytes(path);
+        let min = self.config.min_free_bytes;
+        if let Some(free) = free.filter(|_| min > 0) {
+            let low = engine.is_low_disk();
+            let margin = min / LOW_DISK_MARGIN_DIVISOR;
+            if !low && free < min {
+                warn!(
+                    free_bytes = free,
+                    min_free_bytes = min,
+                    "disk nearly full: writes are refused until space is freed"
+                );
+                engine.set_low_disk(true);
+            } else if low && free >= min.saturating_add(margin) {
+                info!(free_bytes = free, "disk space back: writes are taken again");
+                engine.set_low_disk(false);
+            }
+        }
+        let low = engine.is_low_disk();
+        self.disk = DiskStatus {
+            free_bytes: free,
+            store_bytes,
+            min_free_bytes: min,
+            low,
+        };
+        let gauge = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        self.metrics.disk_free_bytes.set(free.map_or(0, gauge));
+        self.metrics.store_bytes.set(gauge(store_bytes));
+        self.metrics.low_disk.set(i64::from(low));
     }
 
     pub(super) fn status(&mut self) -> NetworkStatus {
@@ -72,6 +113,7 @@ impl Driver {
             regions: region_lags(&lags),
             local_events_dropped: self.local_events_dropped,
             catch_up: self.catch_up_status(),
+            disk: self.disk.clone(),
             drain: self.core.drain().map(|d| DrainStatus {
                 done: d.done_at.is_some(),
                 peer: d.peer.map(|n| n.to_string()),
@@ -114,4 +156,17 @@ impl Driver {
             })
             .collect()
     }
+}
+
+/// Bytes of the files directly in the store directory (RocksDB keeps no
+/// subdirectories); files that vanish meanwhile (compactions) count 0.
+fn store_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| entry.metadata().ok())
+        .filter(|meta| meta.is_file())
+        .map(|meta| meta.len())
+        .sum()
 }
