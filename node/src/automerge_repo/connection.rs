@@ -650,7 +650,9 @@ fn has_history(engine: &Engine, doc: &DocId) -> bool {
 }
 
 /// Engine errors about what the client sent or about this one document
-/// (quarantined), not about the node: the connection goes on.
+/// (quarantined), or writes the node refuses for now (draining, low disk
+/// space; the client keeps its changes and offers them again): not about
+/// the node failing, so the connection goes on.
 fn concerns_document_only(e: &EngineError) -> bool {
     matches!(
         e,
@@ -662,6 +664,8 @@ fn concerns_document_only(e: &EngineError) -> bool {
             | EngineError::InvalidSyncMessage { .. }
             | EngineError::HeldLimit { .. }
             | EngineError::Quarantined { .. }
+            | EngineError::Draining
+            | EngineError::LowDisk
     )
 }
 
