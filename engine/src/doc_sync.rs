@@ -241,6 +241,12 @@ impl Engine {
         store.write(batch, self.wait())
     }
 
+    /// The peers this store keeps sync states with, in id order (one seek
+    /// per peer, not a read of every state).
+    pub fn sync_state_peers(&self) -> Result<Vec<String>> {
+        self.inner.store.peer_sync_peers()
+    }
+
     /// Deletes every sync state saved with `peer` (one range delete), as
     /// the configured durability requires: for a peer whose store was
     /// renewed, whose shared heads may name changes it no longer holds, or

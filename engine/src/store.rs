@@ -437,6 +437,30 @@ impl Store {
         self.write(batch, Wait::Durable)
     }
 
+    /// The distinct peers with sync states in [`layout::CF_PEER_SYNC`], in
+    /// order: after each, the walk seeks past all of its keys.
+    pub(crate) fn peer_sync_peers(&self) -> Result<Vec<String>> {
+        self.check_alive()?;
+        let cf = self.cf(layout::CF_PEER_SYNC);
+        let mut peers = Vec::new();
+        let mut from = Vec::new();
+        loop {
+            let mut iter = self
+                .db
+                .iterator_cf(cf, IteratorMode::From(&from, Direction::Forward));
+            let Some(item) = iter.next() else {
+                return Ok(peers);
+            };
+            let (key, _) = item.map_err(|e| self.fatal(e))?;
+            // Keys are peer, 0x00, document; peer ids never contain 0x00.
+            let end = key.iter().position(|b| *b == 0).unwrap_or(key.len());
+            let peer = &key[..end];
+            peers.push(String::from_utf8_lossy(peer).into_owned());
+            from = peer.to_vec();
+            from.push(1);
+        }
+    }
+
     /// Reads a document's log entries with sequence numbers in `[start, end)`,
     /// in order, as `(key, bytes)`.
     pub(crate) fn log_entries(

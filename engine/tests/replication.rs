@@ -343,7 +343,7 @@ fn with_a_membership_list_regions_come_from_the_list_and_strangers_are_ignored()
         a.core.progress().peer(&bn).unwrap().region,
         Some(region("eu"))
     );
-    a.core.set_members(Duration::ZERO, Some(members));
+    a.core.set_members(Duration::ZERO, Some(members)).unwrap();
     assert_eq!(
         a.core.progress().peer(&bn).unwrap().region,
         Some(region("us"))
@@ -390,7 +390,7 @@ fn with_a_membership_list_regions_come_from_the_list_and_strangers_are_ignored()
     let c = holders.iter().find(|h| h.peer == cn).unwrap();
     assert_eq!((c.region.clone(), c.holds), (Some(region("ap")), true));
     // Without the list, claims are taken again.
-    a.core.set_members(Duration::ZERO, None);
+    a.core.set_members(Duration::ZERO, None).unwrap();
     a.core
         .handle_message(Duration::ZERO, Inbound::direct(&bn, &hello_from_b))
         .unwrap();
@@ -1054,7 +1054,9 @@ fn with_a_fanout_each_round_reconciles_with_a_few_peers_and_every_peer_gets_its_
     for p in members.keys().filter(|n| n.as_str() != "a") {
         a.core.handle_connect(Duration::ZERO, p, &mut rng);
     }
-    a.core.set_members(Duration::ZERO, Some(members.clone()));
+    a.core
+        .set_members(Duration::ZERO, Some(members.clone()))
+        .unwrap();
     let at_connect = reconciled_with(&mut a, Duration::ZERO);
     assert_eq!(at_connect.len(), fanout.total(), "{at_connect:?}");
 
@@ -1128,7 +1130,9 @@ fn a_fanout_gives_the_slots_one_side_cannot_fill_to_the_other() {
         for p in members.keys().filter(|n| n.as_str() != "a") {
             a.core.handle_connect(Duration::ZERO, p, &mut rng);
         }
-        a.core.set_members(Duration::ZERO, Some(members.clone()));
+        a.core
+            .set_members(Duration::ZERO, Some(members.clone()))
+            .unwrap();
         let _ = reconciled_with(&mut a, Duration::ZERO);
         for round in 1..=2u32 {
             let now = interval * 2 * round;
@@ -1308,4 +1312,44 @@ fn direct<'a>(from: &'a NodeId, bytes: &'a [u8]) -> Inbound<'a> {
         channel: Channel::Direct,
         bytes,
     }
+}
+
+#[test]
+fn a_peer_removed_from_the_membership_list_leaves_nothing_behind() {
+    let (an, bn, cn) = (
+        NodeId::new("a").unwrap(),
+        NodeId::new("b").unwrap(),
+        NodeId::new("c").unwrap(),
+    );
+    let mut a = node("a", "eu");
+    let mut b = node("b", "us");
+    let mut rng = SplitMix64::new(3);
+    let now = Duration::ZERO;
+    a.core.handle_connect(now, &bn, &mut rng);
+    b.core.handle_connect(now, &an, &mut rng);
+    // b writes; a gets it by sync, saving the sync state it shares with b.
+    for i in 0..5 {
+        commit(&mut b, &format!("kept/{i}"), json!({ "i": i }));
+    }
+    while b.core.poll_output().is_some() {}
+    a.core.handle_disconnect(&bn);
+    b.core.handle_disconnect(&an);
+    a.core.handle_connect(now, &bn, &mut rng);
+    b.core.handle_connect(now, &an, &mut rng);
+    pump(&mut a, &an, &mut b, &bn, now);
+    commit(&mut a, "mine", json!({"a": 1}));
+    while a.core.poll_output().is_some() {}
+    let engine = a.core.engine().clone();
+    assert_eq!(engine.sync_state_peers().unwrap(), vec!["b".to_string()]);
+    assert_eq!(a.core.progress().lag(&bn).documents, 1);
+    // b leaves the cluster: the list names a and c only.
+    a.core.handle_disconnect(&bn);
+    let region = |r: &str| Region::new(r).unwrap();
+    let members: Members = [(an.clone(), region("eu")), (cn, region("us"))].into();
+    a.core.set_members(now, Some(members)).unwrap();
+    assert!(a.core.progress().peer(&bn).is_none());
+    assert_eq!(a.core.stats().departed_peers_forgotten, 1);
+    assert!(engine.sync_state_peers().unwrap().is_empty());
+    let fresh = engine.load_sync_state("b", &id("kept/0")).unwrap();
+    assert!(fresh.shared_heads.is_empty());
 }

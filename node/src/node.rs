@@ -153,7 +153,7 @@ impl Node {
         core.set_members(
             Duration::ZERO,
             config.membership.as_ref().map(Membership::to_core),
-        );
+        )?;
         let (local_tx, local) = mpsc::channel(LOCAL_EVENT_QUEUE);
         let stopping = Arc::new(AtomicBool::new(false));
         let dropped = forward_local_commits(&engine, local_tx, Arc::clone(&stopping))?;

@@ -195,10 +195,14 @@ impl Progress {
         true
     }
 
-    /// Forgets the region recorded for `peer` (it is not a member).
-    pub fn clear_region(&mut self, peer: &NodeId) {
-        if let Some(p) = self.peers.get_mut(peer) {
-            p.region = None;
+    /// Forgets everything about `peer` (it left the cluster): its
+    /// reports, its region and the writes of this node it had not
+    /// confirmed.
+    pub fn forget(&mut self, peer: &NodeId) {
+        if let Some(p) = self.peers.remove(peer) {
+            for doc in p.docs.keys().chain(p.pending.keys()) {
+                self.touch(doc);
+            }
         }
     }
 

@@ -331,20 +331,36 @@ impl Replicator {
     /// used, so `min_regions`, [`Replicator::holders`] and lag by region
     /// rest on what the operator wrote, not on what peers claim. Regions
     /// recorded before are corrected at once.
-    pub fn set_members(&mut self, now: Duration, members: Option<Members>) {
+    ///
+    /// Nodes not on the list are gone from the cluster: what they reported
+    /// and this node's writes they had not confirmed are forgotten, and the
+    /// Automerge sync states saved with them are deleted (also those of
+    /// nodes this node has not heard from since it started), so departed
+    /// peers leave nothing behind. Storage errors are returned (fatal).
+    pub fn set_members(&mut self, now: Duration, members: Option<Members>) -> Result<()> {
         if let Some(list) = &members {
             let known: Vec<NodeId> = self.progress.peers().map(|(id, _)| id.clone()).collect();
             for node in known {
                 match list.get(&node) {
                     Some(region) => self.progress.set_region(now, &node, region),
-                    None => self.progress.clear_region(&node),
+                    None => {
+                        self.progress.forget(&node);
+                        self.stats.departed_peers_forgotten += 1;
+                    }
                 }
             }
             for (id, p) in &mut self.peers {
                 p.region = list.get(id).cloned();
             }
+            for peer in self.engine.sync_state_peers()? {
+                let member = NodeId::new(&peer).is_ok_and(|id| list.contains_key(&id));
+                if !member && peer != self.config.node.as_str() {
+                    self.engine.forget_sync_states(&peer)?;
+                }
+            }
         }
         self.members = members;
+        Ok(())
     }
 
     /// Whether `node` may take part in replication: it is listed, or there

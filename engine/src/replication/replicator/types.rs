@@ -175,6 +175,9 @@ pub struct Stats {
     /// store was restored from a backup or started over): what it reported
     /// was forgotten and the sync states kept with it deleted.
     pub peer_stores_renewed: u64,
+    /// Nodes whose progress was forgotten because a membership list no
+    /// longer names them.
+    pub departed_peers_forgotten: u64,
     /// Pushes not kept for a resend because [`MAX_UNACKED_PUSHES`] or
     /// [`MAX_UNACKED_PUSH_BYTES`] were reached.
     pub pushes_untracked: u64,

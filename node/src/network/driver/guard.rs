@@ -60,7 +60,10 @@ impl Driver {
             let _ = self.swarm.disconnect_peer_id(*peer);
             self.dialer.targets.retain(|t| t.peer != Some(*peer));
         }
-        self.core.set_members(self.now(), Some(list.to_core()));
+        if let Err(e) = self.core.set_members(self.now(), Some(list.to_core())) {
+            // A storage error: the engine has stopped, and the node with it.
+            warn!(error = %e, "cannot drop the sync states of departed members");
+        }
         self.metrics.members.set(list.len() as i64);
         info!(file = %path, members = list.len(), added = ?added, removed = ?removed,
             "membership list changed");
