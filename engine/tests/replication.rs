@@ -208,6 +208,13 @@ fn every_kind_of_bad_message_is_refused_counted_and_changes_nothing() {
         ciborium::into_writer(&(PROTOCOL_VERSION + 1, "test", env.message), &mut out).unwrap();
         out
     };
+    // A kind a newer build sends, in this protocol version.
+    let unknown_kind = {
+        let mut out = Vec::new();
+        let batch = std::collections::BTreeMap::from([("batch", vec![1u8, 2])]);
+        ciborium::into_writer(&(PROTOCOL_VERSION, "test", batch), &mut out).unwrap();
+        out
+    };
     // c's hello: wrong on gossip, and forged when b sends it directly.
     let hello_from_c = Envelope {
         cluster: ClusterId::new("test").unwrap(),
@@ -223,6 +230,7 @@ fn every_kind_of_bad_message_is_refused_counted_and_changes_nothing() {
         ("malformed", b"\x83garbage".to_vec()),
         ("too_large", vec![0u8; MAX_GOSSIP_BYTES + 1]),
         ("unsupported_version", future_version),
+        ("unknown_kind", unknown_kind),
         (
             "invalid_doc_id",
             patch(good.clone(), b"bad/doc", b"bad/do\0"),

@@ -79,9 +79,27 @@ pub enum WireError {
         /// The limit.
         limit: usize,
     },
+    /// The message is of a kind this build does not know: a newer peer's,
+    /// during a rolling upgrade. Receivers skip it; it is not a sign of a
+    /// misbehaving peer.
+    #[error("message kind {0:?} is unknown to this build")]
+    UnknownKind(String),
     /// The bytes are not a well-formed message.
     #[error("malformed message: {0}")]
     Malformed(String),
+}
+
+impl WireError {
+    /// Whether the message may be well formed for another protocol version
+    /// or build (an envelope version or a message kind this build does
+    /// not know): an honest peer of another version sends such messages
+    /// during a rolling upgrade, so they are refused without a sanction.
+    pub fn from_other_version(&self) -> bool {
+        matches!(
+            self,
+            WireError::UnsupportedVersion { .. } | WireError::UnknownKind(_)
+        )
+    }
 }
 
 /// A message with its envelope fields.
@@ -611,9 +629,19 @@ fn classify(e: ciborium::de::Error<std::io::Error>) -> WireError {
         || text.contains("invalid cluster id")
     {
         WireError::InvalidName(text)
+    } else if let Some(kind) = unknown_variant(&text) {
+        WireError::UnknownKind(kind)
     } else {
         WireError::Malformed(text)
     }
+}
+
+/// The name serde gives for an unknown enum variant (`unknown variant
+/// `name`, expected ...`), shortened to a bounded length.
+fn unknown_variant(text: &str) -> Option<String> {
+    let rest = text.split("unknown variant `").nth(1)?;
+    let name = rest.split('`').next()?;
+    Some(name.chars().take(64).collect())
 }
 
 #[cfg(test)]
@@ -633,6 +661,33 @@ mod tests {
             changes: vec![Bytes(vec![1, 2, 3])],
             heads: Heads::new(&[automerge::ChangeHash([7; 32])]),
         })
+    }
+
+    #[test]
+    fn a_message_of_a_kind_this_build_does_not_know_is_told_apart() {
+        let mut bytes = Vec::new();
+        let unknown = std::collections::BTreeMap::from([("batch", vec![1u8, 2])]);
+        ciborium::into_writer(&(PROTOCOL_VERSION, "test", unknown), &mut bytes).unwrap();
+        let err = Envelope::decode(&bytes, MAX_FRAME_BYTES).unwrap_err();
+        assert_eq!(err, WireError::UnknownKind("batch".into()));
+        assert!(err.from_other_version());
+        let mut newer = delta_envelope_bytes();
+        newer[1] = 0x02;
+        let err = Envelope::decode(&newer, MAX_FRAME_BYTES).unwrap_err();
+        assert!(err.from_other_version(), "{err}");
+        let mut garbled = delta_envelope_bytes();
+        garbled.truncate(garbled.len() - 3);
+        assert!(!Envelope::decode(&garbled, MAX_FRAME_BYTES)
+            .unwrap_err()
+            .from_other_version());
+    }
+
+    fn delta_envelope_bytes() -> Vec<u8> {
+        Envelope {
+            cluster: cluster(),
+            message: delta(),
+        }
+        .encode()
     }
 
     #[test]

@@ -38,9 +38,10 @@ pub const FIRST_BLOCK: Duration = Duration::from_secs(10 * 60);
 pub const LONGEST_BLOCK: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Refusal reasons an honest peer can cause, which never lead to a block
 /// (they are still counted and logged): a change beyond this node's shape
-/// limits (nodes may be configured differently) and a message of a newer
-/// protocol version (a rolling upgrade).
-pub const HONEST_REASONS: &[&str] = &["shape_limit", "unsupported_version"];
+/// limits (nodes may be configured differently), and a message of a newer
+/// protocol version or of a kind this build does not know (a rolling
+/// upgrade).
+pub const HONEST_REASONS: &[&str] = &["shape_limit", "unsupported_version", "unknown_kind"];
 /// Peers whose refusals are tracked at once; a refusal from a further peer
 /// takes the place of the peer with the oldest window that is not blocked.
 pub const MAX_TRACKED_PEERS: usize = 4096;

@@ -178,6 +178,7 @@ pub struct Stats {
     /// Nodes whose progress was forgotten because a membership list no
     /// longer names them.
     pub departed_peers_forgotten: u64,
+
     /// Pushes not kept for a resend because [`MAX_UNACKED_PUSHES`] or
     /// [`MAX_UNACKED_PUSH_BYTES`] were reached.
     pub pushes_untracked: u64,
@@ -300,6 +301,7 @@ pub fn reason_name(r: &Rejection) -> &'static str {
     match r {
         Rejection::Wire(WireError::TooLarge { .. }) => "too_large",
         Rejection::Wire(WireError::UnsupportedVersion { .. }) => "unsupported_version",
+        Rejection::Wire(WireError::UnknownKind(_)) => "unknown_kind",
         Rejection::Wire(WireError::InvalidDocId(_)) => "invalid_doc_id",
         Rejection::Wire(WireError::InvalidName(_)) => "invalid_name",
         Rejection::Wire(WireError::LimitExceeded { .. }) => "limit_exceeded",
