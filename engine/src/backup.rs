@@ -25,6 +25,8 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 
 use automerge::ActorId;
 
@@ -119,11 +121,17 @@ pub fn list_files(dir: &Path) -> Result<Vec<StoreFile>> {
     Ok(files)
 }
 
+/// Most threads [`verify`] loads documents on.
+pub const MAX_VERIFY_THREADS: usize = 8;
+
+/// How often [`verify`] reports progress while its threads work.
+const VERIFY_PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// Opens the copy in `dir` read-only (nothing in it is written; RocksDB's
 /// info log goes to a temporary directory) and loads every document,
-/// checking it against its recorded heads. `progress` hears `(done, total)`
-/// documents as it goes. Fails on the first document that does not load,
-/// naming it.
+/// checking it against its recorded heads, on one thread per core (at most
+/// [`MAX_VERIFY_THREADS`]). `progress` hears `(done, total)` documents as
+/// it goes. Fails on a document that does not load, naming it.
 pub fn verify(dir: &Path, mut progress: impl FnMut(u64, u64)) -> Result<Verified> {
     let logs = tempfile::tempdir()
         .map_err(|e| backup_error(dir, &format!("cannot make a temporary directory: {e}")))?;
@@ -142,37 +150,89 @@ pub fn verify(dir: &Path, mut progress: impl FnMut(u64, u64)) -> Result<Verified
     if let Some(e) = first_error {
         return Err(backup_error(dir, &e.to_string()));
     }
-    let actor = ActorId::from([0u8; 16]);
-    let mut bad_meta = None;
-    let mut found = Verified {
-        documents: 0,
-        deleted: 0,
-        changes: 0,
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(MAX_VERIFY_THREADS);
+    let tally = Tally::default();
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|k| {
+                let (store, tally) = (&store, &tally);
+                scope.spawn(move || verify_share(store, k, threads, tally))
+            })
+            .collect();
+        while !workers.iter().all(|w| w.is_finished()) {
+            progress(tally.documents.load(Ordering::Relaxed), total);
+            std::thread::sleep(VERIFY_PROGRESS_EVERY);
+        }
+        for worker in workers {
+            match worker.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tally.fail(e),
+                Err(_) => tally.fail(backup_error(dir, "a verifying thread panicked")),
+            }
+        }
+    });
+    progress(tally.documents.load(Ordering::Relaxed), total);
+    let failed = tally.failed.into_inner().unwrap_or_else(|e| e.into_inner());
+    if let Some(e) = failed {
+        return Err(backup_error(dir, &e.to_string()));
+    }
+    Ok(Verified {
+        documents: tally.documents.into_inner(),
+        deleted: tally.deleted.into_inner(),
+        changes: tally.changes.into_inner(),
         store_id,
-    };
+    })
+}
+
+/// What the verifying threads found, shared.
+#[derive(Default)]
+struct Tally {
+    documents: AtomicU64,
+    deleted: AtomicU64,
+    changes: AtomicU64,
+    failed: Mutex<Option<Error>>,
+}
+
+impl Tally {
+    fn fail(&self, e: Error) {
+        let mut failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
+        failed.get_or_insert(e);
+    }
+
+    fn has_failed(&self) -> bool {
+        self.failed.lock().map_or(true, |f| f.is_some())
+    }
+}
+
+/// Loads every `threads`-th document of the store, starting at the
+/// `k`-th, until a document anywhere fails.
+fn verify_share(store: &Store, k: usize, threads: usize, tally: &Tally) -> Result<()> {
+    let actor = ActorId::from([0u8; 16]);
+    let mut i = 0usize;
     store.for_each_meta(
         |id, meta| {
-            if first_error.is_some() {
+            let mine = i % threads == k;
+            i += 1;
+            if !mine || tally.has_failed() {
                 return;
             }
-            match DocState::load(&store, &id, actor.clone(), false) {
+            match DocState::load(store, &id, actor.clone(), false) {
                 Ok(_) => {
-                    found.documents += 1;
-                    found.deleted += u64::from(meta.tombstone);
-                    found.changes += meta.change_count;
-                    progress(found.documents, total);
+                    tally
+                        .deleted
+                        .fetch_add(u64::from(meta.tombstone), Ordering::Relaxed);
+                    tally
+                        .changes
+                        .fetch_add(meta.change_count, Ordering::Relaxed);
+                    tally.documents.fetch_add(1, Ordering::Relaxed);
                 }
-                Err(e) => first_error = Some(e),
+                Err(e) => tally.fail(e),
             }
         },
-        |e| {
-            bad_meta.get_or_insert(e);
-        },
-    )?;
-    match first_error.or(bad_meta) {
-        Some(e) => Err(backup_error(dir, &e.to_string())),
-        None => Ok(found),
-    }
+        |e| tally.fail(e),
+    )
 }
 
 /// Makes the copy in `dir` a store of its own: gives it a new store id

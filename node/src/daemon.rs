@@ -101,6 +101,7 @@ pub async fn run(settings: Settings) -> Result<()> {
     if created {
         info!(%peer_id, "created a new node identity");
     }
+    crate::http::backup::remove_leftovers(&settings.data_dir);
     let store = settings.data_dir.join("store");
     let engine = tokio::task::spawn_blocking({
         let config = settings.engine.clone();

@@ -21,6 +21,32 @@ use super::error::ApiError;
 use super::{blocking, AppState};
 use crate::backup::stream::{FileEntry, Header, STREAM_FORMAT};
 
+/// Prefix of the directory a backup's checkpoint is taken into, next to
+/// the store.
+pub const CHECKPOINT_PREFIX: &str = ".backup-";
+
+/// Removes checkpoints a node left in `data_dir` when it stopped in the
+/// middle of streaming a backup (they hold hard links to table files the
+/// store may have compacted away, so they can hold disk space).
+pub fn remove_leftovers(data_dir: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(data_dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        if name.to_string_lossy().starts_with(CHECKPOINT_PREFIX) {
+            match std::fs::remove_dir_all(entry.path()) {
+                Ok(()) => {
+                    tracing::info!(dir = %entry.path().display(), "removed a backup checkpoint left by an earlier run")
+                }
+                Err(e) => {
+                    tracing::warn!(dir = %entry.path().display(), error = %e, "cannot remove a backup checkpoint left by an earlier run")
+                }
+            }
+        }
+    }
+}
+
 /// Bytes read from a file per chunk of the response.
 const CHUNK_BYTES: usize = 256 << 10;
 
@@ -36,7 +62,7 @@ pub async fn backup(State(state): State<AppState>) -> Result<Response, ApiError>
             .parent()
             .map_or_else(|| PathBuf::from("."), PathBuf::from);
         let holder = tempfile::Builder::new()
-            .prefix(".backup-")
+            .prefix(CHECKPOINT_PREFIX)
             .tempdir_in(&parent)
             .map_err(|e| {
                 tracing::error!(error = %e, dir = %parent.display(), "cannot make a directory for a backup");
@@ -124,4 +150,24 @@ fn file_chunks(
             }
         },
     )
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checkpoints_left_by_an_earlier_run_are_removed_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let left = dir.path().join(format!("{CHECKPOINT_PREFIX}x1"));
+        std::fs::create_dir_all(left.join("store")).unwrap();
+        std::fs::write(left.join("store").join("000009.sst"), b"sst").unwrap();
+        std::fs::create_dir_all(dir.path().join("store")).unwrap();
+        std::fs::write(dir.path().join("node.key"), b"key").unwrap();
+        remove_leftovers(dir.path());
+        assert!(!left.exists());
+        assert!(dir.path().join("store").exists());
+        assert!(dir.path().join("node.key").exists());
+    }
 }
