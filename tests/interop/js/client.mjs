@@ -41,8 +41,8 @@ console.log = console.error;
 
 // Node filesystem storage that knows which of its writes are still running.
 // `repo.flush()` saves every document but does not wait for a throttled save
-// that started before it (measured: one write still running in about one
-// flush of five after a burst of changes). The adapter writes files in
+// that started before it (measured: a write still running after about half
+// the flushes that follow a burst of changes). The adapter writes files in
 // place, so a kill during such a write leaves a truncated chunk, and
 // Automerge's incremental load drops it and every chunk after it.
 class SettlingStorage {
