@@ -134,12 +134,15 @@ impl Replicator {
     /// Sessions no longer under way are forgotten, so the set is bounded by
     /// the peer table.
     pub(super) fn session_started(&mut self, session: u64) {
+        if !self.draining.as_ref().is_some_and(Settling::active) {
+            return;
+        }
         let live: BTreeSet<u64> = self
             .peers
             .values()
             .filter_map(|p| p.reconcile_sent_at.map(|(id, _)| id))
             .collect();
-        if let Some(d) = self.draining.as_mut().filter(|d| d.active()) {
+        if let Some(d) = self.draining.as_mut() {
             let sessions = d.sessions.get_or_insert_with(BTreeSet::new);
             sessions.insert(session);
             sessions.retain(|id| live.contains(id));
@@ -230,6 +233,10 @@ impl Replicator {
     /// is with `peer` and this node's session for `doc` is idle, `doc` is
     /// synced.
     pub(super) fn synced_while_settling(&mut self, now: Duration, peer: &NodeId, doc: &DocId) {
+        let awaits = |s: &Settling| s.peer.as_ref() == Some(peer) && s.awaiting.contains(doc);
+        if !awaits(&self.catching_up) && !self.draining.as_ref().is_some_and(awaits) {
+            return;
+        }
         let idle = self
             .peers
             .get(peer)
