@@ -76,6 +76,10 @@ const CONVERGE_TIMEOUT: Duration = Duration::from_secs(180);
 /// Pause before retrying a request the node could not take (down, or 429
 /// without a hint).
 const RETRY_PAUSE: Duration = Duration::from_millis(100);
+/// How long a writer keeps retrying one change before the run fails: a
+/// node that stays down or refuses for this long is a failure to report,
+/// not something to wait out.
+const GIVE_UP_AFTER: Duration = Duration::from_secs(120);
 
 /// Figures shared by the posting tasks.
 #[derive(Default)]
@@ -225,7 +229,7 @@ async fn post_trace(
     };
     let mut killed = 0u32;
     let mut held_polled = 0usize;
-    while !posters.iter().all(|p| p.is_finished()) {
+    while !posters.is_empty() {
         tokio::time::sleep(Duration::from_millis(50)).await;
         held_polled = held_polled.max(held_now(client, &cluster.urls).await);
         let acked = counters.acknowledged.load(Ordering::SeqCst);
@@ -233,11 +237,17 @@ async fn post_trace(
             restart_second_node(cluster).await?;
             killed += 1;
         }
+        // A writer that failed ends the run now: the others may wait on it.
+        let mut i = 0;
+        while i < posters.len() {
+            if posters[i].is_finished() {
+                posters.swap_remove(i).await??;
+            } else {
+                i += 1;
+            }
+        }
     }
     let (expected, made) = editor.await??;
-    for p in posters {
-        p.await??;
-    }
     Ok(Posting {
         expected,
         made,
@@ -408,6 +418,17 @@ enum Answer {
     Unreachable,
 }
 
+impl Answer {
+    /// What the node answered, for an error message.
+    fn describe(&self) -> String {
+        match self {
+            Answer::Taken(held) => format!("200 with {held} held"),
+            Answer::Refused(pause) => format!("429, retry after {pause:?}"),
+            Answer::Unreachable => "no answer, the node is down".to_string(),
+        }
+    }
+}
+
 impl Writer {
     /// Posts the writer's changes to its node, one per request, retrying
     /// each until the node answers 200. Writer 0 waits until every other
@@ -420,8 +441,17 @@ impl Writer {
         }
         while let Some(change) = queue.recv().await {
             let hash = Change::from_bytes(change.clone())?.hash();
+            let first_try = Instant::now();
             loop {
-                match self.post(&change).await? {
+                let answer = self.post(&change).await?;
+                if !matches!(answer, Answer::Taken(_)) && first_try.elapsed() > GIVE_UP_AFTER {
+                    bail!(
+                        "writer {}: change {hash} not taken after {GIVE_UP_AFTER:?} of retries (last answer: {})",
+                        self.w,
+                        answer.describe()
+                    );
+                }
+                match answer {
                     Answer::Taken(held) => {
                         c.held_peak.fetch_max(held, Ordering::SeqCst);
                         c.acknowledged.fetch_add(1, Ordering::SeqCst);
