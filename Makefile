@@ -20,8 +20,10 @@ example-automerge-repo: deps
 	bash examples/automerge-repo-app/run.sh
 
 ## The full test suite: unit, property, simulator, crash test, real-process
-## network and HTTP tests (they run the causeway binary), doc tests.
+## network and HTTP tests (they run the causeway binary), doc tests. The
+## previous release's binary is built first, once (the upgrade test runs it).
 test: deps
+	bash scripts/previous_release.sh
 	$(CARGO) build -p causeway-cli
 	$(CARGO) nextest run --workspace --no-fail-fast
 	$(CARGO) test --workspace --doc

@@ -44,6 +44,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             node: node.clone(),
             region: region.clone(),
             version: PROTOCOL_VERSION,
+            min_version: None,
             store: Some("6c50c17a-6987-49ee-916b-de8202e58719".into()),
         }),
         Message::Delta(Delta {

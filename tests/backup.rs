@@ -14,38 +14,8 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
-use serde_json::{json, Value};
-use support::cluster::{causeway_bin, http, lost_writes, three, wait_until, NodeProc};
-
-/// Documents the writers spread their keys over.
-const DOCS: usize = 25;
-
-/// Writes `{key: i}` into `load/{i % DOCS}` on the node at `addr` until
-/// `stop`, recording every acknowledged write.
-fn writer(
-    addr: String,
-    tag: &'static str,
-    stop: Arc<AtomicBool>,
-    acked: Arc<Mutex<Vec<(String, String)>>>,
-) -> thread::JoinHandle<()> {
-    thread::spawn(move || {
-        let mut i = 0usize;
-        while !stop.load(Ordering::SeqCst) {
-            let (doc, key) = (format!("load/{}", i % DOCS), format!("{tag}{i}"));
-            let body = json!({ &key: i }).to_string();
-            let r = http(
-                &addr,
-                "PATCH",
-                &format!("/v1/docs/{doc}"),
-                &[("content-type", "application/json")],
-                body.as_bytes(),
-            );
-            assert_eq!(r.status, 200, "PATCH {doc} on {tag}: {}", r.text());
-            acked.lock().unwrap().push((doc, key));
-            i += 1;
-        }
-    })
-}
+use serde_json::Value;
+use support::cluster::{causeway_bin, lost_writes, three, wait_until, writer, NodeProc};
 
 /// Runs `causeway ARGS` and returns the JSON it prints.
 fn causeway(args: &[&OsStr]) -> Value {

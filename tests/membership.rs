@@ -111,6 +111,7 @@ fn lie_about_region(target: &NodeProc, key: &Path, rogue_key: Keypair) -> (Value
         node: rogue.node_id(),
         region: Region::new("ap").unwrap(),
         version: PROTOCOL_VERSION,
+        min_version: None,
         store: None,
     }));
     assert!(rogue.send(hello));

@@ -82,6 +82,7 @@ fn a_member_cannot_speak_for_another_node() {
         node: b_id.clone(),
         region: region("ap"),
         version: PROTOCOL_VERSION,
+        min_version: None,
         store: None,
     }));
     assert!(!rogue.send(hello), "a hello naming b was accepted");
@@ -218,6 +219,7 @@ fn throwaway_identities_do_not_keep_a_real_peer_out() {
                         node: r.node_id(),
                         region: region("eu"),
                         version: PROTOCOL_VERSION,
+                        min_version: None,
                         store: None,
                     }));
                     assert!(r.send(hello), "a refused a member's own hello");
@@ -349,6 +351,7 @@ fn a_peer_that_keeps_sending_refused_messages_is_blocked_across_restarts() {
         node: member.node_id(),
         region: region("eu"),
         version: PROTOCOL_VERSION,
+        min_version: None,
         store: None,
     }));
     assert!(member.send(hello));

@@ -11,7 +11,8 @@ use causeway_engine::replication::ids::{ClusterId, NodeId, Region};
 use causeway_engine::replication::random::SplitMix64;
 use causeway_engine::replication::wire::{
     Ack, AckEntry, Bytes, Delta, Envelope, Heads, Hello, Message, Reconcile, SyncFrame,
-    MAX_CHANGES_PER_DELTA, MAX_GOSSIP_BYTES, PROTOCOL_VERSION,
+    HELLO_VERSION, MAX_CHANGES_PER_DELTA, MAX_GOSSIP_BYTES, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    SUPPORTED_VERSIONS,
 };
 use causeway_engine::replication::{
     reason_name, Channel, Inbound, Members, Output, Replicator, ReplicatorConfig, Verdict,
@@ -222,6 +223,7 @@ fn every_kind_of_bad_message_is_refused_counted_and_changes_nothing() {
             node: NodeId::new("c").unwrap(),
             region: Region::new("eu").unwrap(),
             version: PROTOCOL_VERSION,
+            min_version: None,
             store: None,
         }),
     }
@@ -340,6 +342,7 @@ fn with_a_membership_list_regions_come_from_the_list_and_strangers_are_ignored()
             node: bn.clone(),
             region: region("eu"),
             version: PROTOCOL_VERSION,
+            min_version: None,
             store: None,
         }),
     }
@@ -1360,4 +1363,114 @@ fn a_peer_removed_from_the_membership_list_leaves_nothing_behind() {
     assert!(engine.sync_state_peers().unwrap().is_empty());
     let fresh = engine.load_sync_state("b", &id("kept/0")).unwrap();
     assert!(fresh.shared_heads.is_empty());
+}
+
+/// The envelope version of encoded bytes (`[version, cluster, message]`
+/// with a small version).
+fn envelope_version(bytes: &[u8]) -> u8 {
+    assert_eq!(bytes[0], 0x83);
+    assert!(bytes[1] < 24, "a small version");
+    bytes[1]
+}
+
+/// A hello from `node` speaking versions `min..=max`, as a newer build
+/// sends it: in the hello version, whatever its range.
+fn hello_speaking(node: &NodeId, min: u32, max: u32) -> Vec<u8> {
+    Envelope {
+        cluster: ClusterId::new("test").unwrap(),
+        message: Message::Hello(Hello {
+            node: node.clone(),
+            region: Region::new("eu").unwrap(),
+            version: max,
+            min_version: Some(min),
+            store: None,
+        }),
+    }
+    .encode_at(HELLO_VERSION)
+}
+
+#[test]
+fn protocol_versions_are_negotiated_per_peer_in_the_hello() {
+    let (bn, dn) = (NodeId::new("b").unwrap(), NodeId::new("d").unwrap());
+    let mut a = node("a", "eu");
+    let mut rng = SplitMix64::new(5);
+    let now = Duration::ZERO;
+    a.core.handle_connect(now, &bn, &mut rng);
+    a.core.handle_connect(now, &dn, &mut rng);
+    // a's hello names its range, in the hello version.
+    let mut hellos = 0;
+    while let Some(out) = a.core.poll_output() {
+        let Output::Send { bytes, .. } = out else {
+            continue;
+        };
+        if let Message::Hello(h) = Envelope::decode(&bytes, usize::MAX).unwrap().message {
+            assert_eq!(envelope_version(&bytes), HELLO_VERSION as u8);
+            assert_eq!(h.versions(), SUPPORTED_VERSIONS);
+            hellos += 1;
+        }
+    }
+    assert_eq!(hellos, 2);
+
+    // b is a newer build that also speaks every version a speaks: they
+    // use the newest a speaks, and a answers b in it.
+    let from_b = hello_speaking(&bn, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION + 5);
+    let verdict = a.core.handle_message(now, direct(&bn, &from_b)).unwrap();
+    assert_eq!(verdict, Verdict::Accept);
+    let mut answered = false;
+    while let Some(out) = a.core.poll_output() {
+        match out {
+            Output::Send { to, bytes } if to == bn => {
+                assert_eq!(envelope_version(&bytes), PROTOCOL_VERSION as u8);
+                answered = true;
+            }
+            Output::Misbehaving { peer, reason } => panic!("{peer} refused: {reason}"),
+            _ => {}
+        }
+    }
+    assert!(answered, "a acknowledges b's hello");
+
+    // d speaks only versions newer than any a speaks: refused for an
+    // honest reason, then nothing more goes to d and what d sends is
+    // ignored, while b is served as before.
+    let from_d = hello_speaking(&dn, PROTOCOL_VERSION + 1, PROTOCOL_VERSION + 3);
+    let verdict = a.core.handle_message(now, direct(&dn, &from_d)).unwrap();
+    assert_eq!(verdict, Verdict::Reject);
+    assert_eq!(a.core.stats().rejected.get("no_common_version"), Some(&1));
+    match a.core.poll_output() {
+        Some(Output::Misbehaving { peer, reason }) => {
+            assert_eq!(
+                (peer, reason_name(&reason)),
+                (dn.clone(), "no_common_version")
+            );
+            assert!(
+                reason.to_string().contains(&SUPPORTED_VERSIONS.to_string()),
+                "{reason}"
+            );
+        }
+        other => panic!("expected the refusal of d, got {other:?}"),
+    }
+    assert!(a.core.poll_output().is_none());
+    let again = hello_speaking(&dn, PROTOCOL_VERSION + 1, PROTOCOL_VERSION + 3);
+    assert_eq!(
+        a.core.handle_message(now, direct(&dn, &again)).unwrap(),
+        Verdict::Ignore
+    );
+    commit(&mut a, "versions/doc", json!({"v": 1}));
+    let later = Duration::from_secs(3600);
+    a.core.handle_timeout(later, &mut rng).unwrap();
+    let mut to_b = 0;
+    while let Some(out) = a.core.poll_output() {
+        match out {
+            Output::Send { to, .. } => {
+                assert_ne!(to, dn, "nothing is sent to a peer without a common version");
+                to_b += 1;
+            }
+            Output::Publish(bytes) => {
+                // Gossip goes in a version every compatible peer speaks.
+                assert_eq!(envelope_version(&bytes), PROTOCOL_VERSION as u8);
+            }
+            Output::Misbehaving { peer, reason } => panic!("{peer} refused: {reason}"),
+        }
+    }
+    assert!(to_b > 0, "b is still reconciled with");
 }

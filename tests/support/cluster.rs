@@ -7,9 +7,12 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use serde_json::{json, Value};
 
 /// The `causeway` binary of this workspace's target directory.
 pub fn causeway_bin() -> PathBuf {
@@ -36,6 +39,8 @@ pub struct NodeProc {
     pub http: String,
     pub listen: Vec<String>,
     args: Vec<String>,
+    /// The binary it runs.
+    bin: PathBuf,
 }
 
 /// Settings written to every test node's config file: fast timers for
@@ -64,6 +69,8 @@ pub struct Options<'a> {
     pub accept_cluster_key_files: &'a [&'a Path],
     /// The membership list, if the node reads one.
     pub membership_file: Option<&'a Path>,
+    /// The binary to run, if not this build's `causeway`.
+    pub bin: Option<&'a Path>,
 }
 
 impl Default for Options<'_> {
@@ -76,6 +83,7 @@ impl Default for Options<'_> {
             cluster_key_file: None,
             accept_cluster_key_files: &[],
             membership_file: None,
+            bin: None,
         }
     }
 }
@@ -102,6 +110,7 @@ impl NodeProc {
             cluster_key_file,
             accept_cluster_key_files,
             membership_file,
+            bin,
         } = options;
         let mut key = cluster_key_file.map_or(String::new(), |k| {
             format!("cluster_key_file = {:?}\n", k.display().to_string())
@@ -137,12 +146,13 @@ impl NodeProc {
             args.push("--bootstrap".into());
             args.push(b.clone());
         }
-        Self::spawn(name, dir, args)
+        let bin = bin.map_or_else(causeway_bin, Path::to_path_buf);
+        Self::spawn(name, dir, args, bin)
     }
 
-    fn spawn(name: &str, dir: PathBuf, args: Vec<String>) -> NodeProc {
+    fn spawn(name: &str, dir: PathBuf, args: Vec<String>, bin: PathBuf) -> NodeProc {
         let log = std::fs::File::create(dir.join("node.log")).unwrap();
-        let mut child = Command::new(causeway_bin())
+        let mut child = Command::new(&bin)
             .args(&args)
             .env("RUST_LOG", "info,libp2p=warn")
             .stdout(Stdio::piped())
@@ -168,6 +178,7 @@ impl NodeProc {
                 .map(|a| a.as_str().unwrap().to_string())
                 .collect(),
             args,
+            bin,
         }
     }
 
@@ -179,7 +190,27 @@ impl NodeProc {
 
     /// Starts the node again with the same data directory and flags.
     pub fn restart(&mut self) {
-        let fresh = Self::spawn(&self.name, self.dir.clone(), self.args.clone());
+        let fresh = Self::spawn(
+            &self.name,
+            self.dir.clone(),
+            self.args.clone(),
+            self.bin.clone(),
+        );
+        *self = fresh;
+    }
+
+    /// Stops the node with SIGTERM (a clean exit is required) and starts
+    /// `bin` on the same data directory and settings, dialing `bootstrap`
+    /// as well as its own bootstrap peers: an upgrade of one node.
+    pub fn upgrade(&mut self, bin: &Path, bootstrap: &[String]) {
+        let status = self.terminate();
+        assert!(status.success(), "{} stopped with {status}", self.name);
+        let mut args = self.args.clone();
+        for b in bootstrap {
+            args.push("--bootstrap".into());
+            args.push(b.clone());
+        }
+        let fresh = Self::spawn(&self.name, self.dir.clone(), args, bin.to_path_buf());
         *self = fresh;
     }
 
@@ -499,17 +530,61 @@ pub fn cluster_key(root: &Path) -> PathBuf {
     path
 }
 
+/// Documents a [`writer`] spreads its keys over.
+pub const WRITER_DOCS: usize = 25;
+
+/// Writes `{key: i}` into `load/{i % WRITER_DOCS}` on the node at `addr`
+/// until `stop`, recording every acknowledged write as (document, key);
+/// keys start with `tag`.
+pub fn writer(
+    addr: String,
+    tag: &'static str,
+    stop: Arc<AtomicBool>,
+    acked: Arc<Mutex<Vec<(String, String)>>>,
+) -> thread::JoinHandle<()> {
+    thread::spawn(move || {
+        let mut i = 0usize;
+        while !stop.load(Ordering::SeqCst) {
+            let (doc, key) = (format!("load/{}", i % WRITER_DOCS), format!("{tag}{i}"));
+            let body = json!({ &key: i }).to_string();
+            let r = http(
+                &addr,
+                "PATCH",
+                &format!("/v1/docs/{doc}"),
+                &[("content-type", "application/json")],
+                body.as_bytes(),
+            );
+            assert_eq!(r.status, 200, "PATCH {doc} on {tag}: {}", r.text());
+            acked.lock().unwrap().push((doc, key));
+            i += 1;
+        }
+    })
+}
+
 /// Acknowledged writes (document, key) missing on any of `nodes`, counted
 /// once per node that lacks them.
 pub fn lost_writes(acked: &[(String, String)], nodes: &[&NodeProc]) -> usize {
-    let mut lost = 0;
-    for (doc, k) in acked {
-        for node in nodes {
-            let (value, _) = node.get_doc(doc).unwrap();
-            if value.get(k).is_none() {
-                lost += 1;
-            }
-        }
-    }
-    lost
+    missing_writes(acked, nodes).iter().map(Vec::len).sum()
+}
+
+/// The keys of acknowledged writes (document, key) each of `nodes` lacks,
+/// in the order of `acked`; each document is read once per node (a missing
+/// document lacks all its writes).
+pub fn missing_writes<'a>(acked: &'a [(String, String)], nodes: &[&NodeProc]) -> Vec<Vec<&'a str>> {
+    nodes
+        .iter()
+        .map(|node| {
+            let mut docs: std::collections::HashMap<&str, Option<Value>> = Default::default();
+            acked
+                .iter()
+                .filter(|(doc, key)| {
+                    let value = docs
+                        .entry(doc.as_str())
+                        .or_insert_with(|| node.get_doc(doc).map(|(v, _)| v));
+                    value.as_ref().is_none_or(|v| v.get(key).is_none())
+                })
+                .map(|(_, key)| key.as_str())
+                .collect()
+        })
+        .collect()
 }

@@ -2,8 +2,11 @@
 //!
 //! Every message travels as the CBOR array `[version, cluster, message]`
 //! (see `docs/protocol.md` for the full schema). The version is read first,
-//! from the raw bytes, so a message from a newer protocol gets
-//! [`WireError::UnsupportedVersion`] before anything else is decoded. Every
+//! from the raw bytes, so a message of a version this build does not speak
+//! gets [`WireError::UnsupportedVersion`] before anything else is decoded.
+//! Each build speaks a range of versions ([`SUPPORTED_VERSIONS`]); two
+//! nodes use the highest version both speak ([`VersionRange::negotiate`]),
+//! learned from each other's [`Hello`]. Every
 //! size is bounded by a named constant; decoding refuses input over the
 //! channel's byte limit before parsing, and the decoder allocates in
 //! proportion to the bytes actually present (never to a declared length), so
@@ -15,8 +18,54 @@ use crate::doc_id::DocId;
 
 use super::ids::{ClusterId, NodeId, Region};
 
-/// The protocol version this build speaks.
+/// The newest protocol version this build speaks.
 pub const PROTOCOL_VERSION: u32 = 1;
+/// The oldest protocol version this build speaks. A node sends anything
+/// it sends to a peer before the peer's hello arrives in this version.
+pub const MIN_PROTOCOL_VERSION: u32 = 1;
+/// The envelope version of every [`Hello`], whatever versions its sender
+/// speaks. The hello's format changes only by new optional keys, and every
+/// build reads a hello in this version, so any two builds learn each
+/// other's range and can tell whether they share a version.
+pub const HELLO_VERSION: u32 = 1;
+/// The protocol versions this build speaks.
+pub const SUPPORTED_VERSIONS: VersionRange = VersionRange {
+    min: MIN_PROTOCOL_VERSION,
+    max: PROTOCOL_VERSION,
+};
+
+/// A range of protocol versions, both ends included.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VersionRange {
+    /// The oldest version in the range.
+    pub min: u32,
+    /// The newest version in the range.
+    pub max: u32,
+}
+
+impl VersionRange {
+    /// The version two nodes speaking `self` and `other` use with each
+    /// other: the highest both speak, or `None` if the ranges do not meet.
+    pub fn negotiate(self, other: VersionRange) -> Option<u32> {
+        let (low, high) = (self.min.max(other.min), self.max.min(other.max));
+        (low <= high).then_some(high)
+    }
+
+    /// Whether `version` is in the range.
+    pub fn contains(self, version: u64) -> bool {
+        u64::from(self.min) <= version && version <= u64::from(self.max)
+    }
+}
+
+impl std::fmt::Display for VersionRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.min == self.max {
+            write!(f, "{}", self.min)
+        } else {
+            write!(f, "{} to {}", self.min, self.max)
+        }
+    }
+}
 
 /// Largest encoded message published by gossip (deltas and announcements).
 /// A delta that would be larger is replaced by an [`Announce`] and pulled.
@@ -60,8 +109,8 @@ pub enum WireError {
     UnsupportedVersion {
         /// The version in the envelope.
         found: u64,
-        /// The version this build speaks.
-        supported: u32,
+        /// The versions this build speaks.
+        supported: VersionRange,
     },
     /// The message names an invalid document id.
     #[error("invalid document id: {0}")]
@@ -147,6 +196,10 @@ pub struct Hello {
     pub region: Region,
     /// The highest protocol version the sender speaks.
     pub version: u32,
+    /// The lowest protocol version the sender speaks. Absent from nodes
+    /// that predate negotiation, which speak only `version`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_version: Option<u32>,
     /// The id of the sender's store (a UUID): its incarnation, new when
     /// the store is created or restored from a backup, so a peer that sees
     /// it change stops believing the sender holds what it reported before.
@@ -507,13 +560,32 @@ impl Heads {
     }
 }
 
+impl Hello {
+    /// The versions the sender speaks.
+    pub fn versions(&self) -> VersionRange {
+        VersionRange {
+            min: self.min_version.unwrap_or(self.version),
+            max: self.version,
+        }
+    }
+}
+
 impl Envelope {
-    /// Encodes the envelope as CBOR.
+    /// Encodes the envelope as CBOR in the newest version this build
+    /// speaks.
     pub fn encode(&self) -> Vec<u8> {
+        self.encode_at(PROTOCOL_VERSION)
+    }
+
+    /// Encodes the envelope as CBOR in protocol `version` (one this build
+    /// speaks, as negotiated with the receiver, or [`HELLO_VERSION`] for a
+    /// hello).
+    pub fn encode_at(&self, version: u32) -> Vec<u8> {
+        debug_assert!(SUPPORTED_VERSIONS.contains(u64::from(version)) || version == HELLO_VERSION);
         let mut out = Vec::new();
         // Writing into a Vec cannot fail, and every type here serializes.
         #[allow(clippy::expect_used)]
-        ciborium::into_writer(&(PROTOCOL_VERSION, &self.cluster, &self.message), &mut out)
+        ciborium::into_writer(&(version, &self.cluster, &self.message), &mut out)
             .expect("wire messages serialize");
         out
     }
@@ -528,14 +600,22 @@ impl Envelope {
             });
         }
         let version = probe_version(bytes)?;
-        if version != u64::from(PROTOCOL_VERSION) {
-            return Err(WireError::UnsupportedVersion {
-                found: version,
-                supported: PROTOCOL_VERSION,
-            });
+        let unsupported = WireError::UnsupportedVersion {
+            found: version,
+            supported: SUPPORTED_VERSIONS,
+        };
+        // Outside this build's range, only a hello is read.
+        let hello_only = !SUPPORTED_VERSIONS.contains(version);
+        if hello_only && version != u64::from(HELLO_VERSION) {
+            return Err(unsupported);
         }
-        let (_, cluster, message): (u32, ClusterId, Message) =
-            ciborium::from_reader(bytes).map_err(classify)?;
+        let decoded: Result<(u32, ClusterId, Message), WireError> =
+            ciborium::from_reader(bytes).map_err(classify);
+        let (_, cluster, message) = match decoded {
+            Ok(d) if hello_only && !matches!(d.2, Message::Hello(_)) => return Err(unsupported),
+            Err(_) if hello_only => return Err(unsupported),
+            other => other?,
+        };
         message.check()?;
         Ok(Envelope { cluster, message })
     }
@@ -545,12 +625,19 @@ impl Message {
     /// Checks every count against its limit.
     fn check(&self) -> Result<(), WireError> {
         match self {
-            Message::Hello(h) => match &h.store {
-                Some(store) if !crate::layout::is_store_id(store) => {
-                    Err(WireError::Malformed("hello store id is not a UUID".into()))
+            Message::Hello(h) => {
+                if h.versions().min > h.versions().max {
+                    return Err(WireError::Malformed(
+                        "hello min_version is above its version".into(),
+                    ));
                 }
-                _ => Ok(()),
-            },
+                match &h.store {
+                    Some(store) if !crate::layout::is_store_id(store) => {
+                        Err(WireError::Malformed("hello store id is not a UUID".into()))
+                    }
+                    _ => Ok(()),
+                }
+            }
             Message::Sync(_) => Ok(()),
             Message::Delta(d) => {
                 limit("delta changes", d.changes.len(), MAX_CHANGES_PER_DELTA)?;
@@ -733,20 +820,68 @@ mod tests {
     fn a_future_version_is_refused_before_decoding() {
         let bytes = {
             let mut out = Vec::new();
-            ciborium::into_writer(&(2u32, "test", "whatever comes in v2"), &mut out).unwrap();
+            let next = PROTOCOL_VERSION + 1;
+            ciborium::into_writer(&(next, "test", "whatever comes next"), &mut out).unwrap();
             out
         };
         assert_eq!(
             Envelope::decode(&bytes, MAX_FRAME_BYTES),
             Err(WireError::UnsupportedVersion {
-                found: 2,
-                supported: PROTOCOL_VERSION
+                found: u64::from(PROTOCOL_VERSION + 1),
+                supported: SUPPORTED_VERSIONS
             })
         );
         let big = [0x83, 0x1b, 0, 0, 1, 0, 0, 0, 0, 0];
         assert!(matches!(
             Envelope::decode(&big, MAX_FRAME_BYTES),
             Err(WireError::UnsupportedVersion { .. })
+        ));
+    }
+
+    #[test]
+    fn two_ranges_negotiate_the_highest_version_both_speak() {
+        let range = |min, max| VersionRange { min, max };
+        assert_eq!(range(1, 3).negotiate(range(2, 5)), Some(3));
+        assert_eq!(range(2, 5).negotiate(range(1, 3)), Some(3));
+        assert_eq!(range(1, 1).negotiate(range(1, 4)), Some(1));
+        assert_eq!(range(4, 4).negotiate(range(4, 4)), Some(4));
+        assert_eq!(range(1, 1).negotiate(range(2, 3)), None);
+        assert_eq!(range(3, 6).negotiate(range(1, 2)), None);
+        assert_eq!(
+            SUPPORTED_VERSIONS.negotiate(SUPPORTED_VERSIONS),
+            Some(PROTOCOL_VERSION)
+        );
+        assert_eq!(range(2, 3).to_string(), "2 to 3");
+        assert_eq!(range(1, 1).to_string(), "1");
+    }
+
+    #[test]
+    fn a_hello_states_its_range_and_one_without_a_minimum_speaks_one_version() {
+        let hello = |version, min_version| Hello {
+            node: NodeId::new("n1").unwrap(),
+            region: Region::new("eu").unwrap(),
+            version,
+            min_version,
+            store: None,
+        };
+        let env = |h| Envelope {
+            cluster: cluster(),
+            message: Message::Hello(h),
+        };
+        // A build that predates negotiation sends no minimum.
+        let old = env(hello(1, None)).encode_at(HELLO_VERSION);
+        let Message::Hello(h) = Envelope::decode(&old, MAX_FRAME_BYTES).unwrap().message else {
+            panic!("not a hello")
+        };
+        assert_eq!(h.versions(), VersionRange { min: 1, max: 1 });
+        let wide = env(hello(7, Some(5))).encode_at(HELLO_VERSION);
+        let Message::Hello(h) = Envelope::decode(&wide, MAX_FRAME_BYTES).unwrap().message else {
+            panic!("not a hello")
+        };
+        assert_eq!(h.versions(), VersionRange { min: 5, max: 7 });
+        assert!(matches!(
+            Envelope::decode(&env(hello(2, Some(3))).encode(), MAX_FRAME_BYTES),
+            Err(WireError::Malformed(_))
         ));
     }
 

@@ -39,9 +39,14 @@ pub const LONGEST_BLOCK: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Refusal reasons an honest peer can cause, which never lead to a block
 /// (they are still counted and logged): a change beyond this node's shape
 /// limits (nodes may be configured differently), and a message of a newer
-/// protocol version or of a kind this build does not know (a rolling
-/// upgrade).
-pub const HONEST_REASONS: &[&str] = &["shape_limit", "unsupported_version", "unknown_kind"];
+/// protocol version or of a kind this build does not know, or a hello
+/// naming no version this build speaks (a rolling upgrade).
+pub const HONEST_REASONS: &[&str] = &[
+    "shape_limit",
+    "unsupported_version",
+    "unknown_kind",
+    "no_common_version",
+];
 /// Peers whose refusals are tracked at once; a refusal from a further peer
 /// takes the place of the peer with the oldest window that is not blocked.
 pub const MAX_TRACKED_PEERS: usize = 4096;

@@ -26,6 +26,10 @@ pub struct NetworkStatus {
     pub drain: Option<DrainStatus>,
     /// The store's disk.
     pub disk: DiskStatus,
+    /// This build's version (`causeway --version`).
+    pub build_version: String,
+    /// The protocol versions this build speaks, oldest and newest.
+    pub protocol_versions: [u32; 2],
 }
 
 /// The store's disk, looked at every second.
@@ -121,6 +125,9 @@ pub struct PeerStatus {
     pub last_error: Option<String>,
     /// What it is known to lack.
     pub behind: Behind,
+    /// The protocol version this node speaks with it, once its hello
+    /// arrived (see docs/protocol.md, "Versions and rolling upgrades").
+    pub protocol_version: Option<u32>,
 }
 
 /// How far behind a peer is: changes this node made or received after it

@@ -5,7 +5,9 @@
 //! answers), each done once a sync message about it from the peer has been
 //! handled and this node's session for it is idle. Both stores then hold
 //! each other's changes to those documents, and their other documents
-//! were equal.
+//! were equal. Catching up needs only this node's side: a document is also
+//! done once this node holds every head the peer named in a sync message
+//! about it, which steady writes to the document cannot put off.
 //!
 //! Two things wait for a settlement. **Catching up** after a start: the
 //! first own session with a peer of this node's region (with any peer, if
@@ -169,20 +171,30 @@ impl Replicator {
     }
 
     /// Documents a message of this node's own session `session` with
-    /// `peer` showed the peer syncs.
-    pub(super) fn learned_while_settling(&mut self, peer: &NodeId, session: u64, docs: &[DocId]) {
-        if docs.is_empty() {
+    /// `peer` showed differing: `learned`, those the peer syncs, and
+    /// `to_sync`, those this node syncs. Catching up awaits both by
+    /// document; a drain awaits `learned` and takes this node's own syncs
+    /// as done when none is queued or under way.
+    pub(super) fn learned_while_settling(
+        &mut self,
+        peer: &NodeId,
+        session: u64,
+        learned: &[DocId],
+        to_sync: &[DocId],
+    ) {
+        if learned.is_empty() && to_sync.is_empty() {
             return;
         }
-        for s in [Some(&mut self.catching_up), self.draining.as_mut()]
-            .into_iter()
-            .flatten()
-        {
-            if !s.active() || !s.counts(session) {
+        for (s, own) in [
+            (Some(&mut self.catching_up), to_sync),
+            (self.draining.as_mut(), &[][..]),
+        ] {
+            let Some(s) = s else { continue };
+            if !s.active() || !s.counts(session) || learned.len() + own.len() == 0 {
                 continue;
             }
             let learning = s.learning.entry(peer.clone()).or_default();
-            learning.extend(docs.iter().cloned());
+            learning.extend(learned.iter().chain(own).cloned());
             if learning.len() > MAX_CATCH_UP_DOCS {
                 s.learning.remove(peer);
                 s.overflowed.insert(peer.clone());
@@ -229,37 +241,64 @@ impl Replicator {
         self.check_settled(now);
     }
 
-    /// A sync message about `doc` from `peer` was handled: if a settlement
-    /// is with `peer` and this node's session for `doc` is idle, `doc` is
-    /// synced.
-    pub(super) fn synced_while_settling(&mut self, now: Duration, peer: &NodeId, doc: &DocId) {
+    /// A sync message about `doc` from `peer` was handled (`their_heads`:
+    /// the heads it named; `None` for the empty "in sync" answer): if a
+    /// settlement is with `peer` and this node's session for `doc` is idle,
+    /// `doc` is synced. Catching up also takes `doc` as synced once this
+    /// node holds every head the peer named: it then has all the peer held
+    /// when it wrote, and under steady writes to `doc` the two sessions may
+    /// never be idle at once.
+    pub(super) fn synced_while_settling(
+        &mut self,
+        now: Duration,
+        peer: &NodeId,
+        doc: &DocId,
+        their_heads: Option<&[ChangeHash]>,
+    ) -> Result<()> {
         let awaits = |s: &Settling| s.peer.as_ref() == Some(peer) && s.awaiting.contains(doc);
-        if !awaits(&self.catching_up) && !self.draining.as_ref().is_some_and(awaits) {
-            return;
+        let catching_up = awaits(&self.catching_up);
+        if !catching_up && !self.draining.as_ref().is_some_and(awaits) {
+            return Ok(());
         }
         let idle = self
             .peers
             .get(peer)
             .and_then(|p| p.syncs.get(doc))
             .is_none_or(|s| s.sent_at.is_none());
-        if !idle {
-            return;
-        }
-        for s in [Some(&mut self.catching_up), self.draining.as_mut()]
-            .into_iter()
-            .flatten()
-        {
+        let holds_theirs = match their_heads {
+            Some(heads) if catching_up && !idle => self.holds_peer_heads(doc, heads)?,
+            _ => false,
+        };
+        for (s, synced) in [
+            (Some(&mut self.catching_up), idle || holds_theirs),
+            (self.draining.as_mut(), idle),
+        ] {
+            let Some(s) = s.filter(|_| synced) else {
+                continue;
+            };
             if s.peer.as_ref() == Some(peer) && s.awaiting.remove(doc) {
                 s.progressed_at = now;
             }
+        }
+        Ok(())
+    }
+
+    /// Whether this node holds every change in `heads` of `doc` (all of a
+    /// peer's history up to them).
+    fn holds_peer_heads(&self, doc: &DocId, heads: &[ChangeHash]) -> Result<bool> {
+        match self.holds_all(doc, heads) {
+            Ok(holds) => Ok(holds),
+            Err(Error::NotFound(_)) => Ok(heads.is_empty()),
+            Err(Error::Quarantined { .. }) => Ok(false),
+            Err(e) => Err(e),
         }
     }
 
     /// Ends each settlement whose peer's syncs are all done; starts over
     /// those whose peer went away, stalled or lost syncs meanwhile.
     pub(super) fn check_settled(&mut self, now: Duration) {
-        let catch_up = self.look(now, &self.catching_up);
-        let drain = self.draining.as_ref().map(|d| self.look(now, d));
+        let catch_up = self.look(now, &self.catching_up, true);
+        let drain = self.draining.as_ref().map(|d| self.look(now, d, false));
         match catch_up {
             Look::Done => {
                 let s = &mut self.catching_up;
@@ -291,7 +330,10 @@ impl Replicator {
         }
     }
 
-    fn look(&self, now: Duration, s: &Settling) -> Look {
+    /// Where settlement `s` stands; `by_document`: every document it waits
+    /// for is in `awaiting` (catching up), so other syncs with the peer,
+    /// which steady writes keep going, do not hold it up.
+    fn look(&self, now: Duration, s: &Settling, by_document: bool) -> Look {
         let Some(peer) = s.peer.as_ref().filter(|_| s.active()) else {
             return Look::Waiting;
         };
@@ -301,7 +343,7 @@ impl Replicator {
         // Cheap checks first: this runs after every message, and a walk of
         // the peer's sync sessions (up to `max_sync_sessions_per_peer`) is
         // left for when nothing else is outstanding.
-        if !p.queue.is_empty() {
+        if !by_document && !p.queue.is_empty() {
             return Look::Waiting;
         }
         let syncing = || p.syncs.values().any(|st| st.sent_at.is_some());
@@ -313,7 +355,7 @@ impl Replicator {
                 Look::Waiting
             };
         }
-        if syncing() {
+        if !by_document && syncing() {
             return Look::Waiting;
         }
         if self.sync_losses() > s.losses_at_start {

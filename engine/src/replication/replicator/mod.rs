@@ -45,8 +45,9 @@ use super::random::Random;
 use super::reconcile::{self, ItemSet, Params};
 use super::wire::{
     Ack, AckEntry, Announce, Bytes, Delta, Envelope, Heads, Hello, Message, Reconcile, SyncFrame,
-    WireError, MAX_ACK_ENTRIES, MAX_CHANGES_PER_DELTA, MAX_FRAME_BYTES, MAX_GOSSIP_BYTES,
-    MAX_SYNC_CHANGE_BYTES, PROTOCOL_VERSION,
+    VersionRange, WireError, HELLO_VERSION, MAX_ACK_ENTRIES, MAX_CHANGES_PER_DELTA,
+    MAX_FRAME_BYTES, MAX_GOSSIP_BYTES, MAX_SYNC_CHANGE_BYTES, MIN_PROTOCOL_VERSION,
+    SUPPORTED_VERSIONS,
 };
 
 mod acks;
@@ -218,6 +219,12 @@ struct Peer {
     /// document syncs, confirmations and reconciliation that also tell
     /// this node when it answers again.
     silent: bool,
+    /// The protocol version negotiated with it: `None` until its hello
+    /// arrives (messages go in [`MIN_PROTOCOL_VERSION`] until then).
+    version: Option<u32>,
+    /// Its hello named no version this build speaks: nothing is sent to
+    /// it and what it sends is ignored (the node closes the connection).
+    incompatible: bool,
 }
 
 /// The replication state machine of one node. See the [module docs](self).
@@ -238,6 +245,9 @@ pub struct Replicator {
     next_anti_entropy: Duration,
     next_ack_flush: Duration,
     next_held_scan: Duration,
+    /// The protocol version gossip is encoded in (see
+    /// [`Replicator::refresh_gossip_version`]).
+    gossip_version: u32,
     /// Documents with held changes seen by the last looks, in id order;
     /// bounded by the engine's held-change limits (each has one at least).
     held_repairs: BTreeMap<DocId, HeldRepair>,
@@ -297,6 +307,7 @@ impl Replicator {
             next_anti_entropy: now + config.anti_entropy_interval,
             next_ack_flush: now + config.ack_interval,
             next_held_scan: now + config.held_repair_interval,
+            gossip_version: MIN_PROTOCOL_VERSION,
             held_repairs: BTreeMap::new(),
             held_cursor: None,
             config,
@@ -508,6 +519,12 @@ impl Replicator {
         next
     }
 
+    /// The protocol version negotiated with `peer`: `None` before its
+    /// hello, and when it speaks no version this build does.
+    pub fn protocol_version(&self, peer: &NodeId) -> Option<u32> {
+        self.peers.get(peer).and_then(|p| p.version)
+    }
+
     /// A connection to `peer` opened: say hello and reconcile (with a
     /// [`Fanout`], only while fewer sessions than it allows per round are
     /// under way; otherwise the next round comes within `retry_after`, and
@@ -526,8 +543,11 @@ impl Replicator {
                 reconciled_at: None,
                 acks: BTreeMap::new(),
                 silent: false,
+                version: None,
+                incompatible: false,
             },
         );
+        self.refresh_gossip_version();
         self.progress.connected(now, peer);
         // Writes of this node made while it was away are asked about at
         // the next call, not at the next round.
@@ -535,10 +555,11 @@ impl Replicator {
         let hello = Message::Hello(Hello {
             node: self.config.node.clone(),
             region: self.config.region.clone(),
-            version: PROTOCOL_VERSION,
+            version: SUPPORTED_VERSIONS.max,
+            min_version: Some(SUPPORTED_VERSIONS.min),
             store: Some(self.engine.store_id().to_string()),
         });
-        self.send(peer, hello);
+        self.send_at(peer, hello, HELLO_VERSION);
         let room = match self.config.reconcile_fanout {
             None => true,
             Some(fanout) => self.reconciling() < fanout.total(),
@@ -556,6 +577,7 @@ impl Replicator {
     /// anti-entropy repairs whatever it would have done.
     pub fn handle_disconnect(&mut self, peer: &NodeId) {
         self.peers.remove(peer);
+        self.refresh_gossip_version();
         self.heard_again.remove(peer);
         self.deadlines.forget_peer(peer);
         self.fetches.forget_peer(peer);
@@ -675,6 +697,9 @@ impl Replicator {
                 return Err(Verdict::Ignore);
             }
         }
+        if self.peers.get(from).is_some_and(|p| p.incompatible) {
+            return Err(Verdict::Ignore);
+        }
         let limit = match m.channel {
             Channel::Gossip => MAX_GOSSIP_BYTES,
             Channel::Direct => MAX_FRAME_BYTES,
@@ -715,6 +740,13 @@ impl Replicator {
                 if let Err(verdict) = self.check_origin(m, &h.node) {
                     return Ok(verdict);
                 }
+                let Some(version) = SUPPORTED_VERSIONS.negotiate(h.versions()) else {
+                    return Ok(self.refuse_incompatible(&h));
+                };
+                if let Some(p) = self.peers.get_mut(&h.node) {
+                    p.version = Some(version);
+                }
+                self.refresh_gossip_version();
                 self.claim_region(now, &h.node, &h.region);
                 if let Some(store) = &h.store {
                     if self.progress.set_store(now, &h.node, store) {
@@ -790,12 +822,40 @@ impl Replicator {
         self.peers.get_mut(peer)
     }
 
+    /// `message` in an envelope for gossip, in [`Replicator::gossip_version`].
     fn envelope(&self, message: Message) -> Vec<u8> {
         Envelope {
             cluster: self.config.cluster.clone(),
             message,
         }
-        .encode()
+        .encode_at(self.gossip_version)
+    }
+
+    /// The version gossip goes out in: one every connected peer speaks,
+    /// the lowest negotiated, or [`MIN_PROTOCOL_VERSION`] while a peer's
+    /// hello has not arrived (and with no peer at all).
+    fn refresh_gossip_version(&mut self) {
+        let mut versions = self.peers.values().filter(|p| !p.incompatible);
+        self.gossip_version = versions
+            .try_fold(SUPPORTED_VERSIONS.max, |low, p| {
+                p.version.map(|v| low.min(v))
+            })
+            .filter(|_| !self.peers.is_empty())
+            .unwrap_or(MIN_PROTOCOL_VERSION);
+    }
+
+    /// A peer's hello named no protocol version this build speaks: it is
+    /// refused for good on this connection (an honest reason, no block).
+    fn refuse_incompatible(&mut self, hello: &Hello) -> Verdict {
+        if let Some(p) = self.peers.get_mut(&hello.node) {
+            p.incompatible = true;
+        }
+        self.refresh_gossip_version();
+        let reason = Rejection::NoCommonVersion {
+            ours: SUPPORTED_VERSIONS,
+            theirs: hello.versions(),
+        };
+        self.reject(&hello.node, reason)
     }
 
     /// Queues `bytes` (a `kind` message) for the network and counts it.
@@ -811,9 +871,23 @@ impl Replicator {
         self.peaks.outputs = self.peaks.outputs.max(self.outputs.len());
     }
 
+    /// Sends `message` to `to` in the version negotiated with it.
     fn send(&mut self, to: &NodeId, message: Message) {
+        let version = match self.peers.get(to) {
+            Some(p) if p.incompatible => return,
+            Some(p) => p.version.unwrap_or(MIN_PROTOCOL_VERSION),
+            None => MIN_PROTOCOL_VERSION,
+        };
+        self.send_at(to, message, version);
+    }
+
+    fn send_at(&mut self, to: &NodeId, message: Message, version: u32) {
         let name = kind(&message);
-        let bytes = self.envelope(message);
+        let bytes = Envelope {
+            cluster: self.config.cluster.clone(),
+            message,
+        }
+        .encode_at(version);
         let to = to.clone();
         self.output(name, Output::Send { to, bytes });
     }

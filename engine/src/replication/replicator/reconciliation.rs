@@ -139,7 +139,7 @@ impl Replicator {
             p.reconcile_sent_at =
                 reconcile::expects_answer(&processed.reply).then_some((r.session, now));
             let ended = p.reconcile_sent_at.is_none();
-            self.learned_while_settling(from, r.session, &processed.learned);
+            self.learned_while_settling(from, r.session, &processed.learned, &processed.to_sync);
             if ended {
                 self.own_session_ended(now, from, r.session);
             }
@@ -158,7 +158,12 @@ impl Replicator {
     /// The peers this anti-entropy round reconciles with.
     pub(super) fn round_peers(&mut self, random: &mut dyn Random) -> Vec<NodeId> {
         let Some(fanout) = self.config.reconcile_fanout else {
-            return self.peers.keys().cloned().collect();
+            return self
+                .peers
+                .iter()
+                .filter(|(_, p)| !p.incompatible)
+                .map(|(id, _)| id.clone())
+                .collect();
         };
         let mut local: Vec<Rank> = Vec::new();
         let mut remote: BTreeMap<Option<Region>, Vec<Rank>> = BTreeMap::new();
@@ -166,7 +171,7 @@ impl Replicator {
         let idle = self
             .peers
             .iter()
-            .filter(|(_, p)| p.reconcile_sent_at.is_none());
+            .filter(|(_, p)| p.reconcile_sent_at.is_none() && !p.incompatible);
         for (id, p) in idle {
             let needed = self.progress.lag(id).documents > 0;
             let rank = (!needed, p.reconciled_at, random.next_u64(), id.clone());

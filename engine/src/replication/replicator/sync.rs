@@ -72,7 +72,7 @@ impl Replicator {
             // Sends only if our heads moved since; otherwise the session goes
             // idle and its shared heads are persisted.
             self.pump_sync(now, from, &frame.doc, false)?;
-            self.synced_while_settling(now, from, &frame.doc);
+            self.synced_while_settling(now, from, &frame.doc, None)?;
             self.start_queued(now, from)?;
             return Ok(Verdict::Accept);
         }
@@ -126,7 +126,13 @@ impl Replicator {
         self.account_held_from(&frame.doc, &outcome, from);
         self.applied(&frame.doc, &outcome);
         self.fetch_answered(from, &frame.doc, their_heads.is_empty())?;
-        self.record_progress(now, from, &frame.doc, their_heads, Some(&outcome.heads))?;
+        self.record_progress(
+            now,
+            from,
+            &frame.doc,
+            their_heads.clone(),
+            Some(&outcome.heads),
+        )?;
         if outcome.applied > 0 {
             // Changes that came by sync (a repair, a join) reach other peers
             // by their own syncs, which this node does not see: tell them
@@ -148,7 +154,7 @@ impl Replicator {
         }
         self.note_depths(from);
         self.pump_sync(now, from, &frame.doc, true)?;
-        self.synced_while_settling(now, from, &frame.doc);
+        self.synced_while_settling(now, from, &frame.doc, Some(&their_heads))?;
         self.start_queued(now, from)?;
         Ok(Verdict::Accept)
     }

@@ -91,6 +91,15 @@ pub enum Rejection {
         /// The node the message claims to come from.
         claimed: NodeId,
     },
+    /// A hello naming protocol versions none of which this build speaks:
+    /// a build too old or too new to talk to this one.
+    #[error("the peer speaks protocol versions {theirs}, this node {ours}")]
+    NoCommonVersion {
+        /// The versions this build speaks.
+        ours: VersionRange,
+        /// The versions the peer's hello names.
+        theirs: VersionRange,
+    },
 }
 
 /// What the gossip layer should do with a received gossip message.
@@ -312,5 +321,6 @@ pub fn reason_name(r: &Rejection) -> &'static str {
         Rejection::BadSync(_) => "bad_sync",
         Rejection::WrongChannel(_) => "wrong_channel",
         Rejection::ForgedIdentity { .. } => "forged_identity",
+        Rejection::NoCommonVersion { .. } => "no_common_version",
     }
 }

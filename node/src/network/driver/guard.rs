@@ -75,6 +75,11 @@ impl Driver {
     /// each block, nothing else.
     pub(super) fn sanction(&mut self, peer: PeerId, reason: &Rejection) {
         let name = reason_name(reason);
+        if matches!(reason, Rejection::NoCommonVersion { .. }) {
+            // Nothing can pass between the two builds: the connection
+            // closes (without a block; the peer may be upgraded later).
+            let _ = self.swarm.disconnect_peer_id(peer);
+        }
         let sanction = self
             .guard
             .sanctions

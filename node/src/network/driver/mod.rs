@@ -35,6 +35,7 @@ use std::time::{Duration, Instant, SystemTime};
 use causeway_engine::automerge::ChangeHash;
 use causeway_engine::replication::ids::NodeId;
 use causeway_engine::replication::random::SplitMix64;
+use causeway_engine::replication::wire::SUPPORTED_VERSIONS;
 use causeway_engine::replication::{
     reason_name, Channel, Holder, Output, Rejection, Replicator, Verdict,
 };
@@ -542,7 +543,8 @@ impl Driver {
 
     /// Stops listening, publishes the local commits still queued (it tells
     /// the queue's feeder to stop, so the queue ends), then waits until
-    /// direct messages are delivered and every connected peer holds the
+    /// the direct messages sent by then are delivered and every connected
+    /// peer holds the
     /// latest local commits, so that a write acknowledged just before the
     /// stop is not left on this node alone: while that progresses, for up to
     /// [`SHUTDOWN_HANDOFF_MAX`], and no more than [`SHUTDOWN_FLUSH`] without
@@ -564,6 +566,12 @@ impl Driver {
             self.drain();
         }
         self.drain();
+        // The messages to wait for: those out now. Answers this node goes
+        // on sending to peers' syncs meanwhile are not waited for (under
+        // steady traffic some would always be in flight); those peers
+        // repair what they miss.
+        let waited: Vec<request_response::OutboundRequestId> =
+            self.traffic.in_flight.keys().copied().collect();
         let mut check = tokio::time::interval(HANDOFF_CHECK);
         let cap = tokio::time::Instant::now() + SHUTDOWN_HANDOFF_MAX;
         let mut stall = tokio::time::Instant::now() + SHUTDOWN_FLUSH;
@@ -579,7 +587,11 @@ impl Driver {
                     self.drain();
                 }
                 _ = check.tick() => {
-                    let now_left = (self.traffic.in_flight.len(), self.recent_not_held());
+                    let in_flight = waited
+                        .iter()
+                        .filter(|id| self.traffic.in_flight.contains_key(id))
+                        .count();
+                    let now_left = (in_flight, self.recent_not_held());
                     if now_left == (0, 0) {
                         info!("the latest writes are held by every connected peer");
                         break;

@@ -102,6 +102,7 @@ impl Driver {
                 dial_failures: target.map_or(0, |t| t.backoff.failures()),
                 last_error: target.and_then(|t| t.last_error.clone()),
                 behind,
+                protocol_version: self.core.protocol_version(&node),
             });
         }
         NetworkStatus {
@@ -114,6 +115,8 @@ impl Driver {
             local_events_dropped: self.local_events_dropped,
             catch_up: self.catch_up_status(),
             disk: self.disk.clone(),
+            build_version: env!("CARGO_PKG_VERSION").to_string(),
+            protocol_versions: [SUPPORTED_VERSIONS.min, SUPPORTED_VERSIONS.max],
             drain: self.core.drain().map(|d| DrainStatus {
                 done: d.done_at.is_some(),
                 peer: d.peer.map(|n| n.to_string()),
