@@ -265,6 +265,8 @@ pub struct AttackConfig {
     pub targets: Vec<Multiaddr>,
     /// Attack messages sent per second to each connected node.
     pub rate: u32,
+    /// The attacker's identity.
+    pub identity: Keypair,
 }
 
 /// One node's answer to the attack.
@@ -316,7 +318,7 @@ const RECONNECT_WAIT: Duration = Duration::from_millis(500);
 
 /// Runs the attack until `stop`: one identity, connected to every target.
 pub async fn attack(config: AttackConfig, stop: Arc<AtomicBool>) -> AttackReport {
-    let identity = Keypair::generate_ed25519();
+    let identity = config.identity.clone();
     let me = identity.public().to_peer_id();
     let start = Instant::now();
     let mut sent: BTreeMap<&'static str, u64> = BTreeMap::new();

@@ -213,12 +213,14 @@ pub async fn run(args: &Args) -> Result<()> {
     let tasks = spawn_writers(args, &urls, &names, start, &stop);
     let attack_start = Duration::from_secs(args.duration) / 2;
     let attack_stop = Arc::new(AtomicBool::new(false));
+    let attacker_identity = libp2p::identity::Keypair::generate_ed25519();
+    let attacker_id = attacker_identity.public().to_peer_id().to_base58();
     let attacker = spawn_attacker(
         args,
         &root,
         &peer_addrs,
         (start, attack_start),
-        &attack_stop,
+        (&attack_stop, attacker_identity),
     )?;
     let mut injected = Vec::new();
     let phase = run_schedule(
@@ -234,15 +236,13 @@ pub async fn run(args: &Args) -> Result<()> {
         tokio::time::sleep_until((start + Duration::from_secs(args.duration)).into()).await;
     }
     stop.store(true, Ordering::Relaxed);
-    attack_stop.store(true, Ordering::Relaxed);
     let mut writes = Vec::new();
     for t in tasks {
         writes.extend(t.await?);
     }
-    let attack = match attacker {
-        Some(task) => Some(task.await?),
-        None => None,
-    };
+    if phase.is_err() {
+        attack_stop.store(true, Ordering::Relaxed);
+    }
     phase?;
 
     // The final heal, then the checker.
@@ -252,6 +252,29 @@ pub async fn run(args: &Args) -> Result<()> {
         start.elapsed().as_secs_f64(),
         writes.len()
     );
+    // A node paused or killed for much of the attack heard too little of
+    // it to block it yet: the attack goes on, now without faults, until
+    // every node has blocked the attacker or `ATTACK_AFTER_HEAL` passed.
+    let healed_at = Instant::now();
+    if attacker.is_some() {
+        while !nodes.iter().all(|n| blocks(n, &attacker_id))
+            && healed_at.elapsed() < ATTACK_AFTER_HEAL
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        eprintln!(
+            "[{:>7.1} s] attack over: blocked by {}/{} nodes, the last {:.1} s after the heal",
+            start.elapsed().as_secs_f64(),
+            nodes.iter().filter(|n| blocks(n, &attacker_id)).count(),
+            nodes.len(),
+            healed_at.elapsed().as_secs_f64()
+        );
+    }
+    attack_stop.store(true, Ordering::Relaxed);
+    let attack = match attacker {
+        Some(task) => Some(task.await?),
+        None => None,
+    };
     let (replicas, took) = checker::await_convergence(
         &urls,
         &node_names,
@@ -400,13 +423,13 @@ fn spawn_writers(
 
 /// With `--byzantine`, a member holding the cluster key that attacks every
 /// node from `at` (the fault phase's start, and the offset into it) until
-/// `stop`.
+/// `stop`, as `identity`.
 fn spawn_attacker(
     args: &Args,
     root: &std::path::Path,
     peer_addrs: &[String],
     at: (Instant, Duration),
-    stop: &Arc<AtomicBool>,
+    (stop, identity): (&Arc<AtomicBool>, libp2p::identity::Keypair),
 ) -> Result<Option<tokio::task::JoinHandle<byzantine::AttackReport>>> {
     if args.byzantine == 0 {
         return Ok(None);
@@ -419,6 +442,7 @@ fn spawn_attacker(
             .map(|a| a.parse())
             .collect::<Result<_, _>>()?,
         rate: args.attack_rate,
+        identity,
     };
     let stop = stop.clone();
     Ok(Some(tokio::spawn(async move {
@@ -530,6 +554,11 @@ fn blocks(node: &NodeProcess, peer: &str) -> bool {
 
 /// The cluster id of the chaos nodes.
 const CLUSTER: &str = "chaos";
+
+/// How long the attack may go on after the final heal for every node to
+/// block the attacker (a node paused or killed for much of the fault phase
+/// heard too little of it).
+const ATTACK_AFTER_HEAL: Duration = Duration::from_secs(30);
 
 /// Creates every node's identity (so each can be given all the others as
 /// bootstrap peers), then starts them; returns them with their addresses.
