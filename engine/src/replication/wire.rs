@@ -626,7 +626,8 @@ impl Message {
     fn check(&self) -> Result<(), WireError> {
         match self {
             Message::Hello(h) => {
-                if h.versions().min > h.versions().max {
+                let versions = h.versions();
+                if versions.min > versions.max {
                     return Err(WireError::Malformed(
                         "hello min_version is above its version".into(),
                     ));

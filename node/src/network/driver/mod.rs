@@ -544,11 +544,10 @@ impl Driver {
     /// Stops listening, publishes the local commits still queued (it tells
     /// the queue's feeder to stop, so the queue ends), then waits until
     /// the direct messages sent by then are delivered and every connected
-    /// peer holds the
-    /// latest local commits, so that a write acknowledged just before the
-    /// stop is not left on this node alone: while that progresses, for up to
-    /// [`SHUTDOWN_HANDOFF_MAX`], and no more than [`SHUTDOWN_FLUSH`] without
-    /// progress.
+    /// peer holds the latest local commits, so that a write acknowledged
+    /// just before the stop is not left on this node alone: while that
+    /// progresses, for up to [`SHUTDOWN_HANDOFF_MAX`], and no more than
+    /// [`SHUTDOWN_FLUSH`] without progress.
     async fn shutdown(mut self, mut inputs: Inputs) {
         info!("shutting down: no new connections, handing the latest writes to peers");
         for id in std::mem::take(&mut self.listeners) {
