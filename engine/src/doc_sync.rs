@@ -72,6 +72,11 @@ impl Engine {
         max_change_bytes: usize,
     ) -> Result<Option<SyncMessage>> {
         self.with_doc(id, |state| {
+            if state.collected.is_some() {
+                // Its history is gone: nothing to offer, nothing to ask for
+                // (see `receive_sync`).
+                return Ok(None);
+            }
             let generated = crate::guarded::catch(|| state.doc.generate_sync_message(sync));
             let Ok(generated) = generated else {
                 // What the peer last said is suspect: forget it, keep only
@@ -163,6 +168,25 @@ impl Engine {
         let had_changes = !chunks.is_empty();
         let decoded = self.decode_changes(id, &chunks)?;
         self.with_doc(id, |state| {
+            if let Some(collected) = &state.collected {
+                let mut theirs = message.heads.clone();
+                theirs.sort_unstable();
+                if theirs.is_empty() || theirs == *collected {
+                    // The peer holds the tombstone this node collected, or
+                    // nothing: neither needs anything from the other. The
+                    // sync state stays as it was, so nothing is saved for a
+                    // document without history.
+                    return Ok(ApplyOutcome {
+                        heads: collected.clone(),
+                        ..ApplyOutcome::default()
+                    });
+                }
+                // The peer holds something else: a write made after the
+                // delete (or the history of a document recreated since).
+                // Sync from nothing to fetch the whole history again; the
+                // first change stored replaces the marker.
+                state.collected = None;
+            }
             let before = state.doc.get_heads();
             let outcome = if decoded.is_empty() {
                 ApplyOutcome {
@@ -264,14 +288,15 @@ impl Engine {
     }
 
     /// Calls `f` with every stored document's id and digest of heads, in id
-    /// order, deleted documents included (a delete is a change to replicate).
+    /// order, deleted documents included (a delete is a change to replicate)
+    /// and collected ones left out (see [`collection`](crate::collection)).
     /// Quarantined documents are left out, and a metadata entry that does
     /// not decode quarantines its document.
     pub fn for_each_digest(&self, mut f: impl FnMut(DocId, [u8; 32])) -> Result<()> {
         let quarantine = &self.inner.quarantine;
         self.inner.store.for_each_meta(
             |id, meta| {
-                if quarantine.get(id.as_str()).is_none() {
+                if quarantine.get(id.as_str()).is_none() && meta.collected_at.is_none() {
                     let mut digest = [0u8; 32];
                     digest.copy_from_slice(&meta.digest);
                     f(id, digest);

@@ -33,9 +33,14 @@ const BYTES_PER_DOC: usize = 16 * 1024;
 pub(crate) struct DocState {
     pub(crate) doc: Automerge,
     pub(crate) meta: DocMeta,
-    /// Whether the document has metadata on disk.
+    /// Whether the document has metadata on disk (a collection marker
+    /// does not count: see `collected`).
     pub(crate) stored: bool,
     pub(crate) held: Held,
+    /// The tombstone heads of a collected document (see `collection`):
+    /// its history is gone, and `doc` and `meta` are those of a document
+    /// without history until a change arrives. Sorted.
+    pub(crate) collected: Option<Vec<ChangeHash>>,
 }
 
 /// What integrating changes handed to [`DocState::integrate`] will do.
@@ -57,6 +62,7 @@ impl DocState {
             meta: DocMeta::empty(),
             stored: false,
             held: Held::default(),
+            collected: None,
         }
     }
 
@@ -76,6 +82,11 @@ impl DocState {
         let Some(meta) = store.meta(id)? else {
             return DocState::unstored(store, id, actor, with_held);
         };
+        if meta.collected_at.is_some() {
+            let mut state = DocState::unstored(store, id, actor, with_held)?;
+            state.collected = Some(sorted(meta.heads()));
+            return Ok(state);
+        }
         let corrupt = |key: String, reason: String| Error::Corrupt {
             doc: id.to_string(),
             key,
@@ -131,6 +142,7 @@ impl DocState {
             meta,
             stored: true,
             held,
+            collected: None,
         })
     }
 
@@ -144,6 +156,14 @@ impl DocState {
         self.doc
             .get_missing_deps(std::slice::from_ref(hash))
             .is_empty()
+    }
+
+    /// Whether `hash` is one of the tombstone heads of a collected
+    /// document: a change its history had, which it no longer holds.
+    pub(crate) fn was_collected(&self, hash: &ChangeHash) -> bool {
+        self.collected
+            .as_ref()
+            .is_some_and(|heads| heads.binary_search(hash).is_ok())
     }
 
     /// Heads among `heads` that this document does not hold.
@@ -197,7 +217,11 @@ impl DocState {
         let mut unsupplied = Vec::new();
         for change in incoming {
             let hash = change.hash();
-            if self.has_change(&hash) || !seen.insert(hash) || self.held.contains(&hash) {
+            if self.has_change(&hash)
+                || self.was_collected(&hash)
+                || !seen.insert(hash)
+                || self.held.contains(&hash)
+            {
                 duplicates += 1;
                 new.push((hash, false));
                 continue;
@@ -312,6 +336,8 @@ impl DocState {
         store.write(batch, wait)?;
         self.meta = meta;
         self.stored = true;
+        // The record just written replaced a collection marker, if any.
+        self.collected = None;
         if let Some(plan) = held {
             self.held.commit(plan);
         }

@@ -413,7 +413,9 @@ impl Engine {
     }
 
     /// Deletes the document: commits a tombstone change that replicates like
-    /// any other change (see [`lineage`](crate::lineage)).
+    /// any other change (see [`lineage`](crate::lineage)). The change
+    /// carries this machine's clock, from which garbage collection counts
+    /// its grace period (see [`collection`](crate::collection)).
     pub fn delete(&self, id: &DocId) -> Result<Committed<()>> {
         self.commit_local(
             id,
@@ -497,9 +499,16 @@ impl Engine {
         })
     }
 
-    /// The document's current heads (also for deleted documents).
+    /// The document's current heads (also for deleted documents, and for
+    /// collected ones: the heads of their tombstone, see
+    /// [`collection`](crate::collection)).
     pub fn heads(&self, id: &DocId) -> Result<Vec<ChangeHash>> {
-        self.with_existing(id, |state| Ok(state.doc.get_heads()))
+        match self.with_existing(id, |state| Ok(state.doc.get_heads())) {
+            Err(Error::Deleted(_)) => self
+                .collected(id)?
+                .ok_or_else(|| Error::Deleted(id.clone())),
+            other => other,
+        }
     }
 
     /// Stored facts about the document (also for deleted documents).
@@ -592,7 +601,9 @@ impl Engine {
             let recreate = mode != WriteMode::Update && state.meta.tombstone;
             let mut new_changes = root_in_genesis(state, id)?;
             let commit_opts = || match message {
-                Some(m) => CommitOptions::default().with_message(m),
+                Some(m) => CommitOptions::default()
+                    .with_message(m)
+                    .with_time(unix_secs()),
                 None => CommitOptions::default(),
             };
             let success = state
@@ -668,8 +679,9 @@ impl Engine {
             .publish(id, || doc_event(id, state, origin, changes()));
     }
 
-    /// Runs `f` on a document that exists (possibly deleted).
-    fn with_existing<R>(
+    /// Runs `f` on a document that exists (possibly deleted). A collected
+    /// document is [`Error::Deleted`] without `f` running.
+    pub(crate) fn with_existing<R>(
         &self,
         id: &DocId,
         f: impl FnOnce(&mut DocState) -> Result<R>,
@@ -687,6 +699,10 @@ impl Engine {
             return Err(Error::NotFound(id.clone()));
         }
         self.with_doc(id, |state| {
+            if state.collected.is_some() {
+                // Only its marker is left: deleted, without history.
+                return Err(Error::Deleted(id.clone()));
+            }
             if !state.stored {
                 return Err(Error::NotFound(id.clone()));
             }
@@ -764,6 +780,7 @@ pub(crate) fn lock_events(
 fn check_mode(state: &DocState, id: &DocId, mode: WriteMode) -> Result<()> {
     match mode {
         WriteMode::Create if state.is_live() => Err(Error::AlreadyExists(id.clone())),
+        WriteMode::Update if state.collected.is_some() => Err(Error::Deleted(id.clone())),
         WriteMode::Update if !state.stored => Err(Error::NotFound(id.clone())),
         WriteMode::Update if state.meta.tombstone => Err(Error::Deleted(id.clone())),
         _ => Ok(()),
@@ -805,6 +822,14 @@ fn require_heads(state: &DocState, id: &DocId, heads: &[ChangeHash]) -> Result<(
             missing,
         })
     }
+}
+
+/// This machine's clock, in seconds since the Unix epoch (0 if it is set
+/// before it).
+fn unix_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
 }
 
 /// A random UUID v4 in its hyphenated form.

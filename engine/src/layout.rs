@@ -75,6 +75,11 @@ pub const KEY_FORMAT_VERSION: &[u8] = b"format_version";
 /// it is asked for (see `Engine::store_id`).
 pub const KEY_STORE_ID: &[u8] = b"store_id";
 
+/// Key of the last contact in [`CF_NODE`]: when this store last heard from
+/// a member of its cluster, as seconds since the Unix epoch, `u64`
+/// big-endian (see `collection`).
+pub const KEY_LAST_CONTACT: &[u8] = b"last_contact";
+
 /// Whether `s` has the form of a store id: a UUID in its 36-character
 /// hyphenated form.
 pub fn is_store_id(s: &str) -> bool {
@@ -128,6 +133,12 @@ pub struct DocMeta {
     pub log_bytes: u64,
     /// Size of the snapshot in bytes (0 if none).
     pub snapshot_bytes: u64,
+    /// Set when the document was collected (see `collection`): its history
+    /// is gone and this record is a marker that remembers its tombstone
+    /// heads, from this time (seconds since the Unix epoch, on the
+    /// collecting node's clock). Absent from records that predate it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub collected_at: Option<u64>,
 }
 
 impl DocMeta {
@@ -143,6 +154,7 @@ impl DocMeta {
             next_seq: 0,
             log_bytes: 0,
             snapshot_bytes: 0,
+            collected_at: None,
         }
     }
 

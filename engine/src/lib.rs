@@ -64,6 +64,7 @@
 
 pub mod backup;
 mod cache;
+pub mod collection;
 mod config;
 mod doc_id;
 mod doc_sync;

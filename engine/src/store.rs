@@ -415,13 +415,7 @@ impl Store {
         self.check_alive()?;
         let mut batch = WriteBatch::default();
         batch.delete_cf(self.cf(layout::CF_DOC_META), doc.as_bytes());
-        batch.delete_cf(self.cf(layout::CF_SNAPSHOT), doc.as_bytes());
-        let from = layout::log_prefix(doc);
-        let mut to = doc.as_bytes().to_vec();
-        to.push(1);
-        for name in [layout::CF_CHANGE_LOG, layout::CF_HELD] {
-            batch.delete_range_cf(self.cf(name), &from, &to);
-        }
+        self.stage_history_delete(&mut batch, doc);
         let cf = self.cf(layout::CF_PEER_SYNC);
         for item in self.db.iterator_cf(cf, IteratorMode::Start) {
             let (k, _) = item.map_err(|e| self.fatal(e))?;
@@ -435,6 +429,71 @@ impl Store {
             }
         }
         self.write(batch, Wait::Durable)
+    }
+
+    /// Adds to `batch` the deletion of `doc`'s history: snapshot, change
+    /// log and held changes.
+    pub(crate) fn stage_history_delete(&self, batch: &mut WriteBatch, doc: &DocId) {
+        batch.delete_cf(self.cf(layout::CF_SNAPSHOT), doc.as_bytes());
+        let from = layout::log_prefix(doc);
+        let mut to = doc.as_bytes().to_vec();
+        to.push(1);
+        for name in [layout::CF_CHANGE_LOG, layout::CF_HELD] {
+            batch.delete_range_cf(self.cf(name), &from, &to);
+        }
+    }
+
+    /// Calls `f` with the id and metadata of at most `limit` documents
+    /// strictly after `after`, in id order, deleted and collected ones
+    /// included; returns the last id read if more may follow (`None`: the
+    /// walk reached the end). An entry that does not decode goes to
+    /// `corrupt` and counts towards `limit`.
+    pub(crate) fn scan_meta(
+        &self,
+        after: Option<&DocId>,
+        limit: usize,
+        mut f: impl FnMut(DocId, DocMeta),
+        mut corrupt: impl FnMut(Error),
+    ) -> Result<Option<DocId>> {
+        self.check_alive()?;
+        let cf = self.cf(layout::CF_DOC_META);
+        let start = after.map_or_else(Vec::new, |a| {
+            let mut past = a.as_bytes().to_vec();
+            past.push(0);
+            past
+        });
+        let mut last = None;
+        let iter = self
+            .db
+            .iterator_cf(cf, IteratorMode::From(&start, Direction::Forward));
+        for (read, item) in iter.enumerate() {
+            if read == limit {
+                return Ok(last);
+            }
+            let (k, v) = item.map_err(|e| self.fatal(e))?;
+            match decode_meta_entry(&k, &v) {
+                Ok((id, meta)) => {
+                    last = Some(id.clone());
+                    f(id, meta);
+                }
+                Err(e) => {
+                    // Past it, if its key is an id at all.
+                    if let Ok(id) = DocId::new(String::from_utf8_lossy(&k).into_owned()) {
+                        last = Some(id);
+                    }
+                    corrupt(e);
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Reads a record of [`layout::CF_NODE`].
+    pub(crate) fn node_record(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.check_alive()?;
+        self.db
+            .get_cf(self.cf(layout::CF_NODE), key)
+            .map_err(|e| self.fatal(e))
     }
 
     /// The distinct peers with sync states in [`layout::CF_PEER_SYNC`], in

@@ -38,8 +38,9 @@ pub mod topology;
 pub mod wire;
 
 pub use self::replicator::{
-    reason_name, BadFanout, Channel, Dissemination, Fanout, Holder, Inbound, Members, Output,
-    QueueDepths, Rejection, Replicator, ReplicatorConfig, Settlement, Stats, Verdict,
-    MAX_ACK_READS, MAX_CATCH_UP_DOCS, MAX_CONFIRMATIONS_PER_PEER, MAX_HELD_REPAIRS_PER_SCAN,
-    MAX_PENDING_FETCHES, MAX_UNACKED_PUSHES, MAX_UNACKED_PUSH_BYTES, MIN_PUSH_RETRY, STALL_ROUNDS,
+    reason_name, BadFanout, Channel, Collection, CollectionPass, Dissemination, Fanout, Holder,
+    Inbound, Members, Output, QueueDepths, Rejection, Replicator, ReplicatorConfig, Settlement,
+    Stats, Verdict, COLLECTION_PAGE, CONTACT_RECORD_INTERVAL, MAX_ACK_READS, MAX_CATCH_UP_DOCS,
+    MAX_CONFIRMATIONS_PER_PEER, MAX_HELD_REPAIRS_PER_SCAN, MAX_PENDING_FETCHES, MAX_UNACKED_PUSHES,
+    MAX_UNACKED_PUSH_BYTES, MIN_PUSH_RETRY, STALL_ROUNDS,
 };

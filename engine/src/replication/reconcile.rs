@@ -110,6 +110,12 @@ impl ItemSet {
         );
     }
 
+    /// Takes `doc` out of the set (a collected document, see
+    /// [`collection`](crate::collection)).
+    pub fn remove(&mut self, doc: &DocId) {
+        self.items.remove(doc);
+    }
+
     /// The item digest of `doc`, if the set holds it.
     pub fn get(&self, doc: &DocId) -> Option<&ItemDigest> {
         self.items.get(doc).map(|e| &e.digest)

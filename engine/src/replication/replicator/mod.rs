@@ -52,6 +52,7 @@ use super::wire::{
 
 mod acks;
 mod catch_up;
+mod collection;
 mod deadlines;
 mod delta;
 mod fetches;
@@ -64,6 +65,7 @@ mod types;
 pub use self::acks::MAX_CONFIRMATIONS_PER_PEER;
 use self::catch_up::Settling;
 pub use self::catch_up::{Settlement, MAX_CATCH_UP_DOCS, STALL_ROUNDS};
+pub use self::collection::{Collection, CollectionPass, COLLECTION_PAGE, CONTACT_RECORD_INTERVAL};
 use self::deadlines::Deadlines;
 use self::delta::BatchedDelta;
 use self::fetches::Fetches;
@@ -162,6 +164,9 @@ pub struct ReplicatorConfig {
     /// Sends of one push, the first included, before what it carries is
     /// left to repair. Default 3.
     pub max_push_sends: u32,
+    /// Garbage collection of deleted documents (see the core's
+    /// `collection` module). Default `None`: deleted documents are kept.
+    pub collection: Option<Collection>,
 }
 
 impl ReplicatorConfig {
@@ -189,6 +194,7 @@ impl ReplicatorConfig {
             push_retry_after: Duration::from_millis(500),
             min_push_retry: MIN_PUSH_RETRY,
             max_push_sends: 3,
+            collection: None,
         }
     }
 }
@@ -287,6 +293,8 @@ pub struct Replicator {
     /// A drain's settlement started over: fresh sessions at the next
     /// timeout.
     drain_restart_due: bool,
+    /// Garbage collection's cursor and counts.
+    collector: collection::Collector,
     stats: Stats,
 }
 
@@ -327,6 +335,7 @@ impl Replicator {
             catching_up: Settling::default(),
             draining: None,
             drain_restart_due: false,
+            collector: collection::Collector::default(),
             stats: Stats::default(),
         })
     }
@@ -514,6 +523,9 @@ impl Replicator {
             next = next.min(r);
         }
         if let Some(due) = self.unacked.next_due() {
+            next = next.min(due);
+        }
+        if let Some(due) = self.collector.due(self.config.collection.as_ref()) {
             next = next.min(due);
         }
         next
@@ -813,6 +825,7 @@ impl Replicator {
             self.resend_unanswered(now, peer, docs)?;
             self.start_queued(now, peer)?;
         }
+        self.collect_garbage(now)?;
         self.check_settled(now);
         self.restart_drain_if_due(now, random);
         self.engine.sync_deferred()

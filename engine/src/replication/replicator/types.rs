@@ -187,6 +187,12 @@ pub struct Stats {
     /// Nodes whose progress was forgotten because a membership list no
     /// longer names them.
     pub departed_peers_forgotten: u64,
+    /// Deleted documents collected (see the core's `collection` module).
+    pub documents_collected: u64,
+    /// Markers of collected documents dropped after the grace period.
+    pub markers_forgotten: u64,
+    /// Sync sessions started to learn whether a member holds a delete.
+    pub collection_asks: u64,
 
     /// Pushes not kept for a resend because [`MAX_UNACKED_PUSHES`] or
     /// [`MAX_UNACKED_PUSH_BYTES`] were reached.
