@@ -128,7 +128,27 @@ pub struct NodeConfig {
     /// above it by [`LOW_DISK_MARGIN_DIVISOR`]. Checked every second. Default
     /// [`DEFAULT_MIN_FREE_BYTES`] (1 GiB); 0 turns the check off.
     pub min_free_bytes: u64,
+    /// Garbage collection's grace period (see
+    /// [`Collection`](causeway_engine::replication::Collection)): a deleted
+    /// document that every member holds is collected this long after the
+    /// delete, and a store out of contact with the cluster for longer may
+    /// not rejoin ([`NodeError::StaleStore`](crate::node::NodeError)).
+    /// Only with a membership list; `None` turns collection off. Default
+    /// [`DEFAULT_GC_GRACE`].
+    pub gc_grace: Option<Duration>,
 }
+
+/// Default of [`NodeConfig::gc_grace`]: 10 days, as Cassandra's
+/// `gc_grace_seconds`: longer than a node is expected to stay away and
+/// still rejoin rather than be rebuilt.
+pub const DEFAULT_GC_GRACE: Duration = Duration::from_secs(10 * 24 * 3600);
+
+/// The shortest grace period, in anti-entropy intervals.
+pub const GC_GRACE_OVER_ANTI_ENTROPY: u32 = 3;
+
+/// How often garbage collection looks at the next page of deleted
+/// documents.
+pub const GC_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Default of [`NodeConfig::min_free_bytes`]: 1 GiB, room for RocksDB to
 /// finish a compaction of a store of a few GiB.
@@ -173,6 +193,7 @@ impl NodeConfig {
             idle_connection_timeout: Duration::from_secs(60),
             sanctions_file: None,
             min_free_bytes: DEFAULT_MIN_FREE_BYTES,
+            gc_grace: Some(DEFAULT_GC_GRACE),
         }
     }
 
@@ -241,6 +262,17 @@ impl NodeConfig {
         }
         if self.max_concurrent_streams == 0 {
             return fail("max_concurrent_streams", "must be at least 1");
+        }
+        if self
+            .gc_grace
+            .is_some_and(|g| g < GC_GRACE_OVER_ANTI_ENTROPY * self.anti_entropy_interval)
+        {
+            return fail(
+                "gc_grace",
+                "must be at least three anti-entropy intervals: a running node's last contact \
+                 with the cluster is up to one interval old, and a restart must not find it \
+                 older than the grace period",
+            );
         }
         if self.reconnect_min.is_zero() || self.reconnect_min > self.reconnect_max {
             return fail(

@@ -11,17 +11,17 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use causeway_engine::automerge::ChangeHash;
-use causeway_engine::replication::{Replicator, ReplicatorConfig, MAX_PENDING_FETCHES};
+use causeway_engine::replication::{Collection, Replicator, ReplicatorConfig, MAX_PENDING_FETCHES};
 use causeway_engine::{DocEvent, DocId, Engine, Origin};
 use libp2p::identity::Keypair;
 use libp2p::{Multiaddr, PeerId};
 use prometheus_client::registry::Registry;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
-use crate::config::{ConfigError, NodeConfig};
+use crate::config::{ConfigError, NodeConfig, GC_INTERVAL};
 use crate::membership::Membership;
 use crate::network::behaviour::{build_swarm, BuildError, Protocols};
 use crate::network::driver::{node_id, Command, Driver, Inputs, Parts};
@@ -87,6 +87,25 @@ pub enum NodeError {
     /// The networking task is gone (stopped, or failed with this reason).
     #[error("the node stopped: {0}")]
     Stopped(String),
+    /// The store holds documents but last reconciled with a member of the
+    /// cluster longer ago than the garbage collection grace period: its
+    /// peers may have collected documents deleted since, and this store
+    /// would bring them back (see `docs/operations.md`, "Garbage
+    /// collection").
+    #[error(
+        "stale_store: this store last reconciled with a member of the cluster {age_secs} s ago, \
+         longer than the garbage collection grace period (engine.gc_grace_secs = {grace_secs}); \
+         its peers may have collected documents deleted since, and this store would bring them \
+         back. Move its store (the `store` directory in the data directory) aside and start the \
+         node again with its identity: it rebuilds from its peers (docs/operations.md, \
+         \"Garbage collection\")"
+    )]
+    StaleStore {
+        /// Seconds since the last contact.
+        age_secs: u64,
+        /// The grace period, seconds.
+        grace_secs: u64,
+    },
 }
 
 /// A networked node. See [`Node::start`].
@@ -119,6 +138,7 @@ impl Node {
         config: NodeConfig,
     ) -> Result<NodeHandle, NodeError> {
         config.validate()?;
+        let collection = collection(&engine, &config)?;
         let peer_id = key.public().to_peer_id();
         if let Some(members) = &config.membership {
             members
@@ -144,6 +164,7 @@ impl Node {
         };
         let mut core_config =
             ReplicatorConfig::new(node, config.region.clone(), config.cluster.clone());
+        core_config.collection = collection;
         core_config.anti_entropy_interval = config.anti_entropy_interval;
         core_config.dissemination = config.dissemination;
         core_config.reconcile_fanout = config.reconcile_fanout;
@@ -209,6 +230,33 @@ impl Node {
             fetch_misses,
         })
     }
+}
+
+/// Garbage collection's settings for this node: on with a membership list
+/// and a grace period. Refuses a store that holds documents and has been out
+/// of contact with the cluster for longer than the grace period.
+fn collection(engine: &Engine, config: &NodeConfig) -> Result<Option<Collection>, NodeError> {
+    let Some(grace) = config.gc_grace.filter(|_| config.membership.is_some()) else {
+        return Ok(None);
+    };
+    let wall = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    if let Some(last) = engine.last_contact()? {
+        let age_secs = wall.as_secs().saturating_sub(last);
+        let holds_documents = !engine.list("", None, 1)?.ids.is_empty();
+        if age_secs > grace.as_secs() && holds_documents {
+            return Err(NodeError::StaleStore {
+                age_secs,
+                grace_secs: grace.as_secs(),
+            });
+        }
+    }
+    Ok(Some(Collection {
+        grace,
+        interval: GC_INTERVAL,
+        clock_origin: wall,
+    }))
 }
 
 impl NodeHandle {

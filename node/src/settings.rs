@@ -216,6 +216,9 @@ pub struct EngineSection {
     /// refused (507), MiB; 0 turns the check off (see
     /// `NodeConfig::min_free_bytes`).
     pub min_free_mib: Option<u64>,
+    /// Garbage collection's grace period, seconds; 0 turns collection off
+    /// (see `NodeConfig::gc_grace`).
+    pub gc_grace_secs: Option<u64>,
 }
 
 /// Everything `causeway node` needs.
@@ -340,6 +343,9 @@ impl FileSettings {
         if let Some(mib) = self.engine.min_free_mib {
             node.min_free_bytes = mib.saturating_mul(1 << 20);
         }
+        if let Some(secs) = self.engine.gc_grace_secs {
+            node.gc_grace = (secs > 0).then(|| Duration::from_secs(secs));
+        }
         node.validate()
             .map_err(|e| invalid(network_key(e.field), e.reason))?;
         let engine = engine(self.engine).map_err(|(k, r)| invalid(k, r))?;
@@ -458,6 +464,7 @@ fn network_key(field: &'static str) -> &'static str {
         "idle_connection_timeout" => "network.idle_connection_timeout_secs",
         "min_push_retry" => "network.min_push_retry_ms",
         "max_peer_messages_per_sec" => "network.max_peer_messages_per_sec",
+        "gc_grace" => "engine.gc_grace_secs",
         other => other,
     }
 }
@@ -709,6 +716,24 @@ mod tests {
         assert_eq!(threshold(""), Some(1 << 30));
         assert_eq!(threshold("[engine]\nmin_free_mib = 300"), Some(300 << 20));
         assert_eq!(threshold("[engine]\nmin_free_mib = 0"), Some(0));
+    }
+
+    #[test]
+    fn the_gc_grace_defaults_to_ten_days_zero_turns_it_off_and_it_must_span_three_rounds() {
+        let grace = |extra: &str| {
+            parse(&format!("data_dir = \"/a\"\n{extra}"))
+                .map(|s| s.node.gc_grace)
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(grace(""), Ok(Some(Duration::from_secs(864_000))));
+        assert_eq!(grace("[engine]\ngc_grace_secs = 0"), Ok(None));
+        assert_eq!(
+            grace("[engine]\ngc_grace_secs = 90"),
+            Ok(Some(Duration::from_secs(90)))
+        );
+        // Three anti-entropy rounds of 30 s are 90 s.
+        let err = grace("[engine]\ngc_grace_secs = 89").unwrap_err();
+        assert!(err.contains("engine.gc_grace_secs"), "{err}");
     }
 
     #[test]

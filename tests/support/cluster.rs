@@ -199,6 +199,32 @@ impl NodeProc {
         *self = fresh;
     }
 
+    /// Runs the node's command again (after it stopped) expecting it to
+    /// refuse to start within 30 s: returns what it wrote to stderr.
+    pub fn refused_start(&self) -> String {
+        let err = self.dir.join("refused.log");
+        let mut child = Command::new(&self.bin)
+            .args(&self.args)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&err).unwrap())
+            .spawn()
+            .expect("spawn causeway node");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{} started instead of refusing to", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert!(!status.success(), "{} exited 0", self.name);
+        std::fs::read_to_string(&err).unwrap()
+    }
+
     /// Stops the node with SIGTERM (a clean exit is required) and starts
     /// `bin` on the same data directory and settings, dialing `bootstrap`
     /// as well as its own bootstrap peers: an upgrade of one node.

@@ -55,6 +55,8 @@ pub struct NodeMetrics {
     reconciliations: Counter,
     silenced: Counter,
     stores_renewed: Counter,
+    documents_collected: Counter,
+    markers_forgotten: Counter,
     /// Members on the membership list (0 without one).
     pub members: Gauge,
     /// Changes of the membership file that could not be used (the node
@@ -161,6 +163,8 @@ impl NodeMetrics {
             reconciliations: Counter::default(),
             silenced: Counter::default(),
             stores_renewed: Counter::default(),
+            documents_collected: Counter::default(),
+            markers_forgotten: Counter::default(),
             disk_free_bytes: Gauge::default(),
             store_bytes: Gauge::default(),
             low_disk: Gauge::default(),
@@ -336,6 +340,17 @@ impl NodeMetrics {
             "Documents a peer was asked about because it had not confirmed this node's \
              writes to them for a round, or came back with them unconfirmed",
             m.confirmations.clone(),
+        );
+        r.register(
+            "documents_collected",
+            "Deleted documents collected: every member held the delete for the grace period, \
+             so their history was removed and a marker kept",
+            m.documents_collected.clone(),
+        );
+        r.register(
+            "gc_markers_forgotten",
+            "Markers of collected documents dropped a grace period after collection",
+            m.markers_forgotten.clone(),
         );
         r.register(
             "reconciliations_started",
@@ -566,6 +581,10 @@ impl NodeMetrics {
             .inc_by(stats.peers_silenced - self.last.peers_silenced);
         self.stores_renewed
             .inc_by(stats.peer_stores_renewed - self.last.peer_stores_renewed);
+        self.documents_collected
+            .inc_by(stats.documents_collected - self.last.documents_collected);
+        self.markers_forgotten
+            .inc_by(stats.markers_forgotten - self.last.markers_forgotten);
         self.reconciliations
             .inc_by(stats.reconciliations_started - self.last.reconciliations_started);
         for (kind, depth) in [

@@ -30,6 +30,26 @@ pub struct NetworkStatus {
     pub build_version: String,
     /// The protocol versions this build speaks, oldest and newest.
     pub protocol_versions: [u32; 2],
+    /// Garbage collection of deleted documents.
+    pub gc: GcStatus,
+}
+
+/// Garbage collection of deleted documents (see `docs/operations.md`,
+/// "Garbage collection").
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct GcStatus {
+    /// The grace period, seconds; `None`: collection is off (no
+    /// membership list, or `engine.gc_grace_secs = 0`).
+    pub grace_secs: Option<u64>,
+    /// Deleted documents collected since the node started.
+    pub documents_collected: u64,
+    /// Markers of collected documents dropped since the node started.
+    pub markers_forgotten: u64,
+    /// In the last complete pass over the store: deleted documents waiting
+    /// (for a member to report the delete, or for the grace period).
+    pub waiting: Option<u64>,
+    /// In the last complete pass: markers of collected documents.
+    pub markers: Option<u64>,
 }
 
 /// The store's disk, looked at every second.

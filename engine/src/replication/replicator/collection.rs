@@ -40,8 +40,9 @@ use super::*;
 /// where this one stopped.
 pub const COLLECTION_PAGE: usize = 1_000;
 
-/// The last contact is written at most this often (it is one small record,
-/// but written on every look otherwise).
+/// The last contact is written at most this often, or a tenth of the grace
+/// period if that is shorter (it is one small record, but written on every
+/// look otherwise).
 pub const CONTACT_RECORD_INTERVAL: Duration = Duration::from_secs(60);
 
 /// When deleted documents are collected (see the [module docs](self)).
@@ -123,7 +124,8 @@ impl Replicator {
         for tombstone in page {
             match tombstone.collected_at {
                 Some(at) => {
-                    if wall.saturating_sub(at) >= grace
+                    // Strictly more: times are whole seconds, rounded down.
+                    if wall.saturating_sub(at) > grace
                         && self.engine.forget_marker(&tombstone.doc, at)?
                     {
                         self.stats.markers_forgotten += 1;
@@ -141,7 +143,7 @@ impl Replicator {
                             .engine
                             .deleted_at(&tombstone.doc)?
                             .map(|t| if t == 0 { started } else { t })
-                            .is_some_and(|t| wall.saturating_sub(t) >= grace);
+                            .is_some_and(|t| wall.saturating_sub(t) > grace);
                     if !due {
                         self.collector.current.waiting += 1;
                         continue;
@@ -200,10 +202,11 @@ impl Replicator {
             return Ok(());
         };
         let wall = self.wall_secs(latest, collection);
+        let every = CONTACT_RECORD_INTERVAL.min(collection.grace / 10).as_secs();
         let due = self
             .collector
             .contact_written
-            .is_none_or(|at| wall.saturating_sub(at) >= CONTACT_RECORD_INTERVAL.as_secs());
+            .is_none_or(|at| wall.saturating_sub(at) >= every);
         if due {
             self.engine.record_contact(wall)?;
             self.collector.contact_written = Some(wall);

@@ -436,6 +436,11 @@ impl Replicator {
         self.progress.take_touched()
     }
 
+    /// The configuration in force.
+    pub fn config(&self) -> &ReplicatorConfig {
+        &self.config
+    }
+
     /// Counters so far.
     pub fn stats(&self) -> &Stats {
         &self.stats

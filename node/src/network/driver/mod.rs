@@ -62,7 +62,7 @@ use crate::network::rate::{Offer as RateOffer, Rates};
 use crate::network::regions::{region_lags, PeerLag, RegionWaiter};
 use crate::network::sanctions::{Sanction, Sanctions};
 use crate::network::status::{
-    Behind, CatchUpStatus, DiskStatus, DrainStatus, NetworkStatus, PeerState, PeerStatus,
+    Behind, CatchUpStatus, DiskStatus, DrainStatus, GcStatus, NetworkStatus, PeerState, PeerStatus,
 };
 use crate::NodeError;
 

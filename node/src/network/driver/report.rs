@@ -117,11 +117,25 @@ impl Driver {
             disk: self.disk.clone(),
             build_version: env!("CARGO_PKG_VERSION").to_string(),
             protocol_versions: [SUPPORTED_VERSIONS.min, SUPPORTED_VERSIONS.max],
+            gc: self.gc_status(),
             drain: self.core.drain().map(|d| DrainStatus {
                 done: d.done_at.is_some(),
                 peer: d.peer.map(|n| n.to_string()),
                 documents_left: d.documents_left,
             }),
+        }
+    }
+
+    /// Garbage collection's settings and counts.
+    fn gc_status(&self) -> GcStatus {
+        let stats = self.core.stats();
+        let pass = self.core.collection_pass();
+        GcStatus {
+            grace_secs: self.core.config().collection.map(|c| c.grace.as_secs()),
+            documents_collected: stats.documents_collected,
+            markers_forgotten: stats.markers_forgotten,
+            waiting: pass.map(|p| p.waiting),
+            markers: pass.map(|p| p.markers),
         }
     }
 
