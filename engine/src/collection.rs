@@ -44,6 +44,9 @@ pub struct Tombstone {
     /// When it was collected (seconds since the Unix epoch), if it was: then
     /// only its marker is left.
     pub collected_at: Option<u64>,
+    /// When it was deleted (see [`Engine::deleted_at`]), if its record
+    /// says (records written before this was kept do not).
+    pub deleted_at: Option<u64>,
 }
 
 impl Engine {
@@ -66,6 +69,7 @@ impl Engine {
                     out.push(Tombstone {
                         heads: meta.heads(),
                         collected_at: meta.collected_at,
+                        deleted_at: meta.deleted_at,
                         doc: id,
                     });
                 }
@@ -128,20 +132,14 @@ impl Engine {
     /// When `id` was deleted: the latest time (seconds since the Unix
     /// epoch) among its tombstone heads, as their authors' clocks had it
     /// (0 for a tombstone made without a time, or before 1970). `None` if
-    /// it is not deleted or is collected already.
+    /// it is not deleted or is collected already. Loads the document (for
+    /// records written before [`Tombstone::deleted_at`] was kept).
     pub fn deleted_at(&self, id: &DocId) -> Result<Option<u64>> {
         match self.with_existing(id, |state| {
-            if !state.meta.tombstone {
-                return Ok(None);
-            }
-            let times = state
-                .doc
-                .get_heads()
-                .iter()
-                .filter_map(|h| state.doc.get_change_meta_by_hash(h))
-                .map(|m| u64::try_from(m.timestamp).unwrap_or(0))
-                .max();
-            Ok(times)
+            Ok(state
+                .meta
+                .tombstone
+                .then(|| crate::lineage::deleted_at(&state.doc, &state.doc.get_heads())))
         }) {
             Err(Error::Deleted(_) | Error::NotFound(_)) => Ok(None),
             other => other,

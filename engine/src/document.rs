@@ -307,6 +307,9 @@ impl DocState {
             .iter()
             .any(|c| c.message().is_some_and(|m| m == lineage::TOMBSTONE_MESSAGE));
         meta.tombstone = any_tombstone && lineage::is_tombstoned(&self.doc, &heads);
+        meta.deleted_at = meta
+            .tombstone
+            .then(|| lineage::deleted_at(&self.doc, &heads));
         let new_bytes: u64 = new_changes.iter().map(|c| c.raw_bytes().len() as u64).sum();
         let compact = meta.log_len() + new_changes.len() as u64 >= policy.max_log_changes
             || meta.log_bytes + new_bytes >= policy.max_log_bytes;

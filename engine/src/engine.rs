@@ -301,6 +301,13 @@ impl Engine {
         self.inner.store.path()
     }
 
+    /// Compacts the whole store now, reclaiming the space of deleted
+    /// records (RocksDB does so in the background too, later): for
+    /// measurements, and after deleting or collecting many documents.
+    pub fn compact(&self) -> Result<()> {
+        self.inner.store.compact_all()
+    }
+
     /// The configuration in force.
     pub fn config(&self) -> &EngineConfig {
         &self.inner.config

@@ -3,7 +3,9 @@
 //! | column family | key | value |
 //! |---|---|---|
 //! | `node` | `format_version` | storage format, `u32` big-endian |
-//! | `doc_meta` | doc id | [`DocMeta`] as CBOR |
+//! | `node` | `store_id` | the store's id, a UUID string |
+//! | `node` | `last_contact` | when the store last heard from a member of its cluster, Unix seconds, `u64` big-endian |
+//! | `doc_meta` | doc id | [`DocMeta`] as CBOR (for a collected document, its marker) |
 //! | `change_log` | doc id, `0x00`, sequence `u64` big-endian | one Automerge change, raw bytes |
 //! | `snapshot` | doc id | `Automerge::save()` output |
 //! | `peer_sync` | peer id, `0x00`, doc id | durable part of the Automerge sync state with that peer (`sync::State::encode`) |
@@ -139,6 +141,13 @@ pub struct DocMeta {
     /// collecting node's clock). Absent from records that predate it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub collected_at: Option<u64>,
+    /// For a deleted document: the latest time among its tombstone heads
+    /// (seconds since the Unix epoch, by their authors' clocks; 0 for a
+    /// tombstone without a time), from which garbage collection counts
+    /// its grace period. Absent from records written before it, and for
+    /// live documents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deleted_at: Option<u64>,
 }
 
 impl DocMeta {
@@ -155,6 +164,7 @@ impl DocMeta {
             log_bytes: 0,
             snapshot_bytes: 0,
             collected_at: None,
+            deleted_at: None,
         }
     }
 

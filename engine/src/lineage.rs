@@ -77,6 +77,17 @@ pub fn is_tombstoned(doc: &Automerge, heads: &[ChangeHash]) -> bool {
         })
 }
 
+/// The latest time (seconds since the Unix epoch) among `heads`, as their
+/// authors' clocks had it; 0 if none has a time (or heads are missing).
+pub fn deleted_at(doc: &Automerge, heads: &[ChangeHash]) -> u64 {
+    heads
+        .iter()
+        .filter_map(|h| doc.get_change_meta_by_hash(h))
+        .map(|m| u64::try_from(m.timestamp).unwrap_or(0))
+        .max()
+        .unwrap_or(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -488,6 +488,17 @@ impl Store {
         Ok(None)
     }
 
+    /// Compacts every column family over its whole key range (flushing
+    /// memtables first): deleted records' space is reclaimed.
+    pub(crate) fn compact_all(&self) -> Result<()> {
+        self.check_alive()?;
+        for name in layout::COLUMN_FAMILIES {
+            self.db
+                .compact_range_cf(self.cf(name), None::<&[u8]>, None::<&[u8]>);
+        }
+        Ok(())
+    }
+
     /// Reads a record of [`layout::CF_NODE`].
     pub(crate) fn node_record(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
         self.check_alive()?;

@@ -732,7 +732,7 @@ mod tests {
             Ok(Some(Duration::from_secs(90)))
         );
         // Three anti-entropy rounds of 30 s are 90 s.
-        let err = grace("[engine]\ngc_grace_secs = 89").unwrap_err();
+        let err = grace("[engine]\ngc_grace_secs = 89").expect_err("below three rounds");
         assert!(err.contains("engine.gc_grace_secs"), "{err}");
     }
 

@@ -7,8 +7,8 @@ use anyhow::Result;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use causeway_lab::bench::{
-    all, backup as backup_bench, concurrent_editors, delta_path, durable_writes, ingest, join, lag,
-    many_docs_sync, memory, reconcile, replicate_trace, repo_clients, scale, steady_state,
+    all, backup as backup_bench, concurrent_editors, delta_path, durable_writes, gc, ingest, join,
+    lag, many_docs_sync, memory, reconcile, replicate_trace, repo_clients, scale, steady_state,
 };
 use causeway_lab::chaos;
 use causeway_node::client::{self, DocCommand, Target};
@@ -209,6 +209,9 @@ enum BenchCommand {
     /// Taking and restoring a backup of N documents against `cp -r` of the
     /// stopped store, and a restored node catching up.
     Backup(backup_bench::Args),
+    /// A store of N deleted documents before and after garbage collection,
+    /// against the store before the deletes.
+    Gc(gc::Args),
     /// Every scenario in turn; writes a markdown summary.
     All(all::Args),
 }
@@ -304,6 +307,7 @@ fn run(command: Command) -> Result<()> {
             runtime()?.block_on(concurrent_editors::run(&args))
         }
         Command::Bench(BenchCommand::Backup(args)) => runtime()?.block_on(backup_bench::run(&args)),
+        Command::Bench(BenchCommand::Gc(args)) => runtime()?.block_on(gc::run(&args)),
         Command::Bench(BenchCommand::All(args)) => all::run(&args),
     }
 }

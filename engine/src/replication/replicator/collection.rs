@@ -138,10 +138,14 @@ impl Replicator {
                     if !stable {
                         self.ask_members(now, &tombstone.doc, &tombstone.heads)?;
                     }
+                    let deleted_at = match tombstone.deleted_at {
+                        Some(t) => Some(t),
+                        // Only records written before the time was kept.
+                        None if stable => self.engine.deleted_at(&tombstone.doc)?,
+                        None => None,
+                    };
                     let due = stable
-                        && self
-                            .engine
-                            .deleted_at(&tombstone.doc)?
+                        && deleted_at
                             .map(|t| if t == 0 { started } else { t })
                             .is_some_and(|t| wall.saturating_sub(t) > grace);
                     if !due {

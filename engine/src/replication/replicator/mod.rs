@@ -302,8 +302,14 @@ impl Replicator {
     /// A core over `engine`, reading every document's digest for
     /// reconciliation.
     pub fn new(engine: Engine, config: ReplicatorConfig, now: Duration) -> Result<Replicator> {
+        let started = std::time::Instant::now();
         let mut items = ItemSet::new();
         engine.for_each_digest(|id, digest| items.insert(id, &digest))?;
+        tracing::info!(
+            documents = items.len(),
+            seconds = started.elapsed().as_secs_f64(),
+            "reconciliation item set loaded"
+        );
         let held_shares = HeldShares::new(
             config.max_held_changes_per_peer,
             config.max_held_bytes_per_peer,

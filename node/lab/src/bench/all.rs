@@ -15,7 +15,7 @@ use serde_json::Value;
 
 use super::summary;
 use super::{
-    backup, concurrent_editors, delta_path, durable_writes, ingest, join, lag, many_docs_sync,
+    backup, concurrent_editors, delta_path, durable_writes, gc, ingest, join, lag, many_docs_sync,
     memory, reconcile, replicate_trace, repo_clients, scale, steady_state,
 };
 
@@ -92,6 +92,7 @@ const SCENARIOS: &[(&str, &[&str], &[&str], Summary)] = &[
         &["--docs", "200", "--later-docs", "20"],
         backup::summary,
     ),
+    ("gc", &[], &["--docs", "500"], gc::summary),
     (
         "replicate-trace",
         &[],

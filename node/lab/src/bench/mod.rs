@@ -7,6 +7,7 @@ pub mod backup;
 pub mod concurrent_editors;
 pub mod delta_path;
 pub mod durable_writes;
+pub mod gc;
 pub mod ingest;
 pub mod join;
 pub mod lag;
