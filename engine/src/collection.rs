@@ -28,6 +28,7 @@
 use automerge::ChangeHash;
 use rocksdb::WriteBatch;
 
+use crate::cache::{lock_slot, DocCache, Slot};
 use crate::doc_id::DocId;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
@@ -86,8 +87,9 @@ impl Engine {
     /// dependencies (a held change may be a write made after the delete,
     /// waiting for history this would remove): deletes its history and the
     /// sync states saved with each of `peers`, and writes its marker
-    /// (collected at `at`, seconds since the Unix epoch), in one durable
-    /// WriteBatch. Returns whether it did.
+    /// (collected at `at`, seconds since the Unix epoch), in one
+    /// WriteBatch, durable as this handle's received changes are (see
+    /// `Engine::deferring`). Returns whether it did.
     pub fn collect(
         &self,
         id: &DocId,
@@ -95,38 +97,61 @@ impl Engine {
         at: u64,
         peers: &[String],
     ) -> Result<bool> {
-        let store = &self.inner.store;
-        self.with_doc(id, |state| {
-            let mut want = heads.to_vec();
-            want.sort_unstable();
-            let mut ours = state.meta.heads();
-            ours.sort_unstable();
-            if !state.stored || !state.meta.tombstone || ours != want || state.held_len() > 0 {
-                return Ok(false);
-            }
-            let mut batch = WriteBatch::default();
-            store.stage_history_delete(&mut batch, id);
-            for peer in peers {
-                batch.delete_cf(
-                    store.cf(layout::CF_PEER_SYNC),
-                    layout::peer_sync_key(peer, id),
-                );
-            }
-            let mut marker = DocMeta::empty();
-            marker.tombstone = true;
-            marker.set_heads(&want);
-            marker.change_count = state.meta.change_count;
-            marker.collected_at = Some(at);
-            batch.put_cf(
-                store.cf(layout::CF_DOC_META),
-                id.as_bytes(),
-                marker.encode(),
+        let inner = &self.inner;
+        inner.store.check_alive()?;
+        if inner.quarantine.get(id.as_str()).is_some() {
+            return Ok(false);
+        }
+        // Under the document's lock, but without loading its history: the
+        // stored record decides (a cached state mirrors it).
+        let slot = inner.cache.slot(id);
+        let mut guard = lock_slot(&slot);
+        let Some(meta) = inner.store.meta(id)? else {
+            return Ok(false);
+        };
+        let mut want = heads.to_vec();
+        want.sort_unstable();
+        let mut ours = meta.heads();
+        ours.sort_unstable();
+        let held =
+            inner.held.has(id) || matches!(&*guard, Slot::Loaded(state) if state.held_len() > 0);
+        if meta.collected_at.is_some() || !meta.tombstone || ours != want || held {
+            return Ok(false);
+        }
+        // Point deletes of the records the metadata names: a range delete
+        // per document would leave RocksDB a range tombstone per collected
+        // document, which every later read in the memtable walks until a
+        // flush.
+        let store = &inner.store;
+        let mut batch = WriteBatch::default();
+        batch.delete_cf(store.cf(layout::CF_SNAPSHOT), id.as_bytes());
+        for seq in meta.log_start..meta.next_seq {
+            batch.delete_cf(store.cf(layout::CF_CHANGE_LOG), layout::log_key(id, seq));
+        }
+        for peer in peers {
+            batch.delete_cf(
+                store.cf(layout::CF_PEER_SYNC),
+                layout::peer_sync_key(peer, id),
             );
-            store.write(batch, Wait::Durable)?;
-            *state = crate::document::DocState::new_empty(self.actor().clone());
-            state.collected = Some(want);
-            Ok(true)
-        })
+        }
+        let mut marker = DocMeta::empty();
+        marker.tombstone = true;
+        marker.set_heads(&want);
+        marker.change_count = meta.change_count;
+        marker.collected_at = Some(at);
+        batch.put_cf(
+            store.cf(layout::CF_DOC_META),
+            id.as_bytes(),
+            marker.encode(),
+        );
+        // Nothing derived from a collection leaves the node, and one lost
+        // in a crash is made again: a deferring handle's write is enough.
+        store.write(batch, self.wait())?;
+        // The next use loads the marker.
+        DocCache::invalidate(&mut guard);
+        drop(guard);
+        inner.cache.resize(id, 0);
+        Ok(true)
     }
 
     /// When `id` was deleted: the latest time (seconds since the Unix
@@ -168,7 +193,7 @@ impl Engine {
             }
             let mut batch = WriteBatch::default();
             batch.delete_cf(store.cf(layout::CF_DOC_META), id.as_bytes());
-            store.write(batch, Wait::Durable)?;
+            store.write(batch, self.wait())?;
             state.collected = None;
             Ok(true)
         })

@@ -294,12 +294,10 @@ impl Engine {
     /// not decode quarantines its document.
     pub fn for_each_digest(&self, mut f: impl FnMut(DocId, [u8; 32])) -> Result<()> {
         let quarantine = &self.inner.quarantine;
-        self.inner.store.for_each_meta(
+        self.inner.store.for_each_digest(
             |id, meta| {
-                if quarantine.get(id.as_str()).is_none() && meta.collected_at.is_none() {
-                    let mut digest = [0u8; 32];
-                    digest.copy_from_slice(&meta.digest);
-                    f(id, digest);
+                if !meta.collected && quarantine.get(id.as_str()).is_none() {
+                    f(id, meta.digest);
                 }
             },
             |e| {

@@ -222,6 +222,113 @@ impl DocMeta {
     }
 }
 
+/// What reconciliation needs of a [`DocMeta`] record: its digest, and
+/// whether it is a collection marker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetaDigest {
+    /// [`DocMeta::digest`].
+    pub digest: [u8; 32],
+    /// Whether [`DocMeta::collected_at`] is set.
+    pub collected: bool,
+}
+
+/// Reads the digest of an encoded [`DocMeta`] without decoding the rest:
+/// walking every document's record at open, a full decode costs several
+/// times the read. Checks what [`DocMeta::decode`] checks; `None` for
+/// anything it does not read (another encoding of the same record, or
+/// garbage), for the caller to decode in full.
+pub fn read_digest(bytes: &[u8]) -> Option<MetaDigest> {
+    let mut r = CborReader { bytes, at: 0 };
+    let entries = r.head(5)?;
+    let (mut version, mut digest, mut collected) = (None, None, false);
+    let (mut heads_ok, mut log_start, mut next_seq) = (false, 0, 0);
+    for _ in 0..entries {
+        let key_len = usize::try_from(r.head(3)?).ok()?;
+        let key = r.take(key_len)?;
+        match key {
+            b"v" => version = Some(r.head(0)?),
+            b"heads" => {
+                let len = usize::try_from(r.head(2)?).ok()?;
+                heads_ok = len.is_multiple_of(32);
+                r.take(len)?;
+            }
+            b"digest" => {
+                let len = usize::try_from(r.head(2)?).ok()?;
+                digest = Some(<[u8; 32]>::try_from(r.take(len)?).ok()?);
+            }
+            b"tombstone" => r.boolean()?,
+            b"log_start" => log_start = r.head(0)?,
+            b"next_seq" => next_seq = r.head(0)?,
+            b"collected_at" => {
+                r.head(0)?;
+                collected = true;
+            }
+            b"change_count" | b"log_bytes" | b"snapshot_bytes" | b"deleted_at" => {
+                r.head(0)?;
+            }
+            _ => return None,
+        }
+    }
+    let valid = version == Some(u64::from(DOC_META_VERSION))
+        && heads_ok
+        && log_start <= next_seq
+        && r.at == bytes.len();
+    valid.then_some(MetaDigest {
+        digest: digest?,
+        collected,
+    })
+}
+
+/// The few CBOR items a [`DocMeta`] record holds: definite-length maps,
+/// text and byte strings, unsigned integers and booleans.
+struct CborReader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> CborReader<'a> {
+    fn byte(&mut self) -> Option<u8> {
+        let b = *self.bytes.get(self.at)?;
+        self.at += 1;
+        Some(b)
+    }
+
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let end = self.at.checked_add(n)?;
+        let out = self.bytes.get(self.at..end)?;
+        self.at = end;
+        Some(out)
+    }
+
+    /// A head of major type `major`: its argument (a length, a count or
+    /// the value of an unsigned integer).
+    fn head(&mut self, major: u8) -> Option<u64> {
+        let b = self.byte()?;
+        if b >> 5 != major {
+            return None;
+        }
+        match b & 0x1f {
+            n @ 0..=23 => Some(u64::from(n)),
+            24 => self.byte().map(u64::from),
+            25 => self
+                .take(2)
+                .map(|s| u64::from(u16::from_be_bytes([s[0], s[1]]))),
+            26 => self
+                .take(4)
+                .map(|s| u64::from(u32::from_be_bytes([s[0], s[1], s[2], s[3]]))),
+            27 => self
+                .take(8)
+                .and_then(|s| <[u8; 8]>::try_from(s).ok())
+                .map(u64::from_be_bytes),
+            _ => None,
+        }
+    }
+
+    fn boolean(&mut self) -> Option<()> {
+        matches!(self.byte()?, 0xf4 | 0xf5).then_some(())
+    }
+}
+
 /// SHA-256 over the sorted heads. Two replicas with the same heads have the same
 /// digest; anti-entropy compares digests instead of head sets.
 pub fn heads_digest(heads: &[ChangeHash]) -> [u8; 32] {
@@ -320,6 +427,42 @@ mod tests {
         );
         let err = DocMeta::decode("d", b"\xff\x00garbage").expect_err("garbage");
         assert!(err.to_string().contains("doc_meta/d"), "{err}");
+    }
+
+    #[test]
+    fn the_digest_is_read_as_a_full_decode_reads_it() {
+        let mut metas = Vec::new();
+        let mut meta = DocMeta::empty();
+        metas.push(meta.clone());
+        meta.set_heads(&[ChangeHash([7; 32]), ChangeHash([1; 32])]);
+        meta.change_count = 300;
+        meta.next_seq = 70_000;
+        meta.log_start = 65_536;
+        meta.log_bytes = u64::from(u32::MAX) + 1;
+        meta.snapshot_bytes = 24;
+        metas.push(meta.clone());
+        meta.tombstone = true;
+        meta.deleted_at = Some(1_765_000_000);
+        metas.push(meta.clone());
+        meta.collected_at = Some(1_765_900_000);
+        metas.push(meta);
+        for meta in metas {
+            let bytes = meta.encode();
+            let read = read_digest(&bytes).expect("reads its own encoding");
+            assert_eq!(read.digest.to_vec(), meta.digest);
+            assert_eq!(read.collected, meta.collected_at.is_some());
+            // Every cut of the record is refused, never misread.
+            for cut in 0..bytes.len() {
+                assert_eq!(read_digest(&bytes[..cut]), None, "cut at {cut}");
+            }
+        }
+        let mut bad = DocMeta::empty();
+        bad.log_start = 2;
+        assert_eq!(read_digest(&bad.encode()), None);
+        bad = DocMeta::empty();
+        bad.v = 9;
+        assert_eq!(read_digest(&bad.encode()), None);
+        assert_eq!(read_digest(b"\xff\x00garbage"), None);
     }
 
     #[test]

@@ -8,7 +8,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use causeway_lab::bench::{
     all, backup as backup_bench, concurrent_editors, delta_path, durable_writes, gc, ingest, join,
-    lag, many_docs_sync, memory, reconcile, replicate_trace, repo_clients, scale, steady_state,
+    lag, many_docs_sync, memory, open, reconcile, replicate_trace, repo_clients, scale,
+    steady_state,
 };
 use causeway_lab::chaos;
 use causeway_node::client::{self, DocCommand, Target};
@@ -212,6 +213,9 @@ enum BenchCommand {
     /// A store of N deleted documents before and after garbage collection,
     /// against the store before the deletes.
     Gc(gc::Args),
+    /// Opening a store of N documents as a node does (engine, item set),
+    /// against a raw RocksDB scan of the same records.
+    Open(open::Args),
     /// Every scenario in turn; writes a markdown summary.
     All(all::Args),
 }
@@ -308,6 +312,7 @@ fn run(command: Command) -> Result<()> {
         }
         Command::Bench(BenchCommand::Backup(args)) => runtime()?.block_on(backup_bench::run(&args)),
         Command::Bench(BenchCommand::Gc(args)) => runtime()?.block_on(gc::run(&args)),
+        Command::Bench(BenchCommand::Open(args)) => runtime()?.block_on(open::run(&args)),
         Command::Bench(BenchCommand::All(args)) => all::run(&args),
     }
 }

@@ -126,7 +126,7 @@ impl Replicator {
                 Some(at) => {
                     // Strictly more: times are whole seconds, rounded down.
                     if wall.saturating_sub(at) > grace
-                        && self.engine.forget_marker(&tombstone.doc, at)?
+                        && self.writer.forget_marker(&tombstone.doc, at)?
                     {
                         self.stats.markers_forgotten += 1;
                     } else {
@@ -157,7 +157,7 @@ impl Replicator {
                     }
                     let peers = peers.as_deref().unwrap_or_default();
                     if self
-                        .engine
+                        .writer
                         .collect(&tombstone.doc, &tombstone.heads, wall, peers)?
                     {
                         self.items.remove(&tombstone.doc);

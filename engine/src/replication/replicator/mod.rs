@@ -442,6 +442,11 @@ impl Replicator {
         self.progress.take_touched()
     }
 
+    /// Documents in the reconciliation item set.
+    pub fn item_count(&self) -> usize {
+        self.items.len()
+    }
+
     /// The configuration in force.
     pub fn config(&self) -> &ReplicatorConfig {
         &self.config

@@ -16,7 +16,7 @@ use serde_json::Value;
 use super::summary;
 use super::{
     backup, concurrent_editors, delta_path, durable_writes, gc, ingest, join, lag, many_docs_sync,
-    memory, reconcile, replicate_trace, repo_clients, scale, steady_state,
+    memory, open, reconcile, replicate_trace, repo_clients, scale, steady_state,
 };
 
 /// Arguments of `causeway bench all`.
@@ -93,6 +93,12 @@ const SCENARIOS: &[(&str, &[&str], &[&str], Summary)] = &[
         backup::summary,
     ),
     ("gc", &[], &["--docs", "500"], gc::summary),
+    (
+        "open",
+        &[],
+        &["--docs", "2000", "--repeat", "1"],
+        open::summary,
+    ),
     (
         "replicate-trace",
         &[],

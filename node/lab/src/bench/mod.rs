@@ -14,6 +14,7 @@ pub mod lag;
 pub mod many_docs_sync;
 pub mod memory;
 pub mod node_process;
+pub mod open;
 pub mod peers;
 pub mod proxy;
 pub mod reconcile;

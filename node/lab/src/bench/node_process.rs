@@ -65,8 +65,11 @@ impl NodeProcess {
             cmd.args(["--bootstrap", b]);
         }
         let log = std::fs::File::create(dir.join("node.log"))?;
+        // `warn` unless CAUSEWAY_BENCH_NODE_LOG names a level (to look into
+        // a run: `info` logs each step of a node's start).
+        let level = std::env::var("CAUSEWAY_BENCH_NODE_LOG").unwrap_or_else(|_| "warn".into());
         let mut child = cmd
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", level)
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()?;
