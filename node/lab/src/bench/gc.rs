@@ -179,36 +179,35 @@ fn dir_size(dir: &Path) -> Result<u64> {
 }
 
 /// This scenario's rows in the `causeway bench all` summary, from its JSON
-/// results.
+/// results: the store at each stage against the store before the deletes,
+/// and with the last stage, the collection's pace.
 pub fn summary(results: &[Value]) -> Vec<Row> {
-    let stage = |name: &str| results.iter().find(|r| r["stage"] == name);
-    let (Some(deleted), Some(collected), Some(forgotten)) = (
-        stage("all deleted"),
-        stage("collected (markers kept)"),
-        stage("markers dropped"),
-    ) else {
-        return Vec::new();
-    };
-    let size = |r: &Value| f(r, "store_bytes") / (1 << 20) as f64;
-    let docs = thousands(f(deleted, "docs"));
-    vec![
-        Row::new(
-            format!("store of {docs} deleted documents, garbage collected (markers kept)"),
-            format!("{:.2} MiB", size(collected)),
-            format!("before collection {:.2} MiB", size(deleted)),
-            format!("{:.3}x", size(collected) / size(deleted)),
-        ),
-        Row::new(
-            "the same, markers dropped a grace period later".to_string(),
-            format!("{:.2} MiB", size(forgotten)),
-            format!("before collection {:.2} MiB", size(deleted)),
-            format!("{:.3}x", size(forgotten) / size(deleted)),
-        ),
-        Row::new(
-            format!("garbage collection of {docs} deleted documents"),
-            format!("{:.0} documents/s", f(deleted, "collect_docs_per_s")),
+    let size = |r: &Value, key: &str| f(r, key) / (1 << 20) as f64;
+    let mut rows: Vec<Row> = results
+        .iter()
+        .map(|r| {
+            Row::new(
+                format!(
+                    "gc: store of {} documents, {}",
+                    thousands(f(r, "docs")),
+                    r["stage"].as_str().unwrap_or("?")
+                ),
+                format!("{:.2} MiB", size(r, "store_bytes")),
+                format!("before the deletes {:.2} MiB", size(r, "written_bytes")),
+                format!("{:.3}x", f(r, "store_bytes") / f(r, "written_bytes")),
+            )
+        })
+        .collect();
+    if let Some(r) = results.last() {
+        rows.push(Row::new(
+            format!(
+                "gc: collecting {} deleted documents",
+                thousands(f(r, "docs"))
+            ),
+            format!("{:.0} documents/s", f(r, "collect_docs_per_s")),
             "—".into(),
             "—".into(),
-        ),
-    ]
+        ));
+    }
+    rows
 }
