@@ -9,27 +9,16 @@
 mod support;
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use serde_json::json;
-use support::cluster::{causeway_bin, cluster_key, wait_until, NodeProc, Options};
+use support::cluster::{cluster_key, identity, wait_until, NodeProc, Options};
 
 /// Grace period of the test nodes: above three anti-entropy intervals
 /// (3 s each in the test timers), the shortest a node accepts.
 const GRACE_SECS: u64 = 10;
 const KEPT: usize = 10;
 const DELETED: usize = 40;
-
-fn identity(root: &Path, name: &str) -> String {
-    let out = Command::new(causeway_bin())
-        .args(["identity", "--data-dir"])
-        .arg(root.join(name))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
 
 fn node(root: &Path, name: &str, bootstrap: &[String], key: &Path, list: &Path) -> NodeProc {
     let tables = format!("[engine]\ngc_grace_secs = {GRACE_SECS}\n");

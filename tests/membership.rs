@@ -17,21 +17,9 @@ use causeway_engine::replication::wire::{Announce, Hello, Message, PROTOCOL_VERS
 use libp2p::identity::Keypair;
 use rogue::Rogue;
 use serde_json::{json, Value};
-use support::cluster::{causeway_bin, cluster_key, wait_until, NodeProc, Options};
+use support::cluster::{causeway_bin, cluster_key, identity, wait_until, NodeProc, Options};
 
 const CONVERGE: Duration = Duration::from_secs(60);
-
-/// The peer id of the node whose data will be in `root/name` (its identity
-/// is created now, as an operator does before the first start).
-fn identity(root: &Path, name: &str) -> String {
-    let out = Command::new(causeway_bin())
-        .args(["identity", "--data-dir"])
-        .arg(root.join(name))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
 
 /// Writes the list atomically (a new file renamed over the old one).
 fn write_list(path: &Path, members: &[(&str, &str)]) {

@@ -341,9 +341,9 @@ fn a_member_that_has_not_got_the_delete_holds_collection_back() {
     }
 }
 
-#[test]
-fn a_write_made_after_the_delete_reaches_a_node_that_collected_it() {
-    // Only a collects; b keeps the tombstone and writes after it.
+/// Two nodes where only a collects: b writes a document and deletes it,
+/// and a has collected it once the grace period passed.
+fn collected_by_a_alone() -> Mesh {
     let mut mesh = Mesh::new(&["a", "b"], &["a"]);
     for n in ["a", "b"] {
         mesh.connect(n);
@@ -352,6 +352,13 @@ fn a_write_made_after_the_delete_reaches_a_node_that_collected_it() {
     mesh.delete("b", "doc");
     mesh.run_until(GRACE + Duration::from_secs(30));
     assert_eq!(mesh.collected("a"), 1);
+    mesh
+}
+
+#[test]
+fn a_write_made_after_the_delete_reaches_a_node_that_collected_it() {
+    // b keeps the tombstone and writes after it.
+    let mut mesh = collected_by_a_alone();
     let (a, b) = (mesh.engine("a"), mesh.engine("b"));
     // b still holds the history and reconciles it with a, which answers
     // that it holds the tombstone: nothing is sent back.
@@ -371,15 +378,7 @@ fn a_write_made_after_the_delete_reaches_a_node_that_collected_it() {
 
 #[test]
 fn a_write_on_the_node_that_collected_starts_the_document_afresh_and_converges() {
-    let mut mesh = Mesh::new(&["a", "b"], &["a"]);
-    for n in ["a", "b"] {
-        mesh.connect(n);
-    }
-    mesh.commit("b", "doc", json!({"old": true}));
-    mesh.delete("b", "doc");
-    mesh.run_until(GRACE + Duration::from_secs(30));
-    assert_eq!(mesh.collected("a"), 1);
-
+    let mut mesh = collected_by_a_alone();
     mesh.commit("a", "doc", json!({"again": 2}));
     mesh.run_until(GRACE + Duration::from_secs(90));
     let (a, b) = (mesh.engine("a"), mesh.engine("b"));

@@ -544,6 +544,18 @@ pub fn three_with(root: &std::path::Path, tables: &str) -> (NodeProc, NodeProc, 
     (a, b, c)
 }
 
+/// The peer id of the node whose data will be in `root/name` (its identity
+/// is created now, as an operator does before the first start).
+pub fn identity(root: &Path, name: &str) -> String {
+    let out = Command::new(causeway_bin())
+        .args(["identity", "--data-dir"])
+        .arg(root.join(name))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
 /// A new cluster key in `root/cluster.key` (`causeway cluster init`).
 pub fn cluster_key(root: &Path) -> PathBuf {
     let path = root.join("cluster.key");
