@@ -16,7 +16,7 @@ use causeway_engine::SyncState;
 use causeway_node::automerge_repo::document_id;
 use causeway_node::automerge_repo::wire::{PeerMetadata, RepoMessage};
 use futures::{SinkExt, StreamExt};
-use support::cluster::{NodeProc, Options};
+use support::cluster::{create_token, NodeProc, Options};
 use tokio::net::TcpStream;
 use tokio::runtime::Runtime;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -365,6 +365,45 @@ fn tokens_in_the_query_string_decide_who_connects_and_who_writes() {
         send(&mut s, &join("w", Some(vec!["1"]))).await;
         assert!(matches!(next(&mut s).await, Some(RepoMessage::Peer { .. })));
     });
+}
+
+#[test]
+fn a_scoped_token_syncs_only_the_documents_it_covers() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("a");
+    std::fs::create_dir_all(&dir).unwrap();
+    // A token for one document (its id is the prefix) and one that reads
+    // everything.
+    let one = create_token(&dir, &[&format!("write:{}", id(7))], &[]);
+    let reader = create_token(&dir, &["read:*"], &[]);
+    let node = node_with(root.path(), "");
+    let rt = runtime();
+    rt.block_on(async {
+        assert_eq!(connect(&node, "").await.err(), Some(401));
+        let mut s = connect(&node, &format!("?token={one}")).await.unwrap();
+        send(&mut s, &join("c", Some(vec!["1"]))).await;
+        next(&mut s).await.unwrap();
+        // Outside the token: unavailable, as if it did not exist.
+        send(&mut s, &push("c", &id(8))).await;
+        assert!(matches!(
+            next(&mut s).await,
+            Some(RepoMessage::DocUnavailable { document, .. }) if document == id(8)
+        ));
+        // Inside: synced.
+        send(&mut s, &push("c", &id(7))).await;
+        assert!(matches!(
+            next(&mut s).await,
+            Some(RepoMessage::Sync { document, .. }) if document == id(7)
+        ));
+    });
+    let auth = format!("Bearer {reader}");
+    let metrics = node
+        .request("GET", "/metrics", &[("authorization", &auth)], b"")
+        .text();
+    assert!(
+        metrics.contains("causeway_automerge_repo_documents_refused 1\n"),
+        "{metrics}"
+    );
 }
 
 #[test]

@@ -201,6 +201,12 @@ impl SessionToken {
     /// Reads a token made by [`encode`](Self::encode) with `key`, checking
     /// its signature and limits.
     pub fn decode(s: &str, key: &TokenKey) -> Result<SessionToken, TokenError> {
+        SessionToken::decode_any(s, std::slice::from_ref(key))
+    }
+
+    /// Reads a token made with any of `keys`: while signing keys rotate,
+    /// tokens signed with the previous key stay good.
+    pub fn decode_any(s: &str, keys: &[TokenKey]) -> Result<SessionToken, TokenError> {
         if s.len() > MAX_TOKEN_CHARS {
             return Err(TokenError::TooLong { found: s.len() });
         }
@@ -214,7 +220,11 @@ impl SessionToken {
             return Err(TokenError::UnsupportedVersion(bytes[0]));
         }
         let (body, tag) = bytes.split_at(bytes.len() - TAG_BYTES);
-        if !constant_time_eq(&key.tag(body), tag) {
+        // Every key is tried, so the time taken does not tell which matched.
+        let matched = keys.iter().fold(false, |any, key| {
+            constant_time_eq(&key.tag(body), tag) | any
+        });
+        if !matched {
             return Err(TokenError::BadSignature);
         }
         let entries: Vec<Entry> = ciborium::from_reader(&body[1..])
@@ -297,6 +307,29 @@ mod tests {
         assert_eq!(back, token);
         assert_eq!(back.heads(&a).unwrap(), &[hash(1), hash(2), hash(4)]);
         assert_eq!(back.len(), 2);
+    }
+
+    #[test]
+    fn a_token_signed_with_a_retired_key_still_reads_during_rotation() {
+        let (old, new) = (TokenKey::from_secret(b"old"), TokenKey::from_secret(b"new"));
+        let doc = DocId::new("d").unwrap();
+        let issued = SessionToken::for_doc(&doc, &[hash(1)]).encode(&old);
+        let ring = [new.clone(), old.clone()];
+        assert_eq!(
+            SessionToken::decode_any(&issued, &ring)
+                .unwrap()
+                .heads(&doc),
+            Some(&[hash(1)][..])
+        );
+        // Once the old key is dropped, its tokens are refused.
+        assert_eq!(
+            SessionToken::decode_any(&issued, &ring[..1]),
+            Err(TokenError::BadSignature)
+        );
+        assert_eq!(
+            SessionToken::decode_any(&issued, &[]),
+            Err(TokenError::BadSignature)
+        );
     }
 
     #[test]

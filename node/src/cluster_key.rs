@@ -16,11 +16,13 @@
 
 use std::fs;
 use std::io::{Read, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use libp2p::pnet::PreSharedKey;
+
+use crate::guarded_file::{self, Refused};
 
 /// Bytes of a cluster key.
 pub const KEY_BYTES: usize = 32;
@@ -106,18 +108,17 @@ impl ClusterKey {
     /// Reads the key from `path`, which must not be readable by group or
     /// others.
     pub fn load(path: &Path) -> Result<ClusterKey, ClusterKeyError> {
-        let io = |source| ClusterKeyError::Io {
-            path: path.to_path_buf(),
-            source,
-        };
-        let mode = fs::metadata(path).map_err(io)?.permissions().mode() & 0o777;
-        if mode & 0o077 != 0 {
-            return Err(ClusterKeyError::Permissions {
-                path: path.to_path_buf(),
+        let path_buf = path.to_path_buf();
+        let text = guarded_file::read(path, guarded_file::OTHERS_ANY).map_err(|e| match e {
+            Refused::Io(source) => ClusterKeyError::Io {
+                path: path_buf,
+                source,
+            },
+            Refused::Mode(mode) => ClusterKeyError::Permissions {
+                path: path_buf,
                 mode,
-            });
-        }
-        let text = fs::read_to_string(path).map_err(io)?;
+            },
+        })?;
         PreSharedKey::from_str(&text)
             .map(ClusterKey)
             .map_err(|e| ClusterKeyError::Invalid {
@@ -147,6 +148,7 @@ impl ClusterKey {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn a_key_is_written_0600_read_back_and_never_overwritten(

@@ -7,6 +7,7 @@
 //! [`crate::NodeHandle::shutdown`]), closes connections and closes the store.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use causeway_engine::Engine;
@@ -14,6 +15,7 @@ use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{info, warn};
 
+use crate::access::Authenticator;
 use crate::cluster_key::ClusterKey;
 use crate::settings::{FileSettings, Overrides, Settings};
 use crate::{http, identity, Node};
@@ -96,6 +98,12 @@ pub async fn run(settings: Settings) -> Result<()> {
             settings.data_dir.display()
         )
     })?;
+    let auth = Authenticator::new(
+        settings.http.tokens_file.clone(),
+        &settings.http.read_tokens,
+        &settings.http.write_tokens,
+    )
+    .context("cannot start with this tokens file")?;
     let (key, created) = identity::load_or_create(&settings.data_dir)?;
     let peer_id = key.public().to_peer_id();
     if created {
@@ -158,13 +166,25 @@ pub async fn run(settings: Settings) -> Result<()> {
         engine.clone(),
         Some(node.clone()),
         &settings.http,
+        Arc::clone(&auth),
         closing.clone(),
     );
+    tokio::spawn(Arc::clone(&auth).watch(closing.clone()));
     let server = tokio::spawn({
         let config = settings.http.clone();
         async move { http::serve(listener, api, &config, closing).await }
     });
-    let reason = wait_for_stop(&node).await?;
+    match (auth.required(), auth.file()) {
+        (true, Some(file)) => info!(active = auth.active_tokens(), file = %file.display(),
+            "the HTTP API needs a bearer token; the tokens file is read again when it changes"),
+        (true, None) => info!("the HTTP API needs a bearer token (settings file tokens)"),
+        (false, _) if http_addr.ip().is_loopback() => info!(
+            "the HTTP API takes requests without a token (loopback only); `causeway token create` closes it"),
+        (false, _) => warn!(
+            "the HTTP API takes requests without a token from anyone who reaches it; \
+             `causeway token create` closes it"),
+    }
+    let reason = wait_for_stop(&node, &auth).await?;
     info!(%reason, "stopping: no new HTTP requests, watch streams end");
     let _ = closing_tx.send(true);
     server.await.context("the HTTP server task failed")??;
@@ -177,17 +197,29 @@ pub async fn run(settings: Settings) -> Result<()> {
 /// How often the daemon looks whether a drain is done.
 const DRAIN_POLL: std::time::Duration = std::time::Duration::from_millis(200);
 
-async fn wait_for_stop(node: &crate::NodeHandle) -> Result<String> {
+/// Waits for a reason to stop, reading the tokens file again on SIGHUP.
+async fn wait_for_stop(node: &crate::NodeHandle, auth: &Authenticator) -> Result<String> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    Ok(tokio::select! {
-        _ = term.recv() => "SIGTERM".to_string(),
-        _ = int.recv() => "SIGINT".to_string(),
-        Ok(()) = node.drained(DRAIN_POLL) => "drained: a peer holds everything this node held".to_string(),
-        result = node.stopped_with() => {
-            let reason = result.err().unwrap_or_else(|| "the networking task ended".into());
-            warn!(%reason, "the networking layer stopped");
-            reason
-        }
-    })
+    let mut hup = signal(SignalKind::hangup())?;
+    let drained = node.drained(DRAIN_POLL);
+    let stopped = node.stopped_with();
+    tokio::pin!(drained, stopped);
+    loop {
+        return Ok(tokio::select! {
+            _ = term.recv() => "SIGTERM".to_string(),
+            _ = int.recv() => "SIGINT".to_string(),
+            _ = hup.recv() => {
+                info!("SIGHUP: reading the tokens file again");
+                auth.reload_and_log();
+                continue;
+            }
+            Ok(()) = &mut drained => "drained: a peer holds everything this node held".to_string(),
+            result = &mut stopped => {
+                let reason = result.err().unwrap_or_else(|| "the networking task ended".into());
+                warn!(%reason, "the networking layer stopped");
+                reason
+            }
+        });
+    }
 }

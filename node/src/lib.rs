@@ -27,6 +27,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod access;
 pub mod automerge_repo;
 pub mod backup;
 pub mod client;
@@ -34,6 +35,7 @@ pub mod cluster_key;
 pub mod config;
 pub mod daemon;
 pub mod demo;
+mod guarded_file;
 pub mod http;
 pub mod identity;
 pub mod local_cluster;

@@ -28,16 +28,14 @@
 //! without restarts, and a removed member is disconnected at once.
 
 use std::collections::BTreeMap;
-use std::fs;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
 
 use causeway_engine::replication::ids::Region;
 use causeway_engine::replication::Members;
 use libp2p::PeerId;
 use serde::Deserialize;
 
+use crate::guarded_file::{self, stamp, Refused, Stamp};
 use crate::identity::node_id;
 
 /// Members one list may name, at most.
@@ -136,18 +134,17 @@ impl Membership {
 
     /// Reads the list from `path`, which only its owner may write.
     pub fn load(path: &Path) -> Result<Membership, MembershipError> {
-        let io = |source| MembershipError::Io {
-            path: path.to_path_buf(),
-            source,
-        };
-        let mode = fs::metadata(path).map_err(io)?.permissions().mode() & 0o777;
-        if mode & 0o022 != 0 {
-            return Err(MembershipError::Permissions {
-                path: path.to_path_buf(),
+        let path_buf = path.to_path_buf();
+        let text = guarded_file::read(path, guarded_file::OTHERS_WRITE).map_err(|e| match e {
+            Refused::Io(source) => MembershipError::Io {
+                path: path_buf,
+                source,
+            },
+            Refused::Mode(mode) => MembershipError::Permissions {
+                path: path_buf,
                 mode,
-            });
-        }
-        let text = fs::read_to_string(path).map_err(io)?;
+            },
+        })?;
         Membership::parse(&text, path)
     }
 
@@ -206,14 +203,6 @@ pub struct MembershipFile {
     stamp: Option<Stamp>,
 }
 
-/// What tells one version of the file from the next.
-type Stamp = (u64, SystemTime, u64);
-
-fn stamp(path: &Path) -> Option<Stamp> {
-    let m = fs::metadata(path).ok()?;
-    Some((m.ino(), m.modified().ok()?, m.len()))
-}
-
 impl MembershipFile {
     /// Reads the list at `path` and watches the file from then on.
     pub fn open(path: PathBuf) -> Result<(MembershipFile, Membership), MembershipError> {
@@ -249,8 +238,9 @@ impl MembershipFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 
     fn write(path: &Path, text: &str, mode: u32) -> std::io::Result<()> {
         let _ = fs::remove_file(path);

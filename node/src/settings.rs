@@ -17,7 +17,7 @@ use serde::Deserialize;
 use crate::automerge_repo::RepoConfig;
 use crate::cluster_key::ClusterKey;
 use crate::config::{NodeConfig, OPEN_LISTEN};
-use crate::http::HttpConfig;
+use crate::http::{HttpConfig, SessionKey, MAX_SESSION_KEYS};
 use crate::membership::Membership;
 
 /// Why settings could not be loaded. The node does not start.
@@ -156,9 +156,12 @@ pub struct NetworkSection {
 pub struct HttpSection {
     /// Address to listen on, such as `127.0.0.1:7780`.
     pub listen: Option<String>,
-    /// Read-only bearer tokens.
+    /// The tokens file (default `DATA_DIR/tokens.toml`; see `causeway
+    /// token`).
+    pub tokens_file: Option<PathBuf>,
+    /// Bearer tokens that read every document (prefer the tokens file).
     pub read_tokens: Option<Vec<String>>,
-    /// Read-write bearer tokens.
+    /// Bearer tokens that may use every route (prefer the tokens file).
     pub write_tokens: Option<Vec<String>>,
     /// Largest request body, bytes.
     pub body_limit_bytes: Option<usize>,
@@ -167,6 +170,9 @@ pub struct HttpSection {
     /// Secret session tokens are signed with (the same on every node of the
     /// cluster). Default: derived from the cluster id.
     pub session_secret: Option<String>,
+    /// Named session token keys, for rotation: the first signs, all are
+    /// accepted. Replaces `session_secret`.
+    pub session_keys: Option<Vec<SessionKeySection>>,
     /// Default wait of session reads and durable writes, milliseconds.
     pub session_wait_ms: Option<u64>,
     /// Longest wait a request may ask for, milliseconds.
@@ -185,6 +191,16 @@ pub struct HttpSection {
     pub body_timeout_ms: Option<u64>,
     /// Web origins whose pages may call the API.
     pub allowed_origins: Option<Vec<String>>,
+}
+
+/// One `[[http.session_keys]]` entry.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SessionKeySection {
+    /// The key's name.
+    pub id: String,
+    /// Its secret, at least 16 characters.
+    pub secret: String,
 }
 
 /// `[engine]` of the settings file.
@@ -312,11 +328,15 @@ impl FileSettings {
             .map_err(|e| invalid("region", e.to_string()))?;
         let cluster = ClusterId::new(self.cluster.unwrap_or_else(|| "causeway".into()))
             .map_err(|e| invalid("cluster", e.to_string()))?;
+        let tokens_file = self.http.tokens_file.clone();
         let mut http = http(self.http).map_err(|(k, r)| invalid(k, r))?;
+        http.tokens_file = Some(tokens_file.unwrap_or_else(|| data_dir.join(TOKENS_FILE)));
         http.automerge_repo =
             automerge_repo(self.automerge_repo).map_err(|(k, r)| invalid(k, r))?;
-        http.session_secret
-            .get_or_insert_with(|| format!("causeway-session/cluster/{cluster}"));
+        if http.session_keys.is_empty() {
+            http.session_secret
+                .get_or_insert_with(|| format!("causeway-session/cluster/{cluster}"));
+        }
         let cluster_key = match &self.cluster_key_file {
             Some(path) => Some(
                 ClusterKey::load(path).map_err(|e| invalid("cluster_key_file", e.to_string()))?,
@@ -469,6 +489,10 @@ fn network_key(field: &'static str) -> &'static str {
     }
 }
 
+/// The tokens file's name in the data directory, unless `http.tokens_file`
+/// names another.
+pub const TOKENS_FILE: &str = "tokens.toml";
+
 /// The most HTTP connections a node may be configured to hold open (each
 /// costs a file descriptor and a task).
 pub const MAX_CONNECTIONS_CEILING: usize = 65_536;
@@ -507,6 +531,44 @@ fn http(h: HttpSection) -> Result<HttpConfig, KeyError> {
         ));
     }
     c.session_secret = h.session_secret;
+    let keys = h.session_keys.unwrap_or_default();
+    if !keys.is_empty() && c.session_secret.is_some() {
+        return Err((
+            "http.session_keys",
+            "set either http.session_secret or http.session_keys, not both".into(),
+        ));
+    }
+    if keys.len() > MAX_SESSION_KEYS {
+        return Err((
+            "http.session_keys",
+            format!("at most {MAX_SESSION_KEYS} keys"),
+        ));
+    }
+    let mut ids = std::collections::BTreeSet::new();
+    for key in &keys {
+        if key.id.is_empty() || key.id.len() > 64 || !ids.insert(key.id.as_str()) {
+            return Err((
+                "http.session_keys",
+                format!("key id {:?}: ids are 1 to 64 characters and unique", key.id),
+            ));
+        }
+        if key.secret.len() < 16 {
+            return Err((
+                "http.session_keys",
+                format!(
+                    "key {:?}: the secret must be at least 16 characters",
+                    key.id
+                ),
+            ));
+        }
+    }
+    c.session_keys = keys
+        .into_iter()
+        .map(|k| SessionKey {
+            id: k.id,
+            secret: k.secret,
+        })
+        .collect();
     let ms = |v: Option<u64>, d: Duration| v.map_or(d, Duration::from_millis);
     c.session_wait = ms(h.session_wait_ms, c.session_wait);
     c.max_session_wait = ms(h.max_session_wait_ms, c.max_session_wait);
@@ -785,6 +847,48 @@ mod tests {
             (s.node.anti_entropy_interval, s.node.request_timeout),
             (lan.anti_entropy_interval, lan.request_timeout)
         );
+        Ok(())
+    }
+
+    #[test]
+    fn access_settings_resolve_and_are_checked() -> Result<(), Box<dyn std::error::Error>> {
+        let s = parse("data_dir = \"/a\"")?;
+        assert_eq!(s.http.tokens_file, Some(PathBuf::from("/a/tokens.toml")));
+        let s = parse("data_dir = \"/a\"\n[http]\ntokens_file = \"/etc/causeway/tokens.toml\"")?;
+        assert_eq!(
+            s.http.tokens_file,
+            Some(PathBuf::from("/etc/causeway/tokens.toml"))
+        );
+        let key = |id: &str, secret: &str| {
+            format!("[[http.session_keys]]\nid = \"{id}\"\nsecret = \"{secret}\"\n")
+        };
+        let good = "0123456789abcdef";
+        let s = parse(&format!(
+            "data_dir = \"/a\"\n{}{}",
+            key("new", good),
+            key("old", good)
+        ))?;
+        let ids: Vec<&str> = s.http.session_keys.iter().map(|k| k.id.as_str()).collect();
+        assert_eq!(ids, ["new", "old"]);
+        for (bad, reason) in [
+            (key("a", "short"), "at least 16"),
+            (format!("{}{}", key("a", good), key("a", good)), "unique"),
+            (key("", good), "unique"),
+            (
+                format!("[http]\nsession_secret = \"{good}\"\n{}", key("a", good)),
+                "not both",
+            ),
+        ] {
+            let text = format!("data_dir = \"/a\"\n{bad}");
+            let e = parse(&text)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(
+                e.contains("http.session_keys") && e.contains(reason),
+                "{text}: {e}"
+            );
+        }
         Ok(())
     }
 

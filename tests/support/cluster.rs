@@ -556,6 +556,30 @@ pub fn identity(root: &Path, name: &str) -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
+/// A token issued with `causeway token create` into the tokens file of
+/// the node whose data is in `dir`, with `grants` and further `args`.
+pub fn create_token(dir: &Path, grants: &[&str], args: &[&str]) -> String {
+    let mut command = Command::new(causeway_bin());
+    command.args(["token", "create", "--data-dir"]).arg(dir);
+    for g in grants {
+        command.args(["--grant", g]);
+    }
+    let out = command.args(args).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// Revokes token `id` of the node whose data is in `dir`.
+pub fn revoke_token(dir: &Path, id: &str) {
+    let out = Command::new(causeway_bin())
+        .args(["token", "revoke", "--data-dir"])
+        .arg(dir)
+        .arg(id)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+}
+
 /// A new cluster key in `root/cluster.key` (`causeway cluster init`).
 pub fn cluster_key(root: &Path) -> PathBuf {
     let path = root.join("cluster.key");

@@ -12,6 +12,7 @@ use causeway_lab::bench::{
     steady_state,
 };
 use causeway_lab::chaos;
+use causeway_node::access::{self, command::TokenCommand};
 use causeway_node::client::{self, DocCommand, Target};
 use causeway_node::cluster_key::ClusterKey;
 use causeway_node::{backup, daemon, demo, sim};
@@ -90,6 +91,10 @@ enum Command {
     /// Manage the cluster's shared secret.
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    /// Issue, list and revoke the bearer tokens of a node's HTTP API (its
+    /// tokens file; a running node reads it again within a second).
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// Read, write, list and watch documents through a node's HTTP API.
     Doc {
         #[command(flatten)]
@@ -261,6 +266,7 @@ fn run(command: Command) -> Result<()> {
             );
             Ok(())
         }
+        Command::Token(command) => access::command::run(&command),
         Command::Doc { target, command } => runtime()?.block_on(client::doc(&target, command)),
         Command::Status { target } => runtime()?.block_on(client::status(&target)),
         Command::Backup {

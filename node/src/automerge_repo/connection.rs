@@ -17,6 +17,8 @@ use tracing::{debug, warn};
 use super::document_id;
 use super::hub::{lock, Hub, Link};
 use super::wire::{PeerMetadata, RepoMessage, PROTOCOL_V1};
+use crate::access::grant::Level;
+use crate::access::Caller;
 use crate::network::ephemeral::{EphemeralRelay, MAX_EPHEMERAL_DATA_BYTES};
 
 /// How long a client has after connecting to send `join`.
@@ -33,15 +35,6 @@ pub const MISSING_DOCUMENT_GRACE: Duration = Duration::from_millis(250);
 /// of the cluster. automerge-repo's presence sends one per 15 s per
 /// document, plus one per local state change.
 pub const MAX_EPHEMERAL_PER_SEC: u32 = 100;
-
-/// Whether a connection may write.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    /// Its changes are applied.
-    ReadWrite,
-    /// It receives documents; messages carrying changes are dropped.
-    ReadOnly,
-}
 
 /// One document's sync with this client.
 struct DocSession {
@@ -63,7 +56,11 @@ enum Flow {
 struct Connection {
     hub: Arc<Hub>,
     socket: WebSocket,
-    mode: Mode,
+    /// Who connected: a document it may not read is unavailable to it, and
+    /// its messages carrying changes to a document it may not write are
+    /// dropped. Checked live: once its token stops working, the connection
+    /// closes.
+    caller: Caller,
     id: u64,
     link: Arc<Link>,
     /// The client's peer id.
@@ -107,7 +104,7 @@ impl WindowRate {
 pub async fn serve(
     hub: Arc<Hub>,
     mut socket: WebSocket,
-    mode: Mode,
+    caller: Caller,
     slot: OwnedSemaphorePermit,
     mut closing: watch::Receiver<bool>,
 ) {
@@ -122,7 +119,7 @@ pub async fn serve(
         let mut conn = Connection {
             hub: Arc::clone(&hub),
             socket,
-            mode,
+            caller,
             id,
             link,
             peer,
@@ -256,6 +253,9 @@ impl Connection {
     }
 
     async fn on_frame(&mut self, frame: &[u8]) -> Flow {
+        if let Err(e) = self.caller.require_valid() {
+            return self.fail(&e.to_string()).await;
+        }
         let message = match RepoMessage::decode(frame) {
             Ok(m) => m,
             Err(e) => return self.fail(&format!("malformed message: {e}")).await,
@@ -310,6 +310,14 @@ impl Connection {
                 .fetch_add(1, Ordering::Relaxed);
             return self.unavailable(document).await;
         };
+        if !self.caller.allows(Level::Read, &doc) {
+            // As if it did not exist: the caller learns nothing of it.
+            self.hub
+                .stats
+                .documents_refused
+                .fetch_add(1, Ordering::Relaxed);
+            return self.unavailable(document).await;
+        }
         let message = match SyncMessage::decode(data) {
             Ok(m) => m,
             Err(e) => {
@@ -335,7 +343,7 @@ impl Connection {
                 },
             );
         }
-        if self.mode == Mode::ReadOnly && !message.changes.is_empty() {
+        if !message.changes.is_empty() && !self.caller.allows(Level::Write, &doc) {
             self.hub
                 .stats
                 .read_only_refused
@@ -536,7 +544,13 @@ impl Connection {
     ) -> Flow {
         let within_rate = self.ephemeral_rate.admit(Instant::now());
         let doc = match document_id::parse(document) {
-            Ok(doc) if data.len() <= MAX_EPHEMERAL_DATA_BYTES && within_rate => doc,
+            Ok(doc)
+                if data.len() <= MAX_EPHEMERAL_DATA_BYTES
+                    && within_rate
+                    && self.caller.allows(Level::Read, &doc) =>
+            {
+                doc
+            }
             _ => {
                 self.hub
                     .stats

@@ -50,12 +50,13 @@ pub struct RepoStats {
     /// Sync messages whose changes the engine refused (the document's sync
     /// with that connection starts over).
     pub sync_refused: AtomicU64,
-    /// Change-carrying sync messages dropped on a read-only connection.
+    /// Change-carrying sync messages dropped because the connection's token
+    /// may not write the document.
     pub read_only_refused: AtomicU64,
     /// `doc-unavailable` answers sent.
     pub unavailable_sent: AtomicU64,
-    /// Documents refused at `max_documents_per_connection`, or with an id
-    /// that is not an automerge-repo document id.
+    /// Documents refused at `max_documents_per_connection`, with an id that
+    /// is not an automerge-repo document id, or that the token may not read.
     pub documents_refused: AtomicU64,
     /// Times peers were asked for a document a client wanted.
     pub fetches: AtomicU64,
@@ -118,7 +119,7 @@ impl RepoStats {
             ),
             (
                 "read_only_refused",
-                "automerge-repo change-carrying messages dropped on read-only connections",
+                "automerge-repo change-carrying messages dropped: the token may not write the document",
                 v(&self.read_only_refused),
             ),
             (
@@ -128,7 +129,7 @@ impl RepoStats {
             ),
             (
                 "documents_refused",
-                "automerge-repo documents refused (per-connection limit, invalid id)",
+                "automerge-repo documents refused (per-connection limit, invalid id, not readable by the token)",
                 v(&self.documents_refused),
             ),
             (

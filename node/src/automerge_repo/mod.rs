@@ -26,5 +26,5 @@ pub mod hub;
 pub mod wire;
 
 pub use self::config::RepoConfig;
-pub use self::connection::{serve, Mode};
+pub use self::connection::serve;
 pub use self::hub::{Hub, RepoStats};

@@ -1,95 +1,70 @@
-//! Optional bearer-token authentication.
+//! Bearer tokens on the HTTP API (see [`crate::access`]).
 //!
-//! With no tokens configured the API is open (bind it to a private
-//! address). Otherwise every route except `/health` and `/ready` needs
-//! `Authorization: Bearer <token>`; a read token may use GET routes only.
+//! The middleware [`check`] turns a request's `Authorization: Bearer`
+//! token into a [`Caller`] (401 if the node needs a token and the request
+//! has none that works) and hands it to the handler, which checks the
+//! caller's grants against the documents it touches (403 `forbidden`).
+//! `/health` and `/ready` need no token.
 
-use std::collections::BTreeSet;
-
-use axum::extract::{Request, State};
-use axum::http::{header, Method, StatusCode};
+use axum::extract::{FromRequestParts, Request, State};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::Next;
 use axum::response::Response;
 
 use super::error::ApiError;
 use super::AppState;
+use crate::access::{AuthError, Caller, Denied};
 
-/// What a token may do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Access {
-    /// GET routes.
-    Read,
-    /// Every route.
-    Write,
-}
-
-/// The configured tokens.
-#[derive(Debug, Default)]
-pub struct Tokens {
-    read: BTreeSet<String>,
-    write: BTreeSet<String>,
-}
-
-impl Tokens {
-    /// Tokens from configuration.
-    pub fn new(read: &[String], write: &[String]) -> Tokens {
-        Tokens {
-            read: read.iter().cloned().collect(),
-            write: write.iter().cloned().collect(),
-        }
-    }
-
-    /// Whether any token is configured (else the API is open).
-    pub fn enabled(&self) -> bool {
-        !self.read.is_empty() || !self.write.is_empty()
-    }
-
-    /// What `token` may do, if anything.
-    pub fn access(&self, token: &str) -> Option<Access> {
-        if self.write.contains(token) {
-            Some(Access::Write)
-        } else if self.read.contains(token) {
-            Some(Access::Read)
-        } else {
-            None
-        }
-    }
-}
-
-/// Middleware: refuses requests without a sufficient token.
-pub async fn check(
-    State(state): State<AppState>,
-    request: Request,
-    next: Next,
-) -> Result<Response, ApiError> {
-    if !state.tokens.enabled() {
-        return Ok(next.run(request).await);
-    }
-    let token = request
-        .headers()
+/// The bearer token of a request, if any.
+pub fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    let unauthorized =
-        |message: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message);
-    let access = match token {
-        None => {
-            return Err(unauthorized(
-                "this node requires an Authorization: Bearer token",
-            ))
-        }
-        Some(t) => state
-            .tokens
-            .access(t)
-            .ok_or_else(|| unauthorized("the bearer token is not valid"))?,
-    };
-    let reads = matches!(*request.method(), Method::GET | Method::HEAD);
-    if access == Access::Read && !reads {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            "this token may only read",
-        ));
-    }
+        .and_then(|v| v.strip_prefix("Bearer "))
+}
+
+/// Middleware: finds who made the request, refusing requests without a
+/// working token when the node requires one.
+pub async fn check(
+    State(state): State<AppState>,
+    mut request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let caller = state.auth.authenticate(bearer(request.headers()))?;
+    request.extensions_mut().insert(caller);
     Ok(next.run(request).await)
+}
+
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> ApiError {
+        let code = match e {
+            AuthError::Missing | AuthError::Unknown => "unauthorized",
+            AuthError::Expired(_) => "token_expired",
+            AuthError::Revoked(_) => "token_revoked",
+        };
+        ApiError::new(StatusCode::UNAUTHORIZED, code, e.to_string())
+    }
+}
+
+impl From<Denied> for ApiError {
+    fn from(e: Denied) -> ApiError {
+        match e {
+            Denied::Token(e) => e.into(),
+            Denied::Scope { .. } => {
+                ApiError::new(StatusCode::FORBIDDEN, "forbidden", e.to_string())
+            }
+        }
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Caller, ApiError> {
+        parts.extensions.get::<Caller>().cloned().ok_or_else(|| {
+            tracing::error!(path = %parts.uri.path(), "a route runs without the token check");
+            super::internal()
+        })
+    }
 }

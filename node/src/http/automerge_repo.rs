@@ -10,27 +10,29 @@ use axum::extract::rejection::QueryRejection;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{Query, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
-use super::auth::Access;
+use super::auth::bearer;
 use super::error::ApiError;
 use super::AppState;
-use crate::automerge_repo::{serve, Mode};
+use crate::access::Caller;
+use crate::automerge_repo::serve;
 
 /// The query string of the endpoint: browsers cannot set an
 /// `Authorization` header on a WebSocket, so the token may come here.
 #[derive(Debug, Deserialize)]
 pub struct EndpointQuery {
-    /// A read or write token.
+    /// A bearer token.
     token: Option<String>,
 }
 
 /// `GET <path>`: upgrades to a WebSocket and serves one automerge-repo
 /// client. With tokens configured, a token is needed (`?token=` or
-/// `Authorization: Bearer`): a write token syncs both ways, a read token
-/// only receives (its messages that carry changes are dropped).
+/// `Authorization: Bearer`). The connection then syncs the documents the
+/// token may read (others are unavailable to it) and applies changes to
+/// those it may write (other change-carrying messages are dropped).
 pub async fn upgrade(
     State(state): State<AppState>,
     query: Result<Query<EndpointQuery>, QueryRejection>,
@@ -40,8 +42,8 @@ pub async fn upgrade(
     let Some(hub) = state.repo.clone() else {
         return ApiError::new(StatusCode::NOT_FOUND, "no_route", "no such route").into_response();
     };
-    let mode = match access(&state, query.ok().and_then(|q| q.0.token), &headers) {
-        Ok(mode) => mode,
+    let caller = match caller(&state, query.ok().and_then(|q| q.0.token), &headers) {
+        Ok(caller) => caller,
         Err(e) => return e.into_response(),
     };
     let ws = match ws {
@@ -70,29 +72,19 @@ pub async fn upgrade(
     let closing = state.closing.clone();
     ws.max_message_size(max)
         .max_frame_size(max)
-        .on_upgrade(move |socket| serve(hub, socket, mode, slot, closing))
+        .on_upgrade(move |socket| serve(hub, socket, caller, slot, closing))
 }
 
-/// What the request's token allows on this endpoint.
-fn access(state: &AppState, token: Option<String>, headers: &HeaderMap) -> Result<Mode, ApiError> {
-    if !state.tokens.enabled() {
-        return Ok(Mode::ReadWrite);
-    }
-    let bearer = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::to_string);
-    let unauthorized =
-        |message: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message);
-    let Some(token) = token.or(bearer) else {
-        return Err(unauthorized(
-            "this node requires a token: ?token= or an Authorization: Bearer header",
-        ));
-    };
-    match state.tokens.access(&token) {
-        Some(Access::Write) => Ok(Mode::ReadWrite),
-        Some(Access::Read) => Ok(Mode::ReadOnly),
-        None => Err(unauthorized("the token is not valid")),
-    }
+/// Who connects: the token of the query string or the `Authorization`
+/// header.
+fn caller(
+    state: &AppState,
+    token: Option<String>,
+    headers: &HeaderMap,
+) -> Result<Caller, ApiError> {
+    let token = token.or_else(|| bearer(headers).map(str::to_string));
+    let caller = state.auth.authenticate(token.as_deref())?;
+    // Something to sync: the caller may read some document.
+    caller.readable_under("")?;
+    Ok(caller)
 }

@@ -19,6 +19,8 @@ use tokio::io::AsyncReadExt;
 
 use super::error::ApiError;
 use super::{blocking, AppState};
+use crate::access::grant::Level;
+use crate::access::Caller;
 use crate::backup::stream::{FileEntry, Header, STREAM_FORMAT};
 
 /// Prefix of the directory a backup's checkpoint is taken into, next to
@@ -54,7 +56,8 @@ const CHUNK_BYTES: usize = 256 << 10;
 pub const CONTENT_TYPE: &str = "application/x-causeway-backup";
 
 /// Takes a checkpoint and streams it.
-pub async fn backup(State(state): State<AppState>) -> Result<Response, ApiError> {
+pub async fn backup(State(state): State<AppState>, caller: Caller) -> Result<Response, ApiError> {
+    caller.require_everything(Level::Admin)?;
     let engine = state.engine.clone();
     let (holder, checkpoint) = blocking(move || {
         let parent = engine

@@ -19,6 +19,8 @@ use super::error::ApiError;
 use super::names::{doc_id, parse_heads};
 use super::session::{query, ReadQuery, ReadSession, WriteQuery, WriteSession};
 use super::{blocking, AppState};
+use crate::access::grant::Level;
+use crate::access::Caller;
 
 /// Changes one request may carry.
 pub const MAX_CHANGES_PER_REQUEST: usize = 10_000;
@@ -98,12 +100,14 @@ pub const MISSING_DEPS_HEADER: &str = "x-causeway-missing-deps";
 /// [`MISSING_DEPS_HEADER`].
 pub async fn since(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
     headers: HeaderMap,
     q: Result<Query<SinceQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let q = query(q)?;
     let id = doc_id(&id)?;
+    caller.require(Level::Read, &id)?;
     let since = parse_heads(&q.since)?;
     let session = ReadSession::parse(&state, &headers, &q.session)?;
     let ((changes, held), mut headers) = session
@@ -127,6 +131,7 @@ pub async fn since(
 /// whose dependencies are missing are held).
 pub async fn apply(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
     headers: HeaderMap,
     q: Result<Query<WriteQuery>, QueryRejection>,
@@ -134,6 +139,7 @@ pub async fn apply(
 ) -> Result<Response, ApiError> {
     let q = query(q)?;
     let id = doc_id(&id)?;
+    caller.require(Level::Write, &id)?;
     let session = WriteSession::parse(&state, &headers, &q)?;
     let bytes = body.map_err(|e| {
         ApiError::new(

@@ -4,11 +4,14 @@ use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use causeway_engine::DocId;
 use libp2p::PeerId;
 use serde_json::{json, Value};
 
 use super::error::ApiError;
 use super::AppState;
+use crate::access::grant::Level;
+use crate::access::Caller;
 
 /// `GET /health`: the process answers, with the API requests in progress
 /// (this probe takes no request slot).
@@ -75,7 +78,8 @@ pub const DRAIN_WAIT: std::time::Duration = std::time::Duration::from_secs(600);
 /// `POST /v1/drain`: stop taking writes and hand everything this node holds
 /// to a peer. Answers 200 with the drain's status once a peer holds it all
 /// (the daemon then stops), or 202 after [`DRAIN_WAIT`].
-pub async fn drain(State(state): State<AppState>) -> Result<Response, ApiError> {
+pub async fn drain(State(state): State<AppState>, caller: Caller) -> Result<Response, ApiError> {
+    caller.require_everything(Level::Admin)?;
     let Some(node) = &state.node else {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
@@ -106,7 +110,11 @@ pub async fn drain(State(state): State<AppState>) -> Result<Response, ApiError> 
 
 /// `GET /v1/status`: this node, its peers and how far behind each is, and
 /// the engine's figures.
-pub async fn status(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+pub async fn status(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<Value>, ApiError> {
+    caller.require_valid()?;
     let stats = state.engine.stats();
     let engine = json!({
         "store_id": state.engine.store_id(),
@@ -120,9 +128,11 @@ pub async fn status(State(state): State<AppState>) -> Result<Json<Value>, ApiErr
         "held_refused": stats.held_refused,
         "shape_refused": stats.shape_refused,
         "automerge_panics": stats.automerge_panics,
-        "quarantined": state.engine.quarantined().iter().map(|q| json!({
-            "doc": q.doc, "key": q.key, "reason": q.reason,
-        })).collect::<Vec<_>>(),
+        // Only documents the caller may read.
+        "quarantined": state.engine.quarantined().iter()
+            .filter(|q| DocId::new(&q.doc).is_ok_and(|d| caller.allows(Level::Read, &d)))
+            .map(|q| json!({"doc": q.doc, "key": q.key, "reason": q.reason}))
+            .collect::<Vec<_>>(),
         "subscriptions": stats.subscriptions,
     });
     let http: serde_json::Map<String, Value> = http_figures(&state)
@@ -140,16 +150,44 @@ pub async fn status(State(state): State<AppState>) -> Result<Json<Value>, ApiErr
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?,
         None => Value::Null,
     };
+    let keys = &state.session.keys.ids;
+    let access = json!({
+        "tokens_required": state.auth.required(),
+        "active_tokens": state.auth.active_tokens(),
+        "caller": caller.label(),
+        "session_keys": {"signing": keys.first(), "accepted": keys},
+    });
     Ok(Json(
-        json!({"node": network, "engine": engine, "http": http}),
+        json!({"node": network, "engine": engine, "http": http, "access": access}),
     ))
 }
 
 /// The HTTP layer's figures: name, help, value.
-fn http_figures(state: &AppState) -> [(&'static str, &'static str, u64); 6] {
+fn http_figures(state: &AppState) -> [(&'static str, &'static str, u64); 10] {
     use std::sync::atomic::Ordering::Relaxed;
     let c = &state.connections;
+    let auth = &state.auth.stats;
     [
+        (
+            "requests_unauthorized",
+            "HTTP requests refused for their token: missing, unknown, expired or revoked (401)",
+            auth.refused.load(Relaxed),
+        ),
+        (
+            "requests_forbidden",
+            "HTTP requests and stream messages refused because the token's grants do not cover them (403)",
+            auth.forbidden.load(Relaxed),
+        ),
+        (
+            "tokens_file_reloads",
+            "Times the tokens file was read again after a change",
+            auth.reloads.load(Relaxed),
+        ),
+        (
+            "tokens_file_reload_failures",
+            "Times reading the changed tokens file failed (the tokens in force stayed)",
+            auth.reload_failures.load(Relaxed),
+        ),
         (
             "connections",
             "HTTP connections open",
@@ -184,7 +222,8 @@ fn http_figures(state: &AppState) -> [(&'static str, &'static str, u64); 6] {
 }
 
 /// `GET /metrics`: Prometheus text format (this node's metrics and libp2p's).
-pub async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
+pub async fn metrics(State(state): State<AppState>, caller: Caller) -> Result<Response, ApiError> {
+    caller.require_valid()?;
     let mut text = String::new();
     if let Some(node) = &state.node {
         prometheus_client::encoding::text::encode(&mut text, node.registry()).map_err(|e| {
@@ -218,9 +257,11 @@ pub async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError
 /// directions, until unblocked. Not persisted across restarts.
 pub async fn block(
     State(state): State<AppState>,
+    caller: Caller,
     method: axum::http::Method,
     Path(peer): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
+    caller.require_everything(Level::Admin)?;
     let peer: PeerId = peer.parse().map_err(|e| {
         ApiError::bad_request("invalid_peer", format!("{peer:?} is not a peer id: {e}"))
     })?;

@@ -7,7 +7,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use causeway_engine::{Committed, DocId, Engine, MAX_LIST_LIMIT};
+use causeway_engine::{Committed, DocId, Engine, ListPage, MAX_LIST_LIMIT};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
@@ -15,6 +15,8 @@ use super::error::ApiError;
 use super::names::doc_id;
 use super::session::{query, ReadQuery, ReadSession, WriteQuery, WriteSession};
 use super::{blocking, AppState};
+use crate::access::grant::Level;
+use crate::access::Caller;
 
 /// Reads a JSON request body; malformed or oversized bodies get their own
 /// codes.
@@ -40,12 +42,14 @@ pub fn json_body(body: Result<Bytes, BytesRejection>) -> Result<Value, ApiError>
 /// what the token covers (see [`session`](super::session)).
 pub async fn read(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
     headers: HeaderMap,
     q: Result<Query<ReadQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let q = query(q)?;
     let id = doc_id(&id)?;
+    caller.require(Level::Read, &id)?;
     let session = ReadSession::parse(&state, &headers, &q)?;
     // Value and heads under one look at the document.
     let (value, headers) = session
@@ -60,12 +64,14 @@ pub async fn read(
 /// (creating it if needed).
 pub async fn replace(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
     headers: HeaderMap,
     q: Result<Query<WriteQuery>, QueryRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let write = Write {
+        caller,
         id,
         headers,
         q,
@@ -77,12 +83,14 @@ pub async fn replace(
 /// `PATCH /v1/docs/{id}`: apply a JSON merge patch (RFC 7386).
 pub async fn patch(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
     headers: HeaderMap,
     q: Result<Query<WriteQuery>, QueryRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let write = Write {
+        caller,
         id,
         headers,
         q,
@@ -97,11 +105,13 @@ pub async fn patch(
 /// `DELETE /v1/docs/{id}`: delete (a replicated tombstone).
 pub async fn delete(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
     headers: HeaderMap,
     q: Result<Query<WriteQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let write = Write {
+        caller,
         id,
         headers,
         q,
@@ -112,6 +122,7 @@ pub async fn delete(
 
 /// What a write request brought.
 struct Write {
+    caller: Caller,
     id: String,
     headers: HeaderMap,
     q: Result<Query<WriteQuery>, QueryRejection>,
@@ -128,6 +139,7 @@ async fn commit(
 ) -> Result<Response, ApiError> {
     let q = query(write.q)?;
     let id = doc_id(&write.id)?;
+    write.caller.require(Level::Write, &id)?;
     let value = write
         .body
         .map(json_body)
@@ -145,9 +157,11 @@ async fn commit(
 /// `not_quarantined` for a document whose data reads.
 pub async fn repair(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let id = doc_id(&id)?;
+    caller.require(Level::Admin, &id)?;
     let engine = state.engine.clone();
     let doc = id.clone();
     blocking(move || Ok(engine.repair(&doc)?)).await?;
@@ -166,9 +180,12 @@ pub struct ListQuery {
     pub limit: Option<usize>,
 }
 
-/// `GET /v1/docs?prefix=&after=&limit=`: live document ids in order.
+/// `GET /v1/docs?prefix=&after=&limit=`: live document ids in order,
+/// only those the caller may read (403 if it may read nothing under the
+/// prefix).
 pub async fn list(
     State(state): State<AppState>,
+    caller: Caller,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
@@ -180,10 +197,44 @@ pub async fn list(
         ));
     }
     let after = q.after.as_deref().map(doc_id).transpose()?;
+    causeway_engine::validate_prefix(&q.prefix)
+        .map_err(|e| ApiError::bad_request("invalid_doc_id", e.to_string()))?;
+    let ranges = caller.readable_under(&q.prefix)?;
     let engine = state.engine.clone();
-    let page = blocking(move || Ok(engine.list(&q.prefix, after.as_ref(), limit)?)).await?;
+    let page = blocking(move || Ok(list_ranges(&engine, &ranges, after, limit)?)).await?;
     let ids: Vec<&str> = page.ids.iter().map(DocId::as_str).collect();
     Ok(Json(
         json!({"ids": ids, "next": page.next.as_ref().map(DocId::as_str)}),
     ))
+}
+
+/// Lists live documents under any of `ranges` (disjoint prefixes in order)
+/// after `after`, at most `limit`: one page over several prefixes, as
+/// [`Engine::list`] gives one over a single prefix.
+fn list_ranges(
+    engine: &Engine,
+    ranges: &[String],
+    after: Option<DocId>,
+    limit: usize,
+) -> causeway_engine::Result<ListPage> {
+    let mut ids: Vec<DocId> = Vec::new();
+    let mut after = after;
+    for range in ranges {
+        if ids.len() == limit {
+            // Full: is there anything left at all?
+            if !engine.list(range, after.as_ref(), 1)?.ids.is_empty() {
+                let next = ids.last().cloned();
+                return Ok(ListPage { ids, next });
+            }
+            continue;
+        }
+        let page = engine.list(range, after.as_ref(), limit - ids.len())?;
+        ids.extend(page.ids);
+        if page.next.is_some() {
+            let next = ids.last().cloned();
+            return Ok(ListPage { ids, next });
+        }
+        after = ids.last().cloned().or(after);
+    }
+    Ok(ListPage { ids, next: None })
 }

@@ -9,7 +9,8 @@
 //!   write?".
 //! * [`cluster`]: status, `/metrics`, `/health`, `/ready`.
 //! * [`backup`]: a consistent copy of the store, streamed.
-//! * [`auth`]: optional bearer tokens, read-only or read-write.
+//! * [`auth`]: bearer tokens and what each route needs of their grants
+//!   (see [`crate::access`]).
 //! * [`admission`]: allowed origins, request slots, body deadline.
 //! * [`automerge_repo`]: the upgrade to the automerge-repo WebSocket
 //!   endpoint.
@@ -45,10 +46,10 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use self::admission::Admission;
-use self::auth::Tokens;
 use self::connections::ConnectionStats;
 use self::error::ApiError;
 use self::watch::ClientWatchers;
+use crate::access::Authenticator;
 use crate::NodeHandle;
 
 /// Settings of the HTTP API.
@@ -56,10 +57,15 @@ use crate::NodeHandle;
 pub struct HttpConfig {
     /// Address to listen on. Default `127.0.0.1:7780`.
     pub listen: SocketAddr,
-    /// Bearer tokens that may read. With no tokens at all (read or write),
-    /// the API is open.
+    /// The tokens file (see [`crate::access::token_file`]). Once it exists,
+    /// every request needs a token. `causeway node` uses
+    /// `DATA_DIR/tokens.toml`.
+    pub tokens_file: Option<std::path::PathBuf>,
+    /// Tokens of the settings file that may read every document (kept for
+    /// settings files written before the tokens file; prefer the tokens
+    /// file). With none of these and no tokens file, the API is open.
     pub read_tokens: Vec<String>,
-    /// Bearer tokens that may read and write.
+    /// Tokens of the settings file that may use every route (`admin:*`).
     pub write_tokens: Vec<String>,
     /// Largest request body, in bytes. Default 8 MiB.
     pub body_limit: usize,
@@ -68,8 +74,15 @@ pub struct HttpConfig {
     /// The secret session tokens are signed with; every node of a cluster
     /// needs the same. `None`: a key derived from a fixed string, which
     /// detects edited tokens but not forged ones (`causeway node` derives
-    /// it from the cluster id instead).
+    /// it from the cluster id instead). Ignored when `session_keys` has
+    /// keys.
     pub session_secret: Option<String>,
+    /// Session token keys with ids, for rotation: the first signs new
+    /// tokens, every one is accepted. Rotate by putting a new key first on
+    /// every node, then removing the old one once the tokens it signed no
+    /// longer matter (they cover heads, so an old token that fails only
+    /// costs a client its read-your-writes wait).
+    pub session_keys: Vec<SessionKey>,
     /// How long a read with a session token, or a write asking for other
     /// regions, waits when the request does not say. Default 5 s.
     pub session_wait: Duration,
@@ -107,11 +120,62 @@ pub struct HttpConfig {
     pub allowed_origins: Vec<String>,
 }
 
+/// A named session token key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionKey {
+    /// Its name, for operators (shown in `/v1/status`).
+    pub id: String,
+    /// The secret (at least 16 characters).
+    pub secret: String,
+}
+
+/// Most session token keys in force at once.
+pub const MAX_SESSION_KEYS: usize = 8;
+
+/// The session token keys in force.
+#[derive(Debug, Clone)]
+pub struct SessionKeys {
+    /// Signs new tokens.
+    pub signing: TokenKey,
+    /// Checks tokens: the signing key first, then older ones.
+    pub accepted: Vec<TokenKey>,
+    /// Their ids, in the same order.
+    pub ids: Vec<String>,
+}
+
+impl SessionKeys {
+    /// The keys `config` names.
+    pub fn of(config: &HttpConfig) -> SessionKeys {
+        let named: Vec<(String, &str)> = if config.session_keys.is_empty() {
+            let secret = config
+                .session_secret
+                .as_deref()
+                .unwrap_or(DEFAULT_SESSION_SECRET);
+            vec![("default".to_string(), secret)]
+        } else {
+            config
+                .session_keys
+                .iter()
+                .map(|k| (k.id.clone(), k.secret.as_str()))
+                .collect()
+        };
+        let accepted: Vec<TokenKey> = named
+            .iter()
+            .map(|(_, secret)| TokenKey::from_secret(secret.as_bytes()))
+            .collect();
+        SessionKeys {
+            signing: accepted[0].clone(),
+            accepted,
+            ids: named.into_iter().map(|(id, _)| id).collect(),
+        }
+    }
+}
+
 /// Session settings in force, shared by handlers.
 #[derive(Debug, Clone)]
 pub struct SessionLimits {
-    /// The key tokens are signed and checked with.
-    pub key: TokenKey,
+    /// The keys tokens are signed and checked with.
+    pub keys: SessionKeys,
     /// Default wait.
     pub default_wait: Duration,
     /// Longest wait.
@@ -122,11 +186,13 @@ impl Default for HttpConfig {
     fn default() -> Self {
         HttpConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 7780)),
+            tokens_file: None,
             read_tokens: Vec::new(),
             write_tokens: Vec::new(),
             body_limit: 8 << 20,
             max_watchers: 256,
             session_secret: None,
+            session_keys: Vec::new(),
             session_wait: Duration::from_secs(5),
             max_session_wait: Duration::from_secs(30),
             max_waiters: 256,
@@ -152,7 +218,7 @@ pub struct AppState {
     /// The networking layer, when the node runs one.
     pub node: Option<NodeHandle>,
     /// Who may do what.
-    pub tokens: Arc<Tokens>,
+    pub auth: Arc<Authenticator>,
     /// Free watch slots.
     pub watchers: Arc<Semaphore>,
     /// How many watch slots there are.
@@ -182,12 +248,14 @@ pub struct Api {
     pub connections: Arc<ConnectionStats>,
 }
 
-/// The API over `engine` (and `node`, for status and metrics). Watch
-/// streams end when `closing` turns true.
+/// The API over `engine` (and `node`, for status and metrics), checking
+/// tokens with `auth` (see [`Authenticator::new`]). Watch streams end when
+/// `closing` turns true.
 pub fn router(
     engine: Engine,
     node: Option<NodeHandle>,
     config: &HttpConfig,
+    auth: Arc<Authenticator>,
     closing: tokio::sync::watch::Receiver<bool>,
 ) -> Api {
     let connections = Arc::new(ConnectionStats::default());
@@ -199,17 +267,11 @@ pub fn router(
         repo,
         engine,
         node,
-        tokens: Arc::new(Tokens::new(&config.read_tokens, &config.write_tokens)),
+        auth,
         watchers: Arc::new(Semaphore::new(config.max_watchers)),
         max_watchers: config.max_watchers,
         session: SessionLimits {
-            key: TokenKey::from_secret(
-                config
-                    .session_secret
-                    .as_deref()
-                    .unwrap_or(DEFAULT_SESSION_SECRET)
-                    .as_bytes(),
-            ),
+            keys: SessionKeys::of(config),
             default_wait: config.session_wait.min(config.max_session_wait),
             max_wait: config.max_session_wait,
         },

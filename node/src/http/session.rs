@@ -33,6 +33,8 @@ use serde_json::{json, Map, Value};
 use super::error::ApiError;
 use super::names::{doc_id, heads_string, parse_heads};
 use super::{blocking, AppState};
+use crate::access::grant::Level;
+use crate::access::Caller;
 use crate::network::RegionNeed;
 
 /// Request and response header carrying a session token.
@@ -104,7 +106,7 @@ fn request_token(
     let Some(text) = header.or(param).filter(|t| !t.is_empty()) else {
         return Ok(None);
     };
-    SessionToken::decode(text, &state.session.key)
+    SessionToken::decode_any(text, &state.session.keys.accepted)
         .map(Some)
         .map_err(|e| ApiError::bad_request("invalid_session", e.to_string()))
 }
@@ -199,7 +201,7 @@ impl ReadSession {
             Ok((value, heads, token))
         })
         .await?;
-        let mut headers = session_headers(&heads, &token.encode(&state.session.key));
+        let mut headers = session_headers(&heads, &token.encode(&state.session.keys.signing));
         if is_stale {
             headers.insert(STALE_HEADER, HeaderValue::from_static("true"));
         }
@@ -274,7 +276,7 @@ impl WriteSession {
         let engine = state.engine.clone();
         let (token, d, h) = (self.token.clone(), doc.clone(), heads.clone());
         let carried = blocking(move || carry(&engine, token.as_ref(), &d, &h)).await?;
-        let encoded = carried.encode(&state.session.key);
+        let encoded = carried.encode(&state.session.keys.signing);
         body.insert("heads".into(), json!(heads_string(&heads)));
         body.insert("session".into(), json!(encoded));
         let mut status = StatusCode::OK;
@@ -430,12 +432,14 @@ pub struct WhereQuery {
 /// when.
 pub async fn where_is(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
     headers: HeaderMap,
     q: Result<Query<WhereQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let q = query(q)?;
     let doc = doc_id(&id)?;
+    caller.require(Level::Read, &doc)?;
     let token = request_token(&state, &headers, q.session.as_deref())?;
     let engine = state.engine.clone();
     let (d, explicit) = (

@@ -35,6 +35,8 @@ use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
 use super::error::ApiError;
 use super::names::{doc_id, heads_string};
 use super::AppState;
+use crate::access::grant::{self, Level};
+use crate::access::Caller;
 
 /// Events buffered per watcher between the engine and the HTTP stream.
 pub const WATCH_QUEUE: usize = 256;
@@ -107,26 +109,33 @@ pub struct PrefixQuery {
 }
 
 /// `GET /v1/watch?prefix=`: changes to every document under a prefix.
+/// Only documents the caller may read are shown (403 if it may read
+/// nothing under the prefix).
 pub async fn prefix(
     State(state): State<AppState>,
+    caller: Caller,
     ConnectInfo(client): ConnectInfo<SocketAddr>,
     query: Result<Query<PrefixQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
     validate_prefix(&q.prefix)
         .map_err(|e| ApiError::bad_request("invalid_doc_id", e.to_string()))?;
-    open(state, client.ip(), q.prefix, None)
+    caller.readable_under(&q.prefix)?;
+    open(state, caller, client.ip(), q.prefix, None)
 }
 
 /// `GET /v1/watch/{id}`: changes to one document.
 pub async fn document(
     State(state): State<AppState>,
+    caller: Caller,
     ConnectInfo(client): ConnectInfo<SocketAddr>,
     Path(id): Path<String>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let id = doc_id(&id)?;
+    caller.require(Level::Read, &id)?;
     open(
         state,
+        caller,
         client.ip(),
         id.as_str().to_string(),
         Some(id.as_str().to_string()),
@@ -135,6 +144,7 @@ pub async fn document(
 
 fn open(
     state: AppState,
+    caller: Caller,
     client: IpAddr,
     prefix: String,
     exact: Option<String>,
@@ -169,7 +179,7 @@ fn open(
     let engine = state.engine.clone();
     std::thread::Builder::new()
         .name("causeway-watch".into())
-        .spawn(move || forward(engine, subscription, exact, tx))
+        .spawn(move || forward(engine, caller, subscription, exact, tx))
         .map_err(|e| {
             ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -190,9 +200,12 @@ fn open(
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }
 
-/// Turns engine events into SSE events until the client goes away.
+/// Turns engine events into SSE events until the client goes away or its
+/// token stops working; events of documents the caller may not read are
+/// left out.
 fn forward(
     engine: Engine,
+    caller: Caller,
     subscription: Subscription,
     exact: Option<String>,
     tx: mpsc::Sender<Event>,
@@ -210,10 +223,18 @@ fn forward(
             }
         }
         let Some(e) = subscription.recv_timeout(Duration::from_millis(500)) else {
+            if caller.require_valid().is_err() {
+                return;
+            }
             continue;
         };
         if exact.as_deref().is_some_and(|id| id != e.doc.as_str()) {
             continue;
+        }
+        match caller.grants() {
+            Err(_) => return,
+            Ok(grants) if !grant::allows(&grants, Level::Read, &e.doc) => continue,
+            Ok(_) => {}
         }
         let value = if e.deleted {
             serde_json::Value::Null
