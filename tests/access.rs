@@ -257,16 +257,7 @@ fn session_keys_rotate_without_invalidating_outstanding_tokens() {
         format!("[[http.session_keys]]\nid = \"{id}\"\nsecret = \"secret-of-{id}-0123456789\"\n")
     };
     let (k1, k2) = (key("k1"), key("k2"));
-    let mut node = NodeProc::start_with(
-        root.path(),
-        "a",
-        "eu",
-        &[],
-        support::cluster::Options {
-            tables: &k1,
-            ..Default::default()
-        },
-    );
+    let mut node = NodeProc::start_with_tables(root.path(), "a", "eu", &k1);
     let with_keys = |node: &mut NodeProc, from: &str, to: &str| {
         let config = node.dir.join("node.toml");
         let text = std::fs::read_to_string(&config).unwrap();

@@ -2,10 +2,14 @@
 //! API. Prints JSON on stdout; errors carry the node's error code.
 
 use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use futures::StreamExt;
 use reqwest::{Client, Method, RequestBuilder, Response};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
 use serde_json::Value;
 
 /// Where the node is and how to authenticate.
@@ -22,6 +26,48 @@ pub struct Target {
     /// Bearer token, if the node requires one.
     #[arg(long, env = "CAUSEWAY_TOKEN", global = true, hide_env_values = true)]
     pub token: Option<String>,
+    /// PEM certificates to trust for an https:// URL (a node's self-signed
+    /// certificate or its CA). Default: the system's CA bundle.
+    #[arg(long, env = "CAUSEWAY_CA_CERT", global = true)]
+    pub ca_cert: Option<PathBuf>,
+}
+
+impl Target {
+    /// An HTTP client for this target.
+    pub fn client(&self) -> Result<Client> {
+        http_client(self.ca_cert.as_deref())
+    }
+}
+
+/// The system's CA bundle (Debian and its derivatives; `SSL_CERT_FILE`
+/// names another).
+pub const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// An HTTP client that speaks https:// with rustls, trusting the PEM
+/// certificates in `ca` (else the system's CA bundle, if there is one).
+pub fn http_client(ca: Option<&Path>) -> Result<Client> {
+    let bundle = match ca {
+        Some(path) => Some(path.to_path_buf()),
+        None => std::env::var_os("SSL_CERT_FILE")
+            .map(PathBuf::from)
+            .or_else(|| Some(PathBuf::from(SYSTEM_CA_BUNDLE)).filter(|p| p.exists())),
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    if let Some(path) = &bundle {
+        let certs = CertificateDer::pem_file_iter(path)
+            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+            .with_context(|| format!("cannot read certificates from {}", path.display()))?;
+        let (added, _) = roots.add_parsable_certificates(certs);
+        if added == 0 && ca.is_some() {
+            bail!("{} holds no certificate to trust", path.display());
+        }
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Client::builder().use_preconfigured_tls(tls).build()?)
 }
 
 /// `causeway doc` subcommands.
@@ -155,7 +201,7 @@ impl Target {
 
 /// Runs a `causeway doc` subcommand.
 pub async fn doc(target: &Target, command: DocCommand) -> Result<()> {
-    let client = Client::new();
+    let client = target.client()?;
     let path = |id: &str| format!("/v1/docs/{id}");
     match command {
         DocCommand::Get {
@@ -221,7 +267,7 @@ pub async fn doc(target: &Target, command: DocCommand) -> Result<()> {
 
 /// Runs `causeway status`.
 pub async fn status(target: &Target) -> Result<()> {
-    let client = Client::new();
+    let client = target.client()?;
     let resp = checked(
         target
             .request(&client, Method::GET, "/v1/status")
@@ -236,7 +282,7 @@ pub async fn status(target: &Target) -> Result<()> {
 /// which comes once a peer holds everything it held (then it exits), and
 /// prints the drain's status.
 pub async fn drain(target: &Target) -> Result<()> {
-    let client = Client::new();
+    let client = target.client()?;
     eprintln!("draining: the node takes no new writes and hands what it holds to a peer");
     let started = std::time::Instant::now();
     let resp = checked(

@@ -17,6 +17,7 @@ use tracing::{info, warn};
 
 use crate::access::Authenticator;
 use crate::cluster_key::ClusterKey;
+use crate::http::tls::CertStore;
 use crate::settings::{FileSettings, Overrides, Settings};
 use crate::{http, identity, Node};
 
@@ -104,6 +105,13 @@ pub async fn run(settings: Settings) -> Result<()> {
         &settings.http.write_tokens,
     )
     .context("cannot start with this tokens file")?;
+    let certs = match &settings.http.tls {
+        Some(files) => {
+            Some(CertStore::open(files.clone()).context("cannot start with this TLS certificate")?)
+        }
+        None => None,
+    };
+    let acceptor = certs.as_ref().map(CertStore::acceptor).transpose()?;
     let (key, created) = identity::load_or_create(&settings.data_dir)?;
     let peer_id = key.public().to_peer_id();
     if created {
@@ -157,7 +165,7 @@ pub async fn run(settings: Settings) -> Result<()> {
         "{}",
         serde_json::json!({
             "peer_id": peer_id.to_string(),
-            "http": format!("http://{http_addr}"),
+            "http": format!("{}://{http_addr}", if certs.is_some() { "https" } else { "http" }),
             "listen": addrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
         })
     );
@@ -166,13 +174,21 @@ pub async fn run(settings: Settings) -> Result<()> {
         engine.clone(),
         Some(node.clone()),
         &settings.http,
-        Arc::clone(&auth),
+        (Arc::clone(&auth), certs.clone()),
         closing.clone(),
     );
     tokio::spawn(Arc::clone(&auth).watch(closing.clone()));
+    if let Some(certs) = &certs {
+        info!(cert = %certs.files().cert.display(),
+            "the HTTP API serves TLS; the certificate is read again when it changes or on SIGHUP");
+        tokio::spawn(Arc::clone(certs).watch(closing.clone()));
+    } else if !http_addr.ip().is_loopback() {
+        warn!(%http_addr, "the HTTP API serves plain HTTP beyond loopback (http.insecure_plaintext): \
+            tokens and documents cross the network in cleartext");
+    }
     let server = tokio::spawn({
         let config = settings.http.clone();
-        async move { http::serve(listener, api, &config, closing).await }
+        async move { http::serve(listener, api, &config, acceptor, closing).await }
     });
     match (auth.required(), auth.file()) {
         (true, Some(file)) => info!(active = auth.active_tokens(), file = %file.display(),
@@ -184,7 +200,7 @@ pub async fn run(settings: Settings) -> Result<()> {
             "the HTTP API takes requests without a token from anyone who reaches it; \
              `causeway token create` closes it"),
     }
-    let reason = wait_for_stop(&node, &auth).await?;
+    let reason = wait_for_stop(&node, &auth, certs.as_deref()).await?;
     info!(%reason, "stopping: no new HTTP requests, watch streams end");
     let _ = closing_tx.send(true);
     server.await.context("the HTTP server task failed")??;
@@ -197,8 +213,13 @@ pub async fn run(settings: Settings) -> Result<()> {
 /// How often the daemon looks whether a drain is done.
 const DRAIN_POLL: std::time::Duration = std::time::Duration::from_millis(200);
 
-/// Waits for a reason to stop, reading the tokens file again on SIGHUP.
-async fn wait_for_stop(node: &crate::NodeHandle, auth: &Authenticator) -> Result<String> {
+/// Waits for a reason to stop, reading the tokens file and the TLS
+/// certificate again on SIGHUP.
+async fn wait_for_stop(
+    node: &crate::NodeHandle,
+    auth: &Authenticator,
+    certs: Option<&CertStore>,
+) -> Result<String> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
@@ -210,8 +231,11 @@ async fn wait_for_stop(node: &crate::NodeHandle, auth: &Authenticator) -> Result
             _ = term.recv() => "SIGTERM".to_string(),
             _ = int.recv() => "SIGINT".to_string(),
             _ = hup.recv() => {
-                info!("SIGHUP: reading the tokens file again");
+                info!("SIGHUP: reading the tokens file and TLS certificate again");
                 auth.reload_and_log();
+                if let Some(certs) = certs {
+                    certs.reload_and_log(true);
+                }
                 continue;
             }
             Ok(()) = &mut drained => "drained: a peer holds everything this node held".to_string(),

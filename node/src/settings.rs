@@ -17,6 +17,7 @@ use serde::Deserialize;
 use crate::automerge_repo::RepoConfig;
 use crate::cluster_key::ClusterKey;
 use crate::config::{NodeConfig, OPEN_LISTEN};
+use crate::http::tls::TlsFiles;
 use crate::http::{HttpConfig, SessionKey, MAX_SESSION_KEYS};
 use crate::membership::Membership;
 
@@ -156,6 +157,12 @@ pub struct NetworkSection {
 pub struct HttpSection {
     /// Address to listen on, such as `127.0.0.1:7780`.
     pub listen: Option<String>,
+    /// PEM certificate chain to serve TLS with (with `tls_key_file`).
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key of `tls_cert_file`.
+    pub tls_key_file: Option<PathBuf>,
+    /// Serve plain HTTP on an address beyond loopback.
+    pub insecure_plaintext: Option<bool>,
     /// The tokens file (default `DATA_DIR/tokens.toml`; see `causeway
     /// token`).
     pub tokens_file: Option<PathBuf>,
@@ -506,6 +513,28 @@ fn http(h: HttpSection) -> Result<HttpConfig, KeyError> {
                 format!("{listen:?} is not an address such as 127.0.0.1:7780: {e}"),
             )
         })?;
+    }
+    c.tls = match (h.tls_cert_file, h.tls_key_file) {
+        (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+        (None, None) => None,
+        _ => {
+            return Err((
+                "http.tls_cert_file",
+                "set both http.tls_cert_file and http.tls_key_file, or neither".into(),
+            ))
+        }
+    };
+    c.insecure_plaintext = h.insecure_plaintext.unwrap_or(false);
+    if c.tls.is_none() && !c.insecure_plaintext && !c.listen.ip().is_loopback() {
+        return Err((
+            "http.listen",
+            format!(
+                "{} is not a loopback address: serve TLS there (http.tls_cert_file and \
+                 http.tls_key_file), or set http.insecure_plaintext = true to send tokens and \
+                 documents in cleartext",
+                c.listen
+            ),
+        ));
     }
     c.read_tokens = h.read_tokens.unwrap_or_default();
     c.write_tokens = h.write_tokens.unwrap_or_default();
@@ -859,6 +888,22 @@ mod tests {
             s.http.tokens_file,
             Some(PathBuf::from("/etc/causeway/tokens.toml"))
         );
+        let open = "data_dir = \"/a\"\n[http]\nlisten = \"0.0.0.0:7780\"\n";
+        let e = parse(open).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(
+            e.contains("key http.listen") && e.contains("insecure_plaintext"),
+            "{e}"
+        );
+        assert!(parse(&format!("{open}insecure_plaintext = true")).is_ok());
+        let tls = parse(&format!(
+            "{open}tls_cert_file = \"/c.pem\"\ntls_key_file = \"/k.pem\""
+        ))?;
+        assert_eq!(
+            tls.http.tls.map(|t| (t.cert, t.key)),
+            Some((PathBuf::from("/c.pem"), PathBuf::from("/k.pem")))
+        );
+        let half = parse(&format!("{open}tls_cert_file = \"/c.pem\""));
+        assert!(half.is_err_and(|e| e.to_string().contains("http.tls_cert_file")));
         let key = |id: &str, secret: &str| {
             format!("[[http.session_keys]]\nid = \"{id}\"\nsecret = \"{secret}\"\n")
         };

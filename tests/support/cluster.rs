@@ -94,6 +94,15 @@ impl NodeProc {
         Self::start_with(root, name, region, bootstrap, Options::default())
     }
 
+    /// Like [`NodeProc::start`], with `tables` added to the settings file.
+    pub fn start_with_tables(root: &Path, name: &str, region: &str, tables: &str) -> NodeProc {
+        let options = Options {
+            tables,
+            ..Options::default()
+        };
+        Self::start_with(root, name, region, &[], options)
+    }
+
     /// Like [`NodeProc::start`], with `options`.
     pub fn start_with(
         root: &Path,
@@ -170,6 +179,7 @@ impl NodeProc {
                 .as_str()
                 .unwrap()
                 .trim_start_matches("http://")
+                .trim_start_matches("https://")
                 .to_string(),
             listen: info["listen"]
                 .as_array()
@@ -428,10 +438,22 @@ pub fn http(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> HttpResponse {
-    let mut stream = TcpStream::connect(addr).unwrap();
+    try_http(addr, method, path, headers, body).expect("a complete response head")
+}
+
+/// Like [`http`], but `None` if the server closes without a complete
+/// response head (or never accepts).
+pub fn try_http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Option<HttpResponse> {
+    let mut stream = TcpStream::connect(addr).ok()?;
     stream
         .set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
+        .ok()?;
     let mut head = format!(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
         body.len()
@@ -440,12 +462,13 @@ pub fn http(
         head.push_str(&format!("{k}: {v}\r\n"));
     }
     head.push_str("\r\n");
-    stream.write_all(head.as_bytes()).unwrap();
-    // The server may answer (413) and close before reading a large body.
+    let _ = stream.write_all(head.as_bytes());
     let _ = stream.write_all(body);
     let mut raw = Vec::new();
     let _ = stream.read_to_end(&mut raw);
-    parse_response(&raw)
+    raw.windows(4)
+        .any(|w| w == b"\r\n\r\n")
+        .then(|| parse_response(&raw))
 }
 
 fn parse_response(raw: &[u8]) -> HttpResponse {

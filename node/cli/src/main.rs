@@ -109,7 +109,7 @@ enum Command {
         target: Target,
     },
     /// Take a backup of a node into a new directory: through its HTTP API
-    /// while it runs (--url; needs a write token if the node has tokens),
+    /// while it runs (--url; needs an admin:* token if the node has tokens),
     /// or from its data directory while it is stopped (--data-dir; the
     /// node's identity, node.key, is included). The copy is verified
     /// before its manifest is written. Prints a JSON summary.
@@ -127,9 +127,12 @@ enum Command {
         /// A stopped node's data directory.
         #[arg(long)]
         data_dir: Option<PathBuf>,
-        /// Bearer token, if the node requires one.
+        /// Bearer token, if the node requires one (admin:*).
         #[arg(long, env = "CAUSEWAY_TOKEN", hide_env_values = true)]
         token: Option<String>,
+        /// PEM certificates to trust for an https:// URL.
+        #[arg(long, env = "CAUSEWAY_CA_CERT")]
+        ca_cert: Option<PathBuf>,
     },
     /// Restore a backup into a node's data directory, which must hold no
     /// store: checks every file against the manifest and every document,
@@ -274,10 +277,17 @@ fn run(command: Command) -> Result<()> {
             url,
             data_dir,
             token,
+            ca_cert,
         } => {
             let summary = match (url, data_dir) {
                 (Some(url), _) => {
-                    runtime()?.block_on(backup::take_from_node(&url, token.as_deref(), &to))?
+                    let client = client::http_client(ca_cert.as_deref())?;
+                    runtime()?.block_on(backup::take_from_node(
+                        &client,
+                        &url,
+                        token.as_deref(),
+                        &to,
+                    ))?
                 }
                 (None, Some(dir)) => backup::take_from_data_dir(&dir, &to)?,
                 (None, None) => anyhow::bail!("give --url or --data-dir"),

@@ -115,10 +115,14 @@ pub struct Summary {
 
 /// Takes a backup of the node at `url` (its HTTP API; `token` if it needs
 /// one) into `to`, which must be missing or empty.
-pub async fn take_from_node(url: &str, token: Option<&str>, to: &Path) -> Result<Summary> {
+pub async fn take_from_node(
+    client: &reqwest::Client,
+    url: &str,
+    token: Option<&str>,
+    to: &Path,
+) -> Result<Summary> {
     let started = Instant::now();
     check_target(to)?;
-    let client = reqwest::Client::new();
     let mut request = client.post(format!("{}/v1/backup", url.trim_end_matches('/')));
     if let Some(token) = token {
         request = request.bearer_auth(token);

@@ -163,11 +163,29 @@ pub async fn status(
 }
 
 /// The HTTP layer's figures: name, help, value.
-fn http_figures(state: &AppState) -> [(&'static str, &'static str, u64); 10] {
+fn http_figures(state: &AppState) -> [(&'static str, &'static str, u64); 13] {
     use std::sync::atomic::Ordering::Relaxed;
     let c = &state.connections;
     let auth = &state.auth.stats;
+    let certs = |pick: fn(&super::tls::CertStore) -> &std::sync::atomic::AtomicU64| {
+        state.certs.as_deref().map_or(0, |c| pick(c).load(Relaxed))
+    };
     [
+        (
+            "tls_certificate_reloads",
+            "Times a changed TLS certificate and key were loaded",
+            certs(|c| &c.reloads),
+        ),
+        (
+            "tls_certificate_reload_failures",
+            "Times a changed TLS certificate and key did not load (the pair in use stayed)",
+            certs(|c| &c.reload_failures),
+        ),
+        (
+            "tls_handshakes_failed",
+            "HTTP connections whose TLS handshake failed or took longer than http.idle_timeout_ms",
+            c.tls_failed.load(Relaxed),
+        ),
         (
             "requests_unauthorized",
             "HTTP requests refused for their token: missing, unknown, expired or revoked (401)",

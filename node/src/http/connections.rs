@@ -29,6 +29,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 use tracing::{debug, warn};
 
@@ -57,6 +58,8 @@ pub struct ConnectionStats {
     pub idle_closed: AtomicU64,
     /// Connections closed to make room at the connection limit.
     pub evicted: AtomicU64,
+    /// Connections whose TLS handshake failed or stalled.
+    pub tls_failed: AtomicU64,
 }
 
 /// One open connection.
@@ -182,6 +185,7 @@ pub async fn serve(
     listener: TcpListener,
     router: Router,
     config: &HttpConfig,
+    tls: Option<TlsAcceptor>,
     stats: Arc<ConnectionStats>,
     mut closing: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
@@ -211,8 +215,27 @@ pub async fn serve(
         let registry = Arc::clone(&registry);
         let router = router.clone();
         let closing = closing.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            serve_connection(stream, addr, router, &conn, idle_timeout, closing).await;
+            let _ = stream.set_nodelay(true);
+            match tls {
+                None => serve_connection(stream, addr, router, &conn, idle_timeout, closing).await,
+                // The handshake counts as idle time: a client that stalls in
+                // it is closed like one that stalls before its headers.
+                Some(tls) => match tokio::time::timeout(idle_timeout, tls.accept(stream)).await {
+                    Ok(Ok(stream)) => {
+                        serve_connection(stream, addr, router, &conn, idle_timeout, closing).await
+                    }
+                    Ok(Err(e)) => {
+                        registry.stats.tls_failed.fetch_add(1, Ordering::Relaxed);
+                        debug!(%addr, error = %e, "TLS handshake failed");
+                    }
+                    Err(_) => {
+                        registry.stats.tls_failed.fetch_add(1, Ordering::Relaxed);
+                        debug!(%addr, "TLS handshake took longer than the idle timeout");
+                    }
+                },
+            }
             registry.remove(id);
             drop(permit);
         });
@@ -268,15 +291,16 @@ pub(crate) async fn until_closing(closing: &mut watch::Receiver<bool>) {
     let _ = closing.wait_for(|c| *c).await;
 }
 
-async fn serve_connection(
-    stream: TcpStream,
+async fn serve_connection<S>(
+    stream: S,
     addr: SocketAddr,
     router: Router,
     conn: &Arc<Conn>,
     header_timeout: Duration,
     mut closing: watch::Receiver<bool>,
-) {
-    let _ = stream.set_nodelay(true);
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let tracked = Arc::clone(conn);
     let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
         let busy = Busy::new(&tracked);

@@ -15,6 +15,7 @@
 //! * [`automerge_repo`]: the upgrade to the automerge-repo WebSocket
 //!   endpoint.
 //! * [`connections`]: connection limits, idle timeout, graceful shutdown.
+//! * [`tls`]: TLS with rustls, certificates reloaded when they change.
 //! * [`names`]: document ids and heads as requests and answers write them.
 //! * [`error`]: every failure as a status and a JSON body with a stable code.
 //!
@@ -32,6 +33,7 @@ pub mod docs;
 pub mod error;
 pub mod names;
 pub mod session;
+pub mod tls;
 pub mod watch;
 
 use std::net::SocketAddr;
@@ -44,6 +46,7 @@ use axum::Router;
 use causeway_engine::{Engine, TokenKey};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
 
 use self::admission::Admission;
 use self::connections::ConnectionStats;
@@ -57,6 +60,13 @@ use crate::NodeHandle;
 pub struct HttpConfig {
     /// Address to listen on. Default `127.0.0.1:7780`.
     pub listen: SocketAddr,
+    /// Serve TLS with this certificate and key. Without it, plain HTTP is
+    /// served only on loopback unless `insecure_plaintext` is set.
+    pub tls: Option<tls::TlsFiles>,
+    /// Serve plain HTTP on an address beyond loopback (tokens and
+    /// documents then cross the network in cleartext: for a network of
+    /// your own, or behind a proxy on the same host that terminates TLS).
+    pub insecure_plaintext: bool,
     /// The tokens file (see [`crate::access::token_file`]). Once it exists,
     /// every request needs a token. `causeway node` uses
     /// `DATA_DIR/tokens.toml`.
@@ -186,6 +196,8 @@ impl Default for HttpConfig {
     fn default() -> Self {
         HttpConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 7780)),
+            tls: None,
+            insecure_plaintext: false,
             tokens_file: None,
             read_tokens: Vec::new(),
             write_tokens: Vec::new(),
@@ -237,6 +249,8 @@ pub struct AppState {
     pub connections: Arc<ConnectionStats>,
     /// The automerge-repo endpoint, when enabled.
     pub repo: Option<Arc<crate::automerge_repo::Hub>>,
+    /// The TLS certificate served, if any.
+    pub certs: Option<Arc<tls::CertStore>>,
 }
 
 /// An HTTP API ready to serve: its router and what the connection layer
@@ -249,13 +263,14 @@ pub struct Api {
 }
 
 /// The API over `engine` (and `node`, for status and metrics), checking
-/// tokens with `auth` (see [`Authenticator::new`]). Watch streams end when
-/// `closing` turns true.
+/// tokens with `auth` (see [`Authenticator::new`]) and reporting the
+/// figures of `certs` (the TLS certificate served, if any). Watch streams
+/// end when `closing` turns true.
 pub fn router(
     engine: Engine,
     node: Option<NodeHandle>,
     config: &HttpConfig,
-    auth: Arc<Authenticator>,
+    (auth, certs): (Arc<Authenticator>, Option<Arc<tls::CertStore>>),
     closing: tokio::sync::watch::Receiver<bool>,
 ) -> Api {
     let connections = Arc::new(ConnectionStats::default());
@@ -268,6 +283,7 @@ pub fn router(
         engine,
         node,
         auth,
+        certs,
         watchers: Arc::new(Semaphore::new(config.max_watchers)),
         max_watchers: config.max_watchers,
         session: SessionLimits {
@@ -347,14 +363,16 @@ pub fn router(
 }
 
 /// Serves `api` on `listener` with the connection limits of `config` until
-/// `closing` turns true (see [`connections`]).
+/// `closing` turns true (see [`connections`]), over TLS with the
+/// certificate of `tls` if given.
 pub async fn serve(
     listener: TcpListener,
     api: Api,
     config: &HttpConfig,
+    tls: Option<TlsAcceptor>,
     closing: tokio::sync::watch::Receiver<bool>,
 ) -> std::io::Result<()> {
-    connections::serve(listener, api.router, config, api.connections, closing).await
+    connections::serve(listener, api.router, config, tls, api.connections, closing).await
 }
 
 /// 500 `internal`, without the details (they go to the log).

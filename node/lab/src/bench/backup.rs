@@ -77,7 +77,8 @@ pub async fn run(args: &Args) -> Result<()> {
 
     let a = NodeProcess::spawn(&a_dir, "eu", &[])?;
     let online_dir = dir.path().join("online");
-    let online = backup::take_from_node(&a.http, None, &online_dir).await?;
+    let online =
+        backup::take_from_node(&reqwest::Client::new(), &a.http, None, &online_dir).await?;
     drop(a);
     let offline = backup::take_from_data_dir(&a_dir, &dir.path().join("offline"))?;
     let r_dir = dir.path().join("restored");

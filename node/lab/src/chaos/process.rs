@@ -59,11 +59,13 @@ impl NodeProcess {
         let key = root.join("cluster.key");
         let config =
             causeway_node::settings::write_lan_settings(&dir, region, cluster, Some(&key))?;
-        // The `[network]` table is the file's last.
+        // The `[network]` table is the file's last. The HTTP API listens on
+        // the namespace's address, which only the harness reaches: plain
+        // HTTP, named as such.
         std::fs::OpenOptions::new()
             .append(true)
             .open(&config)?
-            .write_all(network.as_bytes())?;
+            .write_all(format!("{network}\n[http]\ninsecure_plaintext = true\n").as_bytes())?;
         let addr = node_addr(index);
         let (p2p, http) = ports(slot);
         let mut args = vec![
