@@ -114,6 +114,10 @@ pub struct EngineConfig {
     /// existing store keeps its id. Set it only to make runs reproducible,
     /// as the deterministic simulator does.
     pub store_id: Option<String>,
+    /// Entries the audit feed keeps (see [`audit`](crate::audit)): each
+    /// accepted write adds one, and the oldest beyond this is deleted.
+    /// 0: no feed. Default 1,000,000 (about 150 MB).
+    pub audit_max_entries: u64,
 }
 
 impl Default for EngineConfig {
@@ -133,6 +137,7 @@ impl Default for EngineConfig {
             footprint: Footprint::Server,
             actor: None,
             store_id: None,
+            audit_max_entries: 1_000_000,
         }
     }
 }

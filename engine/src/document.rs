@@ -10,6 +10,7 @@ use std::collections::HashSet;
 use automerge::{ActorId, Automerge, Change, ChangeHash, ReadDoc};
 use rocksdb::WriteBatch;
 
+use crate::audit_log::{Actor, AuditLog};
 use crate::config::CompactionPolicy;
 use crate::doc_id::DocId;
 use crate::error::{Error, Result};
@@ -279,13 +280,18 @@ impl DocState {
     /// batch is written (durable unless `wait` defers the fsync).
     pub(crate) fn persist(
         &mut self,
-        store: &Store,
+        to: &PersistTo<'_>,
         id: &DocId,
         new_changes: &[Change],
         held: Option<&Plan>,
-        policy: &CompactionPolicy,
-        wait: Wait,
     ) -> Result<()> {
+        let PersistTo {
+            store,
+            policy,
+            wait,
+            audit,
+            actor,
+        } = *to;
         let mut batch = WriteBatch::default();
         if let Some(plan) = held {
             stage_held(&mut batch, store, id, plan);
@@ -336,7 +342,11 @@ impl DocState {
             meta.log_bytes += new_bytes;
         }
         batch.put_cf(store.cf(layout::CF_DOC_META), id.as_bytes(), meta.encode());
-        store.write(batch, wait)?;
+        let counts = (new_changes.len() as u64, meta.tombstone);
+        let staged = audit.stage(store, &mut batch, actor, id, &heads, counts);
+        let written = store.write(batch, wait);
+        audit.settle(staged, wait, written.is_ok());
+        written?;
         self.meta = meta;
         self.stored = true;
         // The record just written replaced a collection marker, if any.
@@ -346,6 +356,18 @@ impl DocState {
         }
         Ok(())
     }
+}
+
+/// Where and how [`DocState::persist`] writes: the store, the compaction
+/// policy, the durability to wait for, and the audit feed with the actor
+/// its entry names.
+#[derive(Clone, Copy)]
+pub(crate) struct PersistTo<'a> {
+    pub(crate) store: &'a Store,
+    pub(crate) policy: &'a CompactionPolicy,
+    pub(crate) wait: Wait,
+    pub(crate) audit: &'a AuditLog,
+    pub(crate) actor: &'a Actor,
 }
 
 /// Adds a plan's held-change records to `batch`: puts for the changes it

@@ -8,10 +8,11 @@ use automerge::transaction::{CommitOptions, Transactable, Transaction};
 use automerge::{ActorId, Automerge, AutomergeError, Change, ChangeHash, ReadDoc};
 use serde_json::Value as Json;
 
+use crate::audit_log::{Actor, AuditLog};
 use crate::cache::{lock_slot, DocCache, Slot};
 use crate::config::EngineConfig;
 use crate::doc_id::{self, DocId};
-use crate::document::DocState;
+use crate::document::{DocState, PersistTo};
 use crate::error::{Error, Result};
 use crate::events::{DocEvent, EventHub, Origin, Subscription};
 use crate::held::{load_held_ledger, HeldBudget, HeldLedger};
@@ -181,6 +182,9 @@ pub struct Engine {
     /// What a peer's changes written through this handle may newly hold
     /// (see [`Engine::within_held_budget`]); `None`: only the limits apply.
     pub(crate) held_budget: Option<HeldBudget>,
+    /// Who the audit feed says this handle's writes are by (see
+    /// [`Engine::acting_as`]).
+    pub(crate) actor: Arc<Actor>,
 }
 
 pub(crate) struct Inner {
@@ -209,6 +213,8 @@ pub(crate) struct Inner {
     /// [`Engine::sync_deferred`] made them durable (subscribers only ever
     /// see durable changes). At most one replicator call's worth.
     pub(crate) deferred_events: Mutex<Vec<DocEvent>>,
+    /// The audit feed's numbering.
+    pub(crate) audit: AuditLog,
 }
 
 impl Engine {
@@ -229,6 +235,7 @@ impl Engine {
         );
         let actor = config.actor.clone().unwrap_or_else(ActorId::random);
         let store_id = store.store_id(|| config.store_id.clone().unwrap_or_else(random_uuid))?;
+        let audit = AuditLog::open(&store, config.audit_max_entries)?;
         Ok(Engine {
             inner: Arc::new(Inner {
                 store,
@@ -244,9 +251,11 @@ impl Engine {
                 draining: std::sync::atomic::AtomicBool::new(false),
                 low_disk: std::sync::atomic::AtomicBool::new(false),
                 deferred_events: Mutex::new(Vec::new()),
+                audit,
             }),
             wait: Wait::Durable,
             held_budget: None,
+            actor: Arc::new(Actor::Local),
         })
     }
 
@@ -265,6 +274,7 @@ impl Engine {
             inner: Arc::clone(&self.inner),
             wait: Wait::Deferred,
             held_budget: self.held_budget,
+            actor: Arc::clone(&self.actor),
         }
     }
 
@@ -276,6 +286,7 @@ impl Engine {
             inner: Arc::clone(&self.inner),
             wait: self.wait,
             held_budget: Some(budget),
+            actor: Arc::clone(&self.actor),
         }
     }
 
@@ -283,12 +294,24 @@ impl Engine {
     /// so far is as durable as [`EngineConfig::durability`] requires.
     pub(crate) fn sync_deferred(&self) -> Result<()> {
         self.inner.store.sync_deferred()?;
+        self.inner.audit.settle_deferred();
         let events = std::mem::take(&mut *lock_events(&self.inner.deferred_events));
         for event in events {
             let doc = event.doc.clone();
             self.inner.events.publish(&doc, || event);
         }
         Ok(())
+    }
+
+    /// Where this handle's writes go, waiting as `wait` says.
+    pub(crate) fn persist_to(&self, wait: Wait) -> PersistTo<'_> {
+        PersistTo {
+            store: &self.inner.store,
+            policy: &self.inner.config.compaction,
+            wait,
+            audit: &self.inner.audit,
+            actor: &self.actor,
+        }
     }
 
     /// How this handle's writes of received changes wait for durability.
@@ -651,14 +674,7 @@ impl Engine {
                 });
             }
             if !new_changes.is_empty() {
-                state.persist(
-                    &self.inner.store,
-                    id,
-                    &new_changes,
-                    None,
-                    &self.inner.config.compaction,
-                    Wait::Durable,
-                )?;
+                state.persist(&self.persist_to(Wait::Durable), id, &new_changes, None)?;
                 let bytes = || new_changes.iter().map(|c| c.raw_bytes().to_vec()).collect();
                 self.publish(id, state, Origin::Local, bytes);
             }

@@ -24,12 +24,12 @@ use crate::error::Error;
 
 /// Storage format written by this build. Bump on any incompatible change.
 ///
-/// Format 2 added the [`CF_HELD`] column family. A format 1 store is
-/// upgraded in place when this build opens it (the column family is
-/// created empty, then the format record and the marker file say 2); builds
-/// that read only format 1 then refuse it with a clear error instead of
-/// failing on an unknown column family.
-pub const FORMAT_VERSION: u32 = 2;
+/// Format 2 added the [`CF_HELD`] column family, format 3 [`CF_AUDIT`]. An
+/// older store is upgraded in place when this build opens it (the column
+/// families are created empty, then the format record and the marker file
+/// say 3); builds that read only older formats then refuse it with a clear
+/// error instead of failing on an unknown column family.
+pub const FORMAT_VERSION: u32 = 3;
 
 /// Oldest storage format this build opens (and upgrades).
 pub const OLDEST_FORMAT_VERSION: u32 = 1;
@@ -60,14 +60,20 @@ pub const CF_PEER_SYNC: &str = "peer_sync";
 /// batch that applies them.
 pub const CF_HELD: &str = "held";
 
+/// Column family holding the audit feed (see `audit`): one record per
+/// accepted write, keyed by its number (8 bytes, big-endian), written in
+/// the same WriteBatch as the write.
+pub const CF_AUDIT: &str = "audit";
+
 /// All column families Causeway creates, beside RocksDB's `default`.
-pub const COLUMN_FAMILIES: [&str; 6] = [
+pub const COLUMN_FAMILIES: [&str; 7] = [
     CF_NODE,
     CF_DOC_META,
     CF_CHANGE_LOG,
     CF_SNAPSHOT,
     CF_PEER_SYNC,
     CF_HELD,
+    CF_AUDIT,
 ];
 
 /// Key of the format version in [`CF_NODE`].
@@ -387,6 +393,9 @@ pub fn log_prefix(doc: &DocId) -> Vec<u8> {
 
 /// Printable form of a storage key, for error messages.
 pub fn describe_key(cf: &str, key: &[u8]) -> String {
+    if let (CF_AUDIT, Ok(seq)) = (cf, <[u8; 8]>::try_from(key)) {
+        return format!("{cf}/#{}", u64::from_be_bytes(seq));
+    }
     match key.iter().position(|b| *b == 0) {
         Some(pos) if cf == CF_PEER_SYNC => format!(
             "{cf}/{} (peer {})",

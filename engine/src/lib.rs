@@ -62,6 +62,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod audit;
+mod audit_log;
 pub mod backup;
 mod cache;
 pub mod collection;

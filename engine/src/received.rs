@@ -180,14 +180,7 @@ impl Engine {
                 });
             }
         }
-        state.persist(
-            &self.inner.store,
-            id,
-            &ready,
-            Some(plan),
-            &self.inner.config.compaction,
-            self.wait(),
-        )?;
+        state.persist(&self.persist_to(self.wait()), id, &ready, Some(plan))?;
         if ready.is_empty() {
             return Ok(());
         }

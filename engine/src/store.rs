@@ -654,6 +654,37 @@ impl Store {
     }
 
     /// Records a fatal storage error and returns it.
+    /// The last key of column family `cf`, if it holds any.
+    pub(crate) fn last_key(&self, cf: &str) -> Result<Option<Box<[u8]>>> {
+        self.check_alive()?;
+        match self.db.iterator_cf(self.cf(cf), IteratorMode::End).next() {
+            None => Ok(None),
+            Some(Ok((k, _))) => Ok(Some(k)),
+            Some(Err(e)) => Err(self.fatal(e)),
+        }
+    }
+
+    /// Calls `f` with each key and value of column family `cf` from `start`
+    /// on, in key order, until it returns `Ok(false)` or an error.
+    pub(crate) fn scan_from(
+        &self,
+        cf: &str,
+        start: &[u8],
+        mut f: impl FnMut(&[u8], &[u8]) -> Result<bool>,
+    ) -> Result<()> {
+        self.check_alive()?;
+        let iter = self
+            .db
+            .iterator_cf(self.cf(cf), IteratorMode::From(start, Direction::Forward));
+        for item in iter {
+            let (k, v) = item.map_err(|e| self.fatal(e))?;
+            if !f(&k, &v)? {
+                break;
+            }
+        }
+        Ok(())
+    }
+
     fn fatal(&self, e: rocksdb::Error) -> Error {
         self.fatal_msg(e.to_string())
     }

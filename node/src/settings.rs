@@ -14,6 +14,7 @@ use causeway_engine::{Durability, EngineConfig, ShapeLimits};
 use libp2p::{Multiaddr, PeerId};
 use serde::Deserialize;
 
+use crate::access::token_file::TOKENS_FILE;
 use crate::automerge_repo::RepoConfig;
 use crate::cluster_key::ClusterKey;
 use crate::config::{NodeConfig, OPEN_LISTEN};
@@ -242,6 +243,8 @@ pub struct EngineSection {
     /// Garbage collection's grace period, seconds; 0 turns collection off
     /// (see `NodeConfig::gc_grace`).
     pub gc_grace_secs: Option<u64>,
+    /// Entries the audit feed keeps; 0: no feed.
+    pub audit_max_entries: Option<u64>,
 }
 
 /// Everything `causeway node` needs.
@@ -496,10 +499,6 @@ fn network_key(field: &'static str) -> &'static str {
     }
 }
 
-/// The tokens file's name in the data directory, unless `http.tokens_file`
-/// names another.
-pub const TOKENS_FILE: &str = "tokens.toml";
-
 /// The most HTTP connections a node may be configured to hold open (each
 /// costs a file descriptor and a task).
 pub const MAX_CONNECTIONS_CEILING: usize = 65_536;
@@ -744,6 +743,7 @@ fn engine(e: EngineSection) -> Result<EngineConfig, KeyError> {
                 .max_document_mib
                 .map_or(defaults.shape.max_document_bytes, |mib| mib << 20),
         },
+        audit_max_entries: e.audit_max_entries.unwrap_or(defaults.audit_max_entries),
         ..defaults
     };
     c.validate().map_err(|err| ("engine", err.to_string()))?;

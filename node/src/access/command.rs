@@ -7,9 +7,8 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 
 use super::grant::Grant;
-use super::token_file::{self, NewToken, TokenFile};
+use super::token_file::{self, NewToken, TokenFile, TOKENS_FILE};
 use super::unix_now;
-use crate::settings::TOKENS_FILE;
 
 /// Which tokens file a command edits.
 #[derive(clap::Args, Debug, Clone)]

@@ -35,6 +35,10 @@ use super::bearer::{BearerToken, TokenHash, TokenId};
 use super::grant::{Grant, MAX_GRANTS};
 use crate::guarded_file::{self, Refused};
 
+/// The tokens file's name in a node's data directory, unless
+/// `http.tokens_file` names another.
+pub const TOKENS_FILE: &str = "tokens.toml";
+
 /// The format version this build reads and writes.
 pub const FILE_VERSION: u32 = 1;
 /// Most tokens one file may hold (revoked ones included).

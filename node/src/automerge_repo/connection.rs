@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::{close_code, CloseFrame, Message, WebSocket};
+use causeway_engine::audit::Actor;
 use causeway_engine::{DocId, Engine, Error as EngineError, SyncMessage, SyncState};
 use tokio::sync::{watch, OwnedSemaphorePermit};
 use tokio::time::Instant;
@@ -369,7 +370,10 @@ impl Connection {
             return Flow::Continue;
         };
         let sync = std::mem::take(&mut session.sync);
-        let engine = self.hub.engine.clone();
+        let engine = self
+            .hub
+            .engine
+            .acting_as(Actor::Client(self.caller.label()));
         let budget = self.hub.config.max_sync_change_bytes;
         let doc_owned = doc.clone();
         let step =

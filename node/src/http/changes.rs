@@ -15,6 +15,8 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use causeway_engine::audit::Actor;
+
 use super::error::ApiError;
 use super::names::{doc_id, parse_heads};
 use super::session::{query, ReadQuery, ReadSession, WriteQuery, WriteSession};
@@ -161,7 +163,7 @@ pub async fn apply(
     // or refuses the whole request at a held-change limit. A node publishes
     // the client's changes once they apply (the engine tells it), so they
     // replicate like a local commit.
-    let engine = state.engine.clone();
+    let engine = state.engine.acting_as(Actor::Client(caller.label()));
     let doc = id.clone();
     let outcome = blocking(move || Ok(engine.apply_changes(&doc, &chunks)?)).await?;
     let missing: Vec<String> = outcome

@@ -7,6 +7,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use causeway_engine::audit::Actor;
 use causeway_engine::{Committed, DocId, Engine, ListPage, MAX_LIST_LIMIT};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
@@ -146,7 +147,7 @@ async fn commit(
         .transpose()?
         .unwrap_or(Value::Null);
     let session = WriteSession::parse(&state, &write.headers, &q)?;
-    let engine = state.engine.clone();
+    let engine = state.engine.acting_as(Actor::Client(write.caller.label()));
     let doc = id.clone();
     let heads = blocking(move || Ok(op(&engine, &doc, &value)?.heads)).await?;
     session.answer(&state, id, heads, Map::new()).await

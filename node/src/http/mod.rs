@@ -9,6 +9,7 @@
 //!   write?".
 //! * [`cluster`]: status, `/metrics`, `/health`, `/ready`.
 //! * [`backup`]: a consistent copy of the store, streamed.
+//! * [`audit`]: the audit feed: who wrote what, when.
 //! * [`auth`]: bearer tokens and what each route needs of their grants
 //!   (see [`crate::access`]).
 //! * [`admission`]: allowed origins, request slots, body deadline.
@@ -23,6 +24,7 @@
 //! on tokio's blocking pool.
 
 pub mod admission;
+pub mod audit;
 pub mod auth;
 pub mod automerge_repo;
 pub mod backup;
@@ -321,6 +323,7 @@ pub fn router(
             "/v1/blocked/{peer}",
             axum::routing::put(cluster::block).delete(cluster::block),
         )
+        .route("/v1/audit", get(audit::feed))
         .route("/metrics", get(cluster::metrics))
         // Outermost last: the token is checked before a request slot is
         // taken and the body read.

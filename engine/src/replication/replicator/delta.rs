@@ -4,6 +4,7 @@
 //! charged to their senders' shares.
 
 use super::*;
+use crate::audit::Actor;
 
 /// Local commits to one document gathered by
 /// [`Replicator::handle_local_commits`] into one delta.
@@ -156,7 +157,8 @@ impl Replicator {
         let changes: Vec<Vec<u8>> = d.changes.into_iter().map(|b| b.0).collect();
         let writer = self
             .writer
-            .within_held_budget(self.held_shares.budget(&d.origin));
+            .within_held_budget(self.held_shares.budget(&d.origin))
+            .acting_as(Actor::Peer(from.as_str().to_string()));
         let (outcome, new) = match writer.apply_peer_changes(&d.doc, &changes) {
             Ok(a) => (a.outcome, a.new),
             Err(e) if is_bad_change(&e) => return Ok(self.reject(from, rejection(&e))),
@@ -226,8 +228,12 @@ impl Replicator {
             let budget = self
                 .held_shares
                 .least_budget(run.iter().map(|(_, _, d)| &d.origin));
+            let mut senders: Vec<&str> = run.iter().map(|(_, from, _)| from.as_str()).collect();
+            senders.sort_unstable();
+            senders.dedup();
             self.writer
                 .within_held_budget(budget)
+                .acting_as(Actor::Peer(senders.join(",")))
                 .apply_peer_changes(doc, &changes)
         };
         let (outcome, new, held) = match result {

@@ -15,6 +15,7 @@
 use super::super::topology::{bridge_order, children_of, tree_children, tree_order};
 use super::super::wire::Push;
 use super::*;
+use crate::audit::Actor;
 
 /// Pushes kept for a resend, at most; further ones are sent but not
 /// tracked (counted in [`Stats::pushes_untracked`]) and left to repair.
@@ -248,7 +249,8 @@ impl Replicator {
         let changes: Vec<Vec<u8>> = p.changes.iter().map(|b| b.0.clone()).collect();
         let writer = self
             .writer
-            .within_held_budget(self.held_shares.budget(from));
+            .within_held_budget(self.held_shares.budget(from))
+            .acting_as(Actor::Peer(from.as_str().to_string()));
         let (outcome, new) = match writer.apply_peer_changes(&p.doc, &changes) {
             Ok(a) => (a.outcome, a.new),
             Err(e) if is_bad_change(&e) => return Ok(self.reject(from, rejection(&e))),

@@ -4,6 +4,7 @@
 //! to fetch what they wait for).
 
 use super::*;
+use crate::audit::Actor;
 
 /// Documents with held changes one look of the core examines at most (see
 /// [`ReplicatorConfig::held_repair_interval`]); the next look goes on from
@@ -108,6 +109,7 @@ impl Replicator {
         let outcome = match self
             .writer
             .within_held_budget(self.held_shares.budget(from))
+            .acting_as(Actor::Peer(from.as_str().to_string()))
             .receive_sync_message(&frame.doc, &mut state, message)
         {
             Ok(o) => o,
