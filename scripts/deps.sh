@@ -4,7 +4,8 @@
 # Node.js and npm (the automerge-repo clients of the interop tests and of
 # `causeway bench many-docs-sync`), pkg-config and OpenSSL's headers (samod's
 # WebSocket dialer, built by the interop tests, links native-tls), and (as
-# root, for the chaos harness) iproute2 and nftables.
+# root, for the chaos harness) iproute2 and nftables, and Chromium (the
+# dashboard's browser test drives it with Playwright).
 # As root it installs missing Debian packages with apt-get; otherwise it says
 # what to install and stops.
 set -euo pipefail
@@ -28,6 +29,8 @@ if [[ $(id -u) -eq 0 ]]; then
     command -v ip >/dev/null || missing+=(iproute2)
     command -v nft >/dev/null || missing+=(nftables)
 fi
+# The dashboard test's browser (or CAUSEWAY_CHROMIUM names another).
+[[ -n ${CAUSEWAY_CHROMIUM:-} || -x /usr/bin/chromium ]] || missing+=(chromium)
 
 if ((${#missing[@]})); then
     if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then

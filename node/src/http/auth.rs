@@ -6,11 +6,14 @@
 //! caller's grants against the documents it touches (403 `forbidden`).
 //! `/health` and `/ready` need no token.
 
-use axum::extract::{FromRequestParts, Request, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{FromRequestParts, Query, Request, State};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::Next;
 use axum::response::Response;
+
+use serde::Deserialize;
 
 use super::error::ApiError;
 use super::AppState;
@@ -22,6 +25,32 @@ pub fn bearer(headers: &HeaderMap) -> Option<&str> {
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
+}
+
+/// The query string of routes a browser opens directly (the dashboard, the
+/// automerge-repo WebSocket): it cannot set an `Authorization` header
+/// there, so the token may come as `?token=`.
+#[derive(Debug, Deserialize)]
+pub struct TokenQuery {
+    /// A bearer token.
+    pub token: Option<String>,
+}
+
+/// Who makes a request to such a route: the token of the query string, else
+/// of the `Authorization` header. Refused unless the caller may read some
+/// document.
+pub fn reader(
+    state: &AppState,
+    query: Result<Query<TokenQuery>, QueryRejection>,
+    headers: &HeaderMap,
+) -> Result<Caller, ApiError> {
+    let token = query
+        .ok()
+        .and_then(|Query(q)| q.token)
+        .or_else(|| bearer(headers).map(str::to_string));
+    let caller = state.auth.authenticate(token.as_deref())?;
+    caller.readable_under("")?;
+    Ok(caller)
 }
 
 /// Middleware: finds who made the request, refusing requests without a

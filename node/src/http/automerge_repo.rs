@@ -12,21 +12,11 @@ use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use serde::Deserialize;
 
-use super::auth::bearer;
+use super::auth::{reader, TokenQuery};
 use super::error::ApiError;
 use super::AppState;
-use crate::access::Caller;
 use crate::automerge_repo::serve;
-
-/// The query string of the endpoint: browsers cannot set an
-/// `Authorization` header on a WebSocket, so the token may come here.
-#[derive(Debug, Deserialize)]
-pub struct EndpointQuery {
-    /// A bearer token.
-    token: Option<String>,
-}
 
 /// `GET <path>`: upgrades to a WebSocket and serves one automerge-repo
 /// client. With tokens configured, a token is needed (`?token=` or
@@ -35,14 +25,15 @@ pub struct EndpointQuery {
 /// those it may write (other change-carrying messages are dropped).
 pub async fn upgrade(
     State(state): State<AppState>,
-    query: Result<Query<EndpointQuery>, QueryRejection>,
+    query: Result<Query<TokenQuery>, QueryRejection>,
     headers: HeaderMap,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
     let Some(hub) = state.repo.clone() else {
         return ApiError::new(StatusCode::NOT_FOUND, "no_route", "no such route").into_response();
     };
-    let caller = match caller(&state, query.ok().and_then(|q| q.0.token), &headers) {
+    // Something to sync: the caller may read some document.
+    let caller = match reader(&state, query, &headers) {
         Ok(caller) => caller,
         Err(e) => return e.into_response(),
     };
@@ -73,18 +64,4 @@ pub async fn upgrade(
     ws.max_message_size(max)
         .max_frame_size(max)
         .on_upgrade(move |socket| serve(hub, socket, caller, slot, closing))
-}
-
-/// Who connects: the token of the query string or the `Authorization`
-/// header.
-fn caller(
-    state: &AppState,
-    token: Option<String>,
-    headers: &HeaderMap,
-) -> Result<Caller, ApiError> {
-    let token = token.or_else(|| bearer(headers).map(str::to_string));
-    let caller = state.auth.authenticate(token.as_deref())?;
-    // Something to sync: the caller may read some document.
-    caller.readable_under("")?;
-    Ok(caller)
 }

@@ -16,6 +16,7 @@
 //! * [`automerge_repo`]: the upgrade to the automerge-repo WebSocket
 //!   endpoint.
 //! * [`connections`]: connection limits, idle timeout, graceful shutdown.
+//! * [`ui`]: the dashboard page at `/ui`.
 //! * [`tls`]: TLS with rustls, certificates reloaded when they change.
 //! * [`names`]: document ids and heads as requests and answers write them.
 //! * [`error`]: every failure as a status and a JSON body with a stable code.
@@ -36,6 +37,7 @@ pub mod error;
 pub mod names;
 pub mod session;
 pub mod tls;
+pub mod ui;
 pub mod watch;
 
 use std::net::SocketAddr;
@@ -337,7 +339,9 @@ pub fn router(
         ));
     let mut router = Router::new()
         .route("/health", get(cluster::health))
-        .route("/ready", get(cluster::ready));
+        .route("/ready", get(cluster::ready))
+        // Its own token check: the first navigation carries it in the query.
+        .route("/ui", get(ui::page));
     if repo_config.enabled {
         // Its own token check (the query string may carry the token) and
         // connection limit; no request slot, since a connection lasts.
