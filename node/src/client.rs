@@ -43,6 +43,15 @@ impl Target {
 /// names another).
 pub const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
+/// Makes aws-lc-rs (the provider libp2p already builds) the process's
+/// default rustls crypto provider, unless one is installed. A reqwest
+/// client built without [`http_client`]'s preconfigured TLS needs one: the
+/// `causeway` binary calls this first thing.
+pub fn install_crypto_provider() {
+    // Err: the process installed one already, which then stays.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}
+
 /// An HTTP client that speaks https:// with rustls, trusting the PEM
 /// certificates in `ca` (else the system's CA bundle, if there is one).
 pub fn http_client(ca: Option<&Path>) -> Result<Client> {

@@ -229,6 +229,7 @@ enum BenchCommand {
 }
 
 fn main() -> std::process::ExitCode {
+    client::install_crypto_provider();
     let cli = Cli::parse();
     let default_level = match cli.command {
         Command::Node { action: None, .. } => "info,yamux=error",

@@ -34,6 +34,10 @@ pub struct Args {
     /// temporary directory). Both sides use it, so they share a disk.
     #[arg(long)]
     pub dir: Option<PathBuf>,
+    /// Entries the engine's audit feed keeps (0: no feed), to measure what
+    /// the feed costs a write. Default: the engine's default.
+    #[arg(long)]
+    pub audit_max_entries: Option<u64>,
 }
 
 /// Runs the benchmark.
@@ -53,7 +57,8 @@ pub fn run(args: &Args) -> Result<()> {
             json!({"bench": "durable-writes", "writers": n, "engine_writes_per_s": engine.per_sec(),
                    "raw_rocksdb_writes_per_s": raw.per_sec(), "ratio": ratio, "engine_wal_syncs": engine.syncs,
                    "change_bytes": engine.change_bytes, "meta_bytes": engine.meta_bytes,
-                   "seconds": args.seconds, "build": build_profile()}),
+                   "seconds": args.seconds, "build": build_profile(),
+                   "audit_max_entries": args.audit_max_entries.unwrap_or(EngineConfig::default().audit_max_entries)}),
             vec![
                 n.to_string(),
                 format!("{:.0}", engine.per_sec()),
@@ -95,8 +100,12 @@ fn doc_id(writer: usize, i: usize) -> DocId {
 
 fn engine_run(args: &Args, n: usize, run_for: Duration) -> Result<Measured> {
     let dir = tempdir_in(args.dir.as_deref())?;
-    let engine = Engine::open(dir.path(), EngineConfig::default())
-        .context("cannot open the benchmark store")?;
+    let defaults = EngineConfig::default();
+    let config = EngineConfig {
+        audit_max_entries: args.audit_max_entries.unwrap_or(defaults.audit_max_entries),
+        ..defaults
+    };
+    let engine = Engine::open(dir.path(), config).context("cannot open the benchmark store")?;
     for w in 0..n {
         for d in 0..args.docs_per_writer {
             engine.put_json(&doc_id(w, d), &json!({"n": 0}))?;
