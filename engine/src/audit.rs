@@ -8,14 +8,18 @@
 //! the replicator as the peer the changes came from, an embedded app as
 //! [`Actor::Local`] unless it says otherwise.
 //!
-//! Entries are numbered in the order their writes began (`seq`, from 0,
-//! never reused while the store is durable). The feed is read after a
-//! cursor ([`Engine::audit`]) and shows an entry only once every entry
-//! numbered before it is durable or failed, so a reader that resumes from
-//! its cursor never skips an entry that committed late. The feed keeps the
+//! Entries are numbered in the order their writes began (`seq`, from 0).
+//! The feed is read after a cursor ([`Engine::audit`]) and shows an entry
+//! only once every entry numbered before it is durable or failed, so a
+//! reader that resumes from its cursor never skips an entry that committed
+//! late. The feed keeps the
 //! latest [`EngineConfig::audit_max_entries`] entries: each new entry
 //! deletes, in its own batch, the one that many before it. A reader that
-//! falls further behind learns how many it missed.
+//! falls further behind learns how many it missed. A number is not given
+//! twice as long as the entries a reader saw stay durable: with
+//! [`Durability::Buffered`](crate::Durability::Buffered) a machine crash can
+//! lose entries a reader saw, and the numbers after the last surviving
+//! entry are given again.
 //!
 //! Changes a peer or client handed over that had to wait for their
 //! dependencies are audited when they apply, under the actor of the write
