@@ -315,8 +315,16 @@ const RECONNECT_EVERY: Duration = Duration::from_secs(2);
 const FIRST_CONNECT_WAIT: Duration = Duration::from_secs(5);
 /// How long one attempt to come back may take (the attack pauses meanwhile).
 const RECONNECT_WAIT: Duration = Duration::from_millis(500);
+/// Once told to stop, how long the attack goes on watching its connections
+/// (without coming back on any) for those still open to be closed: a node
+/// that blocked the attacker a moment before the stop closes its
+/// connection within milliseconds, but the attack notices only at its next
+/// look.
+const CLOSE_WATCH: Duration = Duration::from_secs(5);
 
-/// Runs the attack until `stop`: one identity, connected to every target.
+/// Runs the attack until `stop` (then watches its open connections for up
+/// to [`CLOSE_WATCH`] more, so that a node that blocked it just before is
+/// seen to cut it off): one identity, connected to every target.
 pub async fn attack(config: AttackConfig, stop: Arc<AtomicBool>) -> AttackReport {
     let identity = config.identity.clone();
     let me = identity.public().to_peer_id();
@@ -360,7 +368,14 @@ pub async fn attack(config: AttackConfig, stop: Arc<AtomicBool>) -> AttackReport
     let mut turn = 0u64;
     let tick = Duration::from_millis(20);
     let per_tick = (config.rate as u64 * tick.as_millis() as u64 / 1000).max(1);
-    while !stop.load(Ordering::Relaxed) {
+    let mut stopping: Option<Instant> = None;
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            let since = *stopping.get_or_insert_with(Instant::now);
+            if rogues.iter().all(Option::is_none) || since.elapsed() >= CLOSE_WATCH {
+                break;
+            }
+        }
         for (i, slot) in rogues.iter_mut().enumerate() {
             let Some(rogue) = slot else { continue };
             if !rogue.connected() {
@@ -386,7 +401,7 @@ pub async fn attack(config: AttackConfig, stop: Arc<AtomicBool>) -> AttackReport
                 }
             }
         }
-        if Instant::now() >= next_reconnect {
+        if stopping.is_none() && Instant::now() >= next_reconnect {
             next_reconnect = Instant::now() + RECONNECT_EVERY;
             for (i, addr) in config.targets.iter().enumerate() {
                 let cut_off = reports[i].disconnected_after_ms.is_some();
