@@ -96,11 +96,6 @@ impl Engine {
         handle.actor = std::sync::Arc::new(actor);
         handle
     }
-
-    /// Who the audit feed attributes this handle's writes to.
-    pub fn audit_actor(&self) -> &Actor {
-        &self.actor
-    }
 }
 
 #[cfg(test)]
@@ -179,6 +174,12 @@ mod tests {
             (5, 3, true)
         );
         assert_eq!(behind.cursor, Some(17));
+        // A smaller bound at the next open drops the entries beyond it.
+        drop(engine);
+        let engine = open(dir.path(), 4);
+        let kept = engine.audit(None, 100, None).unwrap();
+        let seqs: Vec<u64> = kept.entries.iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, [21, 22, 23, 24]);
         let none = open(tempfile::tempdir().unwrap().path(), 0);
         none.put_json(&doc("w"), &json!({})).unwrap();
         assert!(none.audit(None, 10, None).unwrap().entries.is_empty());

@@ -114,10 +114,24 @@ pub(crate) fn seq_of(key: &[u8]) -> Option<u64> {
 }
 
 impl AuditLog {
-    /// The feed of `store`, keeping `max_entries` (0: no feed).
+    /// The feed of `store`, keeping `max_entries` (0: no feed). Entries
+    /// beyond the bound (kept under a larger one before) are deleted now:
+    /// each write deletes only the one entry that falls out of the bound.
     pub(crate) fn open(store: &Store, max_entries: u64) -> Result<AuditLog> {
         let last = store.last_key(layout::CF_AUDIT)?;
         let next = last.and_then(|k| seq_of(&k)).map_or(0, |s| s + 1);
+        let keep_from = next.saturating_sub(max_entries);
+        let mut first = None;
+        store.scan_from(layout::CF_AUDIT, &[], |k, _| {
+            first = seq_of(k);
+            Ok(false)
+        })?;
+        if first.is_some_and(|f| f < keep_from) {
+            let mut batch = WriteBatch::default();
+            let cf = store.cf(layout::CF_AUDIT);
+            batch.delete_range_cf(cf, key(0), key(keep_from));
+            store.write(batch, Wait::Durable)?;
+        }
         Ok(AuditLog {
             max_entries,
             state: Mutex::new(State {

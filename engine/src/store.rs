@@ -653,7 +653,6 @@ impl Store {
         self.fatal(e)
     }
 
-    /// Records a fatal storage error and returns it.
     /// The last key of column family `cf`, if it holds any.
     pub(crate) fn last_key(&self, cf: &str) -> Result<Option<Box<[u8]>>> {
         self.check_alive()?;
@@ -685,6 +684,7 @@ impl Store {
         Ok(())
     }
 
+    /// Records a fatal storage error and returns it.
     fn fatal(&self, e: rocksdb::Error) -> Error {
         self.fatal_msg(e.to_string())
     }

@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use causeway_engine::Engine;
+use futures::FutureExt;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{info, warn};
@@ -174,7 +175,8 @@ pub async fn run(settings: Settings) -> Result<()> {
         engine.clone(),
         Some(node.clone()),
         &settings.http,
-        (Arc::clone(&auth), certs.clone()),
+        Arc::clone(&auth),
+        certs.clone(),
         closing.clone(),
     );
     tokio::spawn(Arc::clone(&auth).watch(closing.clone()));
@@ -223,7 +225,9 @@ async fn wait_for_stop(
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
-    let drained = node.drained(DRAIN_POLL);
+    // Fused: a drain wait that ended in an error is not polled again after
+    // a SIGHUP restarts the select.
+    let drained = node.drained(DRAIN_POLL).fuse();
     let stopped = node.stopped_with();
     tokio::pin!(drained, stopped);
     loop {

@@ -5,7 +5,25 @@
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
+
+/// How often a node looks at the files it reloads on change (the tokens
+/// file, the TLS certificate and key).
+pub const RELOAD_POLL: Duration = Duration::from_secs(1);
+
+/// Calls `look` every [`RELOAD_POLL`] until `closing` turns true.
+pub async fn poll_until_closing(
+    mut closing: tokio::sync::watch::Receiver<bool>,
+    mut look: impl FnMut(),
+) {
+    let mut tick = tokio::time::interval(RELOAD_POLL);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => look(),
+            _ = closing.wait_for(|c| *c) => return,
+        }
+    }
+}
 
 /// What tells one version of a watched file from the next: its inode,
 /// modification time and size. Files are replaced by renaming a new one

@@ -27,7 +27,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use causeway_engine::DocId;
 use tracing::{info, warn};
@@ -35,10 +35,9 @@ use tracing::{info, warn};
 use self::bearer::{BearerToken, TokenHash, TokenId};
 use self::grant::{Grant, Level};
 use self::token_file::{Checked, TokenFile, TokenFileError};
-use crate::guarded_file::{stamp, Stamp};
+use crate::guarded_file::{poll_until_closing, stamp, Stamp};
 
-/// How often a node looks at its tokens file for changes.
-pub const RELOAD_POLL: Duration = Duration::from_secs(1);
+pub use crate::guarded_file::RELOAD_POLL;
 
 /// Why a request's token was not accepted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -189,11 +188,8 @@ impl Authenticator {
             .table
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Unchanged, or still missing.
         if now == table.stamp {
-            return None;
-        }
-        // Nothing there yet, and never was: nothing to load.
-        if now.is_none() && table.stamp.is_none() && !path.exists() {
             return None;
         }
         table.stamp = now;
@@ -220,16 +216,9 @@ impl Authenticator {
 
     /// Reloads the tokens file every [`RELOAD_POLL`] until `closing` turns
     /// true, logging what changed.
-    pub async fn watch(self: Arc<Self>, mut closing: tokio::sync::watch::Receiver<bool>) {
-        if self.file.is_none() {
-            return;
-        }
-        let mut tick = tokio::time::interval(RELOAD_POLL);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => self.reload_and_log(),
-                _ = closing.wait_for(|c| *c) => return,
-            }
+    pub async fn watch(self: Arc<Self>, closing: tokio::sync::watch::Receiver<bool>) {
+        if self.file.is_some() {
+            poll_until_closing(closing, || self.reload_and_log()).await;
         }
     }
 

@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 
 use super::error::ApiError;
 use super::names::{doc_id, heads_string};
-use super::session::query;
+use super::session::{page_limit, query};
 use super::{blocking, AppState};
 use crate::access::grant::Level;
 use crate::access::Caller;
@@ -49,13 +49,7 @@ pub async fn feed(
 ) -> Result<Json<Value>, ApiError> {
     caller.require_everything(Level::Admin)?;
     let q = query(q)?;
-    let limit = q.limit.unwrap_or(100);
-    if limit == 0 || limit > MAX_AUDIT_PAGE {
-        return Err(ApiError::bad_request(
-            "invalid_query",
-            format!("limit must be 1 to {MAX_AUDIT_PAGE}"),
-        ));
-    }
+    let limit = page_limit(q.limit, MAX_AUDIT_PAGE)?;
     let doc = q.doc.as_deref().map(doc_id).transpose()?;
     let engine = state.engine.clone();
     let page = blocking(move || Ok(engine.audit(q.after, limit, doc.as_ref())?)).await?;

@@ -222,19 +222,19 @@ pub async fn serve(
                 None => serve_connection(stream, addr, router, &conn, idle_timeout, closing).await,
                 // The handshake counts as idle time: a client that stalls in
                 // it is closed like one that stalls before its headers.
-                Some(tls) => match tokio::time::timeout(idle_timeout, tls.accept(stream)).await {
-                    Ok(Ok(stream)) => {
-                        serve_connection(stream, addr, router, &conn, idle_timeout, closing).await
+                Some(tls) => {
+                    let handshake = tokio::time::timeout(idle_timeout, tls.accept(stream)).await;
+                    match handshake.unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into())) {
+                        Ok(stream) => {
+                            serve_connection(stream, addr, router, &conn, idle_timeout, closing)
+                                .await
+                        }
+                        Err(e) => {
+                            registry.stats.tls_failed.fetch_add(1, Ordering::Relaxed);
+                            debug!(%addr, error = %e, "TLS handshake failed");
+                        }
                     }
-                    Ok(Err(e)) => {
-                        registry.stats.tls_failed.fetch_add(1, Ordering::Relaxed);
-                        debug!(%addr, error = %e, "TLS handshake failed");
-                    }
-                    Err(_) => {
-                        registry.stats.tls_failed.fetch_add(1, Ordering::Relaxed);
-                        debug!(%addr, "TLS handshake took longer than the idle timeout");
-                    }
-                },
+                }
             }
             registry.remove(id);
             drop(permit);

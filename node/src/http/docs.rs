@@ -14,7 +14,7 @@ use serde_json::{json, Map, Value};
 
 use super::error::ApiError;
 use super::names::doc_id;
-use super::session::{query, ReadQuery, ReadSession, WriteQuery, WriteSession};
+use super::session::{page_limit, query, ReadQuery, ReadSession, WriteQuery, WriteSession};
 use super::{blocking, AppState};
 use crate::access::grant::Level;
 use crate::access::Caller;
@@ -190,13 +190,7 @@ pub async fn list(
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
-    let limit = q.limit.unwrap_or(100);
-    if limit == 0 || limit > MAX_LIST_LIMIT {
-        return Err(ApiError::bad_request(
-            "invalid_query",
-            format!("limit must be 1 to {MAX_LIST_LIMIT}"),
-        ));
-    }
+    let limit = page_limit(q.limit, MAX_LIST_LIMIT)?;
     let after = q.after.as_deref().map(doc_id).transpose()?;
     causeway_engine::validate_prefix(&q.prefix)
         .map_err(|e| ApiError::bad_request("invalid_doc_id", e.to_string()))?;

@@ -274,7 +274,8 @@ pub fn router(
     engine: Engine,
     node: Option<NodeHandle>,
     config: &HttpConfig,
-    (auth, certs): (Arc<Authenticator>, Option<Arc<tls::CertStore>>),
+    auth: Arc<Authenticator>,
+    certs: Option<Arc<tls::CertStore>>,
     closing: tokio::sync::watch::Receiver<bool>,
 ) -> Api {
     let connections = Arc::new(ConnectionStats::default());

@@ -91,6 +91,19 @@ pub fn query<T>(
         .map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))
 }
 
+/// Page size a request asked for: `asked`, or 100 if it did not say;
+/// `invalid_query` unless 1 to `max`.
+pub fn page_limit(asked: Option<usize>, max: usize) -> Result<usize, ApiError> {
+    let limit = asked.unwrap_or(100);
+    if limit == 0 || limit > max {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            format!("limit must be 1 to {max}"),
+        ));
+    }
+    Ok(limit)
+}
+
 /// The token of a request: the header, else the query parameter.
 fn request_token(
     state: &AppState,

@@ -17,7 +17,6 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
 
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
@@ -28,10 +27,9 @@ use rustls::ServerConfig;
 use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn};
 
-use crate::guarded_file::{self, stamp, Stamp};
+use crate::guarded_file::{self, poll_until_closing, stamp, Stamp};
 
-/// How often the certificate and key files are looked at for changes.
-pub const RELOAD_POLL: Duration = Duration::from_secs(1);
+pub use crate::guarded_file::RELOAD_POLL;
 
 /// Where the certificate and key are.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -176,14 +174,8 @@ impl CertStore {
     }
 
     /// Reloads on change every [`RELOAD_POLL`] until `closing` turns true.
-    pub async fn watch(self: Arc<Self>, mut closing: tokio::sync::watch::Receiver<bool>) {
-        let mut tick = tokio::time::interval(RELOAD_POLL);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => self.reload_and_log(false),
-                _ = closing.wait_for(|c| *c) => return,
-            }
-        }
+    pub async fn watch(self: Arc<Self>, closing: tokio::sync::watch::Receiver<bool>) {
+        poll_until_closing(closing, || self.reload_and_log(false)).await;
     }
 
     /// An acceptor serving the certificate in use at each handshake.
