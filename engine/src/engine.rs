@@ -571,6 +571,22 @@ impl Engine {
         })
     }
 
+    /// The raw bytes of every change of a live document, in causal order,
+    /// to hand its whole history to a peer that holds none of it; `None`
+    /// for a deleted one (the peer may hold its collected marker, which
+    /// only a sync answers without taking the history back).
+    pub(crate) fn whole_history(&self, id: &DocId) -> Result<Option<Vec<Vec<u8>>>> {
+        self.with_existing(id, |state| {
+            if state.meta.tombstone {
+                return Ok(None);
+            }
+            let changes = state.doc.get_changes(&[]);
+            Ok(Some(
+                changes.iter().map(|c| c.raw_bytes().to_vec()).collect(),
+            ))
+        })
+    }
+
     /// Lists live documents whose id starts with `prefix`, after the id
     /// `after` (exclusive), at most `limit` (capped at [`MAX_LIST_LIMIT`]).
     pub fn list(&self, prefix: &str, after: Option<&DocId>, limit: usize) -> Result<ListPage> {

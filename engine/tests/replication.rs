@@ -1474,3 +1474,162 @@ fn protocol_versions_are_negotiated_per_peer_in_the_hello() {
     }
     assert!(to_b > 0, "b is still reconciled with");
 }
+
+/// Documents `a` sent by kind, decoded from `bytes` it sent.
+fn kind_of(bytes: &[u8]) -> &'static str {
+    match Envelope::decode(bytes, usize::MAX).unwrap().message {
+        Message::Sync(_) => "sync",
+        Message::Bundle(_) => "bundle",
+        Message::Reconcile(_) => "reconcile",
+        Message::Ack(_) => "ack",
+        Message::Hello(_) => "hello",
+        _ => "other",
+    }
+}
+
+/// `n` documents written on a new node "a", its outputs dropped.
+fn node_holding(n: usize) -> Node {
+    let mut a = node("a", "eu");
+    for i in 0..n {
+        commit(&mut a, &format!("many/{i:05}"), json!({ "i": i }));
+    }
+    while a.core.poll_output().is_some() {}
+    a
+}
+
+fn holds_the_same(a: &Node, b: &Node, n: usize) -> bool {
+    (0..n).all(|i| {
+        let doc = id(&format!("many/{i:05}"));
+        b.core.engine().heads(&doc).ok() == a.core.engine().heads(&doc).ok()
+    })
+}
+
+#[test]
+fn a_new_node_receives_documents_it_lacks_whole_in_bundles() {
+    const DOCS: usize = 1_500;
+    let mut a = node_holding(DOCS);
+    let mut b = node("b", "eu");
+    let (an, bn) = (NodeId::new("a").unwrap(), NodeId::new("b").unwrap());
+    let mut rng = SplitMix64::new(3);
+    let now = Duration::ZERO;
+    a.core.handle_connect(now, &bn, &mut rng);
+    b.core.handle_connect(now, &an, &mut rng);
+    pump(&mut a, &an, &mut b, &bn, now);
+    assert!(holds_the_same(&a, &b, DOCS));
+    let (sent, received) = (a.core.stats(), b.core.stats());
+    assert_eq!(sent.bundled_docs_sent, DOCS as u64);
+    // At most MAX_BUNDLE_DOCS documents a bundle: two bundles, and not
+    // one document sync either way.
+    assert_eq!(sent.messages_sent("bundle"), 2);
+    assert_eq!(
+        sent.messages_sent("sync") + received.messages_sent("sync"),
+        0
+    );
+    let changes: usize = (0..DOCS)
+        .map(|i| {
+            let doc = id(&format!("many/{i:05}"));
+            a.core.engine().changes_since(&doc, &[]).unwrap().len()
+        })
+        .sum();
+    assert_eq!(received.bundle_changes_applied, changes as u64);
+    // Each bundle was answered (by one acknowledgement each): nothing
+    // awaits an answer, so nothing falls back to a sync later.
+    a.core
+        .handle_timeout(Duration::from_secs(30), &mut rng)
+        .unwrap();
+    assert!(a.core.poll_output().into_iter().all(|o| match o {
+        Output::Send { bytes, .. } => kind_of(&bytes) != "sync",
+        _ => true,
+    }));
+    assert_eq!(a.core.stats().bundled_docs_unanswered, 0);
+    let caught_up = b.core.catch_up();
+    assert_eq!(caught_up.done_at, Some(now));
+    assert_eq!(caught_up.documents_left, 0);
+}
+
+#[test]
+fn a_lost_bundle_falls_back_to_document_syncs() {
+    const DOCS: usize = 30;
+    let mut a = node_holding(DOCS);
+    let mut b = node("b", "eu");
+    let (an, bn) = (NodeId::new("a").unwrap(), NodeId::new("b").unwrap());
+    let mut rng = SplitMix64::new(3);
+    let now = Duration::ZERO;
+    a.core.handle_connect(now, &bn, &mut rng);
+    b.core.handle_connect(now, &an, &mut rng);
+    // Everything goes through except a's bundles, which are lost.
+    let mut lost = 0;
+    loop {
+        let mut moved = deliver(&mut b, &bn, &mut a, now);
+        while let Some(out) = a.core.poll_output() {
+            moved += 1;
+            if let Output::Send { bytes, .. } = out {
+                if kind_of(&bytes) == "bundle" {
+                    lost += 1;
+                } else {
+                    b.core.handle_message(now, direct(&an, &bytes)).unwrap();
+                }
+            }
+        }
+        if moved == 0 {
+            break;
+        }
+    }
+    assert_eq!(lost, 1);
+    assert!(b
+        .core
+        .engine()
+        .list("many/", None, 100)
+        .unwrap()
+        .ids
+        .is_empty());
+    assert_eq!(b.core.catch_up().done_at, None, "caught up without them");
+    // Unanswered after retry_after: each document gets a sync.
+    let later = Duration::from_secs(6);
+    a.core.handle_timeout(later, &mut rng).unwrap();
+    assert_eq!(a.core.stats().bundled_docs_unanswered, DOCS as u64);
+    pump(&mut a, &an, &mut b, &bn, later);
+    assert!(holds_the_same(&a, &b, DOCS));
+    assert!(a.core.stats().messages_sent("sync") >= DOCS as u64);
+}
+
+#[test]
+fn a_peer_speaking_only_version_1_gets_document_syncs_not_bundles() {
+    const DOCS: usize = 30;
+    let mut a = node_holding(DOCS);
+    let mut b = node("b", "eu");
+    let (an, bn) = (NodeId::new("a").unwrap(), NodeId::new("b").unwrap());
+    let mut rng = SplitMix64::new(3);
+    let now = Duration::ZERO;
+    a.core.handle_connect(now, &bn, &mut rng);
+    b.core.handle_connect(now, &an, &mut rng);
+    // b says it speaks version 1 alone, as a build before bundles does.
+    a.core
+        .handle_message(now, direct(&bn, &hello_speaking(&bn, 1, 1)))
+        .unwrap();
+    assert_eq!(a.core.protocol_version(&bn), Some(1));
+    loop {
+        let mut moved = 0;
+        while let Some(out) = b.core.poll_output() {
+            moved += 1;
+            if let Output::Send { bytes, .. } = out {
+                if kind_of(&bytes) != "hello" {
+                    a.core.handle_message(now, direct(&bn, &bytes)).unwrap();
+                }
+            }
+        }
+        while let Some(out) = a.core.poll_output() {
+            moved += 1;
+            if let Output::Send { bytes, .. } = out {
+                assert_ne!(kind_of(&bytes), "bundle");
+                assert_eq!(envelope_version(&bytes), 1);
+                b.core.handle_message(now, direct(&an, &bytes)).unwrap();
+            }
+        }
+        if moved == 0 {
+            break;
+        }
+    }
+    assert!(holds_the_same(&a, &b, DOCS));
+    assert_eq!(a.core.stats().bundled_docs_sent, 0);
+}

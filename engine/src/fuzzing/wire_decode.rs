@@ -21,8 +21,8 @@ use crate::doc_id::DocId;
 use crate::doc_sync::{normalise, SyncMessage};
 use crate::guarded;
 use crate::replication::wire::{
-    Envelope, Message, RangeBody, MAX_ACK_ENTRIES, MAX_CHANGES_PER_DELTA, MAX_FRAME_BYTES,
-    MAX_GOSSIP_BYTES, MAX_HEADS, MAX_ITEMS, MAX_RANGES,
+    Envelope, Message, RangeBody, MAX_ACK_ENTRIES, MAX_BUNDLE_DOCS, MAX_CHANGES_PER_DELTA,
+    MAX_FRAME_BYTES, MAX_GOSSIP_BYTES, MAX_HEADS, MAX_ITEMS, MAX_RANGES,
 };
 use crate::session::{SessionToken, TokenKey, TOKEN_VERSION};
 
@@ -87,6 +87,13 @@ fn check_limits(message: &Message) {
         }
         Message::Announce(a) => assert!(a.heads.len() <= MAX_HEADS),
         Message::Push(p) => assert!(p.changes.len() <= MAX_CHANGES_PER_DELTA),
+        Message::Bundle(b) => {
+            assert!(b.docs.len() <= MAX_BUNDLE_DOCS);
+            assert!(b
+                .docs
+                .iter()
+                .all(|d| d.changes.len() <= MAX_CHANGES_PER_DELTA));
+        }
         Message::Reconcile(r) => {
             assert!(r.ranges.len() <= MAX_RANGES);
             let items: usize = r
@@ -118,6 +125,11 @@ fn decode_inner(message: &Message) {
         }
         Message::Push(p) => {
             for change in &p.changes {
+                let _ = guarded::change(change.0.clone());
+            }
+        }
+        Message::Bundle(b) => {
+            for change in b.docs.iter().flat_map(|d| &d.changes) {
                 let _ = guarded::change(change.0.clone());
             }
         }

@@ -164,6 +164,10 @@ pub struct Processed {
     /// Documents that differ and for which this side starts per-document sync
     /// (it received the other side's full list for their range).
     pub to_sync: Vec<DocId>,
+    /// Those of `to_sync` the other side holds none of (absent from the
+    /// list it sent): their whole history can go to it at once, with no
+    /// sync to run (see [`Bundle`](super::wire::Bundle)).
+    pub absent_there: Vec<DocId>,
     /// Documents learned to differ from an answer (the other side syncs them).
     pub learned: Vec<DocId>,
     /// Ranges `[lower, upper)` (`None`: unbounded) whose fingerprints were
@@ -238,7 +242,12 @@ pub fn process(set: &ItemSet, incoming: &[RangePart], params: &Params) -> Proces
     if needs_reply || open {
         out.reply = reply;
     }
-    for ids in [&mut out.to_sync, &mut out.learned, &mut out.equal_docs] {
+    for ids in [
+        &mut out.to_sync,
+        &mut out.absent_there,
+        &mut out.learned,
+        &mut out.equal_docs,
+    ] {
         ids.sort_unstable();
         ids.dedup();
     }
@@ -342,6 +351,12 @@ fn answer_items(
         .map(to_item)
         .collect();
     out.to_sync.extend(extras.iter().map(|i| i.doc.clone()));
+    out.absent_there.extend(
+        extras
+            .iter()
+            .filter(|i| !their_map.contains_key(&i.doc))
+            .map(|i| i.doc.clone()),
+    );
     let take = extras.len().min(*budget);
     *budget -= take;
     let lacking = Some(Bytes(lacking));
@@ -464,7 +479,8 @@ mod tests {
     }
 
     /// Runs a whole session; returns (to_sync on either side, learned on
-    /// either side, messages).
+    /// either side, messages). Checks that every document a side found
+    /// absent on the other is one of its own the other lacks.
     fn run(a: &ItemSet, b: &ItemSet, params: &Params) -> (BTreeSet<DocId>, BTreeSet<DocId>, usize) {
         let mut msg = initiate(a, params);
         let mut synced = BTreeSet::new();
@@ -472,8 +488,12 @@ mod tests {
         let mut messages = 1;
         let mut turn_b = true;
         loop {
-            let side = if turn_b { b } else { a };
+            let (side, other) = if turn_b { (b, a) } else { (a, b) };
             let p = process(side, &msg, params);
+            for doc in &p.absent_there {
+                assert!(side.get(doc).is_some() && other.get(doc).is_none(), "{doc}");
+                assert!(p.to_sync.binary_search(doc).is_ok(), "{doc}");
+            }
             synced.extend(p.to_sync);
             learned.extend(p.learned);
             if p.reply.is_empty() {
@@ -525,6 +545,25 @@ mod tests {
         b.insert(id(8_000), &digest(1));
         let (synced, _, _) = run(&a, &b, &Params::default());
         assert_eq!(synced, expected(&a, &b));
+    }
+
+    #[test]
+    fn documents_the_other_side_lacks_are_told_apart() {
+        let mut a = ItemSet::new();
+        let mut b = ItemSet::new();
+        for i in 0..20 {
+            a.insert(id(i), &digest(i));
+        }
+        b.insert(id(3), &digest(99));
+        b.insert(id(50), &digest(50));
+        let params = Params::default();
+        // b lists its two items; a answers, finding 19 of its own absent
+        // there and one (id 3) held at another digest.
+        let p = process(&a, &initiate(&b, &params), &params);
+        let absent: Vec<DocId> = (0..20).filter(|i| *i != 3).map(id).collect();
+        assert_eq!(p.absent_there, absent);
+        assert!(p.to_sync.contains(&id(3)) && p.to_sync.contains(&id(50)));
+        assert!(!p.absent_there.contains(&id(50)));
     }
 
     #[test]

@@ -18,8 +18,9 @@ use crate::doc_id::DocId;
 
 use super::ids::{ClusterId, NodeId, Region};
 
-/// The newest protocol version this build speaks.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// The newest protocol version this build speaks. Version 2 adds
+/// [`Message::Bundle`]; everything else is encoded as in version 1.
+pub const PROTOCOL_VERSION: u32 = 2;
 /// The oldest protocol version this build speaks. A node sends anything
 /// it sends to a peer before the peer's hello arrives in this version.
 pub const MIN_PROTOCOL_VERSION: u32 = 1;
@@ -86,6 +87,16 @@ pub const MAX_RANGES: usize = 4096;
 pub const MAX_ITEMS: usize = 16_384;
 /// Most documents acknowledged in one [`Ack`].
 pub const MAX_ACK_ENTRIES: usize = 4096;
+/// Most documents in one [`Bundle`] (below [`MAX_ACK_ENTRIES`], so that
+/// one acknowledgement can answer a whole bundle).
+pub const MAX_BUNDLE_DOCS: usize = 1024;
+/// Budget for the changes in one [`Bundle`]: a sender adds documents while
+/// their changes fit (a document whose history alone exceeds it is synced
+/// instead), so a bundle stays far below [`MAX_FRAME_BYTES`].
+pub const MAX_BUNDLE_CHANGE_BYTES: usize = 1 << 20;
+/// The first protocol version with [`Message::Bundle`]: a bundle in an
+/// older envelope is refused as a kind that version does not have.
+pub const BUNDLE_VERSION: u32 = 2;
 /// Bytes of a range fingerprint in reconciliation.
 pub const FINGERPRINT_LEN: usize = 16;
 /// Bytes of an item digest in reconciliation (a prefix of SHA-256 over the
@@ -185,6 +196,10 @@ pub enum Message {
     /// trees (see `topology`).
     #[serde(rename = "push")]
     Push(Push),
+    /// The whole history of documents the receiver holds none of (protocol
+    /// version 2, [`BUNDLE_VERSION`]).
+    #[serde(rename = "bundle")]
+    Bundle(Bundle),
 }
 
 /// Identifies a node to a peer it has just connected to.
@@ -263,6 +278,44 @@ impl From<(NodeId, NodeId, DocId, Vec<Bytes>)> for Push {
 impl From<Push> for (NodeId, NodeId, DocId, Vec<Bytes>) {
     fn from(p: Push) -> Self {
         (p.root, p.origin, p.doc, p.changes)
+    }
+}
+
+/// Whole documents sent to a peer that holds none of them: reconciliation
+/// found them missing there, and the sender has no sync to run, only their
+/// history to hand over. One bundle carries many small documents (a new
+/// node joining a cluster receives thousands), where a per-document sync
+/// costs each one an exchange of several messages. The receiver applies
+/// each document's changes as it would a sync's and acknowledges the heads
+/// it then holds, which is the bundle's answer. On the wire:
+/// `[[doc, [change, ...]], ...]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Bundle {
+    /// The documents, each with every change of its history in causal
+    /// order.
+    pub docs: Vec<BundledDoc>,
+}
+
+/// One document of a [`Bundle`]. On the wire: `[doc, [change, ...]]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "(DocId, Vec<Bytes>)", into = "(DocId, Vec<Bytes>)")]
+pub struct BundledDoc {
+    /// The document.
+    pub doc: DocId,
+    /// Raw Automerge changes, in causal order.
+    pub changes: Vec<Bytes>,
+}
+
+impl From<(DocId, Vec<Bytes>)> for BundledDoc {
+    fn from((doc, changes): (DocId, Vec<Bytes>)) -> Self {
+        BundledDoc { doc, changes }
+    }
+}
+
+impl From<BundledDoc> for (DocId, Vec<Bytes>) {
+    fn from(d: BundledDoc) -> Self {
+        (d.doc, d.changes)
     }
 }
 
@@ -616,6 +669,10 @@ impl Envelope {
             Err(_) if hello_only => return Err(unsupported),
             other => other?,
         };
+        if matches!(message, Message::Bundle(_)) && version < u64::from(BUNDLE_VERSION) {
+            // Version 1 has no bundle: refused as a version 1 build would.
+            return Err(WireError::UnknownKind("bundle".into()));
+        }
         message.check()?;
         Ok(Envelope { cluster, message })
     }
@@ -646,6 +703,12 @@ impl Message {
             }
             Message::Announce(a) => a.heads.check(),
             Message::Push(p) => limit("push changes", p.changes.len(), MAX_CHANGES_PER_DELTA),
+            Message::Bundle(b) => {
+                limit("bundle documents", b.docs.len(), MAX_BUNDLE_DOCS)?;
+                b.docs.iter().try_for_each(|d| {
+                    limit("bundle changes", d.changes.len(), MAX_CHANGES_PER_DELTA)
+                })
+            }
             Message::Reconcile(r) => {
                 limit("reconcile ranges", r.ranges.len(), MAX_RANGES)?;
                 let mut items = 0;
@@ -760,7 +823,8 @@ mod tests {
         assert_eq!(err, WireError::UnknownKind("batch".into()));
         assert!(err.from_other_version());
         let mut newer = delta_envelope_bytes();
-        newer[1] = 0x02;
+        // A small version is its own CBOR header byte.
+        newer[1] = u8::try_from(PROTOCOL_VERSION + 1).unwrap();
         let err = Envelope::decode(&newer, MAX_FRAME_BYTES).unwrap_err();
         assert!(err.from_other_version(), "{err}");
         let mut garbled = delta_envelope_bytes();
@@ -768,6 +832,47 @@ mod tests {
         assert!(!Envelope::decode(&garbled, MAX_FRAME_BYTES)
             .unwrap_err()
             .from_other_version());
+    }
+
+    fn bundle(docs: usize, changes: usize) -> Message {
+        Message::Bundle(Bundle {
+            docs: (0..docs)
+                .map(|i| BundledDoc {
+                    doc: DocId::new(format!("d/{i}")).unwrap(),
+                    changes: vec![Bytes(vec![1, 2, 3]); changes],
+                })
+                .collect(),
+        })
+    }
+
+    #[test]
+    fn a_bundle_travels_from_version_2_and_within_its_limits() {
+        let env = Envelope {
+            cluster: cluster(),
+            message: bundle(3, 2),
+        };
+        let bytes = env.encode_at(BUNDLE_VERSION);
+        assert_eq!(Envelope::decode(&bytes, MAX_FRAME_BYTES).unwrap(), env);
+        // Version 1 has no bundle: refused as a version 1 build refuses it,
+        // without holding it against the sender.
+        let old = env.encode_at(1);
+        let err = Envelope::decode(&old, MAX_FRAME_BYTES).unwrap_err();
+        assert_eq!(err, WireError::UnknownKind("bundle".into()));
+        assert!(err.from_other_version());
+        for (docs, changes, what) in [
+            (MAX_BUNDLE_DOCS + 1, 1, "bundle documents"),
+            (1, MAX_CHANGES_PER_DELTA + 1, "bundle changes"),
+        ] {
+            let bytes = Envelope {
+                cluster: cluster(),
+                message: bundle(docs, changes),
+            }
+            .encode();
+            match Envelope::decode(&bytes, MAX_FRAME_BYTES) {
+                Err(WireError::LimitExceeded { what: w, .. }) => assert_eq!(w, what),
+                other => panic!("{what}: {other:?}"),
+            }
+        }
     }
 
     fn delta_envelope_bytes() -> Vec<u8> {

@@ -421,8 +421,10 @@ impl Cluster {
             self.dirty_all = true;
         }
         let stats = core.stats();
-        let applied =
-            stats.delta_changes_applied + stats.push_changes_applied + stats.sync_changes_applied;
+        let applied = stats.delta_changes_applied
+            + stats.push_changes_applied
+            + stats.sync_changes_applied
+            + stats.bundle_changes_applied;
         if applied != node.applied_seen {
             node.applied_seen = applied;
             self.state_epoch += 1;
@@ -916,7 +918,7 @@ impl Cluster {
         self.report.sent = total.sent;
         self.report.changes_applied = (
             total.delta_changes_applied + total.push_changes_applied,
-            total.sync_changes_applied,
+            total.sync_changes_applied + total.bundle_changes_applied,
         );
         self.report.syncs_dropped = total.syncs_dropped;
         self.report.syncs_abandoned = total.syncs_abandoned;

@@ -51,6 +51,7 @@ pub struct NodeMetrics {
     region_claims_overridden: Counter,
     reconcile_differences: Counter,
     pushes: Family<KindLabel, Counter>,
+    bundled_documents: Family<KindLabel, Counter>,
     confirmations: Counter,
     reconciliations: Counter,
     silenced: Counter,
@@ -159,6 +160,7 @@ impl NodeMetrics {
             ephemeral: Family::default(),
             reconcile_differences: Counter::default(),
             pushes: Family::default(),
+            bundled_documents: Family::default(),
             confirmations: Counter::default(),
             reconciliations: Counter::default(),
             silenced: Counter::default(),
@@ -220,7 +222,7 @@ impl NodeMetrics {
         );
         r.register(
             "changes_applied",
-            "Changes applied from peers, by path (delta or sync)",
+            "Changes applied from peers, by path (delta, sync, push or bundle)",
             m.changes_applied.clone(),
         );
         r.register(
@@ -323,6 +325,12 @@ impl NodeMetrics {
             "Pushes sent again for want of an acknowledgement (resent), given up and left \
              to repair (abandoned), or not kept for a resend at a bound (untracked)",
             m.pushes.clone(),
+        );
+        r.register(
+            "bundled_documents",
+            "Documents sent whole, in bundles, to a peer that held none of them (sent), and \
+             of those, the ones it did not acknowledge in time, synced instead (unanswered)",
+            m.bundled_documents.clone(),
         );
         r.register(
             "peers_silenced",
@@ -542,6 +550,21 @@ impl NodeMetrics {
         applied
             .get_or_create(&label("push"))
             .inc_by(stats.push_changes_applied - self.last.push_changes_applied);
+        applied
+            .get_or_create(&label("bundle"))
+            .inc_by(stats.bundle_changes_applied - self.last.bundle_changes_applied);
+        for (outcome, now, before) in [
+            ("sent", stats.bundled_docs_sent, self.last.bundled_docs_sent),
+            (
+                "unanswered",
+                stats.bundled_docs_unanswered,
+                self.last.bundled_docs_unanswered,
+            ),
+        ] {
+            self.bundled_documents
+                .get_or_create(&label(outcome))
+                .inc_by(now - before);
+        }
         self.syncs_dropped
             .inc_by(stats.syncs_dropped - self.last.syncs_dropped);
         self.syncs_abandoned

@@ -35,7 +35,14 @@ impl Replicator {
         // cannot make the network thread load thousands of
         // documents.
         let mut reads = 0;
+        let bundled = self
+            .peers
+            .get(from)
+            .is_some_and(|p| p.bundles.pending() > 0);
         for e in a.entries {
+            if bundled {
+                self.bundle_acknowledged(from, &e.doc);
+            }
             let Some(digest) = self.items.get(&e.doc) else {
                 continue;
             };
@@ -64,6 +71,9 @@ impl Replicator {
                 Err(e) => return Err(e),
             };
             self.record_progress(now, from, &e.doc, theirs, Some(&ours))?;
+        }
+        if bundled {
+            self.pump_bundles(now, from)?;
         }
         Ok(Verdict::Accept)
     }
@@ -204,7 +214,7 @@ impl Replicator {
         }
     }
 
-    fn send_acks(&mut self, peer: &NodeId, acks: BTreeMap<DocId, Heads>) {
+    pub(super) fn send_acks(&mut self, peer: &NodeId, acks: BTreeMap<DocId, Heads>) {
         let entries = acks
             .into_iter()
             .map(|(doc, heads)| AckEntry { doc, heads })

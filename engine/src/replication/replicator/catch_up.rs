@@ -157,6 +157,7 @@ impl Replicator {
             let theirs = s.peer.as_ref() == Some(id);
             let counted = |doc: &DocId| theirs && s.awaiting.contains(doc);
             left += p.queue.iter().filter(|d| !counted(d)).count();
+            left += p.bundles.pending();
             left += p
                 .syncs
                 .iter()
@@ -343,7 +344,7 @@ impl Replicator {
         // Cheap checks first: this runs after every message, and a walk of
         // the peer's sync sessions (up to `max_sync_sessions_per_peer`) is
         // left for when nothing else is outstanding.
-        if !by_document && !p.queue.is_empty() {
+        if !by_document && (!p.queue.is_empty() || p.bundles.pending() > 0) {
             return Look::Waiting;
         }
         let syncing = || p.syncs.values().any(|st| st.sent_at.is_some());

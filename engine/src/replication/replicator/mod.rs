@@ -22,6 +22,8 @@
 //!   windows, retries, and the repair of held changes.
 //! * `reconciliation`: range-based set reconciliation sessions with each
 //!   peer.
+//! * `bundles`: the whole history of documents a peer lacks entirely, many
+//!   to a message.
 //! * `acks`: acknowledgements sent and received, and the progress they
 //!   record.
 //!
@@ -44,13 +46,14 @@ use super::progress::{Delay, Progress};
 use super::random::Random;
 use super::reconcile::{self, ItemSet, Params};
 use super::wire::{
-    Ack, AckEntry, Announce, Bytes, Delta, Envelope, Heads, Hello, Message, Reconcile, SyncFrame,
-    VersionRange, WireError, HELLO_VERSION, MAX_ACK_ENTRIES, MAX_CHANGES_PER_DELTA,
-    MAX_FRAME_BYTES, MAX_GOSSIP_BYTES, MAX_SYNC_CHANGE_BYTES, MIN_PROTOCOL_VERSION,
-    SUPPORTED_VERSIONS,
+    Ack, AckEntry, Announce, Bundle, BundledDoc, Bytes, Delta, Envelope, Heads, Hello, Message,
+    Reconcile, SyncFrame, VersionRange, WireError, BUNDLE_VERSION, HELLO_VERSION, MAX_ACK_ENTRIES,
+    MAX_BUNDLE_CHANGE_BYTES, MAX_BUNDLE_DOCS, MAX_CHANGES_PER_DELTA, MAX_FRAME_BYTES,
+    MAX_GOSSIP_BYTES, MAX_SYNC_CHANGE_BYTES, MIN_PROTOCOL_VERSION, SUPPORTED_VERSIONS,
 };
 
 mod acks;
+mod bundles;
 mod catch_up;
 mod collection;
 mod deadlines;
@@ -63,6 +66,7 @@ mod sync;
 mod types;
 
 pub use self::acks::MAX_CONFIRMATIONS_PER_PEER;
+pub use self::bundles::MAX_BUNDLES_IN_FLIGHT;
 use self::catch_up::Settling;
 pub use self::catch_up::{Settlement, MAX_CATCH_UP_DOCS, STALL_ROUNDS};
 pub use self::collection::{Collection, CollectionPass, COLLECTION_PAGE, CONTACT_RECORD_INTERVAL};
@@ -219,6 +223,8 @@ struct Peer {
     /// side's) last arrived (`None`: not since it connected).
     reconciled_at: Option<Duration>,
     acks: BTreeMap<DocId, Heads>,
+    /// Whole documents it lacks, queued and in flight (see `bundles`).
+    bundles: bundles::Bundles,
     /// A push to it was given up unacknowledged: pushes go around it (to
     /// its children in a tree, to the next bridge of its region) until a
     /// message from it arrives. What it misses meanwhile is left to the
@@ -528,6 +534,7 @@ impl Replicator {
             .peers
             .values()
             .filter_map(|p| p.reconcile_sent_at.map(|(_, at)| at))
+            .chain(self.peers.values().filter_map(|p| p.bundles.oldest()))
             .chain(sync)
             .map(|at| at + self.config.retry_after)
             .min();
@@ -570,6 +577,7 @@ impl Replicator {
                 reconcile_sent_at: None,
                 reconciled_at: None,
                 acks: BTreeMap::new(),
+                bundles: bundles::Bundles::default(),
                 silent: false,
                 version: None,
                 incompatible: false,
@@ -796,6 +804,7 @@ impl Replicator {
             (Channel::Direct, Message::Reconcile(r)) => self.on_reconcile(now, from, r),
             (Channel::Direct, Message::Ack(a)) => self.on_ack(now, from, a),
             (Channel::Direct, Message::Push(p)) => self.on_push(now, from, p),
+            (Channel::Direct, Message::Bundle(b)) => self.on_bundle(now, from, b),
             (_, m) => Ok(self.reject(from, Rejection::WrongChannel(kind(&m)))),
         }
     }
@@ -839,6 +848,7 @@ impl Replicator {
             }
             let docs = due.remove(peer).unwrap_or_default();
             self.resend_unanswered(now, peer, docs)?;
+            self.resend_bundles(now, peer)?;
             self.start_queued(now, peer)?;
         }
         self.collect_garbage(now)?;
@@ -978,5 +988,6 @@ pub(super) fn kind(m: &Message) -> &'static str {
         Message::Reconcile(_) => "reconcile",
         Message::Ack(_) => "ack",
         Message::Push(_) => "push",
+        Message::Bundle(_) => "bundle",
     }
 }

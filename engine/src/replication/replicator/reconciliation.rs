@@ -108,9 +108,32 @@ impl Replicator {
                     .record(now, from, &doc, ours.clone(), Some(&ours));
             }
         }
+        // Documents the peer lacks entirely go whole, in bundles, where it
+        // reads them; the rest (and everything, to an older peer) by sync.
+        let bundled = if self.bundles_to(from) {
+            processed.absent_there.as_slice()
+        } else {
+            &[]
+        };
         for doc in &processed.to_sync {
-            self.enqueue_sync(from, doc);
+            if bundled.binary_search(doc).is_ok() {
+                self.enqueue_bundle(from, doc);
+            } else {
+                self.enqueue_sync(from, doc);
+            }
         }
+        // This node holds all the peer holds of a document it lacks: none
+        // of the bundled ones holds up its own catching up.
+        let own: Vec<DocId> = if bundled.is_empty() {
+            processed.to_sync.clone()
+        } else {
+            processed
+                .to_sync
+                .iter()
+                .filter(|d| bundled.binary_search(d).is_err())
+                .cloned()
+                .collect()
+        };
         if let Some((_, sent)) = self
             .peers
             .get(from)
@@ -139,7 +162,7 @@ impl Replicator {
             p.reconcile_sent_at =
                 reconcile::expects_answer(&processed.reply).then_some((r.session, now));
             let ended = p.reconcile_sent_at.is_none();
-            self.learned_while_settling(from, r.session, &processed.learned, &processed.to_sync);
+            self.learned_while_settling(from, r.session, &processed.learned, &own);
             if ended {
                 self.own_session_ended(now, from, r.session);
             }
@@ -151,6 +174,7 @@ impl Replicator {
             });
             self.send(from, msg);
         }
+        self.pump_bundles(now, from)?;
         self.start_queued(now, from)?;
         Ok(Verdict::Accept)
     }

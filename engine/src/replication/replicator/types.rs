@@ -172,6 +172,13 @@ pub struct Stats {
     pub sync_changes_applied: u64,
     /// Changes applied from pushes.
     pub push_changes_applied: u64,
+    /// Changes applied from bundles (whole documents from a peer).
+    pub bundle_changes_applied: u64,
+    /// Documents sent in bundles.
+    pub bundled_docs_sent: u64,
+    /// Documents sent in bundles and not acknowledged within
+    /// `retry_after`, synced instead.
+    pub bundled_docs_unanswered: u64,
     /// Pushes sent again for want of an acknowledgement (to the same
     /// peer, its stand-ins in the tree, or the next bridge).
     pub pushes_resent: u64,
@@ -243,7 +250,7 @@ pub struct Stats {
 
 impl Stats {
     /// Messages of `kind` (`hello`, `delta`, `announce`, `sync`, `reconcile`,
-    /// `ack`, `push`) sent.
+    /// `ack`, `push`, `bundle`) sent.
     pub fn messages_sent(&self, kind: &str) -> u64 {
         self.sent.get(kind).map_or(0, |(messages, _)| *messages)
     }
@@ -253,6 +260,9 @@ impl Stats {
         self.delta_changes_applied += other.delta_changes_applied;
         self.sync_changes_applied += other.sync_changes_applied;
         self.push_changes_applied += other.push_changes_applied;
+        self.bundle_changes_applied += other.bundle_changes_applied;
+        self.bundled_docs_sent += other.bundled_docs_sent;
+        self.bundled_docs_unanswered += other.bundled_docs_unanswered;
         self.pushes_resent += other.pushes_resent;
         self.pushes_abandoned += other.pushes_abandoned;
         self.pushes_untracked += other.pushes_untracked;
