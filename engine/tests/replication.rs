@@ -11,8 +11,8 @@ use causeway_engine::replication::ids::{ClusterId, NodeId, Region};
 use causeway_engine::replication::random::SplitMix64;
 use causeway_engine::replication::wire::{
     Ack, AckEntry, Bytes, Delta, Envelope, Heads, Hello, Message, Reconcile, SyncFrame,
-    HELLO_VERSION, MAX_CHANGES_PER_DELTA, MAX_GOSSIP_BYTES, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
-    SUPPORTED_VERSIONS,
+    GOSSIP_FORMAT_VERSION, HELLO_VERSION, MAX_CHANGES_PER_DELTA, MAX_GOSSIP_BYTES,
+    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, SUPPORTED_VERSIONS,
 };
 use causeway_engine::replication::{
     reason_name, Channel, Inbound, Members, Output, Replicator, ReplicatorConfig, Verdict,
@@ -1466,8 +1466,10 @@ fn protocol_versions_are_negotiated_per_peer_in_the_hello() {
                 to_b += 1;
             }
             Output::Publish(bytes) => {
-                // Gossip goes in a version every compatible peer speaks.
-                assert_eq!(envelope_version(&bytes), PROTOCOL_VERSION as u8);
+                // Gossip goes in a version every compatible peer speaks,
+                // and no newer than the last one that changed a gossiped
+                // message, so that older builds behind relays read it.
+                assert_eq!(envelope_version(&bytes), GOSSIP_FORMAT_VERSION as u8);
             }
             Output::Misbehaving { peer, reason } => panic!("{peer} refused: {reason}"),
         }

@@ -97,6 +97,16 @@ pub const MAX_BUNDLE_CHANGE_BYTES: usize = 1 << 20;
 /// The first protocol version with [`Message::Bundle`]: a bundle in an
 /// older envelope is refused as a kind that version does not have.
 pub const BUNDLE_VERSION: u32 = 2;
+/// The newest protocol version that changed a message published by gossip
+/// (delta, announce; version 2 changed only direct messages). Gossip reaches
+/// nodes through relays, beyond the peers its author negotiated with: it
+/// goes out in the lowest version negotiated with the connected peers and
+/// never newer than this one, so that during a rolling upgrade an older
+/// build that hears it through a relay still reads it.
+pub const GOSSIP_FORMAT_VERSION: u32 = 1;
+const _: () = assert!(
+    MIN_PROTOCOL_VERSION <= GOSSIP_FORMAT_VERSION && GOSSIP_FORMAT_VERSION <= PROTOCOL_VERSION
+);
 /// Bytes of a range fingerprint in reconciliation.
 pub const FINGERPRINT_LEN: usize = 16;
 /// Bytes of an item digest in reconciliation (a prefix of SHA-256 over the

@@ -47,9 +47,10 @@ use super::random::Random;
 use super::reconcile::{self, ItemSet, Params};
 use super::wire::{
     Ack, AckEntry, Announce, Bundle, BundledDoc, Bytes, Delta, Envelope, Heads, Hello, Message,
-    Reconcile, SyncFrame, VersionRange, WireError, BUNDLE_VERSION, HELLO_VERSION, MAX_ACK_ENTRIES,
-    MAX_BUNDLE_CHANGE_BYTES, MAX_BUNDLE_DOCS, MAX_CHANGES_PER_DELTA, MAX_FRAME_BYTES,
-    MAX_GOSSIP_BYTES, MAX_SYNC_CHANGE_BYTES, MIN_PROTOCOL_VERSION, SUPPORTED_VERSIONS,
+    Reconcile, SyncFrame, VersionRange, WireError, BUNDLE_VERSION, GOSSIP_FORMAT_VERSION,
+    HELLO_VERSION, MAX_ACK_ENTRIES, MAX_BUNDLE_CHANGE_BYTES, MAX_BUNDLE_DOCS,
+    MAX_CHANGES_PER_DELTA, MAX_FRAME_BYTES, MAX_GOSSIP_BYTES, MAX_SYNC_CHANGE_BYTES,
+    MIN_PROTOCOL_VERSION, SUPPORTED_VERSIONS,
 };
 
 mod acks;
@@ -872,7 +873,9 @@ impl Replicator {
 
     /// The version gossip goes out in: one every connected peer speaks,
     /// the lowest negotiated, or [`MIN_PROTOCOL_VERSION`] while a peer's
-    /// hello has not arrived (and with no peer at all).
+    /// hello has not arrived (and with no peer at all); never newer than
+    /// [`GOSSIP_FORMAT_VERSION`], so that older builds reached through
+    /// relays read it.
     fn refresh_gossip_version(&mut self) {
         let mut versions = self.peers.values().filter(|p| !p.incompatible);
         self.gossip_version = versions
@@ -880,7 +883,8 @@ impl Replicator {
                 p.version.map(|v| low.min(v))
             })
             .filter(|_| !self.peers.is_empty())
-            .unwrap_or(MIN_PROTOCOL_VERSION);
+            .unwrap_or(MIN_PROTOCOL_VERSION)
+            .clamp(MIN_PROTOCOL_VERSION, GOSSIP_FORMAT_VERSION);
     }
 
     /// A peer's hello named no protocol version this build speaks: it is
