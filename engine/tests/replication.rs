@@ -1635,3 +1635,40 @@ fn a_peer_speaking_only_version_1_gets_document_syncs_not_bundles() {
     assert!(holds_the_same(&a, &b, DOCS));
     assert_eq!(a.core.stats().bundled_docs_sent, 0);
 }
+
+#[test]
+fn a_bundle_is_answered_whole_even_with_acknowledgements_already_pending() {
+    let mut a = node("a", "eu");
+    let mut b = node("b", "eu");
+    let (an, bn) = (NodeId::new("a").unwrap(), NodeId::new("b").unwrap());
+    let mut rng = SplitMix64::new(3);
+    let now = Duration::ZERO;
+    a.core.handle_connect(now, &bn, &mut rng);
+    b.core.handle_connect(now, &an, &mut rng);
+    pump(&mut a, &an, &mut b, &bn, now);
+    // b applies 3,500 of a's deltas: their acknowledgements wait for the
+    // next flush, which no timeout brings here.
+    for i in 0..3_500 {
+        commit(&mut a, &format!("early/{i:05}"), json!({ "i": i }));
+    }
+    deliver(&mut a, &an, &mut b, now);
+    assert!(b.core.queue_depths().pending_acks >= 3_000);
+    // a has 1,000 more that b lacks, which reach it in one bundle while
+    // those acknowledgements are pending.
+    for i in 0..1_000 {
+        commit(&mut a, &format!("many/{i:05}"), json!({ "i": i }));
+    }
+    while a.core.poll_output().is_some() {}
+    // a's next anti-entropy round finds them (b's timer, which would
+    // flush b's acknowledgements, does not run).
+    let later = Duration::from_secs(40);
+    a.core.handle_timeout(later, &mut rng).unwrap();
+    assert!(b.core.queue_depths().pending_acks >= 3_000);
+    pump(&mut a, &an, &mut b, &bn, later);
+    assert!(holds_the_same(&a, &b, 1_000));
+    assert_eq!(a.core.stats().bundled_docs_sent, 1_000);
+    a.core
+        .handle_timeout(later + Duration::from_secs(10), &mut rng)
+        .unwrap();
+    assert_eq!(a.core.stats().bundled_docs_unanswered, 0);
+}

@@ -233,8 +233,14 @@ impl Replicator {
     /// A bundle from `from`: each document's changes applied as a sync's
     /// would be, and acknowledged at the end of this call.
     pub(super) fn on_bundle(&mut self, now: Duration, from: &NodeId, b: Bundle) -> Result<Verdict> {
-        if !self.peers.contains_key(from) {
+        let Some(p) = self.peer_mut(from) else {
             return Ok(Verdict::Ignore);
+        };
+        if p.acks.len() + b.docs.len() > MAX_ACK_ENTRIES {
+            // Room for the whole answer: acknowledgements beyond the bound
+            // would be dropped, and their documents synced after a wait.
+            let pending = std::mem::take(&mut p.acks);
+            self.send_acks(from, pending);
         }
         for d in b.docs {
             match self.engine.collected(&d.doc) {
