@@ -21,7 +21,6 @@
 //! its documents starts a sync for that document instead.
 
 use super::*;
-use crate::audit::Actor;
 
 /// Bundles sent to one peer and not yet answered, at most.
 pub const MAX_BUNDLES_IN_FLIGHT: usize = 4;
@@ -255,12 +254,8 @@ impl Replicator {
                 Err(Error::Quarantined { .. }) => continue,
                 Err(e) => return Err(e),
             }
-            let writer = self
-                .writer
-                .within_held_budget(self.held_shares.budget(from))
-                .acting_as(Actor::Peer(from.as_str().to_string()));
             let changes: Vec<Vec<u8>> = d.changes.into_iter().map(|b| b.0).collect();
-            let outcome = match writer.apply_peer_changes(&d.doc, &changes) {
+            let outcome = match self.apply_from_peer(from, &d.doc, &changes) {
                 Ok(a) => a.outcome,
                 Err(e) if is_bad_change(&e) => return Ok(self.reject(from, rejection(&e))),
                 Err(Error::Quarantined { .. }) => continue,

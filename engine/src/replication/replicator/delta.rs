@@ -341,6 +341,20 @@ impl Replicator {
         self.held_shares.settle(doc, outcome.held);
     }
 
+    /// Applies `changes` to `doc` sent directly by `from`: within its held
+    /// budget, audited as its changes, durable at the call's end.
+    pub(super) fn apply_from_peer(
+        &self,
+        from: &NodeId,
+        doc: &DocId,
+        changes: &[Vec<u8>],
+    ) -> Result<crate::received::PeerApplied> {
+        self.writer
+            .within_held_budget(self.held_shares.budget(from))
+            .acting_as(Actor::Peer(from.as_str().to_string()))
+            .apply_peer_changes(doc, changes)
+    }
+
     /// [`Replicator::account_held`] for changes from one sender.
     pub(super) fn account_held_from(
         &mut self,

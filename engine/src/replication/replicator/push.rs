@@ -15,7 +15,6 @@
 use super::super::topology::{bridge_order, children_of, tree_children, tree_order};
 use super::super::wire::Push;
 use super::*;
-use crate::audit::Actor;
 
 /// Pushes kept for a resend, at most; further ones are sent but not
 /// tracked (counted in [`Stats::pushes_untracked`]) and left to repair.
@@ -247,11 +246,7 @@ impl Replicator {
     /// here and that root is this node or a member of its region.
     pub(super) fn on_push(&mut self, now: Duration, from: &NodeId, p: Push) -> Result<Verdict> {
         let changes: Vec<Vec<u8>> = p.changes.iter().map(|b| b.0.clone()).collect();
-        let writer = self
-            .writer
-            .within_held_budget(self.held_shares.budget(from))
-            .acting_as(Actor::Peer(from.as_str().to_string()));
-        let (outcome, new) = match writer.apply_peer_changes(&p.doc, &changes) {
+        let (outcome, new) = match self.apply_from_peer(from, &p.doc, &changes) {
             Ok(a) => (a.outcome, a.new),
             Err(e) if is_bad_change(&e) => return Ok(self.reject(from, rejection(&e))),
             Err(e) => return Err(e),

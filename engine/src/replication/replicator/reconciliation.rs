@@ -110,30 +110,20 @@ impl Replicator {
         }
         // Documents the peer lacks entirely go whole, in bundles, where it
         // reads them; the rest (and everything, to an older peer) by sync.
-        let bundled = if self.bundles_to(from) {
-            processed.absent_there.as_slice()
-        } else {
-            &[]
-        };
-        for doc in &processed.to_sync {
-            if bundled.binary_search(doc).is_ok() {
-                self.enqueue_bundle(from, doc);
-            } else {
-                self.enqueue_sync(from, doc);
-            }
+        // This node holds all the peer holds of a document the peer lacks,
+        // so only the synced ones (`own`) hold up its own catching up.
+        let bundling = self.bundles_to(from);
+        let (bundled, own): (Vec<DocId>, Vec<DocId>) = processed
+            .to_sync
+            .iter()
+            .cloned()
+            .partition(|doc| bundling && processed.absent_there.binary_search(doc).is_ok());
+        for doc in &bundled {
+            self.enqueue_bundle(from, doc);
         }
-        // This node holds all the peer holds of a document it lacks: none
-        // of the bundled ones holds up its own catching up.
-        let own: Vec<DocId> = if bundled.is_empty() {
-            processed.to_sync.clone()
-        } else {
-            processed
-                .to_sync
-                .iter()
-                .filter(|d| bundled.binary_search(d).is_err())
-                .cloned()
-                .collect()
-        };
+        for doc in &own {
+            self.enqueue_sync(from, doc);
+        }
         if let Some((_, sent)) = self
             .peers
             .get(from)
