@@ -152,6 +152,18 @@ fn a_forged_report_does_not_satisfy_min_regions() {
     let key = cluster_key(root.path());
     let a = node(root.path(), "a", "us", &[], &key);
     let mut rogue = Rogue::connect(&key, "test", &a.listen[0], true);
+    // The rogue has seen a's subscription; a may not have taken the
+    // rogue's yet, and until it does it publishes to no one. Warm-up
+    // writes until one of a's deltas reaches the rogue.
+    let mut warm_up = 0;
+    wait_until(CONVERGE, "a's gossip to reach the rogue", || {
+        warm_up += 1;
+        a.write_doc("PUT", &format!("warm/{warm_up}"), &json!({ "n": warm_up }));
+        rogue
+            .pump(Duration::from_millis(200))
+            .iter()
+            .any(|env| matches!(env.message, Message::Delta(_)))
+    });
     let nobody = node_id(&libp2p::PeerId::random().to_base58());
     let http = a.http.clone();
     let writer = std::thread::spawn(move || {

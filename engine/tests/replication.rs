@@ -10,7 +10,7 @@ use std::time::Duration;
 use causeway_engine::replication::ids::{ClusterId, NodeId, Region};
 use causeway_engine::replication::random::SplitMix64;
 use causeway_engine::replication::wire::{
-    Ack, AckEntry, Bytes, Delta, Envelope, Heads, Hello, Message, Reconcile, SyncFrame,
+    Ack, AckEntry, Bytes, Delta, Envelope, Heads, Hello, Message, RangeBody, Reconcile, SyncFrame,
     GOSSIP_FORMAT_VERSION, HELLO_VERSION, MAX_CHANGES_PER_DELTA, MAX_GOSSIP_BYTES,
     MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, SUPPORTED_VERSIONS,
 };
@@ -48,6 +48,17 @@ fn node_with(name: &str, region: &str, tune: impl FnOnce(&mut ReplicatorConfig))
 
 /// Delivers `src`'s outputs to `dst`; returns how many there were.
 fn deliver(src: &mut Node, from: &NodeId, dst: &mut Node, now: Duration) -> usize {
+    deliver_watching(src, from, dst, now, &mut |_| {})
+}
+
+/// [`deliver`], showing `watch` each message on its way.
+fn deliver_watching(
+    src: &mut Node,
+    from: &NodeId,
+    dst: &mut Node,
+    now: Duration,
+    watch: &mut impl FnMut(&Message),
+) -> usize {
     let mut delivered = 0;
     while let Some(out) = src.core.poll_output() {
         delivered += 1;
@@ -56,6 +67,7 @@ fn deliver(src: &mut Node, from: &NodeId, dst: &mut Node, now: Duration) -> usiz
             Output::Send { bytes, .. } => (Channel::Direct, bytes),
             Output::Misbehaving { peer, reason } => panic!("{peer} misbehaved: {reason}"),
         };
+        watch(&Envelope::decode(&bytes, usize::MAX).unwrap().message);
         let inbound = Inbound {
             from,
             author: from,
@@ -1666,4 +1678,53 @@ fn a_bundle_is_answered_whole_even_with_acknowledgements_already_pending() {
         .handle_timeout(later + Duration::from_secs(10), &mut rng)
         .unwrap();
     assert_eq!(a.core.stats().bundled_docs_unanswered, 0);
+}
+
+#[test]
+fn a_few_differences_among_many_documents_are_found_by_a_sketch() {
+    const DOCS: usize = 600;
+    let mut a = node_holding(DOCS);
+    let (mut b, an, bn, mut rng) = connect_new_node(&mut a);
+    pump(&mut a, &an, &mut b, &bn, Duration::ZERO);
+    assert!(holds_the_same(&a, &b, DOCS));
+    // Writes the other side does not hear of: changed on each side, and a
+    // new document on each side.
+    for i in [7, 123, 400] {
+        commit(&mut a, &format!("many/{i:05}"), json!({ "on": "a" }));
+    }
+    for i in [300, 599] {
+        commit(&mut b, &format!("many/{i:05}"), json!({ "on": "b" }));
+    }
+    commit(&mut a, "many/only-a", json!({ "on": "a" }));
+    commit(&mut b, "many/only-b", json!({ "on": "b" }));
+    while a.core.poll_output().is_some() {}
+    while b.core.poll_output().is_some() {}
+    // a's next anti-entropy round reconciles with b.
+    let later = Duration::from_secs(600);
+    a.core.handle_timeout(later, &mut rng).unwrap();
+    let mut sketch_bodies = 0;
+    let mut watch = |m: &Message| {
+        if let Message::Reconcile(r) = m {
+            sketch_bodies += r
+                .ranges
+                .iter()
+                .filter(|p| matches!(p.body, RangeBody::Sketch { .. }))
+                .count();
+        }
+    };
+    while deliver_watching(&mut a, &an, &mut b, later, &mut watch)
+        + deliver_watching(&mut b, &bn, &mut a, later, &mut watch)
+        > 0
+    {}
+    assert!(sketch_bodies > 0, "b answered with no sketch");
+    assert_eq!(a.core.stats().sketches_decoded, 1);
+    assert_eq!(a.core.stats().sketches_split, 0);
+    assert!(holds_the_same(&a, &b, DOCS));
+    for doc in ["many/only-a", "many/only-b"] {
+        let doc = id(doc);
+        assert_eq!(
+            a.core.engine().heads(&doc).unwrap(),
+            b.core.engine().heads(&doc).unwrap()
+        );
+    }
 }

@@ -1,6 +1,8 @@
 //! Range-based reconciliation between two item sets drawn from the input,
 //! with the parameters drawn too, every message passed through the wire
-//! encoding as peers exchange it; and hostile messages against a set.
+//! encoding as peers exchange it, once with sketches and once without; and
+//! hostile messages (sketch bodies included) against a set, on either side
+//! of a session.
 //!
 //! Must hold: the exchange ends; every message lists at most
 //! `max_items` items; the documents the two sides start syncing or learn
@@ -14,9 +16,11 @@ use arbitrary::{Arbitrary, Unstructured};
 
 use crate::doc_id::DocId;
 use crate::replication::ids::ClusterId;
-use crate::replication::reconcile::{initiate, process, ItemSet, Params};
+use crate::replication::reconcile::MAX_SESSION_CELLS;
+use crate::replication::reconcile::{initiate, process, Decoders, ItemSet, Params, Side};
 use crate::replication::wire::{
     Bytes, Envelope, Item, Message, RangeBody, RangePart, Reconcile, MAX_FRAME_BYTES,
+    SKETCH_CELL_LEN, SKETCH_KEY_LEN,
 };
 
 /// Messages an exchange may take before it counts as not ending.
@@ -73,9 +77,17 @@ pub fn run(data: &[u8]) {
         branching: usize::from(input.branching % 16),
         item_threshold: usize::from(input.item_threshold % 16),
         max_items: 1 + usize::from(input.max_items % 64),
+        // The high bits of the branching byte: sketches from ranges of any size.
+        sketch_min_items: usize::from(input.branching / 16),
     };
     let (a, b, expected) = sets(&input.items);
-    assert_eq!(exchange(&a, &b, &params), expected, "wrong difference");
+    for sketches in [false, true] {
+        assert_eq!(
+            exchange(&a, &b, &params, sketches),
+            expected,
+            "wrong difference (sketches: {sketches})"
+        );
+    }
     hostile(&a, &input.hostile, &params);
 }
 
@@ -116,15 +128,25 @@ fn sets(items: &[InputItem]) -> (ItemSet, ItemSet, BTreeSet<DocId>) {
     (set(a), set(b), expected)
 }
 
-/// Runs the exchange A starts; returns every document either side found.
-fn exchange(a: &ItemSet, b: &ItemSet, params: &Params) -> BTreeSet<DocId> {
+/// Runs the exchange A starts (B answering with sketches if `sketches`);
+/// returns every document either side found.
+fn exchange(a: &ItemSet, b: &ItemSet, params: &Params, sketches: bool) -> BTreeSet<DocId> {
     let mut found = BTreeSet::new();
     let mut message = through_wire(initiate(a, params));
     let sides = [a, b];
+    let mut decoders = Decoders::default();
     let mut turn = 1;
     for _ in 0..MAX_ROUNDS {
         check_budget(&message, params);
-        let out = process(sides[turn], &message, params);
+        let side = if turn == 0 {
+            Side::Initiator {
+                decoders: &mut decoders,
+                sketches: true,
+            }
+        } else {
+            Side::Responder { sketches }
+        };
+        let out = process(sides[turn], &message, params, side);
         found.extend(out.to_sync);
         found.extend(out.learned);
         if out.reply.is_empty() {
@@ -162,6 +184,7 @@ fn check_budget(message: &[RangePart], params: &Params) {
         .iter()
         .map(|p| match &p.body {
             RangeBody::Items { items, .. } => items.len(),
+            RangeBody::Decoded { docs, keys } => docs.len() + keys.0.len() / SKETCH_KEY_LEN,
             _ => 0,
         })
         .sum();
@@ -176,19 +199,39 @@ fn check_budget(message: &[RangePart], params: &Params) {
 /// answer within the budget.
 fn hostile(set: &ItemSet, parts: &[HostilePart], params: &Params) {
     let message: Vec<RangePart> = parts.iter().take(64).map(hostile_part).collect();
-    let out = process(set, &message, params);
-    check_budget(&out.reply, params);
+    let mut decoders = Decoders::default();
+    for sketches in [false, true] {
+        let out = process(set, &message, params, Side::Responder { sketches });
+        check_budget(&out.reply, params);
+        let side = Side::Initiator {
+            decoders: &mut decoders,
+            sketches,
+        };
+        let out = process(set, &message, params, side);
+        check_budget(&out.reply, params);
+        // Without sketches, no reply holds a sketch body.
+        let sketch_body = |p: &RangePart| {
+            matches!(
+                p.body,
+                RangeBody::Sketch { .. }
+                    | RangeBody::SketchRequest { .. }
+                    | RangeBody::Decoded { .. }
+            )
+        };
+        assert!(sketches || !out.reply.iter().any(sketch_body));
+    }
+    assert!(decoders.cells() <= MAX_SESSION_CELLS);
 }
 
 fn hostile_part(p: &HostilePart) -> RangePart {
     let bytes = |v: &[u8]| Bytes(v.iter().copied().take(32).collect());
-    let body = match p.kind % 3 {
+    let body = match p.kind % 6 {
         0 => RangeBody::Skip,
         1 => RangeBody::Fingerprint {
             fingerprint: bytes(&p.fingerprint),
             count: p.count,
         },
-        _ => RangeBody::Items {
+        2 => RangeBody::Items {
             items: p
                 .items
                 .iter()
@@ -202,6 +245,29 @@ fn hostile_part(p: &HostilePart) -> RangePart {
                 .collect(),
             reply: p.reply,
             lacking: p.lacking.as_deref().map(bytes),
+        },
+        3 => RangeBody::Sketch {
+            start: p.count % 64,
+            cells: Bytes(
+                p.fingerprint
+                    .iter()
+                    .copied()
+                    .take(8 * SKETCH_CELL_LEN)
+                    .collect(),
+            ),
+        },
+        4 => RangeBody::SketchRequest {
+            start: p.count,
+            count: p.count.rotate_left(32),
+        },
+        _ => RangeBody::Decoded {
+            docs: p
+                .items
+                .iter()
+                .take(64)
+                .filter_map(|(id, _)| doc_id(id))
+                .collect(),
+            keys: Bytes(p.fingerprint.iter().copied().take(64).collect()),
         },
     };
     RangePart {

@@ -109,6 +109,20 @@ const _: () = assert!(
 );
 /// Bytes of a range fingerprint in reconciliation.
 pub const FINGERPRINT_LEN: usize = 16;
+/// Bytes of one cell of a reconciliation sketch (key, checksum, count; see
+/// `reconcile::sketch`).
+pub const SKETCH_CELL_LEN: usize = 13;
+/// Most sketch cells for one range, over all the messages of a session, and
+/// most cells in one message: a difference that needs more (about 10,000
+/// documents in one range) is reconciled by splitting the range instead.
+pub const MAX_SKETCH_CELLS: usize = 16_384;
+/// Bytes of an item key in a [`RangeBody::Decoded`].
+pub const SKETCH_KEY_LEN: usize = 8;
+/// The first protocol version with sketches in reconciliation
+/// ([`RangeBody::Sketch`], [`RangeBody::SketchRequest`],
+/// [`RangeBody::Decoded`]): a reconciliation holding one in an older
+/// envelope is refused as malformed, as a version 1 build would.
+pub const SKETCH_VERSION: u32 = 2;
 /// Bytes of an item digest in reconciliation (a prefix of SHA-256 over the
 /// document's sorted heads).
 pub const ITEM_DIGEST_LEN: usize = 16;
@@ -453,7 +467,9 @@ impl From<RangePart> for (Option<DocId>, RangeBody) {
 }
 
 /// What a [`RangePart`] says about its range. On the wire: `"s"`,
-/// `{"f": [fingerprint, count]}` or `{"i": [items, reply, lacking]}`.
+/// `{"f": [fingerprint, count]}`, `{"i": [items, reply, lacking]}`,
+/// `{"k": [start, cells]}`, `{"q": [start, count]}` or
+/// `{"d": [docs, keys]}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(from = "BodyRepr", into = "BodyRepr")]
 pub enum RangeBody {
@@ -474,8 +490,39 @@ pub enum RangeBody {
         reply: bool,
         /// In an answer: a bitmap over the items of the message answered
         /// (bit `k` of byte `k / 8`, least significant first), set for items
-        /// the sender lacks or holds at a different digest.
+        /// the sender lacks or holds at a different digest; in an answer to
+        /// a [`RangeBody::Decoded`], over its documents, set for those the
+        /// sender lacks entirely.
         lacking: Option<Bytes>,
+    },
+    /// Cells `start..` of the sketch of the sender's items in the range
+    /// (rateless IBLT, see `reconcile::sketch`), each
+    /// [`SKETCH_CELL_LEN`] bytes. Only the side answering a session sends
+    /// them; the side that started it decodes.
+    Sketch {
+        /// Index of the first cell.
+        start: u64,
+        /// The cells.
+        cells: Bytes,
+    },
+    /// Asks for cells `start .. start + count` of the receiver's sketch of
+    /// the range.
+    SketchRequest {
+        /// Index of the first cell wanted.
+        start: u64,
+        /// Number of cells wanted.
+        count: u64,
+    },
+    /// A decoded sketch: the sender's documents in the range that differ
+    /// from the receiver's, and the keys of the receiver's items that differ
+    /// from the sender's ([`SKETCH_KEY_LEN`] bytes each). Asks for an
+    /// answer: the receiver's differing items the sender lacks entirely,
+    /// and which of the documents the receiver lacks entirely.
+    Decoded {
+        /// The sender's differing documents.
+        docs: Vec<DocId>,
+        /// Keys of the receiver's differing items.
+        keys: Bytes,
     },
 }
 
@@ -488,6 +535,12 @@ enum BodyRepr {
     Fingerprint(Bytes, u64),
     #[serde(rename = "i")]
     Items(Vec<Item>, bool, Option<Bytes>),
+    #[serde(rename = "k")]
+    Sketch(u64, Bytes),
+    #[serde(rename = "q")]
+    SketchRequest(u64, u64),
+    #[serde(rename = "d")]
+    Decoded(Vec<DocId>, Bytes),
 }
 
 impl From<BodyRepr> for RangeBody {
@@ -502,6 +555,9 @@ impl From<BodyRepr> for RangeBody {
                 reply,
                 lacking,
             },
+            BodyRepr::Sketch(start, cells) => RangeBody::Sketch { start, cells },
+            BodyRepr::SketchRequest(start, count) => RangeBody::SketchRequest { start, count },
+            BodyRepr::Decoded(docs, keys) => RangeBody::Decoded { docs, keys },
         }
     }
 }
@@ -518,6 +574,9 @@ impl From<RangeBody> for BodyRepr {
                 reply,
                 lacking,
             } => BodyRepr::Items(items, reply, lacking),
+            RangeBody::Sketch { start, cells } => BodyRepr::Sketch(start, cells),
+            RangeBody::SketchRequest { start, count } => BodyRepr::SketchRequest(start, count),
+            RangeBody::Decoded { docs, keys } => BodyRepr::Decoded(docs, keys),
         }
     }
 }
@@ -683,12 +742,33 @@ impl Envelope {
             // Version 1 has no bundle: refused as a version 1 build would.
             return Err(WireError::UnknownKind("bundle".into()));
         }
+        if version < u64::from(SKETCH_VERSION) && message.has_sketch() {
+            return Err(WireError::Malformed(
+                "reconciliation sketch in protocol version 1".into(),
+            ));
+        }
         message.check()?;
         Ok(Envelope { cluster, message })
     }
 }
 
 impl Message {
+    /// Whether this is a reconciliation holding a sketch body (none before
+    /// [`SKETCH_VERSION`]).
+    fn has_sketch(&self) -> bool {
+        let Message::Reconcile(r) = self else {
+            return false;
+        };
+        r.ranges.iter().any(|p| {
+            matches!(
+                p.body,
+                RangeBody::Sketch { .. }
+                    | RangeBody::SketchRequest { .. }
+                    | RangeBody::Decoded { .. }
+            )
+        })
+    }
+
     /// Checks every count against its limit.
     fn check(&self) -> Result<(), WireError> {
         match self {
@@ -721,7 +801,7 @@ impl Message {
             }
             Message::Reconcile(r) => {
                 limit("reconcile ranges", r.ranges.len(), MAX_RANGES)?;
-                let mut items = 0;
+                let (mut items, mut cells) = (0, 0);
                 for part in &r.ranges {
                     match &part.body {
                         RangeBody::Items { items: list, .. } => {
@@ -735,9 +815,27 @@ impl Message {
                         {
                             return Err(WireError::Malformed("fingerprint length".into()));
                         }
+                        RangeBody::Sketch { start, cells: c } => {
+                            if !c.0.len().is_multiple_of(SKETCH_CELL_LEN) {
+                                return Err(WireError::Malformed("sketch cell length".into()));
+                            }
+                            let n = c.0.len() / SKETCH_CELL_LEN;
+                            cells += n;
+                            sketch_window(*start, n as u64)?;
+                        }
+                        RangeBody::SketchRequest { start, count } => {
+                            sketch_window(*start, *count)?;
+                        }
+                        RangeBody::Decoded { docs, keys } => {
+                            if !keys.0.len().is_multiple_of(SKETCH_KEY_LEN) {
+                                return Err(WireError::Malformed("sketch key length".into()));
+                            }
+                            items += docs.len() + keys.0.len() / SKETCH_KEY_LEN;
+                        }
                         _ => {}
                     }
                 }
+                limit("reconcile sketch cells", cells, MAX_SKETCH_CELLS)?;
                 limit("reconcile items", items, MAX_ITEMS)
             }
             Message::Ack(a) => {
@@ -746,6 +844,16 @@ impl Message {
             }
         }
     }
+}
+
+/// A window of sketch cells must end within [`MAX_SKETCH_CELLS`].
+fn sketch_window(start: u64, count: u64) -> Result<(), WireError> {
+    let end = start.saturating_add(count);
+    limit(
+        "reconcile sketch window",
+        usize::try_from(end).unwrap_or(usize::MAX),
+        MAX_SKETCH_CELLS,
+    )
 }
 
 fn limit(what: &'static str, count: usize, limit: usize) -> Result<(), WireError> {
@@ -881,6 +989,88 @@ mod tests {
             match Envelope::decode(&bytes, MAX_FRAME_BYTES) {
                 Err(WireError::LimitExceeded { what: w, .. }) => assert_eq!(w, what),
                 other => panic!("{what}: {other:?}"),
+            }
+        }
+    }
+
+    fn reconcile_with(body: RangeBody) -> Envelope {
+        Envelope {
+            cluster: cluster(),
+            message: Message::Reconcile(Reconcile {
+                session: 7,
+                ranges: vec![RangePart { upper: None, body }],
+            }),
+        }
+    }
+
+    #[test]
+    fn sketches_travel_from_version_2_and_within_their_limits() {
+        let doc = DocId::new("a/1").unwrap();
+        for body in [
+            RangeBody::Sketch {
+                start: 32,
+                cells: Bytes(vec![7; 3 * SKETCH_CELL_LEN]),
+            },
+            RangeBody::SketchRequest {
+                start: 64,
+                count: 96,
+            },
+            RangeBody::Decoded {
+                docs: vec![doc.clone()],
+                keys: Bytes(vec![1; 2 * SKETCH_KEY_LEN]),
+            },
+        ] {
+            let env = reconcile_with(body);
+            let bytes = env.encode_at(SKETCH_VERSION);
+            assert_eq!(Envelope::decode(&bytes, MAX_FRAME_BYTES).unwrap(), env);
+            // No version 1 peer is sent one.
+            match Envelope::decode(&env.encode_at(1), MAX_FRAME_BYTES) {
+                Err(WireError::Malformed(m)) => assert!(m.contains("sketch"), "{m}"),
+                other => panic!("{other:?}"),
+            }
+        }
+        for (body, what) in [
+            (
+                RangeBody::Sketch {
+                    start: 0,
+                    cells: Bytes(vec![0; SKETCH_CELL_LEN + 1]),
+                },
+                None,
+            ),
+            (
+                RangeBody::Sketch {
+                    start: MAX_SKETCH_CELLS as u64,
+                    cells: Bytes(vec![0; SKETCH_CELL_LEN]),
+                },
+                Some("reconcile sketch window"),
+            ),
+            (
+                RangeBody::SketchRequest {
+                    start: u64::MAX,
+                    count: u64::MAX,
+                },
+                Some("reconcile sketch window"),
+            ),
+            (
+                RangeBody::Decoded {
+                    docs: vec![doc.clone(); MAX_ITEMS],
+                    keys: Bytes(vec![0; SKETCH_KEY_LEN]),
+                },
+                Some("reconcile items"),
+            ),
+            (
+                RangeBody::Decoded {
+                    docs: Vec::new(),
+                    keys: Bytes(vec![0; SKETCH_KEY_LEN - 1]),
+                },
+                None,
+            ),
+        ] {
+            let bytes = reconcile_with(body).encode();
+            match (Envelope::decode(&bytes, MAX_FRAME_BYTES), what) {
+                (Err(WireError::LimitExceeded { what: w, .. }), Some(what)) => assert_eq!(w, what),
+                (Err(WireError::Malformed(_)), None) => {}
+                (other, what) => panic!("{what:?}: {other:?}"),
             }
         }
     }

@@ -686,6 +686,7 @@ impl Cluster {
         config.max_active_syncs_per_peer = self.config.max_active_syncs_per_peer;
         config.max_queued_syncs_per_peer = self.config.max_queued_syncs_per_peer;
         config.reconcile_fanout = self.config.reconcile_fanout;
+        config.reconcile.sketch_min_items = self.config.sketch_min_items;
         config.dissemination = self.config.dissemination;
         node.events = Some(engine.subscribe("")?);
         node.core = Some(Replicator::new(engine, config, self.now)?);
@@ -920,6 +921,7 @@ impl Cluster {
             total.delta_changes_applied + total.push_changes_applied,
             total.sync_changes_applied + total.bundle_changes_applied,
         );
+        self.report.sketches = (total.sketches_decoded, total.sketches_split);
         self.report.syncs_dropped = total.syncs_dropped;
         self.report.syncs_abandoned = total.syncs_abandoned;
         self.report.trace = hex(&self.trace.finalize());

@@ -8,7 +8,11 @@ use std::time::Duration;
 use crate::replication::random::{Random, SplitMix64};
 
 use super::network::Latency;
+use crate::replication::reconcile::SKETCH_MIN_ITEMS;
 use crate::replication::{Dissemination, Fanout};
+
+#[cfg(doc)]
+use crate::replication::reconcile::Params;
 
 /// One simulation run. Chances are in parts per thousand.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,6 +61,10 @@ pub struct SimConfig {
     pub retry_after: Duration,
     /// Passed to every core (`None`: every connected peer each round).
     pub reconcile_fanout: Option<Fanout>,
+    /// Passed to every core ([`Params::sketch_min_items`]): half the seeded
+    /// runs answer differing ranges of any size with sketches, so that
+    /// their few documents take that path too.
+    pub sketch_min_items: usize,
     /// Passed to every core: how writes leave their node (gossip, or pushed
     /// along region trees).
     pub dissemination: Dissemination,
@@ -102,6 +110,7 @@ impl SimConfig {
             anti_entropy_interval: Duration::from_secs(between(10, 30)),
             retry_after: Duration::from_secs(between(2, 5)),
             reconcile_fanout: None,
+            sketch_min_items: SKETCH_MIN_ITEMS,
             dissemination: Dissemination::Gossip,
             client_change_permille: 0,
             heal: true,
@@ -117,6 +126,9 @@ impl SimConfig {
                 local: between(1, 2) as usize,
                 remote: 1,
             });
+        }
+        if between(0, 1) == 1 {
+            config.sketch_min_items = 1;
         }
         config
     }
@@ -159,6 +171,7 @@ impl SimConfig {
             anti_entropy_interval: Duration::from_secs(30),
             retry_after: Duration::from_secs(5),
             reconcile_fanout: Some(SCALE_FANOUT),
+            sketch_min_items: SKETCH_MIN_ITEMS,
             dissemination: Dissemination::Regions,
             heal: true,
             dir: None,

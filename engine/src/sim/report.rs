@@ -98,6 +98,9 @@ pub struct Report {
     pub simulated: Duration,
     /// Messages delivered, and their bytes.
     pub delivered: (u64, u64),
+    /// Reconciliation sketches decoded, and given up on and split instead
+    /// (over every node).
+    pub sketches: (u64, u64),
     /// Messages delivered by channel (`gossip`: deltas and announcements,
     /// relays included; `direct`: the rest): `(messages, bytes)`.
     pub delivered_by_channel: BTreeMap<&'static str, (u64, u64)>,
@@ -156,6 +159,7 @@ impl Report {
             "committed": {"changes": self.committed.0, "bytes": self.committed.1},
             "sent": sent,
             "changes_applied": {"broadcast": self.changes_applied.0, "sync": self.changes_applied.1},
+            "sketches": {"decoded": self.sketches.0, "split": self.sketches.1},
             "max_queues": {
                 "queued_syncs": self.max_queues.queued_syncs,
                 "open_syncs": self.max_queues.open_syncs,
@@ -221,6 +225,8 @@ pub struct Summary {
     /// Changes applied from the broadcast path (deltas and pushes) and from
     /// sync, summed.
     pub changes_applied: (u64, u64),
+    /// Reconciliation sketches decoded and split, summed.
+    pub sketches: (u64, u64),
 }
 
 impl Summary {
@@ -248,6 +254,8 @@ impl Summary {
         }
         self.changes_applied.0 += r.changes_applied.0;
         self.changes_applied.1 += r.changes_applied.1;
+        self.sketches.0 += r.sketches.0;
+        self.sketches.1 += r.sketches.1;
     }
 
     /// The figures as JSON (durations in milliseconds).
@@ -266,6 +274,7 @@ impl Summary {
             "delivered": {"messages": self.delivered.0, "bytes": self.delivered.1},
             "sent": sent,
             "changes_applied": {"broadcast": self.changes_applied.0, "sync": self.changes_applied.1},
+            "sketches": {"decoded": self.sketches.0, "split": self.sketches.1},
         })
     }
 

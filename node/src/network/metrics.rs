@@ -50,6 +50,7 @@ pub struct NodeMetrics {
     not_members: Counter,
     region_claims_overridden: Counter,
     reconcile_differences: Counter,
+    sketches: Family<KindLabel, Counter>,
     pushes: Family<KindLabel, Counter>,
     bundled_documents: Family<KindLabel, Counter>,
     confirmations: Counter,
@@ -159,6 +160,7 @@ impl NodeMetrics {
             rate_limited: Family::default(),
             ephemeral: Family::default(),
             reconcile_differences: Counter::default(),
+            sketches: Family::default(),
             pushes: Family::default(),
             bundled_documents: Family::default(),
             confirmations: Counter::default(),
@@ -319,6 +321,12 @@ impl NodeMetrics {
             "reconcile_differences",
             "Documents found to differ by reconciliation",
             m.reconcile_differences.clone(),
+        );
+        r.register(
+            "reconcile_sketches",
+            "Ranges of this node's reconciliation sessions whose sketch it decoded (decoded) \
+             or gave up on and split instead (split)",
+            m.sketches.clone(),
         );
         r.register(
             "pushes",
@@ -553,6 +561,18 @@ impl NodeMetrics {
         applied
             .get_or_create(&label("bundle"))
             .inc_by(stats.bundle_changes_applied - self.last.bundle_changes_applied);
+        for (outcome, now, before) in [
+            (
+                "decoded",
+                stats.sketches_decoded,
+                self.last.sketches_decoded,
+            ),
+            ("split", stats.sketches_split, self.last.sketches_split),
+        ] {
+            self.sketches
+                .get_or_create(&label(outcome))
+                .inc_by(now - before);
+        }
         for (outcome, now, before) in [
             ("sent", stats.bundled_docs_sent, self.last.bundled_docs_sent),
             (

@@ -44,13 +44,13 @@ use super::held_share::HeldShares;
 use super::ids::{ClusterId, NodeId, Region};
 use super::progress::{Delay, Progress};
 use super::random::Random;
-use super::reconcile::{self, ItemSet, Params};
+use super::reconcile::{self, Decoders, ItemSet, Params, Side};
 use super::wire::{
     Ack, AckEntry, Announce, Bundle, BundledDoc, Bytes, Delta, Envelope, Heads, Hello, Message,
     Reconcile, SyncFrame, VersionRange, WireError, BUNDLE_VERSION, GOSSIP_FORMAT_VERSION,
     HELLO_VERSION, MAX_ACK_ENTRIES, MAX_BUNDLE_CHANGE_BYTES, MAX_BUNDLE_DOCS,
     MAX_CHANGES_PER_DELTA, MAX_FRAME_BYTES, MAX_GOSSIP_BYTES, MAX_SYNC_CHANGE_BYTES,
-    MIN_PROTOCOL_VERSION, SUPPORTED_VERSIONS,
+    MIN_PROTOCOL_VERSION, SKETCH_VERSION, SUPPORTED_VERSIONS,
 };
 
 mod acks;
@@ -220,6 +220,8 @@ struct Peer {
     queued: BTreeSet<DocId>,
     queue: VecDeque<DocId>,
     reconcile_sent_at: Option<(u64, Duration)>,
+    /// The decoders of the sketches of this node's session with it.
+    decoders: Decoders,
     /// When a message of a reconciliation session with this peer (either
     /// side's) last arrived (`None`: not since it connected).
     reconciled_at: Option<Duration>,
@@ -576,6 +578,7 @@ impl Replicator {
                 queued: BTreeSet::new(),
                 queue: VecDeque::new(),
                 reconcile_sent_at: None,
+                decoders: Decoders::default(),
                 reconciled_at: None,
                 acks: BTreeMap::new(),
                 bundles: bundles::Bundles::default(),

@@ -87,11 +87,30 @@ impl Replicator {
             return Ok(Verdict::Ignore);
         }
         self.reconciled(now, from);
-        let processed = reconcile::process(&self.items, &r.ranges, &self.config.reconcile);
+        let processed = {
+            let Some(p) = self.peers.get_mut(from) else {
+                return Ok(Verdict::Ignore);
+            };
+            // This node decodes the sketches of its own session; it answers
+            // the peer's with sketches. Either only while the peer reads
+            // them: its version can fall back to unknown within a session
+            // (it reconnected, its hello is not in yet).
+            let sketches = p.version.is_some_and(|v| v >= SKETCH_VERSION);
+            let side = if p.reconcile_sent_at.is_some_and(|(id, _)| id == r.session) {
+                Side::Initiator {
+                    decoders: &mut p.decoders,
+                    sketches,
+                }
+            } else {
+                Side::Responder { sketches }
+            };
+            reconcile::process(&self.items, &r.ranges, &self.config.reconcile, side)
+        };
         self.stats.reconcile_differences += processed.to_sync.len() as u64;
+        self.stats.sketches_decoded += processed.sketches_decoded as u64;
+        self.stats.sketches_split += processed.sketches_split as u64;
         // Pending documents the peer turned out to hold as they are here.
-        let shows_equal = !processed.equal_ranges.is_empty() || !processed.equal_docs.is_empty();
-        let pending = if shows_equal {
+        let pending = if processed.shows_any_equal() {
             self.progress.pending_docs(from)
         } else {
             Vec::new()
@@ -152,6 +171,9 @@ impl Replicator {
             p.reconcile_sent_at =
                 reconcile::expects_answer(&processed.reply).then_some((r.session, now));
             let ended = p.reconcile_sent_at.is_none();
+            if ended {
+                p.decoders = Decoders::default();
+            }
             self.learned_while_settling(from, r.session, &processed.learned, &own);
             if ended {
                 self.own_session_ended(now, from, r.session);
@@ -270,6 +292,7 @@ impl Replicator {
             return;
         }
         p.reconcile_sent_at = Some((session, now));
+        p.decoders = Decoders::default();
         self.stats.reconciliations_started += 1;
         self.session_started(session);
         let ranges = reconcile::initiate(&self.items, &self.config.reconcile);

@@ -206,6 +206,13 @@ pub struct Stats {
     pub pushes_untracked: u64,
     /// Documents found to differ by reconciliation.
     pub reconcile_differences: u64,
+    /// Ranges of this node's reconciliation sessions whose sketch it
+    /// decoded.
+    pub sketches_decoded: u64,
+    /// Ranges of this node's sessions whose sketch did not decode within
+    /// the bounds (or not to a difference of the two sets) and were split
+    /// instead.
+    pub sketches_split: u64,
     /// Reconciliation sessions this node started (on connect, in
     /// anti-entropy rounds, and again after an unanswered message).
     pub reconciliations_started: u64,
@@ -267,6 +274,8 @@ impl Stats {
         self.pushes_abandoned += other.pushes_abandoned;
         self.pushes_untracked += other.pushes_untracked;
         self.reconcile_differences += other.reconcile_differences;
+        self.sketches_decoded += other.sketches_decoded;
+        self.sketches_split += other.sketches_split;
         self.reconciliations_started += other.reconciliations_started;
         self.anti_entropy_rounds += other.anti_entropy_rounds;
         self.confirmations += other.confirmations;

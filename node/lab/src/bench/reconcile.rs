@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use anyhow::{ensure, Result};
 use causeway_engine::replication::ids::ClusterId;
-use causeway_engine::replication::reconcile::{self, ItemSet, Params};
+use causeway_engine::replication::reconcile::{self, Decoders, ItemSet, Params, Side};
 use causeway_engine::replication::wire::{
     Bytes, Envelope, Item, Message, Reconcile, ITEM_DIGEST_LEN,
 };
@@ -39,6 +39,10 @@ pub struct Args {
     /// Largest range listed item by item instead of split.
     #[arg(long, default_value_t = Params::default().item_threshold)]
     pub item_threshold: usize,
+    /// Reconcile by splitting and listing only, as with a peer that speaks
+    /// protocol version 1 (no sketches).
+    #[arg(long)]
+    pub no_sketches: bool,
 }
 
 /// Runs the benchmark.
@@ -49,17 +53,18 @@ pub fn run(args: &Args) -> Result<()> {
         ..Params::default()
     };
     eprintln!(
-        "reconcile: N = {} documents per node, branching {}, item threshold {}, {} build",
+        "reconcile: N = {} documents per node, branching {}, item threshold {}, sketches {}, {} build",
         args.docs,
         params.branching,
         params.item_threshold,
+        if args.no_sketches { "off" } else { "on" },
         build_profile()
     );
     let mut report = Report::default();
     for &d in &args.differences {
         let (a, b, differing) = sets(args.docs, d)?;
         let started = Instant::now();
-        let session = run_session(&a, &b, &params);
+        let session = run_session(&a, &b, &params, !args.no_sketches);
         let elapsed = started.elapsed();
         ensure!(
             session.a_knows == differing && session.b_knows == differing,
@@ -74,6 +79,7 @@ pub fn run(args: &Args) -> Result<()> {
                    "bytes_over_floor": if floor > 0 { session.bytes as f64 / floor as f64 } else { f64::NAN },
                    "within_target": session.bytes <= target,
                    "branching": params.branching, "item_threshold": params.item_threshold,
+                   "sketches": !args.no_sketches,
                    "cpu_ms": elapsed.as_secs_f64() * 1e3, "build": build_profile()}),
             vec![
                 d.to_string(),
@@ -109,8 +115,9 @@ struct Session {
     b_knows: BTreeSet<DocId>,
 }
 
-/// A starts; messages alternate until one side has nothing to answer.
-fn run_session(a: &ItemSet, b: &ItemSet, params: &Params) -> Session {
+/// A starts; messages alternate until one side has nothing to answer. B
+/// answers with sketches if `sketches`.
+fn run_session(a: &ItemSet, b: &ItemSet, params: &Params, sketches: bool) -> Session {
     let cluster = ClusterId::new("bench").unwrap_or_else(|_| unreachable!("valid label"));
     let mut s = Session {
         bytes: 0,
@@ -118,6 +125,7 @@ fn run_session(a: &ItemSet, b: &ItemSet, params: &Params) -> Session {
         a_knows: BTreeSet::new(),
         b_knows: BTreeSet::new(),
     };
+    let mut decoders = Decoders::default();
     let mut ranges = reconcile::initiate(a, params);
     let mut to_b = true;
     loop {
@@ -130,12 +138,19 @@ fn run_session(a: &ItemSet, b: &ItemSet, params: &Params) -> Session {
         let Message::Reconcile(msg) = env.message else {
             unreachable!("built above")
         };
-        let (set, knows) = if to_b {
-            (b, &mut s.b_knows)
+        let (set, knows, side) = if to_b {
+            (b, &mut s.b_knows, Side::Responder { sketches })
         } else {
-            (a, &mut s.a_knows)
+            (
+                a,
+                &mut s.a_knows,
+                Side::Initiator {
+                    decoders: &mut decoders,
+                    sketches: true,
+                },
+            )
         };
-        let out = reconcile::process(set, &msg.ranges, params);
+        let out = reconcile::process(set, &msg.ranges, params, side);
         knows.extend(out.to_sync);
         knows.extend(out.learned);
         if out.reply.is_empty() {
