@@ -1,5 +1,6 @@
 //! The embedded API: [`Engine`] and the values its operations return.
 
+use std::num::NonZeroUsize;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -607,7 +608,26 @@ impl Engine {
         Ok(self
             .inner
             .events
-            .subscribe(prefix, self.inner.config.subscriber_capacity))
+            .subscribe(prefix, self.inner.config.subscriber_capacity, None))
+    }
+
+    /// Like [`Engine::subscribe`], with a queue of `capacity` events, and
+    /// `wake` called on the committing thread after each event is queued
+    /// (or dropped for lack of room): for a consumer in an async task,
+    /// which waits on a notification and then drains the subscription with
+    /// [`Subscription::try_recv`] instead of blocking a thread on
+    /// [`Subscription::recv`]. `wake` must not block.
+    pub fn subscribe_waking(
+        &self,
+        prefix: &str,
+        capacity: NonZeroUsize,
+        wake: impl Fn() + Send + Sync + 'static,
+    ) -> Result<Subscription> {
+        doc_id::validate_prefix(prefix)?;
+        Ok(self
+            .inner
+            .events
+            .subscribe(prefix, capacity.get(), Some(Arc::new(wake))))
     }
 
     /// Engine-wide figures.

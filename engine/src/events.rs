@@ -91,11 +91,17 @@ impl Subscription {
     }
 }
 
+/// Called after an event is queued for (or dropped by) a subscription, so
+/// that a consumer that does not block on [`Subscription::recv`] (an async
+/// task waiting on a notification) knows to look.
+pub(crate) type Wake = Arc<dyn Fn() + Send + Sync>;
+
 struct Subscriber {
     id: u64,
     prefix: String,
     tx: SyncSender<DocEvent>,
     dropped: Arc<AtomicU64>,
+    wake: Option<Wake>,
 }
 
 #[derive(Default)]
@@ -117,7 +123,12 @@ impl EventHub {
 
     /// Adds a subscriber for ids starting with `prefix`; dropping the
     /// subscription removes it.
-    pub(crate) fn subscribe(self: &Arc<Self>, prefix: &str, capacity: usize) -> Subscription {
+    pub(crate) fn subscribe(
+        self: &Arc<Self>,
+        prefix: &str,
+        capacity: usize,
+        wake: Option<Wake>,
+    ) -> Subscription {
         let (tx, rx) = mpsc::sync_channel(capacity);
         let dropped = Arc::new(AtomicU64::new(0));
         let mut state = self.lock();
@@ -128,6 +139,7 @@ impl EventHub {
             prefix: prefix.to_string(),
             tx,
             dropped: Arc::clone(&dropped),
+            wake,
         });
         Subscription {
             rx,
@@ -145,26 +157,37 @@ impl EventHub {
     /// Delivers the event for `doc` to every matching subscriber without
     /// blocking; forgets subscribers that went away. The event is built only
     /// if some subscriber wants it, so commits nobody watches pay nothing.
+    /// Subscribers' wakes run after the hub's lock is released.
     pub(crate) fn publish(&self, doc: &DocId, build: impl FnOnce() -> DocEvent) {
-        let mut state = self.lock();
-        let subs = &mut state.subscribers;
-        if !subs.iter().any(|sub| doc.as_str().starts_with(&sub.prefix)) {
-            return;
-        }
-        let event = build();
-        subs.retain(|sub| {
-            if !event.doc.as_str().starts_with(&sub.prefix) {
-                return true;
+        let mut wakes: Vec<Wake> = Vec::new();
+        {
+            let mut state = self.lock();
+            let subs = &mut state.subscribers;
+            if !subs.iter().any(|sub| doc.as_str().starts_with(&sub.prefix)) {
+                return;
             }
-            match sub.tx.try_send(event.clone()) {
-                Ok(()) => true,
-                Err(TrySendError::Full(_)) => {
-                    sub.dropped.fetch_add(1, Ordering::Relaxed);
-                    true
+            let event = build();
+            subs.retain(|sub| {
+                if !event.doc.as_str().starts_with(&sub.prefix) {
+                    return true;
                 }
-                Err(TrySendError::Disconnected(_)) => false,
-            }
-        });
+                let kept = match sub.tx.try_send(event.clone()) {
+                    Ok(()) => true,
+                    Err(TrySendError::Full(_)) => {
+                        sub.dropped.fetch_add(1, Ordering::Relaxed);
+                        true
+                    }
+                    Err(TrySendError::Disconnected(_)) => false,
+                };
+                if let (true, Some(wake)) = (kept, &sub.wake) {
+                    wakes.push(Arc::clone(wake));
+                }
+                kept
+            });
+        }
+        for wake in wakes {
+            wake();
+        }
     }
 }
 
@@ -173,17 +196,9 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
-    #[test]
-    fn dropping_a_subscription_removes_it_even_if_nothing_matched() {
-        let hub = Arc::new(EventHub::default());
-        let subs: Vec<Subscription> = (0..1_000)
-            .map(|i| hub.subscribe(&format!("nobody-{i}/"), 256))
-            .collect();
-        let kept = hub.subscribe("kept/", 4);
-        assert_eq!(hub.len(), 1_001);
-        drop(subs);
-        assert_eq!(hub.len(), 1);
-        let doc = DocId::new("kept/1").unwrap();
+    /// Publishes an empty local event for `id`.
+    fn publish(hub: &EventHub, id: &str) {
+        let doc = DocId::new(id).unwrap();
         hub.publish(&doc, || DocEvent {
             doc: doc.clone(),
             heads: Vec::new(),
@@ -191,8 +206,54 @@ mod tests {
             deleted: false,
             changes: Arc::from(Vec::new()),
         });
-        assert_eq!(kept.try_recv().map(|e| e.doc), Some(doc));
+    }
+
+    #[test]
+    fn dropping_a_subscription_removes_it_even_if_nothing_matched() {
+        let hub = Arc::new(EventHub::default());
+        let subs: Vec<Subscription> = (0..1_000)
+            .map(|i| hub.subscribe(&format!("nobody-{i}/"), 256, None))
+            .collect();
+        let kept = hub.subscribe("kept/", 4, None);
+        assert_eq!(hub.len(), 1_001);
+        drop(subs);
+        assert_eq!(hub.len(), 1);
+        publish(&hub, "kept/1");
+        assert_eq!(
+            kept.try_recv().map(|e| e.doc.to_string()),
+            Some("kept/1".into())
+        );
         drop(kept);
         assert_eq!(hub.len(), 0);
+    }
+
+    #[test]
+    fn a_waking_subscription_is_woken_for_each_event_it_queues_or_drops() {
+        let hub = Arc::new(EventHub::default());
+        let woken = Arc::new(AtomicU64::new(0));
+        let counter = Arc::clone(&woken);
+        let wake: Wake = Arc::new(move || {
+            counter.fetch_add(1, Ordering::SeqCst);
+        });
+        let sub = hub.subscribe("a/", 2, Some(wake));
+        publish(&hub, "b/1");
+        assert_eq!(woken.load(Ordering::SeqCst), 0, "another prefix");
+        for i in 0..3 {
+            publish(&hub, &format!("a/{i}"));
+        }
+        assert_eq!(woken.load(Ordering::SeqCst), 3, "two queued, one dropped");
+        assert_eq!(sub.dropped(), 1);
+        assert_eq!(
+            sub.try_recv().map(|e| e.doc.to_string()),
+            Some("a/0".into())
+        );
+        assert_eq!(
+            sub.try_recv().map(|e| e.doc.to_string()),
+            Some("a/1".into())
+        );
+        assert!(sub.try_recv().is_none());
+        drop(sub);
+        publish(&hub, "a/3");
+        assert_eq!(woken.load(Ordering::SeqCst), 3, "gone: not woken");
     }
 }

@@ -48,6 +48,5 @@ pub use self::network::metrics;
 pub mod sim;
 
 pub use self::config::{ConfigError, NodeConfig};
-pub use self::node::{
-    Node, NodeError, NodeHandle, PeerHolding, RegionWait, COMMAND_QUEUE, LOCAL_EVENT_QUEUE,
-};
+pub use self::network::driver::LOCAL_EVENT_QUEUE;
+pub use self::node::{Node, NodeError, NodeHandle, PeerHolding, RegionWait, COMMAND_QUEUE};

@@ -4,18 +4,18 @@
 //! [`Node::start`] spawns one thread, `causeway-net`, with its own
 //! single-threaded tokio runtime; the [`Driver`](crate::network::driver) on
 //! it owns the libp2p swarm and the replication core. Local writes reach it
-//! through the engine's event subscription, so anything committed through
-//! the engine (by the HTTP API or by the app directly) is replicated. The
+//! through the engine's event subscription, whose committing thread wakes
+//! it, so anything committed through the engine (by the HTTP API or by the
+//! app directly) is replicated. The
 //! returned [`NodeHandle`] talks to the thread through bounded channels.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use causeway_engine::automerge::ChangeHash;
 use causeway_engine::replication::{Collection, Replicator, ReplicatorConfig, MAX_PENDING_FETCHES};
-use causeway_engine::{DocEvent, DocId, Engine, Origin};
+use causeway_engine::{DocId, Engine};
 use libp2p::identity::Keypair;
 use libp2p::{Multiaddr, PeerId};
 use prometheus_client::registry::Registry;
@@ -24,17 +24,12 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use crate::config::{ConfigError, NodeConfig, GC_INTERVAL};
 use crate::membership::Membership;
 use crate::network::behaviour::{build_swarm, BuildError, Protocols};
-use crate::network::driver::{node_id, Command, Driver, Inputs, Parts};
+use crate::network::driver::{node_id, Command, Driver, Inputs, LocalCommits, Parts};
 use crate::network::ephemeral::{EphemeralRelay, EPHEMERAL_QUEUE};
 use crate::network::metrics::NodeMetrics;
 use crate::network::sanctions::Sanctions;
 use crate::network::{NetworkStatus, RegionNeed, RegionWaiter};
 
-/// Local commits queued between the engine's subscription and the
-/// networking task. When full, the subscription's own queue fills and then
-/// drops events (counted in `causeway_local_events_dropped`); anti-entropy
-/// replicates what was missed.
-pub const LOCAL_EVENT_QUEUE: usize = 4096;
 /// Commands queued from handles to the networking task.
 pub const COMMAND_QUEUE: usize = 64;
 
@@ -175,9 +170,7 @@ impl Node {
             Duration::ZERO,
             config.membership.as_ref().map(Membership::to_core),
         )?;
-        let (local_tx, local) = mpsc::channel(LOCAL_EVENT_QUEUE);
-        let stopping = Arc::new(AtomicBool::new(false));
-        let dropped = forward_local_commits(&engine, local_tx, Arc::clone(&stopping))?;
+        let local = LocalCommits::subscribe(&engine)?;
         let (commands_tx, commands) = mpsc::channel(COMMAND_QUEUE);
         let seed = seed(&peer_id);
         let sanctions = match &config.sanctions_file {
@@ -200,12 +193,7 @@ impl Node {
             seed,
         });
         let (done_tx, done) = watch::channel(None);
-        let inputs = Inputs {
-            local,
-            commands,
-            local_dropped: Box::new(move || dropped.load(Ordering::Relaxed)),
-            stopping,
-        };
+        let inputs = Inputs { local, commands };
         let thread = std::thread::Builder::new()
             .name("causeway-net".into())
             .spawn(move || {
@@ -496,48 +484,6 @@ impl NodeHandle {
         };
         NodeError::Stopped(reason)
     }
-}
-
-/// Forwards the engine's local commits, and the changes clients handed over
-/// once they apply, to the networking task from a thread of its own (the
-/// subscription is a blocking queue). Once `stopping` is set it forwards
-/// what is queued and ends, which closes `tx`. Returns the subscription's
-/// count of dropped events.
-fn forward_local_commits(
-    engine: &Engine,
-    tx: mpsc::Sender<DocEvent>,
-    stopping: Arc<AtomicBool>,
-) -> Result<Arc<AtomicU64>, NodeError> {
-    let subscription = engine.subscribe("")?;
-    let dropped = Arc::new(AtomicU64::new(0));
-    let counter = dropped.clone();
-    std::thread::Builder::new()
-        .name("causeway-commits".into())
-        .spawn(move || {
-            let publish = |event: DocEvent| {
-                let local = matches!(event.origin, Origin::Local | Origin::Client);
-                !local || tx.blocking_send(event).is_ok()
-            };
-            while !tx.is_closed() {
-                counter.store(subscription.dropped(), Ordering::Relaxed);
-                if stopping.load(Ordering::Acquire) {
-                    while let Some(event) = subscription.try_recv() {
-                        if !publish(event) {
-                            break;
-                        }
-                    }
-                    break;
-                }
-                let Some(event) = subscription.recv_timeout(Duration::from_millis(200)) else {
-                    continue;
-                };
-                if !publish(event) {
-                    break;
-                }
-            }
-        })
-        .map_err(NodeError::Thread)?;
-    Ok(dropped)
 }
 
 /// Seed for the core's jitter: distinct per node and per start.

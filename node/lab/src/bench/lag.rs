@@ -10,7 +10,7 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -67,11 +67,13 @@ pub async fn run(args: &Args) -> Result<()> {
         Ok(lags)
     })
     .await??;
-    let payload = engines_change_size(&nodes[0].engine, &DocId::new("bench/lag")?)?;
-    let rtt = loopback_rtts(writes, payload)?;
-    let fsync = synced_writes(dir.path().join("raw"), 200, payload)?;
+    let changes = nodes[0]
+        .engine
+        .changes_since(&DocId::new("bench/lag")?, &[])?;
+    let payload = changes.iter().map(Vec::len).sum::<usize>() / changes.len().max(1);
+    let refs = References::measure(dir.path(), &changes, writes, pause)?;
     local_cluster::shutdown(&nodes).await?;
-    print(args, &lags, &rtt, &fsync, payload);
+    print(args, &lags, &refs, payload);
     Ok(())
 }
 
@@ -90,14 +92,85 @@ fn await_heads(
     }
 }
 
-/// Mean bytes of the changes of `doc` (the size of one write on the wire).
-fn engines_change_size(engine: &causeway_engine::Engine, doc: &DocId) -> Result<usize> {
-    let all = engine.changes_since(doc, &[])?;
-    Ok(all.iter().map(Vec::len).sum::<usize>() / all.len().max(1))
+/// What the path of one write must do at the least, each measured alone
+/// in this run, with the writes' own pause between samples (after an idle
+/// pause an fsync or a wake-up costs more than in a tight loop, so a
+/// reference measured back to back would flatter the floor's side).
+struct References {
+    /// Loopback TCP round trips of one change's size, paced.
+    rtt: Vec<Duration>,
+    /// The same, back to back (the floor as measured before pacing).
+    rtt_back_to_back: Vec<Duration>,
+    /// Synced RocksDB writes of one change's size, paced.
+    fsync: Vec<Duration>,
+    /// The same, back to back.
+    fsync_back_to_back: Vec<Duration>,
+    /// Two synced writes at once, to two RocksDBs on this disk, paced (B
+    /// and C share this machine's disk): each write's time.
+    fsync_pair: Vec<Duration>,
+    /// Bare Automerge applying the benchmark's changes one by one to an
+    /// in-memory document, as each receiver must, paced.
+    apply: Vec<Duration>,
+    /// An ed25519 signature of a message of the change's size and its
+    /// verification (gossipsub signs every message; the receiver checks
+    /// it), paced.
+    sign_verify: Vec<Duration>,
 }
 
-/// Round trips of `size` bytes over a loopback TCP connection.
-fn loopback_rtts(n: usize, size: usize) -> Result<Vec<Duration>> {
+impl References {
+    fn measure(dir: &Path, changes: &[Vec<u8>], n: usize, pause: Duration) -> Result<References> {
+        let size = changes.iter().map(Vec::len).sum::<usize>() / changes.len().max(1);
+        Ok(References {
+            rtt: loopback_rtts(n, size, pause)?,
+            rtt_back_to_back: loopback_rtts(n, size, Duration::ZERO)?,
+            fsync: synced_writes(&dir.join("raw-paced"), n, size, pause)?,
+            fsync_back_to_back: synced_writes(&dir.join("raw"), n, size, Duration::ZERO)?,
+            fsync_pair: synced_write_pairs(dir, n, size, pause)?,
+            apply: automerge_applies(changes, pause)?,
+            sign_verify: signatures(n, size, pause)?,
+        })
+    }
+
+    /// The floor: a loopback round trip and one fsync.
+    fn floor(&self) -> f64 {
+        quantile(&self.rtt, 0.5) + quantile(&self.fsync, 0.5)
+    }
+
+    /// The same floor from back-to-back samples.
+    fn floor_back_to_back(&self) -> f64 {
+        quantile(&self.rtt_back_to_back, 0.5) + quantile(&self.fsync_back_to_back, 0.5)
+    }
+
+    /// Everything the path must do with this design on this machine: the
+    /// round trip, the receivers' fsyncs at once, the Automerge apply, one
+    /// signature and its check.
+    fn path_floor(&self) -> f64 {
+        quantile(&self.rtt, 0.5)
+            + quantile(&self.fsync_pair, 0.5)
+            + quantile(&self.apply, 0.5)
+            + quantile(&self.sign_verify, 0.5)
+    }
+}
+
+/// Times `n` runs of `f`, sleeping `pause` before each.
+fn paced(
+    n: usize,
+    pause: Duration,
+    mut f: impl FnMut(usize) -> Result<()>,
+) -> Result<Vec<Duration>> {
+    let mut times = Vec::with_capacity(n);
+    for i in 0..n {
+        std::thread::sleep(pause);
+        let t = Instant::now();
+        f(i)?;
+        times.push(t.elapsed());
+    }
+    Ok(times)
+}
+
+/// Round trips of `size` bytes over a loopback TCP connection, `pause`
+/// apart.
+fn loopback_rtts(n: usize, size: usize, pause: Duration) -> Result<Vec<Duration>> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
     let echo = std::thread::spawn(move || -> std::io::Result<()> {
@@ -112,34 +185,106 @@ fn loopback_rtts(n: usize, size: usize) -> Result<Vec<Duration>> {
     let mut s = TcpStream::connect(addr)?;
     s.set_nodelay(true)?;
     let mut buf = vec![7u8; size];
-    let mut rtts = Vec::with_capacity(n);
-    for _ in 0..n {
-        let t = Instant::now();
+    let rtts = paced(n, pause, |_| {
         s.write_all(&buf)?;
         s.read_exact(&mut buf)?;
-        rtts.push(t.elapsed());
-    }
+        Ok(())
+    })?;
     drop(s);
     echo.join()
         .map_err(|_| anyhow::anyhow!("echo thread panicked"))??;
     Ok(rtts)
 }
 
-/// Synced single writes of `size` bytes to a raw RocksDB.
-fn synced_writes(path: PathBuf, n: usize, size: usize) -> Result<Vec<Duration>> {
+fn raw_db(path: &Path) -> Result<rocksdb::DB> {
     let mut opts = rocksdb::Options::default();
     opts.create_if_missing(true);
-    let db = rocksdb::DB::open(&opts, &path).context("cannot open the raw RocksDB")?;
+    rocksdb::DB::open(&opts, path).context("cannot open the raw RocksDB")
+}
+
+fn synced() -> rocksdb::WriteOptions {
     let mut wo = rocksdb::WriteOptions::default();
     wo.set_sync(true);
-    let value = vec![1u8; size];
-    let mut times = Vec::with_capacity(n);
-    for i in 0..n {
-        let t = Instant::now();
-        db.put_opt(format!("k{i}"), &value, &wo)?;
-        times.push(t.elapsed());
-    }
-    Ok(times)
+    wo
+}
+
+/// Synced single writes of `size` bytes to a raw RocksDB, `pause` apart.
+fn synced_writes(path: &Path, n: usize, size: usize, pause: Duration) -> Result<Vec<Duration>> {
+    let db = raw_db(path)?;
+    let (wo, value) = (synced(), vec![1u8; size]);
+    paced(n, pause, |i| {
+        Ok(db.put_opt(format!("k{i}"), &value, &wo)?)
+    })
+}
+
+/// Pairs of synced writes made at once, each to its own raw RocksDB in
+/// `dir`, started together every `pause`; the time of each write.
+fn synced_write_pairs(dir: &Path, n: usize, size: usize, pause: Duration) -> Result<Vec<Duration>> {
+    // Opened first: a thread that failed to open would leave the other
+    // waiting at the barrier.
+    let dbs = [raw_db(&dir.join("raw-b"))?, raw_db(&dir.join("raw-c"))?];
+    let barrier = std::sync::Barrier::new(dbs.len());
+    let mut all = Vec::with_capacity(2 * n);
+    std::thread::scope(|scope| -> Result<()> {
+        let handles: Vec<_> = dbs
+            .iter()
+            .map(|db| {
+                let barrier = &barrier;
+                scope.spawn(move || -> Result<Vec<Duration>> {
+                    let (wo, value) = (synced(), vec![1u8; size]);
+                    let mut times = Vec::with_capacity(n);
+                    for i in 0..n {
+                        std::thread::sleep(pause);
+                        barrier.wait();
+                        let t = Instant::now();
+                        db.put_opt(format!("k{i}"), &value, &wo)?;
+                        times.push(t.elapsed());
+                    }
+                    Ok(times)
+                })
+            })
+            .collect();
+        for h in handles {
+            match h.join() {
+                Ok(times) => all.extend(times?),
+                Err(_) => bail!("a synced-write thread panicked"),
+            }
+        }
+        Ok(())
+    })?;
+    Ok(all)
+}
+
+/// Each of `changes` applied to a bare in-memory Automerge document that
+/// holds the ones before it, `pause` apart.
+fn automerge_applies(changes: &[Vec<u8>], pause: Duration) -> Result<Vec<Duration>> {
+    let decoded = changes
+        .iter()
+        .map(|c| automerge::Change::from_bytes(c.clone()))
+        .collect::<Result<Vec<_>, _>>()
+        .context("the benchmark's own changes do not decode")?;
+    let n = decoded.len();
+    let mut doc = automerge::Automerge::new();
+    let mut pending = decoded.into_iter();
+    paced(n, pause, |_| {
+        let change = pending.next().context("fewer changes than counted")?;
+        Ok(doc.apply_changes([change])?)
+    })
+}
+
+/// One ed25519 signature of `size` bytes and its verification, `pause`
+/// apart.
+fn signatures(n: usize, size: usize, pause: Duration) -> Result<Vec<Duration>> {
+    let key = libp2p::identity::Keypair::generate_ed25519();
+    let public = key.public();
+    let message = vec![3u8; size];
+    paced(n, pause, |_| {
+        let signature = key.sign(&message)?;
+        if !public.verify(&message, &signature) {
+            bail!("a fresh signature did not verify");
+        }
+        Ok(())
+    })
 }
 
 fn quantile(samples: &[Duration], q: f64) -> f64 {
@@ -149,33 +294,45 @@ fn quantile(samples: &[Duration], q: f64) -> f64 {
     ms.get(i).copied().unwrap_or(0.0)
 }
 
-fn print(
-    args: &Args,
-    lags: &[Vec<Duration>; 2],
-    rtt: &[Duration],
-    fsync: &[Duration],
-    payload: usize,
-) {
+fn print(args: &Args, lags: &[Vec<Duration>; 2], refs: &References, payload: usize) {
     let both: Vec<Duration> = lags.iter().flatten().copied().collect();
     let (p50, p99) = (quantile(&both, 0.5), quantile(&both, 0.99));
-    let floor = quantile(rtt, 0.5) + quantile(fsync, 0.5);
+    let p50_of = |samples: &[Duration]| quantile(samples, 0.5);
+    let (floor, path_floor) = (refs.floor(), refs.path_floor());
+    let floor_back_to_back = refs.floor_back_to_back();
     let mut report = Report::default();
     report.record(
-        json!({"bench": "lag", "writes": args.writes, "replicas": 2, "change_bytes": payload,
+        json!({"bench": "lag", "writes": args.writes, "pause_ms": args.pause_ms, "replicas": 2,
+               "change_bytes": payload,
                "b_p50_ms": quantile(&lags[0], 0.5), "b_p99_ms": quantile(&lags[0], 0.99),
                "c_p50_ms": quantile(&lags[1], 0.5), "c_p99_ms": quantile(&lags[1], 0.99),
                "p50_ms": p50, "p99_ms": p99, "max_ms": quantile(&both, 1.0),
-               "loopback_rtt_p50_ms": quantile(rtt, 0.5), "loopback_rtt_p99_ms": quantile(rtt, 0.99),
-               "fsync_p50_ms": quantile(fsync, 0.5), "floor_p50_ms": floor, "ratio_p50": p50 / floor,
+               "loopback_rtt_p50_ms": p50_of(&refs.rtt),
+               "loopback_rtt_p99_ms": quantile(&refs.rtt, 0.99),
+               "fsync_p50_ms": p50_of(&refs.fsync),
+               "floor_p50_ms": floor, "ratio_p50": p50 / floor,
+               "loopback_rtt_back_to_back_p50_ms": p50_of(&refs.rtt_back_to_back),
+               "fsync_back_to_back_p50_ms": p50_of(&refs.fsync_back_to_back),
+               "floor_back_to_back_p50_ms": floor_back_to_back,
+               "ratio_back_to_back_p50": p50 / floor_back_to_back,
+               "fsync_pair_p50_ms": p50_of(&refs.fsync_pair),
+               "automerge_apply_p50_ms": p50_of(&refs.apply),
+               "sign_verify_p50_ms": p50_of(&refs.sign_verify),
+               "path_floor_p50_ms": path_floor, "ratio_path_p50": p50 / path_floor,
                "build": build_profile()}),
         vec![
             format!("{}", args.writes),
             format!("{p50:.2}"),
             format!("{p99:.2}"),
-            format!("{:.3}", quantile(rtt, 0.5)),
-            format!("{:.2}", quantile(fsync, 0.5)),
-            format!("{floor:.2}"),
+            format!("{:.3}", p50_of(&refs.rtt)),
+            format!("{:.3}", p50_of(&refs.fsync)),
+            format!("{floor:.3}"),
             format!("{:.1}", p50 / floor),
+            format!("{:.3}", p50_of(&refs.fsync_pair)),
+            format!("{:.3}", p50_of(&refs.apply)),
+            format!("{:.3}", p50_of(&refs.sign_verify)),
+            format!("{path_floor:.3}"),
+            format!("{:.1}", p50 / path_floor),
         ],
     );
     report.print_table(&[
@@ -186,6 +343,11 @@ fn print(
         "fsync ms",
         "floor ms",
         "p50/floor",
+        "2 fsyncs at once ms",
+        "Automerge apply ms",
+        "sign + verify ms",
+        "path floor ms",
+        "p50/path floor",
     ]);
 }
 
@@ -204,8 +366,18 @@ pub fn summary(results: &[Value]) -> Vec<Row> {
                 f(r, "p99_ms"),
                 f(r, "max_ms")
             ),
-            format!("loopback RTT + one fsync {:.2} ms", f(r, "floor_p50_ms")),
-            format!("{:.1}x (p50)", f(r, "ratio_p50")),
+            format!(
+                "loopback RTT + one fsync {:.2} ms (back to back {:.2} ms); with 2 fsyncs at once, Automerge's apply and a signature checked {:.2} ms",
+                f(r, "floor_p50_ms"),
+                f(r, "floor_back_to_back_p50_ms"),
+                f(r, "path_floor_p50_ms")
+            ),
+            format!(
+                "{:.1}x (p50; {:.1}x back to back; {:.1}x the path's parts)",
+                f(r, "ratio_p50"),
+                f(r, "ratio_back_to_back_p50"),
+                f(r, "ratio_path_p50")
+            ),
         )
     })
 }

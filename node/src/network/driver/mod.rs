@@ -28,7 +28,6 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -69,12 +68,14 @@ use crate::NodeError;
 mod dialer;
 mod ephemeral;
 mod guard;
+mod local_commits;
 mod report;
 mod traffic;
 mod waiters;
 
 use self::dialer::{peer_of, Dialer, Target};
 use self::guard::Guard;
+pub use self::local_commits::{LocalCommits, LOCAL_EVENT_QUEUE, MAX_LOCAL_BURST};
 use self::traffic::Traffic;
 use crate::network::ephemeral::EphemeralRelay;
 
@@ -101,10 +102,6 @@ pub const RECENT_COMMITS_KEPT: usize = 4096;
 
 /// How often shutdown checks whether peers hold the latest local commits.
 const HANDOFF_CHECK: Duration = Duration::from_millis(20);
-
-/// Local commits taken from the queue in one turn and published together
-/// (see [`Replicator::handle_local_commits`]).
-pub const MAX_LOCAL_BURST: usize = 1024;
 
 /// Writes waiting at once for other regions to hold them; more are refused.
 pub const MAX_REGION_WAITERS: usize = 1024;
@@ -230,14 +227,9 @@ pub struct Parts {
 /// The inputs of the task besides the swarm.
 pub struct Inputs {
     /// Local commits (durable), from the engine's subscription.
-    pub local: mpsc::Receiver<DocEvent>,
+    pub local: LocalCommits,
     /// Commands from handles.
     pub commands: mpsc::Receiver<Command>,
-    /// How many local commits the subscription lost so far.
-    pub local_dropped: Box<dyn Fn() -> u64 + Send>,
-    /// Set by the task when it stops: the feeder of `local` then forwards
-    /// what is queued and closes it.
-    pub stopping: Arc<AtomicBool>,
 }
 
 /// Why the task ended with an error. The node is stopped.
@@ -356,9 +348,7 @@ impl Driver {
                     self.on_swarm_event(event)?;
                     self.gather()?;
                 }
-                Some(event) = inputs.local.recv() => {
-                    self.publish_local(burst(event, &mut inputs.local));
-                }
+                events = inputs.local.next_burst() => self.publish_local(events),
                 command = inputs.commands.recv() => match command {
                     Some(Command::Shutdown) | None => break,
                     Some(command) => self.on_command(command),
@@ -373,7 +363,7 @@ impl Driver {
                 }
                 _ = discovery.tick() => self.discover(),
                 _ = metrics_tick.tick() => {
-                    self.local_events_dropped = (inputs.local_dropped)();
+                    self.local_events_dropped = inputs.local.dropped();
                     self.observe();
                     self.review_sanctions();
                     self.reload_membership();
@@ -541,27 +531,25 @@ impl Driver {
         }
     }
 
-    /// Stops listening, publishes the local commits still queued (it tells
-    /// the queue's feeder to stop, so the queue ends), then waits until
+    /// Stops listening, publishes the local commits still queued (every
+    /// write acknowledged by now is: its event is queued before the write
+    /// returns), then waits until
     /// the direct messages sent by then are delivered and every connected
     /// peer holds the latest local commits, so that a write acknowledged
     /// just before the stop is not left on this node alone: while that
     /// progresses, for up to [`SHUTDOWN_HANDOFF_MAX`], and no more than
     /// [`SHUTDOWN_FLUSH`] without progress.
-    async fn shutdown(mut self, mut inputs: Inputs) {
+    async fn shutdown(mut self, inputs: Inputs) {
         info!("shutting down: no new connections, handing the latest writes to peers");
         for id in std::mem::take(&mut self.listeners) {
             self.swarm.remove_listener(id);
         }
-        inputs.stopping.store(true, Ordering::Release);
-        let until = tokio::time::Instant::now() + SHUTDOWN_FLUSH;
         loop {
-            let event = tokio::select! {
-                event = inputs.local.recv() => event,
-                () = tokio::time::sleep_until(until) => None,
-            };
-            let Some(event) = event else { break };
-            self.publish_local(burst(event, &mut inputs.local));
+            let events = inputs.local.take();
+            if events.is_empty() {
+                break;
+            }
+            self.publish_local(events);
             self.drain();
         }
         self.drain();
@@ -616,20 +604,6 @@ impl Driver {
         }
         info!("network stopped");
     }
-}
-
-/// `first` and the local commits already queued behind it (up to
-/// [`MAX_LOCAL_BURST`]): they go out together, one delta per document and
-/// burst.
-fn burst(first: DocEvent, local: &mut mpsc::Receiver<DocEvent>) -> Vec<DocEvent> {
-    let mut events = vec![first];
-    while events.len() < MAX_LOCAL_BURST {
-        match local.try_recv() {
-            Ok(event) => events.push(event),
-            Err(_) => break,
-        }
-    }
-    events
 }
 
 pub use crate::identity::node_id;
