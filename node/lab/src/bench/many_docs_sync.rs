@@ -34,7 +34,7 @@ use super::node_process::{
 };
 use super::peers::{self, path, Peer, PeerKind};
 use super::proxy::ByteProxy;
-use super::summary::{f, thousands, Row};
+use super::summary::{f, ratio, thousands, Row};
 use super::{build_profile, Report};
 
 /// Arguments of `causeway bench many-docs-sync`.
@@ -265,10 +265,6 @@ async fn measure(
     Ok((causeway, sides))
 }
 
-fn ratio(ours: f64, theirs: f64) -> String {
-    format!("{:.2}x", ours / theirs)
-}
-
 async fn causeway_side(dir: &Path, docs: usize, timeout: Duration) -> Result<Side> {
     let a_dir = dir.join("a");
     let started = Instant::now();
@@ -497,7 +493,7 @@ pub fn summary(results: &[Value]) -> Vec<Row> {
             format!("many-docs-sync: {docs} documents to a new peer, time ({setup})"),
             format!("{:.2} s", f(c, "seconds")),
             format!("{engine} {:.2} s", f(r, "seconds")),
-            format!("{:.2}x", f(c, "seconds") / f(r, "seconds")),
+            ratio(f(c, "seconds"), f(r, "seconds")),
         ));
         rows.push(Row::new(
             format!("many-docs-sync: {docs} documents to a new peer, bytes"),
@@ -506,7 +502,7 @@ pub fn summary(results: &[Value]) -> Vec<Row> {
                 "{engine} {} bytes/document",
                 thousands(f(r, "bytes_per_doc"))
             ),
-            format!("{:.2}x", f(c, "bytes") / f(r, "bytes")),
+            ratio(f(c, "bytes"), f(r, "bytes")),
         ));
     }
     if results.len() == 1 {

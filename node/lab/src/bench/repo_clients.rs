@@ -28,7 +28,7 @@ use super::ingest::tempdir_in;
 use super::many_docs_sync::check_contents;
 use super::node_process::{count_docs, NodeProcess};
 use super::peers::{self, path, Peer, PeerKind, PeerProcess};
-use super::summary::{f, Row};
+use super::summary::{f, ratio, Row};
 use super::{build_profile, Report};
 
 /// Arguments of `causeway bench automerge-repo`.
@@ -98,7 +98,7 @@ pub async fn run(args: &Args) -> Result<()> {
             format!("{:.1}", percentile(&side.find_ms, 0.99)),
             format!("{:.2}", side.join_seconds),
             format!("{:.0}", args.docs as f64 / side.join_seconds),
-            format!("{:.2}x", causeway.join_seconds / side.join_seconds),
+            ratio(causeway.join_seconds, side.join_seconds),
         ];
         report.record(side.json(args, &peer.versions), cells);
     }
@@ -305,7 +305,7 @@ pub fn summary(results: &[Value]) -> Vec<Row> {
             ),
             format!("{:.2} s", f(ours, "join_seconds")),
             format!("{:.2} s", f(theirs, "join_seconds")),
-            format!("{:.2}x", f(ours, "join_seconds") / f(theirs, "join_seconds")),
+            ratio(f(ours, "join_seconds"), f(theirs, "join_seconds")),
         ),
     ]
 }

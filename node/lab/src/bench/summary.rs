@@ -56,9 +56,30 @@ pub fn thousands(n: f64) -> String {
     format!("{sign}{out}")
 }
 
+/// `ours / theirs` as a ratio: two decimals, or, below 0.1, two
+/// significant digits and the fraction it is (`0.0044x (1/228)`), so that
+/// a small ratio does not print as `0.00x`.
+pub fn ratio(ours: f64, theirs: f64) -> String {
+    let x = ours / theirs;
+    if !x.is_finite() || x <= 0.0 || x >= 0.1 {
+        return format!("{x:.2}x");
+    }
+    let decimals = (1.0 - x.log10().floor()) as usize;
+    format!("{x:.decimals$}x (1/{:.0})", 1.0 / x)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn small_ratios_keep_two_significant_digits() {
+        assert_eq!(ratio(3.0, 2.0), "1.50x");
+        assert_eq!(ratio(1.0, 10.0), "0.10x");
+        assert_eq!(ratio(1.52, 346.45), "0.0044x (1/228)");
+        assert_eq!(ratio(1.52, 151.8), "0.010x (1/100)");
+        assert_eq!(ratio(1.0, 0.0), "infx");
+    }
 
     #[test]
     fn numbers_get_thousands_separators() {
