@@ -301,6 +301,11 @@ pub struct Decoders {
 struct Decoding {
     upper: Option<DocId>,
     decoder: Decoder,
+    /// Fewest cells the next window may hold: [`SKETCH_FIRST_CELLS`] for
+    /// the first, then as many as this side asked for. A shorter window
+    /// ends the range's decoding, so that a peer cannot stretch a session
+    /// over rounds that add next to nothing.
+    asked: usize,
     /// This side's differing documents, once decoded and sent.
     listed: Vec<DocId>,
 }
@@ -580,12 +585,16 @@ fn decode(
             Decoding {
                 upper: upper.cloned(),
                 decoder: Decoder::default(),
+                asked: SKETCH_FIRST_CELLS,
                 listed: Vec::new(),
             },
         );
     }
     let fits = decoders.ranges.get(&lower.cloned()).is_some_and(|d| {
-        d.upper.as_ref() == upper && d.decoder.len() as u64 == start && d.listed.is_empty()
+        d.upper.as_ref() == upper
+            && d.decoder.len() as u64 == start
+            && cells.len() >= d.asked
+            && d.listed.is_empty()
     });
     if !fits || decoders.cells + cells.len() > MAX_SESSION_CELLS {
         return fall_back(decoders, budget, reply, out);
@@ -602,6 +611,7 @@ fn decode(
             if want <= have {
                 return fall_back(decoders, budget, reply, out);
             }
+            decoding.asked = want - have;
             push(
                 reply,
                 upper,
@@ -1178,6 +1188,63 @@ mod tests {
             RangeBody::Fingerprint { .. } | RangeBody::Items { .. } | RangeBody::Skip
         )));
         assert_eq!(decoders.cells(), 0);
+    }
+
+    /// `msg` with every sketch window cut to its first `keep` cells.
+    fn cut_windows(msg: &[RangePart], keep: usize) -> Vec<RangePart> {
+        let mut msg = msg.to_vec();
+        for part in &mut msg {
+            if let RangeBody::Sketch { cells, .. } = &mut part.body {
+                cells.0.truncate(keep * super::super::wire::SKETCH_CELL_LEN);
+            }
+        }
+        msg
+    }
+
+    fn as_initiator<'a>(decoders: &'a mut Decoders) -> Side<'a> {
+        Side::Initiator {
+            decoders,
+            sketches: true,
+        }
+    }
+
+    #[test]
+    fn a_window_shorter_than_asked_for_ends_decoding_with_a_split() {
+        // 250 differences: more than the first 32 cells decode.
+        let (a, b) = changed_every(5_000, 20);
+        let params = Params::default();
+        let first = answer(&b, &initiate(&a, &params)).reply;
+
+        let mut decoders = Decoders::default();
+        let cut = cut_windows(&first, SKETCH_FIRST_CELLS - 1);
+        let p = process(&a, &cut, &params, as_initiator(&mut decoders));
+        assert_eq!(p.sketches_split, 1, "a first window under the first cells");
+        assert_eq!(decoders.cells(), 0);
+
+        let mut decoders = Decoders::default();
+        let p = process(&a, &first, &params, as_initiator(&mut decoders));
+        let asked = p
+            .reply
+            .iter()
+            .find_map(|part| match part.body {
+                RangeBody::SketchRequest { count, .. } => Some(count as usize),
+                _ => None,
+            })
+            .unwrap();
+        let second = answer(&b, &p.reply).reply;
+        let mut whole = decoders.clone();
+        let p = process(
+            &a,
+            &cut_windows(&second, asked - 1),
+            &params,
+            as_initiator(&mut decoders),
+        );
+        assert_eq!(p.sketches_split, 1, "one cell fewer than asked for");
+        assert_eq!(decoders.cells(), 0);
+        // The whole window goes on decoding.
+        let p = process(&a, &second, &params, as_initiator(&mut whole));
+        assert_eq!(p.sketches_split, 0);
+        assert!(whole.cells() > SKETCH_FIRST_CELLS || p.sketches_decoded == 1);
     }
 
     #[test]
