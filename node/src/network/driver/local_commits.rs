@@ -57,16 +57,15 @@ impl LocalCommits {
     }
 
     /// The local commits queued now, up to [`MAX_LOCAL_BURST`], without
-    /// waiting; events of changes received from peers are skipped (up to
-    /// as many again, so that one call stays bounded).
+    /// waiting; empty only once the queue is. Events of changes received
+    /// from peers are skipped (at most [`LOCAL_EVENT_QUEUE`] of them are
+    /// queued).
     pub fn take(&self) -> Vec<DocEvent> {
         let mut burst = Vec::new();
-        let mut looked = 0;
-        while burst.len() < MAX_LOCAL_BURST && looked < 2 * MAX_LOCAL_BURST {
+        while burst.len() < MAX_LOCAL_BURST {
             let Some(event) = self.subscription.try_recv() else {
                 break;
             };
-            looked += 1;
             if matches!(event.origin, Origin::Local | Origin::Client) {
                 burst.push(event);
             }
@@ -77,5 +76,86 @@ impl LocalCommits {
     /// Events the queue dropped so far for lack of room.
     pub fn dropped(&self) -> u64 {
         self.subscription.dropped()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use causeway_engine::{DocId, EngineConfig, SyncState};
+    use serde_json::json;
+
+    /// Syncs `doc` from `from` into `to` until neither has more to send.
+    fn sync_into(from: &Engine, to: &Engine, doc: &DocId) {
+        let (mut theirs, mut ours) = (SyncState::new(), SyncState::new());
+        loop {
+            let out = from
+                .generate_sync_message(doc, &mut theirs, 1 << 20)
+                .unwrap();
+            let sent = out.is_some();
+            if let Some(m) = out {
+                to.receive_sync_message(doc, &mut ours, m).unwrap();
+            }
+            let back = to.generate_sync_message(doc, &mut ours, 1 << 20).unwrap();
+            let answered = back.is_some();
+            if let Some(m) = back {
+                from.receive_sync_message(doc, &mut theirs, m).unwrap();
+            }
+            if !sent && !answered {
+                return;
+            }
+        }
+    }
+
+    #[test]
+    fn take_returns_local_commits_past_peers_changes_and_is_empty_only_once_the_queue_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Engine::open(dir.path().join("a"), EngineConfig::default()).unwrap();
+        let b = Engine::open(dir.path().join("b"), EngineConfig::default()).unwrap();
+        let local = LocalCommits::subscribe(&a).unwrap();
+        let peers = a.subscribe("peer/").unwrap();
+        for i in 0..20 {
+            let doc = DocId::new(format!("peer/{i}")).unwrap();
+            b.put_json(&doc, &json!({ "i": i })).unwrap();
+            sync_into(&b, &a, &doc);
+        }
+        let remote = std::iter::from_fn(|| peers.try_recv())
+            .filter(|e| e.origin == Origin::Remote)
+            .count();
+        assert_eq!(remote, 20, "the peer's changes were queued as remote");
+        let mine = DocId::new("mine/1").unwrap();
+        a.put_json(&mine, &json!({ "x": 1 })).unwrap();
+        let burst = local.take();
+        assert_eq!(burst.len(), 1, "peers' changes are skipped, not published");
+        assert_eq!(burst[0].doc, mine);
+        assert!(local.take().is_empty());
+        assert_eq!(local.dropped(), 0);
+    }
+
+    #[test]
+    fn a_commit_on_another_thread_wakes_a_waiting_burst() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::open(dir.path(), EngineConfig::default()).unwrap();
+        let local = LocalCommits::subscribe(&engine).unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let writer = {
+            let engine = engine.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                let doc = DocId::new("w/1").unwrap();
+                engine.put_json(&doc, &json!({ "n": 1 })).unwrap();
+            })
+        };
+        let burst = runtime.block_on(async {
+            tokio::time::timeout(std::time::Duration::from_secs(10), local.next_burst()).await
+        });
+        writer.join().unwrap();
+        let burst = burst.expect("the commit woke the task");
+        assert_eq!(burst.len(), 1);
+        assert_eq!(burst[0].doc.as_str(), "w/1");
     }
 }

@@ -533,7 +533,8 @@ impl Driver {
 
     /// Stops listening, publishes the local commits still queued (every
     /// write acknowledged by now is: its event is queued before the write
-    /// returns), then waits until
+    /// returns; for up to [`SHUTDOWN_FLUSH`], in case an embedding app
+    /// goes on writing faster than they go out), then waits until
     /// the direct messages sent by then are delivered and every connected
     /// peer holds the latest local commits, so that a write acknowledged
     /// just before the stop is not left on this node alone: while that
@@ -544,7 +545,8 @@ impl Driver {
         for id in std::mem::take(&mut self.listeners) {
             self.swarm.remove_listener(id);
         }
-        loop {
+        let until = Instant::now() + SHUTDOWN_FLUSH;
+        while Instant::now() < until {
             let events = inputs.local.take();
             if events.is_empty() {
                 break;
