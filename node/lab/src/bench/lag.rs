@@ -131,7 +131,8 @@ impl References {
         })
     }
 
-    /// The floor: a loopback round trip and one fsync.
+    /// The floor of the performance goal: a loopback round trip and one
+    /// fsync.
     fn floor(&self) -> f64 {
         quantile(&self.rtt, 0.5) + quantile(&self.fsync, 0.5)
     }
