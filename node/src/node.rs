@@ -6,8 +6,8 @@
 //! it owns the libp2p swarm and the replication core. Local writes reach it
 //! through the engine's event subscription, whose committing thread wakes
 //! it, so anything committed through the engine (by the HTTP API or by the
-//! app directly) is replicated. The
-//! returned [`NodeHandle`] talks to the thread through bounded channels.
+//! app directly) is replicated. The returned [`NodeHandle`] talks to the
+//! thread through bounded channels.
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;

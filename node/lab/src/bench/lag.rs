@@ -71,7 +71,7 @@ pub async fn run(args: &Args) -> Result<()> {
         .engine
         .changes_since(&DocId::new("bench/lag")?, &[])?;
     let payload = changes.iter().map(Vec::len).sum::<usize>() / changes.len().max(1);
-    let refs = References::measure(dir.path(), &changes, writes, pause)?;
+    let refs = References::measure(dir.path(), &changes, payload, writes, pause)?;
     local_cluster::shutdown(&nodes).await?;
     print(args, &lags, &refs, payload);
     Ok(())
@@ -118,8 +118,15 @@ struct References {
 }
 
 impl References {
-    fn measure(dir: &Path, changes: &[Vec<u8>], n: usize, pause: Duration) -> Result<References> {
-        let size = changes.iter().map(Vec::len).sum::<usize>() / changes.len().max(1);
+    /// Measures each reference `n` times (the changes' apply once each),
+    /// for messages and writes of `size` bytes.
+    fn measure(
+        dir: &Path,
+        changes: &[Vec<u8>],
+        size: usize,
+        n: usize,
+        pause: Duration,
+    ) -> Result<References> {
         Ok(References {
             rtt: loopback_rtts(n, size, pause)?,
             rtt_back_to_back: loopback_rtts(n, size, Duration::ZERO)?,
@@ -221,8 +228,8 @@ fn synced_writes(path: &Path, n: usize, size: usize, pause: Duration) -> Result<
 /// Pairs of synced writes made at once, each to its own raw RocksDB in
 /// `dir`, started together every `pause`; the time of each write.
 fn synced_write_pairs(dir: &Path, n: usize, size: usize, pause: Duration) -> Result<Vec<Duration>> {
-    // Opened first: a thread that failed to open would leave the other
-    // waiting at the barrier.
+    // Opened first, and a failed write still meets the barrier every
+    // round: otherwise the other thread would wait there for ever.
     let dbs = [raw_db(&dir.join("raw-b"))?, raw_db(&dir.join("raw-c"))?];
     let barrier = std::sync::Barrier::new(dbs.len());
     let mut all = Vec::with_capacity(2 * n);
@@ -234,14 +241,23 @@ fn synced_write_pairs(dir: &Path, n: usize, size: usize, pause: Duration) -> Res
                 scope.spawn(move || -> Result<Vec<Duration>> {
                     let (wo, value) = (synced(), vec![1u8; size]);
                     let mut times = Vec::with_capacity(n);
+                    let mut failed = None;
                     for i in 0..n {
                         std::thread::sleep(pause);
                         barrier.wait();
+                        if failed.is_some() {
+                            continue;
+                        }
                         let t = Instant::now();
-                        db.put_opt(format!("k{i}"), &value, &wo)?;
-                        times.push(t.elapsed());
+                        match db.put_opt(format!("k{i}"), &value, &wo) {
+                            Ok(()) => times.push(t.elapsed()),
+                            Err(e) => failed = Some(e),
+                        }
                     }
-                    Ok(times)
+                    match failed {
+                        Some(e) => Err(e.into()),
+                        None => Ok(times),
+                    }
                 })
             })
             .collect();

@@ -13,7 +13,10 @@ use std::sync::Arc;
 use causeway_engine::{DocEvent, Engine, Origin, Subscription};
 use tokio::sync::Notify;
 
-/// Local commits queued between the engine and the networking task.
+/// Local commits queued between the engine and the networking task. When
+/// full, the engine drops events (counted in
+/// `causeway_local_events_dropped`); anti-entropy replicates what they
+/// would have published.
 pub const LOCAL_EVENT_QUEUE: NonZeroUsize = match NonZeroUsize::new(8192) {
     Some(n) => n,
     None => NonZeroUsize::MIN,
