@@ -15,7 +15,7 @@ use crate::config::EngineConfig;
 use crate::doc_id::{self, DocId};
 use crate::document::{DocState, PersistTo};
 use crate::error::{Error, Result};
-use crate::events::{DocEvent, EventHub, Origin, Subscription};
+use crate::events::{DocEvent, EventHub, Origin, Origins, Subscription};
 use crate::held::{load_held_ledger, HeldBudget, HeldLedger};
 use crate::json;
 use crate::lineage;
@@ -299,7 +299,7 @@ impl Engine {
         let events = std::mem::take(&mut *lock_events(&self.inner.deferred_events));
         for event in events {
             let doc = event.doc.clone();
-            self.inner.events.publish(&doc, || event);
+            self.inner.events.publish(&doc, event.origin, || event);
         }
         Ok(())
     }
@@ -605,21 +605,24 @@ impl Engine {
     /// (`""` for all).
     pub fn subscribe(&self, prefix: &str) -> Result<Subscription> {
         doc_id::validate_prefix(prefix)?;
-        Ok(self
-            .inner
-            .events
-            .subscribe(prefix, self.inner.config.subscriber_capacity, None))
+        Ok(self.inner.events.subscribe(
+            prefix,
+            Origins::All,
+            self.inner.config.subscriber_capacity,
+            None,
+        ))
     }
 
-    /// Like [`Engine::subscribe`], with a queue of `capacity` events, and
-    /// `wake` called on the committing thread after each event is queued
-    /// (or dropped for lack of room): for a consumer in an async task,
-    /// which waits on a notification and then drains the subscription with
-    /// [`Subscription::try_recv`] instead of blocking a thread on
-    /// [`Subscription::recv`]. `wake` must not block.
+    /// Like [`Engine::subscribe`], for events of `origins` only, with a
+    /// queue of `capacity` events, and `wake` called on the committing
+    /// thread after each event is queued (or dropped for lack of room): for
+    /// a consumer in an async task, which waits on a notification and then
+    /// drains the subscription with [`Subscription::try_recv`] instead of
+    /// blocking a thread on [`Subscription::recv`]. `wake` must not block.
     pub fn subscribe_waking(
         &self,
         prefix: &str,
+        origins: Origins,
         capacity: NonZeroUsize,
         wake: impl Fn() + Send + Sync + 'static,
     ) -> Result<Subscription> {
@@ -627,7 +630,7 @@ impl Engine {
         Ok(self
             .inner
             .events
-            .subscribe(prefix, capacity.get(), Some(Arc::new(wake))))
+            .subscribe(prefix, origins, capacity.get(), Some(Arc::new(wake))))
     }
 
     /// Engine-wide figures.
@@ -735,7 +738,7 @@ impl Engine {
     ) {
         self.inner
             .events
-            .publish(id, || doc_event(id, state, origin, changes()));
+            .publish(id, origin, || doc_event(id, state, origin, changes()));
     }
 
     /// Runs `f` on a document that exists (possibly deleted). A collected

@@ -31,6 +31,26 @@ pub enum Origin {
     Client,
 }
 
+/// The origins of the events a subscription takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origins {
+    /// Every event.
+    All,
+    /// Events of changes this node must hand to its peers:
+    /// [`Origin::Local`] and [`Origin::Client`]. Changes received from peers
+    /// are neither built into an event nor queued for it, nor do they wake it.
+    Publishable,
+}
+
+impl Origins {
+    fn admit(self, origin: Origin) -> bool {
+        match self {
+            Origins::All => true,
+            Origins::Publishable => origin != Origin::Remote,
+        }
+    }
+}
+
 /// A document changed and the change is durable.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DocEvent {
@@ -99,6 +119,7 @@ pub(crate) type Wake = Arc<dyn Fn() + Send + Sync>;
 struct Subscriber {
     id: u64,
     prefix: String,
+    origins: Origins,
     tx: SyncSender<DocEvent>,
     dropped: Arc<AtomicU64>,
     wake: Option<Wake>,
@@ -121,11 +142,12 @@ impl EventHub {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Adds a subscriber for ids starting with `prefix`; dropping the
-    /// subscription removes it.
+    /// Adds a subscriber for ids starting with `prefix` and events of
+    /// `origins`; dropping the subscription removes it.
     pub(crate) fn subscribe(
         self: &Arc<Self>,
         prefix: &str,
+        origins: Origins,
         capacity: usize,
         wake: Option<Wake>,
     ) -> Subscription {
@@ -137,6 +159,7 @@ impl EventHub {
         state.subscribers.push(Subscriber {
             id,
             prefix: prefix.to_string(),
+            origins,
             tx,
             dropped: Arc::clone(&dropped),
             wake,
@@ -154,21 +177,24 @@ impl EventHub {
         self.lock().subscribers.len()
     }
 
-    /// Delivers the event for `doc` to every matching subscriber without
-    /// blocking; forgets subscribers that went away. The event is built only
-    /// if some subscriber wants it, so commits nobody watches pay nothing.
-    /// Subscribers' wakes run after the hub's lock is released.
-    pub(crate) fn publish(&self, doc: &DocId, build: impl FnOnce() -> DocEvent) {
+    /// Delivers the event for `doc`, of `origin`, to every matching
+    /// subscriber without blocking; forgets subscribers that went away. The
+    /// event is built only if some subscriber wants it, so commits nobody
+    /// watches pay nothing. Subscribers' wakes run after the hub's lock is
+    /// released.
+    pub(crate) fn publish(&self, doc: &DocId, origin: Origin, build: impl FnOnce() -> DocEvent) {
+        let wants =
+            |sub: &Subscriber| sub.origins.admit(origin) && doc.as_str().starts_with(&sub.prefix);
         let mut wakes: Vec<Wake> = Vec::new();
         {
             let mut state = self.lock();
             let subs = &mut state.subscribers;
-            if !subs.iter().any(|sub| doc.as_str().starts_with(&sub.prefix)) {
+            if !subs.iter().any(wants) {
                 return;
             }
             let event = build();
             subs.retain(|sub| {
-                if !event.doc.as_str().starts_with(&sub.prefix) {
+                if !wants(sub) {
                     return true;
                 }
                 let kept = match sub.tx.try_send(event.clone()) {
@@ -198,11 +224,16 @@ mod tests {
 
     /// Publishes an empty local event for `id`.
     fn publish(hub: &EventHub, id: &str) {
+        publish_from(hub, id, Origin::Local);
+    }
+
+    /// Publishes an empty event of `origin` for `id`.
+    fn publish_from(hub: &EventHub, id: &str, origin: Origin) {
         let doc = DocId::new(id).unwrap();
-        hub.publish(&doc, || DocEvent {
+        hub.publish(&doc, origin, || DocEvent {
             doc: doc.clone(),
             heads: Vec::new(),
-            origin: Origin::Local,
+            origin,
             deleted: false,
             changes: Arc::from(Vec::new()),
         });
@@ -212,9 +243,9 @@ mod tests {
     fn dropping_a_subscription_removes_it_even_if_nothing_matched() {
         let hub = Arc::new(EventHub::default());
         let subs: Vec<Subscription> = (0..1_000)
-            .map(|i| hub.subscribe(&format!("nobody-{i}/"), 256, None))
+            .map(|i| hub.subscribe(&format!("nobody-{i}/"), Origins::All, 256, None))
             .collect();
-        let kept = hub.subscribe("kept/", 4, None);
+        let kept = hub.subscribe("kept/", Origins::All, 4, None);
         assert_eq!(hub.len(), 1_001);
         drop(subs);
         assert_eq!(hub.len(), 1);
@@ -235,7 +266,7 @@ mod tests {
         let wake: Wake = Arc::new(move || {
             counter.fetch_add(1, Ordering::SeqCst);
         });
-        let sub = hub.subscribe("a/", 2, Some(wake));
+        let sub = hub.subscribe("a/", Origins::All, 2, Some(wake));
         publish(&hub, "b/1");
         assert_eq!(woken.load(Ordering::SeqCst), 0, "another prefix");
         for i in 0..3 {
@@ -255,5 +286,33 @@ mod tests {
         drop(sub);
         publish(&hub, "a/3");
         assert_eq!(woken.load(Ordering::SeqCst), 3, "gone: not woken");
+    }
+
+    #[test]
+    fn a_publishable_subscription_neither_builds_queues_nor_wakes_for_peers_changes() {
+        let hub = Arc::new(EventHub::default());
+        let woken = Arc::new(AtomicU64::new(0));
+        let counter = Arc::clone(&woken);
+        let wake: Wake = Arc::new(move || {
+            counter.fetch_add(1, Ordering::SeqCst);
+        });
+        let sub = hub.subscribe("", Origins::Publishable, 8, Some(wake));
+        let doc = DocId::new("a/peer").unwrap();
+        hub.publish(&doc, Origin::Remote, || {
+            panic!("an event nobody takes was built")
+        });
+        assert_eq!(woken.load(Ordering::SeqCst), 0);
+        publish_from(&hub, "a/client", Origin::Client);
+        publish(&hub, "a/local");
+        assert_eq!(woken.load(Ordering::SeqCst), 2);
+        let taken: Vec<Origin> = std::iter::from_fn(|| sub.try_recv())
+            .map(|e| e.origin)
+            .collect();
+        assert_eq!(taken, vec![Origin::Client, Origin::Local]);
+        // Another subscription still takes peers' changes.
+        let all = hub.subscribe("", Origins::All, 8, None);
+        publish_from(&hub, "a/peer", Origin::Remote);
+        assert_eq!(all.try_recv().map(|e| e.origin), Some(Origin::Remote));
+        assert!(sub.try_recv().is_none());
     }
 }

@@ -101,7 +101,7 @@ pub use engine::{
 };
 pub use error::HeldLimitKind;
 pub use error::{Error, Result};
-pub use events::{DocEvent, Origin, Subscription};
+pub use events::{DocEvent, Origin, Origins, Subscription};
 pub use held::MAX_REPORTED_MISSING;
 pub use quarantine::Quarantined;
 pub use shape::{ShapeLimits, ShapeViolation};

@@ -29,7 +29,7 @@ pub(crate) struct Store {
     db: DB,
     path: PathBuf,
     durability: Durability,
-    group: GroupCommit,
+    group: GroupCommit<WriteBatch>,
     /// Group-commit ticket of the latest [`Wait::Deferred`] write (0: none).
     deferred: AtomicU64,
     failed: OnceLock<String>,
@@ -296,20 +296,19 @@ impl Store {
     /// [`Wait::Deferred`] as soon as RocksDB holds it.
     pub(crate) fn write(&self, batch: WriteBatch, wait: Wait) -> Result<()> {
         self.check_alive()?;
-        self.db
-            .write_opt(batch, &WriteOptions::default())
-            .map_err(|e| self.fatal(e))?;
-        if self.durability == Durability::Buffered {
-            return Ok(());
+        if self.durability == Durability::Sync && wait == Wait::Durable {
+            return self
+                .group
+                .commit(batch, |b| self.write_unsynced(b), || self.sync_wal())
+                .map_err(|msg| self.fatal_msg(msg));
         }
-        let ticket = self.group.ticket();
-        match wait {
-            Wait::Durable => self.wait_durable(ticket),
-            Wait::Deferred => {
-                self.deferred.fetch_max(ticket, Ordering::SeqCst);
-                Ok(())
-            }
+        self.write_unsynced(batch)
+            .map_err(|msg| self.fatal_msg(msg))?;
+        if self.durability == Durability::Sync {
+            let ticket = self.group.written();
+            self.deferred.fetch_max(ticket, Ordering::SeqCst);
         }
+        Ok(())
     }
 
     /// Returns once every [`Wait::Deferred`] write made so far is as durable
@@ -319,16 +318,25 @@ impl Store {
         self.check_alive()?;
         match self.deferred.load(Ordering::SeqCst) {
             0 => Ok(()),
-            ticket => self.wait_durable(ticket),
+            ticket => self
+                .group
+                .wait_durable(ticket, |b| self.write_unsynced(b), || self.sync_wal())
+                .map_err(|msg| self.fatal_msg(msg)),
         }
     }
 
-    fn wait_durable(&self, ticket: u64) -> Result<()> {
-        self.group
-            .wait_durable(ticket, || {
-                self.db.flush_wal(true).map_err(|e| e.to_string())
-            })
-            .map_err(|msg| self.fatal_msg(format!("WAL fsync failed: {msg}")))
+    /// Writes `batch` into the memtables and the WAL's OS buffers.
+    fn write_unsynced(&self, batch: WriteBatch) -> std::result::Result<(), String> {
+        self.db
+            .write_opt(batch, &WriteOptions::default())
+            .map_err(|e| e.to_string())
+    }
+
+    /// Syncs every live WAL file.
+    fn sync_wal(&self) -> std::result::Result<(), String> {
+        self.db
+            .flush_wal(true)
+            .map_err(|e| format!("WAL fsync failed: {e}"))
     }
 
     /// Reads a document's metadata; `None` if the document never existed.

@@ -1,7 +1,10 @@
 //! `causeway bench durable-writes`: small independent writes to many documents
 //! from N concurrent writers with the default `Sync` durability, against a raw
 //! RocksDB loop doing synced WriteBatches of the same sizes with the same N, in
-//! the same run and on the same disk. Reports writes/s of each and the ratio.
+//! the same run and on the same disk. A second reference does what any store
+//! of Automerge documents must do per write: the same raw loop, each write
+//! first making its Automerge change on a bare in-memory document and
+//! fetching the change's bytes. Reports writes/s of each and the ratios.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -9,9 +12,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use causeway_engine::automerge::transaction::Transactable;
+use causeway_engine::automerge::{Automerge, ReadDoc, ROOT};
 use causeway_engine::layout::DocMeta;
 use causeway_engine::{DocId, Engine, EngineConfig};
 use serde_json::json;
+use std::sync::Mutex;
 
 use super::ingest::tempdir_in;
 use super::summary::{self, f, thousands, Row};
@@ -52,10 +58,14 @@ pub fn run(args: &Args) -> Result<()> {
     for &n in &args.writers {
         let engine = engine_run(args, n, run_for)?;
         let raw = raw_run(args, n, run_for, engine.change_bytes, engine.meta_bytes)?;
+        let with_changes = raw_automerge_run(args, n, run_for, engine.meta_bytes)?;
         let ratio = engine.per_sec() / raw.per_sec();
+        let ratio_changes = engine.per_sec() / with_changes.per_sec();
         report.record(
             json!({"bench": "durable-writes", "writers": n, "engine_writes_per_s": engine.per_sec(),
-                   "raw_rocksdb_writes_per_s": raw.per_sec(), "ratio": ratio, "engine_wal_syncs": engine.syncs,
+                   "raw_rocksdb_writes_per_s": raw.per_sec(), "ratio": ratio,
+                   "raw_automerge_writes_per_s": with_changes.per_sec(), "ratio_vs_raw_automerge": ratio_changes,
+                   "engine_wal_syncs": engine.syncs,
                    "change_bytes": engine.change_bytes, "meta_bytes": engine.meta_bytes,
                    "seconds": args.seconds, "build": build_profile(),
                    "audit_max_entries": args.audit_max_entries.unwrap_or(EngineConfig::default().audit_max_entries)}),
@@ -64,6 +74,8 @@ pub fn run(args: &Args) -> Result<()> {
                 format!("{:.0}", engine.per_sec()),
                 format!("{:.0}", raw.per_sec()),
                 format!("{ratio:.2}"),
+                format!("{:.0}", with_changes.per_sec()),
+                format!("{ratio_changes:.2}"),
                 format!("{:.1}", engine.writes as f64 / engine.syncs.max(1) as f64),
             ],
         );
@@ -72,6 +84,8 @@ pub fn run(args: &Args) -> Result<()> {
         "writers",
         "engine writes/s",
         "raw RocksDB synced writes/s",
+        "ratio",
+        "raw + an Automerge change per write, writes/s",
         "ratio",
         "writes per fsync",
     ]);
@@ -144,24 +158,11 @@ fn raw_run(
     change_bytes: usize,
     meta_bytes: usize,
 ) -> Result<Measured> {
-    let dir = tempdir_in(args.dir.as_deref())?;
-    let mut opts = rocksdb::Options::default();
-    opts.create_if_missing(true);
-    let db = rocksdb::DB::open(&opts, dir.path()).context("cannot open the raw RocksDB store")?;
-    let mut sync = rocksdb::WriteOptions::default();
-    sync.set_sync(true);
+    let raw = RawStore::open(args, meta_bytes)?;
     let change = vec![0x5a_u8; change_bytes];
-    let meta = vec![0xa5_u8; meta_bytes];
     let docs = args.docs_per_writer;
     let (writes, elapsed) = in_parallel(n, run_for, |w, i| {
-        let id = doc_id(w, i % docs);
-        let mut log_key = id.as_bytes().to_vec();
-        log_key.push(0);
-        log_key.extend_from_slice(&(i as u64).to_be_bytes());
-        let mut batch = rocksdb::WriteBatch::default();
-        batch.put(&log_key, &change);
-        batch.put(id.as_bytes(), &meta);
-        db.write_opt(batch, &sync).map_err(anyhow::Error::from)
+        raw.write(&doc_id(w, i % docs), i, &change)
     })?;
     Ok(Measured {
         writes,
@@ -170,6 +171,98 @@ fn raw_run(
         change_bytes,
         meta_bytes,
     })
+}
+
+/// The raw loop with the Automerge work every write needs: each writer owns
+/// bare in-memory documents holding `{"n": 0}`; a write sets `n` in one of
+/// them in one transaction, fetches the change's bytes (a commit returns only
+/// its hash), and writes them with a metadata record of the engine's size in
+/// one synced WriteBatch. Nothing else: no JSON diff, no cache, no events.
+fn raw_automerge_run(
+    args: &Args,
+    n: usize,
+    run_for: Duration,
+    meta_bytes: usize,
+) -> Result<Measured> {
+    let raw = RawStore::open(args, meta_bytes)?;
+    let docs = args.docs_per_writer;
+    let writers = (0..n)
+        .map(|_| -> Result<Mutex<Vec<Automerge>>> {
+            let docs = (0..docs)
+                .map(|_| {
+                    let mut doc = Automerge::new();
+                    doc.transact(|tx| tx.put(ROOT, "n", 0_i64))
+                        .map_err(|f| anyhow::anyhow!("{}", f.error))?;
+                    Ok(doc)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Ok(Mutex::new(docs))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let change_bytes = AtomicU64::new(0);
+    let (writes, elapsed) = in_parallel(n, run_for, |w, i| {
+        let mut mine = writers[w]
+            .lock()
+            .map_err(|_| anyhow::anyhow!("writer's documents poisoned"))?;
+        let doc = &mut mine[i % docs];
+        let done = doc
+            .transact(|tx| tx.put(ROOT, "n", i as i64 + 1))
+            .map_err(|f| anyhow::anyhow!("{}", f.error))?;
+        let change = done
+            .hash
+            .and_then(|h| doc.get_change_by_hash(&h))
+            .context("the write made no change")?;
+        change_bytes.store(change.raw_bytes().len() as u64, Ordering::Relaxed);
+        raw.write(&doc_id(w, i % docs), i, change.raw_bytes())
+    })?;
+    Ok(Measured {
+        writes,
+        elapsed,
+        syncs: 0,
+        change_bytes: change_bytes.load(Ordering::Relaxed) as usize,
+        meta_bytes,
+    })
+}
+
+/// A raw RocksDB database (default options) taking synced WriteBatches
+/// shaped like the engine's: a log entry and a metadata record.
+struct RawStore {
+    db: rocksdb::DB,
+    sync: rocksdb::WriteOptions,
+    meta: Vec<u8>,
+    _dir: tempfile::TempDir,
+}
+
+impl RawStore {
+    fn open(args: &Args, meta_bytes: usize) -> Result<RawStore> {
+        let dir = tempdir_in(args.dir.as_deref())?;
+        let mut opts = rocksdb::Options::default();
+        opts.create_if_missing(true);
+        let db =
+            rocksdb::DB::open(&opts, dir.path()).context("cannot open the raw RocksDB store")?;
+        let mut sync = rocksdb::WriteOptions::default();
+        sync.set_sync(true);
+        Ok(RawStore {
+            db,
+            sync,
+            meta: vec![0xa5_u8; meta_bytes],
+            _dir: dir,
+        })
+    }
+
+    /// Writes `change` as the `seq`th log entry of `id`, with its metadata
+    /// record, in one synced WriteBatch.
+    fn write(&self, id: &DocId, seq: usize, change: &[u8]) -> Result<()> {
+        let mut log_key = id.as_bytes().to_vec();
+        log_key.push(0);
+        log_key.extend_from_slice(&(seq as u64).to_be_bytes());
+        let mut batch = rocksdb::WriteBatch::default();
+        batch.put(&log_key, change);
+        batch.put(id.as_bytes(), &self.meta);
+        self.db
+            .write_opt(batch, &self.sync)
+            .map_err(anyhow::Error::from)
+    }
 }
 
 /// Runs `write(writer, i)` in `n` threads until `run_for` has passed; returns
@@ -213,10 +306,15 @@ pub fn summary(results: &[Value]) -> Vec<Row> {
             format!("durable writes, {} writers", r["writers"]),
             format!("{} writes/s", thousands(f(r, "engine_writes_per_s"))),
             format!(
-                "raw RocksDB synced writes {}/s",
-                thousands(f(r, "raw_rocksdb_writes_per_s"))
+                "raw RocksDB synced writes {}/s; with an Automerge change made per write {}/s",
+                thousands(f(r, "raw_rocksdb_writes_per_s")),
+                thousands(f(r, "raw_automerge_writes_per_s"))
             ),
-            format!("{:.2}x", f(r, "ratio")),
+            format!(
+                "{:.2}x ({:.2}x with the changes)",
+                f(r, "ratio"),
+                f(r, "ratio_vs_raw_automerge")
+            ),
         )
     })
 }

@@ -3,14 +3,16 @@
 //! networking task straight from the engine's subscription.
 //!
 //! The committing thread queues the event and wakes the task through a
-//! [`Notify`]; no thread sits between them. A full queue drops events
+//! [`Notify`]; no thread sits between them. Changes applied from peers are
+//! not queued at all ([`Origins::Publishable`]): they are not this node's to
+//! publish, and the receiving path does not pay for an event and a wake-up. A full queue drops events
 //! (counted by [`LocalCommits::dropped`]); anti-entropy replicates what
 //! they would have published.
 
 use std::num::NonZeroUsize;
 use std::sync::Arc;
 
-use causeway_engine::{DocEvent, Engine, Origin, Subscription};
+use causeway_engine::{DocEvent, Engine, Origins, Subscription};
 use tokio::sync::Notify;
 
 /// Local commits queued between the engine and the networking task. When
@@ -33,12 +35,14 @@ pub struct LocalCommits {
 }
 
 impl LocalCommits {
-    /// Subscribes to every document's events of `engine`.
+    /// Subscribes to every document's local and client commits of `engine`.
     pub fn subscribe(engine: &Engine) -> causeway_engine::Result<LocalCommits> {
         let notify = Arc::new(Notify::new());
         let wake = Arc::clone(&notify);
         let subscription =
-            engine.subscribe_waking("", LOCAL_EVENT_QUEUE, move || wake.notify_one())?;
+            engine.subscribe_waking("", Origins::Publishable, LOCAL_EVENT_QUEUE, move || {
+                wake.notify_one()
+            })?;
         Ok(LocalCommits {
             subscription,
             notify,
@@ -60,20 +64,11 @@ impl LocalCommits {
     }
 
     /// The local commits queued now, up to [`MAX_LOCAL_BURST`], without
-    /// waiting; empty only once the queue is. Events of changes received
-    /// from peers are skipped (at most [`LOCAL_EVENT_QUEUE`] of them are
-    /// queued).
+    /// waiting; empty only once the queue is.
     pub fn take(&self) -> Vec<DocEvent> {
-        let mut burst = Vec::new();
-        while burst.len() < MAX_LOCAL_BURST {
-            let Some(event) = self.subscription.try_recv() else {
-                break;
-            };
-            if matches!(event.origin, Origin::Local | Origin::Client) {
-                burst.push(event);
-            }
-        }
-        burst
+        std::iter::from_fn(|| self.subscription.try_recv())
+            .take(MAX_LOCAL_BURST)
+            .collect()
     }
 
     /// Events the queue dropped so far for lack of room.
@@ -86,7 +81,7 @@ impl LocalCommits {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use causeway_engine::{DocId, EngineConfig, SyncState};
+    use causeway_engine::{DocId, EngineConfig, Origin, SyncState};
     use serde_json::json;
 
     /// Syncs `doc` from `from` into `to` until neither has more to send.
@@ -112,7 +107,7 @@ mod tests {
     }
 
     #[test]
-    fn take_returns_local_commits_past_peers_changes_and_is_empty_only_once_the_queue_is() {
+    fn take_returns_local_commits_and_never_peers_changes() {
         let dir = tempfile::tempdir().unwrap();
         let a = Engine::open(dir.path().join("a"), EngineConfig::default()).unwrap();
         let b = Engine::open(dir.path().join("b"), EngineConfig::default()).unwrap();
