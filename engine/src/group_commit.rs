@@ -39,7 +39,9 @@ pub(crate) struct GroupCommit<B> {
 
 #[derive(Debug)]
 struct SyncState<B> {
-    /// Batches waiting for a leader, oldest first.
+    /// Batches waiting for a leader, oldest first. Bounded by the number of
+    /// committing threads: each batch belongs to a committer blocked in
+    /// [`GroupCommit::commit`] until it is written.
     queue: VecDeque<B>,
     /// Number of batches ever queued.
     queued: u64,
@@ -51,7 +53,7 @@ struct SyncState<B> {
     leader_active: bool,
     /// The failure that stopped group commit, if any.
     failed: Option<String>,
-    /// Number of fsyncs performed (for stats).
+    /// Number of fsyncs completed (for stats).
     syncs: u64,
 }
 
@@ -105,8 +107,8 @@ impl<B> GroupCommit<B> {
     }
 
     /// Blocks until `ticket` is covered by a finished fsync, leading a group
-    /// (writing what is queued, then syncing) when needed. Returns the fsync
-    /// error if one occurred.
+    /// (writing what is queued, then syncing) when needed. Returns the first
+    /// write or fsync error if one occurred, now or before.
     pub(crate) fn wait_durable<W, S>(&self, ticket: u64, write: W, sync: S) -> Result<(), String>
     where
         W: Fn(B) -> Result<(), String>,
@@ -148,9 +150,9 @@ impl<B> GroupCommit<B> {
             let result = self.lead(group, write, sync);
             state = self.lock();
             state.leader_active = false;
-            state.syncs += 1;
             match result {
                 Ok(target) => {
+                    state.syncs += 1;
                     state.synced = state.synced.max(target);
                     state.committed = last;
                 }

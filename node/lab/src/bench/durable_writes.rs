@@ -199,7 +199,6 @@ fn raw_automerge_run(
             Ok(Mutex::new(docs))
         })
         .collect::<Result<Vec<_>>>()?;
-    let change_bytes = AtomicU64::new(0);
     let (writes, elapsed) = in_parallel(n, run_for, |w, i| {
         let mut mine = writers[w]
             .lock()
@@ -212,14 +211,19 @@ fn raw_automerge_run(
             .hash
             .and_then(|h| doc.get_change_by_hash(&h))
             .context("the write made no change")?;
-        change_bytes.store(change.raw_bytes().len() as u64, Ordering::Relaxed);
         raw.write(&doc_id(w, i % docs), i, change.raw_bytes())
     })?;
+    // The size of a change, read once the timing is over.
+    let change_bytes = writers[0]
+        .lock()
+        .map_err(|_| anyhow::anyhow!("writer's documents poisoned"))?[0]
+        .get_last_local_change()
+        .map_or(0, |c| c.raw_bytes().len());
     Ok(Measured {
         writes,
         elapsed,
         syncs: 0,
-        change_bytes: change_bytes.load(Ordering::Relaxed) as usize,
+        change_bytes,
         meta_bytes,
     })
 }

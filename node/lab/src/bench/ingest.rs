@@ -91,6 +91,9 @@ pub fn run(args: &Args) -> Result<()> {
         let db =
             rocksdb::DB::open(&opts, dir.path()).context("cannot open the raw RocksDB store")?;
         let persisting = time(|| replay_bare(&trace, Bare::Persisting(&db)))?;
+        // Its writes leave the OS's buffers before the engine's runs start,
+        // so that their writeback does not land in the engine's time.
+        db.flush_wal(true)?;
         report.record(
             json!({"bench": "ingest", "trace": name, "variant": "bare-automerge-raw-rocksdb-unsynced", "txns": trace.txns.len(),
                    "wall_s": persisting, "ratio_vs_bare": persisting / bare, "build": build_profile()}),
@@ -255,7 +258,7 @@ pub fn summary(results: &[Value]) -> Vec<Row> {
         let (reference, ratio) = match persisting {
             Some(floor) if durability == "Buffered" => (
                 format!("bare Automerge in memory {bare:.2} s; with each change written to raw RocksDB, no sync, {floor:.2} s"),
-                format!("{:.2}x ({:.2}x the one with writes)", f(r, "ratio_vs_bare"), wall / floor),
+                format!("{:.2}x ({:.2}x the floor with writes)", f(r, "ratio_vs_bare"), wall / floor),
             ),
             _ => (
                 format!("bare Automerge in memory {bare:.2} s"),

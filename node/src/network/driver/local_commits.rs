@@ -4,10 +4,11 @@
 //!
 //! The committing thread queues the event and wakes the task through a
 //! [`Notify`]; no thread sits between them. Changes applied from peers are
-//! not queued at all ([`Origins::Publishable`]): they are not this node's to
-//! publish, and the receiving path does not pay for an event and a wake-up. A full queue drops events
-//! (counted by [`LocalCommits::dropped`]); anti-entropy replicates what
-//! they would have published.
+//! not queued at all ([`Origins::Publishable`]): they are not this node's
+//! to publish, and the receiving path does not pay for an event and a
+//! wake-up. A full queue drops events (counted by
+//! [`LocalCommits::dropped`]); anti-entropy replicates what they would have
+//! published.
 
 use std::num::NonZeroUsize;
 use std::sync::Arc;
