@@ -1,7 +1,11 @@
 //! `causeway bench lag`: how long a write on node A takes to become visible
 //! (durable) on nodes B and C of a three-region loopback cluster at low
 //! load, next to the floor measured in the same run: a loopback TCP round
-//! trip plus one synced RocksDB write of the same size.
+//! trip plus one synced RocksDB write of the same size. The same run also
+//! measures each part of the path alone: two synced writes at once (B and C
+//! share the disk), Automerge's apply, a signature and its check, and the
+//! nodes' libp2p stack carrying the deltas with nothing of Causeway behind
+//! it ([`gossip_path`]).
 //!
 //! Writes are sequential: each waits until B and C hold it before the next,
 //! so the figures are latency, not queueing. Lag is measured from the moment
@@ -18,6 +22,7 @@ use causeway_engine::replication::ids::ClusterId;
 use causeway_engine::{DocId, Subscription};
 use serde_json::json;
 
+use super::gossip_path;
 use super::ingest::tempdir_in;
 use super::summary::{self, f, thousands, Row};
 use super::{build_profile, Report};
@@ -115,6 +120,9 @@ struct References {
     /// verification (gossipsub signs every message; the receiver checks
     /// it), paced.
     sign_verify: Vec<Duration>,
+    /// The benchmark's deltas gossiped from A to B and C by the nodes'
+    /// libp2p stack alone (see [`gossip_path`]), paced.
+    gossip: Vec<Duration>,
 }
 
 impl References {
@@ -135,6 +143,7 @@ impl References {
             fsync_pair: synced_write_pairs(dir, n, size, pause)?,
             apply: automerge_applies(changes, pause)?,
             sign_verify: signatures(n, size, pause)?,
+            gossip: gossip_path::gossip_times(changes, pause)?,
         })
     }
 
@@ -157,6 +166,13 @@ impl References {
             + quantile(&self.fsync_pair, 0.5)
             + quantile(&self.apply, 0.5)
             + quantile(&self.sign_verify, 0.5)
+    }
+
+    /// The path without Causeway's own code: the nodes' libp2p stack
+    /// carrying the delta (signature and its check included), the
+    /// receivers' fsyncs at once and the Automerge apply.
+    fn libp2p_path(&self) -> f64 {
+        quantile(&self.gossip, 0.5) + quantile(&self.fsync_pair, 0.5) + quantile(&self.apply, 0.5)
     }
 }
 
@@ -316,6 +332,7 @@ fn print(args: &Args, lags: &[Vec<Duration>; 2], refs: &References, payload: usi
     let (p50, p99) = (quantile(&both, 0.5), quantile(&both, 0.99));
     let p50_of = |samples: &[Duration]| quantile(samples, 0.5);
     let (floor, path_floor) = (refs.floor(), refs.path_floor());
+    let libp2p_path = refs.libp2p_path();
     let floor_back_to_back = refs.floor_back_to_back();
     let mut report = Report::default();
     report.record(
@@ -336,6 +353,9 @@ fn print(args: &Args, lags: &[Vec<Duration>; 2], refs: &References, payload: usi
                "automerge_apply_p50_ms": p50_of(&refs.apply),
                "sign_verify_p50_ms": p50_of(&refs.sign_verify),
                "path_floor_p50_ms": path_floor, "ratio_path_p50": p50 / path_floor,
+               "gossip_p50_ms": p50_of(&refs.gossip), "gossip_p99_ms": quantile(&refs.gossip, 0.99),
+               "libp2p_path_p50_ms": libp2p_path, "ratio_libp2p_path_p50": p50 / libp2p_path,
+               "beyond_libp2p_path_p50_ms": p50 - libp2p_path,
                "build": build_profile()}),
         vec![
             format!("{}", args.writes),
@@ -350,6 +370,9 @@ fn print(args: &Args, lags: &[Vec<Duration>; 2], refs: &References, payload: usi
             format!("{:.3}", p50_of(&refs.sign_verify)),
             format!("{path_floor:.3}"),
             format!("{:.1}", p50 / path_floor),
+            format!("{:.3}", p50_of(&refs.gossip)),
+            format!("{libp2p_path:.3}"),
+            format!("{:.2}", p50 / libp2p_path),
         ],
     );
     report.print_table(&[
@@ -365,6 +388,9 @@ fn print(args: &Args, lags: &[Vec<Duration>; 2], refs: &References, payload: usi
         "sign + verify ms",
         "path floor ms",
         "p50/path floor",
+        "libp2p gossip ms",
+        "libp2p path ms",
+        "p50/libp2p path",
     ]);
 }
 
@@ -384,16 +410,18 @@ pub fn summary(results: &[Value]) -> Vec<Row> {
                 f(r, "max_ms")
             ),
             format!(
-                "loopback RTT + one fsync {:.2} ms (back to back {:.2} ms); with 2 fsyncs at once, Automerge's apply and a signature checked {:.2} ms",
+                "loopback RTT + one fsync {:.2} ms (back to back {:.2} ms); with 2 fsyncs at once, Automerge's apply and a signature checked {:.2} ms; the nodes' libp2p stack alone carrying the delta, 2 fsyncs at once and Automerge's apply {:.2} ms",
                 f(r, "floor_p50_ms"),
                 f(r, "floor_back_to_back_p50_ms"),
-                f(r, "path_floor_p50_ms")
+                f(r, "path_floor_p50_ms"),
+                f(r, "libp2p_path_p50_ms")
             ),
             format!(
-                "{:.1}x (p50; {:.1}x back to back; {:.1}x the path's parts)",
+                "{:.1}x (p50; {:.1}x back to back; {:.1}x the path's parts; {:.2}x the libp2p path)",
                 f(r, "ratio_p50"),
                 f(r, "ratio_back_to_back_p50"),
-                f(r, "ratio_path_p50")
+                f(r, "ratio_path_p50"),
+                f(r, "ratio_libp2p_path_p50")
             ),
         )
     })

@@ -8,6 +8,7 @@ pub mod concurrent_editors;
 pub mod delta_path;
 pub mod durable_writes;
 pub mod gc;
+pub mod gossip_path;
 pub mod ingest;
 pub mod join;
 pub mod lag;
