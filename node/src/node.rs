@@ -1,11 +1,10 @@
 //! A networked peer around an [`Engine`]: what `causeway node` runs, and what
 //! an edge app runs in-process to be a peer itself.
 //!
-//! [`Node::start`] spawns one thread, `causeway-net`, with its own tokio
-//! runtime ([`network::runtime`](crate::network::runtime): the tasks of the
-//! connections run on one more thread); the
-//! [`Driver`](crate::network::driver) on `causeway-net` owns the libp2p
-//! swarm and the replication core. Local writes reach it
+//! [`Node::start`] spawns one thread, `causeway-net`, with its own
+//! single-threaded tokio runtime ([`network::runtime`](crate::network::runtime));
+//! the [`Driver`](crate::network::driver) on it owns the libp2p swarm and
+//! the replication core. Local writes reach it
 //! through the engine's event subscription, whose committing thread wakes
 //! it, so anything committed through the engine (by the HTTP API or by the
 //! app directly) is replicated. The returned [`NodeHandle`] talks to the

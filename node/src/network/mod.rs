@@ -35,23 +35,12 @@ pub mod status;
 pub use self::regions::{PeerLag, RegionNeed, RegionWaiter};
 pub use self::status::{Behind, CatchUpStatus, NetworkStatus, PeerState, PeerStatus, RegionStatus};
 
-/// Threads that run the tasks of a node's connections (see [`runtime`]).
-pub const CONNECTION_THREADS: usize = 1;
-
-/// The runtime of a node's networking task. The task itself runs on the
-/// thread that drives the runtime (`causeway-net`): it owns the swarm and
-/// the replication core, and blocks in engine calls. The tasks of the
-/// swarm's connections (socket reads and writes, the cluster key's cipher,
-/// Noise, yamux, gossipsub's framing and signature checks) run on
-/// [`CONNECTION_THREADS`] more, `causeway-io`: they go on while the task
-/// waits on the disk, a receiver checks one message's signature while the
-/// task applies the one before, and a sender frames and encrypts its
-/// peers' copies beside the task. What a connection hands to the task still
-/// waits in bounded queues, so a slow disk still slows what is read.
+/// The runtime of a node's networking task: single-threaded. Its one
+/// thread (a node's `causeway-net`) runs the task, and through it the
+/// replication core's engine calls, and the tasks of the swarm's
+/// connections.
 pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(CONNECTION_THREADS)
-        .thread_name("causeway-io")
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
 }
