@@ -2,8 +2,9 @@
 //! built as the nodes build theirs ([`build_swarm`]: TCP with the cluster
 //! key's handshake, Noise, yamux, and gossipsub signing every message and
 //! checking every signature, with the nodes' configuration), each driven by
-//! a thread of its own on the nodes' runtime ([`runtime`](causeway_node::network::runtime)) as a node's
-//! networking task is, with no engine and no replication core behind them.
+//! a thread of its own on the nodes' runtime
+//! ([`runtime`](causeway_node::network::runtime)) as a node's networking
+//! task is, with no engine and no replication core behind them.
 //!
 //! A publishes each of the benchmark's own deltas (the envelope a node
 //! gossips for each write: its origin, region, document, change and
@@ -12,8 +13,9 @@
 //! event, as lag is timed from A's acknowledgement to the moment the
 //! benchmark's thread hears B's (or C's) engine event. Receivers do not
 //! forward what they hear, so each receives one copy: the figure is the
-//! least this stack takes. What lag takes beyond it, one fsync pair and
-//! Automerge's apply is Causeway's own.
+//! least this stack takes. What lag takes beyond it, the receivers' fsyncs
+//! and Automerge's apply is Causeway's own code, or the nodes contending
+//! for the machine's cores.
 
 use std::sync::mpsc as std_mpsc;
 use std::time::{Duration, Instant};
