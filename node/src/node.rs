@@ -2,12 +2,13 @@
 //! an edge app runs in-process to be a peer itself.
 //!
 //! [`Node::start`] spawns one thread, `causeway-net`, with its own
-//! single-threaded tokio runtime ([`network::runtime`](crate::network::runtime));
-//! the [`Driver`](crate::network::driver) on it owns the libp2p swarm and
-//! the replication core. Local writes reach it
-//! through the engine's event subscription, whose committing thread wakes
-//! it, so anything committed through the engine (by the HTTP API or by the
-//! app directly) is replicated. The returned [`NodeHandle`] talks to the
+//! single-threaded tokio runtime
+//! ([`network::runtime`](crate::network::runtime)); the
+//! [`Driver`](crate::network::driver) on it owns the libp2p swarm and the
+//! replication core. Local writes reach it through the engine's event
+//! subscription, whose committing thread wakes it, so anything committed
+//! through the engine (by the HTTP API or by the app directly) is
+//! replicated. The returned [`NodeHandle`] talks to the
 //! thread through bounded channels.
 
 use std::sync::{Arc, Mutex, PoisonError};

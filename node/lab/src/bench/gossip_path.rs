@@ -132,6 +132,7 @@ fn deltas(
     changes: &[Vec<u8>],
 ) -> Result<Vec<Vec<u8>>> {
     let doc = DocId::new("bench/lag")?;
+    let region = Region::new(region)?;
     changes
         .iter()
         .map(|bytes| {
@@ -141,7 +142,7 @@ fn deltas(
                 cluster: cluster.clone(),
                 message: Message::Delta(Delta {
                     origin: origin.clone(),
-                    region: Region::new(region)?,
+                    region: region.clone(),
                     doc: doc.clone(),
                     changes: vec![Bytes(bytes.clone())],
                     heads: Heads::new(&[change.hash()]),
